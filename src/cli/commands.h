@@ -1,0 +1,10 @@
+// Each group of `moekit` subcommands lives in its own cli/cmd_*.cpp and registers itself here.
+// A command's callback throws moekit::Error for bad input; main() prints it on one line, exit 2.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+namespace moekit::cli {
+
+
+}  // namespace moekit::cli

@@ -1,0 +1,26 @@
+// The `moekit` binary: parses the command line, runs one subcommand, turns errors into one line
+// on stderr and exit status 2.
+#include <cstdio>
+#include <exception>
+
+#include "cli/commands.h"
+#include "core/error.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"moekit: train, specialize and serve DeepSeek-style Mixture-of-Experts models"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "moekit 0.1.0");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    int rc = app.exit(e);
+    return rc == 0 ? 0 : 2;
+  } catch (const moekit::Error& e) {
+    std::fprintf(stderr, "moekit: error: %s\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "moekit: error: %s\n", e.what());
+    return 2;
+  }
+  return 0;
+}

@@ -1,0 +1,127 @@
+// The op set: every numeric kernel moekit's layers use, declared once.
+// Each backend (ops/cpu, ops/cuda) implements `Backend`; layer code calls the free functions in
+// namespace ops, which dispatch on the device of the first output tensor (one dispatch point).
+// Conventions (llm.c): outputs first, then inputs, then dims; activations are row-major
+// [tokens, features]; parameter gradients accumulate (+=), activation gradients assign (=)
+// unless an argument says otherwise.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "core/tensor.h"
+
+namespace moekit {
+
+enum class Op : uint8_t {
+  Matmul, Add, Scale, Embedding, RmsNorm, SwiGLU, Rope, Attention, CrossEntropy, GatherRows,
+  ScatterAddRows, RowDot, CopyColumns, MlaSplitKv, MoeGate, Count
+};
+
+// How the MoE gate turns logits into (expert, weight) pairs (architecture.md, "Gate").
+enum class ScoringFunc : uint8_t { Softmax, Sigmoid };
+enum class TopkMethod : uint8_t { Greedy, GroupLimitedGreedy, NoauxTc };
+struct GateParams {
+  ScoringFunc scoring = ScoringFunc::Softmax;
+  TopkMethod method = TopkMethod::Greedy;
+  int64_t n_experts = 0;
+  int64_t top_k = 1;
+  int64_t n_group = 1;
+  int64_t topk_group = 1;
+  bool norm_topk_prob = false;
+  float routed_scaling_factor = 1.0f;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual Device device() const = 0;
+  virtual bool supports(Op op, DType dtype) const = 0;
+
+  // Memory.
+  virtual std::shared_ptr<Storage> allocate(size_t bytes) = 0;
+  virtual void copy(Tensor& dst, const Tensor& src) = 0;  // either side may be host memory
+  virtual void fill(Tensor& t, float value) = 0;
+
+  // c[M,N] = alpha * op(a) @ op(b) + beta * c, op(a) [M,K], op(b) [K,N]; 2-D views.
+  virtual void matmul(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b,
+                      float alpha, float beta) = 0;
+  // y += alpha * x (same numel).
+  virtual void add(Tensor& y, const Tensor& x, float alpha) = 0;
+  virtual void scale(Tensor& y, float alpha) = 0;
+
+  // out[T,C] = table[ids[t]]; backward: dtable[ids[t]] += dout[t].
+  virtual void embedding_forward(Tensor& out, const Tensor& table, const Tensor& ids) = 0;
+  virtual void embedding_backward(Tensor& dtable, const Tensor& dout, const Tensor& ids) = 0;
+
+  // out = x * rstd * w, rstd[T] = 1/sqrt(mean(x^2)+eps) saved for backward; dw may be null (frozen).
+  virtual void rmsnorm_forward(Tensor& out, Tensor& rstd, const Tensor& x, const Tensor& w,
+                               float eps) = 0;
+  virtual void rmsnorm_backward(Tensor& dx, Tensor* dw, const Tensor& dout, const Tensor& x,
+                                const Tensor& w, const Tensor& rstd) = 0;
+
+  // h = silu(gate) * up, all [T,I].
+  virtual void swiglu_forward(Tensor& h, const Tensor& gate, const Tensor& up) = 0;
+  virtual void swiglu_backward(Tensor& dgate, Tensor& dup, const Tensor& dh, const Tensor& gate,
+                               const Tensor& up) = 0;
+
+  // In place on x viewed as [T, heads, head_stride]: rotates the pairs (2j, 2j+1) of the dims
+  // [offset, offset + rope_dim) of every head by angle pos*freq_j (the checkpoint's interleaved
+  // layout; equal in q.k to the reference's de-interleave + rotate-half). cos/sin: [max_pos,
+  // rope_dim/2]; positions: I32 [T]. inverse rotates by -angle (the backward pass).
+  virtual void rope(Tensor& x, int64_t heads, int64_t head_stride, int64_t offset,
+                    int64_t rope_dim, const Tensor& cos, const Tensor& sin,
+                    const Tensor& positions, bool inverse) = 0;
+
+  // Causal attention per sequence: q,k [B*S, H, Dqk], v [B*S, H, Dv] -> out [B*S, H, Dv];
+  // lse [B, H, S] (log-sum-exp of scaled scores) saved for backward.
+  virtual void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,
+                                 const Tensor& v, int64_t batch, int64_t seq, int64_t heads,
+                                 float scale) = 0;
+  virtual void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout,
+                                  const Tensor& out, const Tensor& lse, const Tensor& q,
+                                  const Tensor& k, const Tensor& v, int64_t batch, int64_t seq,
+                                  int64_t heads, float scale) = 0;
+
+  // losses[T] = -log softmax(logits[t])[targets[t]]; targets < 0 are ignored (loss 0).
+  virtual void cross_entropy_forward(Tensor& losses, const Tensor& logits,
+                                     const Tensor& targets) = 0;
+  // dlogits = (softmax(logits) - onehot(target)) * scale; ignored rows get 0.
+  virtual void cross_entropy_backward(Tensor& dlogits, const Tensor& logits,
+                                      const Tensor& targets, float scale) = 0;
+
+  // Token dispatch for MoE: out[i] = x[rows[i]] * (weights ? weights[i] : 1).
+  virtual void gather_rows(Tensor& out, const Tensor& x, const Tensor& rows,
+                           const Tensor* weights) = 0;
+  // Combine: out[rows[i]] += x[i] * (weights ? weights[i] : 1). Deterministic order.
+  virtual void scatter_add_rows(Tensor& out, const Tensor& x, const Tensor& rows,
+                                const Tensor* weights) = 0;
+  // out[i] = dot(a[rows[i]], b[i]) (the gradient of a combine weight).
+  virtual void row_dot(Tensor& out, const Tensor& a, const Tensor& rows, const Tensor& b) = 0;
+  // dst[:, dst_col:dst_col+n] (+)= src[:, src_col:src_col+n] for 2-D tensors with equal rows.
+  virtual void copy_columns(Tensor& dst, int64_t dst_col, const Tensor& src, int64_t src_col,
+                            int64_t n, bool accumulate) = 0;
+
+  // MLA: kv_b [T, H*(Dn+Dv)] per head [k_nope | v], k_rope [T, Dr] shared by heads ->
+  // k [T, H, Dn+Dr] = [k_nope | k_rope], v [T, H, Dv]. Backward assigns dkv_b and dk_rope.
+  virtual void mla_split_kv(Tensor& k, Tensor& v, const Tensor& kv_b, const Tensor& k_rope,
+                            int64_t heads, int64_t dn, int64_t dr, int64_t dv) = 0;
+  virtual void mla_split_kv_backward(Tensor& dkv_b, Tensor& dk_rope, const Tensor& dk,
+                                     const Tensor& dv, int64_t heads, int64_t dn, int64_t dr,
+                                     int64_t dvd) = 0;
+
+  // Gate: logits [T,E] (fp32) -> topk_idx I32 [T,K], topk_w [T,K], scores [T,E] (softmax or
+  // sigmoid, saved for backward). bias [E] (may be undefined) shifts selection only.
+  virtual void moe_gate_forward(Tensor& topk_idx, Tensor& topk_w, Tensor& scores,
+                                const Tensor& logits, const Tensor& bias,
+                                const GateParams& p) = 0;
+  // dlogits [T,E] from dtopk_w [T,K].
+  virtual void moe_gate_backward(Tensor& dlogits, const Tensor& dtopk_w, const Tensor& topk_idx,
+                                 const Tensor& scores, const GateParams& p) = 0;
+};
+
+// The backend for a device; throws a clear Error when that backend is not built or no device.
+Backend& backend(Device device);
+bool backend_available(Device device);
+
+}  // namespace moekit
