@@ -6,5 +6,6 @@
 
 namespace moekit::cli {
 
+void add_model_commands(CLI::App& app);  // info, forward (cmd_model.cpp)
 
 }  // namespace moekit::cli

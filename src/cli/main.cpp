@@ -5,11 +5,17 @@
 
 #include "cli/commands.h"
 #include "core/error.h"
+#include "core/thread_pool.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"moekit: train, specialize and serve DeepSeek-style Mixture-of-Experts models"};
   app.require_subcommand(1);
+  app.fallthrough();  // global options (--threads) may follow the subcommand
   app.set_version_flag("--version", "moekit 0.1.0");
+  int threads = 0;
+  app.add_option("--threads", threads, "CPU threads for every command (0 = all cores)");
+  app.parse_complete_callback([&threads] { moekit::set_num_threads(threads); });
+  moekit::cli::add_model_commands(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

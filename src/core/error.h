@@ -23,8 +23,9 @@ template <typename... Args>
 
 }  // namespace moekit
 
-#define MOEKIT_CHECK(cond, ...)                                                          \
-  do {                                                                                   \
-    if (!(cond)) ::moekit::fail("internal check failed at {}:{}: {}", __FILE__, __LINE__, \
-                                ::fmt::format(__VA_ARGS__));                             \
+#define MOEKIT_CHECK(cond, ...)                                                \
+  do {                                                                         \
+    if (!(cond))                                                               \
+      ::moekit::fail("internal check failed at {}:{}: {}", __FILE__, __LINE__, \
+                     ::fmt::format(__VA_ARGS__));                              \
   } while (0)

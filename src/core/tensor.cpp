@@ -53,7 +53,7 @@ Tensor Tensor::empty(Shape shape, DType dtype, Device device) {
     size_t alloc = (bytes + 63) / 64 * 64 + 64;
     void* p = std::aligned_alloc(64, alloc);
     if (!p) fail("out of host memory allocating {} bytes for a tensor {}", bytes, shape.str());
-    t.storage_ = std::make_shared<Storage>(Storage{p, bytes, Device::CPU, [](void* q) { std::free(q); }});
+    t.storage_ = std::make_shared<Storage>(p, bytes, Device::CPU, [](void* q) { std::free(q); });
   } else {
     t.storage_ = backend(device).allocate(bytes);
   }
@@ -75,7 +75,7 @@ Tensor Tensor::view_of(void* ptr, Shape shape, DType dtype, std::shared_ptr<void
   t.dtype_ = dtype;
   size_t bytes = size_t(shape.numel()) * dtype_size(dtype);
   t.storage_ = std::make_shared<Storage>(
-      Storage{ptr, bytes, Device::CPU, [keep = std::move(keep_alive)](void*) mutable { keep.reset(); }});
+      ptr, bytes, Device::CPU, [keep = std::move(keep_alive)](void*) mutable { keep.reset(); });
   return t;
 }
 
@@ -120,7 +120,9 @@ Tensor Tensor::to_f32() const {
   float* o = out.data<float>();
   int64_t n = numel();
   switch (dtype_) {
-    case DType::F32: std::memcpy(o, raw(), nbytes()); break;
+    case DType::F32:
+      std::memcpy(o, raw(), nbytes());
+      break;
     case DType::BF16: {
       auto* s = data<uint16_t>();
       for (int64_t i = 0; i < n; ++i) o[i] = bf16_to_f32(s[i]);
@@ -146,7 +148,9 @@ Tensor Tensor::to_dtype(DType dtype) const {
   const float* s = f32();
   int64_t n = numel();
   switch (dtype) {
-    case DType::F32: std::memcpy(out.raw(), s, nbytes()); break;
+    case DType::F32:
+      std::memcpy(out.raw(), s, nbytes());
+      break;
     case DType::BF16:
       for (int64_t i = 0; i < n; ++i) out.data<uint16_t>()[i] = f32_to_bf16(s[i]);
       break;

@@ -37,6 +37,11 @@ struct Storage {
   size_t bytes = 0;
   Device device = Device::CPU;
   std::function<void(void*)> release;
+
+  Storage(void* p, size_t n, Device d, std::function<void(void*)> r)
+      : ptr(p), bytes(n), device(d), release(std::move(r)) {}
+  Storage(const Storage&) = delete;
+  Storage& operator=(const Storage&) = delete;
   ~Storage() {
     if (release) release(ptr);
   }

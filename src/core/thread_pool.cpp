@@ -99,6 +99,8 @@ ThreadPool& cpu_pool() {
   return *h.pool;
 }
 
-int num_threads() { return cpu_pool().size(); }
+int num_threads() {
+  return cpu_pool().size();
+}
 
 }  // namespace moekit

@@ -14,8 +14,22 @@
 namespace moekit {
 
 enum class Op : uint8_t {
-  Matmul, Add, Scale, Embedding, RmsNorm, SwiGLU, Rope, Attention, CrossEntropy, GatherRows,
-  ScatterAddRows, RowDot, CopyColumns, MlaSplitKv, MoeGate, Count
+  Matmul,
+  Add,
+  Scale,
+  Embedding,
+  RmsNorm,
+  SwiGLU,
+  Rope,
+  Attention,
+  CrossEntropy,
+  GatherRows,
+  ScatterAddRows,
+  RowDot,
+  CopyColumns,
+  MlaSplitKv,
+  MoeGate,
+  Count
 };
 
 // How the MoE gate turns logits into (expert, weight) pairs (architecture.md, "Gate").
@@ -54,7 +68,8 @@ class Backend {
   virtual void embedding_forward(Tensor& out, const Tensor& table, const Tensor& ids) = 0;
   virtual void embedding_backward(Tensor& dtable, const Tensor& dout, const Tensor& ids) = 0;
 
-  // out = x * rstd * w, rstd[T] = 1/sqrt(mean(x^2)+eps) saved for backward; dw may be null (frozen).
+  // out = x * rstd * w, rstd[T] = 1/sqrt(mean(x^2)+eps) saved for backward; dw may be null
+  // (frozen).
   virtual void rmsnorm_forward(Tensor& out, Tensor& rstd, const Tensor& x, const Tensor& w,
                                float eps) = 0;
   virtual void rmsnorm_backward(Tensor& dx, Tensor* dw, const Tensor& dout, const Tensor& x,
@@ -69,9 +84,9 @@ class Backend {
   // [offset, offset + rope_dim) of every head by angle pos*freq_j (the checkpoint's interleaved
   // layout; equal in q.k to the reference's de-interleave + rotate-half). cos/sin: [max_pos,
   // rope_dim/2]; positions: I32 [T]. inverse rotates by -angle (the backward pass).
-  virtual void rope(Tensor& x, int64_t heads, int64_t head_stride, int64_t offset,
-                    int64_t rope_dim, const Tensor& cos, const Tensor& sin,
-                    const Tensor& positions, bool inverse) = 0;
+  virtual void rope(Tensor& x, int64_t heads, int64_t head_stride, int64_t offset, int64_t rope_dim,
+                    const Tensor& cos, const Tensor& sin, const Tensor& positions,
+                    bool inverse) = 0;
 
   // Causal attention per sequence: q,k [B*S, H, Dqk], v [B*S, H, Dv] -> out [B*S, H, Dv];
   // lse [B, H, S] (log-sum-exp of scaled scores) saved for backward.
@@ -87,8 +102,8 @@ class Backend {
   virtual void cross_entropy_forward(Tensor& losses, const Tensor& logits,
                                      const Tensor& targets) = 0;
   // dlogits = (softmax(logits) - onehot(target)) * scale; ignored rows get 0.
-  virtual void cross_entropy_backward(Tensor& dlogits, const Tensor& logits,
-                                      const Tensor& targets, float scale) = 0;
+  virtual void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& targets,
+                                      float scale) = 0;
 
   // Token dispatch for MoE: out[i] = x[rows[i]] * (weights ? weights[i] : 1).
   virtual void gather_rows(Tensor& out, const Tensor& x, const Tensor& rows,
@@ -113,11 +128,12 @@ class Backend {
   // Gate: logits [T,E] (fp32) -> topk_idx I32 [T,K], topk_w [T,K], scores [T,E] (softmax or
   // sigmoid, saved for backward). bias [E] (may be undefined) shifts selection only.
   virtual void moe_gate_forward(Tensor& topk_idx, Tensor& topk_w, Tensor& scores,
-                                const Tensor& logits, const Tensor& bias,
-                                const GateParams& p) = 0;
+                                const Tensor& logits, const Tensor& bias, const GateParams& p) = 0;
   // dlogits [T,E] from dtopk_w [T,K].
+  // dscores [T,E] (may be undefined) adds a direct gradient on the scores (auxiliary loss).
   virtual void moe_gate_backward(Tensor& dlogits, const Tensor& dtopk_w, const Tensor& topk_idx,
-                                 const Tensor& scores, const GateParams& p) = 0;
+                                 const Tensor& scores, const Tensor& dscores,
+                                 const GateParams& p) = 0;
 };
 
 // The backend for a device; throws a clear Error when that backend is not built or no device.

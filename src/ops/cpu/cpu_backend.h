@@ -35,10 +35,9 @@ class CpuBackend final : public Backend {
   void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,
                          const Tensor& v, int64_t batch, int64_t seq, int64_t heads,
                          float scale) override;
-  void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout,
-                          const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& k,
-                          const Tensor& v, int64_t batch, int64_t seq, int64_t heads,
-                          float scale) override;
+  void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& out,
+                          const Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
+                          int64_t batch, int64_t seq, int64_t heads, float scale) override;
   void cross_entropy_forward(Tensor& losses, const Tensor& logits, const Tensor& targets) override;
   void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& targets,
                               float scale) override;
@@ -56,7 +55,7 @@ class CpuBackend final : public Backend {
   void moe_gate_forward(Tensor& topk_idx, Tensor& topk_w, Tensor& scores, const Tensor& logits,
                         const Tensor& bias, const GateParams& p) override;
   void moe_gate_backward(Tensor& dlogits, const Tensor& dtopk_w, const Tensor& topk_idx,
-                         const Tensor& scores, const GateParams& p) override;
+                         const Tensor& scores, const Tensor& dscores, const GateParams& p) override;
 };
 
 }  // namespace moekit

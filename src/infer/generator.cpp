@@ -1,0 +1,103 @@
+// Cached forward over new tokens, sampling and the generate loop.
+#include "infer/generator.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "core/error.h"
+#include "infer/mla_decode.h"
+#include "nn/linear.h"
+
+namespace moekit {
+
+int32_t sample_token(const float* logits, int64_t vocab, const SamplingParams& p,
+                     std::mt19937_64& rng) {
+  if (p.temperature <= 0.0f) return int32_t(std::max_element(logits, logits + vocab) - logits);
+  std::vector<int32_t> order(static_cast<size_t>(vocab));
+  std::iota(order.begin(), order.end(), 0);
+  int64_t k = p.top_k > 0 ? std::min(p.top_k, vocab) : vocab;
+  std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                    [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+  order.resize(size_t(k));
+  std::vector<double> prob(order.size());
+  const double m = logits[order[0]];
+  double z = 0.0;
+  for (size_t i = 0; i < order.size(); ++i)
+    z += (prob[i] = std::exp((double(logits[order[i]]) - m) / p.temperature));
+  // Nucleus: the smallest prefix (in probability order) whose mass reaches top_p.
+  double mass = 0.0;
+  size_t keep = order.size();
+  for (size_t i = 0; i < order.size(); ++i) {
+    mass += prob[i] / z;
+    if (mass >= p.top_p) {
+      keep = i + 1;
+      break;
+    }
+  }
+  std::discrete_distribution<size_t> pick(prob.begin(), prob.begin() + long(keep));
+  return order[pick(rng)];
+}
+
+Generator::Generator(DeepSeekModel& model, int64_t max_context)
+    : model_(model),
+      cache_(KVCache::create(model.config(), max_context, model.device())),
+      rope_(RopeTable::build(model.config(), max_context, model.device())) {}
+
+Tensor Generator::feed(const std::vector<int32_t>& ids) {
+  const ModelConfig& c = model_.config();
+  const int64_t n = int64_t(ids.size()), start = cache_.length;
+  if (n == 0) fail("generate: empty prompt");
+  if (start + n > cache_.capacity)
+    fail("generate: context of {} tokens exceeds the cache of {} (raise --max-context)", start + n,
+         cache_.capacity);
+  Backend& be = backend(model_.device());
+  Tensor tok = Tensor::empty({n}, DType::I32), pos = Tensor::empty({n}, DType::I32);
+  for (int64_t i = 0; i < n; ++i) {
+    if (ids[size_t(i)] < 0 || ids[size_t(i)] >= c.vocab_size)
+      fail("generate: token id {} outside the vocabulary ({})", ids[size_t(i)], c.vocab_size);
+    tok.i32()[i] = ids[size_t(i)];
+    pos.i32()[i] = int32_t(start + i);
+  }
+  Tensor x = Tensor::empty({n, c.hidden_size}, DType::F32, model_.device());
+  be.embedding_forward(x, model_.params().at("model.embed_tokens.weight").value, tok);
+  for (size_t l = 0; l < model_.layers().size(); ++l) {
+    DecoderLayer& layer = model_.layers()[l];
+    Tensor h = mla_decode(be, layer.self_attn, layer.input_layernorm.forward(be, x), pos, rope_,
+                          cache_.layers[l], start);
+    be.add(h, x, 1.0f);
+    Tensor nrm = layer.post_attention_layernorm.forward(be, h);
+    x = layer.mlp ? layer.mlp->forward(be, nrm) : layer.moe->forward(be, nrm);
+    be.add(x, h, 1.0f);
+  }
+  cache_.length = start + n;
+  RMSNorm final_norm{&model_.params().at("model.norm.weight"), float(c.rms_norm_eps), {}};
+  Tensor last = final_norm.forward(be, x.slice(n - 1, n));
+  Tensor logits = Tensor::empty({1, c.vocab_size}, DType::F32, model_.device());
+  linear_forward(be, logits, last, model_.params().at("lm_head.weight"));
+  return logits;
+}
+
+std::vector<int32_t> Generator::generate(const std::vector<int32_t>& prompt,
+                                         const SamplingParams& p,
+                                         const std::function<bool(int32_t)>& on_token) {
+  std::mt19937_64 rng(p.seed);
+  std::vector<int32_t> out;
+  Tensor logits = feed(prompt);
+  for (int64_t i = 0; i < p.max_tokens; ++i) {
+    Tensor host = logits;
+    if (host.device() != Device::CPU) {
+      host = Tensor::empty(logits.shape());
+      host.copy_from(logits);
+    }
+    int32_t next = sample_token(host.f32(), host.dim(1), p, rng);
+    if (std::find(p.stop_ids.begin(), p.stop_ids.end(), next) != p.stop_ids.end()) break;
+    out.push_back(next);
+    if (on_token && !on_token(next)) break;
+    if (i + 1 == p.max_tokens || cache_.length >= cache_.capacity) break;
+    logits = feed({next});
+  }
+  return out;
+}
+
+}  // namespace moekit

@@ -1,0 +1,31 @@
+// Hugging Face checkpoint directories <-> DeepSeekModel: config.json + model.safetensors (or
+// shards). Reads per-expert tensor names (DeepSeek's layout, which transformers 5 also saves) and
+// transformers 5's fused expert tensors (mlp.experts.gate_up_proj [E, 2I, H],
+// mlp.experts.down_proj [E, H, I]); writes per-expert names so both readers load the result.
+#pragma once
+
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "core/atomic_file.h"
+#include "model/deepseek.h"
+#include "model/safetensors.h"
+
+namespace moekit {
+
+// Loads config and weights; every missing, extra, mis-shaped or unsupported tensor is an Error
+// naming the file and the tensor.
+std::unique_ptr<DeepSeekModel> load_model(const std::filesystem::path& dir,
+                                          Device device = Device::CPU);
+
+// Copies checkpoint tensors into the model's parameters (the checks of load_model).
+void load_weights(DeepSeekModel& model, const std::map<std::string, SafetensorsEntry>& tensors,
+                  const std::string& where);
+
+// Writes DIR/config.json and DIR/model.safetensors (atomically each), weights in `dtype`.
+void save_model(const DeepSeekModel& model, const std::filesystem::path& dir,
+                DType dtype = DType::F32);
+
+}  // namespace moekit

@@ -1,0 +1,141 @@
+// DeepSeekModel assembly, forward/backward, loss and random initialisation.
+#include "model/deepseek.h"
+
+#include <fmt/format.h>
+
+#include <random>
+
+#include "core/error.h"
+#include "nn/linear.h"
+
+namespace moekit {
+
+Tensor DecoderLayer::forward(Backend& be, const Tensor& x, const Tensor& positions,
+                             const RopeTable& rope, int64_t batch, int64_t seq) {
+  Tensor h = self_attn.forward(be, input_layernorm.forward(be, x), positions, rope, batch, seq);
+  be.add(h, x, 1.0f);  // residual
+  Tensor n = post_attention_layernorm.forward(be, h);
+  Tensor y = mlp ? mlp->forward(be, n) : moe->forward(be, n);
+  be.add(y, h, 1.0f);
+  return y;
+}
+
+Tensor DecoderLayer::backward(Backend& be, const Tensor& dy, const RopeTable& rope) {
+  const Device dev = dy.device();
+  Tensor dn = Tensor::empty(dy.shape(), DType::F32, dev);
+  if (mlp)
+    mlp->backward(be, dn, dy, false);
+  else
+    moe->backward(be, dn, dy, false);
+  Tensor dh = dy.clone();  // residual path
+  post_attention_layernorm.backward(be, dh, dn, true);
+  Tensor da = Tensor::empty(dy.shape(), DType::F32, dev);
+  self_attn.backward(be, da, dh, rope, false);
+  input_layernorm.backward(be, dh, da, true);  // dx = dh + norm'(da)
+  return dh;
+}
+
+DeepSeekModel::DeepSeekModel(const ModelConfig& config, Device device)
+    : config_(config), device_(device) {
+  validate(config_, "model config");
+  const auto& c = config_;
+  embed_tokens = params_.add("model.embed_tokens.weight", {c.vocab_size, c.hidden_size}, device);
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const std::string p = fmt::format("model.layers.{}", l);
+    DecoderLayer layer;
+    layer.input_layernorm.weight =
+        params_.add(p + ".input_layernorm.weight", {c.hidden_size}, device);
+    layer.input_layernorm.eps = float(c.rms_norm_eps);
+    layer.self_attn = MLA::create(params_, p + ".self_attn", c, device);
+    layer.post_attention_layernorm.weight =
+        params_.add(p + ".post_attention_layernorm.weight", {c.hidden_size}, device);
+    layer.post_attention_layernorm.eps = float(c.rms_norm_eps);
+    if (c.is_moe_layer(l))
+      layer.moe = MoE::create(params_, p + ".mlp", c, device);
+    else
+      layer.mlp = MLP::create(params_, p + ".mlp", c.hidden_size, c.intermediate_size, device);
+    layers_.push_back(std::move(layer));
+  }
+  norm_.weight = params_.add("model.norm.weight", {c.hidden_size}, device);
+  norm_.eps = float(c.rms_norm_eps);
+  lm_head = params_.add("lm_head.weight", {c.vocab_size, c.hidden_size}, device);
+}
+
+Tensor DeepSeekModel::forward(const Tensor& ids, int64_t batch, int64_t seq) {
+  Backend& be = backend(device_);
+  MOEKIT_CHECK(ids.numel() == batch * seq, "ids {} vs batch {} x seq {}", ids.numel(), batch, seq);
+  if (!rope_.cos.defined() || rope_.cos.dim(0) < seq)
+    rope_ = RopeTable::build(config_, seq, device_);
+  Tensor positions = Tensor::empty({batch * seq}, DType::I32);
+  for (int64_t i = 0; i < batch * seq; ++i) positions.i32()[i] = int32_t(i % seq);
+  if (device_ != Device::CPU) {
+    Tensor d = Tensor::empty(positions.shape(), DType::I32, device_);
+    d.copy_from(positions);
+    positions = d;
+  }
+  const int64_t T = batch * seq;
+  Tensor x = Tensor::empty({T, config_.hidden_size}, DType::F32, device_);
+  be.embedding_forward(x, embed_tokens->value, ids);
+  saved_.ids = ids;
+  for (auto& layer : layers_) x = layer.forward(be, x, positions, rope_, batch, seq);
+  saved_.final_hidden = norm_.forward(be, x);
+  Tensor logits = Tensor::empty({T, config_.vocab_size}, DType::F32, device_);
+  linear_forward(be, logits, saved_.final_hidden, *lm_head);
+  return logits;
+}
+
+void DeepSeekModel::backward(const Tensor& dlogits) {
+  Backend& be = backend(device_);
+  const int64_t T = dlogits.dim(0);
+  Tensor dh = Tensor::empty({T, config_.hidden_size}, DType::F32, device_);
+  linear_backward(be, dh, *lm_head, dlogits, saved_.final_hidden, false);
+  Tensor dx = Tensor::empty(dh.shape(), DType::F32, device_);
+  norm_.backward(be, dx, dh, false);
+  for (auto it = layers_.rbegin(); it != layers_.rend(); ++it) dx = it->backward(be, dx, rope_);
+  if (embed_tokens->grad.defined()) be.embedding_backward(embed_tokens->grad, dx, saved_.ids);
+}
+
+void DeepSeekModel::init_random(uint64_t seed, float std) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, std);
+  for (auto& p : params_.all()) {
+    Tensor host = Tensor::empty(p->value.shape());
+    bool is_norm = p->name.find("norm") != std::string::npos;
+    for (int64_t i = 0; i < host.numel(); ++i)
+      host.f32()[i] = p->buffer ? 0.0f : is_norm ? 1.0f : normal(rng);
+    p->value.copy_from(host);
+  }
+}
+
+Tensor shifted_targets(const Tensor& ids, int64_t batch, int64_t seq) {
+  Tensor t = Tensor::empty({batch * seq}, DType::I32);
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t s = 0; s < seq; ++s)
+      t.i32()[b * seq + s] = s + 1 < seq ? ids.i32()[b * seq + s + 1] : -100;
+  return t;
+}
+
+float cross_entropy(Backend& be, const Tensor& logits, const Tensor& targets, Tensor* dlogits) {
+  const int64_t T = logits.dim(0);
+  Tensor losses = Tensor::empty({T}, DType::F32, logits.device());
+  be.cross_entropy_forward(losses, logits, targets);
+  Tensor lh = losses, th = targets;
+  if (logits.device() != Device::CPU) {
+    lh = Tensor::empty(losses.shape());
+    lh.copy_from(losses);
+    th = Tensor::empty(targets.shape(), DType::I32);
+    th.copy_from(targets);
+  }
+  double sum = 0.0;
+  int64_t valid = 0;
+  for (int64_t t = 0; t < T; ++t)
+    if (th.i32()[t] >= 0) {
+      sum += lh.f32()[t];
+      ++valid;
+    }
+  if (valid == 0) return 0.0f;
+  if (dlogits) be.cross_entropy_backward(*dlogits, logits, targets, 1.0f / float(valid));
+  return float(sum / double(valid));
+}
+
+}  // namespace moekit

@@ -1,0 +1,75 @@
+// DeepSeekModel: the DeepSeek-V2/V3 decoder (embedding -> DecoderLayers -> norm -> lm_head),
+// forward and backward over one ParamTable. A layer's FFN is a dense SwiGLU MLP for the first
+// `first_k_dense_replace` layers and a DeepSeekMoE layer after (architecture.md).
+#pragma once
+
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "model/config.h"
+#include "nn/mla.h"
+#include "nn/mlp.h"
+#include "nn/moe.h"
+#include "nn/params.h"
+#include "nn/rmsnorm.h"
+#include "nn/rope.h"
+
+namespace moekit {
+
+struct DecoderLayer {
+  RMSNorm input_layernorm;
+  MLA self_attn;
+  RMSNorm post_attention_layernorm;
+  std::optional<MLP> mlp;  // dense FFN
+  std::optional<MoE> moe;  // DeepSeekMoE FFN
+
+  // x [T,H] -> x + attn(norm(x)) -> h + ffn(norm(h)).
+  Tensor forward(Backend& be, const Tensor& x, const Tensor& positions, const RopeTable& rope,
+                 int64_t batch, int64_t seq);
+  // dx from dy (assigns).
+  Tensor backward(Backend& be, const Tensor& dy, const RopeTable& rope);
+};
+
+class DeepSeekModel {
+ public:
+  DeepSeekModel(const ModelConfig& config, Device device = Device::CPU);
+
+  const ModelConfig& config() const { return config_; }
+  ParamTable& params() { return params_; }
+  const ParamTable& params() const { return params_; }
+  std::vector<DecoderLayer>& layers() { return layers_; }
+  Device device() const { return device_; }
+
+  // ids I32 [batch*seq] -> logits [batch*seq, vocab].
+  Tensor forward(const Tensor& ids, int64_t batch, int64_t seq);
+  // Backward from dlogits [batch*seq, vocab]; parameter grads accumulate for trainable params.
+  void backward(const Tensor& dlogits);
+
+  // Fills parameters with N(0, std) (norm weights 1, biases 0), deterministic in `seed`.
+  void init_random(uint64_t seed, float std = 0.02f);
+
+ private:
+  ModelConfig config_;
+  Device device_;
+  ParamTable params_;
+  Param* embed_tokens = nullptr;
+  std::vector<DecoderLayer> layers_;
+  RMSNorm norm_;
+  Param* lm_head = nullptr;
+  RopeTable rope_;
+  struct Saved {
+    Tensor ids, final_hidden;
+  } saved_;
+};
+
+// Next-token targets for ids [batch, seq]: targets[b, s] = ids[b, s+1], -100 at each sequence's
+// end (transformers' loss with labels = input_ids).
+Tensor shifted_targets(const Tensor& ids, int64_t batch, int64_t seq);
+
+// Mean cross-entropy over targets >= 0; when dlogits is given, fills it with the gradient of that
+// mean.
+float cross_entropy(Backend& be, const Tensor& logits, const Tensor& targets,
+                    Tensor* dlogits = nullptr);
+
+}  // namespace moekit

@@ -1,0 +1,62 @@
+// Parameter arithmetic of the DeepSeek blocks.
+#include "model/summary.h"
+
+#include <fmt/format.h>
+
+namespace moekit {
+
+ModelSummary summarize(const ModelConfig& c) {
+  ModelSummary s;
+  const int64_t H = c.hidden_size, nh = c.num_attention_heads;
+  s.embedding = c.vocab_size * H;
+  s.lm_head = c.vocab_size * H;
+  s.final_norm = H;
+  int64_t attn = 0;
+  if (c.q_lora_rank > 0)
+    attn += H * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * nh * c.qk_head_dim();
+  else
+    attn += H * nh * c.qk_head_dim();
+  attn += H * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank;
+  attn += c.kv_lora_rank * nh * (c.qk_nope_head_dim + c.v_head_dim);
+  attn += nh * c.v_head_dim * H;
+  s.total = s.embedding + s.lm_head + s.final_norm;
+  s.active = s.total;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    LayerSummary ls;
+    ls.index = l;
+    ls.attention = attn;
+    ls.norms = 2 * H;
+    if (c.is_moe_layer(l)) {
+      ls.ffn = "moe";
+      const int64_t expert = 3 * H * c.moe_intermediate_size;
+      const int64_t shared = 3 * H * c.moe_intermediate_size * c.n_shared_experts;
+      const int64_t gate = c.n_routed_experts * H;
+      ls.ffn_params = gate + c.n_routed_experts * expert + shared;
+      ls.ffn_active = gate + c.num_experts_per_tok * expert + shared;
+    } else {
+      ls.ffn = "dense";
+      ls.ffn_params = ls.ffn_active = 3 * H * c.intermediate_size;
+    }
+    s.total += ls.attention + ls.norms + ls.ffn_params;
+    s.active += ls.attention + ls.norms + ls.ffn_active;
+    s.layers.push_back(ls);
+  }
+  s.kv_cache_per_token = c.num_hidden_layers * (c.kv_lora_rank + c.qk_rope_head_dim);
+  return s;
+}
+
+std::string human_count(double n) {
+  if (n >= 1e9) return fmt::format("{:.2f}B", n / 1e9);
+  if (n >= 1e6) return fmt::format("{:.2f}M", n / 1e6);
+  if (n >= 1e3) return fmt::format("{:.2f}K", n / 1e3);
+  return fmt::format("{:.0f}", n);
+}
+
+std::string human_bytes(double n) {
+  if (n >= 1024.0 * 1024 * 1024) return fmt::format("{:.2f} GiB", n / (1024.0 * 1024 * 1024));
+  if (n >= 1024.0 * 1024) return fmt::format("{:.2f} MiB", n / (1024.0 * 1024));
+  if (n >= 1024.0) return fmt::format("{:.1f} KiB", n / 1024.0);
+  return fmt::format("{:.0f} B", n);
+}
+
+}  // namespace moekit

@@ -1,0 +1,118 @@
+// MLA forward/backward (the naive, un-absorbed form; decode's absorbed path lives in infer/).
+#include "nn/mla.h"
+
+#include "nn/linear.h"
+
+namespace moekit {
+
+MLA MLA::create(ParamTable& params, const std::string& prefix, const ModelConfig& c,
+                Device device) {
+  MLA a;
+  a.heads = c.num_attention_heads;
+  a.q_lora_rank = c.q_lora_rank;
+  a.kv_lora_rank = c.kv_lora_rank;
+  a.dn = c.qk_nope_head_dim;
+  a.dr = c.qk_rope_head_dim;
+  a.dv = c.v_head_dim;
+  a.softmax_scale = float(c.softmax_scale());
+  const int64_t H = c.hidden_size, qdim = a.heads * (a.dn + a.dr);
+  if (a.q_lora_rank > 0) {
+    a.q_a_proj = params.add(prefix + ".q_a_proj.weight", {a.q_lora_rank, H}, device);
+    a.q_a_layernorm.weight = params.add(prefix + ".q_a_layernorm.weight", {a.q_lora_rank}, device);
+    a.q_a_layernorm.eps = float(c.rms_norm_eps);
+    a.q_b_proj = params.add(prefix + ".q_b_proj.weight", {qdim, a.q_lora_rank}, device);
+  } else {
+    a.q_proj = params.add(prefix + ".q_proj.weight", {qdim, H}, device);
+  }
+  a.kv_a_proj_with_mqa =
+      params.add(prefix + ".kv_a_proj_with_mqa.weight", {a.kv_lora_rank + a.dr, H}, device);
+  a.kv_a_layernorm.weight = params.add(prefix + ".kv_a_layernorm.weight", {a.kv_lora_rank}, device);
+  a.kv_a_layernorm.eps = float(c.rms_norm_eps);
+  a.kv_b_proj =
+      params.add(prefix + ".kv_b_proj.weight", {a.heads * (a.dn + a.dv), a.kv_lora_rank}, device);
+  a.o_proj = params.add(prefix + ".o_proj.weight", {H, a.heads * a.dv}, device);
+  return a;
+}
+
+Tensor MLA::forward(Backend& be, const Tensor& x, const Tensor& positions, const RopeTable& rope,
+                    int64_t batch, int64_t seq) {
+  const int64_t T = x.dim(0), dqk = dn + dr;
+  const Device dev = x.device();
+  auto empty = [&](Shape s) { return Tensor::empty(s, DType::F32, dev); };
+  saved.x = x;
+  saved.positions = positions;
+  saved.batch = batch;
+  saved.seq = seq;
+
+  saved.q = empty({T, heads * dqk});
+  if (q_lora_rank > 0) {
+    saved.q_a = empty({T, q_lora_rank});
+    linear_forward(be, saved.q_a, x, *q_a_proj);
+    saved.q_a_normed = q_a_layernorm.forward(be, saved.q_a);
+    linear_forward(be, saved.q, saved.q_a_normed, *q_b_proj);
+  } else {
+    linear_forward(be, saved.q, x, *q_proj);
+  }
+  be.rope(saved.q, heads, dqk, dn, dr, rope.cos, rope.sin, positions, false);
+
+  Tensor kv_a = empty({T, kv_lora_rank + dr});
+  linear_forward(be, kv_a, x, *kv_a_proj_with_mqa);
+  Tensor c_kv = empty({T, kv_lora_rank});
+  be.copy_columns(c_kv, 0, kv_a, 0, kv_lora_rank, false);
+  saved.k_rope = empty({T, dr});
+  be.copy_columns(saved.k_rope, 0, kv_a, kv_lora_rank, dr, false);
+  be.rope(saved.k_rope, 1, dr, 0, dr, rope.cos, rope.sin, positions, false);
+  saved.kv_latent = kv_a_layernorm.forward(be, c_kv);
+
+  Tensor kv_b = empty({T, heads * (dn + dv)});
+  linear_forward(be, kv_b, saved.kv_latent, *kv_b_proj);
+  saved.k = empty({T, heads * dqk});
+  saved.v = empty({T, heads * dv});
+  be.mla_split_kv(saved.k, saved.v, kv_b, saved.k_rope, heads, dn, dr, dv);
+
+  saved.o = empty({T, heads * dv});
+  saved.lse = empty({batch, heads, seq});
+  be.attention_forward(saved.o, saved.lse, saved.q, saved.k, saved.v, batch, seq, heads,
+                       softmax_scale);
+  Tensor y = empty({T, x.dim(1)});
+  linear_forward(be, y, saved.o, *o_proj);
+  return y;
+}
+
+void MLA::backward(Backend& be, Tensor& dx, const Tensor& dy, const RopeTable& rope,
+                   bool accumulate) {
+  const int64_t T = dy.dim(0), dqk = dn + dr;
+  const Device dev = dy.device();
+  auto empty = [&](Shape s) { return Tensor::empty(s, DType::F32, dev); };
+
+  Tensor d_o = empty({T, heads * dv});
+  linear_backward(be, d_o, *o_proj, dy, saved.o, false);
+  Tensor dq = empty({T, heads * dqk}), dk = empty({T, heads * dqk}), dvv = empty({T, heads * dv});
+  be.attention_backward(dq, dk, dvv, d_o, saved.o, saved.lse, saved.q, saved.k, saved.v,
+                        saved.batch, saved.seq, heads, softmax_scale);
+
+  Tensor dkv_b = empty({T, heads * (dn + dv)}), dk_rope = empty({T, dr});
+  be.mla_split_kv_backward(dkv_b, dk_rope, dk, dvv, heads, dn, dr, dv);
+  Tensor dkv_latent = empty({T, kv_lora_rank});
+  linear_backward(be, dkv_latent, *kv_b_proj, dkv_b, saved.kv_latent, false);
+  Tensor dkv_a = empty({T, kv_lora_rank + dr});
+  Tensor dc_kv = empty({T, kv_lora_rank});
+  kv_a_layernorm.backward(be, dc_kv, dkv_latent, false);
+  be.copy_columns(dkv_a, 0, dc_kv, 0, kv_lora_rank, false);
+  // RoPE is a rotation: its backward rotates the gradient back.
+  be.rope(dk_rope, 1, dr, 0, dr, rope.cos, rope.sin, saved.positions, true);
+  be.copy_columns(dkv_a, kv_lora_rank, dk_rope, 0, dr, false);
+  linear_backward(be, dx, *kv_a_proj_with_mqa, dkv_a, saved.x, accumulate);
+
+  be.rope(dq, heads, dqk, dn, dr, rope.cos, rope.sin, saved.positions, true);
+  if (q_lora_rank > 0) {
+    Tensor dq_a_normed = empty({T, q_lora_rank}), dq_a = empty({T, q_lora_rank});
+    linear_backward(be, dq_a_normed, *q_b_proj, dq, saved.q_a_normed, false);
+    q_a_layernorm.backward(be, dq_a, dq_a_normed, false);
+    linear_backward(be, dx, *q_a_proj, dq_a, saved.x, true);
+  } else {
+    linear_backward(be, dx, *q_proj, dq, saved.x, true);
+  }
+}
+
+}  // namespace moekit

@@ -1,0 +1,44 @@
+// Multi-head Latent Attention (DeepSeek-V2 §2.1), training/prefill path:
+//   q      = W_q h                       or  W_qb rmsnorm(W_qa h)       (q_lora_rank > 0)
+//   [c_kv | k_rope] = W_kv_a_with_mqa h;  c_kv = rmsnorm(c_kv)   (kv_latent: what decode caches)
+//   [k_nope | v] per head = W_kv_b c_kv;  RoPE on q_rope and the one shared k_rope
+//   o = causal_softmax(q k^T * softmax_scale) v;  y = W_o o
+#pragma once
+
+#include <optional>
+
+#include "model/config.h"
+#include "nn/params.h"
+#include "nn/rmsnorm.h"
+#include "nn/rope.h"
+
+namespace moekit {
+
+struct MLA {
+  int64_t heads = 0, q_lora_rank = 0, kv_lora_rank = 0, dn = 0, dr = 0, dv = 0;
+  float softmax_scale = 1.0f;
+  Param* q_proj = nullptr;    // [H*(dn+dr), hidden], when no q-LoRA
+  Param* q_a_proj = nullptr;  // [q_lora_rank, hidden]
+  RMSNorm q_a_layernorm;
+  Param* q_b_proj = nullptr;            // [H*(dn+dr), q_lora_rank]
+  Param* kv_a_proj_with_mqa = nullptr;  // [kv_lora_rank + dr, hidden]
+  RMSNorm kv_a_layernorm;
+  Param* kv_b_proj = nullptr;  // [H*(dn+dv), kv_lora_rank]
+  Param* o_proj = nullptr;     // [hidden, H*dv]
+
+  struct Saved {
+    Tensor x, q_a, q_a_normed, q, kv_latent, k_rope, k, v, o, lse, positions;
+    int64_t batch = 0, seq = 0;
+  } saved;
+
+  static MLA create(ParamTable& params, const std::string& prefix, const ModelConfig& c,
+                    Device device);
+
+  // x [B*S, hidden] -> y [B*S, hidden]; positions I32 [B*S].
+  Tensor forward(Backend& be, const Tensor& x, const Tensor& positions, const RopeTable& rope,
+                 int64_t batch, int64_t seq);
+  // dx (= or +=) from dy.
+  void backward(Backend& be, Tensor& dx, const Tensor& dy, const RopeTable& rope, bool accumulate);
+};
+
+}  // namespace moekit

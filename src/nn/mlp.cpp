@@ -1,0 +1,42 @@
+// SwiGLU MLP forward/backward.
+#include "nn/mlp.h"
+
+#include "nn/linear.h"
+
+namespace moekit {
+
+MLP MLP::create(ParamTable& params, const std::string& prefix, int64_t hidden, int64_t intermediate,
+                Device device) {
+  MLP m;
+  m.gate_proj = params.add(prefix + ".gate_proj.weight", {intermediate, hidden}, device);
+  m.up_proj = params.add(prefix + ".up_proj.weight", {intermediate, hidden}, device);
+  m.down_proj = params.add(prefix + ".down_proj.weight", {hidden, intermediate}, device);
+  return m;
+}
+
+Tensor MLP::forward(Backend& be, const Tensor& x) {
+  const int64_t T = x.dim(0), I = intermediate(), H = x.dim(1);
+  saved.x = x;
+  saved.gate = Tensor::empty({T, I}, DType::F32, x.device());
+  saved.up = Tensor::empty({T, I}, DType::F32, x.device());
+  saved.h = Tensor::empty({T, I}, DType::F32, x.device());
+  linear_forward(be, saved.gate, x, *gate_proj);
+  linear_forward(be, saved.up, x, *up_proj);
+  be.swiglu_forward(saved.h, saved.gate, saved.up);
+  Tensor y = Tensor::empty({T, H}, DType::F32, x.device());
+  linear_forward(be, y, saved.h, *down_proj);
+  return y;
+}
+
+void MLP::backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate) {
+  const int64_t T = dy.dim(0), I = intermediate();
+  Tensor dh = Tensor::empty({T, I}, DType::F32, dy.device());
+  linear_backward(be, dh, *down_proj, dy, saved.h, false);
+  Tensor dgate = Tensor::empty({T, I}, DType::F32, dy.device());
+  Tensor dup = Tensor::empty({T, I}, DType::F32, dy.device());
+  be.swiglu_backward(dgate, dup, dh, saved.gate, saved.up);
+  linear_backward(be, dx, *gate_proj, dgate, saved.x, accumulate);
+  linear_backward(be, dx, *up_proj, dup, saved.x, true);
+}
+
+}  // namespace moekit

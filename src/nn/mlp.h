@@ -1,0 +1,28 @@
+// SwiGLU MLP: y = down(silu(gate(x)) * up(x)). Serves as the dense FFN, the (fused) shared
+// experts and each routed expert, so a routed expert is three named parameters of its own.
+#pragma once
+
+#include "nn/params.h"
+#include "ops/ops.h"
+
+namespace moekit {
+
+struct MLP {
+  Param* gate_proj = nullptr;  // [I, H]
+  Param* up_proj = nullptr;    // [I, H]
+  Param* down_proj = nullptr;  // [H, I]
+  struct Saved {
+    Tensor x, gate, up, h;
+  } saved;
+
+  static MLP create(ParamTable& params, const std::string& prefix, int64_t hidden,
+                    int64_t intermediate, Device device);
+  int64_t intermediate() const { return gate_proj->value.dim(0); }
+
+  // y [T,H] from x [T,H].
+  Tensor forward(Backend& be, const Tensor& x);
+  // dx (= or +=) from dy; parameter grads accumulate for the ones that train.
+  void backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate);
+};
+
+}  // namespace moekit

@@ -1,0 +1,70 @@
+// Router forward/backward.
+#include "nn/router.h"
+
+#include "nn/linear.h"
+
+namespace moekit {
+
+Router Router::create(ParamTable& params, const std::string& prefix, const ModelConfig& c,
+                      Device device) {
+  Router r;
+  r.p = c.gate_params();
+  r.weight = params.add(prefix + ".weight", {c.n_routed_experts, c.hidden_size}, device);
+  r.balance_bias = params.add(prefix + ".e_score_correction_bias", {c.n_routed_experts}, device,
+                              /*buffer=*/true);
+  return r;
+}
+
+Routing Router::forward(Backend& be, const Tensor& x) {
+  const int64_t T = x.dim(0), E = p.n_experts, K = p.top_k;
+  const Device dev = x.device();
+  Tensor logits = Tensor::empty({T, E}, DType::F32, dev);
+  linear_forward(be, logits, x, *weight);
+  Routing r{Tensor::empty({T, K}, DType::I32, dev), Tensor::empty({T, K}, DType::F32, dev),
+            Tensor::empty({T, E}, DType::F32, dev)};
+  be.moe_gate_forward(r.topk_idx, r.topk_w, r.scores, logits, balance_bias->value, p);
+  saved.x = x;
+  saved.routing = r;
+  saved.daux_scores = Tensor();
+  aux_loss = 0.0;
+  if (aux_alpha > 0.0f) compute_aux_loss(T);
+  return r;
+}
+
+void Router::compute_aux_loss(int64_t T) {
+  // Host-side: E*T is small next to the GEMMs. f_i is a count, so it carries no gradient;
+  // dL/ds_{t,i} = alpha f_i / T.
+  const int64_t E = p.n_experts, K = p.top_k;
+  Tensor idx = saved.routing.topk_idx, scores = saved.routing.scores;
+  if (idx.device() != Device::CPU) {
+    idx = Tensor::empty(idx.shape(), DType::I32);
+    idx.copy_from(saved.routing.topk_idx);
+    scores = Tensor::empty(scores.shape());
+    scores.copy_from(saved.routing.scores);
+  }
+  std::vector<double> f(size_t(E), 0.0), P(size_t(E), 0.0);
+  for (int64_t i = 0; i < T * K; ++i) f[size_t(idx.i32()[i])] += double(E) / double(K * T);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t e = 0; e < E; ++e) P[size_t(e)] += scores.f32()[t * E + e] / double(T);
+  Tensor d = Tensor::empty({T, E});
+  for (int64_t e = 0; e < E; ++e) aux_loss += aux_alpha * f[size_t(e)] * P[size_t(e)];
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t e = 0; e < E; ++e)
+      d.f32()[t * E + e] = float(aux_alpha * f[size_t(e)] / double(T));
+  if (saved.x.device() == Device::CPU) {
+    saved.daux_scores = d;
+  } else {
+    saved.daux_scores = Tensor::empty(d.shape(), DType::F32, saved.x.device());
+    saved.daux_scores.copy_from(d);
+  }
+}
+
+void Router::backward(Backend& be, Tensor& dx, const Tensor& dtopk_w) {
+  const int64_t T = dtopk_w.dim(0);
+  Tensor dlogits = Tensor::empty({T, p.n_experts}, DType::F32, dtopk_w.device());
+  be.moe_gate_backward(dlogits, dtopk_w, saved.routing.topk_idx, saved.routing.scores,
+                       saved.daux_scores, p);
+  linear_backward(be, dx, *weight, dlogits, saved.x, true);
+}
+
+}  // namespace moekit

@@ -1,0 +1,248 @@
+// CPU backend, part 1: memory, GEMM (OpenBLAS), elementwise ops, RMSNorm, SwiGLU, RoPE and the
+// column copies MLA needs. Loops split rows over the thread pool; each output row is written by
+// one thread, so results do not depend on timing.
+#include "ops/cpu/cpu_backend.h"
+
+#include <cblas.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+#include "core/error.h"
+#include "core/thread_pool.h"
+#include "ops/cpu/cpu_util.h"
+
+namespace moekit {
+
+bool CpuBackend::supports(Op, DType dtype) const {
+  return dtype == DType::F32;
+}
+
+std::shared_ptr<Storage> CpuBackend::allocate(size_t bytes) {
+  void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64 + 64);
+  if (!p) fail("out of host memory allocating {} bytes", bytes);
+  return std::make_shared<Storage>(p, bytes, Device::CPU, [](void* q) { std::free(q); });
+}
+
+void CpuBackend::copy(Tensor& dst, const Tensor& src) {
+  std::memcpy(dst.raw(), src.raw(), dst.nbytes());
+}
+
+void CpuBackend::fill(Tensor& t, float value) {
+  t.fill(value);
+}
+
+void CpuBackend::matmul(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b,
+                        float alpha, float beta) {
+  const int64_t M = rows(c), N = cols(c);
+  const int64_t K = trans_a ? rows(a) : cols(a);
+  MOEKIT_CHECK((trans_a ? cols(a) : rows(a)) == M, "matmul: a {} vs c {}", a.shape().str(),
+               c.shape().str());
+  MOEKIT_CHECK((trans_b ? rows(b) : cols(b)) == N && (trans_b ? cols(b) : rows(b)) == K,
+               "matmul: b {} vs a {} c {}", b.shape().str(), a.shape().str(), c.shape().str());
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    if (beta == 0.0f)
+      c.fill(0.0f);
+    else
+      scale(c, beta);
+    return;
+  }
+  cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
+              trans_b ? CblasTrans : CblasNoTrans, int(M), int(N), int(K), alpha, a.f32(),
+              int(cols(a)), b.f32(), int(cols(b)), beta, c.f32(), int(N));
+}
+
+void CpuBackend::add(Tensor& y, const Tensor& x, float alpha) {
+  MOEKIT_CHECK(y.numel() == x.numel(), "add: {} vs {}", y.shape().str(), x.shape().str());
+  float* py = y.f32();
+  const float* px = x.f32();
+  cpu_pool().parallel_for(
+      y.numel(),
+      [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) py[i] += alpha * px[i];
+      },
+      1 << 14);
+}
+
+void CpuBackend::scale(Tensor& y, float alpha) {
+  float* py = y.f32();
+  cpu_pool().parallel_for(
+      y.numel(),
+      [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) py[i] *= alpha;
+      },
+      1 << 14);
+}
+
+void CpuBackend::embedding_forward(Tensor& out, const Tensor& table, const Tensor& ids) {
+  const int64_t T = ids.numel(), C = cols(table), V = rows(table);
+  const int32_t* id = ids.i32();
+  for (int64_t t = 0; t < T; ++t)
+    MOEKIT_CHECK(id[t] >= 0 && id[t] < V, "token id {} out of range [0, {})", id[t], V);
+  cpu_pool().parallel_for(T, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t)
+      std::memcpy(out.f32() + t * C, table.f32() + int64_t(id[t]) * C, size_t(C) * 4);
+  });
+}
+
+void CpuBackend::embedding_backward(Tensor& dtable, const Tensor& dout, const Tensor& ids) {
+  // Serial over tokens: a repeated id must accumulate in a fixed order (determinism).
+  const int64_t T = ids.numel(), C = cols(dtable);
+  const int32_t* id = ids.i32();
+  for (int64_t t = 0; t < T; ++t) {
+    float* d = dtable.f32() + int64_t(id[t]) * C;
+    const float* g = dout.f32() + t * C;
+    for (int64_t c = 0; c < C; ++c) d[c] += g[c];
+  }
+}
+
+void CpuBackend::rmsnorm_forward(Tensor& out, Tensor& rstd, const Tensor& x, const Tensor& w,
+                                 float eps) {
+  const int64_t T = rows(x), C = cols(x);
+  cpu_pool().parallel_for(T, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const float* xr = x.f32() + t * C;
+      float ss = 0.0f;
+      for (int64_t c = 0; c < C; ++c) ss += xr[c] * xr[c];
+      float r = 1.0f / std::sqrt(ss / float(C) + eps);
+      rstd.f32()[t] = r;
+      float* o = out.f32() + t * C;
+      for (int64_t c = 0; c < C; ++c) o[c] = w.f32()[c] * (xr[c] * r);
+    }
+  });
+}
+
+void CpuBackend::rmsnorm_backward(Tensor& dx, Tensor* dw, const Tensor& dout, const Tensor& x,
+                                  const Tensor& w, const Tensor& rstd) {
+  // y = w * x * r, r = (mean x^2 + eps)^-1/2:  dx = r * (w*dy) - x * r^3 / C * sum(w*dy*x).
+  const int64_t T = rows(x), C = cols(x);
+  cpu_pool().parallel_for(T, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const float* xr = x.f32() + t * C;
+      const float* g = dout.f32() + t * C;
+      float r = rstd.f32()[t], dot = 0.0f;
+      for (int64_t c = 0; c < C; ++c) dot += w.f32()[c] * g[c] * xr[c];
+      float k = dot * r * r * r / float(C);
+      float* d = dx.f32() + t * C;
+      for (int64_t c = 0; c < C; ++c) d[c] = r * w.f32()[c] * g[c] - k * xr[c];
+    }
+  });
+  if (dw) {
+    // Columns split over threads; each column sums its tokens in order.
+    cpu_pool().parallel_for(C, [&](int64_t b, int64_t e) {
+      for (int64_t t = 0; t < T; ++t) {
+        const float* xr = x.f32() + t * C;
+        const float* g = dout.f32() + t * C;
+        float r = rstd.f32()[t];
+        for (int64_t c = b; c < e; ++c) dw->f32()[c] += g[c] * xr[c] * r;
+      }
+    });
+  }
+}
+
+static inline float silu(float x) {
+  return x / (1.0f + std::exp(-x));
+}
+
+void CpuBackend::swiglu_forward(Tensor& h, const Tensor& gate, const Tensor& up) {
+  const float *g = gate.f32(), *u = up.f32();
+  float* o = h.f32();
+  cpu_pool().parallel_for(
+      h.numel(),
+      [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) o[i] = silu(g[i]) * u[i];
+      },
+      1 << 12);
+}
+
+void CpuBackend::swiglu_backward(Tensor& dgate, Tensor& dup, const Tensor& dh, const Tensor& gate,
+                                 const Tensor& up) {
+  const float *g = gate.f32(), *u = up.f32(), *d = dh.f32();
+  float *dg = dgate.f32(), *du = dup.f32();
+  cpu_pool().parallel_for(
+      dh.numel(),
+      [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) {
+          float s = 1.0f / (1.0f + std::exp(-g[i]));
+          du[i] = d[i] * g[i] * s;
+          dg[i] = d[i] * u[i] * s * (1.0f + g[i] * (1.0f - s));
+        }
+      },
+      1 << 12);
+}
+
+void CpuBackend::rope(Tensor& x, int64_t heads, int64_t head_stride, int64_t offset,
+                      int64_t rope_dim, const Tensor& cos, const Tensor& sin,
+                      const Tensor& positions, bool inverse) {
+  const int64_t T = positions.numel(), half = rope_dim / 2, max_pos = rows(cos);
+  const float sign = inverse ? -1.0f : 1.0f;
+  cpu_pool().parallel_for(T, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      int64_t pos = positions.i32()[t];
+      MOEKIT_CHECK(pos >= 0 && pos < max_pos, "position {} beyond the rope table ({})", pos,
+                   max_pos);
+      const float* cr = cos.f32() + pos * half;
+      const float* sr = sin.f32() + pos * half;
+      for (int64_t h = 0; h < heads; ++h) {
+        float* p = x.f32() + (t * heads + h) * head_stride + offset;
+        for (int64_t j = 0; j < half; ++j) {
+          float a = p[2 * j], bb = p[2 * j + 1], c = cr[j], s = sign * sr[j];
+          p[2 * j] = a * c - bb * s;
+          p[2 * j + 1] = bb * c + a * s;
+        }
+      }
+    }
+  });
+}
+
+void CpuBackend::copy_columns(Tensor& dst, int64_t dst_col, const Tensor& src, int64_t src_col,
+                              int64_t n, bool accumulate) {
+  const int64_t R = rows(dst), dc = cols(dst), sc = cols(src);
+  MOEKIT_CHECK(rows(src) == R && dst_col + n <= dc && src_col + n <= sc, "copy_columns shapes");
+  for (int64_t r = 0; r < R; ++r) {
+    float* d = dst.f32() + r * dc + dst_col;
+    const float* s = src.f32() + r * sc + src_col;
+    if (accumulate)
+      for (int64_t i = 0; i < n; ++i) d[i] += s[i];
+    else
+      std::memcpy(d, s, size_t(n) * 4);
+  }
+}
+
+void CpuBackend::mla_split_kv(Tensor& k, Tensor& v, const Tensor& kv_b, const Tensor& k_rope,
+                              int64_t heads, int64_t dn, int64_t dr, int64_t dv) {
+  const int64_t T = rows(kv_b);
+  cpu_pool().parallel_for(T, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t)
+      for (int64_t h = 0; h < heads; ++h) {
+        const float* src = kv_b.f32() + (t * heads + h) * (dn + dv);
+        float* kd = k.f32() + (t * heads + h) * (dn + dr);
+        std::memcpy(kd, src, size_t(dn) * 4);
+        std::memcpy(kd + dn, k_rope.f32() + t * dr, size_t(dr) * 4);
+        std::memcpy(v.f32() + (t * heads + h) * dv, src + dn, size_t(dv) * 4);
+      }
+  });
+}
+
+void CpuBackend::mla_split_kv_backward(Tensor& dkv_b, Tensor& dk_rope, const Tensor& dk,
+                                       const Tensor& dv, int64_t heads, int64_t dn, int64_t dr,
+                                       int64_t dvd) {
+  const int64_t T = rows(dkv_b);
+  cpu_pool().parallel_for(T, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      float* kr = dk_rope.f32() + t * dr;
+      std::memset(kr, 0, size_t(dr) * 4);
+      for (int64_t h = 0; h < heads; ++h) {
+        float* dst = dkv_b.f32() + (t * heads + h) * (dn + dvd);
+        const float* kd = dk.f32() + (t * heads + h) * (dn + dr);
+        std::memcpy(dst, kd, size_t(dn) * 4);
+        std::memcpy(dst + dn, dv.f32() + (t * heads + h) * dvd, size_t(dvd) * 4);
+        for (int64_t i = 0; i < dr; ++i) kr[i] += kd[dn + i];
+      }
+    }
+  });
+}
+
+}  // namespace moekit

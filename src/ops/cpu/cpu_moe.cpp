@@ -1,0 +1,183 @@
+// CPU backend, part 3: the MoE gate (scores, group-limited top-K, weights) with its backward,
+// and the row gather/scatter that dispatch tokens to experts and combine their outputs.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "core/error.h"
+#include "core/thread_pool.h"
+#include "ops/cpu/cpu_backend.h"
+#include "ops/cpu/cpu_util.h"
+
+namespace moekit {
+
+namespace {
+
+// The routed_scaling_factor multiplies the weights unless V2-style (softmax) normalisation is on
+// (architecture.md: "if norm_topk_prob then g /= sum(g), else g *= routed_scaling_factor"); V3's
+// sigmoid gate normalises and then scales.
+float weight_scale(const GateParams& p) {
+  bool normalised = p.norm_topk_prob && p.top_k > 1;
+  return (!normalised || p.scoring == ScoringFunc::Sigmoid) ? p.routed_scaling_factor : 1.0f;
+}
+bool normalises(const GateParams& p) {
+  return p.norm_topk_prob && p.top_k > 1;
+}
+
+// Indices of the `k` largest values of v (ties -> lower index), in descending order.
+void top_k(const float* v, int64_t n, int64_t k, std::vector<int32_t>& order, int32_t* out) {
+  order.resize(size_t(n));
+  std::iota(order.begin(), order.end(), 0);
+  std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                    [&](int32_t a, int32_t b) { return v[a] > v[b] || (v[a] == v[b] && a < b); });
+  std::copy(order.begin(), order.begin() + k, out);
+}
+
+}  // namespace
+
+void CpuBackend::moe_gate_forward(Tensor& topk_idx, Tensor& topk_w, Tensor& scores,
+                                  const Tensor& logits, const Tensor& bias, const GateParams& p) {
+  const int64_t T = rows(logits), E = p.n_experts, K = p.top_k;
+  MOEKIT_CHECK(cols(logits) == E && E % p.n_group == 0 && K <= E, "gate shapes");
+  const int64_t G = p.n_group, per_group = E / G;
+  const bool grouped = p.method != TopkMethod::Greedy && G > 1;
+  const float wscale = weight_scale(p);
+  cpu_pool().parallel_for(T, [&](int64_t b, int64_t e) {
+    std::vector<float> choice(static_cast<size_t>(E)), gscore(static_cast<size_t>(G));
+    std::vector<int32_t> order, groups(static_cast<size_t>(G));
+    for (int64_t t = b; t < e; ++t) {
+      const float* l = logits.f32() + t * E;
+      float* s = scores.f32() + t * E;
+      if (p.scoring == ScoringFunc::Softmax) {
+        float m = *std::max_element(l, l + E), z = 0.0f;
+        for (int64_t i = 0; i < E; ++i) z += (s[i] = std::exp(l[i] - m));
+        for (int64_t i = 0; i < E; ++i) s[i] /= z;
+      } else {
+        for (int64_t i = 0; i < E; ++i) s[i] = 1.0f / (1.0f + std::exp(-l[i]));
+      }
+      // Selection score: s plus the balancing bias (which never reaches the weights).
+      for (int64_t i = 0; i < E; ++i)
+        choice[size_t(i)] = s[i] + (bias.defined() ? bias.f32()[i] : 0.0f);
+      if (grouped) {
+        for (int64_t g = 0; g < G; ++g) {
+          const float* c = choice.data() + g * per_group;
+          if (p.method == TopkMethod::GroupLimitedGreedy) {
+            gscore[size_t(g)] = *std::max_element(c, c + per_group);
+          } else {  // noaux_tc: sum of the two best in the group
+            float a = -std::numeric_limits<float>::infinity(), bb = a;
+            for (int64_t i = 0; i < per_group; ++i) {
+              if (c[i] > a) {
+                bb = a;
+                a = c[i];
+              } else if (c[i] > bb) {
+                bb = c[i];
+              }
+            }
+            gscore[size_t(g)] = per_group > 1 ? a + bb : a;
+          }
+        }
+        top_k(gscore.data(), G, p.topk_group, order, groups.data());
+        std::vector<bool> keep(size_t(G), false);
+        for (int64_t g = 0; g < p.topk_group; ++g) keep[size_t(groups[size_t(g)])] = true;
+        for (int64_t i = 0; i < E; ++i)
+          if (!keep[size_t(i / per_group)])
+            choice[size_t(i)] = -std::numeric_limits<float>::infinity();
+      }
+      int32_t* idx = topk_idx.i32() + t * K;
+      top_k(choice.data(), E, K, order, idx);
+      float* w = topk_w.f32() + t * K;
+      float denom = 0.0f;
+      for (int64_t k = 0; k < K; ++k) denom += (w[k] = s[idx[k]]);
+      denom += 1e-20f;
+      for (int64_t k = 0; k < K; ++k) w[k] = (normalises(p) ? w[k] / denom : w[k]) * wscale;
+    }
+  });
+}
+
+void CpuBackend::moe_gate_backward(Tensor& dlogits, const Tensor& dtopk_w, const Tensor& topk_idx,
+                                   const Tensor& scores, const Tensor& dscores,
+                                   const GateParams& p) {
+  const int64_t T = rows(scores), E = p.n_experts, K = p.top_k;
+  const float wscale = weight_scale(p);
+  cpu_pool().parallel_for(T, [&](int64_t b, int64_t e) {
+    std::vector<float> ds(static_cast<size_t>(E));
+    for (int64_t t = b; t < e; ++t) {
+      const float* s = scores.f32() + t * E;
+      const int32_t* idx = topk_idx.i32() + t * K;
+      const float* dw = dtopk_w.f32() + t * K;
+      if (dscores.defined())
+        std::copy(dscores.f32() + t * E, dscores.f32() + (t + 1) * E, ds.begin());
+      else
+        std::fill(ds.begin(), ds.end(), 0.0f);
+      if (normalises(p)) {
+        // w_k = c z_k / D, D = sum z: dz_k = c (dw_k - sum_j dw_j z_j / D) / D.
+        float denom = 1e-20f, wz = 0.0f;
+        for (int64_t k = 0; k < K; ++k) denom += s[idx[k]];
+        for (int64_t k = 0; k < K; ++k) wz += dw[k] * s[idx[k]];
+        for (int64_t k = 0; k < K; ++k) ds[size_t(idx[k])] += wscale * (dw[k] - wz / denom) / denom;
+      } else {
+        for (int64_t k = 0; k < K; ++k) ds[size_t(idx[k])] += wscale * dw[k];
+      }
+      float* dl = dlogits.f32() + t * E;
+      if (p.scoring == ScoringFunc::Softmax) {
+        float sum = 0.0f;
+        for (int64_t i = 0; i < E; ++i) sum += ds[size_t(i)] * s[i];
+        for (int64_t i = 0; i < E; ++i) dl[i] = s[i] * (ds[size_t(i)] - sum);
+      } else {
+        for (int64_t i = 0; i < E; ++i) dl[i] = ds[size_t(i)] * s[i] * (1.0f - s[i]);
+      }
+    }
+  });
+}
+
+void CpuBackend::gather_rows(Tensor& out, const Tensor& x, const Tensor& rows_,
+                             const Tensor* weights) {
+  const int64_t N = rows_.numel(), C = cols(x);
+  cpu_pool().parallel_for(N, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const float* src = x.f32() + int64_t(rows_.i32()[i]) * C;
+      float* dst = out.f32() + i * C;
+      if (weights) {
+        float w = weights->f32()[i];
+        for (int64_t c = 0; c < C; ++c) dst[c] = w * src[c];
+      } else {
+        std::memcpy(dst, src, size_t(C) * 4);
+      }
+    }
+  });
+}
+
+void CpuBackend::scatter_add_rows(Tensor& out, const Tensor& x, const Tensor& rows_,
+                                  const Tensor* weights) {
+  // Several rows may land on one output row: split columns over threads, walk rows in order.
+  const int64_t N = rows_.numel(), C = cols(out);
+  cpu_pool().parallel_for(
+      C,
+      [&](int64_t cb, int64_t ce) {
+        for (int64_t i = 0; i < N; ++i) {
+          float w = weights ? weights->f32()[i] : 1.0f;
+          float* dst = out.f32() + int64_t(rows_.i32()[i]) * C;
+          const float* src = x.f32() + i * C;
+          for (int64_t c = cb; c < ce; ++c) dst[c] += w * src[c];
+        }
+      },
+      64);
+}
+
+void CpuBackend::row_dot(Tensor& out, const Tensor& a, const Tensor& rows_, const Tensor& b) {
+  const int64_t N = rows_.numel(), C = cols(b);
+  cpu_pool().parallel_for(N, [&](int64_t bb, int64_t e) {
+    for (int64_t i = bb; i < e; ++i) {
+      const float* pa = a.f32() + int64_t(rows_.i32()[i]) * C;
+      const float* pb = b.f32() + i * C;
+      float s = 0.0f;
+      for (int64_t c = 0; c < C; ++c) s += pa[c] * pb[c];
+      out.f32()[i] = s;
+    }
+  });
+}
+
+}  // namespace moekit
