@@ -6,5 +6,6 @@
 
 namespace moekit::cli {
 
+void add_plan_commands(CLI::App& app);  // plan (cmd_plan.cpp)
 
 }  // namespace moekit::cli

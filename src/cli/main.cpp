@@ -10,6 +10,7 @@ int main(int argc, char** argv) {
   CLI::App app{"moekit: train, specialize and serve DeepSeek-style Mixture-of-Experts models"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "moekit 0.1.0");
+  moekit::cli::add_plan_commands(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
