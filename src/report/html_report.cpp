@@ -205,10 +205,14 @@ void HtmlReport::add_line_chart(const std::string& title, const std::vector<Char
     return;
   }
 
-  const double width = 900, height = 320, left = 72, right = 16, top = 34, bottom = 50;
-  const double pw = width - left - right, ph = height - top - bottom;
   const Axis ax = linear_axis(x0, x1, 8);
   const Axis ay = options.log_y ? log_axis(y0, y1) : linear_axis(y0, y1, 5);
+  // The left margin grows with the widest y tick label so it never runs into the axis caption.
+  size_t y_chars = 0;
+  for (double t : ay.ticks) y_chars = std::max(y_chars, tick_label(t, ay).size());
+  const double width = 900, height = 320, right = 16, top = 34, bottom = 50;
+  const double left = std::max(72.0, 34 + kCharWidth * double(y_chars));
+  const double pw = width - left - right, ph = height - top - bottom;
   auto px = [&](double x) { return left + ax.unit(x) * pw; };
   auto py = [&](double y) { return top + (1.0 - ay.unit(y)) * ph; };
 
