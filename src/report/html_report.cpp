@@ -263,9 +263,9 @@ void HtmlReport::add_line_chart(const std::string& title, const std::vector<Char
       for (size_t i = 0; i < kept[s].x.size(); ++i)
         svg += fmt::format(
             "<circle class=\"marker\" cx=\"{:.1f}\" cy=\"{:.1f}\" r=\"3.2\" fill=\"{}\">"
-            "<title>{}: step {:g}, {:.5g}</title></circle>\n",
-            px(kept[s].x[i]), py(kept[s].y[i]), colour, html_escape(series[s].name), kept[s].x[i],
-            kept[s].y[i]);
+            "<title>{}: {} {:g}, {:.5g}</title></circle>\n",
+            px(kept[s].x[i]), py(kept[s].y[i]), colour, html_escape(series[s].name),
+            html_escape(options.x_label), kept[s].x[i], kept[s].y[i]);
     // Legend along the top margin: a colour swatch and the series name.
     svg += fmt::format(
         "<line x1=\"{0:.1f}\" y1=\"14\" x2=\"{1:.1f}\" y2=\"14\" stroke=\"{2}\" "
