@@ -7,5 +7,7 @@
 namespace moekit::cli {
 
 void add_model_commands(CLI::App& app);  // info, forward (cmd_model.cpp)
+void add_plan_commands(CLI::App& app);    // plan (cmd_plan.cpp)
+void add_report_commands(CLI::App& app);  // report (cmd_report.cpp)
 
 }  // namespace moekit::cli
