@@ -64,7 +64,10 @@ class MLA(nn.Module):
         k_pe = rope(k_pe.unsqueeze(1), cos, sin).expand(B, self.nh, S, self.dr)
         qf = torch.cat([q_nope, q_pe], -1)
         kf = torch.cat([k_nope, k_pe], -1)
-        o = F.scaled_dot_product_attention(qf, kf, v, is_causal=True, scale=self.scale)
+        # torch 1.13 (Debian 12) has no scaled_dot_product_attention: the plain masked softmax.
+        scores = (qf @ kf.transpose(-1, -2)) * self.scale
+        mask = torch.ones(S, S, dtype=torch.bool).triu(1)
+        o = scores.masked_fill(mask, float("-inf")).softmax(-1) @ v
         return self.o(o.transpose(1, 2).reshape(B, S, self.nh * self.dv))
 
 
