@@ -27,8 +27,8 @@ inline CommandResult run_command(const std::string& cmd) {
   return r;
 }
 
-// The moekit binary with arguments; stderr is merged so error lines can be checked.
-inline CommandResult run_moekit(const std::string& args) {
+// The moekit binary with arguments; stderr is merged into output (run_cli.h keeps them apart).
+inline CommandResult run_moekit_merged(const std::string& args) {
   return run_command(std::string("'") + MOEKIT_BINARY + "' " + args + " 2>&1");
 }
 

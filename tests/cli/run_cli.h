@@ -34,12 +34,11 @@ inline std::filesystem::path temp_dir(const std::string& tag) {
   return d;
 }
 
-// `args` is appended to the binary path and run by /bin/sh.
-inline CliResult run_moekit(const std::string& args) {
-  static int counter = 0;
-  auto dir = temp_dir("cli" + std::to_string(counter++));
-  std::string cmd = std::string(MOEKIT_BINARY) + " " + args + " >" + (dir / "out").string() +
-                    " 2>" + (dir / "err").string();
+// `prefix` runs in the same shell first; `args` follow the binary path.
+inline CliResult run_moekit_wrapped(const std::string& prefix, const std::string& args) {
+  auto dir = temp_dir("cli");
+  std::string cmd = prefix + std::string(MOEKIT_BINARY) + " " + args + " >" +
+                    (dir / "out").string() + " 2>" + (dir / "err").string();
   int status = std::system(cmd.c_str());
   CliResult r;
   r.rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
@@ -47,6 +46,14 @@ inline CliResult run_moekit(const std::string& args) {
   r.err = slurp(dir / "err");
   std::filesystem::remove_all(dir);
   return r;
+}
+
+inline CliResult run_moekit(const std::string& args) { return run_moekit_wrapped("", args); }
+
+// As run_moekit, with the file-size limit set to `kib` KiB (SIGXFSZ ignored, so writes past it
+// fail with EFBIG the way a full disk fails them with ENOSPC).
+inline CliResult run_moekit_limited(const std::string& args, int kib) {
+  return run_moekit_wrapped("ulimit -f " + std::to_string(kib) + "; trap '' XFSZ; ", args);
 }
 
 inline int count_lines(const std::string& s) {

@@ -100,7 +100,7 @@ TEST(LrSchedule, CosineAndConstant) {
 }
 
 TEST(PlanCommand, JsonAndTextOutput) {
-  auto r = test::run_moekit("plan --compute 1e20 --json");
+  auto r = test::run_moekit_merged("plan --compute 1e20 --json");
   ASSERT_EQ(r.status, 0) << r.output;
   const auto j = nlohmann::json::parse(r.output);
   expect_rel(j["batch_tokens"].get<double>(), 1.02e6);
@@ -109,13 +109,13 @@ TEST(PlanCommand, JsonAndTextOutput) {
   expect_rel(j["tokens"].get<double>(), 1.90e10);
   EXPECT_FALSE(j["model_fixed"].get<bool>());
 
-  r = test::run_moekit("plan --compute 1e17 --model-flops-per-token 2e8");
+  r = test::run_moekit_merged("plan --compute 1e17 --model-flops-per-token 2e8");
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_NE(r.output.find("data D                 5e+08 tokens (C / M)"), std::string::npos)
       << r.output;
   EXPECT_NE(r.output.find("check M * D / C        1.0000"), std::string::npos) << r.output;
 
-  r = test::run_moekit("plan --compute -5");
+  r = test::run_moekit_merged("plan --compute -5");
   EXPECT_EQ(r.status, 2);
   EXPECT_NE(r.output.find("compute must be a positive number"), std::string::npos) << r.output;
 }

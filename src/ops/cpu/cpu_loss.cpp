@@ -20,8 +20,8 @@ void CpuBackend::cross_entropy_forward(Tensor& losses, const Tensor& logits,
       }
       const float* l = logits.f32() + t * V;
       float m = *std::max_element(l, l + V);
-      double z = 0.0;  // double: a 100k-term sum in float loses the 1e-5 loss parity
-      for (int64_t i = 0; i < V; ++i) z += std::exp(double(l[i] - m));
+      double z = 0.0;  // double sum: 100k float terms in a float sum lose the 1e-5 loss parity
+      for (int64_t i = 0; i < V; ++i) z += double(std::exp(l[i] - m));
       losses.f32()[t] = float(std::log(z) + m - l[y]);
     }
   });
@@ -41,9 +41,9 @@ void CpuBackend::cross_entropy_backward(Tensor& dlogits, const Tensor& logits,
       const float* l = logits.f32() + t * V;
       float m = *std::max_element(l, l + V);
       double z = 0.0;
-      for (int64_t i = 0; i < V; ++i) z += std::exp(double(l[i] - m));
-      float inv = float(1.0 / z);
-      for (int64_t i = 0; i < V; ++i) d[i] = std::exp(l[i] - m) * inv * scale;
+      for (int64_t i = 0; i < V; ++i) z += double(d[i] = std::exp(l[i] - m));  // one exp per logit
+      const float k = float(double(scale) / z);
+      for (int64_t i = 0; i < V; ++i) d[i] *= k;
       d[y] -= scale;
     }
   });
