@@ -9,5 +9,9 @@ namespace moekit::cli {
 void add_model_commands(CLI::App& app);  // info, forward (cmd_model.cpp)
 void add_plan_commands(CLI::App& app);    // plan (cmd_plan.cpp)
 void add_report_commands(CLI::App& app);  // report (cmd_report.cpp)
+void add_train_commands(CLI::App& app);  // train (cmd_train.cpp)
+void add_tokenizer_commands(CLI::App& app);  // tokenize, detokenize, tokenizer train
+void add_generate_commands(CLI::App& app);   // generate (cmd_generate.cpp)
+void add_demo_commands(CLI::App& app);       // demo: the main job (cmd_demo.cpp)
 
 }  // namespace moekit::cli

@@ -18,6 +18,10 @@ int main(int argc, char** argv) {
   moekit::cli::add_model_commands(app);
   moekit::cli::add_plan_commands(app);
   moekit::cli::add_report_commands(app);
+  moekit::cli::add_train_commands(app);
+  moekit::cli::add_tokenizer_commands(app);
+  moekit::cli::add_generate_commands(app);
+  moekit::cli::add_demo_commands(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -59,7 +59,7 @@ struct ModelConfig {
   int64_t moe_intermediate_size = 1408;
   int64_t first_k_dense_replace = 1;
   int64_t moe_layer_freq = 1;
-  std::string topk_method = "greedy";  // greedy | group_limited_greedy | noaux_tc
+  std::string topk_method = "greedy";    // greedy | group_limited_greedy | noaux_tc
   std::string scoring_func = "softmax";  // softmax | sigmoid
   int64_t n_group = 1;
   int64_t topk_group = 1;
@@ -70,8 +70,7 @@ struct ModelConfig {
 
   int64_t qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
   bool is_moe_layer(int64_t layer) const {
-    return n_routed_experts > 0 && layer >= first_k_dense_replace &&
-           layer % moe_layer_freq == 0;
+    return n_routed_experts > 0 && layer >= first_k_dense_replace && layer % moe_layer_freq == 0;
   }
   GateParams gate_params() const;
   // softmax scale of MLA: qk_head_dim^-0.5, times yarn mscale(factor, mscale_all_dim)^2.

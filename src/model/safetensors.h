@@ -15,8 +15,8 @@ namespace moekit {
 
 struct SafetensorsEntry {
   std::string name;
-  Tensor tensor;       // a view into the mapped file (CPU), dtype as stored
-  std::string file;    // the file it came from, for error messages
+  Tensor tensor;     // a view into the mapped file (CPU), dtype as stored
+  std::string file;  // the file it came from, for error messages
 };
 
 class SafetensorsFile {

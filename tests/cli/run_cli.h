@@ -48,7 +48,9 @@ inline CliResult run_moekit_wrapped(const std::string& prefix, const std::string
   return r;
 }
 
-inline CliResult run_moekit(const std::string& args) { return run_moekit_wrapped("", args); }
+inline CliResult run_moekit(const std::string& args) {
+  return run_moekit_wrapped("", args);
+}
 
 // As run_moekit, with the file-size limit set to `kib` KiB (SIGXFSZ ignored, so writes past it
 // fail with EFBIG the way a full disk fails them with ENOSPC).

@@ -105,8 +105,8 @@ TEST(RunReport, PageHasChartsWithEveryPointAndLoadHeatmaps) {
 TEST(RunReport, CommandWritesPage) {
   test::TempDir dir;
   const fs::path run = make_run(dir);
-  auto r =
-      test::run_moekit_merged("report '" + run.string() + "' --out '" + (dir / "r.html").string() + "'");
+  auto r = test::run_moekit_merged("report '" + run.string() + "' --out '" +
+                                   (dir / "r.html").string() + "'");
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_EQ(test::read_text(dir / "r.html"), build_run_report(run).html());
   r = test::run_moekit_merged("report '" + run.string() + "'");  // default: RUN/report.html
@@ -118,7 +118,8 @@ TEST(RunReport, BadInputIsOneLineErrorAndNoFile) {
   test::TempDir dir;
   const fs::path run = dir / "run", out = dir / "out.html";
   auto expect_error = [&](const std::string& what) {
-    const auto r = test::run_moekit_merged("report '" + run.string() + "' --out '" + out.string() + "'");
+    const auto r =
+        test::run_moekit_merged("report '" + run.string() + "' --out '" + out.string() + "'");
     EXPECT_EQ(r.status, 2) << r.output;
     EXPECT_EQ(count_of(r.output, "\n"), 1u) << r.output;
     EXPECT_NE(r.output.find(what), std::string::npos) << r.output;

@@ -53,8 +53,8 @@ void CpuBackend::attention_forward(Tensor& out, Tensor& lse, const Tensor& q, co
       const float* kb = k.f32() + (b * seq * heads + h) * dqk;
       const float* vb = v.f32() + (b * seq * heads + h) * dv;
       float* ob = out.f32() + (b * seq * heads + h) * dv;
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, S, S, int(dqk), 1.0f, qb, ldqk, kb,
-                  ldqk, 0.0f, p.data(), S);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, S, S, int(dqk), 1.0f, qb, ldqk, kb, ldqk,
+                  0.0f, p.data(), S);
       causal_softmax(p.data(), seq, scale, lse.f32() + (b * heads + h) * seq, true);
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, S, int(dv), S, 1.0f, p.data(), S, vb,
                   ldv, 0.0f, ob, ldv);
@@ -74,8 +74,8 @@ void CpuBackend::attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Te
       const float *qb = q.f32() + off_qk, *kb = k.f32() + off_qk, *vb = v.f32() + off_v;
       const float *dob = dout.f32() + off_v, *ob = out.f32() + off_v;
       // P from the saved log-sum-exp.
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, S, S, int(dqk), 1.0f, qb, ldqk, kb,
-                  ldqk, 0.0f, p.data(), S);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, S, S, int(dqk), 1.0f, qb, ldqk, kb, ldqk,
+                  0.0f, p.data(), S);
       causal_softmax(p.data(), seq, scale, const_cast<float*>(lse.f32()) + (b * heads + h) * seq,
                      false);
       // dV = P^T dO;  dP = dO V^T.

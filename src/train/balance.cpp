@@ -1,0 +1,74 @@
+// Load statistics and the Loss-Free Balancing update.
+#include "train/balance.h"
+
+#include <algorithm>
+
+#include "core/error.h"
+
+namespace moekit {
+
+Balance parse_balance(const std::string& s) {
+  if (s == "lfb") return Balance::LossFree;
+  if (s == "aux") return Balance::Aux;
+  if (s == "none") return Balance::None;
+  fail("--balance: expected lfb, aux or none, got \"{}\"", s);
+}
+
+ExpertLoad zero_load(DeepSeekModel& model) {
+  ExpertLoad load;
+  for (auto& l : model.layers())
+    if (l.moe) load.emplace_back(l.moe->routed_experts.size(), 0);
+  return load;
+}
+
+void accumulate_load(DeepSeekModel& model, ExpertLoad& load) {
+  size_t i = 0;
+  for (auto& l : model.layers()) {
+    if (!l.moe) continue;
+    for (size_t e = 0; e < l.moe->expert_load.size(); ++e) load[i][e] += l.moe->expert_load[e];
+    ++i;
+  }
+}
+
+double max_violation(const std::vector<int64_t>& counts) {
+  if (counts.empty()) return 0.0;
+  int64_t sum = 0, mx = 0;
+  for (int64_t c : counts) {
+    sum += c;
+    mx = std::max(mx, c);
+  }
+  if (sum == 0) return 0.0;
+  double mean = double(sum) / double(counts.size());
+  return double(mx) / mean - 1.0;
+}
+
+double mean_max_violation(const ExpertLoad& load) {
+  if (load.empty()) return 0.0;
+  double s = 0.0;
+  for (const auto& l : load) s += max_violation(l);
+  return s / double(load.size());
+}
+
+void loss_free_update(DeepSeekModel& model, const ExpertLoad& load, double rate) {
+  size_t i = 0;
+  for (auto& l : model.layers()) {
+    if (!l.moe) continue;
+    const auto& c = load[i++];
+    int64_t sum = 0;
+    for (int64_t v : c) sum += v;
+    const double mean = double(sum) / double(c.size());
+    Tensor& b = l.moe->gate.balance_bias->value;
+    Tensor host = b;
+    if (b.device() != Device::CPU) {
+      host = Tensor::empty(b.shape());
+      host.copy_from(b);
+    }
+    for (size_t e = 0; e < c.size(); ++e) {
+      double err = mean - double(c[e]);
+      host.f32()[e] += float(rate * double((err > 0) - (err < 0)));
+    }
+    if (b.device() != Device::CPU) b.copy_from(host);
+  }
+}
+
+}  // namespace moekit
