@@ -14,10 +14,16 @@ namespace moekit {
 
 using json = nlohmann::json;
 
-// Piece -> ids memo. Guarded by a mutex so one Tokenizer can serve several threads.
+// Piece -> ids memo, in shards with their own locks so threads encoding with one Tokenizer
+// rarely wait on each other.
 struct Tokenizer::Cache {
-  std::mutex mu;
-  std::unordered_map<std::string, std::vector<int32_t>> map;
+  static constexpr size_t kShards = 64;
+  struct Shard {
+    std::mutex mu;
+    StringMap<std::vector<int32_t>> map;
+  };
+  std::array<Shard, kShards> shards;
+  Shard& shard(std::string_view piece) { return shards[StringHash{}(piece) % kShards]; }
 };
 
 Tokenizer::Tokenizer() : cache_(std::make_unique<Cache>()) {}
@@ -180,23 +186,24 @@ Tokenizer Tokenizer::load(const std::filesystem::path& path) {
 }
 
 std::optional<int32_t> Tokenizer::token_to_id(std::string_view token) const {
-  auto it = token_strings_.find(std::string(token));
+  auto it = token_strings_.find(token);
   if (it == token_strings_.end()) return std::nullopt;
   return it->second;
 }
 
 void Tokenizer::encode_piece(std::string_view piece, std::vector<int32_t>& out) const {
   if (ignore_merges_) {
-    auto it = bytes_to_id_.find(std::string(piece));
+    auto it = bytes_to_id_.find(piece);
     if (it != bytes_to_id_.end()) {
       out.push_back(it->second);
       return;
     }
   }
+  Cache::Shard& shard = cache_->shard(piece);
   {
-    std::lock_guard lk(cache_->mu);
-    auto it = cache_->map.find(std::string(piece));
-    if (it != cache_->map.end()) {
+    std::lock_guard lk(shard.mu);
+    auto it = shard.map.find(piece);
+    if (it != shard.map.end()) {
       out.insert(out.end(), it->second.begin(), it->second.end());
       return;
     }
@@ -230,8 +237,8 @@ void Tokenizer::encode_piece(std::string_view piece, std::vector<int32_t>& out) 
     sym.resize(w);
   }
   out.insert(out.end(), sym.begin(), sym.end());
-  std::lock_guard lk(cache_->mu);
-  if (cache_->map.size() < (1u << 20)) cache_->map.emplace(std::string(piece), std::move(sym));
+  std::lock_guard lk(shard.mu);
+  if (shard.map.size() < (1u << 16)) shard.map.emplace(std::string(piece), std::move(sym));
 }
 
 void Tokenizer::encode_ordinary(std::string_view text, std::vector<int32_t>& out) const {

@@ -25,6 +25,14 @@ struct AddedToken {
   bool special = false;
 };
 
+// Hash that lets unordered_map<std::string, ...> be searched with a string_view (no allocation).
+struct StringHash {
+  using is_transparent = void;
+  size_t operator()(std::string_view s) const { return std::hash<std::string_view>{}(s); }
+};
+template <typename V>
+using StringMap = std::unordered_map<std::string, V, StringHash, std::equal_to<>>;
+
 class Tokenizer {
  public:
   // Errors (one line naming the file and field): unreadable, not JSON, unsupported model type /
@@ -51,14 +59,14 @@ class Tokenizer {
   void encode_ordinary(std::string_view text, std::vector<int32_t>& out) const;
 
   std::unique_ptr<PreTokenizer> pre_;
-  std::vector<std::string> token_bytes_;                  // id -> raw bytes (or added content)
-  std::vector<uint8_t> is_special_;                       // id -> special added token
-  std::unordered_map<std::string, int32_t> bytes_to_id_;  // raw bytes -> id (BPE vocab)
+  std::vector<std::string> token_bytes_;  // id -> raw bytes (or added content)
+  std::vector<uint8_t> is_special_;       // id -> special added token
+  StringMap<int32_t> bytes_to_id_;        // raw bytes -> id (BPE vocab)
   std::unordered_map<uint64_t, std::pair<int32_t, int32_t>> merges_;  // (a,b) -> (rank, merged)
   std::array<int32_t, 256> byte_id_{};
   std::vector<AddedToken> added_;
-  std::vector<std::vector<size_t>> added_by_first_byte_;    // indices into added_, longest first
-  std::unordered_map<std::string, int32_t> token_strings_;  // tokenizer.json token string -> id
+  std::vector<std::vector<size_t>> added_by_first_byte_;  // indices into added_, longest first
+  StringMap<int32_t> token_strings_;                      // tokenizer.json token string -> id
   bool ignore_merges_ = false;
   int32_t bos_ = -1, eos_ = -1;
   struct Cache;

@@ -91,10 +91,11 @@ Batch WindowSampler::next(int64_t batch) {
   return b;
 }
 
-Batch WindowSampler::fixed(int64_t first, int64_t batch) const {
+Batch WindowSampler::windows_batch(const std::vector<int64_t>& windows) const {
+  const int64_t batch = int64_t(windows.size());
   Batch b{Tensor::empty({batch * seq_}, DType::I32), Tensor::empty({batch * seq_}, DType::I32),
           batch, seq_};
-  for (int64_t r = 0; r < batch; ++r) fill(b, r, (first + r) % n_windows_);
+  for (int64_t r = 0; r < batch; ++r) fill(b, r, windows[size_t(r)] % n_windows_);
   return b;
 }
 

@@ -34,8 +34,8 @@ class WindowSampler {
   int64_t windows() const { return n_windows_; }
   // The next `batch` windows in shuffled order (wrapping into a new epoch as needed).
   Batch next(int64_t batch);
-  // Window i of the unshuffled stream (validation uses these in order).
-  Batch fixed(int64_t first, int64_t batch) const;
+  // The given windows of the unshuffled stream, in order (validation).
+  Batch windows_batch(const std::vector<int64_t>& windows) const;
   int64_t position() const { return position_; }
   void set_position(int64_t p) { position_ = p; }
 

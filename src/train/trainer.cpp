@@ -58,12 +58,17 @@ struct Evaluation {
   double loss = 0.0, maxvio_global = 0.0, maxvio_batch = 0.0;
 };
 
+// Validation windows spread evenly over the whole split (the split is ordered by domain, so the
+// first windows alone would measure one domain).
 Evaluation evaluate(DeepSeekModel& model, const WindowSampler& val, int64_t batch, int64_t n) {
   Evaluation ev;
   ExpertLoad total = zero_load(model);
   n = std::min<int64_t>(n, std::max<int64_t>(1, val.windows() / batch));
+  const int64_t rows = n * batch;
   for (int64_t i = 0; i < n; ++i) {
-    Batch b = val.fixed(i * batch, batch);
+    std::vector<int64_t> windows;
+    for (int64_t r = 0; r < batch; ++r) windows.push_back((i * batch + r) * val.windows() / rows);
+    Batch b = val.windows_batch(windows);
     Tensor logits = model.forward(b.ids, b.batch, b.seq);
     ev.loss += cross_entropy(backend(model.device()), logits, b.targets) / double(n);
     ExpertLoad l = zero_load(model);
