@@ -13,5 +13,6 @@ void add_train_commands(CLI::App& app);  // train (cmd_train.cpp)
 void add_tokenizer_commands(CLI::App& app);  // tokenize, detokenize, tokenizer train
 void add_generate_commands(CLI::App& app);   // generate (cmd_generate.cpp)
 void add_demo_commands(CLI::App& app);       // demo: the main job (cmd_demo.cpp)
+void add_esft_commands(CLI::App& app);       // esft scores / select (cmd_esft.cpp)
 
 }  // namespace moekit::cli

@@ -22,6 +22,7 @@ int main(int argc, char** argv) {
   moekit::cli::add_tokenizer_commands(app);
   moekit::cli::add_generate_commands(app);
   moekit::cli::add_demo_commands(app);
+  moekit::cli::add_esft_commands(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,0 +1,85 @@
+// `moekit esft ...`: expert relevance scores from routing logs and expert selection, in the
+// official ESFT file formats (esft.md).
+#include <fmt/format.h>
+
+#include <memory>
+
+#include "cli/commands.h"
+#include "core/atomic_file.h"
+#include "core/error.h"
+#include "esft/expert_config.h"
+#include "esft/scores.h"
+
+namespace moekit::cli {
+
+namespace {
+
+ExpertScores scores_from_logs(const std::string& dir, int64_t top_k) {
+  auto logs = read_routing_dir(dir);
+  if (top_k <= 0) top_k = infer_top_k(logs, dir);
+  validate_top_k(logs, top_k, dir);
+  return compute_scores(logs, top_k);
+}
+
+}  // namespace
+
+void add_esft_commands(CLI::App& app) {
+  auto* esft = app.add_subcommand("esft", "Expert-Specialized Fine-Tuning tools");
+  esft->require_subcommand(1);
+
+  struct ScoreArgs {
+    std::string routing, out;
+    int64_t top_k = 0;
+  };
+  auto sa = std::make_shared<ScoreArgs>();
+  auto* scores = esft->add_subcommand("scores", "Expert scores from routing logs (summary.json)");
+  scores->add_option("--routing", sa->routing, "directory of expert_weights_<layer>.txt")
+      ->required();
+  scores->add_option("--out", sa->out, "SUMMARY.json to write")->required();
+  scores->add_option("--top-k", sa->top_k, "experts per token (default: inferred from the logs)");
+  scores->callback([sa] {
+    ExpertScores s = scores_from_logs(sa->routing, sa->top_k);
+    write_file_atomic(sa->out, summary_json(s));
+    fmt::print("{} layers, {} experts, K = {} -> {}\n", s.token.size(), s.n_experts, s.top_k,
+               sa->out);
+  });
+
+  struct SelectArgs {
+    std::string routing, scores, score = "token", out;
+    double top_p = 0.2;
+    int64_t top_k = 0;
+    bool shared = false, non_expert = false;
+  };
+  auto se = std::make_shared<SelectArgs>();
+  auto* select = esft->add_subcommand("select", "Choose experts per layer up to a score mass p");
+  auto* g1 =
+      select->add_option("--routing", se->routing, "directory of expert_weights_<layer>.txt");
+  auto* g2 = select->add_option("--scores", se->scores, "SUMMARY.json from `esft scores`");
+  g1->excludes(g2);
+  select->add_option("--score", se->score, "token | gate")->capture_default_str();
+  select->add_option("--top-p", se->top_p, "score mass to cover per layer, in (0, 1]")->required();
+  select->add_option("--top-k", se->top_k, "experts per token for --routing (default: inferred)");
+  select->add_flag("--shared-experts", se->shared, "shared experts train too");
+  select->add_flag("--non-expert-modules", se->non_expert, "all non-expert modules train too");
+  select->add_option("--out", se->out, "CONFIG.json to write")->required();
+  select->callback([se] {
+    if (se->routing.empty() == se->scores.empty())
+      fail("esft select: give exactly one of --routing or --scores");
+    if (se->score != "token" && se->score != "gate")
+      fail("esft select: --score must be token or gate, got \"{}\"", se->score);
+    if (!(se->top_p > 0.0 && se->top_p <= 1.0))
+      fail("esft select: --top-p must be in (0, 1], got {}", se->top_p);
+    ExpertScores s =
+        se->routing.empty() ? read_summary(se->scores) : scores_from_logs(se->routing, se->top_k);
+    ExpertConfig cfg = select_experts(se->score == "token" ? s.token : s.gate, se->top_p);
+    cfg.shared_experts = se->shared;
+    cfg.non_expert_modules = se->non_expert;
+    write_file_atomic(se->out, cfg.to_json_text());
+    size_t n = 0;
+    for (const auto& [l, v] : cfg.experts) n += v.size();
+    fmt::print("{} experts over {} layers ({} score, p = {}) -> {}\n", n, cfg.experts.size(),
+               se->score, se->top_p, se->out);
+  });
+}
+
+}  // namespace moekit::cli
