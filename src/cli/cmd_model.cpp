@@ -46,8 +46,11 @@ void run_info(const std::string& dir) {
       c.n_routed_experts, c.n_shared_experts, c.moe_intermediate_size, c.num_experts_per_tok,
       c.scoring_func, c.topk_method, c.topk_group, c.n_group, c.norm_topk_prob,
       c.routed_scaling_factor);
-  fmt::print("parameters   {} total, {} active per token ({:.1f}%)\n", human_count(double(s.total)),
-             human_count(double(s.active)), 100.0 * double(s.active) / double(s.total));
+  fmt::print(
+      "parameters   {} total, {} active per token ({:.1f}%; {} without the input embedding, "
+      "as DeepSeek counts)\n",
+      human_count(double(s.total)), human_count(double(s.active)),
+      100.0 * double(s.active) / double(s.total), human_count(double(s.active - s.embedding)));
   fmt::print("checkpoint   {} tensors, {}, {}\n", tensors.size(), dtype,
              human_bytes(double(bytes)));
   fmt::print("memory       weights bf16 {}, fp32 {}; full training (fp32 + grads + AdamW) {}\n",

@@ -15,13 +15,14 @@ namespace moekit {
 ExpertConfig select_experts(const std::map<int, std::vector<double>>& scores, double top_p) {
   if (!(top_p > 0.0 && top_p <= 1.0)) fail("--top-p must be in (0, 1], got {}", top_p);
   ExpertConfig cfg;
-  for (const auto& [layer, s] : scores) {
+  for (const auto& entry : scores) {
+    const std::vector<double>& s = entry.second;  // (clang 14 cannot capture structured bindings)
     std::vector<int> order(s.size());
     std::iota(order.begin(), order.end(), 0);
     std::stable_sort(order.begin(), order.end(),
                      [&](int a, int b) { return s[size_t(a)] > s[size_t(b)]; });
     double total = 0.0;
-    auto& chosen = cfg.experts[layer];
+    auto& chosen = cfg.experts[entry.first];
     for (int e : order) {
       if (total >= top_p) break;
       chosen.push_back(e);
