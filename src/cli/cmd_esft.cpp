@@ -8,7 +8,9 @@
 #include "core/atomic_file.h"
 #include "core/error.h"
 #include "esft/expert_config.h"
+#include "esft/route_logger.h"
 #include "esft/scores.h"
+#include "model/checkpoint.h"
 
 namespace moekit::cli {
 
@@ -26,6 +28,27 @@ ExpertScores scores_from_logs(const std::string& dir, int64_t top_k) {
 void add_esft_commands(CLI::App& app) {
   auto* esft = app.add_subcommand("esft", "Expert-Specialized Fine-Tuning tools");
   esft->require_subcommand(1);
+
+  struct RouteArgs {
+    std::string model, data, tokenizer, out;
+    int64_t tokens = 131072;  // the official run's budget
+  };
+  auto ra = std::make_shared<RouteArgs>();
+  auto* route =
+      esft->add_subcommand("route", "Log the routing of task samples (expert_weights_<layer>.txt)");
+  route->add_option("--model", ra->model, "checkpoint directory")->required();
+  route->add_option("--data", ra->data, "TASK.jsonl with \"messages\" rows")->required();
+  route->add_option("--tokens", ra->tokens, "tokens to log")->capture_default_str();
+  route->add_option("--tokenizer", ra->tokenizer, "tokenizer.json (default MODEL/tokenizer.json)");
+  route->add_option("--out", ra->out, "directory for the logs")->required();
+  route->callback([ra] {
+    auto model = load_model(ra->model);
+    Tokenizer tok =
+        Tokenizer::load(ra->tokenizer.empty() ? ra->model + "/tokenizer.json" : ra->tokenizer);
+    RouteLogStats st = log_routing(*model, tok, ra->data, ra->tokens, ra->out);
+    fmt::print("logged {} tokens in {} sequences over {} MoE layers -> {}\n", st.tokens,
+               st.sequences, st.layers, ra->out);
+  });
 
   struct ScoreArgs {
     std::string routing, out;
