@@ -2,12 +2,14 @@
 // official ESFT file formats (esft.md).
 #include <fmt/format.h>
 
+#include <array>
 #include <memory>
 
 #include "cli/commands.h"
 #include "core/atomic_file.h"
 #include "core/error.h"
 #include "esft/expert_config.h"
+#include "esft/finetune.h"
 #include "esft/route_logger.h"
 #include "esft/scores.h"
 #include "model/checkpoint.h"
@@ -26,6 +28,39 @@ ExpertScores scores_from_logs(const std::string& dir, int64_t top_k) {
 }  // namespace
 
 void add_esft_commands(CLI::App& app) {
+  auto fo = std::make_shared<FinetuneOptions>();
+  auto fs_args =
+      std::make_shared<std::array<std::string, 5>>();  // model, data, experts, out, tokenizer
+  auto* ft =
+      app.add_subcommand("finetune", "Fine-tune on chat data: ESFT (chosen experts only) or full");
+  ft->add_option("--model", (*fs_args)[0], "base checkpoint directory")->required();
+  ft->add_option("--data", (*fs_args)[1], "TRAIN.jsonl with \"messages\" rows")->required();
+  ft->add_option("--method", fo->method, "esft | full")->capture_default_str();
+  ft->add_option("--experts", (*fs_args)[2],
+                 "expert config (from `esft select`) for --method esft");
+  ft->add_option("--out", (*fs_args)[3], "adapter directory (esft) or checkpoint directory (full)")
+      ->required();
+  ft->add_option("--tokenizer", (*fs_args)[4], "tokenizer.json (default MODEL/tokenizer.json)");
+  ft->add_option("--steps", fo->steps)->capture_default_str();
+  ft->add_option("--seq", fo->seq, "packed sequence length")->capture_default_str();
+  ft->add_option("--batch", fo->batch, "sequences per micro-batch")->capture_default_str();
+  ft->add_option("--accumulation", fo->accumulation)->capture_default_str();
+  ft->add_option("--lr", fo->lr)->capture_default_str();
+  ft->add_option("--seed", fo->seed)->capture_default_str();
+  ft->callback([fo, fs_args] {
+    fo->model = (*fs_args)[0];
+    fo->data = (*fs_args)[1];
+    fo->experts = (*fs_args)[2];
+    fo->out = (*fs_args)[3];
+    fo->tokenizer = (*fs_args)[4];
+    FinetuneResult r = finetune(*fo);
+    fmt::print(
+        "done: loss {:.4f} -> {:.4f}, validation {:.4f}; {:.3f} s/step; gradients {:.2f} MiB, "
+        "AdamW {:.2f} MiB -> {}\n",
+        r.first_loss, r.last_loss, r.val_loss, r.step_seconds, double(r.grad_bytes) / 1048576.0,
+        double(r.optimizer_bytes) / 1048576.0, fo->out.string());
+  });
+
   auto* esft = app.add_subcommand("esft", "Expert-Specialized Fine-Tuning tools");
   esft->require_subcommand(1);
 

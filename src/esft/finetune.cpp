@@ -1,0 +1,197 @@
+// ESFT / full fine-tuning loop and adapter output.
+#include "esft/finetune.h"
+
+#include <fmt/format.h>
+
+#include <chrono>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <regex>
+
+#include "core/atomic_file.h"
+#include "core/error.h"
+#include "model/checkpoint.h"
+#include "tokenizer/templates.h"
+#include "train/adamw.h"
+
+namespace moekit {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+void apply_expert_config(DeepSeekModel& model, const ExpertConfig& cfg, const std::string& source) {
+  const ModelConfig& c = model.config();
+  for (const auto& [layer, experts] : cfg.experts) {
+    if (layer >= c.num_hidden_layers || !c.is_moe_layer(layer))
+      fail("{}: layer {} is not a MoE layer of this model ({} layers, first MoE layer {})", source,
+           layer, c.num_hidden_layers, c.first_k_dense_replace);
+    for (int e : experts)
+      if (e >= c.n_routed_experts)
+        fail("{}: layer {} names expert {}, the model has {}", source, layer, e,
+             c.n_routed_experts);
+  }
+  static const std::regex expert_re(R"(^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.)");
+  model.params().set_trainable([&](const Param& p) {
+    std::smatch m;
+    if (std::regex_search(p.name, m, expert_re)) {
+      auto it = cfg.experts.find(std::stoi(m[1]));
+      return it != cfg.experts.end() &&
+             std::find(it->second.begin(), it->second.end(), std::stoi(m[2])) != it->second.end();
+    }
+    if (p.name.find(".mlp.shared_experts.") != std::string::npos) return cfg.shared_experts;
+    return cfg.non_expert_modules;
+  });
+}
+
+namespace {
+
+struct Packed {
+  std::vector<int32_t> ids, labels;  // [n_seq * seq]
+  int64_t n_seq = 0;
+};
+
+// Packs samples into sequences of `seq` tokens; a random `drop` fraction of joins drops the next
+// sample's bos; the last sequence is padded with eos (no loss).
+Packed pack(const std::vector<EsftSample>& samples, int64_t seq, double drop, int32_t eos,
+            std::mt19937_64& rng) {
+  Packed p;
+  std::vector<int32_t> ids, labels;
+  std::bernoulli_distribution drop_bos(drop);
+  for (size_t i = 0; i < samples.size(); ++i) {
+    size_t start = (i > 0 && drop_bos(rng)) ? 1 : 0;
+    ids.insert(ids.end(), samples[i].ids.begin() + long(start), samples[i].ids.end());
+    labels.insert(labels.end(), samples[i].labels.begin() + long(start), samples[i].labels.end());
+  }
+  const int64_t n = (int64_t(ids.size()) + seq - 1) / seq;
+  ids.resize(size_t(n * seq), eos);
+  labels.resize(size_t(n * seq), -100);
+  return {ids, labels, n};
+}
+
+std::vector<EsftSample> read_samples(const fs::path& data, const Tokenizer& tok) {
+  std::ifstream in(data);
+  if (!in) fail("{}: cannot read file", data.string());
+  std::vector<EsftSample> out;
+  std::string line;
+  int64_t n = 0;
+  while (std::getline(in, line)) {
+    ++n;
+    if (line.empty()) continue;
+    json row = json::parse(line, nullptr, false);
+    if (row.is_discarded() || !row.is_object() || !row.contains("messages") ||
+        !row["messages"].is_array())
+      fail("{}:{}: row has no \"messages\" list", data.string(), n);
+    const json *user = nullptr, *assistant = nullptr;
+    for (const auto& m : row["messages"]) {
+      if (!m.is_object() || !m.contains("content") || !m["content"].is_string()) continue;
+      if (m.value("role", "") == "user" && !user) user = &m["content"];
+      if (m.value("role", "") == "assistant" && !assistant) assistant = &m["content"];
+    }
+    if (!user || !assistant) fail("{}:{}: row has no user and assistant message", data.string(), n);
+    out.push_back(esft_sample(tok, user->get<std::string>(), assistant->get<std::string>()));
+  }
+  if (out.empty()) fail("{}: no training rows", data.string());
+  return out;
+}
+
+double loss_on(DeepSeekModel& model, const Packed& p, int64_t first, int64_t count, int64_t seq,
+               Tensor* dlogits) {
+  Tensor ids = Tensor::empty({count * seq}, DType::I32),
+         labels = Tensor::empty({count * seq}, DType::I32);
+  std::copy(p.ids.begin() + long(first * seq), p.ids.begin() + long((first + count) * seq),
+            ids.i32());
+  std::copy(p.labels.begin() + long(first * seq), p.labels.begin() + long((first + count) * seq),
+            labels.i32());
+  Tensor logits = model.forward(ids, count, seq);
+  if (dlogits) *dlogits = Tensor::empty(logits.shape());
+  double l = cross_entropy(backend(Device::CPU), logits, labels, dlogits);
+  if (dlogits) model.backward(*dlogits);
+  return l;
+}
+
+}  // namespace
+
+FinetuneResult finetune(const FinetuneOptions& opt) {
+  if (opt.method != "esft" && opt.method != "full")
+    fail("--method must be esft or full, got \"{}\"", opt.method);
+  if (opt.method == "esft" && opt.experts.empty())
+    fail("--method esft needs --experts CONFIG.json");
+  auto model = load_model(opt.model);
+  const fs::path tok_path = opt.tokenizer.empty() ? opt.model / "tokenizer.json" : opt.tokenizer;
+  Tokenizer tok = Tokenizer::load(tok_path);
+  ExpertConfig cfg;
+  if (opt.method == "esft") {
+    cfg = read_expert_config(opt.experts);
+    apply_expert_config(*model, cfg, opt.experts.string());
+  }
+  model->params().allocate_grads();
+  FinetuneResult res;
+  res.total_params = model->params().numel();
+  res.trainable_params = model->params().trainable_numel();
+  res.grad_bytes = model->params().grad_bytes();
+
+  std::mt19937_64 rng(opt.seed);
+  std::vector<EsftSample> samples = read_samples(opt.data, tok);
+  std::shuffle(samples.begin(), samples.end(), rng);
+  const size_t n_val = std::max<size_t>(1, samples.size() / 50);  // 98 / 2
+  std::vector<EsftSample> val(samples.begin(), samples.begin() + long(n_val)),
+      train(samples.begin() + long(n_val), samples.end());
+  if (train.empty()) fail("{}: too few rows for a 98/2 split", opt.data.string());
+  Packed tr = pack(train, opt.seq, opt.random_concat_ratio, tok.eos_id(), rng);
+  Packed va = pack(val, opt.seq, opt.random_concat_ratio, tok.eos_id(), rng);
+
+  AdamW adam(AdamWConfig{0.9, 0.95, 1e-8, opt.weight_decay});
+  fmt::print(
+      "finetune ({}): {} of {} parameters train ({:.2f}%); gradients {:.1f} MiB + AdamW state "
+      "{:.1f} MiB\n",
+      opt.method, res.trainable_params, res.total_params,
+      100.0 * double(res.trainable_params) / double(res.total_params),
+      double(res.grad_bytes) / 1048576.0, 2.0 * double(res.grad_bytes) / 1048576.0);
+  int64_t cursor = 0;
+  auto t0 = std::chrono::steady_clock::now();
+  for (int64_t step = 1; step <= opt.steps; ++step) {
+    model->params().zero_grads();
+    double loss = 0;
+    for (int64_t a = 0; a < opt.accumulation; ++a) {
+      const int64_t first = cursor % tr.n_seq, count = std::min(opt.batch, tr.n_seq - first);
+      cursor += count;
+      Tensor d;
+      loss += loss_on(*model, tr, first, count, opt.seq, &d) / double(opt.accumulation);
+    }
+    // The loss gradient of each micro-batch was averaged over its own tokens; average the sum.
+    if (opt.accumulation > 1)
+      for (auto& p : model->params().all())
+        if (p->grad.defined()) backend(Device::CPU).scale(p->grad, 1.0f / float(opt.accumulation));
+    clip_grad_norm(model->params(), opt.grad_clip);
+    adam.step(model->params(), opt.lr);
+    if (step == 1) res.first_loss = loss;
+    res.last_loss = loss;
+    if (step % opt.log_every == 0 || step == opt.steps)
+      fmt::print("step {}/{} loss {:.4f}\n", step, opt.steps, loss);
+  }
+  res.step_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() /
+                     double(opt.steps);
+  res.optimizer_bytes = adam.state_bytes();
+  for (int64_t i = 0; i < va.n_seq; ++i)
+    res.val_loss += loss_on(*model, va, i, 1, opt.seq, nullptr) / double(va.n_seq);
+
+  // Output: an adapter (trained tensors only) for ESFT, a full checkpoint otherwise.
+  std::error_code ec;
+  fs::create_directories(opt.out, ec);
+  if (ec) fail("{}: cannot create ({})", opt.out.string(), ec.message());
+  if (opt.method == "esft") {
+    std::vector<std::pair<std::string, Tensor>> trained;
+    for (auto& p : model->params().all())
+      if (p->trainable) trained.emplace_back(p->name, p->value);
+    save_safetensors(opt.out / "adapter.safetensors", trained,
+                     {{"format", "pt"}, {"moekit_adapter", "esft"}});
+    write_file_atomic(opt.out / "expert_config.json", cfg.to_json_text());
+  } else {
+    save_model(*model, opt.out);
+  }
+  fs::copy_file(tok_path, opt.out / "tokenizer.json", fs::copy_options::overwrite_existing);
+  return res;
+}
+
+}  // namespace moekit

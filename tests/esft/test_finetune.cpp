@@ -1,0 +1,130 @@
+// ESFT fine-tuning: only the chosen experts change and only they have gradients and optimizer
+// state; the adapter holds exactly those tensors. Bad expert configs are refused.
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+
+#include "../cli/run_cli.h"
+#include "../temp_dir.h"
+#include "esft/finetune.h"
+#include "model/checkpoint.h"
+#include "tokenizer/bpe_trainer.h"
+
+namespace moekit {
+namespace {
+
+namespace fs = std::filesystem;
+
+fs::path make_base(const fs::path& root) {
+  std::vector<std::string> texts;
+  std::ofstream task(root / "task.jsonl");
+  for (int i = 0; i < 60; ++i) {
+    std::string q = "What is " + std::to_string(i) + " + " + std::to_string(2 * i) + "?",
+                a = std::to_string(3 * i);
+    task << nlohmann::json{{"messages",
+                            {{{"role", "user"}, {"content", q}},
+                             {{"role", "assistant"}, {"content", a}}}}}
+                .dump()
+         << "\n";
+    texts.push_back("User: " + q + "\n\nAssistant: " + a);
+  }
+  const fs::path model_dir = root / "base";
+  fs::create_directories(model_dir);
+  train_bpe(texts, BpeTrainOptions{300}, model_dir / "tokenizer.json");
+  ModelConfig c = load_config(std::string(MOEKIT_SOURCE_DIR) + "/tests/fixtures/train/tiny.json");
+  c.vocab_size = 300;
+  DeepSeekModel m(c);
+  m.init_random(3, 0.2f);
+  save_model(m, model_dir);
+  return model_dir;
+}
+
+TEST(EsftFinetune, OnlyChosenExpertsTrainAndAreAllocated) {
+  test::TempDir tmp;
+  const fs::path base = make_base(tmp.path());
+  std::ofstream(tmp.path() / "cfg.json")
+      << R"({"experts": {"1": [2, 5]}, "shared_experts": false, "non_expert_modules": false})";
+  auto r = test::run_moekit(
+      "finetune --model " + base.string() + " --data " + (tmp.path() / "task.jsonl").string() +
+      " --method esft --experts " + (tmp.path() / "cfg.json").string() + " --out " +
+      (tmp.path() / "adapter").string() + " --steps 5 --seq 64 --accumulation 2 --lr 1e-2");
+  ASSERT_EQ(r.rc, 0) << r.err;
+  // 2 experts x 3 matrices x (16 x 32) = 3072 trainable parameters; gradients 12 KiB.
+  EXPECT_NE(r.out.find("finetune (esft): 3072 of"), std::string::npos) << r.out;
+  auto before = load_model(base);
+  auto adapter = SafetensorsFile::open(tmp.path() / "adapter/adapter.safetensors");
+  ASSERT_EQ(adapter.tensors().size(), 6u);
+  for (const auto& p : before->params().all()) {
+    auto it = adapter.tensors().find(p->name);
+    const bool chosen = p->name.find("layers.1.mlp.experts.2.") != std::string::npos ||
+                        p->name.find("layers.1.mlp.experts.5.") != std::string::npos;
+    EXPECT_EQ(it != adapter.tensors().end(), chosen) << p->name;
+    if (chosen) {
+      Tensor after = it->second.tensor.to_f32();
+      double moved = 0;
+      for (int64_t i = 0; i < after.numel(); ++i)
+        moved += std::abs(after.f32()[i] - p->value.f32()[i]);
+      EXPECT_GT(moved, 0.0) << p->name << " did not train";
+    }
+  }
+}
+
+TEST(EsftFinetune, OnlyChosenExpertsHaveGradientsAndEnterTheAdapter) {
+  test::TempDir tmp;
+  const fs::path base = make_base(tmp.path());
+  auto model = load_model(base);
+  ExpertConfig cfg;
+  cfg.experts[1] = {0};
+  apply_expert_config(*model, cfg, "cfg");
+  model->params().allocate_grads();
+  int64_t with_grad = 0;
+  for (const auto& p : model->params().all()) with_grad += p->grad.defined();
+  EXPECT_EQ(with_grad, 3);  // gate_proj, up_proj, down_proj of expert 0
+  EXPECT_EQ(model->params().grad_bytes(), 3u * 16 * 32 * 4);
+
+  // The adapter holds the chosen expert's tensors and nothing else.
+  std::ofstream(tmp.path() / "cfg.json") << cfg.to_json_text();
+  auto r = test::run_moekit(
+      "finetune --model " + base.string() + " --data " + (tmp.path() / "task.jsonl").string() +
+      " --method esft --experts " + (tmp.path() / "cfg.json").string() + " --out " +
+      (tmp.path() / "a").string() + " --steps 3 --seq 64 --accumulation 1 --lr 1e-2");
+  ASSERT_EQ(r.rc, 0) << r.err;
+  auto adapter = SafetensorsFile::open(tmp.path() / "a/adapter.safetensors");
+  for (const auto& [name, e] : adapter.tensors())
+    EXPECT_NE(name.find("layers.1.mlp.experts.0."), std::string::npos) << name;
+}
+
+TEST(EsftFinetune, BadExpertConfigsAreRefused) {
+  test::TempDir tmp;
+  const fs::path base = make_base(tmp.path());
+  struct Case {
+    std::string cfg, expect;
+  };
+  for (const Case& c : {Case{R"({"experts": {"0": [1]}})", "layer 0 is not a MoE layer"},
+                        Case{R"({"experts": {"7": [1]}})", "layer 7 is not a MoE layer"},
+                        Case{R"({"experts": {"1": [99]}})", "layer 1 names expert 99"},
+                        Case{R"({"experts": {"x": [1]}})", "must be a layer number"}}) {
+    std::ofstream(tmp.path() / "cfg.json") << c.cfg;
+    auto r = test::run_moekit(
+        "finetune --model " + base.string() + " --data " + (tmp.path() / "task.jsonl").string() +
+        " --method esft --experts " + (tmp.path() / "cfg.json").string() + " --out " +
+        (tmp.path() / "out").string() + " --steps 1 --seq 32 --accumulation 1");
+    EXPECT_EQ(r.rc, 2) << c.cfg;
+    EXPECT_NE(r.err.find("cfg.json"), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find(c.expect), std::string::npos) << r.err;
+    EXPECT_FALSE(fs::exists(tmp.path() / "out/adapter.safetensors"));
+  }
+  std::ofstream(tmp.path() / "noassist.jsonl")
+      << R"({"messages": [{"role": "user", "content": "q"}]})"
+      << "\n";
+  auto r = test::run_moekit("finetune --model " + base.string() + " --data " +
+                            (tmp.path() / "noassist.jsonl").string() + " --method full --out " +
+                            (tmp.path() / "o2").string() + " --steps 1 --seq 32 --accumulation 1");
+  EXPECT_EQ(r.rc, 2);
+  EXPECT_NE(r.err.find("noassist.jsonl:1: row has no user and assistant message"),
+            std::string::npos)
+      << r.err;
+}
+
+}  // namespace
+}  // namespace moekit
