@@ -8,6 +8,7 @@
 #include "cli/commands.h"
 #include "core/atomic_file.h"
 #include "core/error.h"
+#include "esft/adapter.h"
 #include "esft/expert_config.h"
 #include "esft/finetune.h"
 #include "esft/route_logger.h"
@@ -63,6 +64,28 @@ void add_esft_commands(CLI::App& app) {
 
   auto* esft = app.add_subcommand("esft", "Expert-Specialized Fine-Tuning tools");
   esft->require_subcommand(1);
+
+  struct MergeArgs {
+    std::string model, adapter, out;
+  };
+  auto ma = std::make_shared<MergeArgs>();
+  auto* merge = esft->add_subcommand("merge", "Write base + ESFT adapter as one full checkpoint");
+  merge->add_option("--model", ma->model, "base checkpoint directory")->required();
+  merge
+      ->add_option("--adapter", ma->adapter,
+                   "adapter directory from `moekit finetune --method esft`")
+      ->required();
+  merge->add_option("--out", ma->out, "checkpoint directory to write")->required();
+  merge->callback([ma] {
+    auto model = load_model(ma->model);
+    apply_adapter(*model, ma->adapter);
+    save_model(*model, ma->out);
+    const std::filesystem::path tok = std::filesystem::path(ma->model) / "tokenizer.json";
+    if (std::filesystem::exists(tok))
+      std::filesystem::copy_file(tok, std::filesystem::path(ma->out) / "tokenizer.json",
+                                 std::filesystem::copy_options::overwrite_existing);
+    fmt::print("merged {} + {} -> {}\n", ma->model, ma->adapter, ma->out);
+  });
 
   struct RouteArgs {
     std::string model, data, tokenizer, out;

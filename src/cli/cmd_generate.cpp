@@ -6,6 +6,7 @@
 
 #include "cli/commands.h"
 #include "core/error.h"
+#include "esft/adapter.h"
 #include "infer/generator.h"
 #include "model/checkpoint.h"
 #include "tokenizer/tokenizer.h"
@@ -56,7 +57,7 @@ class TextStream {
 
 void add_generate_commands(CLI::App& app) {
   struct Args {
-    std::string model, prompt, tokenizer;
+    std::string model, prompt, tokenizer, adapter;
     SamplingParams p;
     int64_t max_context = 2048;
     bool no_bos = false;
@@ -74,11 +75,13 @@ void add_generate_commands(CLI::App& app) {
   cmd->add_option("--seed", a->p.seed, "sampling seed")->capture_default_str();
   cmd->add_option("--max-context", a->max_context, "KV cache capacity in tokens")
       ->capture_default_str();
+  cmd->add_option("--adapter", a->adapter, "ESFT adapter directory to apply at load");
   cmd->add_flag("--no-bos", a->no_bos, "do not prepend the beginning-of-sentence token");
   cmd->callback([a] {
     if (a->p.temperature < 0) fail("--temperature must be >= 0");
     if (a->p.top_p <= 0 || a->p.top_p > 1) fail("--top-p must be in (0, 1]");
     auto model = load_model(a->model);
+    if (!a->adapter.empty()) apply_adapter(*model, a->adapter);
     const std::string tpath = a->tokenizer.empty() ? a->model + "/tokenizer.json" : a->tokenizer;
     Tokenizer tok = Tokenizer::load(tpath);
     std::vector<int32_t> prompt = tok.encode(a->prompt, !a->no_bos);

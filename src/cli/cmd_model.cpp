@@ -8,6 +8,7 @@
 #include "cli/commands.h"
 #include "core/error.h"
 #include "core/thread_pool.h"
+#include "esft/adapter.h"
 #include "model/checkpoint.h"
 #include "model/summary.h"
 #include "model/token_batch.h"
@@ -66,8 +67,10 @@ void run_info(const std::string& dir) {
                human_count(double(l.ffn_active)));
 }
 
-void run_forward(const std::string& dir, const std::string& input, const std::string& out) {
+void run_forward(const std::string& dir, const std::string& input, const std::string& out,
+                 const std::string& adapter) {
   auto model = load_model(dir);
+  if (!adapter.empty()) apply_adapter(*model, adapter);
   TokenBatch b = read_ids_json(input, model->config().vocab_size);
   Tensor logits = model->forward(b.ids, b.batch, b.seq);
   Tensor targets = shifted_targets(b.ids, b.batch, b.seq);
@@ -87,7 +90,7 @@ void add_model_commands(CLI::App& app) {
   info->callback([info_dir] { run_info(*info_dir); });
 
   struct ForwardArgs {
-    std::string dir, input, out;
+    std::string dir, input, out, adapter;
   };
   auto fa = std::make_shared<ForwardArgs>();
   auto* fwd = app.add_subcommand("forward", "Run a checkpoint on a batch of token ids");
@@ -96,7 +99,8 @@ void add_model_commands(CLI::App& app) {
       ->required();
   fwd->add_option("--out", fa->out, "LOGITS.safetensors: F32 tensor `logits` [batch, seq, vocab]")
       ->required();
-  fwd->callback([fa] { run_forward(fa->dir, fa->input, fa->out); });
+  fwd->add_option("--adapter", fa->adapter, "ESFT adapter directory to apply at load");
+  fwd->callback([fa] { run_forward(fa->dir, fa->input, fa->out, fa->adapter); });
 }
 
 }  // namespace moekit::cli

@@ -11,6 +11,7 @@
 
 #include "core/atomic_file.h"
 #include "core/error.h"
+#include "esft/adapter.h"
 #include "model/checkpoint.h"
 #include "tokenizer/templates.h"
 #include "train/adamw.h"
@@ -118,6 +119,7 @@ FinetuneResult finetune(const FinetuneOptions& opt) {
   if (opt.method == "esft" && opt.experts.empty())
     fail("--method esft needs --experts CONFIG.json");
   auto model = load_model(opt.model);
+  const std::string fingerprint = base_fingerprint(*model);  // of the base, before any update
   const fs::path tok_path = opt.tokenizer.empty() ? opt.model / "tokenizer.json" : opt.tokenizer;
   Tokenizer tok = Tokenizer::load(tok_path);
   ExpertConfig cfg;
@@ -184,8 +186,9 @@ FinetuneResult finetune(const FinetuneOptions& opt) {
     std::vector<std::pair<std::string, Tensor>> trained;
     for (auto& p : model->params().all())
       if (p->trainable) trained.emplace_back(p->name, p->value);
-    save_safetensors(opt.out / "adapter.safetensors", trained,
-                     {{"format", "pt"}, {"moekit_adapter", "esft"}});
+    save_safetensors(
+        opt.out / "adapter.safetensors", trained,
+        {{"format", "pt"}, {"moekit_adapter", "esft"}, {"base_fingerprint", fingerprint}});
     write_file_atomic(opt.out / "expert_config.json", cfg.to_json_text());
   } else {
     save_model(*model, opt.out);

@@ -94,6 +94,56 @@ TEST(EsftFinetune, OnlyChosenExpertsHaveGradientsAndEnterTheAdapter) {
     EXPECT_NE(name.find("layers.1.mlp.experts.0."), std::string::npos) << name;
 }
 
+// Merged checkpoint == base + adapter at load, bit for bit; an adapter refuses another base.
+TEST(EsftAdapter, MergeEqualsApplyAndOtherBasesAreRefused) {
+  test::TempDir tmp;
+  const fs::path base = make_base(tmp.path());
+  std::ofstream(tmp.path() / "cfg.json")
+      << R"({"experts": {"1": [1, 3]}, "shared_experts": true, "non_expert_modules": false})";
+  auto r = test::run_moekit(
+      "finetune --model " + base.string() + " --data " + (tmp.path() / "task.jsonl").string() +
+      " --method esft --experts " + (tmp.path() / "cfg.json").string() + " --out " +
+      (tmp.path() / "ad").string() + " --steps 3 --seq 64 --accumulation 1 --lr 1e-2");
+  ASSERT_EQ(r.rc, 0) << r.err;
+  r = test::run_moekit("esft merge --model " + base.string() + " --adapter " +
+                       (tmp.path() / "ad").string() + " --out " + (tmp.path() / "merged").string());
+  ASSERT_EQ(r.rc, 0) << r.err;
+  std::ofstream(tmp.path() / "ids.json") << R"({"ids": [[0, 5, 9, 13, 77, 2, 1, 40]]})";
+  auto a = test::run_moekit("forward --model " + (tmp.path() / "merged").string() + " --input " +
+                            (tmp.path() / "ids.json").string() + " --out " +
+                            (tmp.path() / "l1.safetensors").string());
+  auto b = test::run_moekit("forward --model " + base.string() + " --adapter " +
+                            (tmp.path() / "ad").string() + " --input " +
+                            (tmp.path() / "ids.json").string() + " --out " +
+                            (tmp.path() / "l2.safetensors").string());
+  auto c = test::run_moekit("forward --model " + base.string() + " --input " +
+                            (tmp.path() / "ids.json").string() + " --out " +
+                            (tmp.path() / "l3.safetensors").string());
+  ASSERT_EQ(a.rc, 0) << a.err;
+  ASSERT_EQ(b.rc, 0) << b.err;
+  EXPECT_EQ(a.out, b.out);
+  EXPECT_NE(a.out, c.out);  // the adapter changes the model
+  auto la = SafetensorsFile::open(tmp.path() / "l1.safetensors"),
+       lb = SafetensorsFile::open(tmp.path() / "l2.safetensors");
+  const Tensor &ta = la.tensors().at("logits").tensor, &tb = lb.tensors().at("logits").tensor;
+  EXPECT_EQ(std::string(static_cast<const char*>(ta.raw()), ta.nbytes()),
+            std::string(static_cast<const char*>(tb.raw()), tb.nbytes()));
+  // Another base (different weights, same shapes): refused with the adapter file named.
+  ModelConfig cfg = load_config(base / "config.json");
+  DeepSeekModel other(cfg);
+  other.init_random(99, 0.2f);
+  save_model(other, tmp.path() / "other");
+  r = test::run_moekit("forward --model " + (tmp.path() / "other").string() + " --adapter " +
+                       (tmp.path() / "ad").string() + " --input " +
+                       (tmp.path() / "ids.json").string() + " --out " +
+                       (tmp.path() / "l4.safetensors").string());
+  EXPECT_EQ(r.rc, 2);
+  EXPECT_NE(r.err.find("adapter.safetensors: adapter was trained on another base model"),
+            std::string::npos)
+      << r.err;
+  EXPECT_FALSE(fs::exists(tmp.path() / "l4.safetensors"));
+}
+
 TEST(EsftFinetune, BadExpertConfigsAreRefused) {
   test::TempDir tmp;
   const fs::path base = make_base(tmp.path());
