@@ -7,8 +7,8 @@
 #include "../cli/run_cli.h"
 #include "../temp_dir.h"
 #include "esft/finetune.h"
+#include "esft_fixture.h"
 #include "model/checkpoint.h"
-#include "tokenizer/bpe_trainer.h"
 
 namespace moekit {
 namespace {
@@ -16,27 +16,7 @@ namespace {
 namespace fs = std::filesystem;
 
 fs::path make_base(const fs::path& root) {
-  std::vector<std::string> texts;
-  std::ofstream task(root / "task.jsonl");
-  for (int i = 0; i < 60; ++i) {
-    std::string q = "What is " + std::to_string(i) + " + " + std::to_string(2 * i) + "?",
-                a = std::to_string(3 * i);
-    task << nlohmann::json{{"messages",
-                            {{{"role", "user"}, {"content", q}},
-                             {{"role", "assistant"}, {"content", a}}}}}
-                .dump()
-         << "\n";
-    texts.push_back("User: " + q + "\n\nAssistant: " + a);
-  }
-  const fs::path model_dir = root / "base";
-  fs::create_directories(model_dir);
-  train_bpe(texts, BpeTrainOptions{300}, model_dir / "tokenizer.json");
-  ModelConfig c = load_config(std::string(MOEKIT_SOURCE_DIR) + "/tests/fixtures/train/tiny.json");
-  c.vocab_size = 300;
-  DeepSeekModel m(c);
-  m.init_random(3, 0.2f);
-  save_model(m, model_dir);
-  return model_dir;
+  return test::make_task_and_base(root, 60, 0.2f);
 }
 
 TEST(EsftFinetune, OnlyChosenExpertsTrainAndAreAllocated) {

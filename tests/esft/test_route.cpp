@@ -6,8 +6,7 @@
 
 #include "../cli/run_cli.h"
 #include "../temp_dir.h"
-#include "model/checkpoint.h"
-#include "tokenizer/bpe_trainer.h"
+#include "esft_fixture.h"
 
 namespace moekit {
 namespace {
@@ -16,27 +15,7 @@ namespace fs = std::filesystem;
 
 TEST(EsftRoute, RouteScoresSelectChain) {
   test::TempDir tmp;
-  const fs::path model_dir = tmp.path() / "model";
-  std::vector<std::string> texts;
-  std::ofstream task(tmp.path() / "task.jsonl");
-  for (int i = 0; i < 20; ++i) {
-    std::string q = "What is " + std::to_string(i) + " + " + std::to_string(2 * i) + "?";
-    std::string a = std::to_string(3 * i);
-    task << nlohmann::json{{"messages",
-                            {{{"role", "user"}, {"content", q}},
-                             {{"role", "assistant"}, {"content", a}}}}}
-                .dump()
-         << "\n";
-    texts.push_back("User: " + q + "\n\nAssistant: " + a);
-  }
-  task.close();
-  fs::create_directories(model_dir);
-  train_bpe(texts, BpeTrainOptions{300}, model_dir / "tokenizer.json");
-  ModelConfig c = load_config(std::string(MOEKIT_SOURCE_DIR) + "/tests/fixtures/train/tiny.json");
-  c.vocab_size = 300;
-  DeepSeekModel m(c);
-  m.init_random(3, 0.5f);
-  save_model(m, model_dir);
+  const fs::path model_dir = test::make_task_and_base(tmp.path(), 20, 0.5f);
 
   auto r = test::run_moekit("esft route --model " + model_dir.string() + " --data " +
                             (tmp.path() / "task.jsonl").string() + " --tokens 150 --out " +
