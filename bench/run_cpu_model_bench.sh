@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # CPU model benchmark: moekit vs the same model in PyTorch (Debian python3-torch + OpenBLAS),
 # same config, batch, sequence length and thread count, in one run. Prints one table.
-# Usage: bench/run_cpu_model_bench.sh [THREADS] [BATCH] [SEQ] [ITERS]
+# Usage: [CFG=config.json] bench/run_cpu_model_bench.sh [THREADS] [BATCH] [SEQ] [ITERS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${1:-$(nproc)}; BATCH=${2:-4}; SEQ=${3:-256}; ITERS=${4:-5}
-CFG=bench/cpu_bench_config.json
+CFG=${CFG:-bench/cpu_bench_config.json}
 BUILD_DIR=${BUILD_DIR:-build}
 cmake -S . -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build "$BUILD_DIR" -j "$(nproc)" --target moekit_model_bench >/dev/null
