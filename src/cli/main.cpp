@@ -25,9 +25,16 @@ int main(int argc, char** argv) {
   moekit::cli::add_esft_commands(app);
   try {
     app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
   } catch (const CLI::ParseError& e) {
-    int rc = app.exit(e);
-    return rc == 0 ? 0 : 2;
+    // One line, like every other error (CLI11 would add a second "Run with --help" line).
+    std::fprintf(stderr, "moekit: error: %s (see --help)\n", e.what());
+    return 2;
   } catch (const moekit::Error& e) {
     std::fprintf(stderr, "moekit: error: %s\n", e.what());
     return 2;
