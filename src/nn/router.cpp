@@ -32,8 +32,11 @@ Routing Router::forward(Backend& be, const Tensor& x) {
 }
 
 void Router::compute_aux_loss(int64_t T) {
-  // Host-side: E*T is small next to the GEMMs. f_i is a count, so it carries no gradient;
-  // dL/ds_{t,i} = alpha f_i / T.
+  // Host-side: E*T is small next to the GEMMs. f_i is a count, so it carries no gradient.
+  // P_i averages the token's affinities over experts: softmax scores as they are (V2), sigmoid
+  // scores normalised per token, s'_i = s_i / sum_j s_j (V3). Without that normalisation the
+  // loss falls by lowering every sigmoid score at once, which does not move tokens between
+  // experts at all.
   const int64_t E = p.n_experts, K = p.top_k;
   Tensor idx = saved.routing.topk_idx, scores = saved.routing.scores;
   if (idx.device() != Device::CPU) {
@@ -42,15 +45,25 @@ void Router::compute_aux_loss(int64_t T) {
     scores = Tensor::empty(scores.shape());
     scores.copy_from(saved.routing.scores);
   }
-  std::vector<double> f(size_t(E), 0.0), P(size_t(E), 0.0);
+  const bool normalise = p.scoring == ScoringFunc::Sigmoid;
+  std::vector<double> f(size_t(E), 0.0);
   for (int64_t i = 0; i < T * K; ++i) f[size_t(idx.i32()[i])] += double(E) / double(K * T);
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t e = 0; e < E; ++e) P[size_t(e)] += scores.f32()[t * E + e] / double(T);
   Tensor d = Tensor::empty({T, E});
-  for (int64_t e = 0; e < E; ++e) aux_loss += aux_alpha * f[size_t(e)] * P[size_t(e)];
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t e = 0; e < E; ++e)
-      d.f32()[t * E + e] = float(aux_alpha * f[size_t(e)] / double(T));
+  for (int64_t t = 0; t < T; ++t) {
+    const float* s = scores.f32() + t * E;
+    double sum = 0.0, fs = 0.0;
+    for (int64_t e = 0; e < E; ++e) {
+      sum += s[e];
+      fs += f[size_t(e)] * s[e];
+    }
+    const double z = normalise ? sum : 1.0;
+    aux_loss += aux_alpha * fs / z / double(T);
+    for (int64_t e = 0; e < E; ++e) {
+      // d/ds_e of alpha/T * sum_i f_i s_i / z, with z = sum_j s_j when normalising.
+      double g = f[size_t(e)] / z - (normalise ? fs / (z * z) : 0.0);
+      d.f32()[t * E + e] = float(aux_alpha * g / double(T));
+    }
+  }
   if (saved.x.device() == Device::CPU) {
     saved.daux_scores = d;
   } else {

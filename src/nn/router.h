@@ -19,7 +19,8 @@ struct Routing {
 struct Router {
   GateParams p;
   // Expert-level auxiliary balance loss alpha * sum_i f_i P_i (0 = off; the baseline that
-  // Loss-Free Balancing replaces). f_i = E/(K T) count_i, P_i = mean_t s_{t,i}.
+  // Loss-Free Balancing replaces). f_i = E/(K T) count_i, P_i = mean_t s'_{t,i} with s' the
+  // softmax scores, or the sigmoid scores normalised over experts.
   float aux_alpha = 0.0f;
   double aux_loss = 0.0;          // value in the last forward
   Param* weight = nullptr;        // [E, hidden]

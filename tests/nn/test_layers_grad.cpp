@@ -198,6 +198,15 @@ TEST(GradCheck, MoEAuxLoss) {
   check_moe(tiny_config(), 15, 2.0f);
 }
 
+// With sigmoid scores the aux loss uses scores normalised over experts (DeepSeek-V3).
+TEST(GradCheck, MoEAuxLossSigmoidNormalised) {
+  ModelConfig c = tiny_config();
+  c.scoring_func = "sigmoid";
+  c.topk_method = "noaux_tc";
+  c.norm_topk_prob = true;
+  check_moe(c, 16, 2.0f);
+}
+
 TEST(GradCheck, MoESoftmaxNormTopk) {
   ModelConfig c = tiny_config();
   c.norm_topk_prob = true;
