@@ -170,6 +170,17 @@ Tensor Tensor::clone() const {
   return t;
 }
 
+Tensor Tensor::to_host() const {
+  return to_device(Device::CPU);
+}
+
+Tensor Tensor::to_device(Device device) const {
+  if (this->device() == device) return *this;
+  Tensor t = empty(shape_, dtype_, device);
+  t.copy_from(*this);
+  return t;
+}
+
 void Tensor::copy_from(const Tensor& src) {
   MOEKIT_CHECK(src.shape_ == shape_ && src.dtype_ == dtype_, "copy {} {} -> {} {}",
                dtype_name(src.dtype_), src.shape_.str(), dtype_name(dtype_), shape_.str());

@@ -85,6 +85,10 @@ class Tensor {
   // New CPU tensor of `dtype` with the values converted from this f32 tensor.
   Tensor to_dtype(DType dtype) const;
   Tensor clone() const;
+  // This tensor if it is in host memory, else a host copy (for small host-side steps).
+  Tensor to_host() const;
+  // A tensor on `device` with this one's values (this one if already there).
+  Tensor to_device(Device device) const;
   // Copies values from `src` (same shape and dtype, any device backed by the same backend).
   void copy_from(const Tensor& src);
   void fill(float value);

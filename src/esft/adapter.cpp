@@ -17,12 +17,7 @@ std::string base_fingerprint(const DeepSeekModel& model) {
   const std::string cfg = config_to_json(model.config()).dump();
   mix(cfg.data(), cfg.size());
   for (const char* name : {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"}) {
-    const Tensor& t = model.params().at(name).value;
-    Tensor host = t;
-    if (t.device() != Device::CPU) {
-      host = Tensor::empty(t.shape());
-      host.copy_from(t);
-    }
+    const Tensor host = model.params().at(name).value.to_host();
     mix(host.raw(), std::min<size_t>(host.nbytes(), 1 << 16));
   }
   return fmt::format("{:016x}", h);

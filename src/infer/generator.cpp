@@ -85,11 +85,7 @@ std::vector<int32_t> Generator::generate(const std::vector<int32_t>& prompt,
   std::vector<int32_t> out;
   Tensor logits = feed(prompt);
   for (int64_t i = 0; i < p.max_tokens; ++i) {
-    Tensor host = logits;
-    if (host.device() != Device::CPU) {
-      host = Tensor::empty(logits.shape());
-      host.copy_from(logits);
-    }
+    const Tensor host = logits.to_host();
     int32_t next = sample_token(host.f32(), host.dim(1), p, rng);
     if (std::find(p.stop_ids.begin(), p.stop_ids.end(), next) != p.stop_ids.end()) break;
     out.push_back(next);

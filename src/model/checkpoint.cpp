@@ -103,11 +103,7 @@ void save_model(const DeepSeekModel& model, const fs::path& dir, DType dtype) {
   std::vector<std::pair<std::string, Tensor>> out;
   const ModelConfig& c = model.config();
   for (auto& p : model.params().all()) {
-    Tensor host = p->value;
-    if (host.device() != Device::CPU) {
-      host = Tensor::empty(p->value.shape());
-      host.copy_from(p->value);
-    }
+    const Tensor host = p->value.to_host();
     // V2 has no balance bias tensor; write it only where the format has one or it was learned.
     if (p->buffer && c.topk_method != "noaux_tc") {
       bool all_zero = true;

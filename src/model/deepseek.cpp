@@ -68,11 +68,7 @@ Tensor DeepSeekModel::forward(const Tensor& ids, int64_t batch, int64_t seq) {
     rope_ = RopeTable::build(config_, seq, device_);
   Tensor positions = Tensor::empty({batch * seq}, DType::I32);
   for (int64_t i = 0; i < batch * seq; ++i) positions.i32()[i] = int32_t(i % seq);
-  if (device_ != Device::CPU) {
-    Tensor d = Tensor::empty(positions.shape(), DType::I32, device_);
-    d.copy_from(positions);
-    positions = d;
-  }
+  positions = positions.to_device(device_);
   const int64_t T = batch * seq;
   Tensor x = Tensor::empty({T, config_.hidden_size}, DType::F32, device_);
   be.embedding_forward(x, embed_tokens->value, ids);
@@ -119,13 +115,7 @@ float cross_entropy(Backend& be, const Tensor& logits, const Tensor& targets, Te
   const int64_t T = logits.dim(0);
   Tensor losses = Tensor::empty({T}, DType::F32, logits.device());
   be.cross_entropy_forward(losses, logits, targets);
-  Tensor lh = losses, th = targets;
-  if (logits.device() != Device::CPU) {
-    lh = Tensor::empty(losses.shape());
-    lh.copy_from(losses);
-    th = Tensor::empty(targets.shape(), DType::I32);
-    th.copy_from(targets);
-  }
+  const Tensor lh = losses.to_host(), th = targets.to_host();
   double sum = 0.0;
   int64_t valid = 0;
   for (int64_t t = 0; t < T; ++t)

@@ -5,23 +5,8 @@
 
 namespace moekit {
 
-namespace {
-Tensor to_host(const Tensor& t) {
-  if (t.device() == Device::CPU) return t;
-  Tensor h = Tensor::empty(t.shape(), t.dtype());
-  h.copy_from(t);
-  return h;
-}
-Tensor to_device(const Tensor& host, Device device) {
-  if (device == Device::CPU) return host;
-  Tensor d = Tensor::empty(host.shape(), host.dtype(), device);
-  d.copy_from(host);
-  return d;
-}
-}  // namespace
-
 DispatchPlan make_dispatch_plan(const Routing& r, int64_t n_experts) {
-  Tensor idx = to_host(r.topk_idx), w = to_host(r.topk_w);
+  Tensor idx = r.topk_idx.to_host(), w = r.topk_w.to_host();
   const int64_t N = idx.numel(), K = idx.dim(1);
   DispatchPlan plan;
   plan.expert_begin.assign(size_t(n_experts + 1), 0);
@@ -37,8 +22,8 @@ DispatchPlan make_dispatch_plan(const Routing& r, int64_t n_experts) {
     slot_weight.f32()[s] = w.f32()[i];
     plan.slot_pair[size_t(s)] = int32_t(i);
   }
-  plan.slot_token = to_device(slot_token, r.topk_idx.device());
-  plan.slot_weight = to_device(slot_weight, r.topk_idx.device());
+  plan.slot_token = slot_token.to_device(r.topk_idx.device());
+  plan.slot_weight = slot_weight.to_device(r.topk_idx.device());
   return plan;
 }
 
@@ -92,7 +77,7 @@ void MoE::backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate) {
   // Combine weights: dL/dw of slot s = dy[token(s)] . expert_out[s]; back to [T, K] order.
   Tensor dw_slot = Tensor::empty({N}, DType::F32, dev);
   be.row_dot(dw_slot, dy, plan.slot_token, saved.expert_out);
-  Tensor dw_host = to_host(dw_slot), dtopk = Tensor::empty({T, K});
+  Tensor dw_host = dw_slot.to_host(), dtopk = Tensor::empty({T, K});
   for (int64_t s = 0; s < N; ++s) dtopk.f32()[plan.slot_pair[size_t(s)]] = dw_host.f32()[s];
 
   // Unpermute's backward is a weighted gather; experts run backward on their row ranges.
@@ -110,7 +95,7 @@ void MoE::backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate) {
     be.fill(dx, 0.0f);
   }
   be.scatter_add_rows(dx, dxs, plan.slot_token, nullptr);
-  gate.backward(be, dx, to_device(dtopk, dev));
+  gate.backward(be, dx, dtopk.to_device(dev));
 }
 
 }  // namespace moekit

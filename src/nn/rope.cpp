@@ -51,15 +51,8 @@ RopeTable RopeTable::build(const ModelConfig& c, int64_t n_positions, Device dev
       sn.f32()[p * half + j] = std::sin(angle) * factor;
     }
   RopeTable t;
-  if (device == Device::CPU) {
-    t.cos = cs;
-    t.sin = sn;
-  } else {
-    t.cos = Tensor::empty(cs.shape(), DType::F32, device);
-    t.cos.copy_from(cs);
-    t.sin = Tensor::empty(sn.shape(), DType::F32, device);
-    t.sin.copy_from(sn);
-  }
+  t.cos = cs.to_device(device);
+  t.sin = sn.to_device(device);
   return t;
 }
 

@@ -38,13 +38,7 @@ void Router::compute_aux_loss(int64_t T) {
   // loss falls by lowering every sigmoid score at once, which does not move tokens between
   // experts at all.
   const int64_t E = p.n_experts, K = p.top_k;
-  Tensor idx = saved.routing.topk_idx, scores = saved.routing.scores;
-  if (idx.device() != Device::CPU) {
-    idx = Tensor::empty(idx.shape(), DType::I32);
-    idx.copy_from(saved.routing.topk_idx);
-    scores = Tensor::empty(scores.shape());
-    scores.copy_from(saved.routing.scores);
-  }
+  const Tensor idx = saved.routing.topk_idx.to_host(), scores = saved.routing.scores.to_host();
   const bool normalise = p.scoring == ScoringFunc::Sigmoid;
   std::vector<double> f(size_t(E), 0.0);
   for (int64_t i = 0; i < T * K; ++i) f[size_t(idx.i32()[i])] += double(E) / double(K * T);
@@ -64,12 +58,7 @@ void Router::compute_aux_loss(int64_t T) {
       d.f32()[t * E + e] = float(aux_alpha * g / double(T));
     }
   }
-  if (saved.x.device() == Device::CPU) {
-    saved.daux_scores = d;
-  } else {
-    saved.daux_scores = Tensor::empty(d.shape(), DType::F32, saved.x.device());
-    saved.daux_scores.copy_from(d);
-  }
+  saved.daux_scores = d.to_device(saved.x.device());
 }
 
 void Router::backward(Backend& be, Tensor& dx, const Tensor& dtopk_w) {

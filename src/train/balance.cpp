@@ -58,11 +58,7 @@ void loss_free_update(DeepSeekModel& model, const ExpertLoad& load, double rate)
     for (int64_t v : c) sum += v;
     const double mean = double(sum) / double(c.size());
     Tensor& b = l.moe->gate.balance_bias->value;
-    Tensor host = b;
-    if (b.device() != Device::CPU) {
-      host = Tensor::empty(b.shape());
-      host.copy_from(b);
-    }
+    Tensor host = b.to_host();
     for (size_t e = 0; e < c.size(); ++e) {
       double err = mean - double(c[e]);
       host.f32()[e] += float(rate * double((err > 0) - (err < 0)));
