@@ -39,8 +39,8 @@ void add_esft_commands(CLI::App& app) {
   ft->add_option("--method", fo->method, "esft | full")->capture_default_str();
   ft->add_option("--experts", (*fs_args)[2],
                  "expert config (from `esft select`) for --method esft");
-  ft->add_option("--out", (*fs_args)[3], "adapter directory (esft) or checkpoint directory (full)")
-      ->required();
+  ft->add_option("--out", (*fs_args)[3],
+                 "adapter (esft) or checkpoint (full) directory; default runs/finetune-METHOD");
   ft->add_option("--tokenizer", (*fs_args)[4], "tokenizer.json (default MODEL/tokenizer.json)");
   ft->add_option("--steps", fo->steps)->capture_default_str();
   ft->add_option("--seq", fo->seq, "packed sequence length")->capture_default_str();
@@ -52,7 +52,7 @@ void add_esft_commands(CLI::App& app) {
     fo->model = (*fs_args)[0];
     fo->data = (*fs_args)[1];
     fo->experts = (*fs_args)[2];
-    fo->out = (*fs_args)[3];
+    fo->out = (*fs_args)[3].empty() ? "runs/finetune-" + fo->method : (*fs_args)[3];
     fo->tokenizer = (*fs_args)[4];
     FinetuneResult r = finetune(*fo);
     fmt::print(

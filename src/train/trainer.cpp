@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -15,6 +16,7 @@
 #include "core/progress.h"
 #include "model/checkpoint.h"
 #include "model/summary.h"
+#include "tokenizer/bpe_trainer.h"
 #include "train/adamw.h"
 #include "train/data.h"
 #include "train/run_state.h"
@@ -85,7 +87,24 @@ Evaluation evaluate(DeepSeekModel& model, const WindowSampler& val, int64_t batc
 TrainResult train(const TrainOptions& opt) {
   if (!fs::is_directory(opt.data_dir))
     fail("{}: data directory not found (build one with scripts/corpus)", opt.data_dir.string());
-  const fs::path tok_path = opt.tokenizer.empty() ? opt.data_dir / "tokenizer.json" : opt.tokenizer;
+  fs::path tok_path = opt.tokenizer.empty() ? opt.data_dir / "tokenizer.json" : opt.tokenizer;
+  if (opt.tokenizer.empty() && !fs::exists(tok_path)) {
+    // No tokenizer beside the data: learn one from the training split, kept in the run.
+    tok_path = opt.out / "tokenizer.json";
+    if (!fs::exists(tok_path)) {
+      const fs::path train_file = opt.data_dir / "train.jsonl";
+      if (!fs::exists(train_file))
+        fail("{}: missing (the data directory needs train.jsonl and val.jsonl)",
+             train_file.string());
+      BpeTrainOptions bo;
+      bo.vocab_size = std::clamp<int64_t>(load_config(opt.config_file).vocab_size, 512, 65536);
+      fs::create_directories(opt.out);
+      if (!opt.quiet)
+        fmt::print("no {} given: training a {}-token tokenizer on {}\n", "--tokenizer",
+                   bo.vocab_size, train_file.string());
+      train_bpe(read_training_texts({train_file.string()}), bo, tok_path);
+    }
+  }
   TextEncoder enc = load_text_encoder(tok_path);
   ModelConfig cfg = load_config(opt.config_file);
   cfg.vocab_size = enc.vocab_size;  // the model's vocabulary is the tokenizer's
@@ -99,7 +118,8 @@ TrainResult train(const TrainOptions& opt) {
 
   RunDir run(opt.out);
   run.prepare(cfg, opt.resume);
-  fs::copy_file(tok_path, opt.out / "tokenizer.json", fs::copy_options::overwrite_existing);
+  if (tok_path != opt.out / "tokenizer.json")
+    fs::copy_file(tok_path, opt.out / "tokenizer.json", fs::copy_options::overwrite_existing);
 
   DeepSeekModel model(cfg);
   model.init_random(opt.seed);
