@@ -64,6 +64,7 @@ void add_esft_commands(CLI::App& app) {
 
   auto* esft = app.add_subcommand("esft", "Expert-Specialized Fine-Tuning tools");
   esft->require_subcommand(1);
+  add_esft_experiment_commands(esft);
 
   struct MergeArgs {
     std::string model, adapter, out;

@@ -14,5 +14,6 @@ void add_tokenizer_commands(CLI::App& app);  // tokenize, detokenize, tokenizer 
 void add_generate_commands(CLI::App& app);   // generate (cmd_generate.cpp)
 void add_demo_commands(CLI::App& app);       // demo: the main job (cmd_demo.cpp)
 void add_esft_commands(CLI::App& app);       // esft scores / select (cmd_esft.cpp)
+void add_esft_experiment_commands(CLI::App* esft);  // esft tasks / eval / experiment
 
 }  // namespace moekit::cli

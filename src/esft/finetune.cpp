@@ -111,27 +111,31 @@ double loss_on(DeepSeekModel& model, const Packed& p, int64_t first, int64_t cou
   return l;
 }
 
+// The run's figures beside its output, for the experiment table and for users' scripts.
+std::string result_json(const FinetuneOptions& opt, const FinetuneResult& r) {
+  json j = {{"method", opt.method},
+            {"steps", opt.steps},
+            {"tokens_per_step", opt.seq * opt.batch * opt.accumulation},
+            {"trainable_params", r.trainable_params},
+            {"total_params", r.total_params},
+            {"grad_bytes", r.grad_bytes},
+            {"optimizer_bytes", r.optimizer_bytes},
+            {"step_seconds", r.step_seconds},
+            {"first_loss", r.first_loss},
+            {"last_loss", r.last_loss},
+            {"val_loss", r.val_loss}};
+  return j.dump(2) + "\n";
+}
+
 }  // namespace
 
-FinetuneResult finetune(const FinetuneOptions& opt) {
-  if (opt.method != "esft" && opt.method != "full")
-    fail("--method must be esft or full, got \"{}\"", opt.method);
-  if (opt.method == "esft" && opt.experts.empty())
-    fail("--method esft needs --experts CONFIG.json");
-  auto model = load_model(opt.model);
-  const std::string fingerprint = base_fingerprint(*model);  // of the base, before any update
-  const fs::path tok_path = opt.tokenizer.empty() ? opt.model / "tokenizer.json" : opt.tokenizer;
-  Tokenizer tok = Tokenizer::load(tok_path);
-  ExpertConfig cfg;
-  if (opt.method == "esft") {
-    cfg = read_expert_config(opt.experts);
-    apply_expert_config(*model, cfg, opt.experts.string());
-  }
-  model->params().allocate_grads();
+FinetuneResult finetune_model(DeepSeekModel& model, const Tokenizer& tok,
+                              const FinetuneOptions& opt) {
+  model.params().allocate_grads();
   FinetuneResult res;
-  res.total_params = model->params().numel();
-  res.trainable_params = model->params().trainable_numel();
-  res.grad_bytes = model->params().grad_bytes();
+  res.total_params = model.params().numel();
+  res.trainable_params = model.params().trainable_numel();
+  res.grad_bytes = model.params().grad_bytes();
 
   std::mt19937_64 rng(opt.seed);
   std::vector<EsftSample> samples = read_samples(opt.data, tok);
@@ -153,20 +157,20 @@ FinetuneResult finetune(const FinetuneOptions& opt) {
   int64_t cursor = 0;
   auto t0 = std::chrono::steady_clock::now();
   for (int64_t step = 1; step <= opt.steps; ++step) {
-    model->params().zero_grads();
+    model.params().zero_grads();
     double loss = 0;
     for (int64_t a = 0; a < opt.accumulation; ++a) {
       const int64_t first = cursor % tr.n_seq, count = std::min(opt.batch, tr.n_seq - first);
       cursor += count;
       Tensor d;
-      loss += loss_on(*model, tr, first, count, opt.seq, &d) / double(opt.accumulation);
+      loss += loss_on(model, tr, first, count, opt.seq, &d) / double(opt.accumulation);
     }
     // The loss gradient of each micro-batch was averaged over its own tokens; average the sum.
     if (opt.accumulation > 1)
-      for (auto& p : model->params().all())
+      for (auto& p : model.params().all())
         if (p->grad.defined()) backend(Device::CPU).scale(p->grad, 1.0f / float(opt.accumulation));
-    clip_grad_norm(model->params(), opt.grad_clip);
-    adam.step(model->params(), opt.lr);
+    clip_grad_norm(model.params(), opt.grad_clip);
+    adam.step(model.params(), opt.lr);
     if (step == 1) res.first_loss = loss;
     res.last_loss = loss;
     if (step % opt.log_every == 0 || step == opt.steps)
@@ -176,7 +180,26 @@ FinetuneResult finetune(const FinetuneOptions& opt) {
                      double(opt.steps);
   res.optimizer_bytes = adam.state_bytes();
   for (int64_t i = 0; i < va.n_seq; ++i)
-    res.val_loss += loss_on(*model, va, i, 1, opt.seq, nullptr) / double(va.n_seq);
+    res.val_loss += loss_on(model, va, i, 1, opt.seq, nullptr) / double(va.n_seq);
+
+  return res;
+}
+
+FinetuneResult finetune(const FinetuneOptions& opt) {
+  if (opt.method != "esft" && opt.method != "full")
+    fail("--method must be esft or full, got \"{}\"", opt.method);
+  if (opt.method == "esft" && opt.experts.empty())
+    fail("--method esft needs --experts CONFIG.json");
+  auto model = load_model(opt.model);
+  const std::string fingerprint = base_fingerprint(*model);  // of the base, before any update
+  const fs::path tok_path = opt.tokenizer.empty() ? opt.model / "tokenizer.json" : opt.tokenizer;
+  Tokenizer tok = Tokenizer::load(tok_path);
+  ExpertConfig cfg;
+  if (opt.method == "esft") {
+    cfg = read_expert_config(opt.experts);
+    apply_expert_config(*model, cfg, opt.experts.string());
+  }
+  FinetuneResult res = finetune_model(*model, tok, opt);
 
   // Output: an adapter (trained tensors only) for ESFT, a full checkpoint otherwise.
   std::error_code ec;
@@ -194,6 +217,7 @@ FinetuneResult finetune(const FinetuneOptions& opt) {
     save_model(*model, opt.out);
   }
   fs::copy_file(tok_path, opt.out / "tokenizer.json", fs::copy_options::overwrite_existing);
+  write_file_atomic(opt.out / "finetune.json", result_json(opt, res));
   return res;
 }
 

@@ -12,6 +12,7 @@
 
 #include "esft/expert_config.h"
 #include "model/deepseek.h"
+#include "tokenizer/tokenizer.h"
 
 namespace moekit {
 
@@ -34,6 +35,13 @@ struct FinetuneResult {
 // (errors name `source`).
 void apply_expert_config(DeepSeekModel& model, const ExpertConfig& cfg, const std::string& source);
 
+// Loads the base, applies the method, trains and writes the adapter (esft) or checkpoint (full)
+// plus OUT/finetune.json with the run's figures.
 FinetuneResult finetune(const FinetuneOptions& opt);
+
+// The training loop alone, on a model whose trainable set is already chosen (tests use it to
+// compare every tensor before and after).
+FinetuneResult finetune_model(DeepSeekModel& model, const Tokenizer& tok,
+                              const FinetuneOptions& opt);
 
 }  // namespace moekit
