@@ -1,7 +1,9 @@
 // `moekit demo`: the main job on the embedded default. Builds the corpus if absent, trains a
 // byte-level BPE tokenizer on it, pretrains a small DeepSeekMoE (MLA, fine-grained routed +
 // shared experts, Loss-Free Balancing), prints validation perplexity and MaxVio, generates a
-// sample per domain and writes the HTML report. Re-running resumes from the run's checkpoints.
+// sample per domain and writes the HTML report, then specialises the model on one corpus task
+// with ESFT and full fine-tuning and prints the comparison. Re-running resumes the pretraining
+// from the run's checkpoints.
 #include <fmt/format.h>
 
 #include <chrono>
@@ -13,6 +15,7 @@
 
 #include "cli/commands.h"
 #include "core/error.h"
+#include "esft/experiment.h"
 #include "infer/generator.h"
 #include "model/checkpoint.h"
 #include "tokenizer/bpe_trainer.h"
@@ -29,6 +32,8 @@ namespace {
 struct DemoArgs {
   std::string corpus = "corpus", out = "runs/demo", source = MOEKIT_SOURCE_DIR;
   int64_t steps = 400, vocab = 4096, batch = 16, seq = 128;
+  std::string esft_task = "license";  // the ESFT step's task ("" skips it)
+  int64_t esft_steps = 100;
   uint64_t seed = 0;
 };
 
@@ -39,7 +44,7 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 void ensure_corpus(const DemoArgs& a) {
   if (fs::exists(fs::path(a.corpus) / "train.jsonl")) return;
   const fs::path script = fs::path(a.source) / "scripts/corpus";
-  fmt::print("[1/5] building the corpus with {} ...\n", script.string());
+  fmt::print("[1/6] building the corpus with {} ...\n", script.string());
   std::fflush(stdout);
   const std::string cmd = "bash '" + script.string() + "' '" + a.corpus + "'";
   if (std::system(cmd.c_str()) != 0) fail("{}: corpus build failed", script.string());
@@ -55,13 +60,30 @@ std::vector<std::string> corpus_texts(const fs::path& jsonl) {
   return texts;
 }
 
+// Specialises the pretrained model on one corpus task: routing -> expert selection ->
+// ESFT-token / ESFT-gate / full fine-tuning -> task accuracy and general retention.
+void run_esft_step(const DemoArgs& a, const fs::path& base) {
+  fmt::print("[5/6] ESFT on the {} task: route, select experts, fine-tune, evaluate\n",
+             a.esft_task);
+  std::fflush(stdout);
+  ExperimentOptions eo;
+  eo.model = base;
+  eo.corpus = a.corpus;
+  eo.out = fs::path(a.out) / "esft";
+  eo.tasks = {a.esft_task};
+  eo.steps = a.esft_steps;
+  ExperimentResult er = run_esft_experiment(eo);
+  fmt::print("\n{}\n      ESFT report (routing heatmaps): {}\n", comparison_table(er.tasks.front()),
+             (eo.out / "report.html").string());
+}
+
 void run_demo(const DemoArgs& a) {
   const auto t0 = std::chrono::steady_clock::now();
   ensure_corpus(a);
   fs::create_directories(a.out);
   const fs::path tok_path = fs::path(a.out) / "tokenizer.json";
   if (!fs::exists(tok_path)) {
-    fmt::print("[2/5] training a {}-token byte-level BPE tokenizer on {}/train.jsonl ...\n",
+    fmt::print("[2/6] training a {}-token byte-level BPE tokenizer on {}/train.jsonl ...\n",
                a.vocab, a.corpus);
     std::fflush(stdout);
     auto t = std::chrono::steady_clock::now();
@@ -72,7 +94,7 @@ void run_demo(const DemoArgs& a) {
   }
 
   fmt::print(
-      "[3/5] pretraining a DeepSeekMoE (configs/moekit-demo.json) with Loss-Free Balancing\n");
+      "[3/6] pretraining a DeepSeekMoE (configs/moekit-demo.json) with Loss-Free Balancing\n");
   TrainOptions o;
   o.config_file = fs::path(a.source) / "configs/moekit-demo.json";
   o.data_dir = a.corpus;
@@ -92,7 +114,7 @@ void run_demo(const DemoArgs& a) {
   TrainResult r = train(o);
 
   fmt::print(
-      "[4/5] validation: loss {:.3f}, perplexity {:.2f}; MaxVio global {:.3f}, per batch {:.3f}\n",
+      "[4/6] validation: loss {:.3f}, perplexity {:.2f}; MaxVio global {:.3f}, per batch {:.3f}\n",
       r.val_loss, std::exp(r.val_loss), r.val_maxvio_global, r.val_maxvio_batch);
   auto model = load_model(r.final_dir);
   Tokenizer tok = Tokenizer::load(tok_path);
@@ -116,7 +138,9 @@ void run_demo(const DemoArgs& a) {
   }
   const fs::path report = fs::path(a.out) / "report.html";
   build_run_report(o.out).write(report);
-  fmt::print("[5/5] report: {}  (total {:.0f} s)\n", report.string(), seconds_since(t0));
+  fmt::print("      training report: {}\n", report.string());
+  if (!a.esft_task.empty()) run_esft_step(a, r.final_dir);
+  fmt::print("[6/6] done in {:.0f} s\n", seconds_since(t0));
 }
 
 }  // namespace
@@ -133,6 +157,11 @@ void add_demo_commands(CLI::App& app) {
   cmd->add_option("--batch", a->batch, "sequences per step")->capture_default_str();
   cmd->add_option("--seq", a->seq, "sequence length")->capture_default_str();
   cmd->add_option("--seed", a->seed)->capture_default_str();
+  cmd->add_option("--esft-task", a->esft_task,
+                  "task of the ESFT step: translate, arithmetic, license (\"\" skips)")
+      ->capture_default_str();
+  cmd->add_option("--esft-steps", a->esft_steps, "fine-tuning steps per method")
+      ->capture_default_str();
   cmd->add_option("--source", a->source, "moekit source tree (configs/, scripts/)")
       ->capture_default_str();
   cmd->callback([a] { run_demo(*a); });

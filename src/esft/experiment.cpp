@@ -133,6 +133,8 @@ MethodResult run_method(const std::string& method, const fs::path& task_dir,
   m.step_seconds = fj["step_seconds"];
   m.tokens_per_s = double(fj["tokens_per_step"].get<int64_t>()) / m.step_seconds;
   m.train_loss = fj["last_loss"];
+  m.state_mib =
+      double(fj["grad_bytes"].get<int64_t>() + fj["optimizer_bytes"].get<int64_t>()) / 1048576.0;
 
   auto model = load_model(cfg ? base : out);
   if (cfg) {
@@ -208,6 +210,7 @@ json to_json(const ExperimentResult& r) {
                          {"step_seconds", m.step_seconds},
                          {"tokens_per_s", m.tokens_per_s},
                          {"peak_rss_mib", m.peak_rss_mib},
+                         {"grad_adamw_mib", m.state_mib},
                          {"adapter_mib", m.adapter_mib},
                          {"train_loss", m.train_loss}});
     json layers = json::array();
@@ -241,6 +244,7 @@ std::vector<std::vector<std::string>> table_rows(const TaskResult& t) {
                          : fmt_params(m.trainable_params) +
                                (m.experts ? fmt::format(" ({} experts)", m.experts) : ""),
                     base ? "-" : fmt::format("{:.0f} ms", 1000 * m.step_seconds),
+                    base ? "-" : fmt::format("{:.2f}", m.state_mib),
                     base ? "-" : fmt::format("{:.0f}", m.peak_rss_mib),
                     base ? "-" : fmt::format("{:.2f}", m.adapter_mib)});
   }
@@ -335,6 +339,9 @@ ExperimentResult run_esft_experiment(const ExperimentOptions& opt) {
       fail("--tasks: unknown task \"{}\" (translate, arithmetic, license)", name);
     tasks.push_back(*it);
   }
+  for (const auto& m : opt.methods)
+    if (m != "esft-token" && m != "esft-gate" && m != "full")
+      fail("--methods: unknown method \"{}\" (esft-token, esft-gate, full)", m);
   fs::create_directories(opt.out);
   const fs::path base = fs::absolute(opt.model);
   MethodResult base_general;

@@ -30,6 +30,7 @@ struct MethodResult {
   double accuracy = 0, general_loss = 0;
   int64_t correct = 0, total = 0, trainable_params = 0, experts = 0;
   double step_seconds = 0, tokens_per_s = 0, peak_rss_mib = 0, adapter_mib = 0, train_loss = 0;
+  double state_mib = 0;  // gradients + AdamW moments
   std::vector<std::pair<std::string, std::string>> samples;
 };
 

@@ -198,3 +198,35 @@ TEST(EsftExperiment, RunsEndToEndAndWritesTheComparison) {
 
 }  // namespace
 }  // namespace moekit
+
+namespace moekit {
+namespace {
+
+TEST(EsftExperiment, BadOptionsAreOneLineErrors) {
+  test::TempDir tmp;
+  const std::filesystem::path base = test::make_task_and_base(tmp.path(), 20, 0.2f);
+  make_corpus(tmp.path() / "corpus");
+  const std::string common = "esft experiment --model " + base.string() + " --corpus " +
+                             (tmp.path() / "corpus").string() + " --out " +
+                             (tmp.path() / "exp").string();
+  struct Case {
+    std::string args, message;
+  };
+  for (const Case& c : std::vector<Case>{
+           {" --tasks poetry", "unknown task \"poetry\""},
+           {" --token-p 0", "--token-p and --gate-p must be in (0, 1]"},
+           {" --gate-p 1.5", "--token-p and --gate-p must be in (0, 1]"},
+           {" --tasks license --methods lora --steps 1", "unknown method \"lora\""}}) {
+    auto r = test::run_moekit(common + c.args);
+    EXPECT_EQ(r.rc, 2) << c.args;
+    EXPECT_NE(r.err.find(c.message), std::string::npos) << c.args << ": " << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  }
+  auto r = test::run_moekit("esft eval --model " + base.string() + " --data " +
+                            (tmp.path() / "missing.jsonl").string());
+  EXPECT_EQ(r.rc, 2);
+  EXPECT_NE(r.err.find("missing.jsonl: cannot read file"), std::string::npos) << r.err;
+}
+
+}  // namespace
+}  // namespace moekit
