@@ -252,8 +252,8 @@ std::vector<std::vector<std::string>> table_rows(const TaskResult& t) {
 }
 
 const std::vector<std::string> kHeader = {"method",           "task exact match", "general val ppl",
-                                          "trainable params", "step time",        "peak RSS MiB",
-                                          "adapter MiB"};
+                                          "trainable params", "step time",        "grad+AdamW MiB",
+                                          "peak RSS MiB",     "adapter MiB"};
 
 void write_report(const ExperimentResult& r, const ExperimentOptions& opt) {
   HtmlReport rep("moekit ESFT experiment");

@@ -193,7 +193,18 @@ TEST(EsftExperiment, RunsEndToEndAndWritesTheComparison) {
        p = html.find("class=\"chart heatmap\"", p + 1))
     ++heatmaps;
   EXPECT_EQ(heatmaps, 2u);
-  EXPECT_NE(test::slurp(out / "results.md").find("| esft-gate |"), std::string::npos);
+  // Every row of the Markdown table has as many cells as its header.
+  const std::string md = test::slurp(out / "results.md");
+  EXPECT_NE(md.find("| esft-gate |"), std::string::npos);
+  std::istringstream lines(md);
+  std::string line;
+  long cells = -1;
+  while (std::getline(lines, line)) {
+    if (line.empty() || line[0] != '|') continue;
+    const long n = long(std::count(line.begin(), line.end(), '|'));
+    if (cells < 0) cells = n;
+    EXPECT_EQ(n, cells) << line;
+  }
 }
 
 }  // namespace
