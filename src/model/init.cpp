@@ -4,6 +4,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <nlohmann/json.hpp>
@@ -45,10 +46,6 @@ void normal_pair(uint64_t key, uint64_t p, double& z0, double& z1) {
   z1 = r * std::sin(t);
 }
 
-size_t out_size(DType d) {
-  return dtype_size(d);
-}
-
 std::string shard_name(size_t i, size_t n) {
   return n == 1 ? "model.safetensors" : fmt::format("model-{:05}-of-{:05}.safetensors", i + 1, n);
 }
@@ -59,7 +56,7 @@ std::vector<InitShard> split_shards(const std::vector<CheckpointTensor>& tensors
   std::vector<InitShard> shards;
   uint64_t used = 0;
   for (size_t i = 0; i < tensors.size(); ++i) {
-    const uint64_t n = uint64_t(tensors[i].shape.numel()) * out_size(dtype);
+    const uint64_t n = uint64_t(tensors[i].shape.numel()) * dtype_size(dtype);
     if (shards.empty() || (!shards.back().tensors.empty() && used + n > max_bytes)) {
       shards.emplace_back();
       used = 0;
@@ -77,7 +74,7 @@ void finish_shard(InitShard& s, size_t i, size_t n, const std::vector<Checkpoint
   uint64_t data = 0;
   for (size_t t : s.tensors) {
     slots.push_back({tensors[t].name, dtype, tensors[t].shape});
-    data += uint64_t(tensors[t].shape.numel()) * out_size(dtype);
+    data += uint64_t(tensors[t].shape.numel()) * dtype_size(dtype);
   }
   s.header = safetensors_header(slots, {{"format", "pt"}});
   s.bytes = s.header.size() + data;
@@ -103,7 +100,7 @@ void generate(const CheckpointTensor& t, uint64_t key, float std, int64_t begin,
 }
 
 void convert(const float* in, int64_t n, DType dtype, std::vector<unsigned char>& bytes) {
-  bytes.resize(size_t(n) * out_size(dtype));
+  bytes.resize(size_t(n) * dtype_size(dtype));
   if (dtype == DType::F32) {
     std::memcpy(bytes.data(), in, bytes.size());
     return;
@@ -225,7 +222,7 @@ InitPlan plan_init(const ModelConfig& config, const InitOptions& options) {
     finish_shard(p.shards[i], i, p.shards.size(), p.tensors, options.dtype);
   for (const auto& t : p.tensors) {
     if (t.init != TensorInit::Zeros) p.params += t.shape.numel();
-    p.data_bytes += uint64_t(t.shape.numel()) * out_size(options.dtype);
+    p.data_bytes += uint64_t(t.shape.numel()) * dtype_size(options.dtype);
   }
   if (p.shards.size() > 1) p.index_json = index_json(p);
   p.config_json = config_to_json(p.config).dump(2) + "\n";
