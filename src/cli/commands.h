@@ -7,6 +7,7 @@
 namespace moekit::cli {
 
 void add_model_commands(CLI::App& app);  // info, forward (cmd_model.cpp)
+void add_init_commands(CLI::App& app);   // init: random checkpoint of any size (cmd_init.cpp)
 void add_plan_commands(CLI::App& app);    // plan (cmd_plan.cpp)
 void add_report_commands(CLI::App& app);  // report (cmd_report.cpp)
 void add_train_commands(CLI::App& app);  // train (cmd_train.cpp)

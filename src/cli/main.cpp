@@ -16,6 +16,7 @@ int main(int argc, char** argv) {
   app.add_option("--threads", threads, "CPU threads for every command (0 = all cores)");
   app.parse_complete_callback([&threads] { moekit::set_num_threads(threads); });
   moekit::cli::add_model_commands(app);
+  moekit::cli::add_init_commands(app);
   moekit::cli::add_plan_commands(app);
   moekit::cli::add_report_commands(app);
   moekit::cli::add_train_commands(app);

@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <cstdio>
 
 namespace moekit {
@@ -18,6 +19,12 @@ static std::string fmt_seconds(double s) {
   int t = int(s + 0.5);
   return t >= 3600 ? fmt::format("{}h{:02}m", t / 3600, (t / 60) % 60)
                    : fmt::format("{}:{:02}", t / 60, t % 60);
+}
+
+// "steps/s" for a word counted one per step; symbols ("MiB") and scaled units stay as given.
+static std::string rate_unit(const std::string& unit, double units_per_step) {
+  const bool word = !unit.empty() && std::islower(static_cast<unsigned char>(unit[0]));
+  return units_per_step == 1.0 && word ? unit + "s" : unit;
 }
 
 void Progress::update(int64_t done, const std::string& note, double units_per_step) {
@@ -37,12 +44,11 @@ void Progress::update(int64_t done, const std::string& note, double units_per_st
     std::string bar(size_t(filled), '#');
     bar.resize(size_t(width), '.');
     fmt::print("\r{} [{}] {}/{} {:.2f} {}/s ETA {} {}\x1b[K", label_, bar, done, total_,
-               rate * units_per_step, units_per_step == 1.0 ? unit_ + "s" : unit_, fmt_seconds(eta),
-               note);
+               rate * units_per_step, rate_unit(unit_, units_per_step), fmt_seconds(eta), note);
     std::fflush(stdout);
   } else if (done == total_ || (plain_every_ > 0 && done % plain_every_ == 0)) {
     fmt::print("{} {}/{} ({:.2f} {}/s, ETA {}) {}\n", label_, done, total_, rate * units_per_step,
-               units_per_step == 1.0 ? unit_ + "s" : unit_, fmt_seconds(eta), note);
+               rate_unit(unit_, units_per_step), fmt_seconds(eta), note);
     std::fflush(stdout);
   }
 }

@@ -65,6 +65,23 @@ bool assign_from_fused(Param& p, const std::map<std::string, SafetensorsEntry>& 
 
 }  // namespace
 
+bool format_has_balance_bias(const ModelConfig& c) {
+  return c.topk_method == "noaux_tc";
+}
+
+std::vector<CheckpointTensor> checkpoint_layout(const ModelConfig& c) {
+  const DeepSeekModel layout(c, Device::CPU, /*allocate=*/false);
+  std::vector<CheckpointTensor> out;
+  for (const auto& p : layout.params().all()) {
+    if (p->buffer && !format_has_balance_bias(c)) continue;
+    const TensorInit init = p->buffer                          ? TensorInit::Zeros
+                            : p->name.ends_with("norm.weight") ? TensorInit::Ones
+                                                               : TensorInit::Normal;
+    out.push_back({p->name, p->shape, init});
+  }
+  return out;
+}
+
 void load_weights(DeepSeekModel& model, const std::map<std::string, SafetensorsEntry>& tensors,
                   const std::string& where) {
   std::set<std::string> used;
@@ -76,7 +93,7 @@ void load_weights(DeepSeekModel& model, const std::map<std::string, SafetensorsE
       used.insert(p->name);
     } else if (assign_from_fused(*p, tensors, used)) {
       // read from the fused layout
-    } else if (p->buffer && c.topk_method != "noaux_tc") {
+    } else if (p->buffer && !format_has_balance_bias(c)) {
       p->value.fill(0.0f);  // V2 checkpoints have no balance bias: it starts at zero
     } else {
       fail("{}: missing tensor {}", where, p->name);
@@ -105,7 +122,7 @@ void save_model(const DeepSeekModel& model, const fs::path& dir, DType dtype) {
   for (auto& p : model.params().all()) {
     const Tensor host = p->value.to_host();
     // V2 has no balance bias tensor; write it only where the format has one or it was learned.
-    if (p->buffer && c.topk_method != "noaux_tc") {
+    if (p->buffer && !format_has_balance_bias(c)) {
       bool all_zero = true;
       for (int64_t i = 0; i < host.numel() && all_zero; ++i) all_zero = host.f32()[i] == 0.0f;
       if (all_zero) continue;

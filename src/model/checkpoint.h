@@ -8,12 +8,32 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "core/atomic_file.h"
 #include "model/deepseek.h"
 #include "model/safetensors.h"
 
 namespace moekit {
+
+// How `moekit init` fills a tensor (transformers' _init_weights): N(0, initializer_range) for
+// weights, ones for RMSNorm weights, zeros for buffers (the balance bias).
+enum class TensorInit { Normal, Ones, Zeros };
+
+struct CheckpointTensor {
+  std::string name;
+  Shape shape;
+  TensorInit init = TensorInit::Normal;
+};
+
+// Whether the checkpoint format carries the routers' e_score_correction_bias (V3's noaux_tc);
+// V2 has none, and load_weights starts it at zero.
+bool format_has_balance_bias(const ModelConfig& c);
+
+// Every tensor a checkpoint of `c` holds, in model order, without allocating weights: the names
+// and shapes of DeepSeekModel's parameter table (the one load_weights checks against), minus the
+// balance bias where the format has none.
+std::vector<CheckpointTensor> checkpoint_layout(const ModelConfig& c);
 
 // Loads config and weights; every missing, extra, mis-shaped or unsupported tensor is an Error
 // naming the file and the tensor.

@@ -147,6 +147,12 @@ ModelConfig config_from_json(const json& j, const std::string& src) {
   if (!j.contains("model_type") || !j["model_type"].is_string())
     fail("{}: field \"model_type\": required field is missing", src);
   const std::string type = j["model_type"].get<std::string>();
+  if (type == "deepseek")
+    fail(
+        "{}: field \"model_type\": \"deepseek\" (DeepSeekMoE) is not supported: its multi-head "
+        "attention (q_proj/k_proj/v_proj) is not implemented; moekit reads deepseek_v2 and "
+        "deepseek_v3 (MLA)",
+        src);
   if (type != "deepseek_v2" && type != "deepseek_v3")
     fail(
         "{}: field \"model_type\": \"{}\" is not supported (moekit reads deepseek_v2 and "
@@ -163,6 +169,7 @@ ModelConfig config_from_json(const json& j, const std::string& src) {
   r.integer("num_key_value_heads", c.num_key_value_heads);
   r.integer("max_position_embeddings", c.max_position_embeddings);
   r.number("rms_norm_eps", c.rms_norm_eps, 0.0);
+  r.number("initializer_range", c.initializer_range, 0.0);
   r.string("hidden_act", c.hidden_act);
   r.boolean("tie_word_embeddings", c.tie_word_embeddings);
   r.boolean("attention_bias", c.attention_bias);
@@ -279,6 +286,7 @@ json config_to_json(const ModelConfig& c) {
   j["num_key_value_heads"] = c.num_key_value_heads;
   j["max_position_embeddings"] = c.max_position_embeddings;
   j["rms_norm_eps"] = c.rms_norm_eps;
+  j["initializer_range"] = c.initializer_range;
   j["hidden_act"] = c.hidden_act;
   j["tie_word_embeddings"] = c.tie_word_embeddings;
   j["attention_bias"] = c.attention_bias;

@@ -40,6 +40,7 @@ struct ModelConfig {
   int64_t bos_token_id = 100000;
   int64_t eos_token_id = 100001;
   std::string torch_dtype = "bfloat16";
+  double initializer_range = 0.02;  // std of the normal init (moekit init, transformers)
 
   // mla: Multi-head Latent Attention
   int64_t q_lora_rank = 0;  // 0 = no q compression (config null)

@@ -35,8 +35,8 @@ Tensor DecoderLayer::backward(Backend& be, const Tensor& dy, const RopeTable& ro
   return dh;
 }
 
-DeepSeekModel::DeepSeekModel(const ModelConfig& config, Device device)
-    : config_(config), device_(device) {
+DeepSeekModel::DeepSeekModel(const ModelConfig& config, Device device, bool allocate)
+    : config_(config), device_(device), params_(allocate) {
   validate(config_, "model config");
   const auto& c = config_;
   embed_tokens = params_.add("model.embed_tokens.weight", {c.vocab_size, c.hidden_size}, device);

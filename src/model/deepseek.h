@@ -33,7 +33,9 @@ struct DecoderLayer {
 
 class DeepSeekModel {
  public:
-  DeepSeekModel(const ModelConfig& config, Device device = Device::CPU);
+  // `allocate` false builds the layout only (params() names and shapes, no weights; forward and
+  // backward must not be called): the one enumeration of checkpoint tensors (checkpoint_layout).
+  DeepSeekModel(const ModelConfig& config, Device device = Device::CPU, bool allocate = true);
 
   const ModelConfig& config() const { return config_; }
   ParamTable& params() { return params_; }

@@ -183,31 +183,40 @@ std::map<std::string, SafetensorsEntry> load_checkpoint_tensors(const fs::path& 
   return all;
 }
 
+std::string safetensors_header(const std::vector<SafetensorsSlot>& slots,
+                               const std::map<std::string, std::string>& metadata) {
+  json h = json::object();
+  if (!metadata.empty()) h["__metadata__"] = metadata;
+  uint64_t off = 0;
+  for (const auto& s : slots) {
+    std::vector<int64_t> shape(s.shape.d.begin(), s.shape.d.begin() + s.shape.ndim);
+    const uint64_t n = uint64_t(s.shape.numel()) * dtype_size(s.dtype);
+    h[s.name] = {{"dtype", std::string(dtype_name(s.dtype))},
+                 {"shape", shape},
+                 {"data_offsets", {off, off + n}}};
+    off += n;
+  }
+  std::string header = h.dump();
+  header.append((8 - header.size() % 8) % 8, ' ');  // align the data to 8 bytes
+  std::string out(8, '\0');
+  const uint64_t n = header.size();
+  for (int i = 0; i < 8; ++i) out[size_t(i)] = char((n >> (8 * i)) & 0xff);
+  return out + header;
+}
+
 void save_safetensors(const fs::path& path,
                       const std::vector<std::pair<std::string, Tensor>>& tensors,
                       const std::map<std::string, std::string>& metadata) {
   std::vector<std::pair<std::string, Tensor>> sorted = tensors;
   std::sort(sorted.begin(), sorted.end(),
             [](const auto& a, const auto& b) { return a.first < b.first; });
-  json h = json::object();
-  if (!metadata.empty()) h["__metadata__"] = metadata;
-  uint64_t off = 0;
+  std::vector<SafetensorsSlot> slots;
   for (const auto& [name, t] : sorted) {
     MOEKIT_CHECK(t.device() == Device::CPU, "save_safetensors needs host tensors ({})", name);
-    std::vector<int64_t> shape;
-    for (int i = 0; i < t.ndim(); ++i) shape.push_back(t.dim(i));
-    h[name] = {{"dtype", std::string(dtype_name(t.dtype()))},
-               {"shape", shape},
-               {"data_offsets", {off, off + t.nbytes()}}};
-    off += t.nbytes();
+    slots.push_back({name, t.dtype(), t.shape()});
   }
-  std::string header = h.dump();
-  header.append((8 - header.size() % 8) % 8, ' ');  // align the data to 8 bytes
-  unsigned char len[8];
-  uint64_t n = header.size();
-  for (int i = 0; i < 8; ++i) len[i] = (unsigned char)((n >> (8 * i)) & 0xff);
+  const std::string header = safetensors_header(slots, metadata);
   AtomicFile out(path);  // streamed: no second copy of the weights in memory
-  out.write(len, 8);
   out.write(header.data(), header.size());
   for (const auto& [name, t] : sorted) out.write(t.raw(), t.nbytes());
   out.commit();

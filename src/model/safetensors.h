@@ -39,6 +39,18 @@ class SafetensorsFile {
 // model.safetensors.index.json. Duplicate names across shards are an error.
 std::map<std::string, SafetensorsEntry> load_checkpoint_tensors(const std::filesystem::path& dir);
 
+// One tensor's place in a file being written: its data follows the previous one's.
+struct SafetensorsSlot {
+  std::string name;
+  DType dtype;
+  Shape shape;
+};
+
+// Everything before the data of a file holding `slots` back to back in that order: the 8-byte
+// little-endian length and the JSON header, padded with spaces to a multiple of 8 bytes.
+std::string safetensors_header(const std::vector<SafetensorsSlot>& slots,
+                               const std::map<std::string, std::string>& metadata = {});
+
 // Writes tensors (CPU, any dtype) in name order; atomic replace of `path`.
 void save_safetensors(const std::filesystem::path& path,
                       const std::vector<std::pair<std::string, Tensor>>& tensors,

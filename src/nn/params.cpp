@@ -10,7 +10,8 @@ Param* ParamTable::add(const std::string& name, Shape shape, Device device, bool
   MOEKIT_CHECK(!index_.count(name), "parameter {} added twice", name);
   auto p = std::make_unique<Param>();
   p->name = name;
-  p->value = Tensor::zeros(shape, DType::F32, device);
+  p->shape = shape;
+  if (allocate_) p->value = Tensor::zeros(shape, DType::F32, device);
   p->buffer = buffer;
   p->trainable = !buffer;
   Param* raw = p.get();
@@ -51,14 +52,14 @@ void ParamTable::zero_grads() {
 int64_t ParamTable::numel() const {
   int64_t n = 0;
   for (auto& p : params_)
-    if (!p->buffer) n += p->value.numel();
+    if (!p->buffer) n += p->shape.numel();
   return n;
 }
 
 int64_t ParamTable::trainable_numel() const {
   int64_t n = 0;
   for (auto& p : params_)
-    if (p->trainable) n += p->value.numel();
+    if (p->trainable) n += p->shape.numel();
   return n;
 }
 

@@ -16,6 +16,7 @@ namespace moekit {
 
 struct Param {
   std::string name;  // checkpoint name, e.g. model.layers.3.mlp.experts.17.up_proj.weight
+  Shape shape;       // value's shape; also set in a layout-only table, where value is undefined
   Tensor value;      // fp32 on the model's device
   Tensor grad;       // defined only while trainable (same shape as value)
   bool trainable = true;
@@ -24,6 +25,9 @@ struct Param {
 
 class ParamTable {
  public:
+  // `allocate` false gives a layout-only table: names, shapes and buffer flags, no memory (for
+  // writers that stream a checkpoint tensor by tensor, model/init.h).
+  explicit ParamTable(bool allocate = true) : allocate_(allocate) {}
   Param* add(const std::string& name, Shape shape, Device device, bool buffer = false);
   Param* find(const std::string& name) const;
   Param& at(const std::string& name) const;  // Error naming the tensor if absent
@@ -40,6 +44,7 @@ class ParamTable {
   size_t grad_bytes() const;
 
  private:
+  bool allocate_ = true;
   std::vector<std::unique_ptr<Param>> params_;
   std::unordered_map<std::string, Param*> index_;
 };
