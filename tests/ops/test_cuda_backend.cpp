@@ -302,7 +302,7 @@ TEST_F(CudaBackendTest, CrossEntropyWithIgnoredTargets) {
 TEST_F(CudaBackendTest, GatherScatterRowDot) {
   const int64_t R = 41, C = 300, N = 157;  // N > R: destinations repeat
   Tensor x = randn({R, C}), rows = randint({N}, 0, int32_t(R)), w = randn({N});
-  for (const Tensor* wp : {static_cast<const Tensor*>(nullptr), &w}) {
+  for (const Tensor* wp : std::initializer_list<const Tensor*>{nullptr, &w}) {
     Tensor out = Tensor::empty({N, C}), gout = poisoned({N, C});
     Tensor gw = dev(w);
     cpu().gather_rows(out, x, rows, wp);

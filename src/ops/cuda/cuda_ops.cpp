@@ -13,6 +13,7 @@ namespace moekit {
 
 using cuda::check;
 using cuda::expect;
+using cuda::expect_all_f32;
 using cuda::expect_f32;
 using cuda::expect_numel;
 
@@ -83,10 +84,9 @@ void CudaBackend::swiglu_forward(Tensor& h, const Tensor& gate, const Tensor& up
 void CudaBackend::swiglu_backward(Tensor& dgate, Tensor& dup, const Tensor& dh, const Tensor& gate,
                                   const Tensor& up) {
   const char* op = "swiglu_backward";
-  for (const Tensor* t : {&dgate, &dup, &dh, &gate, &up}) {
-    expect_f32(*t, op, "operand");
+  expect_all_f32({&dgate, &dup, &dh, &gate, &up}, op);
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&dgate, &dup, &gate, &up})
     expect_numel(*t, dh.numel(), op, "operand");
-  }
   check(cuda::swiglu_backward(dgate.f32(), dup.f32(), dh.f32(), gate.f32(), up.f32(), dh.numel()),
         op);
 }
@@ -113,7 +113,7 @@ void CudaBackend::attention_forward(Tensor& out, Tensor& lse, const Tensor& q, c
                                     const Tensor& v, int64_t batch, int64_t seq, int64_t heads,
                                     float scale) {
   const char* op = "attention_forward";
-  for (const Tensor* t : {&out, &lse, &q, &k, &v}) expect_f32(*t, op, "operand");
+  expect_all_f32({&out, &lse, &q, &k, &v}, op);
   const int64_t n = batch * seq * heads;
   if (n == 0) return;
   cuda::AttentionShape s{batch, seq, heads, q.numel() / n, v.numel() / n, scale};
@@ -128,8 +128,7 @@ void CudaBackend::attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const T
                                      const Tensor& k, const Tensor& v, int64_t batch, int64_t seq,
                                      int64_t heads, float scale) {
   const char* op = "attention_backward";
-  for (const Tensor* t : {&dq, &dk, &dv, &dout, &out, &lse, &q, &k, &v})
-    expect_f32(*t, op, "operand");
+  expect_all_f32({&dq, &dk, &dv, &dout, &out, &lse, &q, &k, &v}, op);
   const int64_t n = batch * seq * heads;
   if (n == 0) return;
   cuda::AttentionShape s{batch, seq, heads, q.numel() / n, v.numel() / n, scale};
@@ -238,7 +237,7 @@ void CudaBackend::mla_split_kv(Tensor& k, Tensor& v, const Tensor& kv_b, const T
                                int64_t heads, int64_t dn, int64_t dr, int64_t dv) {
   const char* op = "mla_split_kv";
   const int64_t T = rows(kv_b);
-  for (const Tensor* t : {&k, &v, &kv_b, &k_rope}) expect_f32(*t, op, "operand");
+  expect_all_f32({&k, &v, &kv_b, &k_rope}, op);
   expect_numel(kv_b, T * heads * (dn + dv), op, "kv_b");
   expect_numel(k_rope, T * dr, op, "k_rope");
   expect_numel(k, T * heads * (dn + dr), op, "k");
@@ -251,7 +250,7 @@ void CudaBackend::mla_split_kv_backward(Tensor& dkv_b, Tensor& dk_rope, const Te
                                         int64_t dvd) {
   const char* op = "mla_split_kv_backward";
   const int64_t T = rows(dkv_b);
-  for (const Tensor* t : {&dkv_b, &dk_rope, &dk, &dv}) expect_f32(*t, op, "operand");
+  expect_all_f32({&dkv_b, &dk_rope, &dk, &dv}, op);
   expect_numel(dkv_b, T * heads * (dn + dvd), op, "dkv_b");
   expect_numel(dk_rope, T * dr, op, "dk_rope");
   expect_numel(dk, T * heads * (dn + dr), op, "dk");

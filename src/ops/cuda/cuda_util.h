@@ -4,6 +4,9 @@
 
 #include <cuda_runtime_api.h>
 
+#include <initializer_list>
+#include <string>
+
 #include "core/error.h"
 #include "core/tensor.h"
 #include "ops/cpu/cpu_util.h"
@@ -23,6 +26,13 @@ inline void expect(const Tensor& t, DType dtype, const char* op, const char* nam
 }
 inline void expect_f32(const Tensor& t, const char* op, const char* name) {
   expect(t, DType::F32, op, name);
+}
+inline void expect_all_f32(std::initializer_list<const Tensor*> ts, const char* op) {
+  int i = 0;
+  for (const Tensor* t : ts) {
+    const std::string name = "#" + std::to_string(i++);
+    expect(*t, DType::F32, op, name.c_str());
+  }
 }
 inline void expect_numel(const Tensor& t, int64_t n, const char* op, const char* name) {
   if (t.numel() != n)
