@@ -10,14 +10,21 @@
 //   while a wrong index, a missing term or a factor error shows up as O(1).
 // - bf16 GEMM, against the CPU GEMM of the same bf16-rounded inputs: 1e-5 as fp32 (a bf16 x bf16
 //   product is exact in fp32, accumulation is fp32). Against the unrounded fp32 inputs: each input
-//   carries a relative rounding error <= 2^-9, a product <= 2^-8; over K terms of random sign the
-//   error grows like sqrt(K) terms while max |c| grows at least like one term, so the bound is
-//   2^-8 * sqrt(K) (0.033 at K = 71), plus 2^-9 when the output itself is stored as bf16.
+//   carries a relative rounding error <= 2^-8 (bf16 keeps 8 significant bits), a product <= 2^-7;
+//   over K terms of random sign the error grows like sqrt(K) terms while max |c| grows at least
+//   like one term, so the bound is 2^-7 * sqrt(K) (0.066 at K = 71). A bf16 output adds its own
+//   rounding, <= 2^-8 of the element (so of max |c|).
+// - Degenerate cases where the exact result is 0 (attention's dq/dk at sequence length 1, where
+//   dS = dP - rowsum(dO * O) cancels) are checked in absolute terms: both sides hold rounding
+//   noise.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <functional>
+#include <initializer_list>
 #include <limits>
 #include <random>
 #include <string>
@@ -94,6 +101,17 @@ void expect_equal_i32(const Tensor& gpu_t, const Tensor& ref) {
   EXPECT_EQ(bad, 0) << "index mismatches";
 }
 
+double max_abs(const Tensor& t) {
+  Tensor h = t.to_host().to_f32();
+  double m = 0.0;
+  for (int64_t i = 0; i < h.numel(); ++i) {
+    const double x = std::abs(double(h.f32()[i]));
+    if (std::isnan(x)) return x;  // a NaN must not hide behind std::max
+    m = std::max(m, x);
+  }
+  return m;
+}
+
 bool bit_equal(const Tensor& a, const Tensor& b) {
   Tensor x = a.to_host(), y = b.to_host();
   return x.nbytes() == y.nbytes() && std::memcmp(x.raw(), y.raw(), x.nbytes()) == 0;
@@ -150,9 +168,9 @@ TEST_F(CudaBackendTest, MatmulBf16InputsFp32Accumulation) {
       cpu().matmul(loose, a, b, false, tb, 1.0f, 0.0f);                        // unrounded
       Tensor dc = poisoned({M, N}, out);
       gpu().matmul(dc, dev(a16), dev(b16), false, tb, 1.0f, 0.0f);
-      const double out_round = out == DType::BF16 ? std::ldexp(1.0, -9) : 0.0;
+      const double out_round = out == DType::BF16 ? std::ldexp(1.0, -8) : 0.0;
       EXPECT_CLOSE(dc, exact, kF32Tol + out_round);
-      EXPECT_CLOSE(dc, loose, std::ldexp(1.0, -8) * std::sqrt(double(K)) + out_round);
+      EXPECT_CLOSE(dc, loose, std::ldexp(1.0, -7) * std::sqrt(double(K)) + out_round);
     }
 }
 
@@ -189,7 +207,7 @@ TEST_F(CudaBackendTest, EmbeddingForwardBackward) {
 }
 
 TEST_F(CudaBackendTest, RmsNormForwardBackward) {
-  for (auto [T, C] : {std::pair<int64_t, int64_t>{67, 300}, {150, 33}, {1, 1}}) {
+  for (auto [T, C] : {std::pair<int64_t, int64_t>{67, 300}, {150, 33}, {1, 7}}) {
     Tensor x = randn({T, C}), w = randn({C}, 0.3f);
     for (int64_t i = 0; i < C; ++i) w.f32()[i] += 1.0f;
     Tensor out = Tensor::empty({T, C}), rstd = Tensor::empty({T});
@@ -274,10 +292,48 @@ TEST_F(CudaBackendTest, CausalAttentionForwardBackward) {
     cpu().attention_backward(dq, dk, dv, dout, out, lse, q, k, v, c.batch, c.seq, c.heads, scale);
     gpu().attention_backward(gdq, gdk, gdv, dev(dout), gout, glse, gq, gk, gv, c.batch, c.seq,
                              c.heads, scale);
-    EXPECT_CLOSE(gdq, dq, kF32Tol);
-    EXPECT_CLOSE(gdk, dk, kF32Tol);
+    if (c.seq == 1) {  // dq = dk = 0 exactly: compare absolute noise
+      EXPECT_LE(max_abs(gdq), 1e-5);
+      EXPECT_LE(max_abs(gdk), 1e-5);
+    } else {
+      EXPECT_CLOSE(gdq, dq, kF32Tol);
+      EXPECT_CLOSE(gdk, dk, kF32Tol);
+    }
     EXPECT_CLOSE(gdv, dv, kF32Tol);
   }
+}
+
+// Not a check of values: times the fused attention at a training-like MLA shape (seq 2048, 16
+// heads, q/k 192, v 128) so tools/cuda_check.sh reports a throughput; asserts only finite output.
+TEST_F(CudaBackendTest, AttentionThroughput) {
+  const int64_t B = 1, S = 2048, H = 16, DQK = 192, DV = 128;
+  const float scale = 1.0f / std::sqrt(float(DQK));
+  Tensor q = dev(randn({B * S, H, DQK})), k = dev(randn({B * S, H, DQK}));
+  Tensor v = dev(randn({B * S, H, DV})), dout = dev(randn({B * S, H, DV}));
+  Tensor out = poisoned({B * S, H, DV}), lse = poisoned({B, H, S});
+  Tensor dq = poisoned(q.shape()), dk = poisoned(k.shape()), dv = poisoned(v.shape());
+  auto sync = [&] { (void)lse.slice(0, 1).to_host(); };  // a device-to-host copy waits
+  auto time_ms = [&](const std::function<void()>& f) {
+    f();
+    sync();
+    const int reps = 5;
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < reps; ++i) f();
+    sync();
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0)
+               .count() /
+           reps;
+  };
+  const double fwd = time_ms([&] { gpu().attention_forward(out, lse, q, k, v, B, S, H, scale); });
+  const double bwd = time_ms(
+      [&] { gpu().attention_backward(dq, dk, dv, dout, out, lse, q, k, v, B, S, H, scale); });
+  // Causal FLOPs: forward 2 GEMMs over half the [S, S] scores; backward recomputes S and does 4.
+  const double half = double(B * H) * double(S) * double(S) / 2.0;
+  const double fwd_flop = 2.0 * half * double(DQK + DV);
+  const double bwd_flop = 2.0 * half * double(2 * DQK + 2 * DV + DQK + DV);
+  std::printf("    attention fwd %.3f ms (%.1f TFLOP/s), bwd %.3f ms (%.1f TFLOP/s)\n", fwd,
+              fwd_flop / fwd * 1e-9, bwd, bwd_flop / bwd * 1e-9);
+  EXPECT_TRUE(std::isfinite(max_abs(out)) && std::isfinite(max_abs(dq)));
 }
 
 TEST_F(CudaBackendTest, CrossEntropyWithIgnoredTargets) {
