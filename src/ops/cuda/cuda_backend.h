@@ -3,9 +3,10 @@
 // provides in moekit's layout. All work is queued on the legacy default stream, so kernels run in
 // call order and a host copy waits for the work before it. Results are deterministic: no kernel
 // accumulates floats with atomics (scatters go through a sorted plan, reductions use fixed trees).
-// Methods are spread over files like the CPU backend: cuda_backend.cu (device, memory, GEMM,
-// elementwise), cuda_norm.cu (RMSNorm, SwiGLU, RoPE, embedding, column copies, MLA split),
-// cuda_attention.cu, cuda_moe.cu (gate, dispatch/combine), cuda_loss.cu.
+// Host side (C++ compiler): cuda_backend.cpp (device, memory, GEMM, add/scale, index checks) and
+// cuda_ops.cpp (argument checks and launches of every other op). Kernels (nvcc), behind
+// kernels.h: cuda_elementwise.cu (fills, SwiGLU, RoPE, embedding, column copies, MLA split),
+// cuda_norm.cu, cuda_attention.cu, cuda_moe.cu (gate, dispatch/combine), cuda_loss.cu.
 #pragma once
 
 #include <cstddef>
