@@ -8,6 +8,8 @@
 #   MOEKIT_PREBUILT=DIR bash tools/cuda_check.sh  # no build: run DIR/moekit_tests (built
 #                                                 # elsewhere with CUDA; DIR/lib holds its
 #                                                 # non-system shared libraries)
+#   MOEKIT_SANITIZE=1 bash tools/cuda_check.sh    # then the tests under compute-sanitizer
+#                                                 # (memcheck, racecheck, synccheck)
 #
 # Needs nvcc, CMake >= 3.25 and moekit's build dependencies (scripts/setup) unless
 # MOEKIT_PREBUILT is set. Exit status: the test binary's (0 when every Cuda* test passed).
@@ -59,4 +61,16 @@ rc=${PIPESTATUS[0]}
 t4=$(now)
 log "tests: exit $rc in $(secs "$t3" "$t4") s"
 grep -E "^\[ +(OK|FAILED|SKIPPED) +\]" "$OUT/tests.log" | tee -a "$OUT/summary.txt"
+
+if [ "${MOEKIT_SANITIZE:-0}" = 1 ]; then
+  # The throughput test is left out: it only times, and the sanitizers slow kernels many-fold.
+  for tool in memcheck racecheck synccheck; do
+    t5=$(now)
+    compute-sanitizer --tool "$tool" --error-exitcode 9 "$TESTS" \
+      --gtest_filter='Cuda*:-*Throughput' >"$OUT/$tool.log" 2>&1
+    src=$?
+    log "$tool: exit $src in $(secs "$t5" "$(now)") s: $(grep -E 'SUMMARY' "$OUT/$tool.log")"
+    [ "$src" = 0 ] || rc=$src
+  done
+fi
 exit "$rc"
