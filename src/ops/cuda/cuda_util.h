@@ -13,6 +13,8 @@
 
 namespace moekit::cuda {
 
+// Launch functions return the launch status (a bad configuration); a fault inside a kernel
+// surfaces at the next synchronising call (a copy back to the host), which names its own op.
 inline void check(cudaError_t e, const char* op) {
   if (e != cudaSuccess) fail("CUDA {}: {} ({})", op, cudaGetErrorString(e), cudaGetErrorName(e));
 }
