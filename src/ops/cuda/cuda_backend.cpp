@@ -1,0 +1,258 @@
+// CUDA backend, host side part 1: device discovery, the caching allocator, copies and fills, GEMM
+// through cuBLAS (fp32, or bf16/bf16 inputs with fp32 accumulation), add/scale, index checks.
+// Compiled by the C++ compiler (fmt's compile-time format checks do not pass nvcc); the kernels
+// are behind ops/cuda/kernels.h.
+#include <cublas_v2.h>
+
+#include <bit>
+#include <cmath>
+#include <mutex>
+
+#include "ops/cuda/cuda_backend.h"
+#include "ops/cuda/cuda_util.h"
+#include "ops/cuda/kernels.h"
+
+namespace moekit {
+
+using cuda::check;
+
+Backend* cuda_backend() {
+  // Created once; never destroyed, so tensors released during static destruction still find it.
+  static CudaBackend* instance = []() -> CudaBackend* {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+      cudaGetLastError();  // clear the sticky "no device" status
+      return nullptr;
+    }
+    return new CudaBackend();
+  }();
+  return instance;
+}
+
+namespace {
+
+const char* cublas_name(cublasStatus_t s) {
+  switch (s) {
+    case CUBLAS_STATUS_NOT_INITIALIZED:
+      return "CUBLAS_STATUS_NOT_INITIALIZED";
+    case CUBLAS_STATUS_ALLOC_FAILED:
+      return "CUBLAS_STATUS_ALLOC_FAILED";
+    case CUBLAS_STATUS_INVALID_VALUE:
+      return "CUBLAS_STATUS_INVALID_VALUE";
+    case CUBLAS_STATUS_ARCH_MISMATCH:
+      return "CUBLAS_STATUS_ARCH_MISMATCH";
+    case CUBLAS_STATUS_EXECUTION_FAILED:
+      return "CUBLAS_STATUS_EXECUTION_FAILED";
+    case CUBLAS_STATUS_NOT_SUPPORTED:
+      return "CUBLAS_STATUS_NOT_SUPPORTED";
+    default:
+      return "cuBLAS error";
+  }
+}
+
+void check_cublas(cublasStatus_t s, const char* op) {
+  if (s != CUBLAS_STATUS_SUCCESS) fail("CUDA {}: {} ({})", op, cublas_name(s), int(s));
+}
+
+}  // namespace
+
+CudaBackend::CudaBackend() {
+  cublasHandle_t h = nullptr;
+  check_cublas(cublasCreate(&h), "cublasCreate");
+  // Default math: fp32 GEMMs stay fp32 (no TF32 unless NVIDIA_TF32_OVERRIDE=1 is set), bf16
+  // GEMMs use the tensor cores with fp32 accumulation.
+  check_cublas(cublasSetMathMode(h, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
+  cublas_ = h;
+}
+
+bool CudaBackend::supports(Op op, DType dtype) const {
+  return dtype == DType::F32 || (op == Op::Matmul && dtype == DType::BF16);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory
+
+size_t CudaAllocator::bucket(size_t bytes) {
+  // 512-byte granularity up to 1 MiB, then 2 MiB: reuse without wasting much on large tensors.
+  if (bytes <= (size_t(1) << 20)) return (bytes + 511) / 512 * 512;
+  return (bytes + (size_t(2) << 20) - 1) / (size_t(2) << 20) * (size_t(2) << 20);
+}
+
+void* CudaAllocator::get(size_t bytes) {
+  const size_t b = bucket(bytes);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = free_.find(b);
+    if (it != free_.end()) {
+      void* p = it->second;
+      free_.erase(it);
+      return p;
+    }
+  }
+  void* p = nullptr;
+  if (cudaMalloc(&p, b) != cudaSuccess) {
+    cudaGetLastError();
+    release_cached();
+    if (cudaMalloc(&p, b) != cudaSuccess) {
+      cudaGetLastError();
+      size_t free_bytes = 0, total = 0;
+      cudaMemGetInfo(&free_bytes, &total);
+      fail("CUDA allocate: out of GPU memory allocating {} bytes ({} of {} bytes free)", bytes,
+           free_bytes, total);
+    }
+  }
+  return p;
+}
+
+void CudaAllocator::put(void* p, size_t bytes) {
+  std::lock_guard<std::mutex> lock(mu_);
+  free_.emplace(bucket(bytes), p);
+}
+
+void CudaAllocator::release_cached() {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto& [b, p] : free_) cudaFree(p);
+  free_.clear();
+}
+
+std::shared_ptr<Storage> CudaBackend::allocate(size_t bytes) {
+  void* p = alloc_.get(bytes);
+  return std::make_shared<Storage>(p, bytes, Device::CUDA,
+                                   [this, bytes](void* q) { alloc_.put(q, bytes); });
+}
+
+Tensor CudaBackend::scratch(Shape shape, DType dtype) {
+  return Tensor::empty(shape, dtype, Device::CUDA);
+}
+
+void CudaBackend::copy(Tensor& dst, const Tensor& src) {
+  MOEKIT_CHECK(dst.nbytes() == src.nbytes(), "copy: {} vs {} bytes", dst.nbytes(), src.nbytes());
+  if (dst.nbytes() == 0) return;
+  // Unified addressing: the driver tells host from device pointers (either side may be host).
+  check(cudaMemcpy(dst.raw(), src.raw(), dst.nbytes(), cudaMemcpyDefault), "copy");
+}
+
+void CudaBackend::fill(Tensor& t, float value) {
+  if (t.defined() && t.device() != Device::CUDA) fail("CUDA fill: tensor is in host memory");
+  if (t.numel() == 0) return;
+  if (value == 0.0f && !std::signbit(value)) {
+    check(cudaMemsetAsync(t.raw(), 0, t.nbytes()), "fill");
+    return;
+  }
+  uint32_t bits = 0;
+  switch (t.dtype()) {
+    case DType::F32:
+      bits = std::bit_cast<uint32_t>(value);
+      break;
+    case DType::I32:
+      bits = uint32_t(int32_t(value));
+      break;
+    case DType::BF16:
+      bits = f32_to_bf16(value);
+      break;
+    case DType::F16:
+      bits = f32_to_f16(value);
+      break;
+  }
+  check(cuda::fill_bits(t.raw(), t.numel(), int(dtype_size(t.dtype())), bits), "fill");
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMM
+
+namespace {
+
+cudaDataType_t cuda_type(DType t) {
+  switch (t) {
+    case DType::F32:
+      return CUDA_R_32F;
+    case DType::BF16:
+      return CUDA_R_16BF;
+    case DType::F16:
+      return CUDA_R_16F;
+    case DType::I32:
+      break;
+  }
+  fail("CUDA matmul: unsupported dtype {}", dtype_name(t));
+}
+
+}  // namespace
+
+void CudaBackend::matmul(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b,
+                         float alpha, float beta) {
+  const int64_t M = rows(c), N = cols(c);
+  const int64_t K = trans_a ? rows(a) : cols(a);
+  MOEKIT_CHECK((trans_a ? cols(a) : rows(a)) == M, "matmul: a {} vs c {}", a.shape().str(),
+               c.shape().str());
+  MOEKIT_CHECK((trans_b ? rows(b) : cols(b)) == N && (trans_b ? cols(b) : rows(b)) == K,
+               "matmul: b {} vs a {} c {}", b.shape().str(), a.shape().str(), c.shape().str());
+  if (a.dtype() != b.dtype() || (a.dtype() != DType::F32 && a.dtype() != DType::BF16))
+    fail("CUDA matmul: inputs {} x {} (supported: F32 x F32, BF16 x BF16)", dtype_name(a.dtype()),
+         dtype_name(b.dtype()));
+  cuda::expect(a, a.dtype(), "matmul", "a");
+  cuda::expect(b, a.dtype(), "matmul", "b");
+  if (c.dtype() != DType::F32 && c.dtype() != DType::BF16)
+    fail("CUDA matmul: output {} (supported: F32, BF16)", dtype_name(c.dtype()));
+  cuda::expect(c, c.dtype(), "matmul", "c");
+  if (M == 0 || N == 0) return;
+  if (K == 0) {  // as the CPU backend: c = beta * c
+    if (beta == 0.0f)
+      fill(c, 0.0f);
+    else if (c.dtype() == DType::F32)
+      scale(c, beta);
+    else
+      fail("CUDA matmul: K = 0 with beta != 0 needs an F32 output");
+    return;
+  }
+  // cuBLAS is column-major: a row-major X[r, c] is a column-major X^T with leading dim c, so
+  // row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
+  const auto ta = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const auto tb = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+  check_cublas(cublasGemmEx(static_cast<cublasHandle_t>(cublas_), tb, ta, int(N), int(M), int(K),
+                            &alpha, b.raw(), cuda_type(b.dtype()), int(cols(b)), a.raw(),
+                            cuda_type(a.dtype()), int(cols(a)), &beta, c.raw(),
+                            cuda_type(c.dtype()), int(N), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+               "matmul (cublasGemmEx)");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise
+
+void CudaBackend::add(Tensor& y, const Tensor& x, float alpha) {
+  MOEKIT_CHECK(y.numel() == x.numel(), "add: {} vs {}", y.shape().str(), x.shape().str());
+  cuda::expect_f32(y, "add", "y");
+  cuda::expect_f32(x, "add", "x");
+  if (y.numel() == 0) return;
+  check(cuda::add(y.f32(), x.f32(), y.numel(), alpha), "add");
+}
+
+void CudaBackend::scale(Tensor& y, float alpha) {
+  cuda::expect_f32(y, "scale", "y");
+  if (y.numel() == 0) return;
+  check(cuda::scale(y.f32(), y.numel(), alpha), "scale");
+}
+
+namespace cuda {
+
+void check_indices(const Tensor& idx, int64_t limit, const char* op, const char* what,
+                   bool allow_negative) {
+  expect(idx, DType::I32, op, what);
+  const int64_t n = idx.numel();
+  if (n == 0) return;
+  Tensor slot = Tensor::empty({2}, DType::I32, Device::CUDA);  // one uint64: the first bad index
+  unsigned long long bad = (unsigned long long)n;
+  check(cudaMemcpy(slot.raw(), &bad, 8, cudaMemcpyHostToDevice), op);
+  check(cuda::first_out_of_range(idx.i32(), n, limit, allow_negative,
+                                 static_cast<unsigned long long*>(slot.raw())),
+        op);
+  check(cudaMemcpy(&bad, slot.raw(), 8, cudaMemcpyDeviceToHost), op);
+  if (bad < (unsigned long long)n) {
+    int32_t value = 0;
+    check(cudaMemcpy(&value, idx.i32() + bad, 4, cudaMemcpyDeviceToHost), op);
+    fail("{}: {} {} at position {} out of range [0, {})", op, what, value, bad, limit);
+  }
+}
+
+}  // namespace cuda
+
+}  // namespace moekit

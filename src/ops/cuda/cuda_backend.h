@@ -1,0 +1,97 @@
+// CudaBackend: the op set (ops/ops.h) on an NVIDIA GPU. cuBLAS does the GEMMs; every other op is a
+// kernel of ours, because each is a small fused pass (a norm, a gate, a gather) that no library
+// provides in moekit's layout. All work is queued on the legacy default stream, so kernels run in
+// call order and a host copy waits for the work before it. Results are deterministic: no kernel
+// accumulates floats with atomics (scatters go through a sorted plan, reductions use fixed trees).
+// Host side (C++ compiler): cuda_backend.cpp (device, memory, GEMM, add/scale, index checks) and
+// cuda_ops.cpp (argument checks and launches of every other op). Kernels (nvcc), behind
+// kernels.h: cuda_elementwise.cu (fills, SwiGLU, RoPE, embedding, column copies, MLA split),
+// cuda_norm.cu, cuda_attention.cu, cuda_moe.cu (gate, dispatch/combine), cuda_loss.cu.
+#pragma once
+
+#include <cstddef>
+#include <map>
+#include <memory>
+#include <mutex>
+
+#include "ops/ops.h"
+
+namespace moekit {
+
+// A size-bucketed cache of device blocks: cudaFree synchronises the whole device, and layers
+// allocate and drop activations every step. Blocks are reused only after their tensor is gone;
+// since all work is on one stream, a later kernel cannot overtake an earlier user of the block.
+class CudaAllocator {
+ public:
+  void* get(size_t bytes);
+  void put(void* p, size_t bytes);
+  void release_cached();  // frees every cached block (retry path when cudaMalloc fails)
+  static size_t bucket(size_t bytes);
+
+ private:
+  std::mutex mu_;
+  std::multimap<size_t, void*> free_;
+};
+
+class CudaBackend final : public Backend {
+ public:
+  CudaBackend();
+  Device device() const override { return Device::CUDA; }
+  bool supports(Op op, DType dtype) const override;
+
+  std::shared_ptr<Storage> allocate(size_t bytes) override;
+  void copy(Tensor& dst, const Tensor& src) override;
+  void fill(Tensor& t, float value) override;
+
+  void matmul(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, float alpha,
+              float beta) override;
+  void add(Tensor& y, const Tensor& x, float alpha) override;
+  void scale(Tensor& y, float alpha) override;
+  void embedding_forward(Tensor& out, const Tensor& table, const Tensor& ids) override;
+  void embedding_backward(Tensor& dtable, const Tensor& dout, const Tensor& ids) override;
+  void rmsnorm_forward(Tensor& out, Tensor& rstd, const Tensor& x, const Tensor& w,
+                       float eps) override;
+  void rmsnorm_backward(Tensor& dx, Tensor* dw, const Tensor& dout, const Tensor& x,
+                        const Tensor& w, const Tensor& rstd) override;
+  void swiglu_forward(Tensor& h, const Tensor& gate, const Tensor& up) override;
+  void swiglu_backward(Tensor& dgate, Tensor& dup, const Tensor& dh, const Tensor& gate,
+                       const Tensor& up) override;
+  void rope(Tensor& x, int64_t heads, int64_t head_stride, int64_t offset, int64_t rope_dim,
+            const Tensor& cos, const Tensor& sin, const Tensor& positions, bool inverse) override;
+  void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,
+                         const Tensor& v, int64_t batch, int64_t seq, int64_t heads,
+                         float scale) override;
+  void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& out,
+                          const Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
+                          int64_t batch, int64_t seq, int64_t heads, float scale) override;
+  void cross_entropy_forward(Tensor& losses, const Tensor& logits, const Tensor& targets) override;
+  void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& targets,
+                              float scale) override;
+  void gather_rows(Tensor& out, const Tensor& x, const Tensor& rows,
+                   const Tensor* weights) override;
+  void scatter_add_rows(Tensor& out, const Tensor& x, const Tensor& rows,
+                        const Tensor* weights) override;
+  void row_dot(Tensor& out, const Tensor& a, const Tensor& rows, const Tensor& b) override;
+  void copy_columns(Tensor& dst, int64_t dst_col, const Tensor& src, int64_t src_col, int64_t n,
+                    bool accumulate) override;
+  void mla_split_kv(Tensor& k, Tensor& v, const Tensor& kv_b, const Tensor& k_rope, int64_t heads,
+                    int64_t dn, int64_t dr, int64_t dv) override;
+  void mla_split_kv_backward(Tensor& dkv_b, Tensor& dk_rope, const Tensor& dk, const Tensor& dv,
+                             int64_t heads, int64_t dn, int64_t dr, int64_t dvd) override;
+  void moe_gate_forward(Tensor& topk_idx, Tensor& topk_w, Tensor& scores, const Tensor& logits,
+                        const Tensor& bias, const GateParams& p) override;
+  void moe_gate_backward(Tensor& dlogits, const Tensor& dtopk_w, const Tensor& topk_idx,
+                         const Tensor& scores, const Tensor& dscores, const GateParams& p) override;
+
+  // Scratch device memory from the caching allocator, released when the tensor goes.
+  Tensor scratch(Shape shape, DType dtype);
+
+ private:
+  void* cublas_ = nullptr;  // cublasHandle_t, kept opaque so this header needs no CUDA include
+  CudaAllocator alloc_;
+};
+
+// The process-wide CUDA backend; null when no GPU is visible (or the driver reports an error).
+Backend* cuda_backend();
+
+}  // namespace moekit

@@ -1,0 +1,123 @@
+// CUDA kernels, part 1: fills, axpy/scale, SwiGLU, RoPE, embedding lookup, column copies and the
+// MLA k/v split. Each is one pass over memory written as a lambda over the output elements
+// (device_util.cuh's for_each): moekit's layouts ([T, heads, stride] views, interleaved rope
+// pairs, per-head [k_nope | v] blocks) match no library routine, and one fused pass is the
+// fastest way to do a memory-bound op.
+#include "ops/cuda/device_util.cuh"
+#include "ops/cuda/kernels.h"
+
+namespace moekit::cuda {
+
+namespace {
+
+template <typename T>
+cudaError_t fill_as(void* p, int64_t n, T value) {
+  T* q = static_cast<T*>(p);
+  return for_each(n, [=] __device__(int64_t i) { q[i] = value; });
+}
+
+}  // namespace
+
+cudaError_t fill_bits(void* p, int64_t n, int elem_bytes, uint32_t bits) {
+  if (elem_bytes == 4) return fill_as<uint32_t>(p, n, bits);
+  if (elem_bytes == 2) return fill_as<uint16_t>(p, n, uint16_t(bits));
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t add(float* y, const float* x, int64_t n, float alpha) {
+  return for_each(n, [=] __device__(int64_t i) { y[i] += alpha * x[i]; });
+}
+
+cudaError_t scale(float* y, int64_t n, float alpha) {
+  return for_each(n, [=] __device__(int64_t i) { y[i] *= alpha; });
+}
+
+cudaError_t first_out_of_range(const int32_t* idx, int64_t n, int64_t limit, bool allow_negative,
+                               unsigned long long* first) {
+  // atomicMin on an index (not a float sum): the result is the same whatever the order.
+  return for_each(n, [=] __device__(int64_t i) {
+    if ((idx[i] < 0 && !allow_negative) || idx[i] >= limit) atomicMin(first, (unsigned long long)i);
+  });
+}
+
+cudaError_t swiglu_forward(float* h, const float* gate, const float* up, int64_t n) {
+  return for_each(n, [=] __device__(int64_t i) {
+    const float g = gate[i];
+    h[i] = g / (1.0f + expf(-g)) * up[i];
+  });
+}
+
+cudaError_t swiglu_backward(float* dgate, float* dup, const float* dh, const float* gate,
+                            const float* up, int64_t n) {
+  return for_each(n, [=] __device__(int64_t i) {
+    const float g = gate[i], s = 1.0f / (1.0f + expf(-g)), d = dh[i];
+    dup[i] = d * g * s;
+    dgate[i] = d * up[i] * s * (1.0f + g * (1.0f - s));
+  });
+}
+
+cudaError_t rope(float* x, int64_t tokens, int64_t heads, int64_t head_stride, int64_t offset,
+                 int64_t half, const float* cos, const float* sin, const int32_t* positions,
+                 bool inverse) {
+  const float sign = inverse ? -1.0f : 1.0f;
+  return for_each(tokens * heads * half, [=] __device__(int64_t e) {
+    const int64_t j = e % half, th = e / half, t = th / heads;
+    const int64_t pos = positions[t];
+    float* p = x + th * head_stride + offset + 2 * j;
+    const float a = p[0], b = p[1], c = cos[pos * half + j], s = sign * sin[pos * half + j];
+    p[0] = a * c - b * s;
+    p[1] = b * c + a * s;
+  });
+}
+
+cudaError_t copy_columns(float* dst, int64_t dst_ld, const float* src, int64_t src_ld, int64_t rows,
+                         int64_t n, bool accumulate) {
+  return for_each(rows * n, [=] __device__(int64_t e) {
+    const int64_t r = e / n, c = e % n;
+    const float v = src[r * src_ld + c];
+    float& d = dst[r * dst_ld + c];
+    d = accumulate ? d + v : v;
+  });
+}
+
+cudaError_t mla_split_kv(float* k, float* v, const float* kv_b, const float* k_rope, int64_t tokens,
+                         int64_t heads, int64_t dn, int64_t dr, int64_t dv) {
+  const int64_t dk = dn + dr;
+  cudaError_t e = for_each(tokens * heads * dk, [=] __device__(int64_t i) {
+    const int64_t j = i % dk, th = i / dk;
+    k[i] = j < dn ? kv_b[th * (dn + dv) + j] : k_rope[(th / heads) * dr + (j - dn)];
+  });
+  if (e != cudaSuccess) return e;
+  return for_each(tokens * heads * dv, [=] __device__(int64_t i) {
+    const int64_t j = i % dv, th = i / dv;
+    v[i] = kv_b[th * (dn + dv) + dn + j];
+  });
+}
+
+cudaError_t mla_split_kv_backward(float* dkv_b, float* dk_rope, const float* dk, const float* dv,
+                                  int64_t tokens, int64_t heads, int64_t dn, int64_t dr,
+                                  int64_t dvd) {
+  const int64_t w = dn + dvd, dkw = dn + dr;
+  cudaError_t e = for_each(tokens * heads * w, [=] __device__(int64_t i) {
+    const int64_t j = i % w, th = i / w;
+    dkv_b[i] = j < dn ? dk[th * dkw + j] : dv[th * dvd + (j - dn)];
+  });
+  if (e != cudaSuccess) return e;
+  // The shared rope key gets the sum over heads, in head order (as the CPU backend).
+  return for_each(tokens * dr, [=] __device__(int64_t i) {
+    const int64_t t = i / dr, j = i % dr;
+    float s = 0.0f;
+    for (int64_t h = 0; h < heads; ++h) s += dk[(t * heads + h) * dkw + dn + j];
+    dk_rope[i] = s;
+  });
+}
+
+cudaError_t embedding_forward(float* out, const float* table, const int32_t* ids, int64_t tokens,
+                              int64_t dim) {
+  return for_each(tokens * dim, [=] __device__(int64_t e) {
+    const int64_t t = e / dim, c = e % dim;
+    out[e] = table[int64_t(ids[t]) * dim + c];
+  });
+}
+
+}  // namespace moekit::cuda

@@ -1,0 +1,323 @@
+// CUDA backend, host side part 2: every op besides memory and GEMM. Each method checks its
+// tensors (on the GPU, right dtype and size), then calls the kernel's launch function
+// (ops/cuda/kernels.h) and turns a failed launch into an Error naming the op. Index tensors that
+// a kernel would dereference (token ids, positions, scatter rows) are range-checked first, since
+// a kernel cannot throw.
+#include <algorithm>
+
+#include "ops/cuda/cuda_backend.h"
+#include "ops/cuda/cuda_util.h"
+#include "ops/cuda/kernels.h"
+
+namespace moekit {
+
+using cuda::check;
+using cuda::expect;
+using cuda::expect_all_f32;
+using cuda::expect_f32;
+using cuda::expect_numel;
+
+void CudaBackend::embedding_forward(Tensor& out, const Tensor& table, const Tensor& ids) {
+  const int64_t T = ids.numel(), C = cols(table), V = rows(table);
+  expect_f32(out, "embedding_forward", "out");
+  expect_f32(table, "embedding_forward", "table");
+  expect_numel(out, T * C, "embedding_forward", "out");
+  cuda::check_indices(ids, V, "embedding_forward", "token id");
+  check(cuda::embedding_forward(out.f32(), table.f32(), ids.i32(), T, C), "embedding_forward");
+}
+
+void CudaBackend::embedding_backward(Tensor& dtable, const Tensor& dout, const Tensor& ids) {
+  // dtable[ids[t]] += dout[t]: a repeated id is a scatter-add onto one row, in token order.
+  expect_f32(dtable, "embedding_backward", "dtable");
+  expect_f32(dout, "embedding_backward", "dout");
+  expect_numel(dout, ids.numel() * cols(dtable), "embedding_backward", "dout");
+  Tensor flat = dout.reshape({ids.numel(), cols(dtable)});
+  scatter_add_rows(dtable, flat, ids, nullptr);
+}
+
+void CudaBackend::rmsnorm_forward(Tensor& out, Tensor& rstd, const Tensor& x, const Tensor& w,
+                                  float eps) {
+  const int64_t T = rows(x), C = cols(x);
+  expect_f32(out, "rmsnorm_forward", "out");
+  expect_f32(rstd, "rmsnorm_forward", "rstd");
+  expect_f32(x, "rmsnorm_forward", "x");
+  expect_f32(w, "rmsnorm_forward", "w");
+  expect_numel(out, T * C, "rmsnorm_forward", "out");
+  expect_numel(rstd, T, "rmsnorm_forward", "rstd");
+  expect_numel(w, C, "rmsnorm_forward", "w");
+  check(cuda::rmsnorm_forward(out.f32(), rstd.f32(), x.f32(), w.f32(), T, C, eps),
+        "rmsnorm_forward");
+}
+
+void CudaBackend::rmsnorm_backward(Tensor& dx, Tensor* dw, const Tensor& dout, const Tensor& x,
+                                   const Tensor& w, const Tensor& rstd) {
+  const int64_t T = rows(x), C = cols(x);
+  const char* op = "rmsnorm_backward";
+  expect_f32(dx, op, "dx");
+  expect_f32(dout, op, "dout");
+  expect_f32(x, op, "x");
+  expect_f32(w, op, "w");
+  expect_f32(rstd, op, "rstd");
+  expect_numel(dx, T * C, op, "dx");
+  expect_numel(dout, T * C, op, "dout");
+  check(cuda::rmsnorm_backward_dx(dx.f32(), dout.f32(), x.f32(), w.f32(), rstd.f32(), T, C), op);
+  if (dw && dw->defined()) {
+    expect_f32(*dw, op, "dw");
+    expect_numel(*dw, C, op, "dw");
+    Tensor partial = scratch({std::max<int64_t>(1, cuda::rmsnorm_dw_chunks(T)), C}, DType::F32);
+    check(
+        cuda::rmsnorm_backward_dw(dw->f32(), partial.f32(), dout.f32(), x.f32(), rstd.f32(), T, C),
+        op);
+  }
+}
+
+void CudaBackend::swiglu_forward(Tensor& h, const Tensor& gate, const Tensor& up) {
+  const char* op = "swiglu_forward";
+  expect_f32(h, op, "h");
+  expect_f32(gate, op, "gate");
+  expect_f32(up, op, "up");
+  expect_numel(gate, h.numel(), op, "gate");
+  expect_numel(up, h.numel(), op, "up");
+  check(cuda::swiglu_forward(h.f32(), gate.f32(), up.f32(), h.numel()), op);
+}
+
+void CudaBackend::swiglu_backward(Tensor& dgate, Tensor& dup, const Tensor& dh, const Tensor& gate,
+                                  const Tensor& up) {
+  const char* op = "swiglu_backward";
+  expect_all_f32({&dgate, &dup, &dh, &gate, &up}, op);
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&dgate, &dup, &gate, &up})
+    expect_numel(*t, dh.numel(), op, "operand");
+  check(cuda::swiglu_backward(dgate.f32(), dup.f32(), dh.f32(), gate.f32(), up.f32(), dh.numel()),
+        op);
+}
+
+void CudaBackend::rope(Tensor& x, int64_t heads, int64_t head_stride, int64_t offset,
+                       int64_t rope_dim, const Tensor& cos, const Tensor& sin,
+                       const Tensor& positions, bool inverse) {
+  const char* op = "rope";
+  const int64_t T = positions.numel(), half = rope_dim / 2;
+  expect_f32(x, op, "x");
+  expect_f32(cos, op, "cos");
+  expect_f32(sin, op, "sin");
+  expect_numel(x, T * heads * head_stride, op, "x");
+  MOEKIT_CHECK(offset + rope_dim <= head_stride && cols(cos) == half && cols(sin) == half,
+               "rope: offset {} + rope_dim {} vs head_stride {}, table {}", offset, rope_dim,
+               head_stride, cos.shape().str());
+  cuda::check_indices(positions, rows(cos), op, "position");
+  check(cuda::rope(x.f32(), T, heads, head_stride, offset, half, cos.f32(), sin.f32(),
+                   positions.i32(), inverse),
+        op);
+}
+
+void CudaBackend::attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,
+                                    const Tensor& v, int64_t batch, int64_t seq, int64_t heads,
+                                    float scale) {
+  const char* op = "attention_forward";
+  expect_all_f32({&out, &lse, &q, &k, &v}, op);
+  const int64_t n = batch * seq * heads;
+  if (n == 0) return;
+  cuda::AttentionShape s{batch, seq, heads, q.numel() / n, v.numel() / n, scale};
+  expect_numel(k, q.numel(), op, "k");
+  expect_numel(out, v.numel(), op, "out");
+  expect_numel(lse, n, op, "lse");
+  check(cuda::attention_forward(out.f32(), lse.f32(), q.f32(), k.f32(), v.f32(), s), op);
+}
+
+void CudaBackend::attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout,
+                                     const Tensor& out, const Tensor& lse, const Tensor& q,
+                                     const Tensor& k, const Tensor& v, int64_t batch, int64_t seq,
+                                     int64_t heads, float scale) {
+  const char* op = "attention_backward";
+  expect_all_f32({&dq, &dk, &dv, &dout, &out, &lse, &q, &k, &v}, op);
+  const int64_t n = batch * seq * heads;
+  if (n == 0) return;
+  cuda::AttentionShape s{batch, seq, heads, q.numel() / n, v.numel() / n, scale};
+  expect_numel(dq, q.numel(), op, "dq");
+  expect_numel(dk, q.numel(), op, "dk");
+  expect_numel(dv, v.numel(), op, "dv");
+  Tensor delta = scratch({n}, DType::F32);
+  check(cuda::attention_backward(dq.f32(), dk.f32(), dv.f32(), delta.f32(), dout.f32(), out.f32(),
+                                 lse.f32(), q.f32(), k.f32(), v.f32(), s),
+        op);
+}
+
+void CudaBackend::cross_entropy_forward(Tensor& losses, const Tensor& logits,
+                                        const Tensor& targets) {
+  const char* op = "cross_entropy_forward";
+  const int64_t T = rows(logits), V = cols(logits);
+  expect_f32(losses, op, "losses");
+  expect_f32(logits, op, "logits");
+  expect(targets, DType::I32, op, "targets");
+  expect_numel(losses, T, op, "losses");
+  expect_numel(targets, T, op, "targets");
+  cuda::check_indices(targets, V, op, "target", /*allow_negative=*/true);
+  check(cuda::cross_entropy_forward(losses.f32(), logits.f32(), targets.i32(), T, V), op);
+}
+
+void CudaBackend::cross_entropy_backward(Tensor& dlogits, const Tensor& logits,
+                                         const Tensor& targets, float scale) {
+  const char* op = "cross_entropy_backward";
+  const int64_t T = rows(logits), V = cols(logits);
+  expect_f32(dlogits, op, "dlogits");
+  expect_f32(logits, op, "logits");
+  expect(targets, DType::I32, op, "targets");
+  expect_numel(dlogits, T * V, op, "dlogits");
+  expect_numel(targets, T, op, "targets");
+  cuda::check_indices(targets, V, op, "target", /*allow_negative=*/true);
+  check(cuda::cross_entropy_backward(dlogits.f32(), logits.f32(), targets.i32(), T, V, scale), op);
+}
+
+void CudaBackend::gather_rows(Tensor& out, const Tensor& x, const Tensor& rows_,
+                              const Tensor* weights) {
+  const char* op = "gather_rows";
+  const int64_t N = rows_.numel(), C = cols(x);
+  expect_f32(out, op, "out");
+  expect_f32(x, op, "x");
+  expect_numel(out, N * C, op, "out");
+  if (weights) {
+    expect_f32(*weights, op, "weights");
+    expect_numel(*weights, N, op, "weights");
+  }
+  cuda::check_indices(rows_, rows(x), op, "row");
+  check(
+      cuda::gather_rows(out.f32(), x.f32(), rows_.i32(), weights ? weights->f32() : nullptr, N, C),
+      op);
+}
+
+void CudaBackend::scatter_add_rows(Tensor& out, const Tensor& x, const Tensor& rows_,
+                                   const Tensor* weights) {
+  const char* op = "scatter_add_rows";
+  const int64_t N = rows_.numel(), C = cols(out), R = rows(out);
+  expect_f32(out, op, "out");
+  expect_f32(x, op, "x");
+  expect_numel(x, N * C, op, "x");
+  if (weights) {
+    expect_f32(*weights, op, "weights");
+    expect_numel(*weights, N, op, "weights");
+  }
+  if (N == 0) return;
+  cuda::check_indices(rows_, R, op, "row");
+  // The plan: positions stably sorted by destination row, so each row adds its sources in order.
+  const size_t temp_bytes = cuda::row_plan_temp_bytes(N, R);
+  Tensor temp = scratch({int64_t((temp_bytes + 3) / 4) + 1}, DType::I32);
+  Tensor sorted = scratch({N}, DType::I32), iota = scratch({N}, DType::I32),
+         order = scratch({N}, DType::I32);
+  check(cuda::row_plan(temp.raw(), temp_bytes, rows_.i32(), sorted.i32(), iota.i32(), order.i32(),
+                       N, R),
+        op);
+  check(cuda::scatter_add_planned(out.f32(), x.f32(), weights ? weights->f32() : nullptr,
+                                  sorted.i32(), order.i32(), N, C),
+        op);
+}
+
+void CudaBackend::row_dot(Tensor& out, const Tensor& a, const Tensor& rows_, const Tensor& b) {
+  const char* op = "row_dot";
+  const int64_t N = rows_.numel(), C = cols(b);
+  expect_f32(out, op, "out");
+  expect_f32(a, op, "a");
+  expect_f32(b, op, "b");
+  expect_numel(out, N, op, "out");
+  expect_numel(b, N * C, op, "b");
+  MOEKIT_CHECK(cols(a) == C, "row_dot: a {} vs b {}", a.shape().str(), b.shape().str());
+  cuda::check_indices(rows_, rows(a), op, "row");
+  check(cuda::row_dot(out.f32(), a.f32(), rows_.i32(), b.f32(), N, C), op);
+}
+
+void CudaBackend::copy_columns(Tensor& dst, int64_t dst_col, const Tensor& src, int64_t src_col,
+                               int64_t n, bool accumulate) {
+  const int64_t R = rows(dst), dc = cols(dst), sc = cols(src);
+  expect_f32(dst, "copy_columns", "dst");
+  expect_f32(src, "copy_columns", "src");
+  MOEKIT_CHECK(rows(src) == R && dst_col + n <= dc && src_col + n <= sc, "copy_columns shapes");
+  check(cuda::copy_columns(dst.f32() + dst_col, dc, src.f32() + src_col, sc, R, n, accumulate),
+        "copy_columns");
+}
+
+void CudaBackend::mla_split_kv(Tensor& k, Tensor& v, const Tensor& kv_b, const Tensor& k_rope,
+                               int64_t heads, int64_t dn, int64_t dr, int64_t dv) {
+  const char* op = "mla_split_kv";
+  const int64_t T = rows(kv_b);
+  expect_all_f32({&k, &v, &kv_b, &k_rope}, op);
+  expect_numel(kv_b, T * heads * (dn + dv), op, "kv_b");
+  expect_numel(k_rope, T * dr, op, "k_rope");
+  expect_numel(k, T * heads * (dn + dr), op, "k");
+  expect_numel(v, T * heads * dv, op, "v");
+  check(cuda::mla_split_kv(k.f32(), v.f32(), kv_b.f32(), k_rope.f32(), T, heads, dn, dr, dv), op);
+}
+
+void CudaBackend::mla_split_kv_backward(Tensor& dkv_b, Tensor& dk_rope, const Tensor& dk,
+                                        const Tensor& dv, int64_t heads, int64_t dn, int64_t dr,
+                                        int64_t dvd) {
+  const char* op = "mla_split_kv_backward";
+  const int64_t T = rows(dkv_b);
+  expect_all_f32({&dkv_b, &dk_rope, &dk, &dv}, op);
+  expect_numel(dkv_b, T * heads * (dn + dvd), op, "dkv_b");
+  expect_numel(dk_rope, T * dr, op, "dk_rope");
+  expect_numel(dk, T * heads * (dn + dr), op, "dk");
+  expect_numel(dv, T * heads * dvd, op, "dv");
+  check(cuda::mla_split_kv_backward(dkv_b.f32(), dk_rope.f32(), dk.f32(), dv.f32(), T, heads, dn,
+                                    dr, dvd),
+        op);
+}
+
+namespace {
+
+// As the CPU backend (architecture.md, "Gate"): normalise when norm_topk_prob and K > 1; the
+// routed_scaling_factor applies unless a softmax gate normalises (V2); V3's sigmoid gate
+// normalises and then scales.
+cuda::GateLaunch gate_launch(const GateParams& p) {
+  cuda::GateLaunch g;
+  g.p = p;
+  g.normalise = p.norm_topk_prob && p.top_k > 1;
+  g.weight_scale =
+      (!g.normalise || p.scoring == ScoringFunc::Sigmoid) ? p.routed_scaling_factor : 1.0f;
+  return g;
+}
+
+}  // namespace
+
+void CudaBackend::moe_gate_forward(Tensor& topk_idx, Tensor& topk_w, Tensor& scores,
+                                   const Tensor& logits, const Tensor& bias, const GateParams& p) {
+  const char* op = "moe_gate_forward";
+  const int64_t T = rows(logits), E = p.n_experts, K = p.top_k;
+  MOEKIT_CHECK(cols(logits) == E && p.n_group > 0 && E % p.n_group == 0 && K <= E &&
+                   p.topk_group <= p.n_group,
+               "gate shapes");
+  expect(topk_idx, DType::I32, op, "topk_idx");
+  expect_f32(topk_w, op, "topk_w");
+  expect_f32(scores, op, "scores");
+  expect_f32(logits, op, "logits");
+  expect_numel(topk_idx, T * K, op, "topk_idx");
+  expect_numel(topk_w, T * K, op, "topk_w");
+  expect_numel(scores, T * E, op, "scores");
+  if (bias.defined()) {
+    expect_f32(bias, op, "bias");
+    expect_numel(bias, E, op, "bias");
+  }
+  check(cuda::moe_gate_forward(topk_idx.i32(), topk_w.f32(), scores.f32(), logits.f32(),
+                               bias.defined() ? bias.f32() : nullptr, gate_launch(p), T),
+        op);
+}
+
+void CudaBackend::moe_gate_backward(Tensor& dlogits, const Tensor& dtopk_w, const Tensor& topk_idx,
+                                    const Tensor& scores, const Tensor& dscores,
+                                    const GateParams& p) {
+  const char* op = "moe_gate_backward";
+  const int64_t T = rows(scores), E = p.n_experts, K = p.top_k;
+  expect_f32(dlogits, op, "dlogits");
+  expect_f32(dtopk_w, op, "dtopk_w");
+  expect(topk_idx, DType::I32, op, "topk_idx");
+  expect_f32(scores, op, "scores");
+  expect_numel(dlogits, T * E, op, "dlogits");
+  expect_numel(dtopk_w, T * K, op, "dtopk_w");
+  expect_numel(topk_idx, T * K, op, "topk_idx");
+  if (dscores.defined()) {
+    expect_f32(dscores, op, "dscores");
+    expect_numel(dscores, T * E, op, "dscores");
+  }
+  check(cuda::moe_gate_backward(dlogits.f32(), dtopk_w.f32(), topk_idx.i32(), scores.f32(),
+                                dscores.defined() ? dscores.f32() : nullptr, gate_launch(p), T),
+        op);
+}
+
+}  // namespace moekit

@@ -1,0 +1,51 @@
+// Host-side helpers of the CUDA backend: CUDA status -> moekit::Error naming the op, and the
+// argument checks every op runs before launching (device, dtype, defined).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <initializer_list>
+#include <string>
+
+#include "core/error.h"
+#include "core/tensor.h"
+#include "ops/cpu/cpu_util.h"
+
+namespace moekit::cuda {
+
+// Launch functions return the launch status (a bad configuration); a fault inside a kernel
+// surfaces at the next synchronising call (a copy back to the host), which names its own op.
+inline void check(cudaError_t e, const char* op) {
+  if (e != cudaSuccess) fail("CUDA {}: {} ({})", op, cudaGetErrorString(e), cudaGetErrorName(e));
+}
+
+inline void expect(const Tensor& t, DType dtype, const char* op, const char* name) {
+  if (!t.defined()) fail("CUDA {}: tensor {} is undefined", op, name);
+  if (t.device() != Device::CUDA) fail("CUDA {}: tensor {} is in host memory", op, name);
+  if (t.dtype() != dtype)
+    fail("CUDA {}: tensor {} is {}, expected {}", op, name, dtype_name(t.dtype()),
+         dtype_name(dtype));
+}
+inline void expect_f32(const Tensor& t, const char* op, const char* name) {
+  expect(t, DType::F32, op, name);
+}
+inline void expect_all_f32(std::initializer_list<const Tensor*> ts, const char* op) {
+  int i = 0;
+  for (const Tensor* t : ts) {
+    const std::string name = "#" + std::to_string(i++);
+    expect(*t, DType::F32, op, name.c_str());
+  }
+}
+inline void expect_numel(const Tensor& t, int64_t n, const char* op, const char* name) {
+  if (t.numel() != n)
+    fail("CUDA {}: tensor {} has shape {}, expected {} elements", op, name, t.shape().str(), n);
+}
+
+// Fails (naming `op`) when an entry of the device I32 tensor `idx` lies outside [0, limit),
+// reporting the first bad position and value. Synchronises once (reads one integer back): an
+// out-of-range index would otherwise read or write outside a buffer inside a kernel.
+// allow_negative: negative entries are valid (ignored cross-entropy targets).
+void check_indices(const Tensor& idx, int64_t limit, const char* op, const char* what,
+                   bool allow_negative = false);
+
+}  // namespace moekit::cuda

@@ -1,0 +1,95 @@
+// The launch functions of moekit's CUDA kernels: plain pointers and sizes in, the launch status
+// out. The .cu files (compiled by nvcc) define them; the host side of the backend (the .cpp files,
+// compiled by the C++ compiler, where moekit::Error and fmt live) checks arguments, calls these
+// and turns a failed status into an Error naming the op. All launches go to the default stream.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "ops/ops.h"
+
+namespace moekit::cuda {
+
+// --- elementwise and layout (cuda_elementwise.cu)
+cudaError_t fill_bits(void* p, int64_t n, int elem_bytes, uint32_t bits);
+cudaError_t add(float* y, const float* x, int64_t n, float alpha);
+cudaError_t scale(float* y, int64_t n, float alpha);
+// *first = min(n, first i with idx[i] outside [0, limit)); *first must hold n on entry.
+// allow_negative: negative entries (ignored targets) count as valid.
+cudaError_t first_out_of_range(const int32_t* idx, int64_t n, int64_t limit, bool allow_negative,
+                               unsigned long long* first);
+cudaError_t swiglu_forward(float* h, const float* gate, const float* up, int64_t n);
+cudaError_t swiglu_backward(float* dgate, float* dup, const float* dh, const float* gate,
+                            const float* up, int64_t n);
+cudaError_t rope(float* x, int64_t tokens, int64_t heads, int64_t head_stride, int64_t offset,
+                 int64_t half, const float* cos, const float* sin, const int32_t* positions,
+                 bool inverse);
+// dst/src point at the first copied column; ld = row length in elements.
+cudaError_t copy_columns(float* dst, int64_t dst_ld, const float* src, int64_t src_ld, int64_t rows,
+                         int64_t n, bool accumulate);
+cudaError_t mla_split_kv(float* k, float* v, const float* kv_b, const float* k_rope, int64_t tokens,
+                         int64_t heads, int64_t dn, int64_t dr, int64_t dv);
+cudaError_t mla_split_kv_backward(float* dkv_b, float* dk_rope, const float* dk, const float* dv,
+                                  int64_t tokens, int64_t heads, int64_t dn, int64_t dr,
+                                  int64_t dvd);
+cudaError_t embedding_forward(float* out, const float* table, const int32_t* ids, int64_t tokens,
+                              int64_t dim);
+
+// --- RMSNorm (cuda_norm.cu)
+cudaError_t rmsnorm_forward(float* out, float* rstd, const float* x, const float* w, int64_t rows,
+                            int64_t dim, float eps);
+cudaError_t rmsnorm_backward_dx(float* dx, const float* dout, const float* x, const float* w,
+                                const float* rstd, int64_t rows, int64_t dim);
+// dw += sum over rows of dout * x * rstd, in a fixed order: `partial` holds
+// rmsnorm_dw_chunks(rows) * dim floats.
+int64_t rmsnorm_dw_chunks(int64_t rows);
+cudaError_t rmsnorm_backward_dw(float* dw, float* partial, const float* dout, const float* x,
+                                const float* rstd, int64_t rows, int64_t dim);
+
+// --- MoE dispatch/combine and gate (cuda_moe.cu)
+cudaError_t gather_rows(float* out, const float* x, const int32_t* rows, const float* weights,
+                        int64_t n, int64_t dim);
+cudaError_t row_dot(float* out, const float* a, const int32_t* rows, const float* b, int64_t n,
+                    int64_t dim);
+// A scatter plan: the positions 0..n-1 stably sorted by destination row (cub radix sort).
+size_t row_plan_temp_bytes(int64_t n, int64_t num_rows);
+cudaError_t row_plan(void* temp, size_t temp_bytes, const int32_t* rows, int32_t* sorted_rows,
+                     int32_t* iota, int32_t* order, int64_t n, int64_t num_rows);
+// out[rows[i]] += w[i] * x[i], every destination summing its sources in increasing i.
+cudaError_t scatter_add_planned(float* out, const float* x, const float* weights,
+                                const int32_t* sorted_rows, const int32_t* order, int64_t n,
+                                int64_t dim);
+struct GateLaunch {
+  GateParams p;
+  float weight_scale = 1.0f;  // routed_scaling_factor when it applies (see cuda_ops.cpp)
+  bool normalise = false;     // norm_topk_prob with top_k > 1
+};
+cudaError_t moe_gate_forward(int32_t* topk_idx, float* topk_w, float* scores, const float* logits,
+                             const float* bias, const GateLaunch& g, int64_t tokens);
+cudaError_t moe_gate_backward(float* dlogits, const float* dtopk_w, const int32_t* topk_idx,
+                              const float* scores, const float* dscores, const GateLaunch& g,
+                              int64_t tokens);
+
+// --- losses (cuda_loss.cu)
+cudaError_t cross_entropy_forward(float* losses, const float* logits, const int32_t* targets,
+                                  int64_t rows, int64_t vocab);
+cudaError_t cross_entropy_backward(float* dlogits, const float* logits, const int32_t* targets,
+                                   int64_t rows, int64_t vocab, float scale);
+
+// --- causal attention (cuda_attention.cu)
+struct AttentionShape {
+  int64_t batch = 0, seq = 0, heads = 0, dqk = 0, dv = 0;
+  float scale = 1.0f;
+};
+// Fails with cudaErrorInvalidValue when the head dims need more shared memory than a block has.
+cudaError_t attention_forward(float* out, float* lse, const float* q, const float* k,
+                              const float* v, const AttentionShape& s);
+// delta: scratch of batch * heads * seq floats.
+cudaError_t attention_backward(float* dq, float* dk, float* dv, float* delta, const float* dout,
+                               const float* out, const float* lse, const float* q, const float* k,
+                               const float* v, const AttentionShape& s);
+
+}  // namespace moekit::cuda

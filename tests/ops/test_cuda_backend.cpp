@@ -1,0 +1,476 @@
+// The CUDA backend against the CPU backend (the oracle), op by op, on fresh random inputs with
+// odd sizes (not multiples of the kernels' 32-row tiles, 256-thread blocks or 64-row chunks).
+// Outputs are poisoned with NaN before each GPU op, so an unwritten element fails the check.
+// Built always; without a CUDA build or a visible GPU every test skips with the reason.
+//
+// Error measure: max |gpu - cpu| / max |cpu| over the tensor (normwise relative). Tolerances:
+// - fp32 ops: 1e-5. Both sides round every operation to fp32 (unit roundoff 2^-24 ~ 6e-8) but
+//   sum in different orders (trees vs loops, FMA vs separate multiply-add); for sums of up to a
+//   few thousand terms the difference stays ~1e-6 of the largest value, so 1e-5 leaves a margin
+//   while a wrong index, a missing term or a factor error shows up as O(1).
+// - bf16 GEMM, against the CPU GEMM of the same bf16-rounded inputs: 1e-5 as fp32 (a bf16 x bf16
+//   product is exact in fp32, accumulation is fp32). Against the unrounded fp32 inputs: each input
+//   carries a relative rounding error <= 2^-8 (bf16 keeps 8 significant bits), a product <= 2^-7;
+//   over K terms of random sign the error grows like sqrt(K) terms while max |c| grows at least
+//   like one term, so the bound is 2^-7 * sqrt(K) (0.066 at K = 71). A bf16 output adds its own
+//   rounding, <= 2^-8 of the element (so of max |c|).
+// - Degenerate cases where the exact result is 0 (attention's dq/dk at sequence length 1, where
+//   dS = dP - rowsum(dO * O) cancels) are checked in absolute terms: both sides hold rounding
+//   noise.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <initializer_list>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/error.h"
+#include "ops/ops.h"
+
+namespace moekit {
+namespace {
+
+constexpr double kF32Tol = 1e-5;
+
+class CudaBackendTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!backend_available(Device::CUDA))
+      GTEST_SKIP() << "CUDA backend not available (built without CUDA, or no GPU visible)";
+  }
+
+  Backend& cpu() { return backend(Device::CPU); }
+  Backend& gpu() { return backend(Device::CUDA); }
+
+  Tensor randn(Shape s, float std = 1.0f) {
+    Tensor t = Tensor::empty(s);
+    std::normal_distribution<float> n(0.0f, std);
+    for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = n(rng_);
+    return t;
+  }
+  Tensor randint(Shape s, int32_t lo, int32_t hi) {  // [lo, hi)
+    Tensor t = Tensor::empty(s, DType::I32);
+    std::uniform_int_distribution<int32_t> u(lo, hi - 1);
+    for (int64_t i = 0; i < t.numel(); ++i) t.i32()[i] = u(rng_);
+    return t;
+  }
+  static Tensor dev(const Tensor& t) { return t.to_device(Device::CUDA); }
+  // A device tensor of NaN (or -1 for I32): whatever the op leaves unwritten fails the check.
+  Tensor poisoned(Shape s, DType dtype = DType::F32) {
+    Tensor t = Tensor::empty(s, dtype, Device::CUDA);
+    gpu().fill(t, dtype == DType::I32 ? -1.0f : std::numeric_limits<float>::quiet_NaN());
+    return t;
+  }
+
+  std::mt19937_64 rng_{20261201};
+};
+
+// Normwise relative error of a GPU tensor (any float dtype) against a CPU F32 reference.
+double rel_error(const Tensor& gpu_t, const Tensor& ref) {
+  Tensor g = gpu_t.to_host().to_f32();
+  EXPECT_EQ(g.numel(), ref.numel());
+  double max_ref = 0.0, max_diff = 0.0;
+  for (int64_t i = 0; i < ref.numel(); ++i) {
+    const double a = g.f32()[i], b = ref.f32()[i];
+    if (std::isnan(a) != std::isnan(b)) return std::numeric_limits<double>::infinity();
+    if (std::isnan(b)) continue;
+    max_ref = std::max(max_ref, std::abs(b));
+    max_diff = std::max(max_diff, std::abs(a - b));
+  }
+  return max_diff / std::max(max_ref, 1e-30);
+}
+
+#define EXPECT_CLOSE(gpu_t, ref, tol)                                              \
+  do {                                                                             \
+    const double err_ = rel_error(gpu_t, ref);                                     \
+    EXPECT_LE(err_, tol) << #gpu_t;                                                \
+    std::printf("    %-44s rel err %.3g (tol %.3g)\n", #gpu_t, err_, double(tol)); \
+  } while (0)
+
+void expect_equal_i32(const Tensor& gpu_t, const Tensor& ref) {
+  Tensor g = gpu_t.to_host();
+  ASSERT_EQ(g.numel(), ref.numel());
+  int64_t bad = 0;
+  for (int64_t i = 0; i < ref.numel(); ++i) bad += g.i32()[i] != ref.i32()[i];
+  EXPECT_EQ(bad, 0) << "index mismatches";
+}
+
+double max_abs(const Tensor& t) {
+  Tensor h = t.to_host().to_f32();
+  double m = 0.0;
+  for (int64_t i = 0; i < h.numel(); ++i) {
+    const double x = std::abs(double(h.f32()[i]));
+    if (std::isnan(x)) return x;  // a NaN must not hide behind std::max
+    m = std::max(m, x);
+  }
+  return m;
+}
+
+bool bit_equal(const Tensor& a, const Tensor& b) {
+  Tensor x = a.to_host(), y = b.to_host();
+  return x.nbytes() == y.nbytes() && std::memcmp(x.raw(), y.raw(), x.nbytes()) == 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+TEST_F(CudaBackendTest, MemoryRoundTripAndFill) {
+  Tensor h = randn({37, 53});
+  Tensor d = Tensor::empty(h.shape(), DType::F32, Device::CUDA);
+  EXPECT_EQ(d.device(), Device::CUDA);
+  d.copy_from(h);                 // host -> device
+  Tensor d2 = d.clone();          // device -> device
+  EXPECT_TRUE(bit_equal(d2, h));  // device -> host
+  Tensor z = Tensor::zeros({5, 7}, DType::I32, Device::CUDA);
+  Tensor zh = z.to_host();
+  for (int64_t i = 0; i < zh.numel(); ++i) EXPECT_EQ(zh.i32()[i], 0);
+  Tensor f = Tensor::empty({1001}, DType::F32, Device::CUDA);
+  f.fill(2.5f);
+  Tensor fh = f.to_host();
+  for (int64_t i = 0; i < fh.numel(); ++i) ASSERT_EQ(fh.f32()[i], 2.5f);
+  Tensor s = d.slice(3, 9);  // a view at an offset copies back the right rows
+  EXPECT_TRUE(bit_equal(s, h.slice(3, 9)));
+}
+
+TEST_F(CudaBackendTest, MatmulF32AllTransposes) {
+  const int64_t M = 37, N = 53, K = 71;
+  for (int ta = 0; ta < 2; ++ta)
+    for (int tb = 0; tb < 2; ++tb) {
+      Tensor a = ta ? randn({K, M}) : randn({M, K});
+      Tensor b = tb ? randn({N, K}) : randn({K, N});
+      Tensor c = randn({M, N});
+      Tensor dc = dev(c);
+      cpu().matmul(c, a, b, ta, tb, 0.7f, 0.3f);
+      gpu().matmul(dc, dev(a), dev(b), ta, tb, 0.7f, 0.3f);
+      EXPECT_CLOSE(dc, c, kF32Tol);
+    }
+  // beta = 0 must overwrite NaN.
+  Tensor a = randn({M, K}), b = randn({K, N}), c = Tensor::empty({M, N});
+  Tensor dc = poisoned({M, N});
+  cpu().matmul(c, a, b, false, false, 1.0f, 0.0f);
+  gpu().matmul(dc, dev(a), dev(b), false, false, 1.0f, 0.0f);
+  EXPECT_CLOSE(dc, c, kF32Tol);
+}
+
+TEST_F(CudaBackendTest, MatmulBf16InputsFp32Accumulation) {
+  const int64_t M = 45, N = 67, K = 71;
+  for (int tb = 0; tb < 2; ++tb)
+    for (DType out : {DType::F32, DType::BF16}) {
+      Tensor a = randn({M, K}), b = tb ? randn({N, K}) : randn({K, N});
+      Tensor a16 = a.to_dtype(DType::BF16), b16 = b.to_dtype(DType::BF16);
+      Tensor exact = Tensor::empty({M, N}), loose = Tensor::empty({M, N});
+      cpu().matmul(exact, a16.to_f32(), b16.to_f32(), false, tb, 1.0f, 0.0f);  // same inputs
+      cpu().matmul(loose, a, b, false, tb, 1.0f, 0.0f);                        // unrounded
+      Tensor dc = poisoned({M, N}, out);
+      gpu().matmul(dc, dev(a16), dev(b16), false, tb, 1.0f, 0.0f);
+      const double out_round = out == DType::BF16 ? std::ldexp(1.0, -8) : 0.0;
+      EXPECT_CLOSE(dc, exact, kF32Tol + out_round);
+      EXPECT_CLOSE(dc, loose, std::ldexp(1.0, -7) * std::sqrt(double(K)) + out_round);
+    }
+}
+
+TEST_F(CudaBackendTest, AddAndScale) {
+  Tensor y = randn({1000, 3}), x = randn({1000, 3});
+  Tensor dy = dev(y);
+  cpu().add(y, x, -0.75f);
+  gpu().add(dy, dev(x), -0.75f);
+  cpu().scale(y, 1.5f);
+  gpu().scale(dy, 1.5f);
+  EXPECT_CLOSE(dy, y, kF32Tol);
+}
+
+TEST_F(CudaBackendTest, EmbeddingForwardBackward) {
+  const int64_t V = 50, C = 77, T = 301;  // T >> V: many repeated ids
+  Tensor table = randn({V, C}), ids = randint({T}, 0, int32_t(V));
+  Tensor out = Tensor::empty({T, C}), dout_g = poisoned({T, C});
+  cpu().embedding_forward(out, table, ids);
+  gpu().embedding_forward(dout_g, dev(table), dev(ids));
+  EXPECT_CLOSE(dout_g, out, 0.0);
+  Tensor dtable = randn({V, C}), g = randn({T, C});
+  Tensor ddtable = dev(dtable);
+  cpu().embedding_backward(dtable, g, ids);
+  gpu().embedding_backward(ddtable, dev(g), dev(ids));
+  EXPECT_CLOSE(ddtable, dtable, kF32Tol);
+  // Deterministic: the same scatter twice gives the same bits.
+  Tensor r1 = Tensor::zeros({V, C}, DType::F32, Device::CUDA), r2 = r1.clone();
+  gpu().embedding_backward(r1, dev(g), dev(ids));
+  gpu().embedding_backward(r2, dev(g), dev(ids));
+  EXPECT_TRUE(bit_equal(r1, r2));
+  Tensor bad = ids.clone();
+  bad.i32()[17] = int32_t(V);
+  EXPECT_THROW(gpu().embedding_forward(dout_g, dev(table), dev(bad)), Error);
+}
+
+TEST_F(CudaBackendTest, RmsNormForwardBackward) {
+  for (auto [T, C] : {std::pair<int64_t, int64_t>{67, 300}, {150, 33}, {1, 7}}) {
+    Tensor x = randn({T, C}), w = randn({C}, 0.3f);
+    for (int64_t i = 0; i < C; ++i) w.f32()[i] += 1.0f;
+    Tensor out = Tensor::empty({T, C}), rstd = Tensor::empty({T});
+    Tensor dout = poisoned({T, C}), drstd = poisoned({T});
+    cpu().rmsnorm_forward(out, rstd, x, w, 1e-6f);
+    gpu().rmsnorm_forward(dout, drstd, dev(x), dev(w), 1e-6f);
+    EXPECT_CLOSE(dout, out, kF32Tol);
+    EXPECT_CLOSE(drstd, rstd, kF32Tol);
+    Tensor g = randn({T, C}), dx = Tensor::empty({T, C}), dw = randn({C});
+    Tensor ddx = poisoned({T, C}), ddw = dev(dw);
+    cpu().rmsnorm_backward(dx, &dw, g, x, w, rstd);
+    gpu().rmsnorm_backward(ddx, &ddw, dev(g), dev(x), dev(w), dev(rstd));
+    EXPECT_CLOSE(ddx, dx, kF32Tol);
+    EXPECT_CLOSE(ddw, dw, kF32Tol);
+    gpu().rmsnorm_backward(ddx, nullptr, dev(g), dev(x), dev(w), dev(rstd));  // frozen weight
+    EXPECT_CLOSE(ddx, dx, kF32Tol);
+  }
+}
+
+TEST_F(CudaBackendTest, SwiGluForwardBackward) {
+  const Shape s{123, 45};
+  Tensor gate = randn(s, 2.0f), up = randn(s), dh = randn(s);
+  Tensor h = Tensor::empty(s), dgate = Tensor::empty(s), dup = Tensor::empty(s);
+  Tensor gh = poisoned(s), gdgate = poisoned(s), gdup = poisoned(s);
+  cpu().swiglu_forward(h, gate, up);
+  gpu().swiglu_forward(gh, dev(gate), dev(up));
+  EXPECT_CLOSE(gh, h, kF32Tol);
+  cpu().swiglu_backward(dgate, dup, dh, gate, up);
+  gpu().swiglu_backward(gdgate, gdup, dev(dh), dev(gate), dev(up));
+  EXPECT_CLOSE(gdgate, dgate, kF32Tol);
+  EXPECT_CLOSE(gdup, dup, kF32Tol);
+}
+
+TEST_F(CudaBackendTest, RopeForwardAndInverse) {
+  const int64_t T = 29, H = 3, stride = 40, offset = 24, rope_dim = 16, max_pos = 64;
+  Tensor cos = Tensor::empty({max_pos, rope_dim / 2}), sin = Tensor::empty({max_pos, rope_dim / 2});
+  for (int64_t p = 0; p < max_pos; ++p)
+    for (int64_t j = 0; j < rope_dim / 2; ++j) {
+      const double a = double(p) * std::pow(10000.0, -2.0 * double(j) / double(rope_dim));
+      cos.f32()[p * rope_dim / 2 + j] = float(std::cos(a));
+      sin.f32()[p * rope_dim / 2 + j] = float(std::sin(a));
+    }
+  Tensor pos = randint({T}, 0, int32_t(max_pos));
+  for (bool inverse : {false, true}) {
+    Tensor x = randn({T, H, stride}), dx = dev(x);
+    cpu().rope(x, H, stride, offset, rope_dim, cos, sin, pos, inverse);
+    gpu().rope(dx, H, stride, offset, rope_dim, dev(cos), dev(sin), dev(pos), inverse);
+    EXPECT_CLOSE(dx, x, kF32Tol);
+  }
+  Tensor bad = pos.clone();
+  bad.i32()[3] = int32_t(max_pos);
+  Tensor dx = dev(randn({T, H, stride}));
+  EXPECT_THROW(gpu().rope(dx, H, stride, offset, rope_dim, dev(cos), dev(sin), dev(bad), false),
+               Error);
+}
+
+struct AttnCase {
+  int64_t batch, seq, heads, dqk, dv;
+};
+
+TEST_F(CudaBackendTest, CausalAttentionForwardBackward) {
+  // Odd sequence lengths (partial tiles), one token, and an MLA shape (q/k 192, v 128).
+  for (const AttnCase& c : {AttnCase{2, 45, 3, 24, 16}, AttnCase{1, 1, 2, 8, 8},
+                            AttnCase{1, 100, 2, 192, 128}, AttnCase{3, 33, 1, 5, 7}}) {
+    SCOPED_TRACE(testing::Message() << "batch " << c.batch << " seq " << c.seq << " heads "
+                                    << c.heads << " dqk " << c.dqk << " dv " << c.dv);
+    const int64_t T = c.batch * c.seq;
+    const float scale = 1.0f / std::sqrt(float(c.dqk));
+    Tensor q = randn({T, c.heads, c.dqk}), k = randn({T, c.heads, c.dqk});
+    Tensor v = randn({T, c.heads, c.dv});
+    Tensor out = Tensor::empty({T, c.heads, c.dv}), lse = Tensor::empty({c.batch, c.heads, c.seq});
+    Tensor gout = poisoned(out.shape()), glse = poisoned(lse.shape());
+    Tensor gq = dev(q), gk = dev(k), gv = dev(v);
+    cpu().attention_forward(out, lse, q, k, v, c.batch, c.seq, c.heads, scale);
+    gpu().attention_forward(gout, glse, gq, gk, gv, c.batch, c.seq, c.heads, scale);
+    EXPECT_CLOSE(gout, out, kF32Tol);
+    EXPECT_CLOSE(glse, lse, kF32Tol);
+    Tensor dout = randn(out.shape());
+    Tensor dq = Tensor::empty(q.shape()), dk = Tensor::empty(k.shape()),
+           dv = Tensor::empty(v.shape());
+    Tensor gdq = poisoned(q.shape()), gdk = poisoned(k.shape()), gdv = poisoned(v.shape());
+    cpu().attention_backward(dq, dk, dv, dout, out, lse, q, k, v, c.batch, c.seq, c.heads, scale);
+    gpu().attention_backward(gdq, gdk, gdv, dev(dout), gout, glse, gq, gk, gv, c.batch, c.seq,
+                             c.heads, scale);
+    if (c.seq == 1) {  // dq = dk = 0 exactly: compare absolute noise
+      EXPECT_LE(max_abs(gdq), 1e-5);
+      EXPECT_LE(max_abs(gdk), 1e-5);
+    } else {
+      EXPECT_CLOSE(gdq, dq, kF32Tol);
+      EXPECT_CLOSE(gdk, dk, kF32Tol);
+    }
+    EXPECT_CLOSE(gdv, dv, kF32Tol);
+  }
+}
+
+// Not a check of values: times the fused attention at a training-like MLA shape (seq 2048, 16
+// heads, q/k 192, v 128) so tools/cuda_check.sh reports a throughput; asserts only finite output.
+TEST_F(CudaBackendTest, AttentionThroughput) {
+  const int64_t B = 1, S = 2048, H = 16, DQK = 192, DV = 128;
+  const float scale = 1.0f / std::sqrt(float(DQK));
+  Tensor q = dev(randn({B * S, H, DQK})), k = dev(randn({B * S, H, DQK}));
+  Tensor v = dev(randn({B * S, H, DV})), dout = dev(randn({B * S, H, DV}));
+  Tensor out = poisoned({B * S, H, DV}), lse = poisoned({B, H, S});
+  Tensor dq = poisoned(q.shape()), dk = poisoned(k.shape()), dv = poisoned(v.shape());
+  auto sync = [&] { (void)lse.slice(0, 1).to_host(); };  // a device-to-host copy waits
+  auto time_ms = [&](const std::function<void()>& f) {
+    f();
+    sync();
+    const int reps = 5;
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < reps; ++i) f();
+    sync();
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0)
+               .count() /
+           reps;
+  };
+  const double fwd = time_ms([&] { gpu().attention_forward(out, lse, q, k, v, B, S, H, scale); });
+  const double bwd = time_ms(
+      [&] { gpu().attention_backward(dq, dk, dv, dout, out, lse, q, k, v, B, S, H, scale); });
+  // Causal FLOPs: forward 2 GEMMs over half the [S, S] scores; backward recomputes S and does 4.
+  const double half = double(B * H) * double(S) * double(S) / 2.0;
+  const double fwd_flop = 2.0 * half * double(DQK + DV);
+  const double bwd_flop = 2.0 * half * double(2 * DQK + 2 * DV + DQK + DV);
+  std::printf("    attention fwd %.3f ms (%.1f TFLOP/s), bwd %.3f ms (%.1f TFLOP/s)\n", fwd,
+              fwd_flop / fwd * 1e-9, bwd, bwd_flop / bwd * 1e-9);
+  EXPECT_TRUE(std::isfinite(max_abs(out)) && std::isfinite(max_abs(dq)));
+}
+
+TEST_F(CudaBackendTest, CrossEntropyWithIgnoredTargets) {
+  for (int64_t V : {1000, 50257}) {
+    const int64_t T = 33;
+    Tensor logits = randn({T, V}, 3.0f), targets = randint({T}, 0, int32_t(V));
+    for (int64_t t = 0; t < T; t += 5) targets.i32()[t] = -1;  // ignored positions
+    Tensor losses = Tensor::empty({T}), glosses = poisoned({T});
+    cpu().cross_entropy_forward(losses, logits, targets);
+    gpu().cross_entropy_forward(glosses, dev(logits), dev(targets));
+    EXPECT_CLOSE(glosses, losses, kF32Tol);
+    Tensor d = Tensor::empty({T, V}), gd = poisoned({T, V});
+    cpu().cross_entropy_backward(d, logits, targets, 1.0f / 27.0f);
+    gpu().cross_entropy_backward(gd, dev(logits), dev(targets), 1.0f / 27.0f);
+    EXPECT_CLOSE(gd, d, kF32Tol);
+    Tensor bad = targets.clone();
+    bad.i32()[1] = int32_t(V);
+    EXPECT_THROW(gpu().cross_entropy_forward(glosses, dev(logits), dev(bad)), Error);
+  }
+}
+
+TEST_F(CudaBackendTest, GatherScatterRowDot) {
+  const int64_t R = 41, C = 300, N = 157;  // N > R: destinations repeat
+  Tensor x = randn({R, C}), rows = randint({N}, 0, int32_t(R)), w = randn({N});
+  for (const Tensor* wp : std::initializer_list<const Tensor*>{nullptr, &w}) {
+    Tensor out = Tensor::empty({N, C}), gout = poisoned({N, C});
+    Tensor gw = dev(w);
+    cpu().gather_rows(out, x, rows, wp);
+    gpu().gather_rows(gout, dev(x), dev(rows), wp ? &gw : nullptr);
+    EXPECT_CLOSE(gout, out, kF32Tol);
+    Tensor src = randn({N, C}), acc = randn({R, C}), gacc = dev(acc);
+    cpu().scatter_add_rows(acc, src, rows, wp);
+    gpu().scatter_add_rows(gacc, dev(src), dev(rows), wp ? &gw : nullptr);
+    EXPECT_CLOSE(gacc, acc, kF32Tol);
+    Tensor again = Tensor::zeros({R, C}, DType::F32, Device::CUDA), again2 = again.clone();
+    gpu().scatter_add_rows(again, dev(src), dev(rows), wp ? &gw : nullptr);
+    gpu().scatter_add_rows(again2, dev(src), dev(rows), wp ? &gw : nullptr);
+    EXPECT_TRUE(bit_equal(again, again2)) << "scatter is not deterministic";
+  }
+  Tensor b = randn({N, C}), dots = Tensor::empty({N}), gdots = poisoned({N});
+  cpu().row_dot(dots, x, rows, b);
+  gpu().row_dot(gdots, dev(x), dev(rows), dev(b));
+  EXPECT_CLOSE(gdots, dots, kF32Tol);
+}
+
+TEST_F(CudaBackendTest, CopyColumnsAndMlaSplit) {
+  Tensor dst = randn({19, 40}), src = randn({19, 23});
+  for (bool acc : {false, true}) {
+    Tensor d = dst.clone(), gd = dev(dst);
+    cpu().copy_columns(d, 7, src, 3, 17, acc);
+    gpu().copy_columns(gd, 7, dev(src), 3, 17, acc);
+    EXPECT_CLOSE(gd, d, kF32Tol);
+  }
+  const int64_t T = 21, H = 3, dn = 16, dr = 8, dv = 12;
+  Tensor kv_b = randn({T, H * (dn + dv)}), k_rope = randn({T, dr});
+  Tensor k = Tensor::empty({T, H, dn + dr}), v = Tensor::empty({T, H, dv});
+  Tensor gk = poisoned(k.shape()), gv = poisoned(v.shape());
+  cpu().mla_split_kv(k, v, kv_b, k_rope, H, dn, dr, dv);
+  gpu().mla_split_kv(gk, gv, dev(kv_b), dev(k_rope), H, dn, dr, dv);
+  EXPECT_CLOSE(gk, k, 0.0);
+  EXPECT_CLOSE(gv, v, 0.0);
+  Tensor dk = randn(k.shape()), dvv = randn(v.shape());
+  Tensor dkv_b = Tensor::empty(kv_b.shape()), dk_rope = Tensor::empty(k_rope.shape());
+  Tensor gdkv_b = poisoned(kv_b.shape()), gdk_rope = poisoned(k_rope.shape());
+  cpu().mla_split_kv_backward(dkv_b, dk_rope, dk, dvv, H, dn, dr, dv);
+  gpu().mla_split_kv_backward(gdkv_b, gdk_rope, dev(dk), dev(dvv), H, dn, dr, dv);
+  EXPECT_CLOSE(gdkv_b, dkv_b, 0.0);
+  EXPECT_CLOSE(gdk_rope, dk_rope, kF32Tol);
+}
+
+struct GateCase {
+  const char* name;
+  GateParams p;
+  bool bias;
+};
+
+TEST_F(CudaBackendTest, MoeGateEveryMethod) {
+  auto gp = [](ScoringFunc s, TopkMethod m, int64_t E, int64_t K, int64_t G, int64_t TG, bool norm,
+               float scaling) {
+    GateParams p;
+    p.scoring = s;
+    p.method = m;
+    p.n_experts = E;
+    p.top_k = K;
+    p.n_group = G;
+    p.topk_group = TG;
+    p.norm_topk_prob = norm;
+    p.routed_scaling_factor = scaling;
+    return p;
+  };
+  using S = ScoringFunc;
+  using M = TopkMethod;
+  const GateCase cases[] = {
+      {"softmax greedy (V2-Lite)", gp(S::Softmax, M::Greedy, 64, 6, 1, 1, false, 1.0f), false},
+      {"softmax greedy normalised", gp(S::Softmax, M::Greedy, 37, 5, 1, 1, true, 1.0f), false},
+      {"softmax group_limited (V2)",
+       gp(S::Softmax, M::GroupLimitedGreedy, 160, 6, 8, 3, false, 16.0f), false},
+      {"sigmoid noaux_tc + bias (V3)", gp(S::Sigmoid, M::NoauxTc, 256, 8, 8, 4, true, 2.5f), true},
+      {"sigmoid greedy + bias", gp(S::Sigmoid, M::Greedy, 16, 4, 1, 1, true, 1.0f), true},
+      {"sigmoid noaux_tc, top_k 1", gp(S::Sigmoid, M::NoauxTc, 24, 1, 4, 2, true, 1.5f), true},
+  };
+  const int64_t T = 77;
+  for (const GateCase& c : cases) {
+    SCOPED_TRACE(c.name);
+    const int64_t E = c.p.n_experts, K = c.p.top_k;
+    Tensor logits = randn({T, E}, 2.0f);
+    Tensor bias = c.bias ? randn({E}, 0.1f) : Tensor();
+    Tensor idx = Tensor::empty({T, K}, DType::I32), w = Tensor::empty({T, K});
+    Tensor scores = Tensor::empty({T, E});
+    Tensor gidx = poisoned({T, K}, DType::I32), gw = poisoned({T, K}), gscores = poisoned({T, E});
+    cpu().moe_gate_forward(idx, w, scores, logits, bias, c.p);
+    gpu().moe_gate_forward(gidx, gw, gscores, dev(logits), c.bias ? dev(bias) : Tensor(), c.p);
+    expect_equal_i32(gidx, idx);
+    EXPECT_CLOSE(gw, w, kF32Tol);
+    EXPECT_CLOSE(gscores, scores, kF32Tol);
+    for (bool with_dscores : {false, true}) {
+      Tensor dw = randn({T, K});
+      Tensor dscores = with_dscores ? randn({T, E}) : Tensor();
+      Tensor dlogits = Tensor::empty({T, E}), gdlogits = poisoned({T, E});
+      cpu().moe_gate_backward(dlogits, dw, idx, scores, dscores, c.p);
+      gpu().moe_gate_backward(gdlogits, dev(dw), gidx, gscores,
+                              with_dscores ? dev(dscores) : Tensor(), c.p);
+      EXPECT_CLOSE(gdlogits, dlogits, kF32Tol);
+    }
+  }
+}
+
+TEST_F(CudaBackendTest, ErrorsNameTheOp) {
+  Tensor host = randn({4, 4});
+  Tensor d = Tensor::empty({4, 4}, DType::F32, Device::CUDA);
+  try {
+    gpu().swiglu_forward(d, host, d);
+    FAIL() << "no error for a host tensor";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("swiglu_forward"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace moekit
