@@ -7,9 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BASE=${1:-runs/demo/pretrain/final}; STEPS=${2:-30}; BATCH=${3:-4}; SEQ=${4:-256}
-BUILD_DIR=${BUILD_DIR:-build}
+BUILD_DIR=${BUILD_DIR:-build-cpu}  # CPU-only build: a CUDA build maps cuBLAS into every process
 OUT=${OUT:-runs/esft-bench}
-cmake -S . -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake -S . -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release -DMOEKIT_CUDA=OFF >/dev/null
 cmake --build "$BUILD_DIR" -j "$(nproc)" --target moekit >/dev/null
 [ -f corpus/train.jsonl ] || bash scripts/corpus corpus >/dev/null
 "$BUILD_DIR"/moekit esft experiment --model "$BASE" --corpus corpus --out "$OUT" \
