@@ -60,7 +60,8 @@ void RunDir::prepare(const ModelConfig& cfg, bool resume) {
       fail("{}: holds a run already; pass --resume to continue it or choose another --out",
            dir_.string());
     if (resume) {
-      json have = read_json(cfg_file);
+      // Compared as parsed configs: a field an older moekit did not write reads as its default.
+      json have = config_to_json(load_config(cfg_file));
       for (auto it = want.begin(); it != want.end(); ++it)
         if (!have.contains(it.key()) || have[it.key()] != it.value())
           fail(
