@@ -1,14 +1,22 @@
-// CPU model benchmark: forward and forward+backward tokens/s of a DeepSeekMoE config on random
-// weights, printed as one JSON line (bench/run_cpu_model_bench.sh runs it beside the PyTorch peer).
-// Usage: moekit_model_bench CONFIG.json BATCH SEQ ITERS THREADS
+// Model benchmark: forward and training-step tokens/s of a DeepSeekMoE config on random weights,
+// printed as one JSON line (bench/run_cpu_model_bench.sh runs it beside the PyTorch peer on CPU,
+// tools/gpu_bench.sh beside transformers on the GPU).
+// Usage: moekit_model_bench CONFIG.json BATCH SEQ ITERS THREADS [cpu|cuda] [grad|all|esft10]
+//   grad    forward + backward, no optimizer (the default; the CPU peer does the same)
+//   all     + AdamW over every parameter
+//   esft10  + AdamW, only every tenth routed expert of each MoE layer trains (ESFT-like)
 #include <fmt/format.h>
 #include <sys/resource.h>
 
 #include <chrono>
 #include <cstdlib>
 
+#include <regex>
+#include <string>
+
 #include "core/thread_pool.h"
 #include "model/deepseek.h"
+#include "train/adamw.h"
 
 using namespace moekit;
 
@@ -17,28 +25,48 @@ static double seconds_since(std::chrono::steady_clock::time_point t0) {
 }
 
 int main(int argc, char** argv) {
-  if (argc != 6) {
-    fmt::print(stderr, "usage: {} CONFIG.json BATCH SEQ ITERS THREADS\n", argv[0]);
+  if (argc < 6 || argc > 8) {
+    fmt::print(stderr,
+               "usage: {} CONFIG.json BATCH SEQ ITERS THREADS [cpu|cuda] [grad|all|esft10]\n",
+               argv[0]);
     return 2;
   }
   try {
     ModelConfig c = load_config(argv[1]);
     const int64_t B = std::atoll(argv[2]), S = std::atoll(argv[3]), iters = std::atoll(argv[4]);
     set_num_threads(std::atoi(argv[5]));
-    DeepSeekModel model(c);
+    const std::string dev_name = argc > 6 ? argv[6] : "cpu";
+    const std::string mode = argc > 7 ? argv[7] : "grad";
+    const Device dev = dev_name == "cuda" ? Device::CUDA : Device::CPU;
+    DeepSeekModel model(c, dev);
     model.init_random(1);
+    if (mode == "esft10") {
+      static const std::regex expert(R"(\.mlp\.experts\.(\d+)\.)");
+      model.params().set_trainable([](const Param& p) {
+        std::smatch m;
+        return std::regex_search(p.name, m, expert) && std::stoi(m[1]) % 10 == 0;
+      });
+    }
     model.params().allocate_grads();
-    Tensor ids = Tensor::empty({B * S}, DType::I32);
+    Tensor ids_host = Tensor::empty({B * S}, DType::I32);
     for (int64_t i = 0; i < B * S; ++i)
-      ids.i32()[i] = int32_t((i * 2654435761u) % uint64_t(c.vocab_size));
-    Tensor targets = shifted_targets(ids, B, S);
-    Backend& be = backend(Device::CPU);
-    auto fwd = [&] { return model.forward(ids, B, S); };
+      ids_host.i32()[i] = int32_t((i * 2654435761u) % uint64_t(c.vocab_size));
+    Tensor ids = ids_host.to_device(dev), targets = shifted_targets(ids_host, B, S).to_device(dev);
+    Backend& be = backend(dev);
+    AdamW adam(AdamWConfig{0.9, 0.95, 1e-8, 0.1});
+    // Reading one value back waits for the device, so the clock covers the queued work.
+    auto sync = [](const Tensor& t) { (void)t.reshape({t.numel()}).slice(0, 1).to_host(); };
+    auto fwd = [&] { sync(model.forward(ids, B, S)); };
     auto train = [&] {
       Tensor logits = model.forward(ids, B, S);
-      Tensor d = Tensor::empty(logits.shape());
+      Tensor d = Tensor::empty(logits.shape(), DType::F32, dev);
       cross_entropy(be, logits, targets, &d);
       model.backward(d);
+      if (mode != "grad") {
+        adam.step(model.params(), 1e-5);
+        model.params().zero_grads();
+      }
+      sync(d);
     };
     fwd();
     train();  // warm-up: allocations, thread start
@@ -51,10 +79,11 @@ int main(int argc, char** argv) {
     rusage ru{};
     getrusage(RUSAGE_SELF, &ru);
     fmt::print(
-        "{{\"engine\": \"moekit\", \"forward_tok_s\": {:.1f}, \"train_tok_s\": {:.1f}, "
-        "\"peak_rss_mib\": {:.1f}, \"threads\": {}}}\n",
-        double(B * S * iters) / f, double(B * S * iters) / t, double(ru.ru_maxrss) / 1024.0,
-        num_threads());
+        "{{\"engine\": \"moekit\", \"device\": \"{}\", \"mode\": \"{}\", \"forward_tok_s\": "
+        "{:.1f}, "
+        "\"train_tok_s\": {:.1f}, \"trainable\": {}, \"peak_rss_mib\": {:.1f}, \"threads\": {}}}\n",
+        dev_name, mode, double(B * S * iters) / f, double(B * S * iters) / t,
+        model.params().trainable_numel(), double(ru.ru_maxrss) / 1024.0, num_threads());
   } catch (const std::exception& e) {
     fmt::print(stderr, "moekit_model_bench: error: {}\n", e.what());
     return 2;
