@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# GPU benchmark (issue 8), run on the device machine: moekit and transformers on the same shapes
+# in one run — DeepSeek-V2-Lite widths with 4 layers, batch B x S — printing one table:
+# prefill tokens/s, training tokens/s with ~10% of the routed experts trainable (moekit) vs
+# transformers' best ESFT-like setting (all expert weights trainable: its experts are fused), and
+# peak GPU memory (sampled from nvidia-smi every 50 ms while each engine runs alone).
+#
+#   MOEKIT_BENCH_BIN=path/to/moekit_model_bench bash tools/gpu_bench.sh [LAYERS] [BATCH] [SEQ]
+#
+# Writes $OUT/gpu_bench.jsonl (one line per measurement) when OUT is set.
+set -uo pipefail
+LAYERS=${1:-4}; B=${2:-4}; S=${3:-2048}; ITERS=${ITERS:-3}
+BIN=${MOEKIT_BENCH_BIN:-build/bench/moekit_model_bench}
+OUT=${OUT:-/tmp/gpu-bench}; mkdir -p "$OUT"
+CFG=$OUT/v2-lite-${LAYERS}l.json
+python3 - "$LAYERS" "$CFG" <<'PY'
+import json, sys
+c = json.load(open("configs/deepseek-v2-lite.json"))
+c["num_hidden_layers"] = int(sys.argv[1])
+json.dump(c, open(sys.argv[2], "w"))
+PY
+
+# Runs "$@" while sampling the GPU's used memory; prints the command's output, then a JSON line
+# with the peak in GiB.
+with_peak() {
+  local f=$OUT/smi.$$; : >"$f"
+  (while :; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits >>"$f" 2>/dev/null; sleep 0.05; done) &
+  local pid=$!
+  "$@"; local rc=$?
+  kill $pid 2>/dev/null; wait $pid 2>/dev/null
+  echo "{\"peak_gpu_gib\": $(sort -n "$f" | tail -1 | awk '{printf "%.2f", $1/1024}')}"
+  return $rc
+}
+
+{
+  echo "# moekit (forward, then esft10 training) on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
+  with_peak "$BIN" "$CFG" "$B" "$S" "$ITERS" 16 cuda esft10
+  echo "# transformers"
+  with_peak python3 tools/bench_gpu_peer.py --config "$CFG" --layers "$LAYERS" --batch "$B" --seq "$S" --iters "$ITERS"
+} 2>&1 | tee "$OUT/gpu_bench.log"
+grep '^{' "$OUT/gpu_bench.log" >"$OUT/gpu_bench.jsonl"
+python3 - "$OUT/gpu_bench.jsonl" "$B" "$S" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+m = next((r for r in rows if r.get("engine") == "moekit"), None)
+peaks = [r["peak_gpu_gib"] for r in rows if "peak_gpu_gib" in r]
+t = {r["bench"]: r for r in rows if "bench" in r}
+card = next((r for r in rows if "bf16_gemm_tflops" in r), {})
+print(f"\nGPU {card.get('device')}, bf16 GEMM {card.get('bf16_gemm_tflops', 0):.0f} TFLOP/s, batch {sys.argv[2]} x {sys.argv[3]}")
+print(f"{'':34} {'prefill tok/s':>14} {'ESFT train tok/s':>17} {'peak GPU GiB':>13}")
+if m:
+    print(f"{'moekit (' + m['device'] + ', ' + m['mode'] + ')':34} {m['forward_tok_s']:>14.0f} {m['train_tok_s']:>17.0f} {peaks[0] if peaks else 0:>13.2f}")
+pre = next((v for k, v in t.items() if k.startswith("prefill")), {})
+esft = next((v for k, v in t.items() if k.startswith("train-esft")), {})
+full = next((v for k, v in t.items() if k.startswith("train-all")), {})
+print(f"{'transformers (experts trainable)':34} {pre.get('tokens_per_s', 0):>14.0f} {esft.get('tokens_per_s', 0):>17.0f} {esft.get('peak_gib', 0):>13.2f}")
+print(f"{'transformers (all trainable)':34} {'':>14} {full.get('tokens_per_s', 0):>17.0f} {full.get('peak_gib', 0):>13.2f}")
+if m and pre.get("tokens_per_s") and esft.get("tokens_per_s"):
+    print(f"ratio moekit/transformers: prefill {m['forward_tok_s']/pre['tokens_per_s']:.2f}x, "
+          f"ESFT training {m['train_tok_s']/esft['tokens_per_s']:.2f}x")
+PY
