@@ -65,6 +65,12 @@ CudaBackend::CudaBackend() {
   cublas_ = h;
 }
 
+void CudaBackend::memory_info(size_t& free_bytes, size_t& total_bytes) {
+  check(cudaMemGetInfo(&free_bytes, &total_bytes), "memory_info (cudaMemGetInfo)");
+  // Blocks cached by the allocator are free to moekit too.
+  free_bytes += alloc_.cached_bytes();
+}
+
 bool CudaBackend::supports(Op op, DType dtype) const {
   return dtype == DType::F32 || (op == Op::Matmul && dtype == DType::BF16);
 }
@@ -107,6 +113,13 @@ void* CudaAllocator::get(size_t bytes) {
 void CudaAllocator::put(void* p, size_t bytes) {
   std::lock_guard<std::mutex> lock(mu_);
   free_.emplace(bucket(bytes), p);
+}
+
+size_t CudaAllocator::cached_bytes() {
+  std::lock_guard<std::mutex> lock(mu_);
+  size_t n = 0;
+  for (const auto& [b, p] : free_) n += b;
+  return n;
 }
 
 void CudaAllocator::release_cached() {
