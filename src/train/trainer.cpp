@@ -5,7 +5,6 @@
 #include "train/trainer.h"
 
 #include <fmt/format.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -31,19 +30,13 @@ using json = nlohmann::json;
 namespace {
 
 // Parameters, gradients and two AdamW moments in fp32, plus a rough activation estimate; refuse
-// before allocating when that exceeds physical memory.
+// before allocating when that exceeds the device's memory (the host: physical memory; a GPU: its
+// free memory).
 void check_fits_in_memory(const ModelConfig& cfg, const TrainOptions& opt) {
-  const ModelSummary s = summarize(cfg);
-  const double tokens = double(opt.batch * opt.seq);
-  const double activations =
-      tokens * double(cfg.hidden_size) * double(cfg.num_hidden_layers) * 40.0 * 4.0 +
-      tokens * double(cfg.vocab_size) * 4.0 * 3.0;
-  const double need = double(s.total) * 16.0 + activations;
-  const double have = double(::sysconf(_SC_PHYS_PAGES)) * double(::sysconf(_SC_PAGESIZE));
-  if (need > have)
-    fail("{}: training this model needs about {} of memory (parameters {}), this machine has {}",
-         opt.config_file.string(), human_bytes(need), human_count(double(s.total)),
-         human_bytes(have));
+  const int64_t params = summarize(cfg).total;
+  check_device_memory(estimate_memory(cfg, opt.batch * opt.seq, params), opt.device,
+                      fmt::format("{}: training this model (batch {} x seq {})",
+                                  opt.config_file.string(), opt.batch, opt.seq));
 }
 
 std::vector<int32_t> cached_tokens(const fs::path& cache, const fs::path& jsonl,
@@ -121,7 +114,7 @@ TrainResult train(const TrainOptions& opt) {
   if (tok_path != opt.out / "tokenizer.json")
     fs::copy_file(tok_path, opt.out / "tokenizer.json", fs::copy_options::overwrite_existing);
 
-  DeepSeekModel model(cfg);
+  DeepSeekModel model(cfg, opt.device);
   model.init_random(opt.seed);
   // The aux loss of each micro-batch is averaged like the main loss.
   for (auto& l : model.layers())
