@@ -15,6 +15,7 @@
 #include "core/progress.h"
 #include "model/checkpoint.h"
 #include "model/summary.h"
+#include "ops/ops.h"
 #include "tokenizer/bpe_trainer.h"
 #include "train/adamw.h"
 #include "train/data.h"
@@ -78,6 +79,7 @@ Evaluation evaluate(DeepSeekModel& model, const WindowSampler& val, int64_t batc
 }  // namespace
 
 TrainResult train(const TrainOptions& opt) {
+  backend(opt.device);  // no GPU (or a CPU-only build) fails here, before any tokenizer work
   if (!fs::is_directory(opt.data_dir))
     fail("{}: data directory not found (build one with scripts/corpus)", opt.data_dir.string());
   fs::path tok_path = opt.tokenizer.empty() ? opt.data_dir / "tokenizer.json" : opt.tokenizer;

@@ -43,7 +43,9 @@ TEST(DeviceCli, CudaWithoutGpuIsAOneLineError) {
   for (const std::string& args :
        {forward_args(tmp.path() / "l.safetensors", "cuda"),
         "generate --model " + kFixture + " --prompt hi --tokenizer none --device cuda",
-        "finetune --model " + kFixture + " --data none.jsonl --method full --device cuda"}) {
+        "finetune --model " + kFixture + " --data none.jsonl --method full --device cuda",
+        "train --config " + kFixture + "/config.json --data none --out " +
+            (tmp.path() / "run").string() + " --device cuda"}) {
     auto r = test::run_moekit(args);
     EXPECT_EQ(r.rc, 2) << args;
     EXPECT_TRUE(one_line(r.err)) << r.err;
