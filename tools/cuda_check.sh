@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Builds moekit with the CUDA backend on a GPU machine and runs the CUDA backend tests
-# (tests/ops/test_cuda_backend.cpp: every op against the CPU backend). Writes nvidia-smi's report,
-# the build and test logs and a timing summary to $OUT (default ./cuda-check-out).
+# Builds moekit with the CUDA backend on a GPU machine and runs the GPU tests: every op against the
+# CPU backend (tests/ops/test_cuda_backend.cpp, Cuda*), the whole model on the GPU against the CPU
+# (tests/model/test_gpu_model.cpp, Gpu*) and `--device cuda` on the CLI (tests/cli/
+# test_device_cli.cpp, GpuCli* and DeviceCli*). Writes nvidia-smi's report, the build and test logs
+# and a timing summary to $OUT (default ./cuda-check-out).
 #
 #   bash tools/cuda_check.sh                      # from the repository root
 #   MOEKIT_SRC=DIR bash tools/cuda_check.sh       # build another checkout (e.g. a carried copy)
@@ -10,9 +12,13 @@
 #                                                 # non-system shared libraries)
 #   MOEKIT_SANITIZE=1 bash tools/cuda_check.sh    # then the tests under compute-sanitizer
 #                                                 # (memcheck, racecheck, synccheck)
+#   MOEKIT_TEST_FILTER=PATTERN bash tools/cuda_check.sh  # another gtest filter
+#
+# The CLI tests run the `moekit` binary at the path compiled into moekit_tests (the build tree);
+# with MOEKIT_PREBUILT, put it there (and the sources at the compiled-in source path).
 #
 # Needs nvcc, CMake >= 3.25 and moekit's build dependencies (scripts/setup) unless
-# MOEKIT_PREBUILT is set. Exit status: the test binary's (0 when every Cuda* test passed).
+# MOEKIT_PREBUILT is set. Exit status: the test binary's (0 when every selected test passed).
 set -uo pipefail
 
 SRC=${MOEKIT_SRC:-$(pwd)}
@@ -55,19 +61,21 @@ else
   TESTS=$BUILD/moekit_tests
 fi
 
+FILTER=${MOEKIT_TEST_FILTER:-Cuda*:Gpu*:DeviceCli*}
 t3=$(now)
-"$TESTS" --gtest_filter='Cuda*' 2>&1 | tee "$OUT/tests.log"
+"$TESTS" --gtest_filter="$FILTER" 2>&1 | tee "$OUT/tests.log"
 rc=${PIPESTATUS[0]}
 t4=$(now)
 log "tests: exit $rc in $(secs "$t3" "$t4") s"
-grep -E "^\[ +(OK|FAILED|SKIPPED) +\]" "$OUT/tests.log" | tee -a "$OUT/summary.txt"
+grep -E "^\[ +(OK|FAILED|SKIPPED) +\]|^\[ gpu-" "$OUT/tests.log" | tee -a "$OUT/summary.txt"
 
 if [ "${MOEKIT_SANITIZE:-0}" = 1 ]; then
-  # The throughput test is left out: it only times, and the sanitizers slow kernels many-fold.
+  # The throughput test is left out: it only times, and the sanitizers slow kernels many-fold;
+  # the CLI tests too: their GPU work runs in child processes, which the sanitizer does not see.
   for tool in memcheck racecheck synccheck; do
     t5=$(now)
     compute-sanitizer --tool "$tool" --error-exitcode 9 "$TESTS" \
-      --gtest_filter='Cuda*:-*Throughput' >"$OUT/$tool.log" 2>&1
+      --gtest_filter='Cuda*:Gpu*:-*Throughput:GpuCli*' >"$OUT/$tool.log" 2>&1
     src=$?
     log "$tool: exit $src in $(secs "$t5" "$(now)") s: $(grep -E 'SUMMARY' "$OUT/$tool.log")"
     [ "$src" = 0 ] || rc=$src

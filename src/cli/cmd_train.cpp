@@ -12,7 +12,7 @@ namespace moekit::cli {
 void add_train_commands(CLI::App& app) {
   struct Args {
     TrainOptions opt;
-    std::string config, data, tokenizer, out, balance = "lfb";
+    std::string config, data, tokenizer, out, balance = "lfb", device = "cpu";
   };
   auto a = std::make_shared<Args>();
   auto* cmd = app.add_subcommand("train", "Pretrain a DeepSeekMoE model from a config");
@@ -44,12 +44,14 @@ void add_train_commands(CLI::App& app) {
   cmd->add_option("--save-every", a->opt.save_every)->capture_default_str();
   cmd->add_option("--keep", a->opt.keep_checkpoints, "checkpoints kept")->capture_default_str();
   cmd->add_flag("--resume", a->opt.resume, "continue from the run's last checkpoint");
+  add_device_option(cmd, a->device);
   cmd->callback([a] {
     a->opt.config_file = a->config;
     a->opt.data_dir = a->data;
     a->opt.tokenizer = a->tokenizer;
     a->opt.out = a->out;
     a->opt.balance = parse_balance(a->balance);
+    a->opt.device = parse_device(a->device);
     TrainResult r = train(a->opt);
     fmt::print(
         "final: loss {:.4f}, val_loss {:.4f} (ppl {:.2f}), val MaxVio global {:.3f}, "

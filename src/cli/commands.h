@@ -3,8 +3,22 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
+#include <string>
+
+#include "core/tensor.h"
 
 namespace moekit::cli {
+
+// `--device cpu|cuda` of the commands that run a model (train, finetune, forward, generate).
+inline void add_device_option(CLI::App* cmd, std::string& device) {
+  cmd->add_option("--device", device,
+                  "cpu | cuda: where weights, activations and training state live")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
+}
+inline Device parse_device(const std::string& s) {
+  return s == "cuda" ? Device::CUDA : Device::CPU;
+}
 
 void add_model_commands(CLI::App& app);  // info, forward (cmd_model.cpp)
 void add_init_commands(CLI::App& app);   // init: random checkpoint of any size (cmd_init.cpp)

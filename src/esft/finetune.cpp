@@ -13,6 +13,7 @@
 #include "core/error.h"
 #include "esft/adapter.h"
 #include "model/checkpoint.h"
+#include "model/summary.h"
 #include "tokenizer/templates.h"
 #include "train/adamw.h"
 
@@ -105,8 +106,8 @@ double loss_on(DeepSeekModel& model, const Packed& p, int64_t first, int64_t cou
   std::copy(p.labels.begin() + long(first * seq), p.labels.begin() + long((first + count) * seq),
             labels.i32());
   Tensor logits = model.forward(ids, count, seq);
-  if (dlogits) *dlogits = Tensor::empty(logits.shape());
-  double l = cross_entropy(backend(Device::CPU), logits, labels, dlogits);
+  if (dlogits) *dlogits = Tensor::empty(logits.shape(), DType::F32, model.device());
+  double l = cross_entropy(backend(model.device()), logits, labels, dlogits);
   if (dlogits) model.backward(*dlogits);
   return l;
 }
@@ -168,7 +169,8 @@ FinetuneResult finetune_model(DeepSeekModel& model, const Tokenizer& tok,
     // The loss gradient of each micro-batch was averaged over its own tokens; average the sum.
     if (opt.accumulation > 1)
       for (auto& p : model.params().all())
-        if (p->grad.defined()) backend(Device::CPU).scale(p->grad, 1.0f / float(opt.accumulation));
+        if (p->grad.defined())
+          backend(p->grad.device()).scale(p->grad, 1.0f / float(opt.accumulation));
     clip_grad_norm(model.params(), opt.grad_clip);
     adam.step(model.params(), opt.lr);
     if (step == 1) res.first_loss = loss;
@@ -190,7 +192,20 @@ FinetuneResult finetune(const FinetuneOptions& opt) {
     fail("--method must be esft or full, got \"{}\"", opt.method);
   if (opt.method == "esft" && opt.experts.empty())
     fail("--method esft needs --experts CONFIG.json");
-  auto model = load_model(opt.model);
+  if (opt.device != Device::CPU) {
+    // Before any weight reaches the GPU: the trainable set from a layout-only model, then the
+    // memory check for weights, gradients, AdamW state and activations.
+    if (!fs::is_directory(opt.model)) fail("{}: not a model directory", opt.model.string());
+    const ModelConfig c = load_config(opt.model / "config.json");
+    DeepSeekModel layout(c, Device::CPU, /*allocate=*/false);
+    if (opt.method == "esft")
+      apply_expert_config(layout, read_expert_config(opt.experts), opt.experts.string());
+    check_device_memory(estimate_memory(c, opt.batch * opt.seq, layout.params().trainable_numel()),
+                        opt.device,
+                        fmt::format("{}: {} fine-tuning (batch {} x seq {})", opt.model.string(),
+                                    opt.method, opt.batch, opt.seq));
+  }
+  auto model = load_model(opt.model, opt.device);
   const std::string fingerprint = base_fingerprint(*model);  // of the base, before any update
   const fs::path tok_path = opt.tokenizer.empty() ? opt.model / "tokenizer.json" : opt.tokenizer;
   Tokenizer tok = Tokenizer::load(tok_path);

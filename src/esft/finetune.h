@@ -23,6 +23,7 @@ struct FinetuneOptions {
   double lr = 1e-5, weight_decay = 0.1, grad_clip = 1.0, random_concat_ratio = 0.2;
   uint64_t seed = 5934875;  // base.yaml
   int64_t log_every = 10;
+  Device device = Device::CPU;  // where the model, gradients and AdamW state live
 };
 
 struct FinetuneResult {

@@ -59,6 +59,8 @@ Tensor Generator::feed(const std::vector<int32_t>& ids) {
     tok.i32()[i] = ids[size_t(i)];
     pos.i32()[i] = int32_t(start + i);
   }
+  tok = tok.to_device(model_.device());
+  pos = pos.to_device(model_.device());
   Tensor x = Tensor::empty({n, c.hidden_size}, DType::F32, model_.device());
   be.embedding_forward(x, model_.params().at("model.embed_tokens.weight").value, tok);
   for (size_t l = 0; l < model_.layers().size(); ++l) {

@@ -1,4 +1,5 @@
-// Absorbed MLA attention over the latent cache (CPU reference; GEMMs through the backend).
+// Absorbed MLA attention over the latent cache (GEMMs through the backend; the causal softmax on
+// the host, so on a GPU the scores make a round trip per head).
 #include "infer/mla_decode.h"
 
 #include <cmath>
@@ -48,9 +49,11 @@ Tensor mla_decode(Backend& be, MLA& a, const Tensor& x, const Tensor& positions,
     be.matmul(q_lat, q_nope, w_k, false, false, 1.0f, 0.0f);              // absorb W_kb
     be.matmul(scores, q_lat, C, false, true, a.softmax_scale, 0.0f);
     be.matmul(scores, q_rope, KR, false, true, a.softmax_scale, 1.0f);
-    // Causal softmax on the host-visible scores (row i sees cache positions <= cached + i).
+    // Causal softmax on the host (row i sees cache positions <= cached + i); device scores take
+    // a round trip (n x total values per head: small next to the weights a step reads).
+    Tensor sh = scores.to_host();
     for (int64_t i = 0; i < n; ++i) {
-      float* s = scores.f32() + i * total;
+      float* s = sh.f32() + i * total;
       const int64_t last = cached + i;
       float m = -std::numeric_limits<float>::infinity();
       for (int64_t j = 0; j <= last; ++j) m = std::max(m, s[j]);
@@ -58,6 +61,7 @@ Tensor mla_decode(Backend& be, MLA& a, const Tensor& x, const Tensor& positions,
       for (int64_t j = 0; j <= last; ++j) z += (s[j] = std::exp(s[j] - m));
       for (int64_t j = 0; j < total; ++j) s[j] = j <= last ? s[j] / z : 0.0f;
     }
+    if (sh.device() != scores.device()) scores.copy_from(sh);
     be.matmul(ctx, scores, C, false, false, 1.0f, 0.0f);  // sum_j p_j c_j
     be.matmul(o_h, ctx, w_v, false, true, 1.0f, 0.0f);    // apply W_vb after attention
     be.copy_columns(o, h * dv, o_h, 0, dv, false);

@@ -71,8 +71,8 @@ Tensor DeepSeekModel::forward(const Tensor& ids, int64_t batch, int64_t seq) {
   positions = positions.to_device(device_);
   const int64_t T = batch * seq;
   Tensor x = Tensor::empty({T, config_.hidden_size}, DType::F32, device_);
-  be.embedding_forward(x, embed_tokens->value, ids);
-  saved_.ids = ids;
+  saved_.ids = ids.to_device(device_);  // host ids are copied once; backward needs them too
+  be.embedding_forward(x, embed_tokens->value, saved_.ids);
   for (auto& layer : layers_) x = layer.forward(be, x, positions, rope_, batch, seq);
   saved_.final_hidden = norm_.forward(be, x);
   Tensor logits = Tensor::empty({T, config_.vocab_size}, DType::F32, device_);
@@ -114,7 +114,8 @@ Tensor shifted_targets(const Tensor& ids, int64_t batch, int64_t seq) {
 float cross_entropy(Backend& be, const Tensor& logits, const Tensor& targets, Tensor* dlogits) {
   const int64_t T = logits.dim(0);
   Tensor losses = Tensor::empty({T}, DType::F32, logits.device());
-  be.cross_entropy_forward(losses, logits, targets);
+  const Tensor td = targets.to_device(logits.device());
+  be.cross_entropy_forward(losses, logits, td);
   const Tensor lh = losses.to_host(), th = targets.to_host();
   double sum = 0.0;
   int64_t valid = 0;
@@ -124,7 +125,7 @@ float cross_entropy(Backend& be, const Tensor& logits, const Tensor& targets, Te
       ++valid;
     }
   if (valid == 0) return 0.0f;
-  if (dlogits) be.cross_entropy_backward(*dlogits, logits, targets, 1.0f / float(valid));
+  if (dlogits) be.cross_entropy_backward(*dlogits, logits, td, 1.0f / float(valid));
   return float(sum / double(valid));
 }
 

@@ -43,7 +43,9 @@ class DeepSeekModel {
   std::vector<DecoderLayer>& layers() { return layers_; }
   Device device() const { return device_; }
 
-  // ids I32 [batch*seq] -> logits [batch*seq, vocab].
+  // ids I32 [batch*seq] (host or model device) -> logits [batch*seq, vocab] on the model's
+  // device. On Device::CUDA every op runs on the GPU; only the MoE dispatch plan is built on the
+  // host from a copy of the top-k indices (its index tensors go up once per layer call).
   Tensor forward(const Tensor& ids, int64_t batch, int64_t seq);
   // Backward from dlogits [batch*seq, vocab]; parameter grads accumulate for trainable params.
   void backward(const Tensor& dlogits);
@@ -70,7 +72,7 @@ class DeepSeekModel {
 Tensor shifted_targets(const Tensor& ids, int64_t batch, int64_t seq);
 
 // Mean cross-entropy over targets >= 0; when dlogits is given, fills it with the gradient of that
-// mean.
+// mean. targets may be in host memory (copied to the logits' device).
 float cross_entropy(Backend& be, const Tensor& logits, const Tensor& targets,
                     Tensor* dlogits = nullptr);
 

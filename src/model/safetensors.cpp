@@ -211,14 +211,14 @@ void save_safetensors(const fs::path& path,
   std::sort(sorted.begin(), sorted.end(),
             [](const auto& a, const auto& b) { return a.first < b.first; });
   std::vector<SafetensorsSlot> slots;
-  for (const auto& [name, t] : sorted) {
-    MOEKIT_CHECK(t.device() == Device::CPU, "save_safetensors needs host tensors ({})", name);
-    slots.push_back({name, t.dtype(), t.shape()});
-  }
+  for (const auto& [name, t] : sorted) slots.push_back({name, t.dtype(), t.shape()});
   const std::string header = safetensors_header(slots, metadata);
   AtomicFile out(path);  // streamed: no second copy of the weights in memory
   out.write(header.data(), header.size());
-  for (const auto& [name, t] : sorted) out.write(t.raw(), t.nbytes());
+  for (const auto& [name, t] : sorted) {
+    const Tensor host = t.to_host();  // device tensors go through one host copy at a time
+    out.write(host.raw(), host.nbytes());
+  }
   out.commit();
 }
 

@@ -3,6 +3,9 @@
 
 #include <fmt/format.h>
 
+#include "core/error.h"
+#include "ops/ops.h"
+
 namespace moekit {
 
 ModelSummary summarize(const ModelConfig& c) {
@@ -57,6 +60,39 @@ std::string human_bytes(double n) {
   if (n >= 1024.0 * 1024) return fmt::format("{:.2f} MiB", n / (1024.0 * 1024));
   if (n >= 1024.0) return fmt::format("{:.1f} KiB", n / 1024.0);
   return fmt::format("{:.0f} B", n);
+}
+
+MemoryEstimate estimate_memory(const ModelConfig& c, int64_t tokens, int64_t trainable_params) {
+  MemoryEstimate m;
+  m.weights = double(summarize(c).total) * 4.0;
+  m.grads = double(trainable_params) * 4.0;
+  m.optimizer = double(trainable_params) * 8.0;
+  // Per token and layer about 40 hidden-sized fp32 vectors (norms, MLA projections, attention,
+  // residuals, gradients in flight), the routed experts' rows (gate, up, h of K experts) and
+  // three vocabulary-sized rows (logits, their gradient, the loss pass).
+  const double per_layer = 40.0 * double(c.hidden_size) +
+                           3.0 * double(c.num_experts_per_tok) * double(c.moe_intermediate_size);
+  m.activations =
+      double(tokens) * (per_layer * double(c.num_hidden_layers) + 3.0 * double(c.vocab_size)) * 4.0;
+  return m;
+}
+
+void check_device_memory(const MemoryEstimate& need, Device device, const std::string& what) {
+  size_t free_bytes = 0, total_bytes = 0;
+  backend(device).memory_info(free_bytes, total_bytes);
+  const bool gpu = device != Device::CPU;
+  // The host check compares with physical memory (swap and page cache make "free" too strict).
+  const double have = double(gpu ? free_bytes : total_bytes);
+  if (need.total() <= have) return;
+  fail(
+      "{}: needs about {} of {} memory (weights {}, gradients {}, AdamW state {}, activations "
+      "{}), {} {}",
+      what, human_bytes(need.total()), gpu ? "GPU" : "host", human_bytes(need.weights),
+      human_bytes(need.grads), human_bytes(need.optimizer), human_bytes(need.activations),
+      gpu ? "the GPU has" : "this machine has",
+      gpu ? fmt::format("{} free of {}", human_bytes(double(free_bytes)),
+                        human_bytes(double(total_bytes)))
+          : human_bytes(double(total_bytes)));
 }
 
 }  // namespace moekit

@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "core/tensor.h"
 #include "model/config.h"
 
 namespace moekit {
@@ -24,6 +25,20 @@ struct ModelSummary {
 };
 
 ModelSummary summarize(const ModelConfig& c);
+
+// Memory a run needs on its device, in bytes: fp32 weights, gradients and AdamW's two moments of
+// the trainable parameters, and a rough estimate of the activations that forward keeps for
+// backward over `tokens` tokens (batch x seq).
+struct MemoryEstimate {
+  double weights = 0, grads = 0, optimizer = 0, activations = 0;
+  double total() const { return weights + grads + optimizer + activations; }
+};
+MemoryEstimate estimate_memory(const ModelConfig& c, int64_t tokens, int64_t trainable_params);
+
+// Before allocating: fails with one line naming `what` when `device` lacks the memory (the GPU:
+// free memory from the driver; the host: physical memory). Asking for a CUDA device without one
+// fails here too, with the backend's "no CUDA device" error.
+void check_device_memory(const MemoryEstimate& need, Device device, const std::string& what);
 
 // "15.71B", "2.45M", ...
 std::string human_count(double n);

@@ -6,6 +6,7 @@
 // unless an argument says otherwise.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 
@@ -29,6 +30,8 @@ enum class Op : uint8_t {
   CopyColumns,
   MlaSplitKv,
   MoeGate,
+  AdamW,
+  SumSquares,
   Count
 };
 
@@ -46,6 +49,17 @@ struct GateParams {
   float routed_scaling_factor = 1.0f;
 };
 
+// The scalars of one AdamW update (train/adamw.cpp derives them from the step count and the LR):
+//   m = beta1 m + (1-beta1) g;  v = beta2 v + (1-beta2) g^2;  w -= decay w;
+//   w -= step_size m / (sqrt(v * inv_bc2) + eps)
+struct AdamWStep {
+  float beta1 = 0.9f, beta2 = 0.95f;
+  float step_size = 0.0f;  // lr / (1 - beta1^t)
+  float decay = 0.0f;      // lr * weight_decay; 0 for tensors without decay
+  float inv_bc2 = 1.0f;    // 1 / (1 - beta2^t)
+  float eps = 1e-8f;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -56,6 +70,8 @@ class Backend {
   virtual std::shared_ptr<Storage> allocate(size_t bytes) = 0;
   virtual void copy(Tensor& dst, const Tensor& src) = 0;  // either side may be host memory
   virtual void fill(Tensor& t, float value) = 0;
+  // Free and total bytes of the device's memory (the host: available and physical memory).
+  virtual void memory_info(size_t& free_bytes, size_t& total_bytes) = 0;
 
   // c[M,N] = alpha * op(a) @ op(b) + beta * c, op(a) [M,K], op(b) [K,N]; 2-D views.
   virtual void matmul(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b,
@@ -134,6 +150,13 @@ class Backend {
   virtual void moe_gate_backward(Tensor& dlogits, const Tensor& dtopk_w, const Tensor& topk_idx,
                                  const Tensor& scores, const Tensor& dscores,
                                  const GateParams& p) = 0;
+
+  // Optimizer. One AdamW update of parameter w with its moments m, v from gradient g (all F32,
+  // same numel, same device), in place.
+  virtual void adamw_step(Tensor& w, Tensor& m, Tensor& v, const Tensor& g, const AdamWStep& s) = 0;
+  // Sum of squares of every element of an F32 tensor, accumulated in double (the global gradient
+  // norm of clipping); a host value, so the caller waits for the device.
+  virtual double sum_squares(const Tensor& x) = 0;
 };
 
 // The backend for a device; throws a clear Error when that backend is not built or no device.

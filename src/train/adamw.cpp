@@ -1,11 +1,11 @@
-// AdamW and gradient clipping over the parameter table (host loops; the CUDA backend brings its
-// own fused update).
+// AdamW and gradient clipping over the parameter table; the per-tensor work is a backend op
+// (adamw_step, sum_squares) of the parameter's device, so training on the GPU never copies
+// weights, gradients or moments to the host.
 #include "train/adamw.h"
 
 #include <cmath>
 
 #include "core/error.h"
-#include "core/thread_pool.h"
 #include "ops/ops.h"
 
 namespace moekit {
@@ -16,27 +16,24 @@ void AdamW::step(ParamTable& params, double lr) {
   const double bc2 = 1.0 - std::pow(cfg_.beta2, double(step_));
   for (auto& p : params.all()) {
     if (!p->trainable || !p->grad.defined()) continue;
+    const Device dev = p->value.device();
     auto& mo = moments_[p->name];
     if (!mo.m.defined()) {
-      mo.m = Tensor::zeros(p->value.shape());
-      mo.v = Tensor::zeros(p->value.shape());
+      mo.m = Tensor::zeros(p->value.shape(), DType::F32, dev);
+      mo.v = Tensor::zeros(p->value.shape(), DType::F32, dev);
+    } else if (mo.m.device() != dev) {  // loaded from a checkpoint into host memory
+      mo.m = mo.m.to_device(dev);
+      mo.v = mo.v.to_device(dev);
     }
     const bool decay = p->value.ndim() >= 2;
-    const float b1 = float(cfg_.beta1), b2 = float(cfg_.beta2);
-    const float step_size = float(lr / bc1), wd = decay ? float(lr * cfg_.weight_decay) : 0.0f;
-    const float inv_bc2 = float(1.0 / bc2), eps = float(cfg_.eps);
-    float *w = p->value.f32(), *g = p->grad.f32(), *m = mo.m.f32(), *v = mo.v.f32();
-    cpu_pool().parallel_for(
-        p->value.numel(),
-        [&](int64_t b, int64_t e) {
-          for (int64_t i = b; i < e; ++i) {
-            m[i] = b1 * m[i] + (1.0f - b1) * g[i];
-            v[i] = b2 * v[i] + (1.0f - b2) * g[i] * g[i];
-            w[i] -= wd * w[i];  // decoupled decay
-            w[i] -= step_size * m[i] / (std::sqrt(v[i] * inv_bc2) + eps);
-          }
-        },
-        1 << 14);
+    AdamWStep s;
+    s.beta1 = float(cfg_.beta1);
+    s.beta2 = float(cfg_.beta2);
+    s.step_size = float(lr / bc1);
+    s.decay = decay ? float(lr * cfg_.weight_decay) : 0.0f;
+    s.inv_bc2 = float(1.0 / bc2);
+    s.eps = float(cfg_.eps);
+    backend(dev).adamw_step(p->value, mo.m, mo.v, p->grad, s);
   }
 }
 
@@ -68,11 +65,8 @@ void AdamW::load_state(const std::map<std::string, Tensor>& state, int64_t step)
 
 double clip_grad_norm(ParamTable& params, double max_norm) {
   double sq = 0.0;
-  for (auto& p : params.all()) {
-    if (!p->grad.defined()) continue;
-    const float* g = p->grad.f32();
-    for (int64_t i = 0; i < p->grad.numel(); ++i) sq += double(g[i]) * double(g[i]);
-  }
+  for (auto& p : params.all())
+    if (p->grad.defined()) sq += backend(p->grad.device()).sum_squares(p->grad);
   const double norm = std::sqrt(sq);
   if (max_norm > 0 && norm > max_norm) {
     const float s = float(max_norm / (norm + 1e-6));

@@ -5,7 +5,6 @@
 #include "train/trainer.h"
 
 #include <fmt/format.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -16,6 +15,7 @@
 #include "core/progress.h"
 #include "model/checkpoint.h"
 #include "model/summary.h"
+#include "ops/ops.h"
 #include "tokenizer/bpe_trainer.h"
 #include "train/adamw.h"
 #include "train/data.h"
@@ -31,19 +31,13 @@ using json = nlohmann::json;
 namespace {
 
 // Parameters, gradients and two AdamW moments in fp32, plus a rough activation estimate; refuse
-// before allocating when that exceeds physical memory.
+// before allocating when that exceeds the device's memory (the host: physical memory; a GPU: its
+// free memory).
 void check_fits_in_memory(const ModelConfig& cfg, const TrainOptions& opt) {
-  const ModelSummary s = summarize(cfg);
-  const double tokens = double(opt.batch * opt.seq);
-  const double activations =
-      tokens * double(cfg.hidden_size) * double(cfg.num_hidden_layers) * 40.0 * 4.0 +
-      tokens * double(cfg.vocab_size) * 4.0 * 3.0;
-  const double need = double(s.total) * 16.0 + activations;
-  const double have = double(::sysconf(_SC_PHYS_PAGES)) * double(::sysconf(_SC_PAGESIZE));
-  if (need > have)
-    fail("{}: training this model needs about {} of memory (parameters {}), this machine has {}",
-         opt.config_file.string(), human_bytes(need), human_count(double(s.total)),
-         human_bytes(have));
+  const int64_t params = summarize(cfg).total;
+  check_device_memory(estimate_memory(cfg, opt.batch * opt.seq, params), opt.device,
+                      fmt::format("{}: training this model (batch {} x seq {})",
+                                  opt.config_file.string(), opt.batch, opt.seq));
 }
 
 std::vector<int32_t> cached_tokens(const fs::path& cache, const fs::path& jsonl,
@@ -85,6 +79,7 @@ Evaluation evaluate(DeepSeekModel& model, const WindowSampler& val, int64_t batc
 }  // namespace
 
 TrainResult train(const TrainOptions& opt) {
+  backend(opt.device);  // no GPU (or a CPU-only build) fails here, before any tokenizer work
   if (!fs::is_directory(opt.data_dir))
     fail("{}: data directory not found (build one with scripts/corpus)", opt.data_dir.string());
   fs::path tok_path = opt.tokenizer.empty() ? opt.data_dir / "tokenizer.json" : opt.tokenizer;
@@ -121,7 +116,7 @@ TrainResult train(const TrainOptions& opt) {
   if (tok_path != opt.out / "tokenizer.json")
     fs::copy_file(tok_path, opt.out / "tokenizer.json", fs::copy_options::overwrite_existing);
 
-  DeepSeekModel model(cfg);
+  DeepSeekModel model(cfg, opt.device);
   model.init_random(opt.seed);
   // The aux loss of each micro-batch is averaged like the main loss.
   for (auto& l : model.layers())

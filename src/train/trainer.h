@@ -36,6 +36,7 @@ struct TrainOptions {
   int64_t keep_checkpoints = 3;
   bool resume = false;
   bool quiet = false;
+  Device device = Device::CPU;  // where weights, gradients, AdamW state and activations live
 };
 
 struct TrainResult {

@@ -184,6 +184,34 @@ TEST_F(CudaBackendTest, AddAndScale) {
   EXPECT_CLOSE(dy, y, kF32Tol);
 }
 
+TEST_F(CudaBackendTest, AdamWStepAndSumSquares) {
+  // Odd size (not a multiple of 256 threads), moments already non-zero as after a few steps.
+  Tensor w = randn({301, 67}, 0.02f), m = randn({301, 67}, 1e-3f), g = randn({301, 67}, 1e-2f);
+  Tensor v = randn({301, 67}, 1e-3f);
+  for (int64_t i = 0; i < v.numel(); ++i) v.f32()[i] = v.f32()[i] * v.f32()[i];
+  AdamWStep s;
+  s.step_size = 1e-3f / 0.271f;  // lr / (1 - 0.9^3)
+  s.decay = 1e-4f;
+  s.inv_bc2 = 1.0f / 0.142625f;  // 1 / (1 - 0.95^3)
+  Tensor wd = dev(w), md = dev(m), vd = dev(v), gd = dev(g);
+  gpu().adamw_step(wd, md, vd, gd, s);
+  cpu().adamw_step(w, m, v, g, s);
+  EXPECT_CLOSE(wd, w, kF32Tol);
+  EXPECT_CLOSE(md, m, kF32Tol);
+  EXPECT_CLOSE(vd, v, kF32Tol);
+
+  for (int64_t n : {int64_t(0), int64_t(1), int64_t(255), int64_t(70001), int64_t(3000017)}) {
+    Tensor x = randn({n});
+    const double a = gpu().sum_squares(dev(x)), b = cpu().sum_squares(x);
+    EXPECT_LE(std::abs(a - b), 1e-12 * std::max(b, 1.0)) << n;
+    EXPECT_EQ(gpu().sum_squares(dev(x)), a) << "not deterministic at " << n;
+  }
+  size_t free_bytes = 0, total_bytes = 0;
+  gpu().memory_info(free_bytes, total_bytes);
+  EXPECT_GT(free_bytes, size_t(0));
+  EXPECT_LE(free_bytes, total_bytes);
+}
+
 TEST_F(CudaBackendTest, EmbeddingForwardBackward) {
   const int64_t V = 50, C = 77, T = 301;  // T >> V: many repeated ids
   Tensor table = randn({V, C}), ids = randint({T}, 0, int32_t(V));

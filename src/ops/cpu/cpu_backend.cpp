@@ -4,6 +4,7 @@
 #include "ops/cpu/cpu_backend.h"
 
 #include <cblas.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstdlib>
@@ -31,6 +32,12 @@ void CpuBackend::copy(Tensor& dst, const Tensor& src) {
 
 void CpuBackend::fill(Tensor& t, float value) {
   t.fill(value);
+}
+
+void CpuBackend::memory_info(size_t& free_bytes, size_t& total_bytes) {
+  const auto page = size_t(::sysconf(_SC_PAGESIZE));
+  free_bytes = size_t(::sysconf(_SC_AVPHYS_PAGES)) * page;
+  total_bytes = size_t(::sysconf(_SC_PHYS_PAGES)) * page;
 }
 
 void CpuBackend::matmul(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b,

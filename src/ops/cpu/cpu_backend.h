@@ -1,7 +1,8 @@
 // CpuBackend: the reference implementation of the op set (ops/ops.h). Plain loops over the
 // thread pool plus OpenBLAS for GEMM. Every other backend is tested against it.
 // Methods are spread over files by concept: cpu_backend.cpp (memory, GEMM, elementwise, norms),
-// cpu_attention.cpp, cpu_moe.cpp (gate, dispatch/combine), cpu_loss.cpp.
+// cpu_attention.cpp, cpu_moe.cpp (gate, dispatch/combine), cpu_loss.cpp, cpu_optim.cpp (AdamW,
+// sum of squares).
 #pragma once
 
 #include "ops/ops.h"
@@ -16,6 +17,7 @@ class CpuBackend final : public Backend {
   std::shared_ptr<Storage> allocate(size_t bytes) override;
   void copy(Tensor& dst, const Tensor& src) override;
   void fill(Tensor& t, float value) override;
+  void memory_info(size_t& free_bytes, size_t& total_bytes) override;
 
   void matmul(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, float alpha,
               float beta) override;
@@ -56,6 +58,8 @@ class CpuBackend final : public Backend {
                         const Tensor& bias, const GateParams& p) override;
   void moe_gate_backward(Tensor& dlogits, const Tensor& dtopk_w, const Tensor& topk_idx,
                          const Tensor& scores, const Tensor& dscores, const GateParams& p) override;
+  void adamw_step(Tensor& w, Tensor& m, Tensor& v, const Tensor& g, const AdamWStep& s) override;
+  double sum_squares(const Tensor& x) override;
 };
 
 }  // namespace moekit

@@ -2,11 +2,18 @@
 // through cuBLAS (fp32, or bf16/bf16 inputs with fp32 accumulation), add/scale, index checks.
 // Compiled by the C++ compiler (fmt's compile-time format checks do not pass nvcc); the kernels
 // are behind ops/cuda/kernels.h.
+//
+// Start-up cost: the CUDA runtime is linked statically (it loads the driver only on the first CUDA
+// call) and cuBLAS is not linked at all but dlopen()ed when the backend is created, so a process
+// that never touches Device::CUDA pays nothing for it (loading libcublas and libcublasLt takes
+// about 0.45 s, which a CLI-heavy test suite paid per process).
 #include <cublas_v2.h>
+#include <dlfcn.h>
 
 #include <bit>
 #include <cmath>
 #include <mutex>
+#include <string>
 
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/cuda_util.h"
@@ -54,15 +61,65 @@ void check_cublas(cublasStatus_t s, const char* op) {
   if (s != CUBLAS_STATUS_SUCCESS) fail("CUDA {}: {} ({})", op, cublas_name(s), int(s));
 }
 
+#ifndef MOEKIT_CUBLAS_SONAME
+#define MOEKIT_CUBLAS_SONAME "libcublas.so"
+#endif
+#ifndef MOEKIT_CUBLAS_DIR
+#define MOEKIT_CUBLAS_DIR ""
+#endif
+
+// The three cuBLAS entry points moekit uses, resolved from the library loaded at run time.
+struct Cublas {
+  decltype(&cublasCreate_v2) create = nullptr;
+  decltype(&cublasSetMathMode) set_math_mode = nullptr;
+  cublasStatus_t (*gemm_ex)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int,
+                            const void*, const void*, cudaDataType, int, const void*, cudaDataType,
+                            int, const void*, void*, cudaDataType, int, cublasComputeType_t,
+                            cublasGemmAlgo_t) = nullptr;
+};
+
+// Loads cuBLAS once: by soname (LD_LIBRARY_PATH, the loader cache), then from the toolkit's
+// library directory recorded at build time, then from the usual toolkit location.
+const Cublas& cublas() {
+  static const Cublas api = [] {
+    void* lib = dlopen(MOEKIT_CUBLAS_SONAME, RTLD_NOW | RTLD_LOCAL);
+    std::string first_error = lib ? "" : dlerror();
+    for (const char* dir : {MOEKIT_CUBLAS_DIR, "/usr/local/cuda/lib64"})
+      if (!lib && *dir)
+        lib =
+            dlopen((std::string(dir) + "/" + MOEKIT_CUBLAS_SONAME).c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (!lib)
+      fail("CUDA: cannot load cuBLAS ({}); add the CUDA toolkit's lib64 to LD_LIBRARY_PATH",
+           first_error);
+    Cublas c;
+    auto sym = [&](const char* name) {
+      void* f = dlsym(lib, name);
+      if (!f) fail("CUDA: {} has no symbol {}", MOEKIT_CUBLAS_SONAME, name);
+      return f;
+    };
+    c.create = reinterpret_cast<decltype(c.create)>(sym("cublasCreate_v2"));
+    c.set_math_mode = reinterpret_cast<decltype(c.set_math_mode)>(sym("cublasSetMathMode"));
+    c.gemm_ex = reinterpret_cast<decltype(c.gemm_ex)>(sym("cublasGemmEx"));
+    return c;
+  }();
+  return api;
+}
+
 }  // namespace
 
 CudaBackend::CudaBackend() {
   cublasHandle_t h = nullptr;
-  check_cublas(cublasCreate(&h), "cublasCreate");
+  check_cublas(cublas().create(&h), "cublasCreate");
   // Default math: fp32 GEMMs stay fp32 (no TF32 unless NVIDIA_TF32_OVERRIDE=1 is set), bf16
   // GEMMs use the tensor cores with fp32 accumulation.
-  check_cublas(cublasSetMathMode(h, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
+  check_cublas(cublas().set_math_mode(h, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
   cublas_ = h;
+}
+
+void CudaBackend::memory_info(size_t& free_bytes, size_t& total_bytes) {
+  check(cudaMemGetInfo(&free_bytes, &total_bytes), "memory_info (cudaMemGetInfo)");
+  // Blocks cached by the allocator are free to moekit too.
+  free_bytes += alloc_.cached_bytes();
 }
 
 bool CudaBackend::supports(Op op, DType dtype) const {
@@ -107,6 +164,13 @@ void* CudaAllocator::get(size_t bytes) {
 void CudaAllocator::put(void* p, size_t bytes) {
   std::lock_guard<std::mutex> lock(mu_);
   free_.emplace(bucket(bytes), p);
+}
+
+size_t CudaAllocator::cached_bytes() {
+  std::lock_guard<std::mutex> lock(mu_);
+  size_t n = 0;
+  for (const auto& [b, p] : free_) n += b;
+  return n;
 }
 
 void CudaAllocator::release_cached() {
@@ -208,11 +272,12 @@ void CudaBackend::matmul(Tensor& c, const Tensor& a, const Tensor& b, bool trans
   // row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
   const auto ta = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
   const auto tb = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
-  check_cublas(cublasGemmEx(static_cast<cublasHandle_t>(cublas_), tb, ta, int(N), int(M), int(K),
-                            &alpha, b.raw(), cuda_type(b.dtype()), int(cols(b)), a.raw(),
-                            cuda_type(a.dtype()), int(cols(a)), &beta, c.raw(),
-                            cuda_type(c.dtype()), int(N), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-               "matmul (cublasGemmEx)");
+  check_cublas(
+      cublas().gemm_ex(static_cast<cublasHandle_t>(cublas_), tb, ta, int(N), int(M), int(K), &alpha,
+                       b.raw(), cuda_type(b.dtype()), int(cols(b)), a.raw(), cuda_type(a.dtype()),
+                       int(cols(a)), &beta, c.raw(), cuda_type(c.dtype()), int(N),
+                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+      "matmul (cublasGemmEx)");
 }
 
 // ---------------------------------------------------------------------------------------------

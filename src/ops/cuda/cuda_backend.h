@@ -6,7 +6,8 @@
 // Host side (C++ compiler): cuda_backend.cpp (device, memory, GEMM, add/scale, index checks) and
 // cuda_ops.cpp (argument checks and launches of every other op). Kernels (nvcc), behind
 // kernels.h: cuda_elementwise.cu (fills, SwiGLU, RoPE, embedding, column copies, MLA split),
-// cuda_norm.cu, cuda_attention.cu, cuda_moe.cu (gate, dispatch/combine), cuda_loss.cu.
+// cuda_norm.cu, cuda_attention.cu, cuda_moe.cu (gate, dispatch/combine), cuda_loss.cu,
+// cuda_optim.cu (AdamW, sum of squares).
 #pragma once
 
 #include <cstddef>
@@ -26,6 +27,7 @@ class CudaAllocator {
   void* get(size_t bytes);
   void put(void* p, size_t bytes);
   void release_cached();  // frees every cached block (retry path when cudaMalloc fails)
+  size_t cached_bytes();  // bytes held in cached blocks
   static size_t bucket(size_t bytes);
 
  private:
@@ -42,6 +44,7 @@ class CudaBackend final : public Backend {
   std::shared_ptr<Storage> allocate(size_t bytes) override;
   void copy(Tensor& dst, const Tensor& src) override;
   void fill(Tensor& t, float value) override;
+  void memory_info(size_t& free_bytes, size_t& total_bytes) override;
 
   void matmul(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, float alpha,
               float beta) override;
@@ -82,6 +85,8 @@ class CudaBackend final : public Backend {
                         const Tensor& bias, const GateParams& p) override;
   void moe_gate_backward(Tensor& dlogits, const Tensor& dtopk_w, const Tensor& topk_idx,
                          const Tensor& scores, const Tensor& dscores, const GateParams& p) override;
+  void adamw_step(Tensor& w, Tensor& m, Tensor& v, const Tensor& g, const AdamWStep& s) override;
+  double sum_squares(const Tensor& x) override;
 
   // Scratch device memory from the caching allocator, released when the tensor goes.
   Tensor scratch(Shape shape, DType dtype);

@@ -320,4 +320,28 @@ void CudaBackend::moe_gate_backward(Tensor& dlogits, const Tensor& dtopk_w, cons
         op);
 }
 
+void CudaBackend::adamw_step(Tensor& w, Tensor& m, Tensor& v, const Tensor& g, const AdamWStep& s) {
+  const char* op = "adamw_step";
+  expect_all_f32({&w, &m, &v, &g}, op);
+  const int64_t n = w.numel();
+  expect_numel(m, n, op, "m");
+  expect_numel(v, n, op, "v");
+  expect_numel(g, n, op, "g");
+  check(cuda::adamw_step(w.f32(), m.f32(), v.f32(), g.f32(), n, s), op);
+}
+
+double CudaBackend::sum_squares(const Tensor& x) {
+  const char* op = "sum_squares";
+  expect_f32(x, op, "x");
+  const int64_t n = x.numel();
+  if (n == 0) return 0.0;
+  // Doubles as pairs of I32 slots: one for the result, then the block partials.
+  Tensor buf = scratch({2 * (1 + cuda::sum_squares_blocks(n))}, DType::I32);
+  double* d = static_cast<double*>(buf.raw());
+  check(cuda::sum_squares(d, d + 1, x.f32(), n), op);
+  double out = 0.0;
+  check(cudaMemcpy(&out, d, sizeof(double), cudaMemcpyDeviceToHost), op);
+  return out;
+}
+
 }  // namespace moekit

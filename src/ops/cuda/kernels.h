@@ -92,4 +92,10 @@ cudaError_t attention_backward(float* dq, float* dk, float* dv, float* delta, co
                                const float* out, const float* lse, const float* q, const float* k,
                                const float* v, const AttentionShape& s);
 
+// --- optimizer (cuda_optim.cu)
+cudaError_t adamw_step(float* w, float* m, float* v, const float* g, int64_t n, const AdamWStep& s);
+// *out = sum of x[i]^2 in double; `partial` holds sum_squares_blocks(n) doubles.
+int64_t sum_squares_blocks(int64_t n);
+cudaError_t sum_squares(double* out, double* partial, const float* x, int64_t n);
+
 }  // namespace moekit::cuda

@@ -1,0 +1,152 @@
+// `--device cpu|cuda` on train, finetune, forward and generate: a bad value or a missing GPU is a
+// one-line error with exit status 2; on a GPU, the commands give the CPU's results (GpuCli tests,
+// skipped without a GPU).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <nlohmann/json.hpp>
+
+#include "../esft/esft_fixture.h"
+#include "../temp_dir.h"
+#include "../train/train_fixture.h"
+#include "model/safetensors.h"
+#include "ops/ops.h"
+#include "run_cli.h"
+
+namespace moekit {
+namespace {
+
+namespace fs = std::filesystem;
+
+const std::string kFixture = std::string(MOEKIT_SOURCE_DIR) + "/tests/fixtures/parity/v2_lite";
+
+std::string forward_args(const fs::path& out, const std::string& device) {
+  return "forward --model " + kFixture + " --input " + kFixture + "/ids.json --out " +
+         out.string() + " --device " + device;
+}
+
+bool one_line(const std::string& s) {
+  return !s.empty() && s.find('\n') == s.size() - 1;
+}
+
+TEST(DeviceCli, UnknownDeviceIsRefused) {
+  test::TempDir tmp;
+  auto r = test::run_moekit(forward_args(tmp.path() / "l.safetensors", "tpu"));
+  EXPECT_EQ(r.rc, 2);
+  EXPECT_TRUE(one_line(r.err)) << r.err;
+  EXPECT_NE(r.err.find("--device"), std::string::npos) << r.err;
+}
+
+TEST(DeviceCli, CudaWithoutGpuIsAOneLineError) {
+  if (backend_available(Device::CUDA)) GTEST_SKIP() << "a GPU is visible";
+  test::TempDir tmp;
+  for (const std::string& args :
+       {forward_args(tmp.path() / "l.safetensors", "cuda"),
+        "generate --model " + kFixture + " --prompt hi --tokenizer none --device cuda",
+        "finetune --model " + kFixture + " --data none.jsonl --method full --device cuda",
+        "train --config " + kFixture + "/config.json --data none --out " +
+            (tmp.path() / "run").string() + " --device cuda"}) {
+    auto r = test::run_moekit(args);
+    EXPECT_EQ(r.rc, 2) << args;
+    EXPECT_TRUE(one_line(r.err)) << r.err;
+    EXPECT_NE(r.err.find("CUDA"), std::string::npos) << r.err;
+    EXPECT_FALSE(fs::exists(tmp.path() / "l.safetensors"));
+  }
+}
+
+class GpuCli : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!backend_available(Device::CUDA))
+      GTEST_SKIP() << "CUDA backend not available (built without CUDA, or no GPU visible)";
+  }
+};
+
+double printed_loss(const std::string& out) {
+  return nlohmann::json::parse(out).at("loss").get<double>();
+}
+
+TEST_F(GpuCli, ForwardMatchesCpu) {
+  test::TempDir tmp;
+  auto rc = test::run_moekit(forward_args(tmp.path() / "cpu.safetensors", "cpu"));
+  auto rg = test::run_moekit(forward_args(tmp.path() / "gpu.safetensors", "cuda"));
+  ASSERT_EQ(rc.rc, 0) << rc.err;
+  ASSERT_EQ(rg.rc, 0) << rg.err;
+  EXPECT_NEAR(printed_loss(rg.out), printed_loss(rc.out), 1e-5 * printed_loss(rc.out));
+  auto a = SafetensorsFile::open(tmp.path() / "cpu.safetensors");
+  auto b = SafetensorsFile::open(tmp.path() / "gpu.safetensors");
+  const Tensor& la = a.tensors().at("logits").tensor;
+  const Tensor& lb = b.tensors().at("logits").tensor;
+  ASSERT_EQ(la.numel(), lb.numel());
+  double d = 0, m = 0;
+  for (int64_t i = 0; i < la.numel(); ++i) {
+    d = std::max(d, double(std::abs(la.f32()[i] - lb.f32()[i])));
+    m = std::max(m, double(std::abs(la.f32()[i])));
+  }
+  EXPECT_LE(d / m, 1e-5);
+}
+
+TEST_F(GpuCli, EsftFinetuneMatchesCpu) {
+  test::TempDir tmp;
+  const fs::path base = test::make_task_and_base(tmp.path(), 60, 0.2f);
+  std::ofstream(tmp.path() / "cfg.json")
+      << R"({"experts": {"1": [2, 5]}, "shared_experts": false, "non_expert_modules": false})";
+  auto run = [&](const std::string& device) {
+    return test::run_moekit("finetune --model " + base.string() + " --data " +
+                            (tmp.path() / "task.jsonl").string() + " --method esft --experts " +
+                            (tmp.path() / "cfg.json").string() + " --out " +
+                            (tmp.path() / device).string() +
+                            " --steps 3 --seq 64 --accumulation 2 --lr 1e-3 --device " + device);
+  };
+  auto rc = run("cpu"), rg = run("cuda");
+  ASSERT_EQ(rc.rc, 0) << rc.err;
+  ASSERT_EQ(rg.rc, 0) << rg.err;
+  auto a = SafetensorsFile::open(tmp.path() / "cpu/adapter.safetensors");
+  auto b = SafetensorsFile::open(tmp.path() / "cuda/adapter.safetensors");
+  ASSERT_EQ(a.tensors().size(), 6u);
+  ASSERT_EQ(b.tensors().size(), 6u);
+  for (const auto& [name, e] : a.tensors()) {
+    const Tensor& x = e.tensor;
+    const Tensor& y = b.tensors().at(name).tensor;
+    double d = 0, m = 0;
+    for (int64_t i = 0; i < x.numel(); ++i) {
+      d = std::max(d, double(std::abs(x.f32()[i] - y.f32()[i])));
+      m = std::max(m, double(std::abs(x.f32()[i])));
+    }
+    EXPECT_LE(d / m, 1e-4) << name;
+  }
+}
+
+TEST_F(GpuCli, TrainRunsAndResumes) {
+  test::TempDir tmp;
+  const fs::path data = test::make_train_data(tmp.path() / "data");
+  const std::string cfg = std::string(MOEKIT_SOURCE_DIR) + "/tests/fixtures/train/tiny.json";
+  auto run = [&](const std::string& device, int steps, const std::string& extra) {
+    return test::run_moekit("train --config " + cfg + " --data " + data.string() + " --out " +
+                            (tmp.path() / device).string() + " --steps " + std::to_string(steps) +
+                            " --batch 2 --seq 32 --eval-every 4 --eval-batches 2 --save-every 2 " +
+                            "--log-every 1 --device " + device + extra);
+  };
+  auto rc = run("cpu", 4, ""), rg = run("cuda", 4, "");
+  ASSERT_EQ(rc.rc, 0) << rc.err;
+  ASSERT_EQ(rg.rc, 0) << rg.err;
+  // Per-step losses from metrics.jsonl agree with the CPU run.
+  auto losses = [&](const std::string& device) {
+    std::vector<double> out;
+    std::ifstream in(tmp.path() / device / "metrics.jsonl");
+    std::string line;
+    while (std::getline(in, line))
+      if (auto j = nlohmann::json::parse(line); j.contains("loss")) out.push_back(j["loss"]);
+    return out;
+  };
+  const auto lc = losses("cpu"), lg = losses("cuda");
+  ASSERT_EQ(lc.size(), lg.size());
+  for (size_t i = 0; i < lc.size(); ++i) EXPECT_NEAR(lg[i], lc[i], 1e-4 * lc[i]) << i;
+  // A GPU run resumes from its checkpoint (AdamW moments go back to the GPU).
+  auto rr = run("cuda", 6, " --resume");
+  ASSERT_EQ(rr.rc, 0) << rr.err;
+  EXPECT_NE(rr.out.find("resuming from"), std::string::npos) << rr.out;
+}
+
+}  // namespace
+}  // namespace moekit

@@ -1,0 +1,284 @@
+// The whole model on the GPU against the same model on the CPU (the oracle): forward logits, loss
+// and every parameter gradient on the parity fixtures; three training steps (clipping, AdamW,
+// Loss-Free Balancing) of full and of ESFT training on the small test config; greedy decoding.
+// Every test skips with the reason when no GPU is visible (or the build has no CUDA). Every test's
+// full name starts with "Gpu" (tools/cuda_check.sh selects them with the filter Gpu*).
+//
+// Error measure, as in tests/ops/test_cuda_backend.cpp: max |gpu - cpu| / max |cpu| over a tensor
+// (normwise relative). Each op agrees to ~1e-6 of its largest value (fp32 sums in another order);
+// a model chains a few dozen of them, and backward multiplies small differences by the weights
+// again, so the tolerances are: logits 1e-5, loss 1e-5 (relative), gradients 1e-4, weights after
+// three AdamW steps 1e-4. Routing is discrete: the test checks first that both sides chose the
+// same experts for every token (a near-tie flipping would show as an O(1) difference instead).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <string>
+
+#include "core/error.h"
+#include "esft/finetune.h"
+#include "infer/generator.h"
+#include "model/checkpoint.h"
+#include "model/summary.h"
+#include "model/token_batch.h"
+#include "train/adamw.h"
+#include "train/balance.h"
+
+namespace moekit {
+namespace {
+
+const std::string kSource = MOEKIT_SOURCE_DIR;
+const std::string kFixtures = kSource + "/tests/fixtures/parity/";
+
+constexpr double kLogitsTol = 1e-5, kLossTol = 1e-5, kGradTol = 1e-4, kStepTol = 1e-4;
+
+bool have_gpu() {
+  return backend_available(Device::CUDA);
+}
+
+#define SKIP_WITHOUT_GPU() \
+  if (!have_gpu())         \
+  GTEST_SKIP() << "CUDA backend not available (built without CUDA, or no GPU visible)"
+
+// max |a - b| / max |b|, a on any device, b on the host (0 when both are all zero).
+double rel_diff(const Tensor& a_any, const Tensor& b) {
+  const Tensor a = a_any.to_host();
+  EXPECT_EQ(a.numel(), b.numel());
+  double d = 0.0, m = 0.0;
+  for (int64_t i = 0; i < b.numel(); ++i) {
+    d = std::max(d, double(std::abs(a.f32()[i] - b.f32()[i])));
+    m = std::max(m, double(std::abs(b.f32()[i])));
+  }
+  return m > 0.0 ? d / m : d;
+}
+
+// Every MoE layer chose the same experts on both sides in the last forward.
+void expect_same_routing(DeepSeekModel& gpu, DeepSeekModel& cpu) {
+  for (size_t l = 0; l < cpu.layers().size(); ++l) {
+    if (!cpu.layers()[l].moe) continue;
+    const Tensor g = gpu.layers()[l].moe->gate.saved.routing.topk_idx.to_host();
+    const Tensor c = cpu.layers()[l].moe->gate.saved.routing.topk_idx;
+    ASSERT_EQ(g.numel(), c.numel());
+    int64_t differ = 0;
+    for (int64_t i = 0; i < c.numel(); ++i) differ += g.i32()[i] != c.i32()[i];
+    EXPECT_EQ(differ, 0) << "layer " << l << ": " << differ << " routing choices differ";
+  }
+}
+
+class GpuParity : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override { SKIP_WITHOUT_GPU(); }
+};
+
+TEST_P(GpuParity, LogitsLossAndEveryGradientMatchCpu) {
+  const std::string dir = kFixtures + GetParam();
+  auto cpu = load_model(dir, Device::CPU);
+  auto gpu = load_model(dir, Device::CUDA);
+  for (const auto& p : gpu->params().all()) ASSERT_EQ(p->value.device(), Device::CUDA) << p->name;
+  TokenBatch b = read_ids_json(dir + "/ids.json", cpu->config().vocab_size);
+  const Tensor targets = shifted_targets(b.ids, b.batch, b.seq);
+
+  Tensor lc = cpu->forward(b.ids, b.batch, b.seq);
+  Tensor lg = gpu->forward(b.ids, b.batch, b.seq);
+  ASSERT_EQ(lg.device(), Device::CUDA);
+  expect_same_routing(*gpu, *cpu);
+  const double dlogits_rel = rel_diff(lg, lc);
+  EXPECT_LE(dlogits_rel, kLogitsTol) << "logits";
+
+  Tensor dc = Tensor::empty(lc.shape());
+  Tensor dg = Tensor::empty(lg.shape(), DType::F32, Device::CUDA);
+  const float loss_c = cross_entropy(backend(Device::CPU), lc, targets, &dc);
+  const float loss_g = cross_entropy(backend(Device::CUDA), lg, targets, &dg);
+  const double loss_rel = std::abs(double(loss_g) - double(loss_c)) / std::abs(double(loss_c));
+  EXPECT_LE(loss_rel, kLossTol) << loss_g << " vs " << loss_c;
+  EXPECT_LE(rel_diff(dg, dc), kLogitsTol) << "dlogits";
+
+  for (auto* m : {cpu.get(), gpu.get()}) {
+    m->params().allocate_grads();
+    m->params().zero_grads();
+  }
+  cpu->backward(dc);
+  gpu->backward(dg);
+  double worst = 0.0;
+  std::string worst_name;
+  int checked = 0;
+  for (const auto& p : cpu->params().all()) {
+    if (!p->grad.defined()) continue;
+    const Param& q = gpu->params().at(p->name);
+    ASSERT_TRUE(q.grad.defined()) << p->name;
+    ASSERT_EQ(q.grad.device(), Device::CUDA) << p->name;
+    const double d = rel_diff(q.grad, p->grad);
+    EXPECT_LE(d, kGradTol) << p->name;
+    if (d > worst) worst = d, worst_name = p->name;
+    ++checked;
+  }
+  EXPECT_GT(checked, 20);
+  std::printf(
+      "[ gpu-parity ] %s: logits %.2e, loss %.2e (%.7f vs %.7f), %d gradients, worst %.2e "
+      "(%s)\n",
+      GetParam().c_str(), dlogits_rel, loss_rel, double(loss_g), double(loss_c), checked, worst,
+      worst_name.c_str());
+}
+
+INSTANTIATE_TEST_SUITE_P(GpuFixtures, GpuParity,
+                         ::testing::Values("v2_lite", "v2_group", "v3_yarn", "dense2_bf16"));
+
+// --- training steps
+
+ModelConfig tiny_config() {
+  ModelConfig c = load_config(kSource + "/tests/fixtures/train/tiny.json");
+  c.vocab_size = 300;
+  return c;
+}
+
+Tensor random_ids(int64_t n, int64_t vocab, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int32_t> u(0, int32_t(vocab - 1));
+  Tensor t = Tensor::empty({n}, DType::I32);
+  for (int64_t i = 0; i < n; ++i) t.i32()[i] = u(rng);
+  return t;
+}
+
+struct StepLog {
+  std::vector<double> loss, norm;
+};
+
+// `steps` steps as the trainer takes them: forward, loss, backward, clipping, AdamW, then the
+// Loss-Free Balancing bias update from the step's expert load.
+StepLog train_steps(DeepSeekModel& m, AdamW& adam, int steps) {
+  const int64_t batch = 2, seq = 24;
+  StepLog log;
+  m.params().allocate_grads();
+  for (int s = 0; s < steps; ++s) {
+    m.params().zero_grads();
+    const Tensor ids = random_ids(batch * seq, m.config().vocab_size, 100 + uint64_t(s));
+    const Tensor targets = shifted_targets(ids, batch, seq);
+    Tensor logits = m.forward(ids, batch, seq);
+    Tensor dlogits = Tensor::empty(logits.shape(), DType::F32, m.device());
+    log.loss.push_back(cross_entropy(backend(m.device()), logits, targets, &dlogits));
+    m.backward(dlogits);
+    ExpertLoad load = zero_load(m);
+    accumulate_load(m, load);
+    log.norm.push_back(clip_grad_norm(m.params(), 0.5));
+    adam.step(m.params(), 1e-3);
+    loss_free_update(m, load, 1e-3);
+  }
+  return log;
+}
+
+class GpuTraining : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override { SKIP_WITHOUT_GPU(); }
+};
+
+TEST_P(GpuTraining, ThreeAdamWStepsMatchCpu) {
+  const bool esft = GetParam() == "esft";
+  const ModelConfig c = tiny_config();
+  DeepSeekModel cpu(c, Device::CPU), gpu(c, Device::CUDA);
+  cpu.init_random(7);
+  gpu.init_random(7);
+  ExpertConfig ec;
+  ec.experts[1] = {2, 5};
+  if (esft) {
+    apply_expert_config(cpu, ec, "cfg");
+    apply_expert_config(gpu, ec, "cfg");
+  }
+  std::map<std::string, Tensor> initial;
+  for (const auto& p : cpu.params().all()) initial[p->name] = p->value.clone();
+
+  AdamW adam_c, adam_g;
+  const StepLog lc = train_steps(cpu, adam_c, 3);
+  const StepLog lg = train_steps(gpu, adam_g, 3);
+  for (size_t s = 0; s < lc.loss.size(); ++s) {
+    EXPECT_LE(std::abs(lg.loss[s] - lc.loss[s]) / lc.loss[s], kLossTol) << "step " << s + 1;
+    EXPECT_LE(std::abs(lg.norm[s] - lc.norm[s]) / lc.norm[s], kLossTol) << "step " << s + 1;
+  }
+  expect_same_routing(gpu, cpu);
+
+  const auto state_g = adam_g.state();
+  EXPECT_EQ(adam_g.state_bytes(), adam_c.state_bytes());
+  double worst = 0.0;
+  std::string worst_name;
+  int trained = 0, frozen = 0;
+  for (const auto& p : cpu.params().all()) {
+    const Param& q = gpu.params().at(p->name);
+    ASSERT_EQ(q.value.device(), Device::CUDA) << p->name;
+    const double d = rel_diff(q.value, p->value);
+    EXPECT_LE(d, kStepTol) << p->name;
+    if (d > worst) worst = d, worst_name = p->name;
+    if (q.trainable) {
+      ++trained;
+      ASSERT_TRUE(state_g.count("m." + p->name)) << p->name;
+      EXPECT_EQ(state_g.at("m." + p->name).device(), Device::CUDA) << p->name;
+      EXPECT_EQ(state_g.at("v." + p->name).device(), Device::CUDA) << p->name;
+      EXPECT_GT(rel_diff(q.value, initial[p->name]), 0.0) << p->name << " did not move";
+    } else if (!q.buffer) {
+      // Frozen: untouched to the bit, no gradient, no optimizer state.
+      ++frozen;
+      EXPECT_FALSE(q.grad.defined()) << p->name;
+      EXPECT_FALSE(state_g.count("m." + p->name)) << p->name;
+      EXPECT_EQ(rel_diff(q.value, initial[p->name]), 0.0) << p->name;
+    }
+  }
+  if (esft) {
+    EXPECT_EQ(trained, 6);  // 2 experts x 3 matrices
+    EXPECT_GT(frozen, 20);
+  } else {
+    EXPECT_EQ(frozen, 0);
+  }
+  // The balance bias moved the same way on both sides (its update is a sign, so exactly).
+  const Tensor bias_c = cpu.layers()[1].moe->gate.balance_bias->value;
+  EXPECT_EQ(rel_diff(gpu.layers()[1].moe->gate.balance_bias->value, bias_c), 0.0);
+  EXPECT_GT(rel_diff(bias_c, Tensor::zeros(bias_c.shape())), 0.0);
+  std::printf(
+      "[ gpu-train ] %s: losses %.6f %.6f %.6f (cpu %.6f %.6f %.6f), %d trained / %d "
+      "frozen tensors, worst weight difference %.2e (%s)\n",
+      GetParam().c_str(), lg.loss[0], lg.loss[1], lg.loss[2], lc.loss[0], lc.loss[1], lc.loss[2],
+      trained, frozen, worst, worst_name.c_str());
+}
+
+INSTANTIATE_TEST_SUITE_P(GpuMethods, GpuTraining, ::testing::Values("full", "esft"));
+
+// --- decoding and memory checks
+
+TEST(GpuModel, GreedyGenerationMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  const ModelConfig c = tiny_config();
+  DeepSeekModel cpu(c, Device::CPU), gpu(c, Device::CUDA);
+  cpu.init_random(11, 0.2f);
+  gpu.init_random(11, 0.2f);
+  Generator gc(cpu, 64), gg(gpu, 64);
+  SamplingParams p;
+  p.max_tokens = 20;
+  const std::vector<int32_t> prompt = {1, 17, 42, 99, 5};
+  const Tensor first_c = gc.feed(prompt), first_g = gg.feed(prompt);
+  EXPECT_LE(rel_diff(first_g, first_c), kLogitsTol);
+  gc.reset();
+  gg.reset();
+  EXPECT_EQ(gg.generate(prompt, p), gc.generate(prompt, p));
+}
+
+TEST(GpuModel, MemoryCheckSaysNeededAndFree) {
+  SKIP_WITHOUT_GPU();
+  ModelConfig c = tiny_config();
+  c.hidden_size = 16384;
+  c.num_hidden_layers = 200;
+  c.intermediate_size = 65536;
+  const MemoryEstimate need = estimate_memory(c, 8 * 4096, summarize(c).total);
+  try {
+    check_device_memory(need, Device::CUDA, "huge");
+    FAIL() << "a model of " << need.total() << " bytes fit";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("huge: needs about"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("GPU has"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("free of"), std::string::npos) << msg;
+  }
+  EXPECT_NO_THROW(check_device_memory(estimate_memory(tiny_config(), 64, 0), Device::CUDA, "tiny"));
+}
+
+}  // namespace
+}  // namespace moekit
