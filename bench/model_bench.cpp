@@ -57,10 +57,12 @@ int main(int argc, char** argv) {
     // Reading one value back waits for the device, so the clock covers the queued work.
     auto sync = [](const Tensor& t) { (void)t.reshape({t.numel()}).slice(0, 1).to_host(); };
     auto fwd = [&] { sync(model.forward(ids, B, S)); };
+    double first_loss = -1;  // precision check across GEMM modes: same weights, same batch
     auto train = [&] {
       Tensor logits = model.forward(ids, B, S);
       Tensor d = Tensor::empty(logits.shape(), DType::F32, dev);
-      cross_entropy(be, logits, targets, &d);
+      const double loss = cross_entropy(be, logits, targets, &d);
+      if (first_loss < 0) first_loss = loss;
       model.backward(d);
       if (mode != "grad") {
         adam.step(model.params(), 1e-5);
@@ -81,9 +83,10 @@ int main(int argc, char** argv) {
     fmt::print(
         "{{\"engine\": \"moekit\", \"device\": \"{}\", \"mode\": \"{}\", \"forward_tok_s\": "
         "{:.1f}, "
-        "\"train_tok_s\": {:.1f}, \"trainable\": {}, \"peak_rss_mib\": {:.1f}, \"threads\": {}}}\n",
+        "\"train_tok_s\": {:.1f}, \"trainable\": {}, \"first_loss\": {:.6f}, "
+        "\"peak_rss_mib\": {:.1f}, \"threads\": {}}}\n",
         dev_name, mode, double(B * S * iters) / f, double(B * S * iters) / t,
-        model.params().trainable_numel(), double(ru.ru_maxrss) / 1024.0, num_threads());
+        model.params().trainable_numel(), first_loss, double(ru.ru_maxrss) / 1024.0, num_threads());
   } catch (const std::exception& e) {
     fmt::print(stderr, "moekit_model_bench: error: {}\n", e.what());
     return 2;

@@ -6,6 +6,8 @@
 # peak GPU memory (sampled from nvidia-smi every 50 ms while each engine runs alone).
 #
 #   MOEKIT_BENCH_BIN=path/to/moekit_model_bench bash tools/gpu_bench.sh [LAYERS] [BATCH] [SEQ]
+#   (MOEKIT_LIB_PATH: LD_LIBRARY_PATH for moekit alone, e.g. carried Debian libraries that must
+#   not reach the Python peer)
 #
 # Writes $OUT/gpu_bench.jsonl (one line per measurement) when OUT is set.
 set -uo pipefail
@@ -33,8 +35,11 @@ with_peak() {
 }
 
 {
-  echo "# moekit (forward, then esft10 training) on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-  with_peak "$BIN" "$CFG" "$B" "$S" "$ITERS" 16 cuda esft10
+  for gemm in ${GEMM_MODES:-fp32 tf32 bf16}; do
+    echo "# moekit, F32 GEMMs as $gemm (forward, then esft10 training) on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
+    with_peak env MOEKIT_CUDA_FP32_GEMM=$gemm LD_LIBRARY_PATH="${MOEKIT_LIB_PATH:-${LD_LIBRARY_PATH:-}}" \
+      "$BIN" "$CFG" "$B" "$S" "$ITERS" 16 cuda esft10 | sed "s/^{\"engine\": \"moekit\"/{\"engine\": \"moekit\", \"gemm\": \"$gemm\"/"
+  done
   echo "# transformers"
   with_peak python3 tools/bench_gpu_peer.py --config "$CFG" --layers "$LAYERS" --batch "$B" --seq "$S" --iters "$ITERS"
 } 2>&1 | tee "$OUT/gpu_bench.log"
@@ -42,20 +47,23 @@ grep '^{' "$OUT/gpu_bench.log" >"$OUT/gpu_bench.jsonl"
 python3 - "$OUT/gpu_bench.jsonl" "$B" "$S" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-m = next((r for r in rows if r.get("engine") == "moekit"), None)
+ms = [r for r in rows if r.get("engine") == "moekit"]
 peaks = [r["peak_gpu_gib"] for r in rows if "peak_gpu_gib" in r]
 t = {r["bench"]: r for r in rows if "bench" in r}
 card = next((r for r in rows if "bf16_gemm_tflops" in r), {})
 print(f"\nGPU {card.get('device')}, bf16 GEMM {card.get('bf16_gemm_tflops', 0):.0f} TFLOP/s, batch {sys.argv[2]} x {sys.argv[3]}")
 print(f"{'':34} {'prefill tok/s':>14} {'ESFT train tok/s':>17} {'peak GPU GiB':>13}")
-if m:
-    print(f"{'moekit (' + m['device'] + ', ' + m['mode'] + ')':34} {m['forward_tok_s']:>14.0f} {m['train_tok_s']:>17.0f} {peaks[0] if peaks else 0:>13.2f}")
+for i, m in enumerate(ms):
+    name = f"moekit ({m['mode']}, {m.get('gemm', 'fp32')} GEMM; loss {m['first_loss']:.4f})"
+    print(f"{name:34} {m['forward_tok_s']:>14.0f} {m['train_tok_s']:>17.0f} {peaks[i] if i < len(peaks) else 0:>13.2f}")
+m = max(ms, key=lambda r: r["train_tok_s"]) if ms else None
 pre = next((v for k, v in t.items() if k.startswith("prefill")), {})
 esft = next((v for k, v in t.items() if k.startswith("train-esft")), {})
 full = next((v for k, v in t.items() if k.startswith("train-all")), {})
 print(f"{'transformers (experts trainable)':34} {pre.get('tokens_per_s', 0):>14.0f} {esft.get('tokens_per_s', 0):>17.0f} {esft.get('peak_gib', 0):>13.2f}")
 print(f"{'transformers (all trainable)':34} {'':>14} {full.get('tokens_per_s', 0):>17.0f} {full.get('peak_gib', 0):>13.2f}")
+print("(moekit peak: nvidia-smi, whole process; transformers: torch.cuda.max_memory_allocated)")
 if m and pre.get("tokens_per_s") and esft.get("tokens_per_s"):
-    print(f"ratio moekit/transformers: prefill {m['forward_tok_s']/pre['tokens_per_s']:.2f}x, "
+    print(f"ratio, moekit's fastest mode ({m.get('gemm')}) / transformers: prefill {m['forward_tok_s']/pre['tokens_per_s']:.2f}x, "
           f"ESFT training {m['train_tok_s']/esft['tokens_per_s']:.2f}x")
 PY

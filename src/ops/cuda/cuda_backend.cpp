@@ -10,6 +10,9 @@
 #include <cublas_v2.h>
 #include <dlfcn.h>
 
+#include <cstdlib>
+#include <string>
+
 #include <bit>
 #include <cmath>
 #include <mutex>
@@ -114,6 +117,19 @@ CudaBackend::CudaBackend() {
   // GEMMs use the tensor cores with fp32 accumulation.
   check_cublas(cublas().set_math_mode(h, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
   cublas_ = h;
+  // F32 GEMMs may trade precision for tensor cores, as a user's choice: "tf32" (10-bit
+  // mantissa inputs) or "bf16" (8-bit; the precision of a bf16 model) with fp32 accumulation.
+  // The default stays exact fp32, which the CPU-parity tests rely on.
+  fp32_compute_ = CUBLAS_COMPUTE_32F;
+  if (const char* mode = std::getenv("MOEKIT_CUDA_FP32_GEMM")) {
+    const std::string m = mode;
+    if (m == "tf32")
+      fp32_compute_ = CUBLAS_COMPUTE_32F_FAST_TF32;
+    else if (m == "bf16")
+      fp32_compute_ = CUBLAS_COMPUTE_32F_FAST_16BF;
+    else if (m != "fp32")
+      fail("MOEKIT_CUDA_FP32_GEMM must be fp32, tf32 or bf16, got \"{}\"", m);
+  }
 }
 
 void CudaBackend::memory_info(size_t& free_bytes, size_t& total_bytes) {
@@ -273,10 +289,12 @@ void CudaBackend::matmul(Tensor& c, const Tensor& a, const Tensor& b, bool trans
   const auto ta = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
   const auto tb = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
   check_cublas(
-      cublas().gemm_ex(static_cast<cublasHandle_t>(cublas_), tb, ta, int(N), int(M), int(K), &alpha,
-                       b.raw(), cuda_type(b.dtype()), int(cols(b)), a.raw(), cuda_type(a.dtype()),
-                       int(cols(a)), &beta, c.raw(), cuda_type(c.dtype()), int(N),
-                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+      cublas().gemm_ex(
+          static_cast<cublasHandle_t>(cublas_), tb, ta, int(N), int(M), int(K), &alpha, b.raw(),
+          cuda_type(b.dtype()), int(cols(b)), a.raw(), cuda_type(a.dtype()), int(cols(a)), &beta,
+          c.raw(), cuda_type(c.dtype()), int(N),
+          a.dtype() == DType::F32 ? cublasComputeType_t(fp32_compute_) : CUBLAS_COMPUTE_32F,
+          CUBLAS_GEMM_DEFAULT),
       "matmul (cublasGemmEx)");
 }
 

@@ -93,6 +93,7 @@ class CudaBackend final : public Backend {
 
  private:
   void* cublas_ = nullptr;  // cublasHandle_t, kept opaque so this header needs no CUDA include
+  int fp32_compute_ = 0;    // cublasComputeType_t for F32 GEMMs (MOEKIT_CUDA_FP32_GEMM)
   CudaAllocator alloc_;
 };
 
