@@ -28,18 +28,15 @@ TaskAccuracy evaluate_task(DeepSeekModel& model, const Tokenizer& tok,
   SamplingParams sp;  // greedy
   sp.max_tokens = max_new_tokens;
   sp.stop_ids = {tok.eos_id()};
+  sp.allowed_vocab = tok.vocab_size();
   for (const auto& it : items) {
     std::vector<int32_t> prompt = tok.encode(esft_prompt(it.user), true);
-    if (int64_t(prompt.size()) + max_new_tokens > model.config().max_position_embeddings)
-      continue;  // longer than the model's context: not counted
+    if (int64_t(prompt.size()) + max_new_tokens > model.config().max_position_embeddings) {
+      ++acc.total;  // does not fit the model's context: counted, as wrong
+      continue;
+    }
     gen.reset();
-    // Stops at eos, and at an id the tokenizer lacks (a model's vocabulary may be padded
-    // beyond the tokenizer's): such an answer is cut there, so it counts as wrong, not as a crash.
-    std::vector<int32_t> out = gen.generate(prompt, sp, [&](int32_t id) {
-      return id != tok.eos_id() && id < tok.vocab_size();
-    });
-    while (!out.empty() && (out.back() == tok.eos_id() || out.back() >= tok.vocab_size()))
-      out.pop_back();
+    std::vector<int32_t> out = gen.generate(prompt, sp);  // stops at eos (not returned)
     const std::string answer = trim(tok.decode(out));
     const bool ok = std::find(it.answers.begin(), it.answers.end(), answer) != it.answers.end();
     acc.correct += ok;

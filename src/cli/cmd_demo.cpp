@@ -128,6 +128,7 @@ void run_demo(const DemoArgs& a) {
   SamplingParams sp;
   sp.max_tokens = 32;
   sp.stop_ids = {tok.eos_id()};
+  sp.allowed_vocab = tok.vocab_size();
   for (const auto& [domain, prompt] : prompts) {
     gen.reset();
     auto ids = gen.generate(tok.encode(prompt, true), sp);

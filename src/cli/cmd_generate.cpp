@@ -97,6 +97,7 @@ void add_generate_commands(CLI::App& app) {
     Tokenizer tok = Tokenizer::load(tpath);
     std::vector<int32_t> prompt = tok.encode(a->prompt, !a->no_bos);
     if (tok.eos_id() >= 0) a->p.stop_ids = {tok.eos_id()};
+    a->p.allowed_vocab = tok.vocab_size();
     Generator gen(*model, a->max_context);
     TextStream stream(tok);
     std::fwrite(a->prompt.data(), 1, a->prompt.size(), stdout);

@@ -88,7 +88,9 @@ std::vector<int32_t> Generator::generate(const std::vector<int32_t>& prompt,
   Tensor logits = feed(prompt);
   for (int64_t i = 0; i < p.max_tokens; ++i) {
     const Tensor host = logits.to_host();
-    int32_t next = sample_token(host.f32(), host.dim(1), p, rng);
+    const int64_t vocab =
+        p.allowed_vocab > 0 ? std::min(p.allowed_vocab, host.dim(1)) : host.dim(1);
+    int32_t next = sample_token(host.f32(), vocab, p, rng);
     if (std::find(p.stop_ids.begin(), p.stop_ids.end(), next) != p.stop_ids.end()) break;
     out.push_back(next);
     if (on_token && !on_token(next)) break;

@@ -19,6 +19,9 @@ struct SamplingParams {
   uint64_t seed = 0;
   int64_t max_tokens = 64;
   std::vector<int32_t> stop_ids;  // EOS and friends
+  // Only ids below this are sampled (0 = the whole output layer): a checkpoint's vocabulary is
+  // often padded beyond its tokenizer's, and an untrained model may pick a padding row.
+  int64_t allowed_vocab = 0;
 };
 
 // Picks the next token from logits [vocab].

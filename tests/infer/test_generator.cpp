@@ -2,6 +2,7 @@
 // samplers must follow their definitions.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 
@@ -110,6 +111,24 @@ TEST(Generator, StopsAtEosAndBudget) {
   p.stop_ids = {out[2]};  // greedy is deterministic: the third token now stops generation
   auto stopped = gen.generate({1, 2, 3}, p);
   EXPECT_LT(stopped.size(), 3u);
+}
+
+TEST(Generator, SamplesOnlyTheAllowedVocabulary) {
+  DeepSeekModel model(small_config(false));  // 50 output rows
+  model.init_random(7, 0.5f);
+  Generator gen(model, 64);
+  SamplingParams p;
+  p.max_tokens = 40;
+  auto all = gen.generate({1, 2, 3}, p);
+  ASSERT_TRUE(std::any_of(all.begin(), all.end(), [](int32_t id) { return id >= 20; }))
+      << "the restriction below would be untested";
+  for (float temperature : {0.0f, 1.0f}) {
+    gen.reset();
+    p.temperature = temperature;
+    p.allowed_vocab = 20;
+    for (int32_t id : gen.generate({1, 2, 3}, p))
+      EXPECT_LT(id, 20) << "temperature " << temperature;
+  }
 }
 
 }  // namespace
