@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Device side of tools/device_carry.sh: unpacks the carried Debian files, puts the prebuilt
+# binaries where their compiled-in paths expect them, then runs the GPU tests (tools/cuda_check.sh
+# on the prebuilt moekit_tests: Cuda*, Gpu*, DeviceCli*) and/or the benchmark against transformers
+# (tools/gpu_bench.sh). Results go to $OUT.
+#   bash tools/device_run.sh [tests|bench|all]
+set -uo pipefail
+WHAT=${1:-all}
+R=$(pwd); C=$R/.device-carry; OUT=${OUT:-/tmp/out}
+mkdir -p /tmp/deps "$OUT"
+tar -C /tmp/deps -xJf "$C/deps.tar.xz"
+D=/tmp/deps/usr/lib/x86_64-linux-gnu
+LIBS=$D:$D/openblas-pthread
+# Tests find fixtures and the moekit binary under the source path they were built in.
+SRC=$(awk '/^source_dir/ {print $2}' "$C/manifest")
+[ -e "$SRC" ] || { mkdir -p "$(dirname "$SRC")"; ln -s "$R" "$SRC"; }
+mkdir -p build/bench
+cp "$C/moekit" "$C/moekit_tests" build/ && cp "$C/moekit_model_bench" build/bench/
+chmod +x build/moekit build/moekit_tests build/bench/moekit_model_bench
+rc=0
+if [ "$WHAT" = tests ] || [ "$WHAT" = all ]; then
+  LD_LIBRARY_PATH=$LIBS MOEKIT_PREBUILT=$R/build OUT=$OUT/check timeout 300 \
+    bash tools/cuda_check.sh >"$OUT/check.log" 2>&1
+  rc=$?
+  echo "GPU tests rc=$rc"
+  grep -E "^\[  (PASSED|FAILED) |FAILED  \]|^\[ gpu-" "$OUT/check.log" | sort -u | head -40
+fi
+if [ "$WHAT" = bench ] || [ "$WHAT" = all ]; then
+  MOEKIT_LIB_PATH=$LIBS MOEKIT_BENCH_BIN=build/bench/moekit_model_bench OUT=$OUT/bench \
+    timeout 400 bash tools/gpu_bench.sh 4 4 2048 2>&1 | tail -16
+fi
+exit $rc
