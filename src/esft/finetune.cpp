@@ -12,6 +12,7 @@
 #include "core/atomic_file.h"
 #include "core/error.h"
 #include "esft/adapter.h"
+#include "esft/chat_rows.h"
 #include "model/checkpoint.h"
 #include "model/summary.h"
 #include "tokenizer/templates.h"
@@ -72,27 +73,9 @@ Packed pack(const std::vector<EsftSample>& samples, int64_t seq, double drop, in
 }
 
 std::vector<EsftSample> read_samples(const fs::path& data, const Tokenizer& tok) {
-  std::ifstream in(data);
-  if (!in) fail("{}: cannot read file", data.string());
   std::vector<EsftSample> out;
-  std::string line;
-  int64_t n = 0;
-  while (std::getline(in, line)) {
-    ++n;
-    if (line.empty()) continue;
-    json row = json::parse(line, nullptr, false);
-    if (row.is_discarded() || !row.is_object() || !row.contains("messages") ||
-        !row["messages"].is_array())
-      fail("{}:{}: row has no \"messages\" list", data.string(), n);
-    const json *user = nullptr, *assistant = nullptr;
-    for (const auto& m : row["messages"]) {
-      if (!m.is_object() || !m.contains("content") || !m["content"].is_string()) continue;
-      if (m.value("role", "") == "user" && !user) user = &m["content"];
-      if (m.value("role", "") == "assistant" && !assistant) assistant = &m["content"];
-    }
-    if (!user || !assistant) fail("{}:{}: row has no user and assistant message", data.string(), n);
-    out.push_back(esft_sample(tok, user->get<std::string>(), assistant->get<std::string>()));
-  }
+  for (const ChatRow& r : read_chat_rows(data, true))
+    out.push_back(esft_sample(tok, r.user, r.assistant));
   if (out.empty()) fail("{}: no training rows", data.string());
   return out;
 }

@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "esft/chat_rows.h"
 #include "esft/routing_log.h"
 #include "tokenizer/templates.h"
 
@@ -16,33 +17,13 @@ using json = nlohmann::json;
 
 RouteLogStats log_routing(DeepSeekModel& model, const Tokenizer& tok, const fs::path& data,
                           int64_t max_tokens, const fs::path& out_dir) {
-  std::ifstream in(data);
-  if (!in) fail("{}: cannot read file", data.string());
   std::map<int, std::vector<SequenceRouting>> logs;
   RouteLogStats st;
-  std::string line;
-  int64_t lineno = 0;
   const int64_t max_seq = model.config().max_position_embeddings;
-  while (st.tokens < max_tokens && std::getline(in, line)) {
-    ++lineno;
-    if (line.empty()) continue;
-    json row = json::parse(line, nullptr, false);
-    if (row.is_discarded() || !row.is_object() || !row.contains("messages") ||
-        !row["messages"].is_array())
-      fail("{}:{}: row has no \"messages\" list", data.string(), lineno);
-    std::string user, assistant;
-    bool has_user = false, has_assistant = false;
-    for (const auto& m : row["messages"]) {
-      if (!m.is_object() || !m.contains("role") || !m.contains("content") ||
-          !m["content"].is_string())
-        fail("{}:{}: every message needs a role and a string content", data.string(), lineno);
-      if (m["role"] == "user" && !has_user) user = m["content"].get<std::string>(), has_user = true;
-      if (m["role"] == "assistant" && !has_assistant)
-        assistant = m["content"].get<std::string>(), has_assistant = true;
-    }
-    if (!has_user || !has_assistant)
-      fail("{}:{}: row has no user and assistant message", data.string(), lineno);
-    std::vector<int32_t> ids = esft_sample(tok, user, assistant).ids;
+  for (const ChatRow& row : read_chat_rows(data, true)) {
+    if (st.tokens >= max_tokens) break;
+    const int64_t lineno = row.line;
+    std::vector<int32_t> ids = esft_sample(tok, row.user, row.assistant).ids;
     const int64_t keep = std::min<int64_t>({int64_t(ids.size()), max_tokens - st.tokens, max_seq});
     ids.resize(size_t(keep));
     Tensor t = Tensor::empty({keep}, DType::I32);

@@ -10,6 +10,7 @@
 
 #include "core/atomic_file.h"
 #include "core/error.h"
+#include "esft/chat_rows.h"
 
 namespace moekit {
 
@@ -177,39 +178,12 @@ void write_task(const Task& task, const fs::path& dir) {
 }
 
 std::vector<TaskItem> read_eval_items(const fs::path& file) {
-  std::ifstream in(file);
-  if (!in) fail("{}: cannot read file", file.string());
   std::vector<TaskItem> items;
-  std::string line;
-  int64_t n = 0;
-  while (std::getline(in, line)) {
-    ++n;
-    if (line.empty()) continue;
-    json row = json::parse(line, nullptr, false);
-    if (row.is_discarded() || !row.is_object() || !row.contains("messages") ||
-        !row["messages"].is_array())
-      fail("{}:{}: row has no \"messages\" list", file.string(), n);
-    TaskItem it;
-    bool has_user = false;
-    for (const auto& m : row["messages"]) {
-      if (!m.is_object() || !m.contains("content") || !m["content"].is_string()) continue;
-      const std::string role = m.value("role", "");
-      if (role == "user" && !has_user) it.user = m["content"], has_user = true;
-      if (role == "assistant" && it.answers.empty()) it.answers.push_back(m["content"]);
-    }
-    if (row.contains("answers")) {
-      if (!row["answers"].is_array() || row["answers"].empty())
-        fail("{}:{}: \"answers\" must be a non-empty list of strings", file.string(), n);
-      it.answers.clear();
-      for (const auto& a : row["answers"]) {
-        if (!a.is_string())
-          fail("{}:{}: \"answers\" must be a non-empty list of strings", file.string(), n);
-        it.answers.push_back(a);
-      }
-    }
-    if (!has_user || it.answers.empty())
-      fail("{}:{}: row needs a user message and an answer", file.string(), n);
-    items.push_back(std::move(it));
+  for (ChatRow& r : read_chat_rows(file, false)) {
+    if (r.answers.empty() && r.has_assistant) r.answers.push_back(r.assistant);
+    if (!r.has_user || r.answers.empty())
+      fail("{}:{}: row needs a user message and an answer", file.string(), r.line);
+    items.push_back({r.user, r.answers});
   }
   if (items.empty()) fail("{}: no eval rows", file.string());
   return items;

@@ -237,6 +237,20 @@ TEST(EsftExperiment, BadOptionsAreOneLineErrors) {
                             (tmp.path() / "missing.jsonl").string());
   EXPECT_EQ(r.rc, 2);
   EXPECT_NE(r.err.find("missing.jsonl: cannot read file"), std::string::npos) << r.err;
+  // Eval rows: answers must be strings; a row needs a user turn and an answer.
+  for (const Case& c :
+       std::vector<Case>{{R"({"messages": [{"role": "user", "content": "q"}], "answers": [1]})",
+                          "bad.jsonl:1: \"answers\" must be a non-empty list of strings"},
+                         {R"({"messages": [{"role": "user", "content": "q"}]})",
+                          "bad.jsonl:1: row needs a user message and an answer"},
+                         {R"({"messages": [{"content": "q"}]})",
+                          "bad.jsonl:1: every message needs a role and a string content"}}) {
+    std::ofstream(tmp.path() / "bad.jsonl") << c.args << "\n";
+    auto e = test::run_moekit("esft eval --model " + base.string() + " --data " +
+                              (tmp.path() / "bad.jsonl").string());
+    EXPECT_EQ(e.rc, 2) << c.args;
+    EXPECT_NE(e.err.find(c.message), std::string::npos) << c.args << ": " << e.err;
+  }
 }
 
 }  // namespace
