@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 #include <nlohmann/json.hpp>
 
 #include "../esft/esft_fixture.h"
@@ -84,6 +85,44 @@ TEST_F(GpuCli, ForwardMatchesCpu) {
     m = std::max(m, double(std::abs(la.f32()[i])));
   }
   EXPECT_LE(d / m, 1e-5);
+}
+
+// MOEKIT_CUDA_FP32_GEMM: tf32 / bf16 let cuBLAS round the F32 GEMMs' inputs to 10 / 8 mantissa
+// bits (fp32 accumulation). Logits then differ from the exact run by about the input rounding
+// (2^-11 / 2^-9 relative per product, growing like sqrt(K) over a dot product): well above fp32's
+// 1e-5, well below 5e-2 for these small widths. A bad value is a one-line error.
+TEST_F(GpuCli, Fp32GemmPrecisionModes) {
+  test::TempDir tmp;
+  auto exact = test::run_moekit(forward_args(tmp.path() / "fp32.safetensors", "cuda"));
+  ASSERT_EQ(exact.rc, 0) << exact.err;
+  auto logits = [](const fs::path& f) {
+    auto st = SafetensorsFile::open(f);
+    return st.tensors().at("logits").tensor.to_f32();
+  };
+  const Tensor ref = logits(tmp.path() / "fp32.safetensors");
+  double ref_max = 0;
+  for (int64_t i = 0; i < ref.numel(); ++i)
+    ref_max = std::max(ref_max, double(std::abs(ref.f32()[i])));
+  for (const std::string mode : {"tf32", "bf16"}) {
+    const fs::path out = tmp.path() / (mode + ".safetensors");
+    auto r =
+        test::run_moekit_wrapped("MOEKIT_CUDA_FP32_GEMM=" + mode + " ", forward_args(out, "cuda"));
+    ASSERT_EQ(r.rc, 0) << mode << ": " << r.err;
+    const Tensor t = logits(out);
+    double d = 0;
+    for (int64_t i = 0; i < t.numel(); ++i)
+      d = std::max(d, double(std::abs(t.f32()[i] - ref.f32()[i])));
+    std::printf("[ gpu-gemm ] %s: logits differ from fp32 by %.2e (relative to max |logit|)\n",
+                mode.c_str(), d / ref_max);
+    EXPECT_LT(d / ref_max, 5e-2) << mode;
+    EXPECT_GT(d, 0.0) << mode << ": the mode changed nothing (was it applied?)";
+  }
+  auto bad = test::run_moekit_wrapped("MOEKIT_CUDA_FP32_GEMM=fp8 ",
+                                      forward_args(tmp.path() / "bad.safetensors", "cuda"));
+  EXPECT_EQ(bad.rc, 2);
+  EXPECT_TRUE(one_line(bad.err)) << bad.err;
+  EXPECT_NE(bad.err.find("MOEKIT_CUDA_FP32_GEMM"), std::string::npos) << bad.err;
+  EXPECT_FALSE(fs::exists(tmp.path() / "bad.safetensors"));
 }
 
 TEST_F(GpuCli, EsftFinetuneMatchesCpu) {
