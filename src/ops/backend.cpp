@@ -2,6 +2,7 @@
 // is compiled in (MOEKIT_HAVE_CUDA); otherwise asking for it is a clear error.
 #include "core/error.h"
 #include "ops/cpu/cpu_backend.h"
+#include "ops/cpu/cpu_util.h"
 #include "ops/ops.h"
 
 namespace moekit {
@@ -21,6 +22,16 @@ Backend& backend(Device device) {
 #else
   fail("this moekit was built without CUDA (rebuild with a CUDA toolkit and -DMOEKIT_CUDA=ON)");
 #endif
+}
+
+MatmulDims matmul_dims(const Tensor& c, const Tensor& a, const Tensor& b, bool trans_a,
+                       bool trans_b) {
+  const MatmulDims d{rows(c), cols(c), trans_a ? rows(a) : cols(a)};
+  MOEKIT_CHECK((trans_a ? cols(a) : rows(a)) == d.M, "matmul: a {} vs c {}", a.shape().str(),
+               c.shape().str());
+  MOEKIT_CHECK((trans_b ? rows(b) : cols(b)) == d.N && (trans_b ? cols(b) : rows(b)) == d.K,
+               "matmul: b {} vs a {} c {}", b.shape().str(), a.shape().str(), c.shape().str());
+  return d;
 }
 
 bool backend_available(Device device) {

@@ -159,6 +159,14 @@ class Backend {
   virtual double sum_squares(const Tensor& x) = 0;
 };
 
+// M, N, K of Backend::matmul's c = op(a) @ op(b), after checking the shapes agree (every backend
+// validates the same way).
+struct MatmulDims {
+  int64_t M = 0, N = 0, K = 0;
+};
+MatmulDims matmul_dims(const Tensor& c, const Tensor& a, const Tensor& b, bool trans_a,
+                       bool trans_b);
+
 // The backend for a device; throws a clear Error when that backend is not built or no device.
 Backend& backend(Device device);
 bool backend_available(Device device);

@@ -42,12 +42,7 @@ void CpuBackend::memory_info(size_t& free_bytes, size_t& total_bytes) {
 
 void CpuBackend::matmul(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b,
                         float alpha, float beta) {
-  const int64_t M = rows(c), N = cols(c);
-  const int64_t K = trans_a ? rows(a) : cols(a);
-  MOEKIT_CHECK((trans_a ? cols(a) : rows(a)) == M, "matmul: a {} vs c {}", a.shape().str(),
-               c.shape().str());
-  MOEKIT_CHECK((trans_b ? rows(b) : cols(b)) == N && (trans_b ? cols(b) : rows(b)) == K,
-               "matmul: b {} vs a {} c {}", b.shape().str(), a.shape().str(), c.shape().str());
+  const auto [M, N, K] = matmul_dims(c, a, b, trans_a, trans_b);
   if (M == 0 || N == 0) return;
   if (K == 0) {
     if (beta == 0.0f)

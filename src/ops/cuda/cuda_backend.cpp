@@ -260,12 +260,7 @@ cudaDataType_t cuda_type(DType t) {
 
 void CudaBackend::matmul(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b,
                          float alpha, float beta) {
-  const int64_t M = rows(c), N = cols(c);
-  const int64_t K = trans_a ? rows(a) : cols(a);
-  MOEKIT_CHECK((trans_a ? cols(a) : rows(a)) == M, "matmul: a {} vs c {}", a.shape().str(),
-               c.shape().str());
-  MOEKIT_CHECK((trans_b ? rows(b) : cols(b)) == N && (trans_b ? cols(b) : rows(b)) == K,
-               "matmul: b {} vs a {} c {}", b.shape().str(), a.shape().str(), c.shape().str());
+  const auto [M, N, K] = matmul_dims(c, a, b, trans_a, trans_b);
   if (a.dtype() != b.dtype() || (a.dtype() != DType::F32 && a.dtype() != DType::BF16))
     fail("CUDA matmul: inputs {} x {} (supported: F32 x F32, BF16 x BF16)", dtype_name(a.dtype()),
          dtype_name(b.dtype()));
