@@ -3,7 +3,7 @@
 // base / ESFT-token / ESFT-gate / full fine-tuning on the task metric, general retention (loss on
 // the corpus validation split), trainable parameters, step time, peak memory and adapter size;
 // plus the routing-dispersion analysis. Each fine-tuning run is a child `moekit finetune`
-// process so its peak memory is its own (wait4's ru_maxrss), not the experiment's.
+// process, which reports its own peak memory (VmHWM), not the experiment's.
 #pragma once
 
 #include <filesystem>

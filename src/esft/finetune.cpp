@@ -95,6 +95,17 @@ double loss_on(DeepSeekModel& model, const Packed& p, int64_t first, int64_t cou
   return l;
 }
 
+// This process's resident-memory high-water mark (VmHWM: of this program's own address space,
+// unlike getrusage's ru_maxrss, which keeps a spawning parent's peak across exec).
+double peak_rss_mib() {
+  std::ifstream in("/proc/self/status");
+  std::string key;
+  double kib = 0;
+  while (in >> key)
+    if (key == "VmHWM:" && in >> kib) return kib / 1024.0;
+  return 0;
+}
+
 // The run's figures beside its output, for the experiment table and for users' scripts.
 std::string result_json(const FinetuneOptions& opt, const FinetuneResult& r) {
   json j = {{"method", opt.method},
@@ -107,7 +118,8 @@ std::string result_json(const FinetuneOptions& opt, const FinetuneResult& r) {
             {"step_seconds", r.step_seconds},
             {"first_loss", r.first_loss},
             {"last_loss", r.last_loss},
-            {"val_loss", r.val_loss}};
+            {"val_loss", r.val_loss},
+            {"peak_rss_mib", peak_rss_mib()}};
   return j.dump(2) + "\n";
 }
 
