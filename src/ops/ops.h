@@ -60,6 +60,12 @@ struct AdamWStep {
   float eps = 1e-8f;
 };
 
+// How a backend runs F32 GEMMs and attention. Fp32: exact (the CPU always is; the default, which
+// the parity tests rely on). Tf32: tensor cores with 10-bit-mantissa inputs. Bf16: F32 operands are
+// rounded to bf16 and run on bf16 tensor cores with fp32 accumulation (a bf16 model's precision).
+// Whatever the mode, a GEMM with a BF16 operand (bf16 weights) runs in bf16.
+enum class Precision : uint8_t { Fp32, Tf32, Bf16 };
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -72,8 +78,16 @@ class Backend {
   virtual void fill(Tensor& t, float value) = 0;
   // Free and total bytes of the device's memory (the host: available and physical memory).
   virtual void memory_info(size_t& free_bytes, size_t& total_bytes) = 0;
+  // Most bytes held by live tensors of this backend since start (0 where not tracked: the host).
+  virtual size_t peak_bytes() { return 0; }
 
-  // c[M,N] = alpha * op(a) @ op(b) + beta * c, op(a) [M,K], op(b) [K,N]; 2-D views.
+  // The compute precision of F32 GEMMs and attention (see Precision); a backend without tensor
+  // cores keeps Fp32 and ignores the request.
+  virtual void set_precision(Precision) {}
+  virtual Precision precision() const { return Precision::Fp32; }
+
+  // c[M,N] = alpha * op(a) @ op(b) + beta * c, op(a) [M,K], op(b) [K,N]; 2-D views. a and b may
+  // differ in dtype (F32 activations x BF16 weights) where the backend supports(Matmul, BF16).
   virtual void matmul(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b,
                       float alpha, float beta) = 0;
   // y += alpha * x (same numel).

@@ -174,6 +174,29 @@ TEST_F(CudaBackendTest, MatmulBf16InputsFp32Accumulation) {
     }
 }
 
+// F32 activations x BF16 weights (frozen bf16 parameters), and F32 x F32 under the Bf16 precision:
+// the F32 operand is rounded to bf16 (round to nearest even, as Tensor::to_dtype) and the GEMM
+// accumulates in fp32, so the CPU GEMM of the same rounded inputs is the oracle at fp32 tolerance.
+// alpha/beta and every transpose go through the same conversion.
+TEST_F(CudaBackendTest, MatmulMixedF32Bf16AndBf16Precision) {
+  const int64_t M = 45, N = 67, K = 71;
+  auto rounded = [](const Tensor& t) { return t.to_dtype(DType::BF16).to_f32(); };
+  for (int ta = 0; ta < 2; ++ta)
+    for (int tb = 0; tb < 2; ++tb) {
+      Tensor a = ta ? randn({K, M}) : randn({M, K});
+      Tensor b = tb ? randn({N, K}) : randn({K, N});
+      Tensor c = randn({M, N}), dc = dev(c), dc2 = dev(c);
+      cpu().matmul(c, rounded(a), rounded(b), ta, tb, 0.7f, 0.3f);
+      gpu().matmul(dc, dev(a), dev(b.to_dtype(DType::BF16)), ta, tb, 0.7f, 0.3f);
+      EXPECT_CLOSE(dc, c, kF32Tol);
+      gpu().set_precision(Precision::Bf16);
+      gpu().matmul(dc2, dev(a), dev(b), ta, tb, 0.7f, 0.3f);
+      gpu().set_precision(Precision::Fp32);
+      EXPECT_CLOSE(dc2, c, kF32Tol);
+    }
+  EXPECT_EQ(gpu().precision(), Precision::Fp32);
+}
+
 TEST_F(CudaBackendTest, AddAndScale) {
   Tensor y = randn({1000, 3}), x = randn({1000, 3});
   Tensor dy = dev(y);

@@ -10,6 +10,7 @@
 #include <cublas_v2.h>
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 
@@ -117,16 +118,14 @@ CudaBackend::CudaBackend() {
   // GEMMs use the tensor cores with fp32 accumulation.
   check_cublas(cublas().set_math_mode(h, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
   cublas_ = h;
-  // F32 GEMMs may trade precision for tensor cores, as a user's choice: "tf32" (10-bit
-  // mantissa inputs) or "bf16" (8-bit; the precision of a bf16 model) with fp32 accumulation.
-  // The default stays exact fp32, which the CPU-parity tests rely on.
-  fp32_compute_ = CUBLAS_COMPUTE_32F;
+  // The initial precision of F32 GEMMs and attention, as a user's choice (Precision in ops.h):
+  // "fp32" (exact, the default, which the CPU-parity tests rely on), "tf32" or "bf16".
   if (const char* mode = std::getenv("MOEKIT_CUDA_FP32_GEMM")) {
     const std::string m = mode;
     if (m == "tf32")
-      fp32_compute_ = CUBLAS_COMPUTE_32F_FAST_TF32;
+      precision_ = Precision::Tf32;
     else if (m == "bf16")
-      fp32_compute_ = CUBLAS_COMPUTE_32F_FAST_16BF;
+      precision_ = Precision::Bf16;
     else if (m != "fp32")
       fail("MOEKIT_CUDA_FP32_GEMM must be fp32, tf32 or bf16, got \"{}\"", m);
   }
@@ -138,7 +137,7 @@ void CudaBackend::memory_info(size_t& free_bytes, size_t& total_bytes) {
   free_bytes += alloc_.cached_bytes();
 }
 
-bool CudaBackend::supports(Op op, DType dtype) const {
+bool CudaBackend::supports(Op op, DType dtype) const {  // BF16: GEMM operands (weights)
   return dtype == DType::F32 || (op == Op::Matmul && dtype == DType::BF16);
 }
 
@@ -155,6 +154,8 @@ void* CudaAllocator::get(size_t bytes) {
   const size_t b = bucket(bytes);
   {
     std::lock_guard<std::mutex> lock(mu_);
+    in_use_ += b;
+    peak_ = std::max(peak_, in_use_);
     auto it = free_.find(b);
     if (it != free_.end()) {
       void* p = it->second;
@@ -170,6 +171,10 @@ void* CudaAllocator::get(size_t bytes) {
       cudaGetLastError();
       size_t free_bytes = 0, total = 0;
       cudaMemGetInfo(&free_bytes, &total);
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        in_use_ -= b;
+      }
       fail("CUDA allocate: out of GPU memory allocating {} bytes ({} of {} bytes free)", bytes,
            free_bytes, total);
     }
@@ -179,7 +184,13 @@ void* CudaAllocator::get(size_t bytes) {
 
 void CudaAllocator::put(void* p, size_t bytes) {
   std::lock_guard<std::mutex> lock(mu_);
+  in_use_ -= bucket(bytes);
   free_.emplace(bucket(bytes), p);
+}
+
+size_t CudaAllocator::peak_bytes() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return peak_;
 }
 
 size_t CudaAllocator::cached_bytes() {
@@ -203,6 +214,14 @@ std::shared_ptr<Storage> CudaBackend::allocate(size_t bytes) {
 
 Tensor CudaBackend::scratch(Shape shape, DType dtype) {
   return Tensor::empty(shape, dtype, Device::CUDA);
+}
+
+Tensor CudaBackend::as_bf16(const Tensor& t) {
+  if (t.dtype() == DType::BF16) return t;
+  cuda::expect_f32(t, "as_bf16", "input");
+  Tensor out = scratch(t.shape(), DType::BF16);
+  check(cuda::convert_f32_bf16(out.raw(), t.f32(), t.numel()), "as_bf16 (convert)");
+  return out;
 }
 
 void CudaBackend::copy(Tensor& dst, const Tensor& src) {
@@ -258,14 +277,14 @@ cudaDataType_t cuda_type(DType t) {
 
 }  // namespace
 
-void CudaBackend::matmul(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b,
-                         float alpha, float beta) {
-  const auto [M, N, K] = matmul_dims(c, a, b, trans_a, trans_b);
-  if (a.dtype() != b.dtype() || (a.dtype() != DType::F32 && a.dtype() != DType::BF16))
-    fail("CUDA matmul: inputs {} x {} (supported: F32 x F32, BF16 x BF16)", dtype_name(a.dtype()),
-         dtype_name(b.dtype()));
-  cuda::expect(a, a.dtype(), "matmul", "a");
-  cuda::expect(b, a.dtype(), "matmul", "b");
+void CudaBackend::matmul(Tensor& c, const Tensor& a_in, const Tensor& b_in, bool trans_a,
+                         bool trans_b, float alpha, float beta) {
+  const auto [M, N, K] = matmul_dims(c, a_in, b_in, trans_a, trans_b);
+  for (const Tensor* t : {&a_in, &b_in})
+    if (t->dtype() != DType::F32 && t->dtype() != DType::BF16)
+      fail("CUDA matmul: input {} (supported: F32, BF16)", dtype_name(t->dtype()));
+  cuda::expect(a_in, a_in.dtype(), "matmul", "a");
+  cuda::expect(b_in, b_in.dtype(), "matmul", "b");
   if (c.dtype() != DType::F32 && c.dtype() != DType::BF16)
     fail("CUDA matmul: output {} (supported: F32, BF16)", dtype_name(c.dtype()));
   cuda::expect(c, c.dtype(), "matmul", "c");
@@ -279,18 +298,24 @@ void CudaBackend::matmul(Tensor& c, const Tensor& a, const Tensor& b, bool trans
       fail("CUDA matmul: K = 0 with beta != 0 needs an F32 output");
     return;
   }
+  // A BF16 operand (bf16 weights) or the Bf16 precision puts the GEMM on the bf16 tensor cores:
+  // F32 operands are rounded to bf16 first (cuBLAS's COMPUTE_32F_FAST_16BF was measured to run
+  // TF32 kernels on the H200, at half the bf16 rate). Accumulation stays fp32.
+  const bool bf16 = a_in.dtype() == DType::BF16 || b_in.dtype() == DType::BF16 ||
+                    precision_ == Precision::Bf16;
+  const Tensor a = bf16 ? as_bf16(a_in) : a_in, b = bf16 ? as_bf16(b_in) : b_in;
+  const cublasComputeType_t compute = !bf16 && precision_ == Precision::Tf32
+                                          ? CUBLAS_COMPUTE_32F_FAST_TF32
+                                          : CUBLAS_COMPUTE_32F;
   // cuBLAS is column-major: a row-major X[r, c] is a column-major X^T with leading dim c, so
   // row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
   const auto ta = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
   const auto tb = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
-  check_cublas(
-      cublas().gemm_ex(
-          static_cast<cublasHandle_t>(cublas_), tb, ta, int(N), int(M), int(K), &alpha, b.raw(),
-          cuda_type(b.dtype()), int(cols(b)), a.raw(), cuda_type(a.dtype()), int(cols(a)), &beta,
-          c.raw(), cuda_type(c.dtype()), int(N),
-          a.dtype() == DType::F32 ? cublasComputeType_t(fp32_compute_) : CUBLAS_COMPUTE_32F,
-          CUBLAS_GEMM_DEFAULT),
-      "matmul (cublasGemmEx)");
+  check_cublas(cublas().gemm_ex(static_cast<cublasHandle_t>(cublas_), tb, ta, int(N), int(M),
+                                int(K), &alpha, b.raw(), cuda_type(b.dtype()), int(cols(b)),
+                                a.raw(), cuda_type(a.dtype()), int(cols(a)), &beta, c.raw(),
+                                cuda_type(c.dtype()), int(N), compute, CUBLAS_GEMM_DEFAULT),
+               "matmul (cublasGemmEx)");
 }
 
 // ---------------------------------------------------------------------------------------------

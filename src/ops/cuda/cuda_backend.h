@@ -28,11 +28,13 @@ class CudaAllocator {
   void put(void* p, size_t bytes);
   void release_cached();  // frees every cached block (retry path when cudaMalloc fails)
   size_t cached_bytes();  // bytes held in cached blocks
+  size_t peak_bytes();    // most bytes handed out at once (live tensors, bucket-rounded)
   static size_t bucket(size_t bytes);
 
  private:
   std::mutex mu_;
   std::multimap<size_t, void*> free_;
+  size_t in_use_ = 0, peak_ = 0;
 };
 
 class CudaBackend final : public Backend {
@@ -45,6 +47,9 @@ class CudaBackend final : public Backend {
   void copy(Tensor& dst, const Tensor& src) override;
   void fill(Tensor& t, float value) override;
   void memory_info(size_t& free_bytes, size_t& total_bytes) override;
+  size_t peak_bytes() override { return alloc_.peak_bytes(); }
+  void set_precision(Precision p) override { precision_ = p; }
+  Precision precision() const override { return precision_; }
 
   void matmul(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, float alpha,
               float beta) override;
@@ -90,10 +95,13 @@ class CudaBackend final : public Backend {
 
   // Scratch device memory from the caching allocator, released when the tensor goes.
   Tensor scratch(Shape shape, DType dtype);
+  // `t` itself when it is BF16, else a BF16 scratch copy of the F32 tensor `t` (GEMM inputs on
+  // the bf16 tensor cores).
+  Tensor as_bf16(const Tensor& t);
 
  private:
   void* cublas_ = nullptr;  // cublasHandle_t, kept opaque so this header needs no CUDA include
-  int fp32_compute_ = 0;    // cublasComputeType_t for F32 GEMMs (MOEKIT_CUDA_FP32_GEMM)
+  Precision precision_ = Precision::Fp32;  // initially from MOEKIT_CUDA_FP32_GEMM
   CudaAllocator alloc_;
 };
 

@@ -3,6 +3,8 @@
 // (device_util.cuh's for_each): moekit's layouts ([T, heads, stride] views, interleaved rope
 // pairs, per-head [k_nope | v] blocks) match no library routine, and one fused pass is the
 // fastest way to do a memory-bound op.
+#include <cuda_bf16.h>
+
 #include "ops/cuda/device_util.cuh"
 #include "ops/cuda/kernels.h"
 
@@ -22,6 +24,16 @@ cudaError_t fill_bits(void* p, int64_t n, int elem_bytes, uint32_t bits) {
   if (elem_bytes == 4) return fill_as<uint32_t>(p, n, bits);
   if (elem_bytes == 2) return fill_as<uint16_t>(p, n, uint16_t(bits));
   return cudaErrorInvalidValue;
+}
+
+cudaError_t convert_f32_bf16(void* out, const float* in, int64_t n) {
+  auto* o = static_cast<__nv_bfloat16*>(out);
+  return for_each(n, [=] __device__(int64_t i) { o[i] = __float2bfloat16_rn(in[i]); });
+}
+
+cudaError_t convert_bf16_f32(float* out, const void* in, int64_t n) {
+  const auto* x = static_cast<const __nv_bfloat16*>(in);
+  return for_each(n, [=] __device__(int64_t i) { out[i] = __bfloat162float(x[i]); });
 }
 
 cudaError_t add(float* y, const float* x, int64_t n, float alpha) {

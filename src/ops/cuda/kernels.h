@@ -15,6 +15,9 @@ namespace moekit::cuda {
 
 // --- elementwise and layout (cuda_elementwise.cu)
 cudaError_t fill_bits(void* p, int64_t n, int elem_bytes, uint32_t bits);
+// bf16 <-> f32 (round to nearest even on the way down), n elements.
+cudaError_t convert_f32_bf16(void* out, const float* in, int64_t n);
+cudaError_t convert_bf16_f32(float* out, const void* in, int64_t n);
 cudaError_t add(float* y, const float* x, int64_t n, float alpha);
 cudaError_t scale(float* y, int64_t n, float alpha);
 // *first = min(n, first i with idx[i] outside [0, limit)); *first must hold n on entry.
