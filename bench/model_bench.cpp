@@ -2,9 +2,12 @@
 // printed as one JSON line (bench/run_cpu_model_bench.sh runs it beside the PyTorch peer on CPU,
 // tools/gpu_bench.sh beside transformers on the GPU).
 // Usage: moekit_model_bench CONFIG.json BATCH SEQ ITERS THREADS [cpu|cuda] [grad|all|esft10]
+//        [fp32|bf16]
 //   grad    forward + backward, no optimizer (the default; the CPU peer does the same)
 //   all     + AdamW over every parameter
 //   esft10  + AdamW, only every tenth routed expert of each MoE layer trains (ESFT-like)
+//   bf16    (cuda) frozen GEMM weights in bf16, GEMMs and attention on the bf16 tensor cores
+// Weights: the values `moekit init` writes for the config (seed 1), generated in memory.
 #include <fmt/format.h>
 #include <sys/resource.h>
 
@@ -16,6 +19,7 @@
 
 #include "core/thread_pool.h"
 #include "model/deepseek.h"
+#include "model/init.h"
 #include "train/adamw.h"
 
 using namespace moekit;
@@ -25,9 +29,10 @@ static double seconds_since(std::chrono::steady_clock::time_point t0) {
 }
 
 int main(int argc, char** argv) {
-  if (argc < 6 || argc > 8) {
+  if (argc < 6 || argc > 9) {
     fmt::print(stderr,
-               "usage: {} CONFIG.json BATCH SEQ ITERS THREADS [cpu|cuda] [grad|all|esft10]\n",
+               "usage: {} CONFIG.json BATCH SEQ ITERS THREADS [cpu|cuda] [grad|all|esft10] "
+               "[fp32|bf16]\n",
                argv[0]);
     return 2;
   }
@@ -37,9 +42,14 @@ int main(int argc, char** argv) {
     set_num_threads(std::atoi(argv[5]));
     const std::string dev_name = argc > 6 ? argv[6] : "cpu";
     const std::string mode = argc > 7 ? argv[7] : "grad";
+    const std::string dtype = argc > 8 ? argv[8] : "fp32";
     const Device dev = dev_name == "cuda" ? Device::CUDA : Device::CPU;
-    DeepSeekModel model(c, dev);
-    model.init_random(1);
+    const DType weights = dtype == "bf16" ? DType::BF16 : DType::F32;
+    if (weights == DType::BF16) backend(dev).set_precision(Precision::Bf16);
+    const auto t_init = std::chrono::steady_clock::now();
+    DeepSeekModel model(c, dev, true, weights);
+    init_weights(model, 1);
+    const double init_s = seconds_since(t_init);
     if (mode == "esft10") {
       static const std::regex expert(R"(\.mlp\.experts\.(\d+)\.)");
       model.params().set_trainable([](const Param& p) {
@@ -84,9 +94,12 @@ int main(int argc, char** argv) {
         "{{\"engine\": \"moekit\", \"device\": \"{}\", \"mode\": \"{}\", \"forward_tok_s\": "
         "{:.1f}, "
         "\"train_tok_s\": {:.1f}, \"trainable\": {}, \"first_loss\": {:.6f}, "
-        "\"peak_rss_mib\": {:.1f}, \"threads\": {}}}\n",
+        "\"peak_rss_mib\": {:.1f}, \"threads\": {}, \"dtype\": \"{}\", \"weights_gib\": {:.2f}, "
+        "\"peak_device_gib\": {:.2f}, \"layers\": {}, \"init_s\": {:.1f}}}\n",
         dev_name, mode, double(B * S * iters) / f, double(B * S * iters) / t,
-        model.params().trainable_numel(), first_loss, double(ru.ru_maxrss) / 1024.0, num_threads());
+        model.params().trainable_numel(), first_loss, double(ru.ru_maxrss) / 1024.0, num_threads(),
+        dtype, double(model.params().value_bytes()) / 1073741824.0,
+        double(be.peak_bytes()) / 1073741824.0, c.num_hidden_layers, init_s);
   } catch (const std::exception& e) {
     fmt::print(stderr, "moekit_model_bench: error: {}\n", e.what());
     return 2;

@@ -32,7 +32,7 @@ void add_esft_commands(CLI::App& app) {
   auto fo = std::make_shared<FinetuneOptions>();
   auto fs_args =
       std::make_shared<std::array<std::string, 5>>();  // model, data, experts, out, tokenizer
-  auto device = std::make_shared<std::string>("cpu");
+  auto device = std::make_shared<DeviceArgs>();
   auto* ft =
       app.add_subcommand("finetune", "Fine-tune on chat data: ESFT (chosen experts only) or full");
   ft->add_option("--model", (*fs_args)[0], "base checkpoint directory")->required();
@@ -49,7 +49,7 @@ void add_esft_commands(CLI::App& app) {
   ft->add_option("--accumulation", fo->accumulation)->capture_default_str();
   ft->add_option("--lr", fo->lr)->capture_default_str();
   ft->add_option("--seed", fo->seed)->capture_default_str();
-  add_device_option(ft, *device);
+  add_device_options(ft, *device);
   ft->callback([fo, fs_args, device] {
     fo->model = (*fs_args)[0];
     fo->data = (*fs_args)[1];
@@ -57,6 +57,7 @@ void add_esft_commands(CLI::App& app) {
     fo->out = (*fs_args)[3].empty() ? "runs/finetune-" + fo->method : (*fs_args)[3];
     fo->tokenizer = (*fs_args)[4];
     fo->device = parse_device(*device);
+    fo->weights = weight_dtype(*device);
     FinetuneResult r = finetune(*fo);
     fmt::print(
         "done: loss {:.4f} -> {:.4f}, validation {:.4f}; {:.3f} s/step; gradients {:.2f} MiB, "

@@ -59,7 +59,8 @@ class TextStream {
 
 void add_generate_commands(CLI::App& app) {
   struct Args {
-    std::string model, prompt, tokenizer, adapter, device = "cpu";
+    std::string model, prompt, tokenizer, adapter;
+    DeviceArgs device;
     SamplingParams p;
     int64_t max_context = 2048;
     bool no_bos = false;
@@ -79,7 +80,7 @@ void add_generate_commands(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--adapter", a->adapter, "ESFT adapter directory to apply at load");
   cmd->add_flag("--no-bos", a->no_bos, "do not prepend the beginning-of-sentence token");
-  add_device_option(cmd, a->device);
+  add_device_options(cmd, a->device);
   cmd->callback([a] {
     if (a->p.temperature < 0) fail("--temperature must be >= 0");
     if (a->p.top_p <= 0 || a->p.top_p > 1) fail("--top-p must be in (0, 1]");
@@ -87,11 +88,11 @@ void add_generate_commands(CLI::App& app) {
     if (device != Device::CPU) {  // weights and the KV cache, before any weight is copied
       if (!std::filesystem::is_directory(a->model)) fail("{}: not a model directory", a->model);
       const ModelConfig c = load_config(std::filesystem::path(a->model) / "config.json");
-      MemoryEstimate need = estimate_memory(c, 1, 0);
+      MemoryEstimate need = estimate_memory(c, 1, 0, weight_dtype(a->device));
       need.activations += double(a->max_context) * double(summarize(c).kv_cache_per_token) * 4.0;
       check_device_memory(need, device, fmt::format("{}: generate", a->model));
     }
-    auto model = load_model(a->model, device);
+    auto model = load_model(a->model, device, weight_dtype(a->device));
     if (!a->adapter.empty()) apply_adapter(*model, a->adapter);
     const std::string tpath = a->tokenizer.empty() ? a->model + "/tokenizer.json" : a->tokenizer;
     Tokenizer tok = Tokenizer::load(tpath);

@@ -68,15 +68,15 @@ void run_info(const std::string& dir) {
 }
 
 void run_forward(const std::string& dir, const std::string& input, const std::string& out,
-                 const std::string& adapter, Device device) {
+                 const std::string& adapter, Device device, DType weights) {
   if (device != Device::CPU) {  // before any weight reaches the GPU
     if (!fs::is_directory(dir)) fail("{}: not a model directory", dir);
     const ModelConfig c = load_config(fs::path(dir) / "config.json");
     const TokenBatch b = read_ids_json(input, c.vocab_size);
-    check_device_memory(estimate_memory(c, b.batch * b.seq, 0), device,
+    check_device_memory(estimate_memory(c, b.batch * b.seq, 0, weights), device,
                         fmt::format("{}: forward (batch {} x seq {})", dir, b.batch, b.seq));
   }
-  auto model = load_model(dir, device);
+  auto model = load_model(dir, device, weights);
   if (!adapter.empty()) apply_adapter(*model, adapter);
   TokenBatch b = read_ids_json(input, model->config().vocab_size);
   Tensor logits = model->forward(b.ids, b.batch, b.seq);
@@ -97,7 +97,8 @@ void add_model_commands(CLI::App& app) {
   info->callback([info_dir] { run_info(*info_dir); });
 
   struct ForwardArgs {
-    std::string dir, input, out, adapter, device = "cpu";
+    std::string dir, input, out, adapter;
+    DeviceArgs device;
   };
   auto fa = std::make_shared<ForwardArgs>();
   auto* fwd = app.add_subcommand("forward", "Run a checkpoint on a batch of token ids");
@@ -107,9 +108,11 @@ void add_model_commands(CLI::App& app) {
   fwd->add_option("--out", fa->out, "LOGITS.safetensors: F32 tensor `logits` [batch, seq, vocab]")
       ->required();
   fwd->add_option("--adapter", fa->adapter, "ESFT adapter directory to apply at load");
-  add_device_option(fwd, fa->device);
-  fwd->callback(
-      [fa] { run_forward(fa->dir, fa->input, fa->out, fa->adapter, parse_device(fa->device)); });
+  add_device_options(fwd, fa->device);
+  fwd->callback([fa] {
+    run_forward(fa->dir, fa->input, fa->out, fa->adapter, parse_device(fa->device),
+                weight_dtype(fa->device));
+  });
 }
 
 }  // namespace moekit::cli

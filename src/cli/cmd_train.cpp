@@ -12,7 +12,8 @@ namespace moekit::cli {
 void add_train_commands(CLI::App& app) {
   struct Args {
     TrainOptions opt;
-    std::string config, data, tokenizer, out, balance = "lfb", device = "cpu";
+    std::string config, data, tokenizer, out, balance = "lfb";
+    DeviceArgs device;
   };
   auto a = std::make_shared<Args>();
   auto* cmd = app.add_subcommand("train", "Pretrain a DeepSeekMoE model from a config");
@@ -44,7 +45,7 @@ void add_train_commands(CLI::App& app) {
   cmd->add_option("--save-every", a->opt.save_every)->capture_default_str();
   cmd->add_option("--keep", a->opt.keep_checkpoints, "checkpoints kept")->capture_default_str();
   cmd->add_flag("--resume", a->opt.resume, "continue from the run's last checkpoint");
-  add_device_option(cmd, a->device);
+  add_device_options(cmd, a->device);
   cmd->callback([a] {
     a->opt.config_file = a->config;
     a->opt.data_dir = a->data;

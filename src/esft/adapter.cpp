@@ -39,7 +39,7 @@ void apply_adapter(DeepSeekModel& model, const std::filesystem::path& dir) {
     if (!(p->value.shape() == e.tensor.shape()))
       fail("{}: tensor {} has shape {}, the base model's is {}", file.string(), name,
            e.tensor.shape().str(), p->value.shape().str());
-    p->value.copy_from(e.tensor.to_f32());
+    set_value(*p, e.tensor);
   }
 }
 

@@ -195,12 +195,13 @@ FinetuneResult finetune(const FinetuneOptions& opt) {
     DeepSeekModel layout(c, Device::CPU, /*allocate=*/false);
     if (opt.method == "esft")
       apply_expert_config(layout, read_expert_config(opt.experts), opt.experts.string());
-    check_device_memory(estimate_memory(c, opt.batch * opt.seq, layout.params().trainable_numel()),
-                        opt.device,
-                        fmt::format("{}: {} fine-tuning (batch {} x seq {})", opt.model.string(),
-                                    opt.method, opt.batch, opt.seq));
+    check_device_memory(
+        estimate_memory(c, opt.batch * opt.seq, layout.params().trainable_numel(), opt.weights),
+        opt.device,
+        fmt::format("{}: {} fine-tuning (batch {} x seq {})", opt.model.string(), opt.method,
+                    opt.batch, opt.seq));
   }
-  auto model = load_model(opt.model, opt.device);
+  auto model = load_model(opt.model, opt.device, opt.weights);
   const std::string fingerprint = base_fingerprint(*model);  // of the base, before any update
   const fs::path tok_path = opt.tokenizer.empty() ? opt.model / "tokenizer.json" : opt.tokenizer;
   Tokenizer tok = Tokenizer::load(tok_path);

@@ -34,8 +34,7 @@ void assign(Param& p, const Tensor& src, const std::string& file, const std::str
   if (!(src.shape() == p.value.shape()))
     fail("{}: tensor {} has shape {}, expected {}", file, name, src.shape().str(),
          p.value.shape().str());
-  Tensor f = src.to_f32();
-  p.value.copy_from(f);
+  set_value(p, src);
 }
 
 // Expert e's slice of a fused transformers-5 tensor, as the per-expert parameter `which`.
@@ -105,10 +104,10 @@ void load_weights(DeepSeekModel& model, const std::map<std::string, SafetensorsE
            c.model_type);
 }
 
-std::unique_ptr<DeepSeekModel> load_model(const fs::path& dir, Device device) {
+std::unique_ptr<DeepSeekModel> load_model(const fs::path& dir, Device device, DType matrix_dtype) {
   if (!fs::is_directory(dir)) fail("{}: not a model directory", dir.string());
   ModelConfig c = load_config(dir / "config.json");
-  auto model = std::make_unique<DeepSeekModel>(c, device);
+  auto model = std::make_unique<DeepSeekModel>(c, device, true, matrix_dtype);
   load_weights(*model, load_checkpoint_tensors(dir), dir.string());
   return model;
 }
@@ -120,7 +119,8 @@ void save_model(const DeepSeekModel& model, const fs::path& dir, DType dtype) {
   std::vector<std::pair<std::string, Tensor>> out;
   const ModelConfig& c = model.config();
   for (auto& p : model.params().all()) {
-    const Tensor host = p->value.to_host();
+    const Tensor host =
+        p->value.dtype() == DType::F32 ? p->value.to_host() : p->value.to_host().to_f32();
     // V2 has no balance bias tensor; write it only where the format has one or it was learned.
     if (p->buffer && !format_has_balance_bias(c)) {
       bool all_zero = true;

@@ -35,8 +35,9 @@ Tensor DecoderLayer::backward(Backend& be, const Tensor& dy, const RopeTable& ro
   return dh;
 }
 
-DeepSeekModel::DeepSeekModel(const ModelConfig& config, Device device, bool allocate)
-    : config_(config), device_(device), params_(allocate) {
+DeepSeekModel::DeepSeekModel(const ModelConfig& config, Device device, bool allocate,
+                             DType matrix_dtype)
+    : config_(config), device_(device), params_(allocate, matrix_dtype) {
   validate(config_, "model config");
   const auto& c = config_;
   embed_tokens = params_.add("model.embed_tokens.weight", {c.vocab_size, c.hidden_size}, device);
@@ -99,7 +100,7 @@ void DeepSeekModel::init_random(uint64_t seed, float std) {
     bool is_norm = p->name.find("norm") != std::string::npos;
     for (int64_t i = 0; i < host.numel(); ++i)
       host.f32()[i] = p->buffer ? 0.0f : is_norm ? 1.0f : normal(rng);
-    p->value.copy_from(host);
+    set_value(*p, host);
   }
 }
 

@@ -192,6 +192,29 @@ fs::path existing_ancestor(const fs::path& dir) {
 
 }  // namespace
 
+void init_weights(DeepSeekModel& model, uint64_t seed) {
+  const float std = float(model.config().initializer_range);
+  constexpr int64_t kChunk = int64_t(1) << 24;  // elements per host buffer (64 MiB of fp32)
+  std::vector<float> buf;
+  std::vector<unsigned char> bytes;
+  for (const CheckpointTensor& t : checkpoint_layout(model.config())) {
+    Param& p = model.params().at(t.name);
+    const int64_t n = p.value.numel(), row = n / std::max<int64_t>(1, p.value.dim(0));
+    const int64_t rows_per_chunk = std::max<int64_t>(1, kChunk / std::max<int64_t>(1, row));
+    const uint64_t key = init_key(t.name, seed);
+    for (int64_t r = 0; r < p.value.dim(0); r += rows_per_chunk) {
+      const int64_t r_end = std::min(p.value.dim(0), r + rows_per_chunk), m = (r_end - r) * row;
+      buf.resize(size_t(m));
+      generate(t, key, std, r * row, m, buf.data());
+      Shape s = p.value.shape();
+      s.d[0] = r_end - r;
+      convert(buf.data(), m, p.value.dtype(), bytes);
+      Tensor dst = p.value.slice(r, r_end);
+      dst.copy_from(Tensor::view_of(bytes.data(), s, p.value.dtype(), nullptr));
+    }
+  }
+}
+
 uint64_t init_key(const std::string& name, uint64_t seed) {
   uint64_t h = 0xcbf29ce484222325ull;  // FNV-1a of the name
   for (unsigned char c : name) h = (h ^ c) * 0x100000001b3ull;

@@ -55,6 +55,11 @@ void check_init_target(const InitPlan& plan, const std::filesystem::path& dir);
 // tokenizer.json and config.json last. On failure removes what it wrote and rethrows.
 void write_init(const InitPlan& plan, const std::filesystem::path& dir, bool show_progress);
 
+// Fills a model's parameters in place with the values `moekit init` would write for its config
+// and `seed` (before the checkpoint dtype's rounding), in bounded chunks and in parallel: a large
+// model (benchmarks of full-size configs) starts without a checkpoint on disk.
+void init_weights(DeepSeekModel& model, uint64_t seed);
+
 // The generator key of tensor `name` under `seed`.
 uint64_t init_key(const std::string& name, uint64_t seed);
 // out[k] = std * N(0,1) value number begin + k of the stream `key`, for k in [0, count).

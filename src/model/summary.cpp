@@ -1,5 +1,6 @@
 // Parameter arithmetic of the DeepSeek blocks.
 #include "model/summary.h"
+#include <algorithm>
 
 #include <fmt/format.h>
 
@@ -62,9 +63,16 @@ std::string human_bytes(double n) {
   return fmt::format("{:.0f} B", n);
 }
 
-MemoryEstimate estimate_memory(const ModelConfig& c, int64_t tokens, int64_t trainable_params) {
+MemoryEstimate estimate_memory(const ModelConfig& c, int64_t tokens, int64_t trainable_params,
+                               DType weights) {
   MemoryEstimate m;
-  m.weights = double(summarize(c).total) * 4.0;
+  const double total = double(summarize(c).total);
+  m.weights = total * 4.0;
+  if (weights == DType::BF16) {  // the frozen rest in bf16; embedding and LM head stay fp32
+    const double tables = 2.0 * double(c.vocab_size) * double(c.hidden_size);
+    const double frozen = std::max(0.0, total - double(trainable_params) - tables);
+    m.weights = (total - frozen) * 4.0 + frozen * 2.0;
+  }
   m.grads = double(trainable_params) * 4.0;
   m.optimizer = double(trainable_params) * 8.0;
   // Per token and layer about 40 hidden-sized fp32 vectors (norms, MLA projections, attention,

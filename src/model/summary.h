@@ -33,7 +33,9 @@ struct MemoryEstimate {
   double weights = 0, grads = 0, optimizer = 0, activations = 0;
   double total() const { return weights + grads + optimizer + activations; }
 };
-MemoryEstimate estimate_memory(const ModelConfig& c, int64_t tokens, int64_t trainable_params);
+// `weights` BF16: frozen GEMM weights in bf16 (ParamTable's matrix dtype), the rest fp32.
+MemoryEstimate estimate_memory(const ModelConfig& c, int64_t tokens, int64_t trainable_params,
+                               DType weights = DType::F32);
 
 // Before allocating: fails with one line naming `what` when `device` lacks the memory (the GPU:
 // free memory from the driver; the host: physical memory). Asking for a CUDA device without one

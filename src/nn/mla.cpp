@@ -17,20 +17,20 @@ MLA MLA::create(ParamTable& params, const std::string& prefix, const ModelConfig
   a.softmax_scale = float(c.softmax_scale());
   const int64_t H = c.hidden_size, qdim = a.heads * (a.dn + a.dr);
   if (a.q_lora_rank > 0) {
-    a.q_a_proj = params.add(prefix + ".q_a_proj.weight", {a.q_lora_rank, H}, device);
+    a.q_a_proj = params.add_matrix(prefix + ".q_a_proj.weight", {a.q_lora_rank, H}, device);
     a.q_a_layernorm.weight = params.add(prefix + ".q_a_layernorm.weight", {a.q_lora_rank}, device);
     a.q_a_layernorm.eps = float(c.rms_norm_eps);
-    a.q_b_proj = params.add(prefix + ".q_b_proj.weight", {qdim, a.q_lora_rank}, device);
+    a.q_b_proj = params.add_matrix(prefix + ".q_b_proj.weight", {qdim, a.q_lora_rank}, device);
   } else {
-    a.q_proj = params.add(prefix + ".q_proj.weight", {qdim, H}, device);
+    a.q_proj = params.add_matrix(prefix + ".q_proj.weight", {qdim, H}, device);
   }
   a.kv_a_proj_with_mqa =
-      params.add(prefix + ".kv_a_proj_with_mqa.weight", {a.kv_lora_rank + a.dr, H}, device);
+      params.add_matrix(prefix + ".kv_a_proj_with_mqa.weight", {a.kv_lora_rank + a.dr, H}, device);
   a.kv_a_layernorm.weight = params.add(prefix + ".kv_a_layernorm.weight", {a.kv_lora_rank}, device);
   a.kv_a_layernorm.eps = float(c.rms_norm_eps);
-  a.kv_b_proj =
-      params.add(prefix + ".kv_b_proj.weight", {a.heads * (a.dn + a.dv), a.kv_lora_rank}, device);
-  a.o_proj = params.add(prefix + ".o_proj.weight", {H, a.heads * a.dv}, device);
+  a.kv_b_proj = params.add_matrix(prefix + ".kv_b_proj.weight",
+                                  {a.heads * (a.dn + a.dv), a.kv_lora_rank}, device);
+  a.o_proj = params.add_matrix(prefix + ".o_proj.weight", {H, a.heads * a.dv}, device);
   return a;
 }
 

@@ -8,9 +8,9 @@ namespace moekit {
 MLP MLP::create(ParamTable& params, const std::string& prefix, int64_t hidden, int64_t intermediate,
                 Device device) {
   MLP m;
-  m.gate_proj = params.add(prefix + ".gate_proj.weight", {intermediate, hidden}, device);
-  m.up_proj = params.add(prefix + ".up_proj.weight", {intermediate, hidden}, device);
-  m.down_proj = params.add(prefix + ".down_proj.weight", {hidden, intermediate}, device);
+  m.gate_proj = params.add_matrix(prefix + ".gate_proj.weight", {intermediate, hidden}, device);
+  m.up_proj = params.add_matrix(prefix + ".up_proj.weight", {intermediate, hidden}, device);
+  m.down_proj = params.add_matrix(prefix + ".down_proj.weight", {hidden, intermediate}, device);
   return m;
 }
 

@@ -7,17 +7,41 @@
 namespace moekit {
 
 Param* ParamTable::add(const std::string& name, Shape shape, Device device, bool buffer) {
+  return add_as(name, shape, device, buffer, DType::F32);
+}
+
+Param* ParamTable::add_as(const std::string& name, Shape shape, Device device, bool buffer,
+                          DType dtype) {
   MOEKIT_CHECK(!index_.count(name), "parameter {} added twice", name);
   auto p = std::make_unique<Param>();
   p->name = name;
   p->shape = shape;
-  if (allocate_) p->value = Tensor::zeros(shape, DType::F32, device);
+  if (allocate_) p->value = Tensor::zeros(shape, dtype, device);
   p->buffer = buffer;
   p->trainable = !buffer;
   Param* raw = p.get();
   index_[name] = raw;
   params_.push_back(std::move(p));
   return raw;
+}
+
+Param* ParamTable::add_matrix(const std::string& name, Shape shape, Device device) {
+  if (allocate_ && matrix_dtype_ != DType::F32 &&
+      !backend(device).supports(Op::Matmul, matrix_dtype_))
+    fail("{} weights need a device with {} GEMMs (use --device cuda)", dtype_name(matrix_dtype_),
+         dtype_name(matrix_dtype_));
+  Param* p = add_as(name, shape, device, false, matrix_dtype_);
+  p->matrix = true;
+  return p;
+}
+
+void set_value(Param& p, const Tensor& src) {
+  if (src.dtype() == p.value.dtype()) {
+    p.value.copy_from(src);  // either side may be device memory
+    return;
+  }
+  const Tensor f = src.to_host().to_f32();
+  p.value.copy_from(p.value.dtype() == DType::F32 ? f : f.to_dtype(p.value.dtype()));
 }
 
 Param* ParamTable::find(const std::string& name) const {
@@ -35,6 +59,12 @@ void ParamTable::set_trainable(const std::function<bool(const Param&)>& pred) {
   for (auto& p : params_) {
     p->trainable = !p->buffer && pred(*p);
     if (!p->trainable) p->grad = Tensor();
+    if (!p->matrix || !p->value.defined() || matrix_dtype_ == DType::F32) continue;
+    const DType want = p->trainable ? DType::F32 : matrix_dtype_;
+    if (p->value.dtype() == want) continue;
+    Tensor converted = Tensor::empty(p->value.shape(), want, p->value.device());
+    std::swap(converted, p->value);  // `converted` now holds the old values
+    set_value(*p, converted);
   }
 }
 
@@ -67,6 +97,13 @@ size_t ParamTable::grad_bytes() const {
   size_t n = 0;
   for (auto& p : params_)
     if (p->grad.defined()) n += p->grad.nbytes();
+  return n;
+}
+
+size_t ParamTable::value_bytes() const {
+  size_t n = 0;
+  for (auto& p : params_)
+    if (p->value.defined()) n += p->value.nbytes();
   return n;
 }
 

@@ -2,6 +2,9 @@
 // Gradients and optimizer state are laid out from this table, so "which tensors train" is data:
 // a frozen parameter has no gradient tensor, and every backward skips its weight-gradient GEMM.
 // Buffers (e.g. the MoE balance bias) live here too, never trainable, so checkpoints carry them.
+// Storage dtype: every value is fp32 except frozen GEMM weights ("matrices": the linear layers'
+// weights) of a table whose matrix dtype is BF16 — a large model on one GPU keeps its frozen
+// weights in bf16 with no fp32 copy, and only what trains gets an fp32 master (set_trainable).
 #pragma once
 
 #include <functional>
@@ -17,23 +20,37 @@ namespace moekit {
 struct Param {
   std::string name;  // checkpoint name, e.g. model.layers.3.mlp.experts.17.up_proj.weight
   Shape shape;       // value's shape; also set in a layout-only table, where value is undefined
-  Tensor value;      // fp32 on the model's device
+  Tensor value;      // on the model's device: fp32, or the table's matrix dtype (frozen matrix)
   Tensor grad;       // defined only while trainable (same shape as value)
   bool trainable = true;
   bool buffer = false;  // not a parameter: no gradient ever (balance bias)
+  bool matrix = false;  // a GEMM weight (consumed only by matmul): may be stored in bf16
 };
+
+// Copies `src` (any float dtype, any device) into p.value, converting to the value's dtype; the
+// shapes must agree (checked by the caller, which knows the file to name).
+void set_value(Param& p, const Tensor& src);
 
 class ParamTable {
  public:
   // `allocate` false gives a layout-only table: names, shapes and buffer flags, no memory (for
   // writers that stream a checkpoint tensor by tensor, model/init.h).
-  explicit ParamTable(bool allocate = true) : allocate_(allocate) {}
+  // `matrix_dtype` BF16 stores frozen matrices in bf16 (a device whose backend supports BF16
+  // GEMMs only).
+  explicit ParamTable(bool allocate = true, DType matrix_dtype = DType::F32)
+      : allocate_(allocate), matrix_dtype_(matrix_dtype) {}
   Param* add(const std::string& name, Shape shape, Device device, bool buffer = false);
+  // A GEMM weight: stored in the matrix dtype while frozen (all parameters start trainable, but
+  // a bf16 table starts its matrices in bf16, so a large model never holds an fp32 copy of them).
+  Param* add_matrix(const std::string& name, Shape shape, Device device);
+  DType matrix_dtype() const { return matrix_dtype_; }
   Param* find(const std::string& name) const;
   Param& at(const std::string& name) const;  // Error naming the tensor if absent
   const std::vector<std::unique_ptr<Param>>& all() const { return params_; }
 
-  // Marks which parameters train (buffers never do); frees gradients of frozen ones.
+  // Marks which parameters train (buffers never do); frees gradients of frozen ones. In a bf16
+  // table a trainable matrix gets an fp32 value (its master copy, from the bf16 values) and a
+  // frozen one returns to bf16.
   void set_trainable(const std::function<bool(const Param&)>& pred);
   // Allocates (zeroed) gradients for trainable parameters that have none.
   void allocate_grads();
@@ -42,9 +59,13 @@ class ParamTable {
   int64_t numel() const;            // all parameters (not buffers)
   int64_t trainable_numel() const;  // parameters with gradients
   size_t grad_bytes() const;
+  size_t value_bytes() const;  // parameters and buffers as stored
 
  private:
+  Param* add_as(const std::string& name, Shape shape, Device device, bool buffer, DType dtype);
+
   bool allocate_ = true;
+  DType matrix_dtype_ = DType::F32;
   std::vector<std::unique_ptr<Param>> params_;
   std::unordered_map<std::string, Param*> index_;
 };

@@ -15,6 +15,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
+#include <map>
 #include <random>
 #include <string>
 
@@ -241,6 +243,85 @@ TEST_P(GpuTraining, ThreeAdamWStepsMatchCpu) {
 }
 
 INSTANTIATE_TEST_SUITE_P(GpuMethods, GpuTraining, ::testing::Values("full", "esft"));
+
+// --- bf16 weights (--dtype bf16): frozen matrices in bf16, trainable ones with fp32 masters
+
+// The oracle is the CPU model with the same weights rounded to bf16 (what the GPU model holds), in
+// fp32. The GPU rounds every GEMM's F32 operand (activations, fp32 masters) and attention's
+// inputs and probabilities to bf16 (relative error <= 2^-8 each) and accumulates in fp32: each
+// GEMM's output moves by about 2^-8 of its scale, and the tiny model chains about ten of them
+// (two layers of MLA and MoE, the LM head), so logits stay within ~10 * 2^-8 = 4e-2 of their
+// largest value and the mean loss within 2e-2 (relative). The test also asserts that bf16 was in
+// effect (the difference is not zero) and that routing did not flip on this input.
+TEST(GpuBf16, FrozenWeightsStayBf16AndTrackCpu) {
+  SKIP_WITHOUT_GPU();
+  const ModelConfig c = tiny_config();
+  DeepSeekModel cpu(c, Device::CPU), gpu(c, Device::CUDA, true, DType::BF16);
+  cpu.init_random(7, 0.2f);
+  gpu.init_random(7, 0.2f);
+  for (const auto& p : cpu.params().all())
+    if (p->matrix) p->value = p->value.to_dtype(DType::BF16).to_f32();
+  size_t fp32_bytes = 0;
+  for (const auto& p : gpu.params().all()) {
+    EXPECT_EQ(p->value.dtype(), p->matrix ? DType::BF16 : DType::F32) << p->name;
+    fp32_bytes += size_t(p->value.numel()) * 4;
+    if (p->matrix) {
+      EXPECT_EQ(rel_diff(p->value.to_host().to_f32(), cpu.params().at(p->name).value), 0.0);
+    }
+  }
+  EXPECT_LT(gpu.params().value_bytes(), fp32_bytes * 3 / 4);
+
+  backend(Device::CUDA).set_precision(Precision::Bf16);
+  const int64_t batch = 2, seq = 24;
+  const Tensor ids = random_ids(batch * seq, c.vocab_size, 5);
+  const double d_logits = rel_diff(gpu.forward(ids, batch, seq), cpu.forward(ids, batch, seq));
+  expect_same_routing(gpu, cpu);
+  EXPECT_LE(d_logits, 4e-2);
+  EXPECT_GT(d_logits, 0.0) << "bf16 had no effect";
+
+  // ESFT: the chosen experts' matrices become fp32 masters and train; the rest stay bf16, untouched
+  // to the bit, with no gradient.
+  ExpertConfig ec;
+  ec.experts[1] = {2, 5};
+  apply_expert_config(cpu, ec, "cfg");
+  apply_expert_config(gpu, ec, "cfg");
+  std::map<std::string, Tensor> before;
+  for (const auto& p : gpu.params().all()) before[p->name] = p->value.to_host().clone();
+  AdamW adam_c, adam_g;
+  const StepLog lc = train_steps(cpu, adam_c, 3), lg = train_steps(gpu, adam_g, 3);
+  backend(Device::CUDA).set_precision(Precision::Fp32);
+  for (size_t s = 0; s < lc.loss.size(); ++s)
+    EXPECT_LE(std::abs(lg.loss[s] - lc.loss[s]) / lc.loss[s], 2e-2) << "step " << s + 1;
+  int trained = 0;
+  for (const auto& p : gpu.params().all()) {
+    const Tensor now = p->value.to_host();
+    if (p->trainable) {
+      ++trained;
+      EXPECT_EQ(p->value.dtype(), DType::F32) << p->name;
+      EXPECT_GT(rel_diff(now, before[p->name]), 0.0) << p->name << " did not move";
+    } else if (!p->buffer) {
+      EXPECT_EQ(p->value.dtype(), p->matrix ? DType::BF16 : DType::F32) << p->name;
+      EXPECT_FALSE(p->grad.defined()) << p->name;
+      ASSERT_EQ(now.nbytes(), before[p->name].nbytes());
+      EXPECT_EQ(std::memcmp(now.raw(), before[p->name].raw(), now.nbytes()), 0) << p->name;
+    }
+  }
+  EXPECT_EQ(trained, 6);
+  std::printf(
+      "[ gpu-bf16 ] logits within %.2e of the rounded fp32 CPU model; losses %.5f %.5f "
+      "%.5f (cpu %.5f %.5f %.5f); weights %.1f KiB (fp32 %.1f KiB)\n",
+      d_logits, lg.loss[0], lg.loss[1], lg.loss[2], lc.loss[0], lc.loss[1], lc.loss[2],
+      double(gpu.params().value_bytes()) / 1024, double(fp32_bytes) / 1024);
+}
+
+TEST(GpuBf16, CpuRefusesBf16Weights) {
+  try {
+    DeepSeekModel m(tiny_config(), Device::CPU, true, DType::BF16);
+    FAIL() << "a CPU model accepted bf16 matrices";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--device cuda"), std::string::npos) << e.what();
+  }
+}
 
 // --- decoding and memory checks
 
