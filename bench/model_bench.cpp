@@ -7,6 +7,7 @@
 //   all     + AdamW over every parameter
 //   esft10  + AdamW, only every tenth routed expert of each MoE layer trains (ESFT-like)
 //   bf16    (cuda) frozen GEMM weights in bf16, GEMMs and attention on the bf16 tensor cores
+// MOEKIT_BENCH_CHECKPOINT=1 turns on activation checkpointing.
 // Weights: the values `moekit init` writes for the config (seed 1), generated in memory.
 #include <fmt/format.h>
 #include <sys/resource.h>
@@ -17,12 +18,22 @@
 #include <regex>
 #include <string>
 
+#include "core/error.h"
 #include "core/thread_pool.h"
 #include "model/deepseek.h"
 #include "model/init.h"
 #include "train/adamw.h"
 
 using namespace moekit;
+
+static std::string json_escape(const std::string& s) {
+  std::string o;
+  for (char ch : s) {
+    if (ch == '"' || ch == '\\') o += '\\';
+    o += (ch == '\n' ? ' ' : ch);
+  }
+  return o;
+}
 
 static double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -49,6 +60,7 @@ int main(int argc, char** argv) {
     const auto t_init = std::chrono::steady_clock::now();
     DeepSeekModel model(c, dev, true, weights);
     init_weights(model, 1);
+    model.set_activation_checkpointing(std::getenv("MOEKIT_BENCH_CHECKPOINT") != nullptr);
     const double init_s = seconds_since(t_init);
     if (mode == "esft10") {
       static const std::regex expert(R"(\.mlp\.experts\.(\d+)\.)");
@@ -80,14 +92,21 @@ int main(int argc, char** argv) {
       }
       sync(d);
     };
-    fwd();
-    train();  // warm-up: allocations, thread start
+    fwd();  // warm-up: allocations, thread start
     auto t0 = std::chrono::steady_clock::now();
     for (int64_t i = 0; i < iters; ++i) fwd();
     double f = seconds_since(t0);
-    t0 = std::chrono::steady_clock::now();
-    for (int64_t i = 0; i < iters; ++i) train();
-    double t = seconds_since(t0);
+    // Training may not fit where prefill does (a full-size model): report prefill regardless.
+    double t = 0;
+    std::string train_error;
+    try {
+      train();
+      t0 = std::chrono::steady_clock::now();
+      for (int64_t i = 0; i < iters; ++i) train();
+      t = seconds_since(t0);
+    } catch (const Error& e) {
+      train_error = e.what();
+    }
     rusage ru{};
     getrusage(RUSAGE_SELF, &ru);
     fmt::print(
@@ -95,11 +114,13 @@ int main(int argc, char** argv) {
         "{:.1f}, "
         "\"train_tok_s\": {:.1f}, \"trainable\": {}, \"first_loss\": {:.6f}, "
         "\"peak_rss_mib\": {:.1f}, \"threads\": {}, \"dtype\": \"{}\", \"weights_gib\": {:.2f}, "
-        "\"peak_device_gib\": {:.2f}, \"layers\": {}, \"init_s\": {:.1f}}}\n",
-        dev_name, mode, double(B * S * iters) / f, double(B * S * iters) / t,
+        "\"peak_device_gib\": {:.2f}, \"layers\": {}, \"init_s\": {:.1f}, \"checkpointing\": {}, "
+        "\"train_error\": \"{}\"}}\n",
+        dev_name, mode, double(B * S * iters) / f, t > 0 ? double(B * S * iters) / t : 0.0,
         model.params().trainable_numel(), first_loss, double(ru.ru_maxrss) / 1024.0, num_threads(),
         dtype, double(model.params().value_bytes()) / 1073741824.0,
-        double(be.peak_bytes()) / 1073741824.0, c.num_hidden_layers, init_s);
+        double(be.peak_bytes()) / 1073741824.0, c.num_hidden_layers, init_s,
+        model.activation_checkpointing(), json_escape(train_error));
   } catch (const std::exception& e) {
     fmt::print(stderr, "moekit_model_bench: error: {}\n", e.what());
     return 2;

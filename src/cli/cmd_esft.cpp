@@ -50,6 +50,9 @@ void add_esft_commands(CLI::App& app) {
   ft->add_option("--lr", fo->lr)->capture_default_str();
   ft->add_option("--seed", fo->seed)->capture_default_str();
   add_device_options(ft, *device);
+  ft->add_flag("--checkpoint-activations", fo->activation_checkpointing,
+               "keep only each layer's input and recompute the layer in backward (less memory, "
+               "one more forward)");
   ft->callback([fo, fs_args, device] {
     fo->model = (*fs_args)[0];
     fo->data = (*fs_args)[1];

@@ -46,6 +46,9 @@ void add_train_commands(CLI::App& app) {
   cmd->add_option("--keep", a->opt.keep_checkpoints, "checkpoints kept")->capture_default_str();
   cmd->add_flag("--resume", a->opt.resume, "continue from the run's last checkpoint");
   add_device_options(cmd, a->device);
+  cmd->add_flag("--checkpoint-activations", a->opt.activation_checkpointing,
+                "keep only each layer's input and recompute the layer in backward (less memory, "
+                "one more forward)");
   cmd->callback([a] {
     a->opt.config_file = a->config;
     a->opt.data_dir = a->data;

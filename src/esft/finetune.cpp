@@ -202,6 +202,7 @@ FinetuneResult finetune(const FinetuneOptions& opt) {
                     opt.batch, opt.seq));
   }
   auto model = load_model(opt.model, opt.device, opt.weights);
+  model->set_activation_checkpointing(opt.activation_checkpointing);
   const std::string fingerprint = base_fingerprint(*model);  // of the base, before any update
   const fs::path tok_path = opt.tokenizer.empty() ? opt.model / "tokenizer.json" : opt.tokenizer;
   Tokenizer tok = Tokenizer::load(tok_path);

@@ -23,8 +23,9 @@ struct FinetuneOptions {
   double lr = 1e-5, weight_decay = 0.1, grad_clip = 1.0, random_concat_ratio = 0.2;
   uint64_t seed = 5934875;  // base.yaml
   int64_t log_every = 10;
-  Device device = Device::CPU;  // where the model, gradients and AdamW state live
-  DType weights = DType::F32;   // BF16: frozen GEMM weights stay bf16 (CUDA; ParamTable)
+  Device device = Device::CPU;            // where the model, gradients and AdamW state live
+  DType weights = DType::F32;             // BF16: frozen GEMM weights stay bf16 (CUDA; ParamTable)
+  bool activation_checkpointing = false;  // recompute each layer in backward (DeepSeekModel)
 };
 
 struct FinetuneResult {

@@ -35,6 +35,21 @@ Tensor DecoderLayer::backward(Backend& be, const Tensor& dy, const RopeTable& ro
   return dh;
 }
 
+void DecoderLayer::release_saved() {
+  input_layernorm.saved = {};
+  self_attn.saved = {};
+  self_attn.q_a_layernorm.saved = {};
+  self_attn.kv_a_layernorm.saved = {};
+  post_attention_layernorm.saved = {};
+  if (mlp) mlp->saved = {};
+  if (moe) {
+    moe->saved = {};
+    moe->gate.saved = {};
+    moe->shared_experts.saved = {};
+    for (auto& e : moe->routed_experts) e.saved = {};
+  }
+}
+
 DeepSeekModel::DeepSeekModel(const ModelConfig& config, Device device, bool allocate,
                              DType matrix_dtype)
     : config_(config), device_(device), params_(allocate, matrix_dtype) {
@@ -74,7 +89,16 @@ Tensor DeepSeekModel::forward(const Tensor& ids, int64_t batch, int64_t seq) {
   Tensor x = Tensor::empty({T, config_.hidden_size}, DType::F32, device_);
   saved_.ids = ids.to_device(device_);  // host ids are copied once; backward needs them too
   be.embedding_forward(x, embed_tokens->value, saved_.ids);
-  for (auto& layer : layers_) x = layer.forward(be, x, positions, rope_, batch, seq);
+  saved_.positions = positions;
+  saved_.batch = batch;
+  saved_.seq = seq;
+  saved_.layer_inputs.clear();
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    const bool drop = checkpointing_ && l + 1 < layers_.size();  // the last backs up at once
+    if (drop) saved_.layer_inputs.push_back(x);
+    x = layers_[l].forward(be, x, positions, rope_, batch, seq);
+    if (drop) layers_[l].release_saved();
+  }
   saved_.final_hidden = norm_.forward(be, x);
   Tensor logits = Tensor::empty({T, config_.vocab_size}, DType::F32, device_);
   linear_forward(be, logits, saved_.final_hidden, *lm_head);
@@ -88,7 +112,17 @@ void DeepSeekModel::backward(const Tensor& dlogits) {
   linear_backward(be, dh, *lm_head, dlogits, saved_.final_hidden, false);
   Tensor dx = Tensor::empty(dh.shape(), DType::F32, device_);
   norm_.backward(be, dx, dh, false);
-  for (auto it = layers_.rbegin(); it != layers_.rend(); ++it) dx = it->backward(be, dx, rope_);
+  for (size_t l = layers_.size(); l-- > 0;) {
+    DecoderLayer& layer = layers_[l];
+    if (l < saved_.layer_inputs.size())  // checkpointed: recompute what forward dropped
+      (void)layer.forward(be, saved_.layer_inputs[l], saved_.positions, rope_, saved_.batch,
+                          saved_.seq);
+    dx = layer.backward(be, dx, rope_);
+    if (l < saved_.layer_inputs.size()) {
+      layer.release_saved();
+      saved_.layer_inputs[l] = Tensor();
+    }
+  }
   if (embed_tokens->grad.defined()) be.embedding_backward(embed_tokens->grad, dx, saved_.ids);
 }
 

@@ -29,6 +29,8 @@ struct DecoderLayer {
                  int64_t batch, int64_t seq);
   // dx from dy (assigns).
   Tensor backward(Backend& be, const Tensor& dy, const RopeTable& rope);
+  // Drops every tensor the sublayers saved for backward (activation checkpointing).
+  void release_saved();
 };
 
 class DeepSeekModel {
@@ -52,6 +54,13 @@ class DeepSeekModel {
   // Backward from dlogits [batch*seq, vocab]; parameter grads accumulate for trainable params.
   void backward(const Tensor& dlogits);
 
+  // Activation checkpointing: forward keeps only each layer's input and backward recomputes the
+  // layer's forward before its backward (one extra forward per layer, for activation memory of
+  // one layer instead of all). The recomputation is exact: routing and every op are
+  // deterministic, and nothing (balance bias, weights) changes between forward and backward.
+  void set_activation_checkpointing(bool on) { checkpointing_ = on; }
+  bool activation_checkpointing() const { return checkpointing_; }
+
   // Fills parameters with N(0, std) (norm weights 1, biases 0), deterministic in `seed`.
   void init_random(uint64_t seed, float std = 0.02f);
 
@@ -64,8 +73,11 @@ class DeepSeekModel {
   RMSNorm norm_;
   Param* lm_head = nullptr;
   RopeTable rope_;
+  bool checkpointing_ = false;
   struct Saved {
-    Tensor ids, final_hidden;
+    Tensor ids, final_hidden, positions;
+    std::vector<Tensor> layer_inputs;  // with activation checkpointing
+    int64_t batch = 0, seq = 0;
   } saved_;
 };
 

@@ -117,6 +117,7 @@ TrainResult train(const TrainOptions& opt) {
     fs::copy_file(tok_path, opt.out / "tokenizer.json", fs::copy_options::overwrite_existing);
 
   DeepSeekModel model(cfg, opt.device);
+  model.set_activation_checkpointing(opt.activation_checkpointing);
   model.init_random(opt.seed);
   // The aux loss of each micro-batch is averaged like the main loss.
   for (auto& l : model.layers())

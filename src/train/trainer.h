@@ -35,6 +35,7 @@ struct TrainOptions {
   int64_t save_every = 50;
   int64_t keep_checkpoints = 3;
   bool resume = false;
+  bool activation_checkpointing = false;  // recompute each layer in backward (DeepSeekModel)
   bool quiet = false;
   Device device = Device::CPU;  // where weights, gradients, AdamW state and activations live
 };
