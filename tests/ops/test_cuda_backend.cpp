@@ -315,6 +315,13 @@ TEST_F(CudaBackendTest, RopeForwardAndInverse) {
                Error);
 }
 
+// Sets a backend's precision for a scope and restores Fp32 after it, even when an op throws.
+struct PrecisionScope {
+  Backend& b;
+  PrecisionScope(Backend& backend, Precision p) : b(backend) { b.set_precision(p); }
+  ~PrecisionScope() { b.set_precision(Precision::Fp32); }
+};
+
 struct AttnCase {
   int64_t batch, seq, heads, dqk, dv;
 };
@@ -354,6 +361,75 @@ TEST_F(CudaBackendTest, CausalAttentionForwardBackward) {
   }
 }
 
+// Attention under Precision::Bf16 (ops/cuda/cuda_attention_tc.cpp): q, k, v and dO are rounded
+// to bf16, P (and dS in backward) are rounded to bf16 before the GEMMs they feed; scores,
+// softmax, lse and every accumulation stay fp32. The oracle is the CPU op on the same
+// bf16-rounded q, k, v, dO, and backward gets the oracle's out and lse too, so each check sees only
+// the roundings inside the op. A rounding to bf16 (8 significant bits, to nearest) has relative
+// error <= u = 2^-8.
+// - out_i = sum_j p_ij v_j with each p_ij off by <= u p_ij: |error| <= u sum_j p_ij |v_j| <=
+//   u max|v| (a row of P sums to 1), so normwise tol = u max|v| / max|out|.
+// - lse: fp32 scores of the same inputs (bf16 x bf16 products are exact in fp32): kF32Tol.
+// - dv = P^T dO with P rounded: |error| <= u (P^T |dO|) elementwise, and P^T |dO| is the CPU op's
+//   dv for dout = |dO|: tol = u max(P^T |dO|) / max|dv|.
+// - dq = dS K, dk = dS^T Q with each dS_ij off by <= u of itself: over `seq` terms of random sign
+//   the error grows like sqrt(seq) terms while the result stays at least about one term (the
+//   argument of the bf16 GEMM tolerance above), so tol = u sqrt(seq).
+// Each tolerance adds the fp32 term (kF32Tol, scaled like the bf16 one): the GPU's fp32 scores
+// sum in another order. A wrong mask, chunk or head offset shows up as O(1).
+// Shapes: partial row chunks (the path splits queries into 256-row chunks: 300 and 600 tokens
+// give 2 and 3 chunks), one token, batch > 1, Dqk != Dv (MLA 192/128), odd head dims.
+TEST_F(CudaBackendTest, CausalAttentionBf16Precision) {
+  const double u = std::ldexp(1.0, -8);
+  auto rounded = [](const Tensor& t) { return t.to_dtype(DType::BF16).to_f32(); };
+  auto abs_of = [](const Tensor& t) {
+    Tensor a = t.clone();
+    for (int64_t i = 0; i < a.numel(); ++i) a.f32()[i] = std::abs(a.f32()[i]);
+    return a;
+  };
+  for (const AttnCase& c :
+       {AttnCase{2, 45, 3, 24, 16}, AttnCase{1, 1, 2, 8, 8}, AttnCase{1, 100, 2, 192, 128},
+        AttnCase{3, 33, 1, 5, 7}, AttnCase{2, 300, 2, 64, 48}, AttnCase{1, 600, 3, 192, 128}}) {
+    SCOPED_TRACE(testing::Message() << "batch " << c.batch << " seq " << c.seq << " heads "
+                                    << c.heads << " dqk " << c.dqk << " dv " << c.dv);
+    const int64_t T = c.batch * c.seq;
+    const float scale = 1.0f / std::sqrt(float(c.dqk));
+    Tensor q = rounded(randn({T, c.heads, c.dqk})), k = rounded(randn({T, c.heads, c.dqk}));
+    Tensor v = rounded(randn({T, c.heads, c.dv})), dout = rounded(randn({T, c.heads, c.dv}));
+    Tensor out = Tensor::empty({T, c.heads, c.dv}), lse = Tensor::empty({c.batch, c.heads, c.seq});
+    cpu().attention_forward(out, lse, q, k, v, c.batch, c.seq, c.heads, scale);
+    Tensor dq = Tensor::empty(q.shape()), dk = Tensor::empty(k.shape());
+    Tensor dv = Tensor::empty(v.shape()), dv_bound = Tensor::empty(v.shape());
+    Tensor scratch_q = Tensor::empty(q.shape()), scratch_k = Tensor::empty(k.shape());
+    cpu().attention_backward(dq, dk, dv, dout, out, lse, q, k, v, c.batch, c.seq, c.heads, scale);
+    cpu().attention_backward(scratch_q, scratch_k, dv_bound, abs_of(dout), out, lse, q, k, v,
+                             c.batch, c.seq, c.heads, scale);
+
+    Tensor gq = dev(q), gk = dev(k), gv = dev(v);
+    Tensor gout = poisoned(out.shape()), glse = poisoned(lse.shape());
+    Tensor gdq = poisoned(q.shape()), gdk = poisoned(k.shape()), gdv = poisoned(v.shape());
+    {
+      PrecisionScope bf16(gpu(), Precision::Bf16);
+      gpu().attention_forward(gout, glse, gq, gk, gv, c.batch, c.seq, c.heads, scale);
+      gpu().attention_backward(gdq, gdk, gdv, dev(dout), dev(out), dev(lse), gq, gk, gv, c.batch,
+                               c.seq, c.heads, scale);
+    }
+
+    EXPECT_CLOSE(gout, out, (u + kF32Tol) * max_abs(v) / max_abs(out));
+    EXPECT_CLOSE(glse, lse, kF32Tol);
+    EXPECT_CLOSE(gdv, dv, (u + kF32Tol) * max_abs(dv_bound) / max_abs(dv));
+    if (c.seq == 1) {  // dq = dk = 0 exactly: compare absolute noise
+      EXPECT_LE(max_abs(gdq), 1e-5);
+      EXPECT_LE(max_abs(gdk), 1e-5);
+    } else {
+      const double tol = (u + kF32Tol) * std::sqrt(double(c.seq));
+      EXPECT_CLOSE(gdq, dq, tol);
+      EXPECT_CLOSE(gdk, dk, tol);
+    }
+  }
+  EXPECT_EQ(gpu().precision(), Precision::Fp32);
+}
+
 // Not a check of values: times the fused attention at a training-like MLA shape (seq 2048, 16
 // heads, q/k 192, v 128) so tools/cuda_check.sh reports a throughput; asserts only finite output.
 TEST_F(CudaBackendTest, AttentionThroughput) {
@@ -384,6 +460,18 @@ TEST_F(CudaBackendTest, AttentionThroughput) {
   const double bwd_flop = 2.0 * half * double(2 * DQK + 2 * DV + DQK + DV);
   std::printf("    attention fwd %.3f ms (%.1f TFLOP/s), bwd %.3f ms (%.1f TFLOP/s)\n", fwd,
               fwd_flop / fwd * 1e-9, bwd, bwd_flop / bwd * 1e-9);
+  EXPECT_TRUE(std::isfinite(max_abs(out)) && std::isfinite(max_abs(dq)));
+  // The same shape under Precision::Bf16 (tensor-core GEMMs); FLOPs counted as above (causal
+  // work only, though the path computes some masked scores too).
+  double fwd16 = 0, bwd16 = 0;
+  {
+    PrecisionScope bf16(gpu(), Precision::Bf16);
+    fwd16 = time_ms([&] { gpu().attention_forward(out, lse, q, k, v, B, S, H, scale); });
+    bwd16 = time_ms(
+        [&] { gpu().attention_backward(dq, dk, dv, dout, out, lse, q, k, v, B, S, H, scale); });
+  }
+  std::printf("    attention bf16 fwd %.3f ms (%.1f TFLOP/s), bwd %.3f ms (%.1f TFLOP/s)\n", fwd16,
+              fwd_flop / fwd16 * 1e-9, bwd16, bwd_flop / bwd16 * 1e-9);
   EXPECT_TRUE(std::isfinite(max_abs(out)) && std::isfinite(max_abs(dq)));
 }
 

@@ -333,6 +333,14 @@ cudaError_t backward_with(float* dq, float* dk, float* dv, const float* delta, c
 
 }  // namespace
 
+cudaError_t attention_delta(float* delta, const float* dout, const float* out,
+                            const AttentionShape& s) {
+  const int64_t rows = s.batch * s.seq * s.heads;
+  if (rows == 0) return cudaSuccess;
+  attention_delta_kernel<<<blocks_for(rows * 32), kThreads>>>(delta, dout, out, s);
+  return cudaGetLastError();
+}
+
 // Tile size: 32 rows when the head dims fit shared memory (every MLA shape does), else 16.
 cudaError_t attention_forward(float* out, float* lse, const float* q, const float* k,
                               const float* v, const AttentionShape& s) {
@@ -346,10 +354,8 @@ cudaError_t attention_forward(float* out, float* lse, const float* q, const floa
 cudaError_t attention_backward(float* dq, float* dk, float* dv, float* delta, const float* dout,
                                const float* out, const float* lse, const float* q, const float* k,
                                const float* v, const AttentionShape& s) {
-  const int64_t rows = s.batch * s.seq * s.heads;
-  if (rows == 0) return cudaSuccess;
-  attention_delta_kernel<<<blocks_for(rows * 32), kThreads>>>(delta, dout, out, s);
-  cudaError_t e = cudaGetLastError();
+  if (s.batch * s.seq * s.heads == 0) return cudaSuccess;
+  cudaError_t e = attention_delta(delta, dout, out, s);
   if (e != cudaSuccess) return e;
   const Tiles t{int(s.dqk), int(s.dv)};
   if (dkdv_smem<32>(t) <= size_t(shared_limit()))

@@ -72,7 +72,7 @@ void check_cublas(cublasStatus_t s, const char* op) {
 #define MOEKIT_CUBLAS_DIR ""
 #endif
 
-// The three cuBLAS entry points moekit uses, resolved from the library loaded at run time.
+// The cuBLAS entry points moekit uses, resolved from the library loaded at run time.
 struct Cublas {
   decltype(&cublasCreate_v2) create = nullptr;
   decltype(&cublasSetMathMode) set_math_mode = nullptr;
@@ -80,6 +80,12 @@ struct Cublas {
                             const void*, const void*, cudaDataType, int, const void*, cudaDataType,
                             int, const void*, void*, cudaDataType, int, cublasComputeType_t,
                             cublasGemmAlgo_t) = nullptr;
+  cublasStatus_t (*gemm_strided_batched_ex)(cublasHandle_t, cublasOperation_t, cublasOperation_t,
+                                            int, int, int, const void*, const void*, cudaDataType,
+                                            int, long long, const void*, cudaDataType, int,
+                                            long long, const void*, void*, cudaDataType, int,
+                                            long long, int, cublasComputeType_t,
+                                            cublasGemmAlgo_t) = nullptr;
 };
 
 // Loads cuBLAS once: by soname (LD_LIBRARY_PATH, the loader cache), then from the toolkit's
@@ -104,6 +110,8 @@ const Cublas& cublas() {
     c.create = reinterpret_cast<decltype(c.create)>(sym("cublasCreate_v2"));
     c.set_math_mode = reinterpret_cast<decltype(c.set_math_mode)>(sym("cublasSetMathMode"));
     c.gemm_ex = reinterpret_cast<decltype(c.gemm_ex)>(sym("cublasGemmEx"));
+    c.gemm_strided_batched_ex =
+        reinterpret_cast<decltype(c.gemm_strided_batched_ex)>(sym("cublasGemmStridedBatchedEx"));
     return c;
   }();
   return api;
@@ -316,6 +324,25 @@ void CudaBackend::matmul(Tensor& c, const Tensor& a_in, const Tensor& b_in, bool
                                 a.raw(), cuda_type(a.dtype()), int(cols(a)), &beta, c.raw(),
                                 cuda_type(c.dtype()), int(N), compute, CUBLAS_GEMM_DEFAULT),
                "matmul (cublasGemmEx)");
+}
+
+// The bf16 attention path's GEMMs (cuda_attention_tc.cpp): many heads per call, operands at
+// strided offsets inside [tokens, heads, dim] tensors. Same operand swap as matmul.
+void CudaBackend::gemm_batched(void* c, DType c_dtype, int64_t ldc, int64_t stride_c,
+                               const GemmOperand& a, const GemmOperand& b, int64_t M, int64_t N,
+                               int64_t K, int64_t batch, float alpha, float beta) {
+  if (M == 0 || N == 0 || batch == 0) return;
+  constexpr int64_t kInt = 2147483647;
+  MOEKIT_CHECK(M <= kInt && N <= kInt && K <= kInt && batch <= kInt && ldc <= kInt &&
+                   a.ld <= kInt && b.ld <= kInt,
+               "gemm_batched: M {} N {} K {} batch {} exceed cuBLAS's int", M, N, K, batch);
+  check_cublas(cublas().gemm_strided_batched_ex(
+                   static_cast<cublasHandle_t>(cublas_), b.trans ? CUBLAS_OP_T : CUBLAS_OP_N,
+                   a.trans ? CUBLAS_OP_T : CUBLAS_OP_N, int(N), int(M), int(K), &alpha, b.ptr,
+                   cuda_type(b.dtype), int(b.ld), b.stride, a.ptr, cuda_type(a.dtype), int(a.ld),
+                   a.stride, &beta, c, cuda_type(c_dtype), int(ldc), stride_c, int(batch),
+                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+               "gemm_batched (cublasGemmStridedBatchedEx)");
 }
 
 // ---------------------------------------------------------------------------------------------

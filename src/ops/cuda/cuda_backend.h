@@ -4,9 +4,10 @@
 // call order and a host copy waits for the work before it. Results are deterministic: no kernel
 // accumulates floats with atomics (scatters go through a sorted plan, reductions use fixed trees).
 // Host side (C++ compiler): cuda_backend.cpp (device, memory, GEMM, add/scale, index checks) and
-// cuda_ops.cpp (argument checks and launches of every other op). Kernels (nvcc), behind
-// kernels.h: cuda_elementwise.cu (fills, SwiGLU, RoPE, embedding, column copies, MLA split),
-// cuda_norm.cu, cuda_attention.cu, cuda_moe.cu (gate, dispatch/combine), cuda_loss.cu,
+// cuda_ops.cpp (argument checks and launches of every other op), cuda_attention_tc.cpp (attention
+// on the bf16 tensor cores, the Bf16 precision's path). Kernels (nvcc), behind kernels.h:
+// cuda_elementwise.cu (fills, SwiGLU, RoPE, embedding, column copies, MLA split), cuda_norm.cu,
+// cuda_attention.cu, cuda_attention_tc.cu, cuda_moe.cu (gate, dispatch/combine), cuda_loss.cu,
 // cuda_optim.cu (AdamW, sum of squares).
 #pragma once
 
@@ -99,7 +100,32 @@ class CudaBackend final : public Backend {
   // the bf16 tensor cores).
   Tensor as_bf16(const Tensor& t);
 
+  // One operand of gemm_batched: matrix i is row-major at ptr + i * stride elements, with leading
+  // dimension ld (elements between rows); trans: use it transposed.
+  struct GemmOperand {
+    const void* ptr = nullptr;
+    DType dtype = DType::F32;
+    int64_t ld = 0, stride = 0;
+    bool trans = false;
+  };
+  // For i < batch: C_i[M,N] = alpha * op(A_i) @ op(B_i) + beta * C_i (row-major, C_i at c + i *
+  // stride_c elements, leading dim ldc), on cuBLAS with fp32 accumulation. The strides let one
+  // call cover every head of a [tokens, heads, dim] tensor (stride = dim, ld = heads * dim).
+  void gemm_batched(void* c, DType c_dtype, int64_t ldc, int64_t stride_c, const GemmOperand& a,
+                    const GemmOperand& b, int64_t M, int64_t N, int64_t K, int64_t batch,
+                    float alpha, float beta);
+
  private:
+  // Attention under Precision::Bf16 (cuda_attention_tc.cpp): batched bf16 GEMMs on the tensor
+  // cores around fp32 softmax kernels; arguments already checked by attention_forward/backward.
+  void attention_forward_tc(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,
+                            const Tensor& v, int64_t batch, int64_t seq, int64_t heads,
+                            float scale);
+  void attention_backward_tc(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout,
+                             const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& k,
+                             const Tensor& v, int64_t batch, int64_t seq, int64_t heads,
+                             float scale);
+
   void* cublas_ = nullptr;  // cublasHandle_t, kept opaque so this header needs no CUDA include
   Precision precision_ = Precision::Fp32;  // initially from MOEKIT_CUDA_FP32_GEMM
   CudaAllocator alloc_;

@@ -120,6 +120,8 @@ void CudaBackend::attention_forward(Tensor& out, Tensor& lse, const Tensor& q, c
   expect_numel(k, q.numel(), op, "k");
   expect_numel(out, v.numel(), op, "out");
   expect_numel(lse, n, op, "lse");
+  if (precision_ == Precision::Bf16)
+    return attention_forward_tc(out, lse, q, k, v, batch, seq, heads, scale);
   check(cuda::attention_forward(out.f32(), lse.f32(), q.f32(), k.f32(), v.f32(), s), op);
 }
 
@@ -135,6 +137,11 @@ void CudaBackend::attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const T
   expect_numel(dq, q.numel(), op, "dq");
   expect_numel(dk, q.numel(), op, "dk");
   expect_numel(dv, v.numel(), op, "dv");
+  expect_numel(dout, v.numel(), op, "dout");
+  expect_numel(out, v.numel(), op, "out");
+  expect_numel(lse, n, op, "lse");
+  if (precision_ == Precision::Bf16)
+    return attention_backward_tc(dq, dk, dv, dout, out, lse, q, k, v, batch, seq, heads, scale);
   Tensor delta = scratch({n}, DType::F32);
   check(cuda::attention_backward(dq.f32(), dk.f32(), dv.f32(), delta.f32(), dout.f32(), out.f32(),
                                  lse.f32(), q.f32(), k.f32(), v.f32(), s),

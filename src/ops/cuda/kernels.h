@@ -94,6 +94,23 @@ cudaError_t attention_forward(float* out, float* lse, const float* q, const floa
 cudaError_t attention_backward(float* dq, float* dk, float* dv, float* delta, const float* dout,
                                const float* out, const float* lse, const float* q, const float* k,
                                const float* v, const AttentionShape& s);
+// delta[b, h, i] = dot(dO[b*seq + i, h], O[b*seq + i, h]) (the softmax-backward correction).
+cudaError_t attention_delta(float* delta, const float* dout, const float* out,
+                            const AttentionShape& s);
+
+// --- causal attention on the bf16 tensor cores, the kernels between the GEMMs
+// (cuda_attention_tc.cu). One call covers `heads` heads of one sequence and the query rows
+// [i0, i0 + rows); keys run over [0, keys) with keys = i0 + rows (causal). Per head, the score
+// blocks s, dp and the outputs p, ds are row-major [rows, keys] at head * rows * keys (p, ds:
+// bf16). lse and delta point at head 0's [seq] row of the [B, H, S] statistics; head h's row
+// follows at h * seq.
+// p = exp(s - lse) with lse = log sum_j<=i exp(s_ij) written; s holds scaled scores.
+cudaError_t attention_tc_softmax(void* p, float* lse, const float* s, int64_t heads, int64_t rows,
+                                 int64_t i0, int64_t seq);
+// p = exp(s - lse), ds = p * (dp - delta) * scale, both zero above the diagonal.
+cudaError_t attention_tc_dscores(void* p, void* ds, const float* s, const float* dp,
+                                 const float* lse, const float* delta, int64_t heads, int64_t rows,
+                                 int64_t i0, int64_t seq, float scale);
 
 // --- optimizer (cuda_optim.cu)
 cudaError_t adamw_step(float* w, float* m, float* v, const float* g, int64_t n, const AdamWStep& s);
