@@ -82,7 +82,7 @@ int main(int argc, char** argv) {
     double first_loss = -1;  // precision check across GEMM modes: same weights, same batch
     auto train = [&] {
       Tensor logits = model.forward(ids, B, S);
-      Tensor d = Tensor::empty(logits.shape(), DType::F32, dev);
+      Tensor d = logits;  // in place, as the trainer
       const double loss = cross_entropy(be, logits, targets, &d);
       if (first_loss < 0) first_loss = loss;
       model.backward(d);

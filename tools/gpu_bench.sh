@@ -6,6 +6,8 @@
 # peak GPU memory (sampled from nvidia-smi every 50 ms while each engine runs alone).
 #
 #   MOEKIT_BENCH_BIN=path/to/moekit_model_bench bash tools/gpu_bench.sh [LAYERS] [BATCH] [SEQ]
+#   (FULL=1: also the full 27-layer V2-Lite: moekit bf16 with activation checkpointing, and
+#   transformers' prefill, training attempts and batch-1 decode; MOEKIT_RUNS picks moekit's runs)
 #   (MOEKIT_LIB_PATH: LD_LIBRARY_PATH for moekit alone, e.g. carried Debian libraries that must
 #   not reach the Python peer)
 #
@@ -34,17 +36,26 @@ with_peak() {
   return $rc
 }
 
+# moekit runs: fp32 (exact fp32 weights, GEMMs and attention), bf16 (--dtype bf16: frozen
+# weights bf16, GEMMs and attention on the bf16 tensor cores), bf16-ckpt (+ activation
+# checkpointing).
+moekit_run() {  # CONFIG RUN
+  local dtype=${2%%-*} ck=
+  [ "$2" != "${2%-ckpt}" ] && ck=1
+  echo "# moekit $2, $(basename "$1") (prefill, then esft10 training) on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
+  with_peak env MOEKIT_BENCH_CHECKPOINT=$ck LD_LIBRARY_PATH="${MOEKIT_LIB_PATH:-${LD_LIBRARY_PATH:-}}" \
+    "$BIN" "$1" "$B" "$S" "$ITERS" 16 cuda esft10 "$dtype" | sed "s/^{\"engine\": \"moekit\"/{\"engine\": \"moekit\", \"run\": \"$2\"/"
+}
+FULL_CFG=configs/deepseek-v2-lite.json
 {
-  for gemm in ${GEMM_MODES:-fp32 tf32 bf16}; do
-    echo "# moekit, F32 GEMMs as $gemm (forward, then esft10 training) on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    with_peak env MOEKIT_CUDA_FP32_GEMM=$gemm LD_LIBRARY_PATH="${MOEKIT_LIB_PATH:-${LD_LIBRARY_PATH:-}}" \
-      "$BIN" "$CFG" "$B" "$S" "$ITERS" 16 cuda esft10 | sed "s/^{\"engine\": \"moekit\"/{\"engine\": \"moekit\", \"gemm\": \"$gemm\"/"
-  done
+  for run in ${MOEKIT_RUNS:-fp32 bf16 bf16-ckpt}; do moekit_run "$CFG" "$run"; done
+  [ -n "${FULL:-}" ] && moekit_run "$FULL_CFG" bf16-ckpt
   echo "# transformers"
-  with_peak python3 tools/bench_gpu_peer.py --config "$CFG" --layers "$LAYERS" --batch "$B" --seq "$S" --iters "$ITERS"
+  with_peak python3 tools/bench_gpu_peer.py --config "$CFG" --layers "$LAYERS" --batch "$B" --seq "$S" --iters "$ITERS" \
+    ${FULL:+--full}
 } 2>&1 | tee "$OUT/gpu_bench.log"
 grep '^{' "$OUT/gpu_bench.log" >"$OUT/gpu_bench.jsonl"
-python3 - "$OUT/gpu_bench.jsonl" "$B" "$S" <<'PY'
+python3 - "$OUT/gpu_bench.jsonl" "$B" "$S" "$LAYERS" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 ms = [r for r in rows if r.get("engine") == "moekit"]
@@ -52,18 +63,25 @@ peaks = [r["peak_gpu_gib"] for r in rows if "peak_gpu_gib" in r]
 t = {r["bench"]: r for r in rows if "bench" in r}
 card = next((r for r in rows if "bf16_gemm_tflops" in r), {})
 print(f"\nGPU {card.get('device')}, bf16 GEMM {card.get('bf16_gemm_tflops', 0):.0f} TFLOP/s, batch {sys.argv[2]} x {sys.argv[3]}")
-print(f"{'':34} {'prefill tok/s':>14} {'ESFT train tok/s':>17} {'peak GPU GiB':>13}")
-for i, m in enumerate(ms):
-    name = f"moekit ({m['mode']}, {m.get('gemm', 'fp32')} GEMM; loss {m['first_loss']:.4f})"
-    print(f"{name:34} {m['forward_tok_s']:>14.0f} {m['train_tok_s']:>17.0f} {peaks[i] if i < len(peaks) else 0:>13.2f}")
-m = max(ms, key=lambda r: r["train_tok_s"]) if ms else None
-pre = next((v for k, v in t.items() if k.startswith("prefill")), {})
-esft = next((v for k, v in t.items() if k.startswith("train-esft")), {})
-full = next((v for k, v in t.items() if k.startswith("train-all")), {})
-print(f"{'transformers (experts trainable)':34} {pre.get('tokens_per_s', 0):>14.0f} {esft.get('tokens_per_s', 0):>17.0f} {esft.get('peak_gib', 0):>13.2f}")
-print(f"{'transformers (all trainable)':34} {'':>14} {full.get('tokens_per_s', 0):>17.0f} {full.get('peak_gib', 0):>13.2f}")
-print("(moekit peak: nvidia-smi, whole process; transformers: torch.cuda.max_memory_allocated)")
-if m and pre.get("tokens_per_s") and esft.get("tokens_per_s"):
-    print(f"ratio, moekit's fastest mode ({m.get('gemm')}) / transformers: prefill {m['forward_tok_s']/pre['tokens_per_s']:.2f}x, "
-          f"ESFT training {m['train_tok_s']/esft['tokens_per_s']:.2f}x")
+print(f"{'':44} {'prefill tok/s':>14} {'ESFT train tok/s':>17} {'peak GiB':>9}")
+for m in ms:
+    name = f"moekit {m.get('run')} {m['layers']}L (loss {m['first_loss']:.4f})"
+    err = " (training: " + m["train_error"][:60] + ")" if m.get("train_error") else ""
+    print(f"{name:44} {m['forward_tok_s']:>14.0f} {m['train_tok_s']:>17.0f} {m.get('peak_device_gib', 0):>9.2f}{err}")
+for tag in sorted({k.rsplit('-', 1)[1] for k in t}):
+    pre, esft, full = t.get(f"prefill-{tag}", {}), t.get(f"train-esft-{tag}", {}), t.get(f"train-all-{tag}", {})
+    for name, tr in (("experts trainable", esft), ("all trainable", full)):
+        label = f"transformers {tag} ({name})"
+        tok = tr.get("tokens_per_s") or 0
+        print(f"{label:44} {pre.get('tokens_per_s', 0) if name.startswith('experts') else 0:>14.0f} {tok:>17.0f} {tr.get('peak_gib', 0):>9.2f} {tr.get('error', '')}")
+    if f"decode-{tag}" in t:
+        print(f"transformers {tag} batch-1 decode: {t[f'decode-{tag}']['tokens_per_s']:.1f} tok/s")
+print("(peak: moekit's allocator high-water mark of live tensors; transformers: torch.cuda.max_memory_allocated;")
+print(" nvidia-smi whole-process peaks per engine run: " + ", ".join(f"{p:.1f}" for p in peaks) + " GiB)")
+m4 = [m for m in ms if m["layers"] == int(sys.argv[4])]
+pre, esft = t.get(f"prefill-{sys.argv[4]}L", {}), t.get(f"train-esft-{sys.argv[4]}L", {})
+if m4 and pre.get("tokens_per_s") and esft.get("tokens_per_s"):
+    for m in m4:
+        print(f"ratio moekit {m.get('run')} / transformers ({sys.argv[4]} layers): prefill {m['forward_tok_s']/pre['tokens_per_s']:.2f}x, "
+              f"ESFT training {m['train_tok_s']/esft['tokens_per_s']:.2f}x, peak memory {m.get('peak_device_gib', 0)/esft['peak_gib']:.2f}x")
 PY

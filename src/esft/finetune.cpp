@@ -89,7 +89,7 @@ double loss_on(DeepSeekModel& model, const Packed& p, int64_t first, int64_t cou
   std::copy(p.labels.begin() + long(first * seq), p.labels.begin() + long((first + count) * seq),
             labels.i32());
   Tensor logits = model.forward(ids, count, seq);
-  if (dlogits) *dlogits = Tensor::empty(logits.shape(), DType::F32, model.device());
+  if (dlogits) *dlogits = logits;  // in place
   double l = cross_entropy(backend(model.device()), logits, labels, dlogits);
   if (dlogits) model.backward(*dlogits);
   return l;

@@ -86,7 +86,9 @@ class DeepSeekModel {
 Tensor shifted_targets(const Tensor& ids, int64_t batch, int64_t seq);
 
 // Mean cross-entropy over targets >= 0; when dlogits is given, fills it with the gradient of that
-// mean. targets may be in host memory (copied to the logits' device).
+// mean. targets may be in host memory (copied to the logits' device). *dlogits may share the
+// logits' storage (in place: the loss is taken first, and each row's gradient is written after
+// that row is read), which saves a [tokens, vocab] buffer, the largest of a training step.
 float cross_entropy(Backend& be, const Tensor& logits, const Tensor& targets,
                     Tensor* dlogits = nullptr);
 

@@ -159,7 +159,7 @@ TrainResult train(const TrainOptions& opt) {
     for (int64_t micro = 0; micro < opt.accumulation; ++micro) {
       Batch b = train_data.next(opt.batch);
       Tensor logits = model.forward(b.ids, b.batch, b.seq);
-      Tensor dlogits = Tensor::empty(logits.shape(), DType::F32, model.device());
+      Tensor dlogits = logits;  // in place
       loss += cross_entropy(be, logits, b.targets, &dlogits) / double(opt.accumulation);
       if (opt.accumulation > 1) be.scale(dlogits, 1.0f / float(opt.accumulation));
       for (auto& l : model.layers())

@@ -74,6 +74,29 @@ TEST(ActivationCheckpointing, GradientsBitIdentical) {
   }
 }
 
+// The trainers take the loss gradient in place (dlogits sharing the logits' storage); it must
+// equal the out-of-place result to the bit.
+TEST(CrossEntropy, InPlaceGradientEqualsOutOfPlace) {
+  std::mt19937 rng(4);
+  std::normal_distribution<float> n(0.0f, 3.0f);
+  const int64_t T = 7, V = 301;
+  Tensor logits = Tensor::empty({T, V}), targets = Tensor::empty({T}, DType::I32);
+  for (int64_t i = 0; i < logits.numel(); ++i) logits.f32()[i] = n(rng);
+  for (int64_t t = 0; t < T; ++t) targets.i32()[t] = t == 3 ? -100 : int32_t(rng() % V);
+  std::vector<Device> devices = {Device::CPU};
+  if (backend_available(Device::CUDA)) devices.push_back(Device::CUDA);
+  for (Device dev : devices) {
+    const Tensor l = logits.to_device(dev).clone();
+    Tensor d = Tensor::empty(l.shape(), DType::F32, dev), in_place = l.clone();
+    const float a = cross_entropy(backend(dev), l, targets, &d);
+    const float b = cross_entropy(backend(dev), in_place, targets, &in_place);
+    EXPECT_EQ(a, b);
+    const Tensor x = d.to_host(), y = in_place.to_host();
+    EXPECT_EQ(std::memcmp(x.raw(), y.raw(), x.nbytes()), 0);
+    EXPECT_NE(std::memcmp(y.raw(), logits.raw(), y.nbytes()), 0);
+  }
+}
+
 TEST(GpuActivationCheckpointing, GradientsBitIdentical) {
   if (!backend_available(Device::CUDA)) GTEST_SKIP() << "CUDA backend not available";
   for (bool esft : {false, true})
