@@ -1,29 +1,22 @@
-// MoE forward/backward: route, permute, experts, combine.
+// MoE forward/backward: route, permute, grouped experts, combine.
 #include "nn/moe.h"
 
 #include <fmt/format.h>
 
 namespace moekit {
 
-DispatchPlan make_dispatch_plan(const Routing& r, int64_t n_experts) {
-  Tensor idx = r.topk_idx.to_host(), w = r.topk_w.to_host();
-  const int64_t N = idx.numel(), K = idx.dim(1);
+DispatchPlan make_dispatch_plan(Backend& be, const Routing& r, int64_t n_experts) {
+  const int64_t N = r.topk_idx.numel();
+  const Device dev = r.topk_idx.device();
   DispatchPlan plan;
-  plan.expert_begin.assign(size_t(n_experts + 1), 0);
-  for (int64_t i = 0; i < N; ++i) ++plan.expert_begin[size_t(idx.i32()[i] + 1)];
-  for (int64_t e = 0; e < n_experts; ++e)
-    plan.expert_begin[size_t(e + 1)] += plan.expert_begin[size_t(e)];
-  std::vector<int64_t> cursor(plan.expert_begin.begin(), plan.expert_begin.end() - 1);
-  Tensor slot_token = Tensor::empty({N}, DType::I32), slot_weight = Tensor::empty({N});
-  plan.slot_pair.resize(size_t(N));
-  for (int64_t i = 0; i < N; ++i) {  // counting sort: stable, so tokens stay in order per expert
-    int64_t s = cursor[size_t(idx.i32()[i])]++;
-    slot_token.i32()[s] = int32_t(i / K);
-    slot_weight.f32()[s] = w.f32()[i];
-    plan.slot_pair[size_t(s)] = int32_t(i);
-  }
-  plan.slot_token = slot_token.to_device(r.topk_idx.device());
-  plan.slot_weight = slot_weight.to_device(r.topk_idx.device());
+  plan.slot_token = Tensor::empty({N}, DType::I32, dev);
+  plan.slot_pair = Tensor::empty({N}, DType::I32, dev);
+  plan.slot_weight = Tensor::empty({N}, DType::F32, dev);
+  Tensor begin = Tensor::empty({n_experts + 1}, DType::I32, dev);
+  be.moe_dispatch_plan(plan.slot_token, plan.slot_pair, plan.slot_weight, begin, r.topk_idx,
+                       r.topk_w, n_experts);
+  Tensor host = begin.to_host();  // the layer's one small device-to-host copy
+  plan.expert_begin.assign(host.i32(), host.i32() + n_experts + 1);
   return plan;
 }
 
@@ -41,26 +34,54 @@ MoE MoE::create(ParamTable& params, const std::string& prefix, const ModelConfig
   return m;
 }
 
+namespace {
+
+// The value tensors of one projection of every routed expert (grouped GEMM operands).
+std::vector<const Tensor*> weights(const std::vector<MLP>& experts, Param* MLP::*proj) {
+  std::vector<const Tensor*> w;
+  w.reserve(experts.size());
+  for (const MLP& e : experts) w.push_back(&(e.*proj)->value);
+  return w;
+}
+
+// W.grad += dy_e^T @ x_e for every expert whose W trains (frozen experts get no GEMM and no
+// gradient: ESFT keeps them bit-identical).
+void expert_weight_grads(Backend& be, std::vector<MLP>& experts, Param* MLP::*proj,
+                         const Tensor& dy, const Tensor& x, const std::vector<int64_t>& begin) {
+  for (size_t e = 0; e < experts.size(); ++e) {
+    Param& w = *(experts[e].*proj);
+    if (!w.grad.defined() || begin[e] == begin[e + 1]) continue;
+    be.matmul(w.grad, dy.slice(begin[e], begin[e + 1]), x.slice(begin[e], begin[e + 1]), true,
+              false, 1.0f, 1.0f);
+  }
+}
+
+}  // namespace
+
 Tensor MoE::forward(Backend& be, const Tensor& x) {
   const int64_t T = x.dim(0), H = x.dim(1), E = int64_t(routed_experts.size());
+  const int64_t I = E > 0 ? routed_experts[0].intermediate() : 0;
   const Device dev = x.device();
-  Routing r = gate.forward(be, x);        // route
-  saved.plan = make_dispatch_plan(r, E);  // permute: plan
-  const auto& begin = saved.plan.expert_begin;
+  Routing r = gate.forward(be, x);            // route
+  saved.plan = make_dispatch_plan(be, r, E);  // permute: plan
+  const std::vector<int64_t>& begin = saved.plan.expert_begin;
   const int64_t N = begin.back();
-  Tensor xs = Tensor::empty({N, H}, DType::F32, dev);
-  be.gather_rows(xs, x, saved.plan.slot_token, nullptr);  // permute: move rows
-  saved.x = x;
+  expert_load.resize(size_t(E));
+  for (int64_t e = 0; e < E; ++e) expert_load[size_t(e)] = begin[size_t(e + 1)] - begin[size_t(e)];
+
+  saved.xs = Tensor::empty({N, H}, DType::F32, dev);
+  be.gather_rows(saved.xs, x, saved.plan.slot_token, nullptr);  // permute: move rows
+  saved.gate = Tensor::empty({N, I}, DType::F32, dev);          // experts
+  saved.up = Tensor::empty({N, I}, DType::F32, dev);
+  saved.h = Tensor::empty({N, I}, DType::F32, dev);
   saved.expert_out = Tensor::empty({N, H}, DType::F32, dev);
-  expert_load.assign(size_t(E), 0);
-  for (int64_t e = 0; e < E; ++e) {  // experts
-    int64_t b = begin[size_t(e)], n = begin[size_t(e + 1)] - b;
-    expert_load[size_t(e)] = n;
-    if (n == 0) continue;
-    Tensor ye = routed_experts[size_t(e)].forward(be, xs.slice(b, b + n));
-    Tensor dst = saved.expert_out.slice(b, b + n);
-    dst.copy_from(ye);
-  }
+  be.grouped_matmul(saved.gate, saved.xs, weights(routed_experts, &MLP::gate_proj), begin, true,
+                    0.0f);
+  be.grouped_matmul(saved.up, saved.xs, weights(routed_experts, &MLP::up_proj), begin, true, 0.0f);
+  be.swiglu_forward(saved.h, saved.gate, saved.up);
+  be.grouped_matmul(saved.expert_out, saved.h, weights(routed_experts, &MLP::down_proj), begin,
+                    true, 0.0f);
+
   Tensor y = has_shared ? shared_experts.forward(be, x) : Tensor::zeros({T, H}, DType::F32, dev);
   be.scatter_add_rows(y, saved.expert_out, saved.plan.slot_token,
                       &saved.plan.slot_weight);  // combine
@@ -68,34 +89,43 @@ Tensor MoE::forward(Backend& be, const Tensor& x) {
 }
 
 void MoE::backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate) {
-  const int64_t T = dy.dim(0), H = dy.dim(1), E = int64_t(routed_experts.size());
-  const int64_t K = gate.p.top_k;
+  const int64_t T = dy.dim(0), H = dy.dim(1);
+  const int64_t K = gate.p.top_k, I = saved.h.dim(1);
   const Device dev = dy.device();
-  const auto& plan = saved.plan;
-  const int64_t N = plan.expert_begin.back();
+  const DispatchPlan& plan = saved.plan;
+  const std::vector<int64_t>& begin = plan.expert_begin;
+  const int64_t N = begin.back();
 
-  // Combine weights: dL/dw of slot s = dy[token(s)] . expert_out[s]; back to [T, K] order.
+  // Combine weights: dL/dw of slot s = dy[token(s)] . expert_out[s], scattered back to [T, K]
+  // order by slot_pair (a permutation: every pair receives exactly one slot).
   Tensor dw_slot = Tensor::empty({N}, DType::F32, dev);
   be.row_dot(dw_slot, dy, plan.slot_token, saved.expert_out);
-  Tensor dw_host = dw_slot.to_host(), dtopk = Tensor::empty({T, K});
-  for (int64_t s = 0; s < N; ++s) dtopk.f32()[plan.slot_pair[size_t(s)]] = dw_host.f32()[s];
+  Tensor dtopk = Tensor::zeros({T, K}, DType::F32, dev);
+  Tensor dtopk_rows = dtopk.reshape({T * K, 1});
+  be.scatter_add_rows(dtopk_rows, dw_slot.reshape({N, 1}), plan.slot_pair, nullptr);
 
-  // Unpermute's backward is a weighted gather; experts run backward on their row ranges.
-  Tensor dys = Tensor::empty({N, H}, DType::F32, dev), dxs = Tensor::empty({N, H}, DType::F32, dev);
+  // Unpermute's backward is a weighted gather; then the experts' chain backwards, grouped.
+  Tensor dys = Tensor::empty({N, H}, DType::F32, dev);
   be.gather_rows(dys, dy, plan.slot_token, &plan.slot_weight);
-  for (int64_t e = 0; e < E; ++e) {
-    int64_t b = plan.expert_begin[size_t(e)], n = plan.expert_begin[size_t(e + 1)] - b;
-    if (n == 0) continue;
-    Tensor dxe = dxs.slice(b, b + n);
-    routed_experts[size_t(e)].backward(be, dxe, dys.slice(b, b + n), false);
-  }
+  Tensor dh = Tensor::empty({N, I}, DType::F32, dev);
+  be.grouped_matmul(dh, dys, weights(routed_experts, &MLP::down_proj), begin, false, 0.0f);
+  expert_weight_grads(be, routed_experts, &MLP::down_proj, dys, saved.h, begin);
+  Tensor dgate = Tensor::empty({N, I}, DType::F32, dev),
+         dup = Tensor::empty({N, I}, DType::F32, dev);
+  be.swiglu_backward(dgate, dup, dh, saved.gate, saved.up);
+  Tensor dxs = Tensor::empty({N, H}, DType::F32, dev);
+  be.grouped_matmul(dxs, dgate, weights(routed_experts, &MLP::gate_proj), begin, false, 0.0f);
+  be.grouped_matmul(dxs, dup, weights(routed_experts, &MLP::up_proj), begin, false, 1.0f);
+  expert_weight_grads(be, routed_experts, &MLP::gate_proj, dgate, saved.xs, begin);
+  expert_weight_grads(be, routed_experts, &MLP::up_proj, dup, saved.xs, begin);
+
   if (has_shared) {
     shared_experts.backward(be, dx, dy, accumulate);
   } else if (!accumulate) {
     be.fill(dx, 0.0f);
   }
   be.scatter_add_rows(dx, dxs, plan.slot_token, nullptr);
-  gate.backward(be, dx, dtopk.to_device(dev));
+  gate.backward(be, dx, dtopk);
 }
 
 }  // namespace moekit

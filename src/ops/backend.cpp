@@ -34,6 +34,28 @@ MatmulDims matmul_dims(const Tensor& c, const Tensor& a, const Tensor& b, bool t
   return d;
 }
 
+GroupedMatmulDims grouped_matmul_dims(const Tensor& c, const Tensor& a,
+                                      std::span<const Tensor* const> b,
+                                      std::span<const int64_t> begin, bool trans_b) {
+  MOEKIT_CHECK(begin.size() == b.size() + 1, "grouped_matmul: {} offsets for {} groups",
+               begin.size(), b.size());
+  MOEKIT_CHECK(begin.front() == 0 && begin.back() == rows(a) && rows(c) == rows(a),
+               "grouped_matmul: groups cover [{}, {}), a {} c {}", begin.front(), begin.back(),
+               a.shape().str(), c.shape().str());
+  const GroupedMatmulDims d{cols(c), cols(a)};
+  for (size_t g = 0; g < b.size(); ++g) {
+    MOEKIT_CHECK(begin[g] <= begin[g + 1], "grouped_matmul: offsets decrease at group {}", g);
+    if (begin[g] == begin[g + 1]) continue;
+    MOEKIT_CHECK(b[g] && b[g]->defined(), "grouped_matmul: group {} has rows but no weight", g);
+    const Tensor& w = *b[g];
+    MOEKIT_CHECK(w.ndim() == 2 && (trans_b ? rows(w) : cols(w)) == d.N &&
+                     (trans_b ? cols(w) : rows(w)) == d.K,
+                 "grouped_matmul: weight {} is {} vs a {} c {}", g, w.shape().str(),
+                 a.shape().str(), c.shape().str());
+  }
+  return d;
+}
+
 bool backend_available(Device device) {
   if (device == Device::CPU) return true;
 #ifdef MOEKIT_HAVE_CUDA

@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <span>
 
 #include "core/tensor.h"
 
@@ -16,6 +17,7 @@ namespace moekit {
 
 enum class Op : uint8_t {
   Matmul,
+  GroupedMatmul,
   Add,
   Scale,
   Embedding,
@@ -30,6 +32,7 @@ enum class Op : uint8_t {
   CopyColumns,
   MlaSplitKv,
   MoeGate,
+  MoeDispatchPlan,
   AdamW,
   SumSquares,
   Count
@@ -90,6 +93,13 @@ class Backend {
   // differ in dtype (F32 activations x BF16 weights) where the backend supports(Matmul, BF16).
   virtual void matmul(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b,
                       float alpha, float beta) = 0;
+  // The routed experts' GEMM over rows grouped by expert: for every group g, the rows
+  // [begin[g], begin[g+1]) of a [R,K] and c [R,N] (R = begin.back(), begin[0] = 0):
+  //   c_g = a_g @ op(b[g]) + beta * c_g,  op(b[g]) [K,N], one weight tensor per group.
+  // Empty groups are skipped (a null b[g] is allowed there). The weights may differ in dtype (F32
+  // trainable, BF16 frozen experts) where the backend supports(GroupedMatmul, BF16).
+  virtual void grouped_matmul(Tensor& c, const Tensor& a, std::span<const Tensor* const> b,
+                              std::span<const int64_t> begin, bool trans_b, float beta) = 0;
   // y += alpha * x (same numel).
   virtual void add(Tensor& y, const Tensor& x, float alpha) = 0;
   virtual void scale(Tensor& y, float alpha) = 0;
@@ -165,6 +175,15 @@ class Backend {
                                  const Tensor& scores, const Tensor& dscores,
                                  const GateParams& p) = 0;
 
+  // MoE permute plan: the (token, k) pairs of topk_idx I32 [T,K] (entries in [0, n_experts))
+  // sorted by expert, stable in pair order t*K+k (deterministic). Per slot s:
+  //   slot_pair[s] = t*K+k, slot_token[s] = t (I32 [T*K]), slot_weight[s] = topk_w[t,k] (F32);
+  // expert_begin I32 [n_experts+1]: expert e owns the slots [expert_begin[e], expert_begin[e+1]).
+  // All on topk_idx's device (no host round trip but the index check).
+  virtual void moe_dispatch_plan(Tensor& slot_token, Tensor& slot_pair, Tensor& slot_weight,
+                                 Tensor& expert_begin, const Tensor& topk_idx, const Tensor& topk_w,
+                                 int64_t n_experts) = 0;
+
   // Optimizer. One AdamW update of parameter w with its moments m, v from gradient g (all F32,
   // same numel, same device), in place.
   virtual void adamw_step(Tensor& w, Tensor& m, Tensor& v, const Tensor& g, const AdamWStep& s) = 0;
@@ -180,6 +199,16 @@ struct MatmulDims {
 };
 MatmulDims matmul_dims(const Tensor& c, const Tensor& a, const Tensor& b, bool trans_a,
                        bool trans_b);
+
+// N, K of Backend::grouped_matmul (c_g [rows, N] = a_g [rows, K] @ op(b[g])) after checking
+// that the groups tile the rows of a and c and that every non-empty group has a weight of the
+// right shape.
+struct GroupedMatmulDims {
+  int64_t N = 0, K = 0;
+};
+GroupedMatmulDims grouped_matmul_dims(const Tensor& c, const Tensor& a,
+                                      std::span<const Tensor* const> b,
+                                      std::span<const int64_t> begin, bool trans_b);
 
 // The backend for a device; throws a clear Error when that backend is not built or no device.
 Backend& backend(Device device);

@@ -600,6 +600,123 @@ TEST_F(CudaBackendTest, MoeGateEveryMethod) {
   }
 }
 
+// The permute plan is integer bookkeeping plus a copy of the weights: bit-equal to the CPU's.
+// Cases: every expert used, most experts empty (only every fourth drawn), a single expert, and
+// more pairs than the 256-thread blocks.
+TEST_F(CudaBackendTest, MoeDispatchPlanEqualsCpu) {
+  struct Case {
+    int64_t T, K, E, stride;
+  };
+  for (const Case& c :
+       {Case{77, 6, 37, 1}, Case{301, 8, 64, 4}, Case{33, 1, 1, 1}, Case{1, 2, 3, 1}}) {
+    SCOPED_TRACE(testing::Message() << "T " << c.T << " K " << c.K << " E " << c.E);
+    const int64_t N = c.T * c.K;
+    Tensor idx = randint({c.T, c.K}, 0, int32_t((c.E - 1) / c.stride + 1)), w = randn({c.T, c.K});
+    for (int64_t i = 0; i < N; ++i) idx.i32()[i] *= int32_t(c.stride);
+    Tensor tok = Tensor::empty({N}, DType::I32), pair = Tensor::empty({N}, DType::I32);
+    Tensor sw = Tensor::empty({N}), begin = Tensor::empty({c.E + 1}, DType::I32);
+    cpu().moe_dispatch_plan(tok, pair, sw, begin, idx, w, c.E);
+    Tensor gtok = poisoned({N}, DType::I32), gpair = poisoned({N}, DType::I32);
+    Tensor gsw = poisoned({N}), gbegin = poisoned({c.E + 1}, DType::I32);
+    gpu().moe_dispatch_plan(gtok, gpair, gsw, gbegin, dev(idx), dev(w), c.E);
+    expect_equal_i32(gtok, tok);
+    expect_equal_i32(gpair, pair);
+    expect_equal_i32(gbegin, begin);
+    EXPECT_TRUE(bit_equal(gsw, sw));
+  }
+  Tensor bad = randint({5, 2}, 0, 4), w = randn({5, 2});
+  bad.i32()[7] = 4;
+  Tensor t = poisoned({10}, DType::I32), p = poisoned({10}, DType::I32), sw = poisoned({10});
+  Tensor b = poisoned({5}, DType::I32);
+  EXPECT_THROW(gpu().moe_dispatch_plan(t, p, sw, b, dev(bad), dev(w), 4), Error);
+}
+
+TEST_F(CudaBackendTest, GroupedMatmulF32AndTf32) {
+  const std::vector<int64_t> sizes{0, 13, 1, 40, 0, 7, 22, 0};
+  std::vector<int64_t> begin{0};
+  for (int64_t n : sizes) begin.push_back(begin.back() + n);
+  const int64_t R = begin.back();
+  // (K, N) odd and multiples of 4 (where the FAST_TF32 grouped call needs 16-byte aligned row
+  // blocks); `shifted`: a starts one float into its buffer, which sends the TF32 case with
+  // K % 4 == 0 to the per-group fallback.
+  for (auto [K, N] : {std::pair<int64_t, int64_t>{71, 53}, {72, 52}})
+    for (bool trans_b : {false, true})
+      for (float beta : {0.0f, 1.0f})
+        for (bool shifted : {false, true}) {
+          SCOPED_TRACE(testing::Message() << "K " << K << " N " << N << " trans_b " << trans_b
+                                          << " beta " << beta << " shifted " << shifted);
+          Tensor a = randn({R, K});
+          std::vector<Tensor> w, wd;
+          std::vector<const Tensor*> wc, wg;
+          for (size_t g = 0; g < sizes.size(); ++g) {
+            w.push_back(randn(trans_b ? Shape{N, K} : Shape{K, N}));
+            wd.push_back(dev(w.back()));
+          }
+          for (size_t g = 0; g < sizes.size(); ++g) {
+            wc.push_back(&w[g]);
+            wg.push_back(&wd[g]);
+          }
+          Tensor c = randn({R, N}), ref = c.clone();
+          cpu().grouped_matmul(ref, a, wc, begin, trans_b, beta);
+          Tensor ga = dev(a);
+          if (shifted) {
+            Tensor buf = Tensor::empty({R * K + 1}, DType::F32, Device::CUDA);
+            ga = buf.slice(1, R * K + 1).reshape({R, K});
+            ga.copy_from(a);
+          }
+          Tensor gc = beta == 0.0f ? poisoned({R, N}) : dev(c);
+          gpu().grouped_matmul(gc, ga, wg, begin, trans_b, beta);
+          EXPECT_CLOSE(gc, ref, kF32Tol);
+          // TF32 inputs keep 10 mantissa bits (relative rounding <= 2^-10 when truncated, so a
+          // product <= 2^-9); over K terms of random sign as for bf16 above: 2^-9 sqrt(K).
+          Tensor gt = beta == 0.0f ? poisoned({R, N}) : dev(c);
+          gpu().set_precision(Precision::Tf32);
+          gpu().grouped_matmul(gt, ga, wg, begin, trans_b, beta);
+          gpu().set_precision(Precision::Fp32);
+          EXPECT_CLOSE(gt, ref, std::ldexp(1.0, -9) * std::sqrt(double(K)));
+        }
+  EXPECT_EQ(gpu().precision(), Precision::Fp32);
+}
+
+// BF16 weights (frozen experts) mixed with F32 ones, and all-F32 weights under the Bf16
+// precision: the whole group runs in bf16 with fp32 accumulation and output, so the CPU grouped
+// GEMM of the same bf16-rounded inputs is the oracle at fp32 tolerance (as for matmul above).
+TEST_F(CudaBackendTest, GroupedMatmulBf16WeightsAndBf16Precision) {
+  const std::vector<int64_t> sizes{9, 0, 1, 31, 5, 0, 17};
+  std::vector<int64_t> begin{0};
+  for (int64_t n : sizes) begin.push_back(begin.back() + n);
+  const int64_t R = begin.back(), K = 45, N = 67;
+  auto rounded = [](const Tensor& t) { return t.to_dtype(DType::BF16).to_f32(); };
+  for (bool trans_b : {false, true})
+    for (bool mixed : {true, false}) {
+      SCOPED_TRACE(testing::Message()
+                   << "trans_b " << trans_b << (mixed ? " bf16 weights" : " Bf16 precision"));
+      Tensor a = randn({R, K});
+      std::vector<Tensor> w_ref, w_gpu;
+      for (size_t g = 0; g < sizes.size(); ++g) {
+        Tensor w = randn(trans_b ? Shape{N, K} : Shape{K, N});
+        w_ref.push_back(rounded(w));
+        // Mixed: every other group's weight is stored in BF16; otherwise all stay F32.
+        w_gpu.push_back(mixed && g % 2 == 0 ? dev(w.to_dtype(DType::BF16)) : dev(w));
+      }
+      std::vector<const Tensor*> wc, wg;
+      for (size_t g = 0; g < sizes.size(); ++g) {
+        wc.push_back(&w_ref[g]);
+        wg.push_back(&w_gpu[g]);
+      }
+      for (float beta : {0.0f, 1.0f}) {
+        Tensor c = randn({R, N}), ref = c.clone();
+        cpu().grouped_matmul(ref, rounded(a), wc, begin, trans_b, beta);
+        Tensor gc = beta == 0.0f ? poisoned({R, N}) : dev(c);
+        if (!mixed) gpu().set_precision(Precision::Bf16);
+        gpu().grouped_matmul(gc, dev(a), wg, begin, trans_b, beta);
+        gpu().set_precision(Precision::Fp32);
+        EXPECT_CLOSE(gc, ref, kF32Tol);
+      }
+    }
+  EXPECT_EQ(gpu().precision(), Precision::Fp32);
+}
+
 TEST_F(CudaBackendTest, ErrorsNameTheOp) {
   Tensor host = randn({4, 4});
   Tensor d = Tensor::empty({4, 4}, DType::F32, Device::CUDA);

@@ -56,6 +56,17 @@ void CpuBackend::matmul(Tensor& c, const Tensor& a, const Tensor& b, bool trans_
               int(cols(a)), b.f32(), int(cols(b)), beta, c.f32(), int(N));
 }
 
+void CpuBackend::grouped_matmul(Tensor& c, const Tensor& a, std::span<const Tensor* const> b,
+                                std::span<const int64_t> begin, bool trans_b, float beta) {
+  grouped_matmul_dims(c, a, b, begin, trans_b);
+  // The reference: one GEMM per group on its row block (the per-expert loop it replaces).
+  for (size_t g = 0; g < b.size(); ++g) {
+    if (begin[g] == begin[g + 1]) continue;
+    Tensor cg = c.slice(begin[g], begin[g + 1]);
+    matmul(cg, a.slice(begin[g], begin[g + 1]), *b[g], false, trans_b, 1.0f, beta);
+  }
+}
+
 void CpuBackend::add(Tensor& y, const Tensor& x, float alpha) {
   MOEKIT_CHECK(y.numel() == x.numel(), "add: {} vs {}", y.shape().str(), x.shape().str());
   float* py = y.f32();

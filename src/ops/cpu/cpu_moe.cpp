@@ -133,6 +133,38 @@ void CpuBackend::moe_gate_backward(Tensor& dlogits, const Tensor& dtopk_w, const
   });
 }
 
+void CpuBackend::moe_dispatch_plan(Tensor& slot_token, Tensor& slot_pair, Tensor& slot_weight,
+                                   Tensor& expert_begin, const Tensor& topk_idx,
+                                   const Tensor& topk_w, int64_t n_experts) {
+  const int64_t N = topk_idx.numel(), K = cols(topk_idx);
+  MOEKIT_CHECK(topk_idx.dtype() == DType::I32 && topk_w.numel() == N && slot_token.numel() == N &&
+                   slot_pair.numel() == N && slot_weight.numel() == N &&
+                   expert_begin.numel() == n_experts + 1,
+               "moe_dispatch_plan: topk_idx {} topk_w {} slots {} {} {} expert_begin {} for {} "
+               "experts",
+               topk_idx.shape().str(), topk_w.shape().str(), slot_token.shape().str(),
+               slot_pair.shape().str(), slot_weight.shape().str(), expert_begin.shape().str(),
+               n_experts);
+  const int32_t* idx = topk_idx.i32();
+  int32_t* begin = expert_begin.i32();
+  // Counting sort: count per expert, prefix sums, then place pairs in order (stable).
+  std::fill(begin, begin + n_experts + 1, 0);
+  for (int64_t i = 0; i < N; ++i) {
+    MOEKIT_CHECK(idx[i] >= 0 && idx[i] < n_experts,
+                 "moe_dispatch_plan: expert {} at position {} out of range [0, {})", idx[i], i,
+                 n_experts);
+    ++begin[idx[i] + 1];
+  }
+  for (int64_t e = 0; e < n_experts; ++e) begin[e + 1] += begin[e];
+  std::vector<int32_t> cursor(begin, begin + n_experts);
+  for (int64_t i = 0; i < N; ++i) {
+    const int32_t s = cursor[size_t(idx[i])]++;
+    slot_token.i32()[s] = int32_t(i / K);
+    slot_pair.i32()[s] = int32_t(i);
+    slot_weight.f32()[s] = topk_w.f32()[i];
+  }
+}
+
 void CpuBackend::gather_rows(Tensor& out, const Tensor& x, const Tensor& rows_,
                              const Tensor* weights) {
   const int64_t N = rows_.numel(), C = cols(x);

@@ -1,5 +1,6 @@
 // CUDA backend, host side part 1: device discovery, the caching allocator, copies and fills, GEMM
-// through cuBLAS (fp32, or bf16/bf16 inputs with fp32 accumulation), add/scale, index checks.
+// and the experts' grouped GEMM through cuBLAS (fp32, or bf16/bf16 inputs with fp32
+// accumulation), add/scale, index checks.
 // Compiled by the C++ compiler (fmt's compile-time format checks do not pass nvcc); the kernels
 // are behind ops/cuda/kernels.h.
 //
@@ -11,13 +12,13 @@
 #include <dlfcn.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <string>
-
 #include <bit>
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/cuda_util.h"
@@ -86,6 +87,8 @@ struct Cublas {
                                             long long, const void*, void*, cudaDataType, int,
                                             long long, int, cublasComputeType_t,
                                             cublasGemmAlgo_t) = nullptr;
+  // cuBLAS >= 12.5 only; null with an older library (grouped_matmul then loops over gemm_ex).
+  decltype(&cublasGemmGroupedBatchedEx) gemm_grouped = nullptr;
 };
 
 // Loads cuBLAS once: by soname (LD_LIBRARY_PATH, the loader cache), then from the toolkit's
@@ -112,6 +115,8 @@ const Cublas& cublas() {
     c.gemm_ex = reinterpret_cast<decltype(c.gemm_ex)>(sym("cublasGemmEx"));
     c.gemm_strided_batched_ex =
         reinterpret_cast<decltype(c.gemm_strided_batched_ex)>(sym("cublasGemmStridedBatchedEx"));
+    c.gemm_grouped =
+        reinterpret_cast<decltype(c.gemm_grouped)>(dlsym(lib, "cublasGemmGroupedBatchedEx"));
     return c;
   }();
   return api;
@@ -146,7 +151,8 @@ void CudaBackend::memory_info(size_t& free_bytes, size_t& total_bytes) {
 }
 
 bool CudaBackend::supports(Op op, DType dtype) const {  // BF16: GEMM operands (weights)
-  return dtype == DType::F32 || (op == Op::Matmul && dtype == DType::BF16);
+  return dtype == DType::F32 ||
+         ((op == Op::Matmul || op == Op::GroupedMatmul) && dtype == DType::BF16);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -283,19 +289,36 @@ cudaDataType_t cuda_type(DType t) {
   fail("CUDA matmul: unsupported dtype {}", dtype_name(t));
 }
 
+// Row-major c[M,N] = alpha op(a) op(b) + beta c through cublasGemmEx, operands already in the
+// dtypes they run in. cuBLAS is column-major: a row-major X[r, c] is a column-major X^T with
+// leading dim c, so row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the
+// operands.
+void gemm_row_major(void* handle, Tensor& c, const Tensor& a, const Tensor& b, bool trans_a,
+                    bool trans_b, float alpha, float beta, int64_t M, int64_t N, int64_t K,
+                    cublasComputeType_t compute) {
+  const auto ta = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const auto tb = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+  check_cublas(cublas().gemm_ex(static_cast<cublasHandle_t>(handle), tb, ta, int(N), int(M), int(K),
+                                &alpha, b.raw(), cuda_type(b.dtype()), int(cols(b)), a.raw(),
+                                cuda_type(a.dtype()), int(cols(a)), &beta, c.raw(),
+                                cuda_type(c.dtype()), int(N), compute, CUBLAS_GEMM_DEFAULT),
+               "matmul (cublasGemmEx)");
+}
+
+void expect_gemm_operand(const Tensor& t, const char* op, const char* name) {
+  if (t.dtype() != DType::F32 && t.dtype() != DType::BF16)
+    fail("CUDA {}: {} is {} (supported: F32, BF16)", op, name, dtype_name(t.dtype()));
+  cuda::expect(t, t.dtype(), op, name);
+}
+
 }  // namespace
 
 void CudaBackend::matmul(Tensor& c, const Tensor& a_in, const Tensor& b_in, bool trans_a,
                          bool trans_b, float alpha, float beta) {
   const auto [M, N, K] = matmul_dims(c, a_in, b_in, trans_a, trans_b);
-  for (const Tensor* t : {&a_in, &b_in})
-    if (t->dtype() != DType::F32 && t->dtype() != DType::BF16)
-      fail("CUDA matmul: input {} (supported: F32, BF16)", dtype_name(t->dtype()));
-  cuda::expect(a_in, a_in.dtype(), "matmul", "a");
-  cuda::expect(b_in, b_in.dtype(), "matmul", "b");
-  if (c.dtype() != DType::F32 && c.dtype() != DType::BF16)
-    fail("CUDA matmul: output {} (supported: F32, BF16)", dtype_name(c.dtype()));
-  cuda::expect(c, c.dtype(), "matmul", "c");
+  expect_gemm_operand(a_in, "matmul", "a");
+  expect_gemm_operand(b_in, "matmul", "b");
+  expect_gemm_operand(c, "matmul", "c");
   if (M == 0 || N == 0) return;
   if (K == 0) {  // as the CPU backend: c = beta * c
     if (beta == 0.0f)
@@ -309,21 +332,107 @@ void CudaBackend::matmul(Tensor& c, const Tensor& a_in, const Tensor& b_in, bool
   // A BF16 operand (bf16 weights) or the Bf16 precision puts the GEMM on the bf16 tensor cores:
   // F32 operands are rounded to bf16 first (cuBLAS's COMPUTE_32F_FAST_16BF was measured to run
   // TF32 kernels on the H200, at half the bf16 rate). Accumulation stays fp32.
-  const bool bf16 = a_in.dtype() == DType::BF16 || b_in.dtype() == DType::BF16 ||
-                    precision_ == Precision::Bf16;
+  const bool bf16 =
+      a_in.dtype() == DType::BF16 || b_in.dtype() == DType::BF16 || precision_ == Precision::Bf16;
   const Tensor a = bf16 ? as_bf16(a_in) : a_in, b = bf16 ? as_bf16(b_in) : b_in;
-  const cublasComputeType_t compute = !bf16 && precision_ == Precision::Tf32
-                                          ? CUBLAS_COMPUTE_32F_FAST_TF32
-                                          : CUBLAS_COMPUTE_32F;
-  // cuBLAS is column-major: a row-major X[r, c] is a column-major X^T with leading dim c, so
-  // row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
-  const auto ta = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
-  const auto tb = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
-  check_cublas(cublas().gemm_ex(static_cast<cublasHandle_t>(cublas_), tb, ta, int(N), int(M),
-                                int(K), &alpha, b.raw(), cuda_type(b.dtype()), int(cols(b)),
-                                a.raw(), cuda_type(a.dtype()), int(cols(a)), &beta, c.raw(),
-                                cuda_type(c.dtype()), int(N), compute, CUBLAS_GEMM_DEFAULT),
-               "matmul (cublasGemmEx)");
+  const cublasComputeType_t compute =
+      !bf16 && precision_ == Precision::Tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+  gemm_row_major(cublas_, c, a, b, trans_a, trans_b, alpha, beta, M, N, K, compute);
+}
+
+void CudaBackend::grouped_matmul(Tensor& c, const Tensor& a_in, std::span<const Tensor* const> b,
+                                 std::span<const int64_t> begin, bool trans_b, float beta) {
+  const char* op = "grouped_matmul";
+  const auto [N, K] = grouped_matmul_dims(c, a_in, b, begin, trans_b);
+  cuda::expect_f32(c, op, "c");
+  cuda::expect_f32(a_in, op, "a");
+  std::vector<size_t> groups;  // the non-empty ones
+  bool bf16 = precision_ == Precision::Bf16;
+  for (size_t g = 0; g < b.size(); ++g) {
+    if (begin[g] == begin[g + 1]) continue;
+    expect_gemm_operand(*b[g], op, "b");
+    bf16 = bf16 || b[g]->dtype() == DType::BF16;
+    groups.push_back(g);
+  }
+  if (groups.empty() || N == 0) return;
+  auto rows_of = [&](const Tensor& t, size_t g) { return t.slice(begin[g], begin[g + 1]); };
+  if (K == 0) {  // c_g = beta c_g, as matmul
+    for (size_t g : groups) {
+      Tensor cg = rows_of(c, g);
+      matmul(cg, rows_of(a_in, g), *b[g], false, trans_b, 1.0f, beta);
+    }
+    return;
+  }
+  if (bf16) {
+    // Any BF16 weight or the Bf16 precision: every group runs in bf16 with fp32 output, as
+    // matmul. The activation block is rounded once; each F32 weight is rounded just before its
+    // GEMM, so at most one converted weight is alive (a whole V3 layer's would be GBs).
+    // Not cublasGemmGroupedBatchedEx: it supports bf16 inputs only with a bf16 output (cuBLAS
+    // docs, its type table: COMPUTE_32F with A/B/C all CUDA_R_16BF; no bf16 x bf16 -> fp32 as
+    // cublasGemmEx has), and rounding C to bf16 would break the fp32 output (and the beta = 1
+    // accumulation of dx). So one cublasGemmEx per non-empty expert, queued without any host
+    // round trip.
+    const Tensor a = as_bf16(a_in);
+    for (size_t g : groups) {
+      Tensor cg = rows_of(c, g);
+      const Tensor w = as_bf16(*b[g]);
+      gemm_row_major(cublas_, cg, rows_of(a, g), w, false, trans_b, 1.0f, beta,
+                     begin[g + 1] - begin[g], N, K, CUBLAS_COMPUTE_32F);
+    }
+    return;
+  }
+  const bool tf32 = precision_ == Precision::Tf32;
+  const cublasComputeType_t compute = tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+  // The grouped API's alignment rule for the FAST compute types (cuBLAS docs): a matrix whose
+  // leading dimension is a multiple of 16 bytes needs a 16-byte aligned pointer. Row blocks of
+  // whole tensors meet it; a view at an odd offset takes the loop below instead.
+  auto aligned = [](const void* p, int64_t ld) {
+    return (ld * 4) % 16 != 0 || reinterpret_cast<uintptr_t>(p) % 16 == 0;
+  };
+  bool grouped = cublas().gemm_grouped != nullptr;
+  for (size_t g : groups)
+    if (tf32 && !(aligned(b[g]->raw(), cols(*b[g])) && aligned(rows_of(a_in, g).raw(), K) &&
+                  aligned(rows_of(c, g).raw(), N)))
+      grouped = false;
+  if (!grouped) {
+    for (size_t g : groups) {
+      Tensor cg = rows_of(c, g);
+      gemm_row_major(cublas_, cg, rows_of(a_in, g), *b[g], false, trans_b, 1.0f, beta,
+                     begin[g + 1] - begin[g], N, K, compute);
+    }
+    return;
+  }
+  // One cublasGemmGroupedBatchedEx: a group per expert (its own row count), column-major as in
+  // gemm_row_major: C_g^T [N, rows] = op(W_g)^T [N, K] a_g^T [K, rows]. The per-group scalars and
+  // sizes are host arrays; the matrix pointers must be in device memory: one asynchronous upload
+  // (from pageable memory the copy is staged at once, so the host array may go when it returns).
+  const size_t G = groups.size();
+  std::vector<cublasOperation_t> trans_w(G, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N);
+  std::vector<cublasOperation_t> trans_a(G, CUBLAS_OP_N);
+  std::vector<int> m(G, int(N)), n(G), k(G, int(K)), ldw(G), lda(G, int(K)), ldc(G, int(N));
+  std::vector<int> group_size(G, 1);
+  std::vector<float> alphas(G, 1.0f), betas(G, beta);
+  std::vector<const void*> ptrs(3 * G);  // [W_g..., a_g..., c_g...]
+  for (size_t i = 0; i < G; ++i) {
+    const size_t g = groups[i];
+    n[i] = int(begin[g + 1] - begin[g]);
+    ldw[i] = int(cols(*b[g]));
+    ptrs[i] = b[g]->raw();
+    ptrs[G + i] = rows_of(a_in, g).raw();
+    ptrs[2 * G + i] = rows_of(c, g).raw();
+  }
+  Tensor dptrs = scratch({int64_t(ptrs.size() * sizeof(void*) / 4)}, DType::I32);
+  check(cudaMemcpyAsync(dptrs.raw(), ptrs.data(), ptrs.size() * sizeof(void*),
+                        cudaMemcpyHostToDevice, nullptr),
+        "grouped_matmul (pointer upload)");
+  const auto* dev_ptrs = static_cast<const void* const*>(dptrs.raw());
+  check_cublas(
+      cublas().gemm_grouped(static_cast<cublasHandle_t>(cublas_), trans_w.data(), trans_a.data(),
+                            m.data(), n.data(), k.data(), alphas.data(), dev_ptrs, CUDA_R_32F,
+                            ldw.data(), dev_ptrs + G, CUDA_R_32F, lda.data(), betas.data(),
+                            const_cast<void* const*>(dev_ptrs + 2 * G), CUDA_R_32F, ldc.data(),
+                            int(G), group_size.data(), compute),
+      "grouped_matmul (cublasGemmGroupedBatchedEx)");
 }
 
 // The bf16 attention path's GEMMs (cuda_attention_tc.cpp): many heads per call, operands at

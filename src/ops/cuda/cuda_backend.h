@@ -54,6 +54,8 @@ class CudaBackend final : public Backend {
 
   void matmul(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, float alpha,
               float beta) override;
+  void grouped_matmul(Tensor& c, const Tensor& a, std::span<const Tensor* const> b,
+                      std::span<const int64_t> begin, bool trans_b, float beta) override;
   void add(Tensor& y, const Tensor& x, float alpha) override;
   void scale(Tensor& y, float alpha) override;
   void embedding_forward(Tensor& out, const Tensor& table, const Tensor& ids) override;
@@ -91,6 +93,9 @@ class CudaBackend final : public Backend {
                         const Tensor& bias, const GateParams& p) override;
   void moe_gate_backward(Tensor& dlogits, const Tensor& dtopk_w, const Tensor& topk_idx,
                          const Tensor& scores, const Tensor& dscores, const GateParams& p) override;
+  void moe_dispatch_plan(Tensor& slot_token, Tensor& slot_pair, Tensor& slot_weight,
+                         Tensor& expert_begin, const Tensor& topk_idx, const Tensor& topk_w,
+                         int64_t n_experts) override;
   void adamw_step(Tensor& w, Tensor& m, Tensor& v, const Tensor& g, const AdamWStep& s) override;
   double sum_squares(const Tensor& x) override;
 

@@ -1,7 +1,7 @@
-// CUDA kernels, part 4: MoE token dispatch (gather), combine (scatter-add through a sorted plan),
-// the combine-weight gradient (row dot) and the gate (scores, group-limited / noaux_tc top-K with
-// the balancing bias, normalisation and scaling) with its backward.
-// Why hand-written: the gate's selection rules (DeepSeek-V2/V3 routing, CPU-identical tie
+// CUDA kernels, part 4: MoE permute plan (pairs sorted by expert), token dispatch (gather), combine
+// (scatter-add through a sorted plan), the combine-weight gradient (row dot) and the gate (scores,
+// group-limited / noaux_tc top-K with the balancing bias, normalisation and scaling) with its
+// backward. Why hand-written: the gate's selection rules (DeepSeek-V2/V3 routing, CPU-identical tie
 // breaking) are no library routine, and the scatter must be deterministic, which the usual
 // float-atomic scatter is not: we stably sort positions by destination (cub radix sort) and let
 // one block per destination add its sources in increasing position order.
@@ -96,6 +96,34 @@ cudaError_t scatter_add_planned(float* out, const float* x, const float* weights
   const int threads = dim >= 256 ? 256 : (dim >= 128 ? 128 : 64);
   scatter_add_planned_kernel<<<unsigned(n), threads>>>(out, x, weights, sorted_rows, order, n, dim);
   return cudaGetLastError();
+}
+
+cudaError_t moe_dispatch_plan(void* temp, size_t temp_bytes, int32_t* sorted_experts, int32_t* iota,
+                              int32_t* slot_token, int32_t* slot_pair, float* slot_weight,
+                              int32_t* expert_begin, const int32_t* topk_idx, const float* topk_w,
+                              int64_t n, int64_t k, int64_t n_experts) {
+  // The radix sort is stable, so within an expert the pairs keep their order t*K+k: the same
+  // slots as the CPU's counting sort.
+  cudaError_t e =
+      row_plan(temp, temp_bytes, topk_idx, sorted_experts, iota, slot_pair, n, n_experts);
+  if (e != cudaSuccess) return e;
+  e = for_each(n, [=] __device__(int64_t s) {
+    const int32_t pair = slot_pair[s];
+    slot_token[s] = int32_t(pair / k);
+    slot_weight[s] = topk_w[pair];
+  });
+  if (e != cudaSuccess) return e;
+  return for_each(n_experts + 1, [=] __device__(int64_t ex) {
+    int64_t lo = 0, hi = n;  // first position whose expert is >= ex
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (sorted_experts[mid] < ex)
+        lo = mid + 1;
+      else
+        hi = mid;
+    }
+    expert_begin[ex] = int32_t(lo);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------

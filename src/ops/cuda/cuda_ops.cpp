@@ -230,6 +230,33 @@ void CudaBackend::row_dot(Tensor& out, const Tensor& a, const Tensor& rows_, con
   check(cuda::row_dot(out.f32(), a.f32(), rows_.i32(), b.f32(), N, C), op);
 }
 
+void CudaBackend::moe_dispatch_plan(Tensor& slot_token, Tensor& slot_pair, Tensor& slot_weight,
+                                    Tensor& expert_begin, const Tensor& topk_idx,
+                                    const Tensor& topk_w, int64_t n_experts) {
+  const char* op = "moe_dispatch_plan";
+  const int64_t N = topk_idx.numel(), K = cols(topk_idx);
+  expect(slot_token, DType::I32, op, "slot_token");
+  expect(slot_pair, DType::I32, op, "slot_pair");
+  expect(expert_begin, DType::I32, op, "expert_begin");
+  expect_f32(slot_weight, op, "slot_weight");
+  expect_f32(topk_w, op, "topk_w");
+  expect_numel(topk_w, N, op, "topk_w");
+  expect_numel(slot_token, N, op, "slot_token");
+  expect_numel(slot_pair, N, op, "slot_pair");
+  expect_numel(slot_weight, N, op, "slot_weight");
+  expect_numel(expert_begin, n_experts + 1, op, "expert_begin");
+  MOEKIT_CHECK(n_experts >= 1 && n_experts < (int64_t(1) << 30), "{}: {} experts", op, n_experts);
+  cuda::check_indices(topk_idx, n_experts, op, "expert");
+  const size_t temp_bytes = N > 0 ? cuda::row_plan_temp_bytes(N, n_experts) : 0;
+  Tensor temp = scratch({int64_t((temp_bytes + 3) / 4) + 1}, DType::I32);
+  const int64_t n_scratch = std::max<int64_t>(N, 1);
+  Tensor sorted = scratch({n_scratch}, DType::I32), iota = scratch({n_scratch}, DType::I32);
+  check(cuda::moe_dispatch_plan(temp.raw(), temp_bytes, sorted.i32(), iota.i32(), slot_token.i32(),
+                                slot_pair.i32(), slot_weight.f32(), expert_begin.i32(),
+                                topk_idx.i32(), topk_w.f32(), N, K, n_experts),
+        op);
+}
+
 void CudaBackend::copy_columns(Tensor& dst, int64_t dst_col, const Tensor& src, int64_t src_col,
                                int64_t n, bool accumulate) {
   const int64_t R = rows(dst), dc = cols(dst), sc = cols(src);

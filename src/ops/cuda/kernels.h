@@ -65,6 +65,15 @@ cudaError_t row_plan(void* temp, size_t temp_bytes, const int32_t* rows, int32_t
 cudaError_t scatter_add_planned(float* out, const float* x, const float* weights,
                                 const int32_t* sorted_rows, const int32_t* order, int64_t n,
                                 int64_t dim);
+// The MoE permute plan (Backend::moe_dispatch_plan) of n = T*K pairs: the pairs stably sorted by
+// expert with the row plan above (sorted_experts, iota: scratch of n; temp: row_plan_temp_bytes(n,
+// n_experts)), then slot_token = pair / k, slot_weight = topk_w[pair] and expert_begin[e] = the
+// number of pairs with an expert < e (a binary search in the sorted experts, so empty experts
+// need no special case).
+cudaError_t moe_dispatch_plan(void* temp, size_t temp_bytes, int32_t* sorted_experts, int32_t* iota,
+                              int32_t* slot_token, int32_t* slot_pair, float* slot_weight,
+                              int32_t* expert_begin, const int32_t* topk_idx, const float* topk_w,
+                              int64_t n, int64_t k, int64_t n_experts);
 struct GateLaunch {
   GateParams p;
   float weight_scale = 1.0f;  // routed_scaling_factor when it applies (see cuda_ops.cpp)
