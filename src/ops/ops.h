@@ -16,6 +16,7 @@ namespace moekit {
 
 enum class Op : uint8_t {
   Matmul,
+  MatmulBatched,
   Add,
   Scale,
   Embedding,
@@ -23,6 +24,8 @@ enum class Op : uint8_t {
   SwiGLU,
   Rope,
   Attention,
+  CausalSoftmax,
+  Argmax,
   CrossEntropy,
   GatherRows,
   ScatterAddRows,
@@ -66,6 +69,15 @@ struct AdamWStep {
 // Whatever the mode, a GEMM with a BF16 operand (bf16 weights) runs in bf16.
 enum class Precision : uint8_t { Fp32, Tf32, Bf16 };
 
+// The layout of a strided batch of row-major GEMMs (per-head products of MLA's absorbed decode):
+// problem g multiplies the [rows, cols] blocks of each operand that start at element g * stride of
+// its tensor, rows ld elements apart. m, n, k as in Backend::matmul.
+struct GemmBatch {
+  int64_t count = 1, m = 0, n = 0, k = 0;
+  int64_t lda = 0, ldb = 0, ldc = 0;
+  int64_t stride_a = 0, stride_b = 0, stride_c = 0;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -90,6 +102,10 @@ class Backend {
   // differ in dtype (F32 activations x BF16 weights) where the backend supports(Matmul, BF16).
   virtual void matmul(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b,
                       float alpha, float beta) = 0;
+  // For g < batch.count: C_g = alpha * op(A_g) @ op(B_g) + beta * C_g, where X_g is operand x's
+  // block g (GemmBatch). Every block must lie inside its tensor; c must not overlap a or b.
+  virtual void matmul_batched(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a,
+                              bool trans_b, float alpha, float beta, const GemmBatch& batch) = 0;
   // y += alpha * x (same numel).
   virtual void add(Tensor& y, const Tensor& x, float alpha) = 0;
   virtual void scale(Tensor& y, float alpha) = 0;
@@ -127,6 +143,14 @@ class Backend {
                                   const Tensor& out, const Tensor& lse, const Tensor& q,
                                   const Tensor& k, const Tensor& v, int64_t batch, int64_t seq,
                                   int64_t heads, float scale) = 0;
+
+  // In place on scores x [R, L]: row r becomes the softmax of its first
+  // min(L, offset + r / group) entries, and 0 beyond (decode: rows are (token, head) pairs,
+  // group = heads, offset = cached tokens + 1, so token i sees the cache and itself).
+  virtual void causal_softmax(Tensor& x, int64_t group, int64_t offset) = 0;
+  // idx I32 [R]: per row of x [R, L], the index of the largest of its first n entries (the first
+  // one on ties); greedy decoding reads back this one id instead of the logits.
+  virtual void argmax(Tensor& idx, const Tensor& x, int64_t n) = 0;
 
   // losses[T] = -log softmax(logits[t])[targets[t]]; targets < 0 are ignored (loss 0).
   virtual void cross_entropy_forward(Tensor& losses, const Tensor& logits,
@@ -180,6 +204,9 @@ struct MatmulDims {
 };
 MatmulDims matmul_dims(const Tensor& c, const Tensor& a, const Tensor& b, bool trans_a,
                        bool trans_b);
+// Checks that every block of a batched GEMM lies inside its tensor (all backends validate alike).
+void check_gemm_batch(const Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b,
+                      const GemmBatch& g);
 
 // The backend for a device; throws a clear Error when that backend is not built or no device.
 Backend& backend(Device device);
