@@ -63,7 +63,10 @@ void check_cache_matches_full_forward(bool v3) {
     EXPECT_LT(d, 2e-4) << "position " << pos;
   };
   expect_row(last, 4);
-  for (int64_t i = 5; i < S; ++i) expect_row(gen.feed({ids[size_t(i)]}), i);  // one at a time
+  // Two tokens over a filled cache (each row of the causal softmax sees a different prefix), then
+  // one at a time.
+  expect_row(gen.feed({ids[5], ids[6]}), 6);
+  for (int64_t i = 7; i < S; ++i) expect_row(gen.feed({ids[size_t(i)]}), i);
   EXPECT_EQ(gen.cache().length, S);
 }
 
