@@ -8,6 +8,8 @@
 # (sampled from nvidia-smi every 50 ms while each engine runs alone).
 #
 #   MOEKIT_BENCH_BIN=path/to/moekit_model_bench bash tools/gpu_bench.sh [LAYERS] [BATCH] [SEQ]
+#   (DECODE_ONLY=1: moekit decode only, transformers prefill + decode, no training: e.g. the full
+#   27-layer model, `DECODE_ONLY=1 GEMM_MODES="fp32 tf32" bash tools/gpu_bench.sh 27 1 512`)
 #   (MOEKIT_LIB_PATH: LD_LIBRARY_PATH for moekit alone, e.g. carried Debian libraries that must
 #   not reach the Python peer)
 #
@@ -39,14 +41,14 @@ with_peak() {
 {
   for gemm in ${GEMM_MODES:-fp32 tf32 bf16}; do
     echo "# moekit, F32 GEMMs as $gemm (forward, then esft10 training) on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-    with_peak env MOEKIT_CUDA_FP32_GEMM=$gemm LD_LIBRARY_PATH="${MOEKIT_LIB_PATH:-${LD_LIBRARY_PATH:-}}" \
+    [ -n "${DECODE_ONLY:-}" ] || with_peak env MOEKIT_CUDA_FP32_GEMM=$gemm LD_LIBRARY_PATH="${MOEKIT_LIB_PATH:-${LD_LIBRARY_PATH:-}}" \
       "$BIN" "$CFG" "$B" "$S" "$ITERS" 16 cuda esft10 | sed "s/^{\"engine\": \"moekit\"/{\"engine\": \"moekit\", \"gemm\": \"$gemm\"/"
     echo "# moekit decode, batch 1, F32 GEMMs as $gemm"
     env MOEKIT_CUDA_FP32_GEMM=$gemm LD_LIBRARY_PATH="${MOEKIT_LIB_PATH:-${LD_LIBRARY_PATH:-}}" \
       "$BIN" "$CFG" 1 32 256 16 cuda decode | sed "s/^{\"engine\": \"moekit\"/{\"engine\": \"moekit\", \"gemm\": \"$gemm\"/"
   done
   echo "# transformers"
-  with_peak python3 tools/bench_gpu_peer.py --config "$CFG" --layers "$LAYERS" --batch "$B" --seq "$S" --iters "$ITERS" --decode
+  with_peak python3 tools/bench_gpu_peer.py --config "$CFG" --layers "$LAYERS" --batch "$B" --seq "$S" --iters "$ITERS" --decode ${DECODE_ONLY:+--no-train}
 } 2>&1 | tee "$OUT/gpu_bench.log"
 grep '^{' "$OUT/gpu_bench.log" >"$OUT/gpu_bench.jsonl"
 python3 - "$OUT/gpu_bench.jsonl" "$B" "$S" <<'PY'
@@ -63,6 +65,9 @@ print(f"{'':34} {'prefill tok/s':>14} {'ESFT train tok/s':>17} {'decode tok/s':>
 for i, m in enumerate(ms):
     name = f"moekit ({m['mode']}, {m.get('gemm', 'fp32')} GEMM; loss {m['first_loss']:.4f})"
     print(f"{name:34} {m['forward_tok_s']:>14.0f} {m['train_tok_s']:>17.0f} {dec.get(m.get('gemm', 'fp32'), 0):>13.1f} {peaks[i] if i < len(peaks) else 0:>13.2f}")
+for g, v in dec.items():  # decode-only runs (DECODE_ONLY=1) have no prefill/training row
+    if not any(r.get("gemm", "fp32") == g for r in ms):
+        print(f"{'moekit (decode, ' + g + ' GEMM)':34} {'':>14} {'':>17} {v:>13.1f} {'':>13}")
 m = max(ms, key=lambda r: r["train_tok_s"]) if ms else None
 pre = next((v for k, v in t.items() if k.startswith("prefill")), {})
 esft = next((v for k, v in t.items() if k.startswith("train-esft")), {})
