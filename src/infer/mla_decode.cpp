@@ -2,12 +2,14 @@
 // GEMMs, the causal softmax), so on a GPU nothing waits for the host.
 #include "infer/mla_decode.h"
 
+#include <algorithm>
+
 #include "nn/linear.h"
 
 namespace moekit {
 
 Tensor mla_decode(Backend& be, MLA& a, const Tensor& x, const Tensor& positions,
-                  const RopeTable& rope, LayerCache& cache, int64_t cached) {
+                  const RopeTable& rope, LayerCache& cache, int64_t cached, int64_t max_scores) {
   const int64_t n = x.dim(0), H = a.heads, dn = a.dn, dr = a.dr, dv = a.dv, r = a.kv_lora_rank;
   const int64_t dqk = dn + dr, total = cached + n;
   auto empty = [&](Shape s) { return Tensor::empty(s, DType::F32, x.device()); };
@@ -52,12 +54,19 @@ Tensor mla_decode(Backend& be, MLA& a, const Tensor& x, const Tensor& positions,
   be.matmul_batched(q_lat, q, w, false, false, 1.0f, 0.0f, absorb);
   Tensor q_rope = empty({n * H, dr});
   be.copy_columns(q_rope, 0, q.reshape({n * H, dqk}), dn, dr, false);
-  Tensor scores = empty({n * H, total});
-  be.matmul(scores, q_lat, C, false, true, a.softmax_scale, 0.0f);
-  be.matmul(scores, q_rope, KR, false, true, a.softmax_scale, 1.0f);
-  be.causal_softmax(scores, H, cached + 1);  // token i sees cache positions <= cached + i
+  // Scores in chunks of tokens, so that a long prompt never holds all n*H x total scores at once;
+  // a decode step (n = 1) is one chunk. Chunk [i0, i1) sees the first cached + i1 positions.
+  const int64_t chunk = std::max<int64_t>(1, max_scores / (H * total));
   Tensor ctx = empty({n * H, r});
-  be.matmul(ctx, scores, C, false, false, 1.0f, 0.0f);  // sum_j p_j c_j
+  for (int64_t i0 = 0; i0 < n; i0 += chunk) {
+    const int64_t i1 = std::min(n, i0 + chunk), seen = cached + i1;
+    const Tensor Cs = C.slice(0, seen), KRs = KR.slice(0, seen);
+    Tensor scores = empty({(i1 - i0) * H, seen}), ctx_c = ctx.slice(i0 * H, i1 * H);
+    be.matmul(scores, q_lat.slice(i0 * H, i1 * H), Cs, false, true, a.softmax_scale, 0.0f);
+    be.matmul(scores, q_rope.slice(i0 * H, i1 * H), KRs, false, true, a.softmax_scale, 1.0f);
+    be.causal_softmax(scores, H, cached + i0 + 1);  // token i sees cache positions <= cached + i
+    be.matmul(ctx_c, scores, Cs, false, false, 1.0f, 0.0f);  // sum_j p_j c_j
+  }
   Tensor o = empty({n, H * dv});
   GemmBatch value;  // o_h [n, dv] = ctx_h [n, r] @ W_vb_h^T: W_vb applied after attention
   value.count = H;
