@@ -1,25 +1,30 @@
 // Model benchmark: forward and training-step tokens/s of a DeepSeekMoE config on random weights,
 // printed as one JSON line (bench/run_cpu_model_bench.sh runs it beside the PyTorch peer on CPU,
 // tools/gpu_bench.sh beside transformers on the GPU).
-// Usage: moekit_model_bench CONFIG.json BATCH SEQ ITERS THREADS [cpu|cuda] [grad|all|esft10]
-//        [fp32|bf16]
+// Usage: moekit_model_bench CONFIG.json BATCH SEQ ITERS THREADS [cpu|cuda]
+//        [grad|all|esft10|decode] [fp32|bf16]
 //   grad    forward + backward, no optimizer (the default; the CPU peer does the same)
 //   all     + AdamW over every parameter
 //   esft10  + AdamW, only every tenth routed expert of each MoE layer trains (ESFT-like)
+//   decode  batch-1 greedy generation with the latent KV cache: a SEQ-token prompt, then ITERS
+//           new tokens (BATCH must be 1); decode_tok_s = ITERS / time of the whole generate call
+//           (prefill included, as the transformers peer's generate)
 //   bf16    (cuda) frozen GEMM weights in bf16, GEMMs and attention on the bf16 tensor cores
 // MOEKIT_BENCH_CHECKPOINT=1 turns on activation checkpointing.
 // Weights: the values `moekit init` writes for the config (seed 1), generated in memory.
 #include <fmt/format.h>
 #include <sys/resource.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
-
 #include <regex>
 #include <string>
+#include <vector>
 
 #include "core/error.h"
 #include "core/thread_pool.h"
+#include "infer/generator.h"
 #include "model/deepseek.h"
 #include "model/init.h"
 #include "train/adamw.h"
@@ -39,11 +44,42 @@ static double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
+// Greedy decoding: one warm-up generation (allocator, cuBLAS heuristics), then the timed one.
+// Greedy sampling reads the logits back every token, so the clock covers the device's work.
+static int decode_bench(DeepSeekModel& model, int64_t batch, int64_t prompt_len, int64_t new_tokens,
+                        const std::string& dev_name) {
+  if (batch != 1) fail("decode: BATCH must be 1 (batch-1 decoding), got {}", batch);
+  const ModelConfig& c = model.config();
+  std::vector<int32_t> prompt(static_cast<size_t>(prompt_len));
+  for (int64_t i = 0; i < prompt_len; ++i)
+    prompt[size_t(i)] = int32_t((uint64_t(i) * 2654435761u) % uint64_t(c.vocab_size));
+  Generator gen(model, prompt_len + new_tokens + 1);
+  SamplingParams p;  // greedy, no stop tokens: exactly new_tokens tokens
+  p.max_tokens = std::min<int64_t>(new_tokens, 16);
+  (void)gen.generate(prompt, p);
+  gen.reset();
+  p.max_tokens = new_tokens;
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::vector<int32_t> out = gen.generate(prompt, p);
+  const double t = seconds_since(t0);
+  if (int64_t(out.size()) != new_tokens)
+    fail("decode: generated {} tokens, expected {}", out.size(), new_tokens);
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);
+  fmt::print(
+      "{{\"engine\": \"moekit\", \"device\": \"{}\", \"mode\": \"decode\", \"decode_tok_s\": "
+      "{:.1f}, \"prompt\": {}, \"new_tokens\": {}, \"seconds\": {:.3f}, \"peak_rss_mib\": {:.1f}, "
+      "\"threads\": {}}}\n",
+      dev_name, double(new_tokens) / t, prompt_len, new_tokens, t, double(ru.ru_maxrss) / 1024.0,
+      num_threads());
+  return 0;
+}
+
 int main(int argc, char** argv) {
   if (argc < 6 || argc > 9) {
     fmt::print(stderr,
-               "usage: {} CONFIG.json BATCH SEQ ITERS THREADS [cpu|cuda] [grad|all|esft10] "
-               "[fp32|bf16]\n",
+               "usage: {} CONFIG.json BATCH SEQ ITERS THREADS [cpu|cuda] "
+               "[grad|all|esft10|decode] [fp32|bf16]\n",
                argv[0]);
     return 2;
   }
@@ -60,8 +96,13 @@ int main(int argc, char** argv) {
     const auto t_init = std::chrono::steady_clock::now();
     DeepSeekModel model(c, dev, true, weights);
     init_weights(model, 1);
-    model.set_activation_checkpointing(std::getenv("MOEKIT_BENCH_CHECKPOINT") != nullptr);
+    const char* ckpt = std::getenv("MOEKIT_BENCH_CHECKPOINT");
+    model.set_activation_checkpointing(ckpt && *ckpt && std::string(ckpt) != "0");
     const double init_s = seconds_since(t_init);
+    if (mode == "decode") {  // inference: every weight frozen (bf16 ones stay bf16)
+      model.params().set_trainable([](const Param&) { return false; });
+      return decode_bench(model, B, S, iters, dev_name + "\", \"dtype\": \"" + dtype);
+    }
     if (mode == "esft10") {
       static const std::regex expert(R"(\.mlp\.experts\.(\d+)\.)");
       model.params().set_trainable([](const Param& p) {

@@ -8,10 +8,15 @@ random init, batch B x S tokens. Measures, with CUDA events, warm-up first, medi
   train-esft   transformers' best ESFT-like setting: only expert weights require grad (experts
                are fused tensors in transformers 5, so single experts cannot be frozen; the
                official ESFT scripts zero the other experts' gradients but pay their memory)
-  decode       batch-1 greedy generation of 256 new tokens with the KV cache (--full)
+  decode       batch-1 greedy generation of 256 new tokens after a 32-token prompt with the
+               default (dynamic) KV cache: tokens/s = 256 / time of the generate call (--decode
+               for the --layers model; always with --full). --decode-static adds a try with
+               cache_implementation="static" (reported separately; an error is reported, not
+               raised: static cache and torch.compile are not known to work for deepseek_v2 here)
 Prints one JSON line per measurement and the bf16 GEMM TFLOP/s of the card (fairness check).
 
     python3 tools/bench_gpu_peer.py --config configs/deepseek-v2-lite.json [--layers 4] [--full]
+        [--decode] [--decode-static] [--no-train]
 """
 import argparse
 import json
@@ -62,6 +67,35 @@ def report(name, **kw):
           flush=True)
 
 
+def bench_decode(model, config, tag, try_static, prompt_len=32, new_tokens=256):
+    model.eval()
+    torch.manual_seed(1)
+    prompt = torch.randint(0, config.vocab_size, (1, prompt_len), device="cuda")
+    mask = torch.ones_like(prompt)
+
+    def gen(n, **kw):
+        # min_new_tokens: random weights must not stop early at an EOS token.
+        with torch.no_grad():
+            out = model.generate(prompt, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, pad_token_id=0, **kw)
+        torch.cuda.synchronize()
+        return out.shape[1] - prompt_len
+
+    variants = [("decode", {})]
+    if try_static:
+        variants.append(("decode-static", {"cache_implementation": "static"}))
+    for name, kw in variants:
+        try:
+            gen(16, **kw)  # warm-up: allocations, kernels
+            t0 = time.perf_counter()
+            n = gen(new_tokens, **kw)
+            t = time.perf_counter() - t0
+            report(f"{name}-{tag}", tokens_per_s=n / t, new_tokens=n, prompt=prompt_len, seconds=t)
+        except Exception as e:  # report, keep the other measurements
+            report(f"{name}-{tag}", error=f"{type(e).__name__}: {e}"[:300])
+        torch.cuda.empty_cache()
+
+
 def bench_model(args, layers, tag):
     model, config = build(args.config, layers)
     B, S = args.batch, args.seq
@@ -98,16 +132,7 @@ def bench_model(args, layers, tag):
             model.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
     if args.decode:
-        model.eval()
-        prompt = torch.randint(0, config.vocab_size, (1, 16), device="cuda")
-        gen = lambda: model.generate(prompt, max_new_tokens=256, min_new_tokens=256,
-                                     do_sample=False)
-        gen()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        gen()
-        torch.cuda.synchronize()
-        report(f"decode-{tag}", tokens_per_s=256 / (time.perf_counter() - t0))
+        bench_decode(model, config, tag, args.decode_static)
     del model
     torch.cuda.empty_cache()
 
@@ -120,13 +145,18 @@ def main():
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--full", action="store_true", help="also the full model: prefill, decode")
+    ap.add_argument("--decode", action="store_true", help="decode on the --layers model too")
+    ap.add_argument("--decode-static", action="store_true", help="also try a static KV cache")
+    ap.add_argument("--no-train", action="store_true", help="skip the training measurements")
     args = ap.parse_args()
     print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                       "bf16_gemm_tflops": gemm_tflops()}), flush=True)
-    args.train, args.decode = True, False
-    bench_model(args, args.layers, f"{args.layers}L")
+    decode_layers = args.decode
+    args.train, args.decode = not args.no_train, decode_layers
+    if args.layers > 0:  # --layers 0 --full: the full model only
+        bench_model(args, args.layers, f"{args.layers}L")
     if args.full:
-        args.train, args.decode = True, True
+        args.train, args.decode = not args.no_train, True
         bench_model(args, 0, "full")
 
 

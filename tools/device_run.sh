@@ -27,6 +27,6 @@ if [ "$WHAT" = tests ] || [ "$WHAT" = all ]; then
 fi
 if [ "$WHAT" = bench ] || [ "$WHAT" = all ]; then
   MOEKIT_LIB_PATH=$LIBS MOEKIT_BENCH_BIN=build/bench/moekit_model_bench OUT=$OUT/bench \
-    timeout 400 bash tools/gpu_bench.sh 4 4 2048 2>&1 | tail -16
+    timeout "${BENCH_TIMEOUT:-480}" bash tools/gpu_bench.sh 4 4 2048 2>&1 | tail -32
 fi
 exit $rc

@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # GPU benchmark (issue 8), run on the device machine: moekit and transformers on the same shapes
-# in one run — DeepSeek-V2-Lite widths with 4 layers, batch B x S — printing one table:
-# prefill tokens/s, training tokens/s with ~10% of the routed experts trainable (moekit) vs
-# transformers' best ESFT-like setting (all expert weights trainable: its experts are fused), and
-# peak GPU memory (sampled from nvidia-smi every 50 ms while each engine runs alone).
+# in one run, printing one table. DeepSeek-V2-Lite widths with LAYERS layers, batch B x S:
+# prefill tokens/s; training tokens/s with ~10% of the routed experts trainable (moekit) vs
+# transformers' best ESFT-like setting (all expert weights trainable: its experts are fused) and
+# all-trainable; batch-1 greedy decode tokens/s (a 32-token prompt, then 256 new tokens; the whole
+# generate call is timed on both sides); peak GPU memory (moekit: its allocator's high-water mark
+# of live tensors; transformers: torch.cuda.max_memory_allocated; nvidia-smi whole-process peaks
+# are printed too).
 #
 #   MOEKIT_BENCH_BIN=path/to/moekit_model_bench bash tools/gpu_bench.sh [LAYERS] [BATCH] [SEQ]
-#   (FULL=1: also the full 27-layer V2-Lite: moekit bf16 with activation checkpointing, and
-#   transformers' prefill, training attempts and batch-1 decode; MOEKIT_RUNS picks moekit's runs)
-#   (MOEKIT_LIB_PATH: LD_LIBRARY_PATH for moekit alone, e.g. carried Debian libraries that must
-#   not reach the Python peer)
+#   MOEKIT_RUNS   moekit's prefill/training runs (default "fp32 bf16 bf16-ckpt": exact fp32;
+#                 --dtype bf16; bf16 + activation checkpointing)
+#   FULL_ONLY=1   the full model alone (with FULL=1)
+#   FULL=1        also the full 27-layer V2-Lite: moekit bf16-ckpt prefill + ESFT training and
+#                 bf16 decode; transformers prefill, training attempts and decode
+#   MOEKIT_LIB_PATH  LD_LIBRARY_PATH for moekit alone (carried Debian libraries that must not
+#                 reach the Python peer)
 #
 # Writes $OUT/gpu_bench.jsonl (one line per measurement) when OUT is set.
 set -uo pipefail
@@ -17,6 +23,7 @@ LAYERS=${1:-4}; B=${2:-4}; S=${3:-2048}; ITERS=${ITERS:-3}
 BIN=${MOEKIT_BENCH_BIN:-build/bench/moekit_model_bench}
 OUT=${OUT:-/tmp/gpu-bench}; mkdir -p "$OUT"
 CFG=$OUT/v2-lite-${LAYERS}l.json
+FULL_CFG=configs/deepseek-v2-lite.json
 python3 - "$LAYERS" "$CFG" <<'PY'
 import json, sys
 c = json.load(open("configs/deepseek-v2-lite.json"))
@@ -36,52 +43,69 @@ with_peak() {
   return $rc
 }
 
-# moekit runs: fp32 (exact fp32 weights, GEMMs and attention), bf16 (--dtype bf16: frozen
-# weights bf16, GEMMs and attention on the bf16 tensor cores), bf16-ckpt (+ activation
-# checkpointing).
-moekit_run() {  # CONFIG RUN
-  local dtype=${2%%-*} ck=
-  [ "$2" != "${2%-ckpt}" ] && ck=1
-  echo "# moekit $2, $(basename "$1") (prefill, then esft10 training) on $(nvidia-smi --query-gpu=name --format=csv,noheader)"
-  with_peak env MOEKIT_BENCH_CHECKPOINT=$ck LD_LIBRARY_PATH="${MOEKIT_LIB_PATH:-${LD_LIBRARY_PATH:-}}" \
-    "$BIN" "$1" "$B" "$S" "$ITERS" 16 cuda esft10 "$dtype" | sed "s/^{\"engine\": \"moekit\"/{\"engine\": \"moekit\", \"run\": \"$2\"/"
+moekit() {  # RUN-NAME ARGS...: one moekit_model_bench line, tagged with the run name
+  local run=$1; shift
+  env LD_LIBRARY_PATH="${MOEKIT_LIB_PATH:-${LD_LIBRARY_PATH:-}}" "$BIN" "$@" |
+    sed "s/^{\"engine\": \"moekit\"/{\"engine\": \"moekit\", \"run\": \"$run\"/"
 }
-FULL_CFG=configs/deepseek-v2-lite.json
+# RUN is fp32, bf16 or bf16-ckpt (bf16 + activation checkpointing).
+moekit_train() {  # CONFIG RUN
+  local dtype=${2%%-*}
+  if [ "$2" != "${2%-ckpt}" ]; then export MOEKIT_BENCH_CHECKPOINT=1; else unset MOEKIT_BENCH_CHECKPOINT; fi
+  echo "# moekit $2, $(basename "$1"): prefill, then esft10 training"
+  with_peak moekit "$2" "$1" "$B" "$S" "$ITERS" 16 cuda esft10 "$dtype"
+}
+moekit_decode() {  # CONFIG DTYPE
+  unset MOEKIT_BENCH_CHECKPOINT
+  echo "# moekit decode $2, $(basename "$1")"
+  moekit "$2" "$1" 1 32 256 16 cuda decode "$2"
+}
 {
-  for run in ${MOEKIT_RUNS:-fp32 bf16 bf16-ckpt}; do moekit_run "$CFG" "$run"; done
-  [ -n "${FULL:-}" ] && moekit_run "$FULL_CFG" bf16-ckpt
+  echo "# $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader)"
+  if [ -z "${FULL_ONLY:-}" ]; then
+    for run in ${MOEKIT_RUNS:-fp32 bf16 bf16-ckpt}; do moekit_train "$CFG" "$run"; done
+    for dtype in fp32 bf16; do moekit_decode "$CFG" "$dtype"; done
+  fi
+  if [ -n "${FULL:-}" ]; then
+    moekit_train "$FULL_CFG" bf16-ckpt
+    moekit_decode "$FULL_CFG" bf16
+  fi
   echo "# transformers"
-  with_peak python3 tools/bench_gpu_peer.py --config "$CFG" --layers "$LAYERS" --batch "$B" --seq "$S" --iters "$ITERS" \
-    ${FULL:+--full}
+  with_peak python3 tools/bench_gpu_peer.py --config "$CFG" --layers "${FULL_ONLY:+0}${FULL_ONLY:-$LAYERS}" --batch "$B" \
+    --seq "$S" --iters "$ITERS" --decode ${FULL:+--full}
 } 2>&1 | tee "$OUT/gpu_bench.log"
 grep '^{' "$OUT/gpu_bench.log" >"$OUT/gpu_bench.jsonl"
 python3 - "$OUT/gpu_bench.jsonl" "$B" "$S" "$LAYERS" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-ms = [r for r in rows if r.get("engine") == "moekit"]
+ms = [r for r in rows if r.get("engine") == "moekit" and r.get("mode") != "decode"]
+md = [r for r in rows if r.get("engine") == "moekit" and r.get("mode") == "decode"]
 peaks = [r["peak_gpu_gib"] for r in rows if "peak_gpu_gib" in r]
 t = {r["bench"]: r for r in rows if "bench" in r}
 card = next((r for r in rows if "bf16_gemm_tflops" in r), {})
+L = int(sys.argv[4])
 print(f"\nGPU {card.get('device')}, bf16 GEMM {card.get('bf16_gemm_tflops', 0):.0f} TFLOP/s, batch {sys.argv[2]} x {sys.argv[3]}")
-print(f"{'':44} {'prefill tok/s':>14} {'ESFT train tok/s':>17} {'peak GiB':>9}")
+print(f"{'':46} {'prefill tok/s':>14} {'ESFT train tok/s':>17} {'peak GiB':>9}")
 for m in ms:
     name = f"moekit {m.get('run')} {m['layers']}L (loss {m['first_loss']:.4f})"
-    err = " (training: " + m["train_error"][:60] + ")" if m.get("train_error") else ""
-    print(f"{name:44} {m['forward_tok_s']:>14.0f} {m['train_tok_s']:>17.0f} {m.get('peak_device_gib', 0):>9.2f}{err}")
+    err = " (training: " + m["train_error"][:70] + ")" if m.get("train_error") else ""
+    print(f"{name:46} {m['forward_tok_s']:>14.0f} {m['train_tok_s']:>17.0f} {m.get('peak_device_gib', 0):>9.2f}{err}")
 for tag in sorted({k.rsplit('-', 1)[1] for k in t}):
     pre, esft, full = t.get(f"prefill-{tag}", {}), t.get(f"train-esft-{tag}", {}), t.get(f"train-all-{tag}", {})
-    for name, tr in (("experts trainable", esft), ("all trainable", full)):
-        label = f"transformers {tag} ({name})"
-        tok = tr.get("tokens_per_s") or 0
-        print(f"{label:44} {pre.get('tokens_per_s', 0) if name.startswith('experts') else 0:>14.0f} {tok:>17.0f} {tr.get('peak_gib', 0):>9.2f} {tr.get('error', '')}")
-    if f"decode-{tag}" in t:
-        print(f"transformers {tag} batch-1 decode: {t[f'decode-{tag}']['tokens_per_s']:.1f} tok/s")
+    print(f"{'transformers ' + tag + ' (experts trainable)':46} {pre.get('tokens_per_s', 0):>14.0f} {esft.get('tokens_per_s') or 0:>17.0f} {esft.get('peak_gib', 0):>9.2f} {esft.get('error', '')}")
+    print(f"{'transformers ' + tag + ' (all trainable)':46} {'':>14} {full.get('tokens_per_s') or 0:>17.0f} {full.get('peak_gib', 0):>9.2f} {full.get('error', '')}")
+print("batch-1 decode, 32-token prompt + 256 new tokens:")
+for m in md:
+    print(f"  moekit {m.get('run')} ({m.get('layers', '?')}L): {m['decode_tok_s']:.1f} tok/s")
+for k, v in t.items():
+    if k.startswith("decode"):
+        print(f"  transformers {k}: {v.get('tokens_per_s', 0):.1f} tok/s {v.get('error', '')}")
 print("(peak: moekit's allocator high-water mark of live tensors; transformers: torch.cuda.max_memory_allocated;")
 print(" nvidia-smi whole-process peaks per engine run: " + ", ".join(f"{p:.1f}" for p in peaks) + " GiB)")
-m4 = [m for m in ms if m["layers"] == int(sys.argv[4])]
-pre, esft = t.get(f"prefill-{sys.argv[4]}L", {}), t.get(f"train-esft-{sys.argv[4]}L", {})
-if m4 and pre.get("tokens_per_s") and esft.get("tokens_per_s"):
-    for m in m4:
-        print(f"ratio moekit {m.get('run')} / transformers ({sys.argv[4]} layers): prefill {m['forward_tok_s']/pre['tokens_per_s']:.2f}x, "
-              f"ESFT training {m['train_tok_s']/esft['tokens_per_s']:.2f}x, peak memory {m.get('peak_device_gib', 0)/esft['peak_gib']:.2f}x")
+pre, esft = t.get(f"prefill-{L}L", {}), t.get(f"train-esft-{L}L", {})
+if pre.get("tokens_per_s") and esft.get("tokens_per_s"):
+    for m in ms:
+        if m["layers"] == L:
+            print(f"ratio moekit {m.get('run')} / transformers ({L} layers): prefill {m['forward_tok_s']/pre['tokens_per_s']:.2f}x, "
+                  f"ESFT training {m['train_tok_s']/esft['tokens_per_s']:.2f}x, peak memory {m.get('peak_device_gib', 0)/esft['peak_gib']:.2f}x")
 PY

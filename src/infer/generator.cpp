@@ -52,15 +52,16 @@ Tensor Generator::feed(const std::vector<int32_t>& ids) {
     fail("generate: context of {} tokens exceeds the cache of {} (raise --max-context)", start + n,
          cache_.capacity);
   Backend& be = backend(model_.device());
-  Tensor tok = Tensor::empty({n}, DType::I32), pos = Tensor::empty({n}, DType::I32);
+  // Token ids and their positions in one host tensor, so a step makes one upload, not two.
+  Tensor host = Tensor::empty({2 * n}, DType::I32);
   for (int64_t i = 0; i < n; ++i) {
     if (ids[size_t(i)] < 0 || ids[size_t(i)] >= c.vocab_size)
       fail("generate: token id {} outside the vocabulary ({})", ids[size_t(i)], c.vocab_size);
-    tok.i32()[i] = ids[size_t(i)];
-    pos.i32()[i] = int32_t(start + i);
+    host.i32()[i] = ids[size_t(i)];
+    host.i32()[n + i] = int32_t(start + i);
   }
-  tok = tok.to_device(model_.device());
-  pos = pos.to_device(model_.device());
+  const Tensor both = host.to_device(model_.device());
+  const Tensor tok = both.slice(0, n), pos = both.slice(n, 2 * n);
   Tensor x = Tensor::empty({n, c.hidden_size}, DType::F32, model_.device());
   be.embedding_forward(x, model_.params().at("model.embed_tokens.weight").value, tok);
   for (size_t l = 0; l < model_.layers().size(); ++l) {
@@ -87,10 +88,16 @@ std::vector<int32_t> Generator::generate(const std::vector<int32_t>& prompt,
   std::vector<int32_t> out;
   Tensor logits = feed(prompt);
   for (int64_t i = 0; i < p.max_tokens; ++i) {
-    const Tensor host = logits.to_host();
     const int64_t vocab =
-        p.allowed_vocab > 0 ? std::min(p.allowed_vocab, host.dim(1)) : host.dim(1);
-    int32_t next = sample_token(host.f32(), vocab, p, rng);
+        p.allowed_vocab > 0 ? std::min(p.allowed_vocab, logits.dim(1)) : logits.dim(1);
+    int32_t next = 0;
+    if (p.temperature <= 0.0f) {  // greedy on the device: read back one id, not the logits
+      Tensor id = Tensor::empty({1}, DType::I32, logits.device());
+      backend(logits.device()).argmax(id, logits, vocab);
+      next = id.to_host().i32()[0];
+    } else {
+      next = sample_token(logits.to_host().f32(), vocab, p, rng);
+    }
     if (std::find(p.stop_ids.begin(), p.stop_ids.end(), next) != p.stop_ids.end()) break;
     out.push_back(next);
     if (on_token && !on_token(next)) break;

@@ -1,17 +1,15 @@
-// Absorbed MLA attention over the latent cache (GEMMs through the backend; the causal softmax on
-// the host, so on a GPU the scores make a round trip per head).
+// Absorbed MLA attention over the latent cache: every step is a backend op (GEMMs, batched per-head
+// GEMMs, the causal softmax), so on a GPU nothing waits for the host.
 #include "infer/mla_decode.h"
 
-#include <cmath>
-#include <limits>
-#include <vector>
+#include <algorithm>
 
 #include "nn/linear.h"
 
 namespace moekit {
 
 Tensor mla_decode(Backend& be, MLA& a, const Tensor& x, const Tensor& positions,
-                  const RopeTable& rope, LayerCache& cache, int64_t cached) {
+                  const RopeTable& rope, LayerCache& cache, int64_t cached, int64_t max_scores) {
   const int64_t n = x.dim(0), H = a.heads, dn = a.dn, dr = a.dr, dv = a.dv, r = a.kv_lora_rank;
   const int64_t dqk = dn + dr, total = cached + n;
   auto empty = [&](Shape s) { return Tensor::empty(s, DType::F32, x.device()); };
@@ -32,40 +30,56 @@ Tensor mla_decode(Backend& be, MLA& a, const Tensor& x, const Tensor& positions,
   be.copy_columns(c_kv, 0, kv_a, 0, r, false);
   be.copy_columns(k_rope, 0, kv_a, r, dr, false);
   be.rope(k_rope, 1, dr, 0, dr, rope.cos, rope.sin, positions, false);
-  Tensor latent = a.kv_a_layernorm.forward(be, c_kv);
-  Tensor dst = cache.kv_latent.slice(cached, total);
-  dst.copy_from(latent);
+  Tensor latent = cache.kv_latent.slice(cached, total), rstd = empty({n});  // into the cache
+  be.rmsnorm_forward(latent, rstd, c_kv, a.kv_a_layernorm.weight->value, a.kv_a_layernorm.eps);
 
+  // All heads at once; rows of q_lat, q_rope, scores and ctx are (token i, head h) pairs, i.e.
+  // [n, H, ...] seen as [n*H, ...]. The latent cache C and k_rope are shared by every head, so
+  // the scores are two plain GEMMs; only W_kb and W_vb differ per head (batched GEMMs over the
+  // head blocks of q, W_kv_b and o).
   const Tensor C = cache.kv_latent.slice(0, total), KR = cache.k_rope.slice(0, total);
-  Tensor o = empty({n, H * dv});
-  Tensor q_nope = empty({n, dn}), q_rope = empty({n, dr}), q_lat = empty({n, r});
-  Tensor scores = empty({n, total}), ctx = empty({n, r}), o_h = empty({n, dv});
-  const Tensor& w = a.kv_b_proj->value;  // [H*(dn+dv), r]
-  for (int64_t h = 0; h < H; ++h) {
-    be.copy_columns(q_nope, 0, q, h * dqk, dn, false);
-    be.copy_columns(q_rope, 0, q, h * dqk + dn, dr, false);
-    const Tensor w_k = w.slice(h * (dn + dv), h * (dn + dv) + dn);        // [dn, r]
-    const Tensor w_v = w.slice(h * (dn + dv) + dn, (h + 1) * (dn + dv));  // [dv, r]
-    be.matmul(q_lat, q_nope, w_k, false, false, 1.0f, 0.0f);              // absorb W_kb
-    be.matmul(scores, q_lat, C, false, true, a.softmax_scale, 0.0f);
-    be.matmul(scores, q_rope, KR, false, true, a.softmax_scale, 1.0f);
-    // Causal softmax on the host (row i sees cache positions <= cached + i); device scores take
-    // a round trip (n x total values per head: small next to the weights a step reads).
-    Tensor sh = scores.to_host();
-    for (int64_t i = 0; i < n; ++i) {
-      float* s = sh.f32() + i * total;
-      const int64_t last = cached + i;
-      float m = -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j <= last; ++j) m = std::max(m, s[j]);
-      float z = 0.0f;
-      for (int64_t j = 0; j <= last; ++j) z += (s[j] = std::exp(s[j] - m));
-      for (int64_t j = 0; j < total; ++j) s[j] = j <= last ? s[j] / z : 0.0f;
-    }
-    if (sh.device() != scores.device()) scores.copy_from(sh);
-    be.matmul(ctx, scores, C, false, false, 1.0f, 0.0f);  // sum_j p_j c_j
-    be.matmul(o_h, ctx, w_v, false, true, 1.0f, 0.0f);    // apply W_vb after attention
-    be.copy_columns(o, h * dv, o_h, 0, dv, false);
+  const Tensor& w = a.kv_b_proj->value;  // [H*(dn+dv), r]: per head [W_kb (dn rows) | W_vb (dv)]
+  Tensor q_lat = empty({n * H, r});
+  GemmBatch absorb;  // q_lat_h [n, r] = q_nope_h [n, dn] @ W_kb_h [dn, r]
+  absorb.count = H;
+  absorb.m = n;
+  absorb.n = r;
+  absorb.k = dn;
+  absorb.lda = H * dqk;
+  absorb.ldb = r;
+  absorb.ldc = H * r;
+  absorb.stride_a = dqk;
+  absorb.stride_b = (dn + dv) * r;
+  absorb.stride_c = r;
+  be.matmul_batched(q_lat, q, w, false, false, 1.0f, 0.0f, absorb);
+  Tensor q_rope = empty({n * H, dr});
+  be.copy_columns(q_rope, 0, q.reshape({n * H, dqk}), dn, dr, false);
+  // Scores in chunks of tokens, so that a long prompt never holds all n*H x total scores at once;
+  // a decode step (n = 1) is one chunk. Chunk [i0, i1) sees the first cached + i1 positions.
+  const int64_t chunk = std::max<int64_t>(1, max_scores / (H * total));
+  Tensor ctx = empty({n * H, r});
+  for (int64_t i0 = 0; i0 < n; i0 += chunk) {
+    const int64_t i1 = std::min(n, i0 + chunk), seen = cached + i1;
+    const Tensor Cs = C.slice(0, seen), KRs = KR.slice(0, seen);
+    Tensor scores = empty({(i1 - i0) * H, seen}), ctx_c = ctx.slice(i0 * H, i1 * H);
+    be.matmul(scores, q_lat.slice(i0 * H, i1 * H), Cs, false, true, a.softmax_scale, 0.0f);
+    be.matmul(scores, q_rope.slice(i0 * H, i1 * H), KRs, false, true, a.softmax_scale, 1.0f);
+    be.causal_softmax(scores, H, cached + i0 + 1);  // token i sees cache positions <= cached + i
+    be.matmul(ctx_c, scores, Cs, false, false, 1.0f, 0.0f);  // sum_j p_j c_j
   }
+  Tensor o = empty({n, H * dv});
+  GemmBatch value;  // o_h [n, dv] = ctx_h [n, r] @ W_vb_h^T: W_vb applied after attention
+  value.count = H;
+  value.m = n;
+  value.n = dv;
+  value.k = r;
+  value.lda = H * r;
+  value.ldb = r;
+  value.ldc = H * dv;
+  value.stride_a = r;
+  value.stride_b = (dn + dv) * r;
+  value.stride_c = dv;
+  be.matmul_batched(o, ctx, w.slice(dn, H * (dn + dv)), false, true, 1.0f, 0.0f, value);
   Tensor y = empty({n, x.dim(1)});
   linear_forward(be, y, o, *a.o_proj);
   return y;

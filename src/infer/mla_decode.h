@@ -9,9 +9,11 @@
 
 namespace moekit {
 
-// x [n, hidden] are the next n tokens at positions cache.length .. cache.length + n - 1;
-// appends their latents to `cache` (the caller advances cache.length) and returns y [n, hidden].
+// x [n, hidden] are the next n tokens at positions cached .. cached + n - 1; appends their
+// latents to `cache` (the caller advances its length) and returns y [n, hidden]. The attention
+// scores of a long prompt are formed a chunk of tokens at a time, at most max_scores values.
 Tensor mla_decode(Backend& be, MLA& attn, const Tensor& x, const Tensor& positions,
-                  const RopeTable& rope, LayerCache& cache, int64_t cached);
+                  const RopeTable& rope, LayerCache& cache, int64_t cached,
+                  int64_t max_scores = int64_t(1) << 24);
 
 }  // namespace moekit

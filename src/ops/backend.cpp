@@ -56,6 +56,26 @@ GroupedMatmulDims grouped_matmul_dims(const Tensor& c, const Tensor& a,
   return d;
 }
 
+void check_gemm_batch(const Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b,
+                      const GemmBatch& g) {
+  MOEKIT_CHECK(g.count >= 0 && g.m >= 0 && g.n >= 0 && g.k >= 0,
+               "matmul_batched: negative dims (count {}, m {}, n {}, k {})", g.count, g.m, g.n,
+               g.k);
+  // A stored operand is [rows, cols] with row length ld; block count - 1 must end inside.
+  auto inside = [&](const Tensor& t, const char* name, int64_t r, int64_t cl, int64_t ld,
+                    int64_t stride) {
+    MOEKIT_CHECK(ld >= cl && stride >= 0, "matmul_batched: {} has ld {} < {} columns", name, ld,
+                 cl);
+    if (g.count == 0 || r == 0 || cl == 0) return;
+    const int64_t last = (g.count - 1) * stride + (r - 1) * ld + cl;
+    MOEKIT_CHECK(last <= t.numel(), "matmul_batched: {} blocks reach element {} of {} ({})", name,
+                 last, t.numel(), t.shape().str());
+  };
+  inside(a, "a", trans_a ? g.k : g.m, trans_a ? g.m : g.k, g.lda, g.stride_a);
+  inside(b, "b", trans_b ? g.n : g.k, trans_b ? g.k : g.n, g.ldb, g.stride_b);
+  inside(c, "c", g.m, g.n, g.ldc, g.stride_c);
+}
+
 bool backend_available(Device device) {
   if (device == Device::CPU) return true;
 #ifdef MOEKIT_HAVE_CUDA

@@ -18,6 +18,7 @@ namespace moekit {
 enum class Op : uint8_t {
   Matmul,
   GroupedMatmul,
+  MatmulBatched,
   Add,
   Scale,
   Embedding,
@@ -25,6 +26,8 @@ enum class Op : uint8_t {
   SwiGLU,
   Rope,
   Attention,
+  CausalSoftmax,
+  Argmax,
   CrossEntropy,
   GatherRows,
   ScatterAddRows,
@@ -69,6 +72,15 @@ struct AdamWStep {
 // Whatever the mode, a GEMM with a BF16 operand (bf16 weights) runs in bf16.
 enum class Precision : uint8_t { Fp32, Tf32, Bf16 };
 
+// The layout of a strided batch of row-major GEMMs (per-head products of MLA's absorbed decode):
+// problem g multiplies the [rows, cols] blocks of each operand that start at element g * stride of
+// its tensor, rows ld elements apart. m, n, k as in Backend::matmul.
+struct GemmBatch {
+  int64_t count = 1, m = 0, n = 0, k = 0;
+  int64_t lda = 0, ldb = 0, ldc = 0;
+  int64_t stride_a = 0, stride_b = 0, stride_c = 0;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -100,6 +112,10 @@ class Backend {
   // trainable, BF16 frozen experts) where the backend supports(GroupedMatmul, BF16).
   virtual void grouped_matmul(Tensor& c, const Tensor& a, std::span<const Tensor* const> b,
                               std::span<const int64_t> begin, bool trans_b, float beta) = 0;
+  // For g < batch.count: C_g = alpha * op(A_g) @ op(B_g) + beta * C_g, where X_g is operand x's
+  // block g (GemmBatch). Every block must lie inside its tensor; c must not overlap a or b.
+  virtual void matmul_batched(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a,
+                              bool trans_b, float alpha, float beta, const GemmBatch& batch) = 0;
   // y += alpha * x (same numel).
   virtual void add(Tensor& y, const Tensor& x, float alpha) = 0;
   virtual void scale(Tensor& y, float alpha) = 0;
@@ -137,6 +153,14 @@ class Backend {
                                   const Tensor& out, const Tensor& lse, const Tensor& q,
                                   const Tensor& k, const Tensor& v, int64_t batch, int64_t seq,
                                   int64_t heads, float scale) = 0;
+
+  // In place on scores x [R, L]: row r becomes the softmax of its first
+  // min(L, offset + r / group) entries, and 0 beyond (decode: rows are (token, head) pairs,
+  // group = heads, offset = cached tokens + 1, so token i sees the cache and itself).
+  virtual void causal_softmax(Tensor& x, int64_t group, int64_t offset) = 0;
+  // idx I32 [R]: per row of x [R, L], the index of the largest of its first n entries (the first
+  // one on ties); greedy decoding reads back this one id instead of the logits.
+  virtual void argmax(Tensor& idx, const Tensor& x, int64_t n) = 0;
 
   // losses[T] = -log softmax(logits[t])[targets[t]]; targets < 0 are ignored (loss 0).
   virtual void cross_entropy_forward(Tensor& losses, const Tensor& logits,
@@ -199,6 +223,9 @@ struct MatmulDims {
 };
 MatmulDims matmul_dims(const Tensor& c, const Tensor& a, const Tensor& b, bool trans_a,
                        bool trans_b);
+// Checks that every block of a batched GEMM lies inside its tensor (all backends validate alike).
+void check_gemm_batch(const Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b,
+                      const GemmBatch& g);
 
 // N, K of Backend::grouped_matmul (c_g [rows, N] = a_g [rows, K] @ op(b[g])) after checking
 // that the groups tile the rows of a and c and that every non-empty group has a weight of the

@@ -7,6 +7,7 @@
 #include <random>
 
 #include "infer/generator.h"
+#include "infer/mla_decode.h"
 
 namespace moekit {
 namespace {
@@ -63,7 +64,10 @@ void check_cache_matches_full_forward(bool v3) {
     EXPECT_LT(d, 2e-4) << "position " << pos;
   };
   expect_row(last, 4);
-  for (int64_t i = 5; i < S; ++i) expect_row(gen.feed({ids[size_t(i)]}), i);  // one at a time
+  // Two tokens over a filled cache (each row of the causal softmax sees a different prefix), then
+  // one at a time.
+  expect_row(gen.feed({ids[5], ids[6]}), 6);
+  for (int64_t i = 7; i < S; ++i) expect_row(gen.feed({ids[size_t(i)]}), i);
   EXPECT_EQ(gen.cache().length, S);
 }
 
@@ -72,6 +76,35 @@ TEST(Generator, CachedDecodeMatchesFullForwardV2) {
 }
 TEST(Generator, CachedDecodeMatchesFullForwardV3Yarn) {
   check_cache_matches_full_forward(true);
+}
+
+TEST(Generator, PrefillInChunksMatchesOneChunk) {
+  // A long prompt's scores are formed a few tokens at a time; one token per chunk must give what
+  // one chunk gives (same math, smaller GEMMs), over an empty and over a filled cache.
+  const ModelConfig c = small_config(false);
+  DeepSeekModel model(c);
+  model.init_random(8, 0.3f);
+  MLA& attn = model.layers()[0].self_attn;
+  const RopeTable rope = RopeTable::build(c, 32, Device::CPU);
+  std::mt19937_64 rng(9);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (int64_t cached : {0, 4}) {
+    const int64_t n = 7;
+    Tensor x = Tensor::empty({n, c.hidden_size}), pos = Tensor::empty({n}, DType::I32);
+    for (int64_t i = 0; i < x.numel(); ++i) x.f32()[i] = normal(rng);
+    for (int64_t i = 0; i < n; ++i) pos.i32()[i] = int32_t(cached + i);
+    KVCache one = KVCache::create(c, 32, Device::CPU), many = KVCache::create(c, 32, Device::CPU);
+    for (int64_t i = 0; i < cached * c.kv_lora_rank; ++i)  // the same earlier tokens in both
+      one.layers[0].kv_latent.f32()[i] = many.layers[0].kv_latent.f32()[i] = normal(rng);
+    for (int64_t i = 0; i < cached * c.qk_rope_head_dim; ++i)
+      one.layers[0].k_rope.f32()[i] = many.layers[0].k_rope.f32()[i] = normal(rng);
+    Backend& be = backend(Device::CPU);
+    const Tensor y1 = mla_decode(be, attn, x, pos, rope, one.layers[0], cached);
+    const Tensor yn = mla_decode(be, attn, x, pos, rope, many.layers[0], cached,
+                                 /*max_scores=*/c.num_attention_heads * (cached + n));
+    for (int64_t i = 0; i < y1.numel(); ++i)
+      EXPECT_NEAR(yn.f32()[i], y1.f32()[i], 1e-5) << "cached " << cached << " element " << i;
+  }
 }
 
 TEST(Sampling, GreedyTopKAndTopP) {

@@ -28,6 +28,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "core/error.h"
@@ -115,6 +116,21 @@ double max_abs(const Tensor& t) {
 bool bit_equal(const Tensor& a, const Tensor& b) {
   Tensor x = a.to_host(), y = b.to_host();
   return x.nbytes() == y.nbytes() && std::memcmp(x.raw(), y.raw(), x.nbytes()) == 0;
+}
+
+// Runs `op` (which passes an out-of-range index), then reads `result` back: the read must fail
+// with a message containing `message` (index checks report at the next synchronising call), and
+// the backend must work normally afterwards.
+void expect_index_error(const std::function<void()>& op, const Tensor& result,
+                        const std::string& message) {
+  try {
+    op();
+    (void)result.to_host();
+    ADD_FAILURE() << "no error for an out-of-range index (expected \"" << message << "\")";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(message), std::string::npos) << e.what();
+  }
+  EXPECT_NO_THROW((void)result.to_host()) << "the error was raised twice";
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -254,7 +270,9 @@ TEST_F(CudaBackendTest, EmbeddingForwardBackward) {
   EXPECT_TRUE(bit_equal(r1, r2));
   Tensor bad = ids.clone();
   bad.i32()[17] = int32_t(V);
-  EXPECT_THROW(gpu().embedding_forward(dout_g, dev(table), dev(bad)), Error);
+  // Index checks do not wait for the device: the error comes at the next read back.
+  expect_index_error([&] { gpu().embedding_forward(dout_g, dev(table), dev(bad)); }, dout_g,
+                     "embedding_forward: token id 50 at position 17 out of range [0, 50)");
 }
 
 TEST_F(CudaBackendTest, RmsNormForwardBackward) {
@@ -311,8 +329,9 @@ TEST_F(CudaBackendTest, RopeForwardAndInverse) {
   Tensor bad = pos.clone();
   bad.i32()[3] = int32_t(max_pos);
   Tensor dx = dev(randn({T, H, stride}));
-  EXPECT_THROW(gpu().rope(dx, H, stride, offset, rope_dim, dev(cos), dev(sin), dev(bad), false),
-               Error);
+  expect_index_error(
+      [&] { gpu().rope(dx, H, stride, offset, rope_dim, dev(cos), dev(sin), dev(bad), false); }, dx,
+      "rope: position 64 at position 3 out of range [0, 64)");
 }
 
 // Sets a backend's precision for a scope and restores Fp32 after it, even when an op throws.
@@ -490,7 +509,8 @@ TEST_F(CudaBackendTest, CrossEntropyWithIgnoredTargets) {
     EXPECT_CLOSE(gd, d, kF32Tol);
     Tensor bad = targets.clone();
     bad.i32()[1] = int32_t(V);
-    EXPECT_THROW(gpu().cross_entropy_forward(glosses, dev(logits), dev(bad)), Error);
+    expect_index_error([&] { gpu().cross_entropy_forward(glosses, dev(logits), dev(bad)); },
+                       glosses, "cross_entropy_forward: target");
   }
 }
 
@@ -628,7 +648,13 @@ TEST_F(CudaBackendTest, MoeDispatchPlanEqualsCpu) {
   bad.i32()[7] = 4;
   Tensor t = poisoned({10}, DType::I32), p = poisoned({10}, DType::I32), sw = poisoned({10});
   Tensor b = poisoned({5}, DType::I32);
-  EXPECT_THROW(gpu().moe_dispatch_plan(t, p, sw, b, dev(bad), dev(w), 4), Error);
+  // Index errors surface at the next read-back (the check does not wait for the GPU).
+  EXPECT_THROW(
+      {
+        gpu().moe_dispatch_plan(t, p, sw, b, dev(bad), dev(w), 4);
+        (void)b.to_host();
+      },
+      Error);
 }
 
 TEST_F(CudaBackendTest, GroupedMatmulF32AndTf32) {
@@ -715,6 +741,110 @@ TEST_F(CudaBackendTest, GroupedMatmulBf16WeightsAndBf16Precision) {
       }
     }
   EXPECT_EQ(gpu().precision(), Precision::Fp32);
+}
+
+TEST_F(CudaBackendTest, MatmulBatchedMlaLayouts) {
+  // MLA decode's two per-head products, as mla_decode lays them out: W_kb absorbed into q_nope
+  // (head blocks of q and of W_kv_b's rows), and W_vb^T applied to the attention context.
+  const int64_t n = 5, H = 3, dn = 24, dr = 8, dv = 20, r = 33;
+  Tensor q = randn({n, H * (dn + dr)}), w = randn({H * (dn + dv), r});
+  GemmBatch absorb;
+  absorb.count = H;
+  absorb.m = n;
+  absorb.n = r;
+  absorb.k = dn;
+  absorb.lda = H * (dn + dr);
+  absorb.ldb = r;
+  absorb.ldc = H * r;
+  absorb.stride_a = dn + dr;
+  absorb.stride_b = (dn + dv) * r;
+  absorb.stride_c = r;
+  Tensor q_lat = Tensor::empty({n * H, r}), gq_lat = poisoned({n * H, r});
+  cpu().matmul_batched(q_lat, q, w, false, false, 1.0f, 0.0f, absorb);
+  gpu().matmul_batched(gq_lat, dev(q), dev(w), false, false, 1.0f, 0.0f, absorb);
+  EXPECT_CLOSE(gq_lat, q_lat, kF32Tol);
+  GemmBatch value;
+  value.count = H;
+  value.m = n;
+  value.n = dv;
+  value.k = r;
+  value.lda = H * r;
+  value.ldb = r;
+  value.ldc = H * dv;
+  value.stride_a = r;
+  value.stride_b = (dn + dv) * r;
+  value.stride_c = dv;
+  Tensor ctx = randn({n * H, r}), o = randn({n, H * dv}), go = dev(o);
+  const Tensor w_v = w.slice(dn, H * (dn + dv));
+  cpu().matmul_batched(o, ctx, w_v, false, true, 0.5f, 1.0f, value);  // beta = 1 accumulates
+  gpu().matmul_batched(go, dev(ctx), dev(w).slice(dn, H * (dn + dv)), false, true, 0.5f, 1.0f,
+                       value);
+  EXPECT_CLOSE(go, o, kF32Tol);
+  GemmBatch outside = value;
+  outside.stride_b += 1;
+  EXPECT_THROW(gpu().matmul_batched(go, dev(ctx), dev(w_v), false, true, 1.0f, 0.0f, outside),
+               Error);
+}
+
+TEST_F(CudaBackendTest, CausalSoftmaxRowLimits) {
+  // Decode rows (token, head) over the context; short and long rows (threads per block vary).
+  for (auto [tokens, heads, cached] :
+       {std::tuple<int64_t, int64_t, int64_t>{1, 16, 0}, {1, 16, 300}, {7, 3, 12}, {2, 5, 1500}}) {
+    const int64_t L = cached + tokens;
+    Tensor x = randn({tokens * heads, L}, 3.0f), gx = dev(x);
+    cpu().causal_softmax(x, heads, cached + 1);
+    gpu().causal_softmax(gx, heads, cached + 1);
+    EXPECT_CLOSE(gx, x, kF32Tol);
+  }
+}
+
+TEST_F(CudaBackendTest, ArgmaxFirstMaximumOfThePrefix) {
+  // A vocabulary-sized row (greedy decoding), ties, and a prefix limit (the allowed vocabulary).
+  const int64_t R = 3, L = 102400;
+  Tensor x = randn({R, L});
+  x.f32()[0 * L + 70000] = 50.0f;
+  x.f32()[0 * L + 90000] = 50.0f;  // tie: the first wins
+  x.f32()[1 * L + 5] = -1e30f;
+  x.f32()[2 * L + L - 1] = 60.0f;  // outside the prefix below
+  for (int64_t n : {L, L - 1, int64_t(7)}) {
+    Tensor idx = Tensor::empty({R}, DType::I32), gidx = poisoned({R}, DType::I32);
+    cpu().argmax(idx, x, n);
+    gpu().argmax(gidx, dev(x), n);
+    expect_equal_i32(gidx, idx);
+  }
+}
+
+TEST_F(CudaBackendTest, IndexErrorsReportTheFirstBadOpAndReset) {
+  const int64_t V = 10, C = 4, T = 6;
+  Tensor table = dev(randn({V, C})), out = poisoned({T, C});
+  Tensor ok = randint({T}, 0, int32_t(V)), bad1 = ok.clone(), bad2 = ok.clone();
+  bad1.i32()[4] = -3;
+  bad2.i32()[0] = int32_t(V) + 7;
+  Tensor gathered = poisoned({T, C});
+  // Two failing ops before a read back: the first in stream order is reported, with its op name.
+  expect_index_error(
+      [&] {
+        gpu().embedding_forward(out, table, dev(ok));
+        gpu().gather_rows(gathered, table, dev(bad1), nullptr);
+        gpu().embedding_forward(out, table, dev(bad2));
+      },
+      out, "gather_rows: row -3 at position 4 out of range [0, 10)");
+  // memory_info and sum_squares wait for the device too, and report as well.
+  gpu().embedding_forward(out, table, dev(bad2));
+  size_t free_bytes = 0, total_bytes = 0;
+  try {
+    gpu().memory_info(free_bytes, total_bytes);
+    ADD_FAILURE() << "memory_info did not report the bad index";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("embedding_forward: token id 17 at position 0"),
+              std::string::npos)
+        << e.what();
+  }
+  // Afterwards good indices give exact results.
+  Tensor ref = Tensor::empty({T, C});
+  cpu().embedding_forward(ref, table.to_host(), ok);
+  gpu().embedding_forward(out, table, dev(ok));
+  EXPECT_CLOSE(out, ref, 0.0);
 }
 
 TEST_F(CudaBackendTest, ErrorsNameTheOp) {

@@ -2,15 +2,19 @@
 // kernel). Per (sequence, head) the work is three GEMMs over strided views of q/k/v (OpenBLAS,
 // threaded) plus a row-parallel masked softmax: scalar dot-product loops ran ~10x slower here.
 // Forward keeps only the per-row log-sum-exp; backward recomputes the probabilities from it, so
-// nothing of size [S, S] is kept between passes (one [S, S] scratch per call).
+// nothing of size [S, S] is kept between passes (one [S, S] scratch per call). Decoding's two row
+// ops live here too: the causal softmax over the cache and the greedy argmax.
 #include <cblas.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
+#include "core/error.h"
 #include "core/thread_pool.h"
 #include "ops/cpu/cpu_backend.h"
+#include "ops/cpu/cpu_util.h"
 
 namespace moekit {
 
@@ -18,7 +22,7 @@ namespace {
 
 // P[i, j] = exp(scale * S[i, j] - lse[i]) for j <= i, 0 above the diagonal. When `lse_out` is
 // given, lse is computed (forward); otherwise read (backward).
-void causal_softmax(float* s, int64_t seq, float scale, float* lse, bool compute_lse) {
+void causal_softmax_lse(float* s, int64_t seq, float scale, float* lse, bool compute_lse) {
   cpu_pool().parallel_for(seq, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       float* row = s + i * seq;
@@ -41,6 +45,32 @@ void causal_softmax(float* s, int64_t seq, float scale, float* lse, bool compute
 
 }  // namespace
 
+void CpuBackend::causal_softmax(Tensor& x, int64_t group, int64_t offset) {
+  MOEKIT_CHECK(group > 0 && offset >= 0, "causal_softmax: group {}, offset {}", group, offset);
+  const int64_t R = rows(x), L = cols(x);
+  float* p = x.f32();
+  cpu_pool().parallel_for(R, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      float* s = p + r * L;
+      const int64_t n = std::min(L, offset + r / group);
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
+      float z = 0.0f;
+      for (int64_t j = 0; j < n; ++j) z += (s[j] = std::exp(s[j] - m));
+      for (int64_t j = 0; j < L; ++j) s[j] = j < n ? s[j] / z : 0.0f;
+    }
+  });
+}
+
+void CpuBackend::argmax(Tensor& idx, const Tensor& x, int64_t n) {
+  MOEKIT_CHECK(idx.numel() == rows(x) && n > 0 && n <= cols(x), "argmax: idx {}, x {}, n {}",
+               idx.shape().str(), x.shape().str(), n);
+  for (int64_t r = 0; r < rows(x); ++r) {
+    const float* row = x.f32() + r * cols(x);
+    idx.i32()[r] = int32_t(std::max_element(row, row + n) - row);
+  }
+}
+
 void CpuBackend::attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,
                                    const Tensor& v, int64_t batch, int64_t seq, int64_t heads,
                                    float scale) {
@@ -55,7 +85,7 @@ void CpuBackend::attention_forward(Tensor& out, Tensor& lse, const Tensor& q, co
       float* ob = out.f32() + (b * seq * heads + h) * dv;
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, S, S, int(dqk), 1.0f, qb, ldqk, kb, ldqk,
                   0.0f, p.data(), S);
-      causal_softmax(p.data(), seq, scale, lse.f32() + (b * heads + h) * seq, true);
+      causal_softmax_lse(p.data(), seq, scale, lse.f32() + (b * heads + h) * seq, true);
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, S, int(dv), S, 1.0f, p.data(), S, vb,
                   ldv, 0.0f, ob, ldv);
     }
@@ -76,8 +106,8 @@ void CpuBackend::attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Te
       // P from the saved log-sum-exp.
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, S, S, int(dqk), 1.0f, qb, ldqk, kb, ldqk,
                   0.0f, p.data(), S);
-      causal_softmax(p.data(), seq, scale, const_cast<float*>(lse.f32()) + (b * heads + h) * seq,
-                     false);
+      causal_softmax_lse(p.data(), seq, scale,
+                         const_cast<float*>(lse.f32()) + (b * heads + h) * seq, false);
       // dV = P^T dO;  dP = dO V^T.
       cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, S, int(dvd), S, 1.0f, p.data(), S, dob,
                   ldv, 0.0f, dv.f32() + off_v, ldv);

@@ -67,6 +67,25 @@ void CpuBackend::grouped_matmul(Tensor& c, const Tensor& a, std::span<const Tens
   }
 }
 
+void CpuBackend::matmul_batched(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a,
+                                bool trans_b, float alpha, float beta, const GemmBatch& g) {
+  check_gemm_batch(c, a, b, trans_a, trans_b, g);
+  if (g.m == 0 || g.n == 0) return;
+  for (int64_t i = 0; i < g.count; ++i) {
+    float* ci = c.f32() + i * g.stride_c;
+    if (g.k == 0) {  // as matmul: c = beta * c
+      for (int64_t r = 0; r < g.m; ++r)
+        for (int64_t j = 0; j < g.n; ++j)
+          ci[r * g.ldc + j] = beta == 0.0f ? 0.0f : beta * ci[r * g.ldc + j];
+      continue;
+    }
+    cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
+                trans_b ? CblasTrans : CblasNoTrans, int(g.m), int(g.n), int(g.k), alpha,
+                a.f32() + i * g.stride_a, int(g.lda), b.f32() + i * g.stride_b, int(g.ldb), beta,
+                ci, int(g.ldc));
+  }
+}
+
 void CpuBackend::add(Tensor& y, const Tensor& x, float alpha) {
   MOEKIT_CHECK(y.numel() == x.numel(), "add: {} vs {}", y.shape().str(), x.shape().str());
   float* py = y.f32();

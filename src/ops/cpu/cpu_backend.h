@@ -1,8 +1,8 @@
 // CpuBackend: the reference implementation of the op set (ops/ops.h). Plain loops over the
 // thread pool plus OpenBLAS for GEMM. Every other backend is tested against it.
 // Methods are spread over files by concept: cpu_backend.cpp (memory, GEMM, elementwise, norms),
-// cpu_attention.cpp, cpu_moe.cpp (gate, dispatch/combine), cpu_loss.cpp, cpu_optim.cpp (AdamW,
-// sum of squares).
+// cpu_attention.cpp (and decoding's softmax, argmax), cpu_moe.cpp (gate, dispatch/combine),
+// cpu_loss.cpp, cpu_optim.cpp (AdamW, sum of squares).
 #pragma once
 
 #include "ops/ops.h"
@@ -23,6 +23,8 @@ class CpuBackend final : public Backend {
               float beta) override;
   void grouped_matmul(Tensor& c, const Tensor& a, std::span<const Tensor* const> b,
                       std::span<const int64_t> begin, bool trans_b, float beta) override;
+  void matmul_batched(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b,
+                      float alpha, float beta, const GemmBatch& batch) override;
   void add(Tensor& y, const Tensor& x, float alpha) override;
   void scale(Tensor& y, float alpha) override;
   void embedding_forward(Tensor& out, const Tensor& table, const Tensor& ids) override;
@@ -42,6 +44,8 @@ class CpuBackend final : public Backend {
   void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& out,
                           const Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
                           int64_t batch, int64_t seq, int64_t heads, float scale) override;
+  void causal_softmax(Tensor& x, int64_t group, int64_t offset) override;
+  void argmax(Tensor& idx, const Tensor& x, int64_t n) override;
   void cross_entropy_forward(Tensor& losses, const Tensor& logits, const Tensor& targets) override;
   void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& targets,
                               float scale) override;

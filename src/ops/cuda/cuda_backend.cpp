@@ -131,6 +131,10 @@ CudaBackend::CudaBackend() {
   // GEMMs use the tensor cores with fp32 accumulation.
   check_cublas(cublas().set_math_mode(h, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
   cublas_ = h;
+  void* slot = nullptr;
+  check(cudaMalloc(&slot, sizeof(cuda::IndexError)), "index error slot (cudaMalloc)");
+  index_error_ = static_cast<cuda::IndexError*>(slot);
+  check(cudaMemset(index_error_, 0, sizeof(cuda::IndexError)), "index error slot (cudaMemset)");
   // The initial precision of F32 GEMMs and attention, as a user's choice (Precision in ops.h):
   // "fp32" (exact, the default, which the CPU-parity tests rely on), "tf32" or "bf16".
   if (const char* mode = std::getenv("MOEKIT_CUDA_FP32_GEMM")) {
@@ -145,6 +149,7 @@ CudaBackend::CudaBackend() {
 }
 
 void CudaBackend::memory_info(size_t& free_bytes, size_t& total_bytes) {
+  raise_index_errors();
   check(cudaMemGetInfo(&free_bytes, &total_bytes), "memory_info (cudaMemGetInfo)");
   // Blocks cached by the allocator are free to moekit too.
   free_bytes += alloc_.cached_bytes();
@@ -243,6 +248,8 @@ void CudaBackend::copy(Tensor& dst, const Tensor& src) {
   if (dst.nbytes() == 0) return;
   // Unified addressing: the driver tells host from device pointers (either side may be host).
   check(cudaMemcpy(dst.raw(), src.raw(), dst.nbytes(), cudaMemcpyDefault), "copy");
+  // A copy to the host has waited for every queued kernel: the point to report bad indices.
+  if (dst.device() != Device::CUDA) raise_index_errors();
 }
 
 void CudaBackend::fill(Tensor& t, float value) {
@@ -454,6 +461,35 @@ void CudaBackend::gemm_batched(void* c, DType c_dtype, int64_t ldc, int64_t stri
                "gemm_batched (cublasGemmStridedBatchedEx)");
 }
 
+void CudaBackend::matmul_batched(Tensor& c, const Tensor& a_in, const Tensor& b_in, bool trans_a,
+                                 bool trans_b, float alpha, float beta, const GemmBatch& g) {
+  check_gemm_batch(c, a_in, b_in, trans_a, trans_b, g);
+  for (const Tensor* t : {&a_in, &b_in})
+    if (t->dtype() != DType::F32 && t->dtype() != DType::BF16)
+      fail("CUDA matmul_batched: input {} (supported: F32, BF16)", dtype_name(t->dtype()));
+  cuda::expect(a_in, a_in.dtype(), "matmul_batched", "a");
+  cuda::expect(b_in, b_in.dtype(), "matmul_batched", "b");
+  cuda::expect_f32(c, "matmul_batched", "c");
+  if (g.count == 0 || g.m == 0 || g.n == 0) return;
+  MOEKIT_CHECK(g.k > 0, "CUDA matmul_batched: k = 0 is not supported");
+  // As matmul: a BF16 operand or the Bf16 precision runs on the bf16 tensor cores (both operands
+  // rounded: cuBLAS's batched GEMM takes one input type), accumulation in fp32.
+  const bool bf16 =
+      a_in.dtype() == DType::BF16 || b_in.dtype() == DType::BF16 || precision_ == Precision::Bf16;
+  const Tensor a = bf16 ? as_bf16(a_in) : a_in, b = bf16 ? as_bf16(b_in) : b_in;
+  const cublasComputeType_t compute =
+      !bf16 && precision_ == Precision::Tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+  // Column-major view as in matmul: C_g^T = op(B_g)^T op(A_g)^T.
+  const auto ta = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const auto tb = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+  check_cublas(cublas().gemm_strided_batched_ex(
+                   static_cast<cublasHandle_t>(cublas_), tb, ta, int(g.n), int(g.m), int(g.k),
+                   &alpha, b.raw(), cuda_type(b.dtype()), int(g.ldb), g.stride_b, a.raw(),
+                   cuda_type(a.dtype()), int(g.lda), g.stride_a, &beta, c.raw(), CUDA_R_32F,
+                   int(g.ldc), g.stride_c, int(g.count), compute, CUBLAS_GEMM_DEFAULT),
+               "matmul_batched (cublasGemmStridedBatchedEx)");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Elementwise
 
@@ -471,27 +507,51 @@ void CudaBackend::scale(Tensor& y, float alpha) {
   check(cuda::scale(y.f32(), y.numel(), alpha), "scale");
 }
 
-namespace cuda {
+// ---------------------------------------------------------------------------------------------
+// Index checks
 
-void check_indices(const Tensor& idx, int64_t limit, const char* op, const char* what,
-                   bool allow_negative) {
-  expect(idx, DType::I32, op, what);
+Tensor CudaBackend::check_indices(const Tensor& idx, int64_t limit, const char* op,
+                                  const char* what, bool allow_negative) {
+  cuda::expect(idx, DType::I32, op, what);
   const int64_t n = idx.numel();
-  if (n == 0) return;
-  Tensor slot = Tensor::empty({2}, DType::I32, Device::CUDA);  // one uint64: the first bad index
-  unsigned long long bad = (unsigned long long)n;
-  check(cudaMemcpy(slot.raw(), &bad, 8, cudaMemcpyHostToDevice), op);
-  check(cuda::first_out_of_range(idx.i32(), n, limit, allow_negative,
-                                 static_cast<unsigned long long*>(slot.raw())),
-        op);
-  check(cudaMemcpy(&bad, slot.raw(), 8, cudaMemcpyDeviceToHost), op);
-  if (bad < (unsigned long long)n) {
+  Tensor safe = scratch(idx.shape(), DType::I32);
+  if (n == 0) return safe;
+  if (limit <= 0 && !allow_negative) {  // no valid replacement: every entry is bad
     int32_t value = 0;
-    check(cudaMemcpy(&value, idx.i32() + bad, 4, cudaMemcpyDeviceToHost), op);
-    fail("{}: {} {} at position {} out of range [0, {})", op, what, value, bad, limit);
+    check(cudaMemcpy(&value, idx.i32(), 4, cudaMemcpyDeviceToHost), op);
+    fail("{}: {} {} at position 0 out of range [0, {})", op, what, value, limit);
   }
+  // Bound the list of pending checks (a caller that never reads anything back).
+  bool full = false;
+  {
+    std::lock_guard<std::mutex> lock(checks_mu_);
+    full = checks_.size() >= (size_t(1) << 20);
+  }
+  if (full) raise_index_errors();
+  std::lock_guard<std::mutex> lock(checks_mu_);
+  checks_.push_back({op, what, limit});
+  check(cuda::check_indices(safe.i32(), idx.i32(), n, limit, allow_negative, limit > 0 ? 0 : -1,
+                            int32_t(checks_.size()), index_error_),
+        op);
+  return safe;
 }
 
-}  // namespace cuda
+void CudaBackend::raise_index_errors() {
+  std::string message;
+  {
+    std::lock_guard<std::mutex> lock(checks_mu_);
+    if (checks_.empty()) return;
+    cuda::IndexError e;
+    check(cudaMemcpy(&e, index_error_, sizeof e, cudaMemcpyDeviceToHost), "index check");
+    if (e.check > 0 && size_t(e.check) <= checks_.size()) {
+      const PendingCheck& p = checks_[size_t(e.check) - 1];
+      message = fmt::format("{}: {} {} at position {} out of range [0, {})", p.op, p.what, e.value,
+                            e.position, p.limit);
+      check(cudaMemset(index_error_, 0, sizeof e), "index check");
+    }
+    checks_.clear();
+  }
+  if (!message.empty()) fail("{}", message);
+}
 
 }  // namespace moekit

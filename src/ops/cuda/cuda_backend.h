@@ -7,18 +7,23 @@
 // cuda_ops.cpp (argument checks and launches of every other op), cuda_attention_tc.cpp (attention
 // on the bf16 tensor cores, the Bf16 precision's path). Kernels (nvcc), behind kernels.h:
 // cuda_elementwise.cu (fills, SwiGLU, RoPE, embedding, column copies, MLA split), cuda_norm.cu,
-// cuda_attention.cu, cuda_attention_tc.cu, cuda_moe.cu (gate, dispatch/combine), cuda_loss.cu,
-// cuda_optim.cu (AdamW, sum of squares).
+// cuda_attention.cu, cuda_attention_tc.cu, cuda_decode.cu (causal softmax, argmax), cuda_moe.cu
+// (gate, dispatch/combine), cuda_loss.cu, cuda_optim.cu (AdamW, sum of squares).
 #pragma once
 
 #include <cstddef>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <vector>
 
 #include "ops/ops.h"
 
 namespace moekit {
+
+namespace cuda {
+struct IndexError;  // ops/cuda/kernels.h
+}
 
 // A size-bucketed cache of device blocks: cudaFree synchronises the whole device, and layers
 // allocate and drop activations every step. Blocks are reused only after their tensor is gone;
@@ -56,6 +61,8 @@ class CudaBackend final : public Backend {
               float beta) override;
   void grouped_matmul(Tensor& c, const Tensor& a, std::span<const Tensor* const> b,
                       std::span<const int64_t> begin, bool trans_b, float beta) override;
+  void matmul_batched(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b,
+                      float alpha, float beta, const GemmBatch& batch) override;
   void add(Tensor& y, const Tensor& x, float alpha) override;
   void scale(Tensor& y, float alpha) override;
   void embedding_forward(Tensor& out, const Tensor& table, const Tensor& ids) override;
@@ -75,6 +82,8 @@ class CudaBackend final : public Backend {
   void attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout, const Tensor& out,
                           const Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
                           int64_t batch, int64_t seq, int64_t heads, float scale) override;
+  void causal_softmax(Tensor& x, int64_t group, int64_t offset) override;
+  void argmax(Tensor& idx, const Tensor& x, int64_t n) override;
   void cross_entropy_forward(Tensor& losses, const Tensor& logits, const Tensor& targets) override;
   void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& targets,
                               float scale) override;
@@ -98,6 +107,19 @@ class CudaBackend final : public Backend {
                          int64_t n_experts) override;
   void adamw_step(Tensor& w, Tensor& m, Tensor& v, const Tensor& g, const AdamWStep& s) override;
   double sum_squares(const Tensor& x) override;
+
+  // Range check of an I32 index tensor that an op's kernel dereferences, without waiting for the
+  // device: returns the indices to launch with (a scratch copy in which out-of-range entries are
+  // replaced by a valid one, so no kernel leaves its buffers), and records the first bad
+  // (position, value) in the backend's device-side error slot. The next call that waits for the
+  // device anyway (a copy to the host, memory_info, sum_squares) raises it as
+  // "<op>: <what> <value> at position <i> out of range [0, <limit>)".
+  // allow_negative: negative entries are valid (ignored cross-entropy targets).
+  [[nodiscard]] Tensor check_indices(const Tensor& idx, int64_t limit, const char* op,
+                                     const char* what, bool allow_negative = false);
+  // Raises the first index error recorded since the last call, if any; waits for the device
+  // when checks are pending.
+  void raise_index_errors();
 
   // Scratch device memory from the caching allocator, released when the tensor goes.
   Tensor scratch(Shape shape, DType dtype);
@@ -134,6 +156,15 @@ class CudaBackend final : public Backend {
   void* cublas_ = nullptr;  // cublasHandle_t, kept opaque so this header needs no CUDA include
   Precision precision_ = Precision::Fp32;  // initially from MOEKIT_CUDA_FP32_GEMM
   CudaAllocator alloc_;
+  // Index checks queued since the error slot was last read; check id = position + 1.
+  struct PendingCheck {
+    const char* op;
+    const char* what;
+    int64_t limit;
+  };
+  std::mutex checks_mu_;
+  std::vector<PendingCheck> checks_;
+  cuda::IndexError* index_error_ = nullptr;  // device memory, one slot
 };
 
 // The process-wide CUDA backend; null when no GPU is visible (or the driver reports an error).

@@ -44,12 +44,39 @@ cudaError_t scale(float* y, int64_t n, float alpha) {
   return for_each(n, [=] __device__(int64_t i) { y[i] *= alpha; });
 }
 
-cudaError_t first_out_of_range(const int32_t* idx, int64_t n, int64_t limit, bool allow_negative,
-                               unsigned long long* first) {
-  // atomicMin on an index (not a float sum): the result is the same whatever the order.
-  return for_each(n, [=] __device__(int64_t i) {
-    if ((idx[i] < 0 && !allow_negative) || idx[i] >= limit) atomicMin(first, (unsigned long long)i);
-  });
+namespace {
+
+struct MinIndex {
+  __device__ long long operator()(long long a, long long b) const { return a < b ? a : b; }
+};
+
+__global__ void check_indices_kernel(int32_t* safe, const int32_t* idx, int64_t n, int64_t limit,
+                                     bool allow_negative, int32_t replacement, int32_t check,
+                                     IndexError* slot) {
+  __shared__ long long shared[32];
+  long long first = n;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const int32_t v = idx[i];
+    const bool ok = (v >= 0 || allow_negative) && v < limit;
+    safe[i] = ok ? v : replacement;
+    if (!ok && i < first) first = i;
+  }
+  first = block_reduce(first, (long long)n, shared, MinIndex{});
+  // Checks run in stream order, so the first failing one claims the slot.
+  if (threadIdx.x == 0 && first < n && atomicCAS(&slot->check, 0, check) == 0) {
+    slot->value = idx[first];
+    slot->position = first;
+  }
+}
+
+}  // namespace
+
+cudaError_t check_indices(int32_t* safe, const int32_t* idx, int64_t n, int64_t limit,
+                          bool allow_negative, int32_t replacement, int32_t check,
+                          IndexError* slot) {
+  if (n <= 0) return cudaSuccess;
+  check_indices_kernel<<<1, 1024>>>(safe, idx, n, limit, allow_negative, replacement, check, slot);
+  return cudaGetLastError();
 }
 
 cudaError_t swiglu_forward(float* h, const float* gate, const float* up, int64_t n) {

@@ -1,8 +1,9 @@
 // CUDA backend, host side part 2: every op besides memory and GEMM. Each method checks its
 // tensors (on the GPU, right dtype and size), then calls the kernel's launch function
 // (ops/cuda/kernels.h) and turns a failed launch into an Error naming the op. Index tensors that
-// a kernel would dereference (token ids, positions, scatter rows) are range-checked first, since
-// a kernel cannot throw.
+// a kernel would dereference (token ids, positions, scatter rows) go through check_indices first,
+// since a kernel cannot throw: the kernel runs on its range-safe copy, and a bad entry is reported
+// at the next synchronising call (cuda_backend.h).
 #include <algorithm>
 
 #include "ops/cuda/cuda_backend.h"
@@ -22,8 +23,8 @@ void CudaBackend::embedding_forward(Tensor& out, const Tensor& table, const Tens
   expect_f32(out, "embedding_forward", "out");
   expect_f32(table, "embedding_forward", "table");
   expect_numel(out, T * C, "embedding_forward", "out");
-  cuda::check_indices(ids, V, "embedding_forward", "token id");
-  check(cuda::embedding_forward(out.f32(), table.f32(), ids.i32(), T, C), "embedding_forward");
+  const Tensor safe = check_indices(ids, V, "embedding_forward", "token id");
+  check(cuda::embedding_forward(out.f32(), table.f32(), safe.i32(), T, C), "embedding_forward");
 }
 
 void CudaBackend::embedding_backward(Tensor& dtable, const Tensor& dout, const Tensor& ids) {
@@ -103,9 +104,9 @@ void CudaBackend::rope(Tensor& x, int64_t heads, int64_t head_stride, int64_t of
   MOEKIT_CHECK(offset + rope_dim <= head_stride && cols(cos) == half && cols(sin) == half,
                "rope: offset {} + rope_dim {} vs head_stride {}, table {}", offset, rope_dim,
                head_stride, cos.shape().str());
-  cuda::check_indices(positions, rows(cos), op, "position");
-  check(cuda::rope(x.f32(), T, heads, head_stride, offset, half, cos.f32(), sin.f32(),
-                   positions.i32(), inverse),
+  const Tensor safe = check_indices(positions, rows(cos), op, "position");
+  check(cuda::rope(x.f32(), T, heads, head_stride, offset, half, cos.f32(), sin.f32(), safe.i32(),
+                   inverse),
         op);
 }
 
@@ -148,6 +149,22 @@ void CudaBackend::attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const T
         op);
 }
 
+void CudaBackend::causal_softmax(Tensor& x, int64_t group, int64_t offset) {
+  const char* op = "causal_softmax";
+  expect_f32(x, op, "x");
+  MOEKIT_CHECK(group > 0 && offset >= 0, "causal_softmax: group {}, offset {}", group, offset);
+  check(cuda::causal_softmax(x.f32(), rows(x), cols(x), group, offset), op);
+}
+
+void CudaBackend::argmax(Tensor& idx, const Tensor& x, int64_t n) {
+  const char* op = "argmax";
+  expect(idx, DType::I32, op, "idx");
+  expect_f32(x, op, "x");
+  expect_numel(idx, rows(x), op, "idx");
+  MOEKIT_CHECK(n > 0 && n <= cols(x), "argmax: n {} of {} columns", n, cols(x));
+  check(cuda::argmax(idx.i32(), x.f32(), rows(x), cols(x), n), op);
+}
+
 void CudaBackend::cross_entropy_forward(Tensor& losses, const Tensor& logits,
                                         const Tensor& targets) {
   const char* op = "cross_entropy_forward";
@@ -157,8 +174,8 @@ void CudaBackend::cross_entropy_forward(Tensor& losses, const Tensor& logits,
   expect(targets, DType::I32, op, "targets");
   expect_numel(losses, T, op, "losses");
   expect_numel(targets, T, op, "targets");
-  cuda::check_indices(targets, V, op, "target", /*allow_negative=*/true);
-  check(cuda::cross_entropy_forward(losses.f32(), logits.f32(), targets.i32(), T, V), op);
+  const Tensor safe = check_indices(targets, V, op, "target", /*allow_negative=*/true);
+  check(cuda::cross_entropy_forward(losses.f32(), logits.f32(), safe.i32(), T, V), op);
 }
 
 void CudaBackend::cross_entropy_backward(Tensor& dlogits, const Tensor& logits,
@@ -170,8 +187,8 @@ void CudaBackend::cross_entropy_backward(Tensor& dlogits, const Tensor& logits,
   expect(targets, DType::I32, op, "targets");
   expect_numel(dlogits, T * V, op, "dlogits");
   expect_numel(targets, T, op, "targets");
-  cuda::check_indices(targets, V, op, "target", /*allow_negative=*/true);
-  check(cuda::cross_entropy_backward(dlogits.f32(), logits.f32(), targets.i32(), T, V, scale), op);
+  const Tensor safe = check_indices(targets, V, op, "target", /*allow_negative=*/true);
+  check(cuda::cross_entropy_backward(dlogits.f32(), logits.f32(), safe.i32(), T, V, scale), op);
 }
 
 void CudaBackend::gather_rows(Tensor& out, const Tensor& x, const Tensor& rows_,
@@ -185,10 +202,9 @@ void CudaBackend::gather_rows(Tensor& out, const Tensor& x, const Tensor& rows_,
     expect_f32(*weights, op, "weights");
     expect_numel(*weights, N, op, "weights");
   }
-  cuda::check_indices(rows_, rows(x), op, "row");
-  check(
-      cuda::gather_rows(out.f32(), x.f32(), rows_.i32(), weights ? weights->f32() : nullptr, N, C),
-      op);
+  const Tensor safe = check_indices(rows_, rows(x), op, "row");
+  check(cuda::gather_rows(out.f32(), x.f32(), safe.i32(), weights ? weights->f32() : nullptr, N, C),
+        op);
 }
 
 void CudaBackend::scatter_add_rows(Tensor& out, const Tensor& x, const Tensor& rows_,
@@ -203,14 +219,14 @@ void CudaBackend::scatter_add_rows(Tensor& out, const Tensor& x, const Tensor& r
     expect_numel(*weights, N, op, "weights");
   }
   if (N == 0) return;
-  cuda::check_indices(rows_, R, op, "row");
+  const Tensor safe = check_indices(rows_, R, op, "row");
   // The plan: positions stably sorted by destination row, so each row adds its sources in order.
   const size_t temp_bytes = cuda::row_plan_temp_bytes(N, R);
   Tensor temp = scratch({int64_t((temp_bytes + 3) / 4) + 1}, DType::I32);
   Tensor sorted = scratch({N}, DType::I32), iota = scratch({N}, DType::I32),
          order = scratch({N}, DType::I32);
-  check(cuda::row_plan(temp.raw(), temp_bytes, rows_.i32(), sorted.i32(), iota.i32(), order.i32(),
-                       N, R),
+  check(cuda::row_plan(temp.raw(), temp_bytes, safe.i32(), sorted.i32(), iota.i32(), order.i32(), N,
+                       R),
         op);
   check(cuda::scatter_add_planned(out.f32(), x.f32(), weights ? weights->f32() : nullptr,
                                   sorted.i32(), order.i32(), N, C),
@@ -226,8 +242,8 @@ void CudaBackend::row_dot(Tensor& out, const Tensor& a, const Tensor& rows_, con
   expect_numel(out, N, op, "out");
   expect_numel(b, N * C, op, "b");
   MOEKIT_CHECK(cols(a) == C, "row_dot: a {} vs b {}", a.shape().str(), b.shape().str());
-  cuda::check_indices(rows_, rows(a), op, "row");
-  check(cuda::row_dot(out.f32(), a.f32(), rows_.i32(), b.f32(), N, C), op);
+  const Tensor safe = check_indices(rows_, rows(a), op, "row");
+  check(cuda::row_dot(out.f32(), a.f32(), safe.i32(), b.f32(), N, C), op);
 }
 
 void CudaBackend::moe_dispatch_plan(Tensor& slot_token, Tensor& slot_pair, Tensor& slot_weight,
@@ -246,14 +262,14 @@ void CudaBackend::moe_dispatch_plan(Tensor& slot_token, Tensor& slot_pair, Tenso
   expect_numel(slot_weight, N, op, "slot_weight");
   expect_numel(expert_begin, n_experts + 1, op, "expert_begin");
   MOEKIT_CHECK(n_experts >= 1 && n_experts < (int64_t(1) << 30), "{}: {} experts", op, n_experts);
-  cuda::check_indices(topk_idx, n_experts, op, "expert");
+  const Tensor safe = check_indices(topk_idx, n_experts, op, "expert");
   const size_t temp_bytes = N > 0 ? cuda::row_plan_temp_bytes(N, n_experts) : 0;
   Tensor temp = scratch({int64_t((temp_bytes + 3) / 4) + 1}, DType::I32);
   const int64_t n_scratch = std::max<int64_t>(N, 1);
   Tensor sorted = scratch({n_scratch}, DType::I32), iota = scratch({n_scratch}, DType::I32);
   check(cuda::moe_dispatch_plan(temp.raw(), temp_bytes, sorted.i32(), iota.i32(), slot_token.i32(),
                                 slot_pair.i32(), slot_weight.f32(), expert_begin.i32(),
-                                topk_idx.i32(), topk_w.f32(), N, K, n_experts),
+                                safe.i32(), topk_w.f32(), N, K, n_experts),
         op);
 }
 
@@ -375,6 +391,7 @@ double CudaBackend::sum_squares(const Tensor& x) {
   check(cuda::sum_squares(d, d + 1, x.f32(), n), op);
   double out = 0.0;
   check(cudaMemcpy(&out, d, sizeof(double), cudaMemcpyDeviceToHost), op);
+  raise_index_errors();
   return out;
 }
 

@@ -41,11 +41,6 @@ inline void expect_numel(const Tensor& t, int64_t n, const char* op, const char*
     fail("CUDA {}: tensor {} has shape {}, expected {} elements", op, name, t.shape().str(), n);
 }
 
-// Fails (naming `op`) when an entry of the device I32 tensor `idx` lies outside [0, limit),
-// reporting the first bad position and value. Synchronises once (reads one integer back): an
-// out-of-range index would otherwise read or write outside a buffer inside a kernel.
-// allow_negative: negative entries are valid (ignored cross-entropy targets).
-void check_indices(const Tensor& idx, int64_t limit, const char* op, const char* what,
-                   bool allow_negative = false);
+// Index tensors are range-checked by CudaBackend::check_indices (asynchronous; cuda_backend.h).
 
 }  // namespace moekit::cuda

@@ -20,10 +20,20 @@ cudaError_t convert_f32_bf16(void* out, const float* in, int64_t n);
 cudaError_t convert_bf16_f32(float* out, const void* in, int64_t n);
 cudaError_t add(float* y, const float* x, int64_t n, float alpha);
 cudaError_t scale(float* y, int64_t n, float alpha);
-// *first = min(n, first i with idx[i] outside [0, limit)); *first must hold n on entry.
-// allow_negative: negative entries (ignored targets) count as valid.
-cudaError_t first_out_of_range(const int32_t* idx, int64_t n, int64_t limit, bool allow_negative,
-                               unsigned long long* first);
+// Where index checks record the first out-of-range entry seen since the backend last looked
+// (CudaBackend::check_indices): check = 0 while none, else the id of the failing check.
+struct IndexError {
+  int32_t check = 0;
+  int32_t value = 0;
+  int64_t position = 0;
+};
+// safe[i] = idx[i] when inside [0, limit) (or negative, with allow_negative), else `replacement`
+// (a valid index), so the op's kernel never leaves its buffers. The first bad entry, if any, is
+// recorded in *slot as (check, value, position) unless the slot already holds an earlier error.
+// One block: index tensors are small (tokens, or tokens x top-k).
+cudaError_t check_indices(int32_t* safe, const int32_t* idx, int64_t n, int64_t limit,
+                          bool allow_negative, int32_t replacement, int32_t check,
+                          IndexError* slot);
 cudaError_t swiglu_forward(float* h, const float* gate, const float* up, int64_t n);
 cudaError_t swiglu_backward(float* dgate, float* dup, const float* dh, const float* gate,
                             const float* up, int64_t n);
@@ -84,6 +94,10 @@ cudaError_t moe_gate_forward(int32_t* topk_idx, float* topk_w, float* scores, co
 cudaError_t moe_gate_backward(float* dlogits, const float* dtopk_w, const int32_t* topk_idx,
                               const float* scores, const float* dscores, const GateLaunch& g,
                               int64_t tokens);
+
+// --- decoding (cuda_decode.cu): Backend::causal_softmax and Backend::argmax on x [rows, cols].
+cudaError_t causal_softmax(float* x, int64_t rows, int64_t cols, int64_t group, int64_t offset);
+cudaError_t argmax(int32_t* idx, const float* x, int64_t rows, int64_t cols, int64_t n);
 
 // --- losses (cuda_loss.cu)
 cudaError_t cross_entropy_forward(float* losses, const float* logits, const int32_t* targets,
