@@ -10,7 +10,8 @@
 //           new tokens (BATCH must be 1); decode_tok_s = ITERS / time of the whole generate call
 //           (prefill included, as the transformers peer's generate)
 //   bf16    (cuda) frozen GEMM weights in bf16, GEMMs and attention on the bf16 tensor cores
-// MOEKIT_BENCH_CHECKPOINT=1 turns on activation checkpointing.
+// MOEKIT_BENCH_CHECKPOINT=1 turns on activation checkpointing; MOEKIT_PROFILE=1 prints the time
+// per model step to stderr (each step waits for the device: slower, for proportions only).
 // Weights: the values `moekit init` writes for the config (seed 1), generated in memory.
 #include <fmt/format.h>
 #include <sys/resource.h>
@@ -23,6 +24,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "core/profile.h"
 #include "core/thread_pool.h"
 #include "infer/generator.h"
 #include "model/deepseek.h"
@@ -162,6 +164,7 @@ int main(int argc, char** argv) {
         dtype, double(model.params().value_bytes()) / 1073741824.0,
         double(be.peak_bytes()) / 1073741824.0, c.num_hidden_layers, init_s,
         model.activation_checkpointing(), json_escape(train_error));
+    if (profiling()) fmt::print(stderr, "profile (MOEKIT_PROFILE, all iterations):\n{}", profile_report());
   } catch (const std::exception& e) {
     fmt::print(stderr, "moekit_model_bench: error: {}\n", e.what());
     return 2;

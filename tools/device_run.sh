@@ -3,7 +3,7 @@
 # binaries where their compiled-in paths expect them, then runs the GPU tests (tools/cuda_check.sh
 # on the prebuilt moekit_tests: Cuda*, Gpu*, DeviceCli*) and/or the benchmark against transformers
 # (tools/gpu_bench.sh). Results go to $OUT.
-#   bash tools/device_run.sh [tests|bench|all]
+#   bash tools/device_run.sh [tests|bench|all|profile]
 set -uo pipefail
 WHAT=${1:-all}
 R=$(pwd); C=$R/.device-carry; OUT=${OUT:-/tmp/out}
@@ -28,5 +28,13 @@ fi
 if [ "$WHAT" = bench ] || [ "$WHAT" = all ]; then
   MOEKIT_LIB_PATH=$LIBS MOEKIT_BENCH_BIN=build/bench/moekit_model_bench OUT=$OUT/bench \
     timeout "${BENCH_TIMEOUT:-480}" bash tools/gpu_bench.sh 4 4 2048 2>&1 | tail -32
+fi
+if [ "$WHAT" = profile ]; then  # time per model step, bf16 ESFT: 4 layers, then the full model
+  python3 -c 'import json; c = json.load(open("configs/deepseek-v2-lite.json")); c["num_hidden_layers"] = 4; json.dump(c, open("/tmp/v2-lite-4l.json", "w"))'
+  for cfg in /tmp/v2-lite-4l.json configs/deepseek-v2-lite.json; do
+    echo "# $cfg"
+    LD_LIBRARY_PATH=$LIBS MOEKIT_PROFILE=1 MOEKIT_BENCH_CHECKPOINT=${CKPT:-} \
+      build/bench/moekit_model_bench "$cfg" 4 2048 1 16 cuda esft10 bf16 2>&1 | head -40
+  done
 fi
 exit $rc

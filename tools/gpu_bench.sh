@@ -12,6 +12,7 @@
 #   MOEKIT_RUNS   moekit's prefill/training runs (default "fp32 bf16 bf16-ckpt": exact fp32;
 #                 --dtype bf16; bf16 + activation checkpointing)
 #   FULL_ONLY=1   the full model alone (with FULL=1)
+#   PROFILE=1     also one profiled moekit bf16 run: time per model step (MOEKIT_PROFILE)
 #   FULL=1        also the full 27-layer V2-Lite: moekit bf16-ckpt prefill + ESFT training and
 #                 bf16 decode; transformers prefill, training attempts and decode
 #   MOEKIT_LIB_PATH  LD_LIBRARY_PATH for moekit alone (carried Debian libraries that must not
@@ -43,6 +44,8 @@ with_peak() {
   return $rc
 }
 
+PEER_LAYERS=$LAYERS
+[ -n "${FULL_ONLY:-}" ] && PEER_LAYERS=0
 moekit() {  # RUN-NAME ARGS...: one moekit_model_bench line, tagged with the run name
   local run=$1; shift
   env LD_LIBRARY_PATH="${MOEKIT_LIB_PATH:-${LD_LIBRARY_PATH:-}}" "$BIN" "$@" |
@@ -66,12 +69,16 @@ moekit_decode() {  # CONFIG DTYPE
     for run in ${MOEKIT_RUNS:-fp32 bf16 bf16-ckpt}; do moekit_train "$CFG" "$run"; done
     for dtype in fp32 bf16; do moekit_decode "$CFG" "$dtype"; done
   fi
+  if [ -n "${PROFILE:-}" ]; then  # where the time goes: one profiled bf16 ESFT run (stderr)
+    echo "# moekit bf16 profile, $(basename "$CFG")"
+    MOEKIT_PROFILE=1 moekit profile "$CFG" "$B" "$S" 1 16 cuda esft10 bf16 >/dev/null
+  fi
   if [ -n "${FULL:-}" ]; then
     moekit_train "$FULL_CFG" bf16-ckpt
     moekit_decode "$FULL_CFG" bf16
   fi
   echo "# transformers"
-  with_peak python3 tools/bench_gpu_peer.py --config "$CFG" --layers "${FULL_ONLY:+0}${FULL_ONLY:-$LAYERS}" --batch "$B" \
+  with_peak python3 tools/bench_gpu_peer.py --config "$CFG" --layers "$PEER_LAYERS" --batch "$B" \
     --seq "$S" --iters "$ITERS" --decode ${FULL:+--full}
 } 2>&1 | tee "$OUT/gpu_bench.log"
 grep '^{' "$OUT/gpu_bench.log" >"$OUT/gpu_bench.jsonl"

@@ -6,31 +6,44 @@
 #include <random>
 
 #include "core/error.h"
+#include "core/profile.h"
 #include "nn/linear.h"
 
 namespace moekit {
 
 Tensor DecoderLayer::forward(Backend& be, const Tensor& x, const Tensor& positions,
                              const RopeTable& rope, int64_t batch, int64_t seq) {
-  Tensor h = self_attn.forward(be, input_layernorm.forward(be, x), positions, rope, batch, seq);
+  ProfileSteps prof(be);
+  prof.next("norms+residuals");
+  Tensor n0 = input_layernorm.forward(be, x);
+  prof.next("attn.fwd");
+  Tensor h = self_attn.forward(be, n0, positions, rope, batch, seq);
+  prof.next("norms+residuals");
   be.add(h, x, 1.0f);  // residual
   Tensor n = post_attention_layernorm.forward(be, h);
+  prof.next(mlp ? "mlp.fwd" : "moe.fwd");
   Tensor y = mlp ? mlp->forward(be, n) : moe->forward(be, n);
+  prof.next("norms+residuals");
   be.add(y, h, 1.0f);
   return y;
 }
 
 Tensor DecoderLayer::backward(Backend& be, const Tensor& dy, const RopeTable& rope) {
   const Device dev = dy.device();
+  ProfileSteps prof(be);
+  prof.next(mlp ? "mlp.bwd" : "moe.bwd");
   Tensor dn = Tensor::empty(dy.shape(), DType::F32, dev);
   if (mlp)
     mlp->backward(be, dn, dy, false);
   else
     moe->backward(be, dn, dy, false);
+  prof.next("norms+residuals");
   Tensor dh = dy.clone();  // residual path
   post_attention_layernorm.backward(be, dh, dn, true);
+  prof.next("attn.bwd");
   Tensor da = Tensor::empty(dy.shape(), DType::F32, dev);
   self_attn.backward(be, da, dh, rope, false);
+  prof.next("norms+residuals");
   input_layernorm.backward(be, dh, da, true);  // dx = dh + norm'(da)
   return dh;
 }
@@ -99,6 +112,7 @@ Tensor DeepSeekModel::forward(const Tensor& ids, int64_t batch, int64_t seq) {
     x = layers_[l].forward(be, x, positions, rope_, batch, seq);
     if (drop) layers_[l].release_saved();
   }
+  ProfileScope prof(be, "lm_head.fwd");
   saved_.final_hidden = norm_.forward(be, x);
   Tensor logits = Tensor::empty({T, config_.vocab_size}, DType::F32, device_);
   linear_forward(be, logits, saved_.final_hidden, *lm_head);
@@ -108,15 +122,20 @@ Tensor DeepSeekModel::forward(const Tensor& ids, int64_t batch, int64_t seq) {
 void DeepSeekModel::backward(const Tensor& dlogits) {
   Backend& be = backend(device_);
   const int64_t T = dlogits.dim(0);
-  Tensor dh = Tensor::empty({T, config_.hidden_size}, DType::F32, device_);
-  linear_backward(be, dh, *lm_head, dlogits, saved_.final_hidden, false);
-  Tensor dx = Tensor::empty(dh.shape(), DType::F32, device_);
-  norm_.backward(be, dx, dh, false);
+  Tensor dx = Tensor::empty({T, config_.hidden_size}, DType::F32, device_);
+  {
+    ProfileScope prof(be, "lm_head.bwd");
+    Tensor dh = Tensor::empty({T, config_.hidden_size}, DType::F32, device_);
+    linear_backward(be, dh, *lm_head, dlogits, saved_.final_hidden, false);
+    norm_.backward(be, dx, dh, false);
+  }
   for (size_t l = layers_.size(); l-- > 0;) {
     DecoderLayer& layer = layers_[l];
-    if (l < saved_.layer_inputs.size())  // checkpointed: recompute what forward dropped
+    if (l < saved_.layer_inputs.size()) {  // checkpointed: recompute what forward dropped
+      ProfileScope prof(be, "recompute (checkpointing)");
       (void)layer.forward(be, saved_.layer_inputs[l], saved_.positions, rope_, saved_.batch,
                           saved_.seq);
+    }
     dx = layer.backward(be, dx, rope_);
     if (l < saved_.layer_inputs.size()) {
       layer.release_saved();
@@ -147,6 +166,7 @@ Tensor shifted_targets(const Tensor& ids, int64_t batch, int64_t seq) {
 }
 
 float cross_entropy(Backend& be, const Tensor& logits, const Tensor& targets, Tensor* dlogits) {
+  ProfileScope prof(be, "loss");
   const int64_t T = logits.dim(0);
   Tensor losses = Tensor::empty({T}, DType::F32, logits.device());
   const Tensor td = targets.to_device(logits.device());

@@ -1,6 +1,7 @@
 // MLA forward/backward (the naive, un-absorbed form; decode's absorbed path lives in infer/).
 #include "nn/mla.h"
 
+#include "core/profile.h"
 #include "nn/linear.h"
 
 namespace moekit {
@@ -44,6 +45,8 @@ Tensor MLA::forward(Backend& be, const Tensor& x, const Tensor& positions, const
   saved.batch = batch;
   saved.seq = seq;
 
+  ProfileSteps prof(be);
+  prof.next("attn.fwd.projections");
   saved.q = empty({T, heads * dqk});
   if (q_lora_rank > 0) {
     saved.q_a = empty({T, q_lora_rank});
@@ -70,10 +73,12 @@ Tensor MLA::forward(Backend& be, const Tensor& x, const Tensor& positions, const
   saved.v = empty({T, heads * dv});
   be.mla_split_kv(saved.k, saved.v, kv_b, saved.k_rope, heads, dn, dr, dv);
 
+  prof.next("attn.fwd.attention");
   saved.o = empty({T, heads * dv});
   saved.lse = empty({batch, heads, seq});
   be.attention_forward(saved.o, saved.lse, saved.q, saved.k, saved.v, batch, seq, heads,
                        softmax_scale);
+  prof.next("attn.fwd.projections");
   Tensor y = empty({T, x.dim(1)});
   linear_forward(be, y, saved.o, *o_proj);
   return y;
@@ -85,12 +90,16 @@ void MLA::backward(Backend& be, Tensor& dx, const Tensor& dy, const RopeTable& r
   const Device dev = dy.device();
   auto empty = [&](Shape s) { return Tensor::empty(s, DType::F32, dev); };
 
+  ProfileSteps prof(be);
+  prof.next("attn.bwd.projections");
   Tensor d_o = empty({T, heads * dv});
   linear_backward(be, d_o, *o_proj, dy, saved.o, false);
+  prof.next("attn.bwd.attention");
   Tensor dq = empty({T, heads * dqk}), dk = empty({T, heads * dqk}), dvv = empty({T, heads * dv});
   be.attention_backward(dq, dk, dvv, d_o, saved.o, saved.lse, saved.q, saved.k, saved.v,
                         saved.batch, saved.seq, heads, softmax_scale);
 
+  prof.next("attn.bwd.projections");
   Tensor dkv_b = empty({T, heads * (dn + dv)}), dk_rope = empty({T, dr});
   be.mla_split_kv_backward(dkv_b, dk_rope, dk, dvv, heads, dn, dr, dv);
   Tensor dkv_latent = empty({T, kv_lora_rank});

@@ -3,6 +3,8 @@
 
 #include <fmt/format.h>
 
+#include "core/profile.h"
+
 namespace moekit {
 
 DispatchPlan make_dispatch_plan(Backend& be, const Routing& r, int64_t n_experts) {
@@ -62,6 +64,8 @@ Tensor MoE::forward(Backend& be, const Tensor& x) {
   const int64_t T = x.dim(0), H = x.dim(1), E = int64_t(routed_experts.size());
   const int64_t I = E > 0 ? routed_experts[0].intermediate() : 0;
   const Device dev = x.device();
+  ProfileSteps prof(be);
+  prof.next("moe.fwd.route+plan");
   Routing r = gate.forward(be, x);            // route
   saved.plan = make_dispatch_plan(be, r, E);  // permute: plan
   const std::vector<int64_t>& begin = saved.plan.expert_begin;
@@ -69,6 +73,7 @@ Tensor MoE::forward(Backend& be, const Tensor& x) {
   expert_load.resize(size_t(E));
   for (int64_t e = 0; e < E; ++e) expert_load[size_t(e)] = begin[size_t(e + 1)] - begin[size_t(e)];
 
+  prof.next("moe.fwd.experts");
   saved.xs = Tensor::empty({N, H}, DType::F32, dev);
   be.gather_rows(saved.xs, x, saved.plan.slot_token, nullptr);  // permute: move rows
   saved.gate = Tensor::empty({N, I}, DType::F32, dev);          // experts
@@ -82,6 +87,7 @@ Tensor MoE::forward(Backend& be, const Tensor& x) {
   be.grouped_matmul(saved.expert_out, saved.h, weights(routed_experts, &MLP::down_proj), begin,
                     true, 0.0f);
 
+  prof.next("moe.fwd.shared+combine");
   Tensor y = has_shared ? shared_experts.forward(be, x) : Tensor::zeros({T, H}, DType::F32, dev);
   be.scatter_add_rows(y, saved.expert_out, saved.plan.slot_token,
                       &saved.plan.slot_weight);  // combine
@@ -98,6 +104,8 @@ void MoE::backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate) {
 
   // Combine weights: dL/dw of slot s = dy[token(s)] . expert_out[s], scattered back to [T, K]
   // order by slot_pair (a permutation: every pair receives exactly one slot).
+  ProfileSteps prof(be);
+  prof.next("moe.bwd.combine");
   Tensor dw_slot = Tensor::empty({N}, DType::F32, dev);
   be.row_dot(dw_slot, dy, plan.slot_token, saved.expert_out);
   Tensor dtopk = Tensor::zeros({T, K}, DType::F32, dev);
@@ -107,6 +115,7 @@ void MoE::backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate) {
   // Unpermute's backward is a weighted gather; then the experts' chain backwards, grouped.
   Tensor dys = Tensor::empty({N, H}, DType::F32, dev);
   be.gather_rows(dys, dy, plan.slot_token, &plan.slot_weight);
+  prof.next("moe.bwd.experts");
   Tensor dh = Tensor::empty({N, I}, DType::F32, dev);
   be.grouped_matmul(dh, dys, weights(routed_experts, &MLP::down_proj), begin, false, 0.0f);
   expert_weight_grads(be, routed_experts, &MLP::down_proj, dys, saved.h, begin);

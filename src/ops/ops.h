@@ -93,6 +93,8 @@ class Backend {
   virtual void fill(Tensor& t, float value) = 0;
   // Free and total bytes of the device's memory (the host: available and physical memory).
   virtual void memory_info(size_t& free_bytes, size_t& total_bytes) = 0;
+  // Waits until the device has finished the queued work (and reports any deferred error).
+  virtual void synchronize() {}
   // Most bytes held by live tensors of this backend since start (0 where not tracked: the host).
   virtual size_t peak_bytes() { return 0; }
 

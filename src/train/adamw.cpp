@@ -4,13 +4,21 @@
 #include "train/adamw.h"
 
 #include <cmath>
+#include <optional>
 
 #include "core/error.h"
+#include "core/profile.h"
 #include "ops/ops.h"
 
 namespace moekit {
 
 void AdamW::step(ParamTable& params, double lr) {
+  std::optional<ProfileScope> prof;
+  for (const auto& p : params.all())
+    if (p->grad.defined()) {
+      prof.emplace(backend(p->grad.device()), "optimizer");
+      break;
+    }
   ++step_;
   const double bc1 = 1.0 - std::pow(cfg_.beta1, double(step_));
   const double bc2 = 1.0 - std::pow(cfg_.beta2, double(step_));

@@ -148,6 +148,11 @@ CudaBackend::CudaBackend() {
   }
 }
 
+void CudaBackend::synchronize() {
+  raise_index_errors();
+  check(cudaDeviceSynchronize(), "synchronize");
+}
+
 void CudaBackend::memory_info(size_t& free_bytes, size_t& total_bytes) {
   raise_index_errors();
   check(cudaMemGetInfo(&free_bytes, &total_bytes), "memory_info (cudaMemGetInfo)");

@@ -54,6 +54,7 @@ class CudaBackend final : public Backend {
   void fill(Tensor& t, float value) override;
   void memory_info(size_t& free_bytes, size_t& total_bytes) override;
   size_t peak_bytes() override { return alloc_.peak_bytes(); }
+  void synchronize() override;
   void set_precision(Precision p) override { precision_ = p; }
   Precision precision() const override { return precision_; }
 

@@ -1,0 +1,54 @@
+// Wall-clock time per named model step, for finding where a step's time goes on a device that
+// queues work asynchronously (no hardware profiler on the lent GPU machines). Off unless
+// MOEKIT_PROFILE=1: then each scope waits for the device on entry and exit (which costs speed;
+// the figures are for proportions, not for throughput). One process-wide table: a diagnostic,
+// read once at the end (`profile_report`).
+#pragma once
+
+#include <chrono>
+#include <string>
+
+namespace moekit {
+
+class Backend;
+
+bool profiling();  // MOEKIT_PROFILE is set (read once)
+
+class ProfileScope {
+ public:
+  ProfileScope(Backend& be, const char* name);
+  // Waits for the device, which may report a deferred device error: so it may throw, except
+  // while another exception unwinds (then it records nothing).
+  ~ProfileScope() noexcept(false);
+  ProfileScope(const ProfileScope&) = delete;
+  ProfileScope& operator=(const ProfileScope&) = delete;
+
+ private:
+  Backend* be_ = nullptr;  // null when not profiling
+  const char* name_ = nullptr;
+  int unwinding_ = 0;  // std::uncaught_exceptions() at entry
+  std::chrono::steady_clock::time_point t0_;
+};
+
+// Consecutive steps of one function: next("b") ends step "a" and starts "b"; the destructor ends
+// the last. Avoids wrapping each step's code in a block of its own.
+class ProfileSteps {
+ public:
+  explicit ProfileSteps(Backend& be) : be_(&be) {}
+  void next(const char* name);
+  void end();
+  ~ProfileSteps() noexcept(false) { end(); }
+  ProfileSteps(const ProfileSteps&) = delete;
+  ProfileSteps& operator=(const ProfileSteps&) = delete;
+
+ private:
+  Backend* be_;
+  const char* name_ = nullptr;
+  int unwinding_ = 0;
+  std::chrono::steady_clock::time_point t0_;
+};
+
+// "name: total ms (calls)" per scope, largest first; empty when not profiling.
+std::string profile_report();
+
+}  // namespace moekit
