@@ -77,6 +77,7 @@ void check_cublas(cublasStatus_t s, const char* op) {
 struct Cublas {
   decltype(&cublasCreate_v2) create = nullptr;
   decltype(&cublasSetMathMode) set_math_mode = nullptr;
+  decltype(&cublasSetStream_v2) set_stream = nullptr;
   cublasStatus_t (*gemm_ex)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int,
                             const void*, const void*, cudaDataType, int, const void*, cudaDataType,
                             int, const void*, void*, cudaDataType, int, cublasComputeType_t,
@@ -112,6 +113,7 @@ const Cublas& cublas() {
     };
     c.create = reinterpret_cast<decltype(c.create)>(sym("cublasCreate_v2"));
     c.set_math_mode = reinterpret_cast<decltype(c.set_math_mode)>(sym("cublasSetMathMode"));
+    c.set_stream = reinterpret_cast<decltype(c.set_stream)>(sym("cublasSetStream_v2"));
     c.gemm_ex = reinterpret_cast<decltype(c.gemm_ex)>(sym("cublasGemmEx"));
     c.gemm_strided_batched_ex =
         reinterpret_cast<decltype(c.gemm_strided_batched_ex)>(sym("cublasGemmStridedBatchedEx"));
@@ -145,6 +147,41 @@ CudaBackend::CudaBackend() {
       precision_ = Precision::Bf16;
     else if (m != "fp32")
       fail("MOEKIT_CUDA_FP32_GEMM must be fp32, tf32 or bf16, got \"{}\"", m);
+  }
+}
+
+void CudaBackend::fork_side_streams(size_t n) {
+  if (side_streams_.empty()) {
+    for (size_t i = 0; i < kSideStreams; ++i) {
+      cudaStream_t st = nullptr;
+      check(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), "side stream");
+      cublasHandle_t h = nullptr;
+      check_cublas(cublas().create(&h), "cublasCreate");
+      check_cublas(cublas().set_math_mode(h, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
+      check_cublas(cublas().set_stream(h, st), "cublasSetStream");
+      cudaEvent_t done = nullptr;
+      check(cudaEventCreateWithFlags(&done, cudaEventDisableTiming), "side stream event");
+      side_streams_.push_back(st);
+      side_cublas_.push_back(h);
+      side_done_.push_back(done);
+    }
+    cudaEvent_t fork = nullptr;
+    check(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming), "side stream event");
+    side_fork_ = fork;
+  }
+  auto fork = static_cast<cudaEvent_t>(side_fork_);
+  check(cudaEventRecord(fork, nullptr), "fork (cudaEventRecord)");
+  for (size_t i = 0; i < n; ++i)
+    check(cudaStreamWaitEvent(static_cast<cudaStream_t>(side_streams_[i]), fork, 0),
+          "fork (cudaStreamWaitEvent)");
+}
+
+void CudaBackend::join_side_streams(size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    auto done = static_cast<cudaEvent_t>(side_done_[i]);
+    check(cudaEventRecord(done, static_cast<cudaStream_t>(side_streams_[i])),
+          "join (cudaEventRecord)");
+    check(cudaStreamWaitEvent(nullptr, done, 0), "join (cudaStreamWaitEvent)");
   }
 }
 
@@ -385,11 +422,23 @@ void CudaBackend::grouped_matmul(Tensor& c, const Tensor& a_in, std::span<const 
     // accumulation of dx). So one cublasGemmEx per non-empty expert, queued without any host
     // round trip.
     const Tensor a = as_bf16(a_in);
-    for (size_t g : groups) {
-      Tensor cg = rows_of(c, g);
-      const Tensor w = as_bf16(*b[g]);
-      gemm_row_major(cublas_, cg, rows_of(a, g), w, false, trans_b, 1.0f, beta,
-                     begin[g + 1] - begin[g], N, K, CUBLAS_COMPUTE_32F);
+    // One expert's GEMM is small (a few hundred rows: its output tiles fill about half of an
+    // H200's SMs), so the experts run on side streams at once, in waves of kSideStreams: each
+    // wave forks from the default stream after its F32 weights are rounded, and joins back into
+    // it before they are freed, so outside this function all work stays in one stream's order
+    // (which the caching allocator relies on). Waves bound the rounded copies alive at once.
+    for (size_t w0 = 0; w0 < groups.size(); w0 += kSideStreams) {
+      const size_t w1 = std::min(groups.size(), w0 + kSideStreams);
+      std::vector<Tensor> weights;
+      for (size_t i = w0; i < w1; ++i) weights.push_back(as_bf16(*b[groups[i]]));
+      fork_side_streams(w1 - w0);
+      for (size_t i = w0; i < w1; ++i) {
+        const size_t g = groups[i];
+        Tensor cg = rows_of(c, g);
+        gemm_row_major(side_cublas_[i - w0], cg, rows_of(a, g), weights[i - w0], false, trans_b,
+                       1.0f, beta, begin[g + 1] - begin[g], N, K, CUBLAS_COMPUTE_32F);
+      }
+      join_side_streams(w1 - w0);
     }
     return;
   }

@@ -155,6 +155,14 @@ class CudaBackend final : public Backend {
                              float scale);
 
   void* cublas_ = nullptr;  // cublasHandle_t, kept opaque so this header needs no CUDA include
+  // Side streams for concurrent expert GEMMs (grouped_matmul's bf16 path), each with its own
+  // cuBLAS handle (a handle's workspace must not be shared by concurrent GEMMs); created on
+  // first use. cudaStream_t / cublasHandle_t / cudaEvent_t, opaque as above.
+  static constexpr size_t kSideStreams = 4;
+  std::vector<void*> side_streams_, side_cublas_, side_done_;
+  void* side_fork_ = nullptr;
+  void fork_side_streams(size_t n);        // the first n side streams wait for the default stream
+  void join_side_streams(size_t n);        // the default stream waits for them
   Precision precision_ = Precision::Fp32;  // initially from MOEKIT_CUDA_FP32_GEMM
   CudaAllocator alloc_;
   // Index checks queued since the error slot was last read; check id = position + 1.
