@@ -136,6 +136,10 @@ int main(int argc, char** argv) {
       sync(d);
     };
     fwd();  // warm-up: allocations, thread start
+    if (profiling()) {  // steady state only: a training warm-up too, then forget both
+      train();
+      profile_reset();
+    }
     auto t0 = std::chrono::steady_clock::now();
     for (int64_t i = 0; i < iters; ++i) fwd();
     double f = seconds_since(t0);

@@ -31,10 +31,10 @@ if [ "$WHAT" = bench ] || [ "$WHAT" = all ]; then
 fi
 if [ "$WHAT" = profile ]; then  # time per model step, bf16 ESFT: 4 layers, then the full model
   python3 -c 'import json; c = json.load(open("configs/deepseek-v2-lite.json")); c["num_hidden_layers"] = 4; json.dump(c, open("/tmp/v2-lite-4l.json", "w"))'
-  for cfg in /tmp/v2-lite-4l.json configs/deepseek-v2-lite.json; do
+  for cfg in ${PROFILE_CFGS:-/tmp/v2-lite-4l.json configs/deepseek-v2-lite.json}; do
     echo "# $cfg"
     LD_LIBRARY_PATH=$LIBS MOEKIT_PROFILE=1 MOEKIT_BENCH_CHECKPOINT=${CKPT:-} \
-      build/bench/moekit_model_bench "$cfg" 4 2048 1 16 cuda esft10 bf16 2>&1 | head -40
+      build/bench/moekit_model_bench "$cfg" 4 2048 "${ITERS:-2}" 16 cuda esft10 bf16 2>&1 | head -40
   done
 fi
 exit $rc

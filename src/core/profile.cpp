@@ -84,6 +84,11 @@ void ProfileSteps::end() {
   record(name, t0_);
 }
 
+void profile_reset() {
+  std::lock_guard<std::mutex> lock(table().mu);
+  table().entries.clear();
+}
+
 std::string profile_report() {
   if (!profiling()) return "";
   std::lock_guard<std::mutex> lock(table().mu);

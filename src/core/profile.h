@@ -48,6 +48,8 @@ class ProfileSteps {
   std::chrono::steady_clock::time_point t0_;
 };
 
+void profile_reset();  // forget what was recorded (e.g. warm-up steps)
+
 // "name: total ms (calls)" per scope, largest first; empty when not profiling.
 std::string profile_report();
 

@@ -137,6 +137,15 @@ CudaBackend::CudaBackend() {
   check(cudaMalloc(&slot, sizeof(cuda::IndexError)), "index error slot (cudaMalloc)");
   index_error_ = static_cast<cuda::IndexError*>(slot);
   check(cudaMemset(index_error_, 0, sizeof(cuda::IndexError)), "index error slot (cudaMemset)");
+  // How the bf16 expert GEMMs run (grouped_matmul): "grouped" (one cuBLAS grouped GEMM, bf16
+  // products; the default) or "streams" (one fp32-output GEMM per expert on side streams).
+  if (const char* m = std::getenv("MOEKIT_CUDA_EXPERT_GEMM")) {
+    const std::string v = m;
+    if (v == "streams")
+      expert_gemm_ = ExpertGemm::Streams;
+    else if (v != "grouped")
+      fail("MOEKIT_CUDA_EXPERT_GEMM must be grouped or streams, got \"{}\"", v);
+  }
   // The initial precision of F32 GEMMs and attention, as a user's choice (Precision in ops.h):
   // "fp32" (exact, the default, which the CPU-parity tests rely on), "tf32" or "bf16".
   if (const char* mode = std::getenv("MOEKIT_CUDA_FP32_GEMM")) {
@@ -354,6 +363,44 @@ void gemm_row_major(void* handle, Tensor& c, const Tensor& a, const Tensor& b, b
                "matmul (cublasGemmEx)");
 }
 
+// One cublasGemmGroupedBatchedEx over the non-empty `groups`: a group per expert (its own row
+// count), column-major as in gemm_row_major: C_g^T [N, rows] = op(W_g)^T [N, K] a_g^T [K, rows].
+// W, a and c all of `type`. The per-group scalars and sizes are host arrays; the matrix pointers
+// must be in device memory: one asynchronous upload (from pageable memory the copy is staged at
+// once, so the host array may go when it returns).
+void grouped_gemm(void* handle, Tensor& c, const Tensor& a, std::span<const Tensor* const> b,
+                  std::span<const int64_t> begin, const std::vector<size_t>& groups, bool trans_b,
+                  float beta, cudaDataType type, cublasComputeType_t compute) {
+  const size_t G = groups.size();
+  const int64_t N = cols(c), K = cols(a);
+  std::vector<cublasOperation_t> trans_w(G, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N);
+  std::vector<cublasOperation_t> trans_a(G, CUBLAS_OP_N);
+  std::vector<int> m(G, int(N)), n(G), k(G, int(K)), ldw(G), lda(G, int(K)), ldc(G, int(N));
+  std::vector<int> group_size(G, 1);
+  std::vector<float> alphas(G, 1.0f), betas(G, beta);
+  std::vector<const void*> ptrs(3 * G);  // [W_g..., a_g..., c_g...]
+  for (size_t i = 0; i < G; ++i) {
+    const size_t g = groups[i];
+    n[i] = int(begin[g + 1] - begin[g]);
+    ldw[i] = int(cols(*b[g]));
+    ptrs[i] = b[g]->raw();
+    ptrs[G + i] = a.slice(begin[g], begin[g + 1]).raw();
+    ptrs[2 * G + i] = c.slice(begin[g], begin[g + 1]).raw();
+  }
+  Tensor dptrs =
+      Tensor::empty({int64_t(ptrs.size() * sizeof(void*) / 4)}, DType::I32, Device::CUDA);
+  cuda::check(cudaMemcpyAsync(dptrs.raw(), ptrs.data(), ptrs.size() * sizeof(void*),
+                              cudaMemcpyHostToDevice, nullptr),
+              "grouped_matmul (pointer upload)");
+  const auto* dev_ptrs = static_cast<const void* const*>(dptrs.raw());
+  check_cublas(cublas().gemm_grouped(static_cast<cublasHandle_t>(handle), trans_w.data(),
+                                     trans_a.data(), m.data(), n.data(), k.data(), alphas.data(),
+                                     dev_ptrs, type, ldw.data(), dev_ptrs + G, type, lda.data(),
+                                     betas.data(), const_cast<void* const*>(dev_ptrs + 2 * G), type,
+                                     ldc.data(), int(G), group_size.data(), compute),
+               "grouped_matmul (cublasGemmGroupedBatchedEx)");
+}
+
 void expect_gemm_operand(const Tensor& t, const char* op, const char* name) {
   if (t.dtype() != DType::F32 && t.dtype() != DType::BF16)
     fail("CUDA {}: {} is {} (supported: F32, BF16)", op, name, dtype_name(t.dtype()));
@@ -413,15 +460,26 @@ void CudaBackend::grouped_matmul(Tensor& c, const Tensor& a_in, std::span<const 
     return;
   }
   if (bf16) {
-    // Any BF16 weight or the Bf16 precision: every group runs in bf16 with fp32 output, as
-    // matmul. The activation block is rounded once; each F32 weight is rounded just before its
-    // GEMM, so at most one converted weight is alive (a whole V3 layer's would be GBs).
-    // Not cublasGemmGroupedBatchedEx: it supports bf16 inputs only with a bf16 output (cuBLAS
-    // docs, its type table: COMPUTE_32F with A/B/C all CUDA_R_16BF; no bf16 x bf16 -> fp32 as
-    // cublasGemmEx has), and rounding C to bf16 would break the fp32 output (and the beta = 1
-    // accumulation of dx). So one cublasGemmEx per non-empty expert, queued without any host
-    // round trip.
+    // Any BF16 weight or the Bf16 precision: every group runs on the bf16 tensor cores with
+    // fp32 accumulation; the activation block is rounded once.
     const Tensor a = as_bf16(a_in);
+    if (expert_gemm_ == ExpertGemm::Grouped && cublas().gemm_grouped) {
+      // One launch for every expert: cuBLAS's grouped GEMM schedules all groups' tiles at once,
+      // but takes bf16 inputs only with a bf16 output, so the products land in a bf16 scratch
+      // (rounded to bf16 as a bf16 model's activations are) and one pass writes c = beta c + it
+      // in fp32. The F32 weights (trainable experts) are rounded first, all at once.
+      std::vector<Tensor> rounded(b.size());
+      std::vector<const Tensor*> w(b.size(), nullptr);
+      for (size_t g : groups) {
+        rounded[g] = as_bf16(*b[g]);
+        w[g] = &rounded[g];
+      }
+      Tensor cb = scratch(c.shape(), DType::BF16);
+      grouped_gemm(cublas_, cb, a, w, begin, groups, trans_b, 0.0f, CUDA_R_16BF,
+                   CUBLAS_COMPUTE_32F);
+      check(cuda::add_bf16(c.f32(), cb.raw(), c.numel(), beta), "grouped_matmul (bf16 -> f32)");
+      return;
+    }
     // One expert's GEMM is small (a few hundred rows: its output tiles fill about half of an
     // H200's SMs), so the experts run on side streams at once, in waves of kSideStreams: each
     // wave forks from the default stream after its F32 weights are rounded, and joins back into
@@ -463,37 +521,7 @@ void CudaBackend::grouped_matmul(Tensor& c, const Tensor& a_in, std::span<const 
     }
     return;
   }
-  // One cublasGemmGroupedBatchedEx: a group per expert (its own row count), column-major as in
-  // gemm_row_major: C_g^T [N, rows] = op(W_g)^T [N, K] a_g^T [K, rows]. The per-group scalars and
-  // sizes are host arrays; the matrix pointers must be in device memory: one asynchronous upload
-  // (from pageable memory the copy is staged at once, so the host array may go when it returns).
-  const size_t G = groups.size();
-  std::vector<cublasOperation_t> trans_w(G, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N);
-  std::vector<cublasOperation_t> trans_a(G, CUBLAS_OP_N);
-  std::vector<int> m(G, int(N)), n(G), k(G, int(K)), ldw(G), lda(G, int(K)), ldc(G, int(N));
-  std::vector<int> group_size(G, 1);
-  std::vector<float> alphas(G, 1.0f), betas(G, beta);
-  std::vector<const void*> ptrs(3 * G);  // [W_g..., a_g..., c_g...]
-  for (size_t i = 0; i < G; ++i) {
-    const size_t g = groups[i];
-    n[i] = int(begin[g + 1] - begin[g]);
-    ldw[i] = int(cols(*b[g]));
-    ptrs[i] = b[g]->raw();
-    ptrs[G + i] = rows_of(a_in, g).raw();
-    ptrs[2 * G + i] = rows_of(c, g).raw();
-  }
-  Tensor dptrs = scratch({int64_t(ptrs.size() * sizeof(void*) / 4)}, DType::I32);
-  check(cudaMemcpyAsync(dptrs.raw(), ptrs.data(), ptrs.size() * sizeof(void*),
-                        cudaMemcpyHostToDevice, nullptr),
-        "grouped_matmul (pointer upload)");
-  const auto* dev_ptrs = static_cast<const void* const*>(dptrs.raw());
-  check_cublas(
-      cublas().gemm_grouped(static_cast<cublasHandle_t>(cublas_), trans_w.data(), trans_a.data(),
-                            m.data(), n.data(), k.data(), alphas.data(), dev_ptrs, CUDA_R_32F,
-                            ldw.data(), dev_ptrs + G, CUDA_R_32F, lda.data(), betas.data(),
-                            const_cast<void* const*>(dev_ptrs + 2 * G), CUDA_R_32F, ldc.data(),
-                            int(G), group_size.data(), compute),
-      "grouped_matmul (cublasGemmGroupedBatchedEx)");
+  grouped_gemm(cublas_, c, a_in, b, begin, groups, trans_b, beta, CUDA_R_32F, compute);
 }
 
 // The bf16 attention path's GEMMs (cuda_attention_tc.cpp): many heads per call, operands at

@@ -159,6 +159,7 @@ class CudaBackend final : public Backend {
   // cuBLAS handle (a handle's workspace must not be shared by concurrent GEMMs); created on
   // first use. cudaStream_t / cublasHandle_t / cudaEvent_t, opaque as above.
   static constexpr size_t kSideStreams = 4;
+  enum class ExpertGemm { Grouped, Streams } expert_gemm_ = ExpertGemm::Grouped;
   std::vector<void*> side_streams_, side_cublas_, side_done_;
   void* side_fork_ = nullptr;
   void fork_side_streams(size_t n);        // the first n side streams wait for the default stream

@@ -36,6 +36,13 @@ cudaError_t convert_bf16_f32(float* out, const void* in, int64_t n) {
   return for_each(n, [=] __device__(int64_t i) { out[i] = __bfloat162float(x[i]); });
 }
 
+cudaError_t add_bf16(float* y, const void* x, int64_t n, float beta) {
+  const auto* xb = static_cast<const __nv_bfloat16*>(x);
+  if (beta == 0.0f)
+    return for_each(n, [=] __device__(int64_t i) { y[i] = __bfloat162float(xb[i]); });
+  return for_each(n, [=] __device__(int64_t i) { y[i] = beta * y[i] + __bfloat162float(xb[i]); });
+}
+
 cudaError_t add(float* y, const float* x, int64_t n, float alpha) {
   return for_each(n, [=] __device__(int64_t i) { y[i] += alpha * x[i]; });
 }

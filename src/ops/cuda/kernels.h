@@ -19,6 +19,8 @@ cudaError_t fill_bits(void* p, int64_t n, int elem_bytes, uint32_t bits);
 cudaError_t convert_f32_bf16(void* out, const float* in, int64_t n);
 cudaError_t convert_bf16_f32(float* out, const void* in, int64_t n);
 cudaError_t add(float* y, const float* x, int64_t n, float alpha);
+// y = beta * y + float(x) with x bf16; beta = 0 overwrites (NaN in y included).
+cudaError_t add_bf16(float* y, const void* x, int64_t n, float beta);
 cudaError_t scale(float* y, int64_t n, float alpha);
 // Where index checks record the first out-of-range entry seen since the backend last looked
 // (CudaBackend::check_indices): check = 0 while none, else the id of the failing check.
