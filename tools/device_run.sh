@@ -3,7 +3,7 @@
 # binaries where their compiled-in paths expect them, then runs the GPU tests (tools/cuda_check.sh
 # on the prebuilt moekit_tests: Cuda*, Gpu*, DeviceCli*) and/or the benchmark against transformers
 # (tools/gpu_bench.sh). Results go to $OUT.
-#   bash tools/device_run.sh [tests|bench|all|profile]
+#   bash tools/device_run.sh [tests|bench|all|profile|quick]
 set -uo pipefail
 WHAT=${1:-all}
 R=$(pwd); C=$R/.device-carry; OUT=${OUT:-/tmp/out}
@@ -28,6 +28,12 @@ fi
 if [ "$WHAT" = bench ] || [ "$WHAT" = all ]; then
   MOEKIT_LIB_PATH=$LIBS MOEKIT_BENCH_BIN=build/bench/moekit_model_bench OUT=$OUT/bench \
     timeout "${BENCH_TIMEOUT:-480}" bash tools/gpu_bench.sh 4 4 2048 2>&1 | tail -32
+fi
+if [ "$WHAT" = quick ]; then  # moekit alone, 4 layers bf16: each expert-GEMM mode, one line each
+  python3 -c 'import json; c = json.load(open("configs/deepseek-v2-lite.json")); c["num_hidden_layers"] = 4; json.dump(c, open("/tmp/v2-lite-4l.json", "w"))'
+  for m in grouped streams; do
+    LD_LIBRARY_PATH=$LIBS MOEKIT_CUDA_EXPERT_GEMM=$m build/bench/moekit_model_bench /tmp/v2-lite-4l.json 4 2048 3 16 cuda esft10 bf16 | sed "s/^{/{\"expert_gemm\": \"$m\", /"
+  done
 fi
 if [ "$WHAT" = profile ]; then  # time per model step, bf16 ESFT: 4 layers, then the full model
   python3 -c 'import json; c = json.load(open("configs/deepseek-v2-lite.json")); c["num_hidden_layers"] = 4; json.dump(c, open("/tmp/v2-lite-4l.json", "w"))'

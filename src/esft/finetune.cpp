@@ -80,19 +80,17 @@ std::vector<EsftSample> read_samples(const fs::path& data, const Tokenizer& tok)
   return out;
 }
 
+// Mean loss of `count` packed rows from `first`; with `backward`, also the gradient.
 double loss_on(DeepSeekModel& model, const Packed& p, int64_t first, int64_t count, int64_t seq,
-               Tensor* dlogits) {
+               bool backward) {
   Tensor ids = Tensor::empty({count * seq}, DType::I32),
          labels = Tensor::empty({count * seq}, DType::I32);
   std::copy(p.ids.begin() + long(first * seq), p.ids.begin() + long((first + count) * seq),
             ids.i32());
   std::copy(p.labels.begin() + long(first * seq), p.labels.begin() + long((first + count) * seq),
             labels.i32());
-  Tensor logits = model.forward(ids, count, seq);
-  if (dlogits) *dlogits = logits;  // in place
-  double l = cross_entropy(backend(model.device()), logits, labels, dlogits);
-  if (dlogits) model.backward(*dlogits);
-  return l;
+  if (backward) return model.loss_and_backward(ids, labels, count, seq);
+  return cross_entropy(backend(model.device()), model.forward(ids, count, seq), labels);
 }
 
 // This process's resident-memory high-water mark (VmHWM: of this program's own address space,
@@ -158,8 +156,7 @@ FinetuneResult finetune_model(DeepSeekModel& model, const Tokenizer& tok,
     for (int64_t a = 0; a < opt.accumulation; ++a) {
       const int64_t first = cursor % tr.n_seq, count = std::min(opt.batch, tr.n_seq - first);
       cursor += count;
-      Tensor d;
-      loss += loss_on(model, tr, first, count, opt.seq, &d) / double(opt.accumulation);
+      loss += loss_on(model, tr, first, count, opt.seq, true) / double(opt.accumulation);
     }
     // The loss gradient of each micro-batch was averaged over its own tokens; average the sum.
     if (opt.accumulation > 1)
@@ -177,7 +174,7 @@ FinetuneResult finetune_model(DeepSeekModel& model, const Tokenizer& tok,
                      double(opt.steps);
   res.optimizer_bytes = adam.state_bytes();
   for (int64_t i = 0; i < va.n_seq; ++i)
-    res.val_loss += loss_on(model, va, i, 1, opt.seq, nullptr) / double(va.n_seq);
+    res.val_loss += loss_on(model, va, i, 1, opt.seq, false) / double(va.n_seq);
 
   return res;
 }

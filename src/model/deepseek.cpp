@@ -3,6 +3,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <random>
 
 #include "core/error.h"
@@ -92,6 +93,15 @@ DeepSeekModel::DeepSeekModel(const ModelConfig& config, Device device, bool allo
 
 Tensor DeepSeekModel::forward(const Tensor& ids, int64_t batch, int64_t seq) {
   Backend& be = backend(device_);
+  const Tensor h = hidden(ids, batch, seq);
+  ProfileScope prof(be, "lm_head.fwd");
+  Tensor logits = Tensor::empty({h.dim(0), config_.vocab_size}, DType::F32, device_);
+  linear_forward(be, logits, h, *lm_head);
+  return logits;
+}
+
+Tensor DeepSeekModel::hidden(const Tensor& ids, int64_t batch, int64_t seq) {
+  Backend& be = backend(device_);
   MOEKIT_CHECK(ids.numel() == batch * seq, "ids {} vs batch {} x seq {}", ids.numel(), batch, seq);
   if (!rope_.cos.defined() || rope_.cos.dim(0) < seq)
     rope_ = RopeTable::build(config_, seq, device_);
@@ -112,23 +122,54 @@ Tensor DeepSeekModel::forward(const Tensor& ids, int64_t batch, int64_t seq) {
     x = layers_[l].forward(be, x, positions, rope_, batch, seq);
     if (drop) layers_[l].release_saved();
   }
-  ProfileScope prof(be, "lm_head.fwd");
   saved_.final_hidden = norm_.forward(be, x);
-  Tensor logits = Tensor::empty({T, config_.vocab_size}, DType::F32, device_);
-  linear_forward(be, logits, saved_.final_hidden, *lm_head);
-  return logits;
+  return saved_.final_hidden;
 }
 
 void DeepSeekModel::backward(const Tensor& dlogits) {
   Backend& be = backend(device_);
-  const int64_t T = dlogits.dim(0);
-  Tensor dx = Tensor::empty({T, config_.hidden_size}, DType::F32, device_);
+  Tensor dh = Tensor::empty({dlogits.dim(0), config_.hidden_size}, DType::F32, device_);
   {
     ProfileScope prof(be, "lm_head.bwd");
-    Tensor dh = Tensor::empty({T, config_.hidden_size}, DType::F32, device_);
     linear_backward(be, dh, *lm_head, dlogits, saved_.final_hidden, false);
-    norm_.backward(be, dx, dh, false);
   }
+  backward_from_hidden(dh);
+}
+
+float DeepSeekModel::loss_and_backward(const Tensor& ids, const Tensor& targets, int64_t batch,
+                                       int64_t seq, float grad_scale, int64_t chunk_rows) {
+  Backend& be = backend(device_);
+  const Tensor h = hidden(ids, batch, seq);
+  const int64_t T = h.dim(0), V = config_.vocab_size;
+  MOEKIT_CHECK(targets.numel() == T, "targets {} vs {} tokens", targets.numel(), T);
+  const Tensor th = targets.to_host(), td = targets.to_device(device_);
+  int64_t valid = 0;
+  for (int64_t t = 0; t < T; ++t) valid += th.i32()[t] >= 0;
+  if (valid == 0) return 0.0f;
+  Tensor dh = Tensor::empty({T, config_.hidden_size}, DType::F32, device_);
+  double sum = 0.0;
+  for (int64_t r0 = 0; r0 < T; r0 += std::max<int64_t>(1, chunk_rows)) {
+    ProfileScope prof(be, "lm_head+loss (chunked)");
+    const int64_t r1 = std::min(T, r0 + std::max<int64_t>(1, chunk_rows));
+    const Tensor hc = h.slice(r0, r1), tc = td.slice(r0, r1);
+    Tensor logits = Tensor::empty({r1 - r0, V}, DType::F32, device_);
+    linear_forward(be, logits, hc, *lm_head);
+    Tensor losses = Tensor::empty({r1 - r0}, DType::F32, device_);
+    be.cross_entropy_forward(losses, logits, tc);
+    be.cross_entropy_backward(logits, logits, tc, grad_scale / float(valid));  // in place
+    Tensor dhc = dh.slice(r0, r1);
+    linear_backward(be, dhc, *lm_head, logits, hc, false);
+    const Tensor lh = losses.to_host();  // ignored targets have loss 0
+    for (int64_t i = 0; i < lh.numel(); ++i) sum += lh.f32()[i];
+  }
+  backward_from_hidden(dh);
+  return float(sum / double(valid));
+}
+
+void DeepSeekModel::backward_from_hidden(const Tensor& dh) {
+  Backend& be = backend(device_);
+  Tensor dx = Tensor::empty(dh.shape(), DType::F32, device_);
+  norm_.backward(be, dx, dh, false);
   for (size_t l = layers_.size(); l-- > 0;) {
     DecoderLayer& layer = layers_[l];
     if (l < saved_.layer_inputs.size()) {  // checkpointed: recompute what forward dropped

@@ -54,6 +54,13 @@ class DeepSeekModel {
   // Backward from dlogits [batch*seq, vocab]; parameter grads accumulate for trainable params.
   void backward(const Tensor& dlogits);
 
+  // One training micro-step: forward, mean cross-entropy over targets >= 0 (I32 [batch*seq], any
+  // device), backward of grad_scale * that mean. The LM head and the loss run over chunks of
+  // `chunk_rows` tokens, so the [tokens, vocab] logits (a step's largest tensor) never exist at
+  // once. Returns the mean loss (0, with no backward, when no target is valid).
+  float loss_and_backward(const Tensor& ids, const Tensor& targets, int64_t batch, int64_t seq,
+                          float grad_scale = 1.0f, int64_t chunk_rows = 2048);
+
   // Activation checkpointing: forward keeps only each layer's input and backward recomputes the
   // layer's forward before its backward (one extra forward per layer, for activation memory of
   // one layer instead of all). The recomputation is exact: routing and every op are
@@ -73,6 +80,11 @@ class DeepSeekModel {
   RMSNorm norm_;
   Param* lm_head = nullptr;
   RopeTable rope_;
+  // The decoder without the LM head: final-norm hidden states [batch*seq, hidden] (saved), and
+  // the backward from their gradient.
+  Tensor hidden(const Tensor& ids, int64_t batch, int64_t seq);
+  void backward_from_hidden(const Tensor& dhidden);
+
   bool checkpointing_ = false;
   struct Saved {
     Tensor ids, final_hidden, positions;

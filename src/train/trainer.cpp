@@ -144,7 +144,6 @@ TrainResult train(const TrainOptions& opt) {
   }
   run.truncate_metrics(start_step);
 
-  Backend& be = backend(model.device());
   const double tokens_per_step = double(opt.batch * opt.seq * opt.accumulation);
   Progress progress("train", opt.steps, "tok");
   progress.set_plain_every(opt.log_every);
@@ -158,13 +157,11 @@ TrainResult train(const TrainOptions& opt) {
     double loss = 0.0, aux = 0.0;
     for (int64_t micro = 0; micro < opt.accumulation; ++micro) {
       Batch b = train_data.next(opt.batch);
-      Tensor logits = model.forward(b.ids, b.batch, b.seq);
-      Tensor dlogits = logits;  // in place
-      loss += cross_entropy(be, logits, b.targets, &dlogits) / double(opt.accumulation);
-      if (opt.accumulation > 1) be.scale(dlogits, 1.0f / float(opt.accumulation));
+      loss += model.loss_and_backward(b.ids, b.targets, b.batch, b.seq,
+                                      1.0f / float(opt.accumulation)) /
+              double(opt.accumulation);
       for (auto& l : model.layers())
         if (l.moe) aux += l.moe->gate.aux_loss;
-      model.backward(dlogits);
       accumulate_load(model, load);
       accumulate_load(model, interval_load);
     }
