@@ -70,7 +70,9 @@ Tensor Generator::feed(const std::vector<int32_t>& ids) {
                           cache_.layers[l], start);
     be.add(h, x, 1.0f);
     Tensor nrm = layer.post_attention_layernorm.forward(be, h);
-    x = layer.mlp ? layer.mlp->forward(be, nrm) : layer.moe->forward(be, nrm);
+    // Inference: no backward follows, so a MoE layer may take its few-token path (decode steps).
+    x = layer.mlp ? layer.mlp->forward(be, nrm)
+                  : layer.moe->forward(be, nrm, /*backward_follows=*/false);
     be.add(x, h, 1.0f);
   }
   cache_.length = start + n;

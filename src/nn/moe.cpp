@@ -3,6 +3,7 @@
 
 #include <fmt/format.h>
 
+#include "core/error.h"
 #include "core/profile.h"
 
 namespace moekit {
@@ -58,15 +59,43 @@ void expert_weight_grads(Backend& be, std::vector<MLP>& experts, Param* MLP::*pr
   }
 }
 
+// The routed experts' weights for moe_experts_small, or empty when the backend cannot run them
+// there: they must all share one dtype (frozen bf16 experts next to fp32 trainable ones take the
+// grouped path) that the backend supports for the op.
+std::vector<ExpertWeights> small_path_weights(Backend& be, const std::vector<MLP>& experts) {
+  std::vector<ExpertWeights> w;
+  if (experts.empty()) return w;
+  const DType dtype = experts[0].gate_proj->value.dtype();
+  if (!be.supports(Op::MoeExpertsSmall, dtype)) return w;
+  w.reserve(experts.size());
+  for (const MLP& e : experts) {
+    for (const Param* p : {e.gate_proj, e.up_proj, e.down_proj})
+      if (p->value.dtype() != dtype) return {};
+    w.push_back({&e.gate_proj->value, &e.up_proj->value, &e.down_proj->value});
+  }
+  return w;
+}
+
 }  // namespace
 
-Tensor MoE::forward(Backend& be, const Tensor& x) {
+Tensor MoE::forward(Backend& be, const Tensor& x, bool backward_follows) {
   const int64_t T = x.dim(0), H = x.dim(1), E = int64_t(routed_experts.size());
   const int64_t I = E > 0 ? routed_experts[0].intermediate() : 0;
   const Device dev = x.device();
   ProfileSteps prof(be);
   prof.next("moe.fwd.route+plan");
-  Routing r = gate.forward(be, x);            // route
+  Routing r = gate.forward(be, x);  // route
+  if (!backward_follows && T * gate.p.top_k <= kSmallMaxPairs) {
+    const std::vector<ExpertWeights> w = small_path_weights(be, routed_experts);
+    if (!w.empty()) {  // experts and combine in two GEMV passes, on the device-side routing
+      saved = {};
+      expert_load.clear();
+      Tensor y =
+          has_shared ? shared_experts.forward(be, x) : Tensor::empty({T, H}, DType::F32, dev);
+      be.moe_experts_small(y, x, r.topk_idx, r.topk_w, w, /*accumulate=*/has_shared);
+      return y;
+    }
+  }
   saved.plan = make_dispatch_plan(be, r, E);  // permute: plan
   const std::vector<int64_t>& begin = saved.plan.expert_begin;
   const int64_t N = begin.back();
@@ -100,6 +129,9 @@ void MoE::backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate) {
   const Device dev = dy.device();
   const DispatchPlan& plan = saved.plan;
   const std::vector<int64_t>& begin = plan.expert_begin;
+  MOEKIT_CHECK(!begin.empty(),
+               "MoE backward: the forward before it saved nothing (it was told "
+               "no backward follows)");
   const int64_t N = begin.back();
 
   // Combine weights: dL/dw of slot s = dy[token(s)] . expert_out[s], scattered back to [T, K]

@@ -3,6 +3,9 @@
 // pairs by expert, a plan built on the device) -> experts (grouped GEMMs over all experts' row
 // blocks at once, one SwiGLU over every row) -> unpermute/combine (weighted scatter-add back to
 // tokens). Only permute and combine would ever communicate under expert parallelism.
+// Few-token fast path (decode): when no backward follows and T*K is small, the experts run as
+// GEMVs straight from the device-side routing (Backend::moe_experts_small): no plan, no host copy,
+// three launches per layer besides the gate and the shared experts.
 #pragma once
 
 #include <vector>
@@ -33,7 +36,20 @@ struct MoE {
   std::vector<MLP> routed_experts;
   MLP shared_experts;  // one SwiGLU of width n_shared * moe_intermediate; absent if n_shared = 0
   bool has_shared = false;
-  std::vector<int64_t> expert_load;  // tokens per expert in the last forward (balance stats)
+  // Tokens per expert in the last forward (balance stats, the training report). Empty after a
+  // forward on the few-token path, which never brings the routing to the host; what reads it
+  // (train/balance.cpp, the trainer) runs training forwards only. Route logging reads
+  // gate.saved.routing, which both paths keep.
+  std::vector<int64_t> expert_load;
+
+  // The few-token path's limit on T*K (token, expert) pairs. Each pair streams its expert's
+  // weights once (no sharing between the tokens of one expert), so its traffic is T*K experts'
+  // weights against the grouped path's distinct experts; at decode sizes the pairs are almost all
+  // distinct (one token's top-k always is), so the GEMVs read the same bytes and save the host
+  // sync and the per-expert launches. As pairs grow, tokens share experts (64 pairs already equal
+  // V2-Lite's 64 experts) and GEMMs, which reuse each weight tile across rows, win. 64 also keeps
+  // the GEMV passes to at most 64 x I and T x H warps. Not tuned on hardware: measure to move it.
+  static constexpr int64_t kSmallMaxPairs = 64;
 
   // What backward needs, every [N, .] tensor in slot order (N = T*K rows, expert by expert).
   struct Saved {
@@ -46,7 +62,11 @@ struct MoE {
 
   static MoE create(ParamTable& params, const std::string& prefix, const ModelConfig& c,
                     Device device);
-  Tensor forward(Backend& be, const Tensor& x);
+  // y [T,H] from x [T,H]. backward_follows = false (inference: the Generator) lets the layer take
+  // the few-token path when T*K <= kSmallMaxPairs and every routed expert's weights share a dtype
+  // the backend's moe_experts_small supports; that path saves nothing for backward (saved is
+  // cleared, and backward refuses to run). Training, evaluation and route logging keep the default.
+  Tensor forward(Backend& be, const Tensor& x, bool backward_follows = true);
   void backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate);
 };
 

@@ -76,6 +76,45 @@ void check_gemm_batch(const Tensor& c, const Tensor& a, const Tensor& b, bool tr
   inside(c, "c", g.m, g.n, g.ldc, g.stride_c);
 }
 
+MoeExpertsSmallDims moe_experts_small_dims(const Tensor& y, const Tensor& x, const Tensor& topk_idx,
+                                           const Tensor& topk_w,
+                                           std::span<const ExpertWeights> experts) {
+  MoeExpertsSmallDims d;
+  MOEKIT_CHECK(x.ndim() == 2 && topk_idx.ndim() == 2 && !experts.empty(),
+               "moe_experts_small: x {} topk_idx {} with {} experts", x.shape().str(),
+               topk_idx.shape().str(), experts.size());
+  d.T = x.dim(0);
+  d.H = x.dim(1);
+  d.K = topk_idx.dim(1);
+  d.E = int64_t(experts.size());
+  MOEKIT_CHECK(topk_idx.dim(0) == d.T && topk_idx.dtype() == DType::I32 &&
+                   topk_w.numel() == d.T * d.K && y.numel() == d.T * d.H,
+               "moe_experts_small: y {} x {} topk_idx {} ({}) topk_w {}", y.shape().str(),
+               x.shape().str(), topk_idx.shape().str(), dtype_name(topk_idx.dtype()),
+               topk_w.shape().str());
+  for (size_t e = 0; e < experts.size(); ++e) {
+    const ExpertWeights& w = experts[e];
+    MOEKIT_CHECK(w.gate_proj && w.up_proj && w.down_proj && w.gate_proj->defined() &&
+                     w.up_proj->defined() && w.down_proj->defined(),
+                 "moe_experts_small: expert {} lacks a weight", e);
+    if (e == 0) {
+      d.I = w.gate_proj->ndim() == 2 ? w.gate_proj->dim(0) : 0;
+      d.dtype = w.gate_proj->dtype();
+    }
+    const Shape in{d.I, d.H}, out{d.H, d.I};
+    MOEKIT_CHECK(
+        w.gate_proj->shape() == in && w.up_proj->shape() == in && w.down_proj->shape() == out,
+        "moe_experts_small: expert {} has gate {} up {} down {}, expected [I, {}] and "
+        "[{}, I] with one I",
+        e, w.gate_proj->shape().str(), w.up_proj->shape().str(), w.down_proj->shape().str(), d.H,
+        d.H);
+    for (const Tensor* t : {w.gate_proj, w.up_proj, w.down_proj})
+      MOEKIT_CHECK(t->dtype() == d.dtype, "moe_experts_small: expert {} mixes {} and {} weights", e,
+                   dtype_name(d.dtype), dtype_name(t->dtype()));
+  }
+  return d;
+}
+
 bool backend_available(Device device) {
   if (device == Device::CPU) return true;
 #ifdef MOEKIT_HAVE_CUDA

@@ -36,6 +36,7 @@ enum class Op : uint8_t {
   MlaSplitKv,
   MoeGate,
   MoeDispatchPlan,
+  MoeExpertsSmall,
   AdamW,
   SumSquares,
   Count
@@ -69,7 +70,8 @@ struct AdamWStep {
 // How a backend runs F32 GEMMs and attention. Fp32: exact (the CPU always is; the default, which
 // the parity tests rely on). Tf32: tensor cores with 10-bit-mantissa inputs. Bf16: F32 operands are
 // rounded to bf16 and run on bf16 tensor cores with fp32 accumulation (a bf16 model's precision).
-// Whatever the mode, a GEMM with a BF16 operand (bf16 weights) runs in bf16.
+// Whatever the mode, a GEMM with a BF16 operand (bf16 weights) runs in bf16. moe_experts_small
+// ignores the mode (weights as stored, fp32 activations).
 enum class Precision : uint8_t { Fp32, Tf32, Bf16 };
 
 // The layout of a strided batch of row-major GEMMs (per-head products of MLA's absorbed decode):
@@ -79,6 +81,14 @@ struct GemmBatch {
   int64_t count = 1, m = 0, n = 0, k = 0;
   int64_t lda = 0, ldb = 0, ldc = 0;
   int64_t stride_a = 0, stride_b = 0, stride_c = 0;
+};
+
+// One routed expert's SwiGLU weights for Backend::moe_experts_small: gate_proj and up_proj [I, H],
+// down_proj [H, I] (the checkpoint's nn.Linear layout, out x in).
+struct ExpertWeights {
+  const Tensor* gate_proj = nullptr;
+  const Tensor* up_proj = nullptr;
+  const Tensor* down_proj = nullptr;
 };
 
 class Backend {
@@ -210,6 +220,18 @@ class Backend {
                                  Tensor& expert_begin, const Tensor& topk_idx, const Tensor& topk_w,
                                  int64_t n_experts) = 0;
 
+  // The routed experts of a few tokens straight from the device-side routing (decode: no permute
+  // plan, nothing read back to the host). For every token t of x [T,H]:
+  //   y[t] (+)= sum_{k in order} topk_w[t,k] * down_e(silu(gate_e x_t) * up_e x_t),
+  //   e = topk_idx[t,k],
+  // with topk_idx I32 [T,K] (entries in [0, experts.size())), topk_w F32 [T,K], y F32 [T,H]
+  // (accumulate: add to y, else assign). Every expert's three weights share one dtype (F32, or BF16
+  // where supports(MoeExpertsSmall, BF16)); they are read as stored, activations stay fp32 and
+  // sums are fp32, whatever the Precision (x is never rounded to bf16). Deterministic.
+  virtual void moe_experts_small(Tensor& y, const Tensor& x, const Tensor& topk_idx,
+                                 const Tensor& topk_w, std::span<const ExpertWeights> experts,
+                                 bool accumulate) = 0;
+
   // Optimizer. One AdamW update of parameter w with its moments m, v from gradient g (all F32,
   // same numel, same device), in place.
   virtual void adamw_step(Tensor& w, Tensor& m, Tensor& v, const Tensor& g, const AdamWStep& s) = 0;
@@ -238,6 +260,17 @@ struct GroupedMatmulDims {
 GroupedMatmulDims grouped_matmul_dims(const Tensor& c, const Tensor& a,
                                       std::span<const Tensor* const> b,
                                       std::span<const int64_t> begin, bool trans_b);
+
+// The sizes of Backend::moe_experts_small after checking the shapes of every argument (y and x
+// [T,H], topk_idx and topk_w [T,K], each expert's weights [I,H], [I,H], [H,I]) and that all
+// weights share one dtype, returned as `dtype`.
+struct MoeExpertsSmallDims {
+  int64_t T = 0, K = 0, H = 0, I = 0, E = 0;
+  DType dtype = DType::F32;
+};
+MoeExpertsSmallDims moe_experts_small_dims(const Tensor& y, const Tensor& x, const Tensor& topk_idx,
+                                           const Tensor& topk_w,
+                                           std::span<const ExpertWeights> experts);
 
 // The backend for a device; throws a clear Error when that backend is not built or no device.
 Backend& backend(Device device);

@@ -387,6 +387,71 @@ TEST(GpuMoE, LayerWithFrozenExpertsMatchesCpu) {
   EXPECT_GT(trained, 0);
 }
 
+// The few-token path (inference forward, T*K <= MoE::kSmallMaxPairs): the GPU layer's GEMVs
+// against the CPU layer's grouped path (plan, GEMMs, combine) on the same weights, one token
+// (decode) and three, K = 6 of 16 experts. F32 weights: the same fp32 math in another summation
+// order, kLogitsTol as above. BF16 weights (a frozen bf16 table): against the CPU layer holding the
+// bf16-rounded weights in fp32; the GEMVs widen each bf16 weight exactly and keep x in fp32, so it
+// is again only summation order: the same tolerance (the shared expert is kept trainable, so in
+// fp32: a bf16 shared expert would round x for its GEMMs, which is not this path's concern). Then
+// one routed expert trains too (an fp32 master among bf16 experts): mixed dtypes must fall back to
+// the grouped path (expert_load filled), whose GEMMs then run in bf16 (x rounded, GpuBf16 above):
+// checked at the 4e-2 of that test.
+TEST(GpuMoE, FewTokenPathMatchesCpuGroupedPath) {
+  SKIP_WITHOUT_GPU();
+  ModelConfig c;
+  c.hidden_size = 72;
+  c.moe_intermediate_size = 40;
+  c.n_routed_experts = 16;
+  c.num_experts_per_tok = 6;
+  c.n_shared_experts = 1;
+  Backend &bc = backend(Device::CPU), &bg = backend(Device::CUDA);
+  for (DType dtype : {DType::F32, DType::BF16}) {
+    SCOPED_TRACE(dtype_name(dtype));
+    ParamTable cp, gp(true, dtype);
+    MoE cpu = MoE::create(cp, "mlp", c, Device::CPU);
+    MoE gpu = MoE::create(gp, "mlp", c, Device::CUDA);
+    auto shared_or = [](const std::string& prefix) {
+      return [prefix](const Param& p) {
+        return p.name.rfind("mlp.shared_experts.", 0) == 0 ||
+               (!prefix.empty() && p.name.rfind(prefix, 0) == 0);
+      };
+    };
+    gp.set_trainable(shared_or(""));
+    std::mt19937_64 rng(17);
+    std::normal_distribution<float> normal(0.0f, 0.3f);
+    for (const auto& p : cp.all()) {
+      for (int64_t i = 0; i < p->value.numel(); ++i) p->value.f32()[i] = normal(rng);
+      Param& g = gp.at(p->name);
+      set_value(g, p->value);
+      if (g.value.dtype() == DType::BF16) p->value = p->value.to_dtype(DType::BF16).to_f32();
+    }
+    EXPECT_EQ(gpu.routed_experts[0].gate_proj->value.dtype(), dtype);
+    for (int64_t T : {1, 3}) {
+      SCOPED_TRACE(testing::Message() << "T " << T);
+      Tensor x = Tensor::empty({T, c.hidden_size});
+      for (int64_t i = 0; i < x.numel(); ++i) x.f32()[i] = normal(rng);
+      const Tensor y_c = cpu.forward(bc, x);
+      const Tensor y_g = gpu.forward(bg, x.to_device(Device::CUDA), /*backward_follows=*/false);
+      EXPECT_TRUE(gpu.expert_load.empty()) << "the grouped path ran";
+      const Tensor idx_c = cpu.gate.saved.routing.topk_idx;
+      const Tensor idx_g = gpu.gate.saved.routing.topk_idx.to_host();
+      ASSERT_EQ(std::memcmp(idx_c.raw(), idx_g.raw(), idx_c.nbytes()), 0) << "routing differs";
+      EXPECT_LE(rel_diff(y_g, y_c), kLogitsTol);
+    }
+    if (dtype == DType::BF16) {
+      gp.set_trainable(shared_or("mlp.experts.3."));
+      ASSERT_EQ(gpu.routed_experts[3].gate_proj->value.dtype(), DType::F32);
+      Tensor x = Tensor::empty({1, c.hidden_size});
+      for (int64_t i = 0; i < x.numel(); ++i) x.f32()[i] = normal(rng);
+      const Tensor y_c = cpu.forward(bc, x);
+      const Tensor y_g = gpu.forward(bg, x.to_device(Device::CUDA), /*backward_follows=*/false);
+      EXPECT_EQ(int64_t(gpu.expert_load.size()), c.n_routed_experts) << "mixed dtypes went small";
+      EXPECT_LE(rel_diff(y_g, y_c), 4e-2);
+    }
+  }
+}
+
 // --- decoding and memory checks
 
 TEST(GpuModel, GreedyGenerationMatchesCpu) {
@@ -401,9 +466,33 @@ TEST(GpuModel, GreedyGenerationMatchesCpu) {
   const std::vector<int32_t> prompt = {1, 17, 42, 99, 5};
   const Tensor first_c = gc.feed(prompt), first_g = gg.feed(prompt);
   EXPECT_LE(rel_diff(first_g, first_c), kLogitsTol);
+  // Generation feeds no more than MoE::kSmallMaxPairs (token, expert) pairs per step here, so
+  // every MoE layer took the few-token path (moe_experts_small) on both sides.
+  ASSERT_LE(int64_t(prompt.size()) * c.num_experts_per_tok, MoE::kSmallMaxPairs);
+  for (const DecoderLayer& l : gpu.layers())
+    if (l.moe) {
+      EXPECT_TRUE(l.moe->expert_load.empty()) << "the grouped path ran";
+    }
   gc.reset();
   gg.reset();
   EXPECT_EQ(gg.generate(prompt, p), gc.generate(prompt, p));
+  // The same after a prompt too long for the few-token path: the prefill takes the grouped path
+  // (expert_load filled), the decode steps the GEMVs; the GPU must still choose the CPU's tokens.
+  // (GpuMoE.FewTokenPathMatchesCpuGroupedPath compares the two paths directly.)
+  std::vector<int32_t> long_prompt;
+  for (int32_t i = 0; i < 40; ++i) long_prompt.push_back((7 * i + 3) % int32_t(c.vocab_size));
+  ASSERT_GT(int64_t(long_prompt.size()) * c.num_experts_per_tok, MoE::kSmallMaxPairs);
+  gc.reset();
+  gg.reset();
+  const Tensor long_c = gc.feed(long_prompt), long_g = gg.feed(long_prompt);
+  EXPECT_LE(rel_diff(long_g, long_c), kLogitsTol);
+  for (const DecoderLayer& l : gpu.layers())
+    if (l.moe) {
+      EXPECT_FALSE(l.moe->expert_load.empty()) << "the few-token path ran";
+    }
+  gc.reset();
+  gg.reset();
+  EXPECT_EQ(gg.generate(long_prompt, p), gc.generate(long_prompt, p));
 }
 
 TEST(GpuModel, MemoryCheckSaysNeededAndFree) {

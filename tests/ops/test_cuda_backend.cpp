@@ -19,6 +19,7 @@
 //   noise.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -743,6 +744,74 @@ TEST_F(CudaBackendTest, GroupedMatmulBf16WeightsAndBf16Precision) {
       }
     }
   EXPECT_EQ(gpu().precision(), Precision::Fp32);
+}
+
+// The few-token experts (decode's GEMVs) against the CPU op. Shapes: H, I odd (every row
+// misaligned for 16-byte loads: the element-by-element loop) and multiples of 8 (the vector loop;
+// fp32 rows 16-byte aligned, bf16 rows too), one token (decode), three tokens sharing experts,
+// K = 6, and K = 10 (more slots than the down pass streams at once). Weights all F32, or all BF16
+// against the CPU op on the same bf16-rounded weights in fp32: a bf16 weight is exact in fp32, so
+// both sides form the same fp32 products and differ only in summation order (per-lane partial
+// sums + shuffle tree vs a loop): kF32Tol as for any fp32 op. The Bf16 precision must not change
+// the op (weights read as stored, x stays fp32): same tolerance under it. Outputs poisoned when
+// assigned; two runs bit-identical (no atomics).
+TEST_F(CudaBackendTest, MoeExpertsSmallF32AndBf16Weights) {
+  auto rounded = [](const Tensor& t) { return t.to_dtype(DType::BF16).to_f32(); };
+  struct Case {
+    int64_t T, K, E, H, I;
+  };
+  for (const Case& c : {Case{1, 6, 9, 37, 23}, Case{3, 6, 9, 37, 23}, Case{1, 6, 16, 72, 48},
+                        Case{3, 6, 8, 264, 136}, Case{2, 10, 13, 40, 24}})
+    for (DType dtype : {DType::F32, DType::BF16}) {
+      SCOPED_TRACE(testing::Message() << "T " << c.T << " K " << c.K << " E " << c.E << " H " << c.H
+                                      << " I " << c.I << " " << dtype_name(dtype));
+      std::vector<Tensor> ref_w, gpu_w;  // per expert: gate, up, down
+      for (int64_t e = 0; e < c.E; ++e)
+        for (Shape s : {Shape{c.I, c.H}, Shape{c.I, c.H}, Shape{c.H, c.I}}) {
+          Tensor w = randn(s, 0.3f);
+          ref_w.push_back(dtype == DType::BF16 ? rounded(w) : w);
+          gpu_w.push_back(dev(dtype == DType::BF16 ? w.to_dtype(DType::BF16) : w));
+        }
+      std::vector<ExpertWeights> ref_e, gpu_e;
+      for (size_t e = 0; e < size_t(c.E); ++e) {
+        ref_e.push_back({&ref_w[3 * e], &ref_w[3 * e + 1], &ref_w[3 * e + 2]});
+        gpu_e.push_back({&gpu_w[3 * e], &gpu_w[3 * e + 1], &gpu_w[3 * e + 2]});
+      }
+      // Distinct experts within a token (as the gate picks them), shifted per token so tokens
+      // share experts.
+      Tensor idx = Tensor::empty({c.T, c.K}, DType::I32), w = randn({c.T, c.K});
+      std::vector<int32_t> perm(static_cast<size_t>(c.E));
+      for (size_t e = 0; e < perm.size(); ++e) perm[e] = int32_t(e);
+      std::shuffle(perm.begin(), perm.end(), rng_);
+      for (int64_t t = 0; t < c.T; ++t)
+        for (int64_t k = 0; k < c.K; ++k) idx.i32()[t * c.K + k] = perm[size_t((t + k) % c.E)];
+      const Tensor x = randn({c.T, c.H}), y0 = randn({c.T, c.H});
+      for (bool accumulate : {false, true}) {
+        Tensor ref = y0.clone();
+        cpu().moe_experts_small(ref, x, idx, w, ref_e, accumulate);
+        Tensor gy = accumulate ? dev(y0) : poisoned({c.T, c.H});
+        gpu().moe_experts_small(gy, dev(x), dev(idx), dev(w), gpu_e, accumulate);
+        EXPECT_CLOSE(gy, ref, kF32Tol);
+        Tensor again = accumulate ? dev(y0) : poisoned({c.T, c.H});
+        {
+          PrecisionScope bf16(gpu(), Precision::Bf16);
+          gpu().moe_experts_small(again, dev(x), dev(idx), dev(w), gpu_e, accumulate);
+        }
+        EXPECT_TRUE(bit_equal(again, gy)) << "not deterministic, or changed by the precision";
+      }
+    }
+  // Mixed dtypes are refused (the MoE layer sends them to the grouped GEMMs).
+  Tensor g = dev(randn({4, 3})), g16 = dev(randn({4, 3}).to_dtype(DType::BF16));
+  Tensor d = dev(randn({3, 4})), x = dev(randn({1, 3})), y = poisoned({1, 3});
+  Tensor idx = dev(Tensor::zeros({1, 1}, DType::I32)), w = dev(randn({1, 1}));
+  const std::vector<ExpertWeights> mixed{{&g, &g16, &d}};
+  EXPECT_THROW(gpu().moe_experts_small(y, x, idx, w, mixed, false), Error);
+  // An out-of-range expert surfaces at the next read-back, naming the op.
+  const std::vector<ExpertWeights> one{{&g, &g, &d}};
+  Tensor bad = Tensor::zeros({1, 1}, DType::I32);
+  bad.i32()[0] = 3;
+  expect_index_error([&] { gpu().moe_experts_small(y, x, dev(bad), w, one, false); }, y,
+                     "moe_experts_small: expert 3 at position 0 out of range [0, 1)");
 }
 
 TEST_F(CudaBackendTest, MatmulBatchedMlaLayouts) {

@@ -1,9 +1,11 @@
 // The MoE ops of the CPU backend (the oracle the CUDA backend is checked against) against
 // references written here: the permute plan against a stable sort of the (token, k) pairs by
-// expert, the grouped GEMM against one plain matmul per expert on its row block.
+// expert, the grouped GEMM against one plain matmul per expert on its row block, the few-token
+// experts against the SwiGLU formula in double.
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <numeric>
 #include <random>
@@ -137,6 +139,83 @@ TEST(MoeOps, GroupedMatmulChecksShapes) {
   EXPECT_THROW(cpu().grouped_matmul(c, a, wp, decreasing, true, 0.0f), Error);
   const Tensor* missing[] = {&w, nullptr};
   EXPECT_THROW(cpu().grouped_matmul(c, a, missing, ok, true, 0.0f), Error);
+}
+
+// The routed experts of T tokens (y[t] = sum_k w[t,k] down_e(silu(gate_e x_t) * up_e x_t)) in
+// double, from the definition.
+Tensor experts_reference(const Tensor& x, const Tensor& idx, const Tensor& w,
+                         const std::vector<ExpertWeights>& experts) {
+  const int64_t T = x.dim(0), H = x.dim(1), K = idx.dim(1);
+  const int64_t I = experts[0].gate_proj->dim(0);
+  Tensor y = Tensor::zeros({T, H});
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t k = 0; k < K; ++k) {
+      const ExpertWeights& e = experts[size_t(idx.i32()[t * K + k])];
+      std::vector<double> h(static_cast<size_t>(I));
+      for (int64_t i = 0; i < I; ++i) {
+        double g = 0.0, u = 0.0;
+        for (int64_t c = 0; c < H; ++c) {
+          g += double(e.gate_proj->f32()[i * H + c]) * double(x.f32()[t * H + c]);
+          u += double(e.up_proj->f32()[i * H + c]) * double(x.f32()[t * H + c]);
+        }
+        h[size_t(i)] = g / (1.0 + std::exp(-g)) * u;
+      }
+      for (int64_t j = 0; j < H; ++j) {
+        double d = 0.0;
+        for (int64_t i = 0; i < I; ++i) d += double(e.down_proj->f32()[j * I + i]) * h[size_t(i)];
+        y.f32()[t * H + j] += float(double(w.f32()[t * K + k]) * d);
+      }
+    }
+  return y;
+}
+
+// One token (decode) and three tokens that share experts, K = 6 of 9 experts, odd H and I; with
+// and without accumulation into y. Tolerance: fp32 dot products of <= 37 terms against double,
+// ~1e-6 of the largest value; 1e-5 normwise leaves a margin, a wrong expert or weight is O(1).
+TEST(MoeOps, ExpertsSmallEqualsTheSwigluFormula) {
+  std::mt19937_64 rng(13);
+  const int64_t E = 9, K = 6, H = 37, I = 23;
+  std::vector<Tensor> store;
+  for (int64_t e = 0; e < E; ++e) {
+    store.push_back(randn({I, H}, rng));
+    store.push_back(randn({I, H}, rng));
+    store.push_back(randn({H, I}, rng));
+  }
+  std::vector<ExpertWeights> experts;
+  for (int64_t e = 0; e < E; ++e)
+    experts.push_back(
+        {&store[size_t(3 * e)], &store[size_t(3 * e + 1)], &store[size_t(3 * e + 2)]});
+  for (int64_t T : {1, 3})
+    for (bool accumulate : {false, true}) {
+      SCOPED_TRACE(testing::Message() << "T " << T << " accumulate " << accumulate);
+      Tensor x = randn({T, H}, rng), w = randn({T, K}, rng);
+      Tensor idx = Tensor::empty({T, K}, DType::I32);
+      for (int64_t t = 0; t < T; ++t)  // distinct within a token, shifted by 2 per token: shared
+        for (int64_t k = 0; k < K; ++k) idx.i32()[t * K + k] = int32_t((2 * t + 5 * k) % E);
+      Tensor y0 = randn({T, H}, rng), y = y0.clone();
+      cpu().moe_experts_small(y, x, idx, w, experts, accumulate);
+      Tensor ref = experts_reference(x, idx, w, experts);
+      double diff = 0.0, scale = 0.0;
+      for (int64_t i = 0; i < T * H; ++i) {
+        const double r = double(ref.f32()[i]) + (accumulate ? double(y0.f32()[i]) : 0.0);
+        diff = std::max(diff, std::abs(double(y.f32()[i]) - r));
+        scale = std::max(scale, std::abs(r));
+      }
+      EXPECT_LE(diff / scale, 1e-5);
+    }
+}
+
+TEST(MoeOps, ExpertsSmallChecksArguments) {
+  Tensor g = Tensor::zeros({4, 3}), u = Tensor::zeros({4, 3}), d = Tensor::zeros({3, 4});
+  Tensor bad_down = Tensor::zeros({4, 3});
+  const std::vector<ExpertWeights> ok{{&g, &u, &d}, {&g, &u, &d}};
+  const std::vector<ExpertWeights> wrong{{&g, &u, &d}, {&g, &u, &bad_down}};
+  Tensor x = Tensor::zeros({2, 3}), y = Tensor::zeros({2, 3}), w = Tensor::zeros({2, 2});
+  Tensor idx = Tensor::zeros({2, 2}, DType::I32);
+  EXPECT_NO_THROW(cpu().moe_experts_small(y, x, idx, w, ok, false));
+  EXPECT_THROW(cpu().moe_experts_small(y, x, idx, w, wrong, false), Error);
+  idx.i32()[3] = 2;  // only experts 0 and 1 exist
+  EXPECT_THROW(cpu().moe_experts_small(y, x, idx, w, ok, false), Error);
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
 // CPU backend, part 3: the MoE gate (scores, group-limited top-K, weights) with its backward,
-// and the row gather/scatter that dispatch tokens to experts and combine their outputs.
+// the row gather/scatter that dispatch tokens to experts and combine their outputs, and the
+// few-token experts (moe_experts_small) as plain dot products.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -163,6 +164,48 @@ void CpuBackend::moe_dispatch_plan(Tensor& slot_token, Tensor& slot_pair, Tensor
     slot_pair.i32()[s] = int32_t(i);
     slot_weight.f32()[s] = topk_w.f32()[i];
   }
+}
+
+void CpuBackend::moe_experts_small(Tensor& y, const Tensor& x, const Tensor& topk_idx,
+                                   const Tensor& topk_w, std::span<const ExpertWeights> experts,
+                                   bool accumulate) {
+  const auto [T, K, H, I, E, dtype] = moe_experts_small_dims(y, x, topk_idx, topk_w, experts);
+  MOEKIT_CHECK(dtype == DType::F32, "moe_experts_small: {} weights on the CPU", dtype_name(dtype));
+  for (int64_t i = 0; i < T * K; ++i)
+    MOEKIT_CHECK(topk_idx.i32()[i] >= 0 && topk_idx.i32()[i] < E,
+                 "moe_experts_small: expert {} at position {} out of range [0, {})",
+                 topk_idx.i32()[i], i, E);
+  auto dot = [](const float* a, const float* b, int64_t n) {
+    float s = 0.0f;
+    for (int64_t c = 0; c < n; ++c) s += a[c] * b[c];
+    return s;
+  };
+  // h[t*K+k] = silu(gate_e x_t) * up_e x_t, then y[t] (+)= sum_k w[t,k] down_e h[t*K+k], k in
+  // order.
+  std::vector<float> h(static_cast<size_t>(T * K * I));
+  cpu_pool().parallel_for(T * K, [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) {
+      const ExpertWeights& w = experts[size_t(topk_idx.i32()[p])];
+      const float* xt = x.f32() + (p / K) * H;
+      for (int64_t i = 0; i < I; ++i) {
+        const float g = dot(w.gate_proj->f32() + i * H, xt, H);
+        const float u = dot(w.up_proj->f32() + i * H, xt, H);
+        h[size_t(p * I + i)] = g / (1.0f + std::exp(-g)) * u;
+      }
+    }
+  });
+  cpu_pool().parallel_for(T * H, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t t = r / H, j = r % H;
+      float acc = 0.0f;
+      for (int64_t k = 0; k < K; ++k) {
+        const ExpertWeights& w = experts[size_t(topk_idx.i32()[t * K + k])];
+        acc += topk_w.f32()[t * K + k] *
+               dot(w.down_proj->f32() + j * I, &h[size_t((t * K + k) * I)], I);
+      }
+      y.f32()[r] = accumulate ? y.f32()[r] + acc : acc;
+    }
+  });
 }
 
 void CpuBackend::gather_rows(Tensor& out, const Tensor& x, const Tensor& rows_,

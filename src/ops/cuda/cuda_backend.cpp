@@ -208,7 +208,8 @@ void CudaBackend::memory_info(size_t& free_bytes, size_t& total_bytes) {
 
 bool CudaBackend::supports(Op op, DType dtype) const {  // BF16: GEMM operands (weights)
   return dtype == DType::F32 ||
-         ((op == Op::Matmul || op == Op::GroupedMatmul) && dtype == DType::BF16);
+         ((op == Op::Matmul || op == Op::GroupedMatmul || op == Op::MoeExpertsSmall) &&
+          dtype == DType::BF16);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@
 // on the bf16 tensor cores, the Bf16 precision's path). Kernels (nvcc), behind kernels.h:
 // cuda_elementwise.cu (fills, SwiGLU, RoPE, embedding, column copies, MLA split), cuda_norm.cu,
 // cuda_attention.cu, cuda_attention_tc.cu, cuda_decode.cu (causal softmax, argmax), cuda_moe.cu
-// (gate, dispatch/combine), cuda_loss.cu, cuda_optim.cu (AdamW, sum of squares).
+// (gate, dispatch/combine, few-token expert GEMVs), cuda_loss.cu, cuda_optim.cu (AdamW, sum of
+// squares).
 #pragma once
 
 #include <cstddef>
@@ -106,6 +107,8 @@ class CudaBackend final : public Backend {
   void moe_dispatch_plan(Tensor& slot_token, Tensor& slot_pair, Tensor& slot_weight,
                          Tensor& expert_begin, const Tensor& topk_idx, const Tensor& topk_w,
                          int64_t n_experts) override;
+  void moe_experts_small(Tensor& y, const Tensor& x, const Tensor& topk_idx, const Tensor& topk_w,
+                         std::span<const ExpertWeights> experts, bool accumulate) override;
   void adamw_step(Tensor& w, Tensor& m, Tensor& v, const Tensor& g, const AdamWStep& s) override;
   double sum_squares(const Tensor& x) override;
 
@@ -175,6 +178,11 @@ class CudaBackend final : public Backend {
   std::mutex checks_mu_;
   std::vector<PendingCheck> checks_;
   cuda::IndexError* index_error_ = nullptr;  // device memory, one slot
+  // Device copies of moe_experts_small's weight pointer tables, keyed by their contents (so a
+  // cached table is never stale): a layer's weights stay where they are between decode steps, so
+  // each layer's table goes up once and a step uploads nothing (no copy to wait for or capture).
+  std::mutex tables_mu_;
+  std::map<std::vector<const void*>, Tensor> expert_tables_;
 };
 
 // The process-wide CUDA backend; null when no GPU is visible (or the driver reports an error).

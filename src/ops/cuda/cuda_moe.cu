@@ -1,10 +1,11 @@
 // CUDA kernels, part 4: MoE permute plan (pairs sorted by expert), token dispatch (gather), combine
-// (scatter-add through a sorted plan), the combine-weight gradient (row dot) and the gate (scores,
-// group-limited / noaux_tc top-K with the balancing bias, normalisation and scaling) with its
-// backward. Why hand-written: the gate's selection rules (DeepSeek-V2/V3 routing, CPU-identical tie
-// breaking) are no library routine, and the scatter must be deterministic, which the usual
-// float-atomic scatter is not: we stably sort positions by destination (cub radix sort) and let
-// one block per destination add its sources in increasing position order.
+// (scatter-add through a sorted plan), the combine-weight gradient (row dot), the few-token
+// experts' GEMVs (decode) and the gate (scores, group-limited / noaux_tc top-K with the balancing
+// bias, normalisation and scaling) with its backward. Why hand-written: the gate's selection
+// rules (DeepSeek-V2/V3 routing, CPU-identical tie breaking) are no library routine, and the
+// scatter must be deterministic, which the usual float-atomic scatter is not: we stably sort
+// positions by destination (cub radix sort) and let one block per destination add its sources in
+// increasing position order.
 #include <cub/device/device_radix_sort.cuh>
 
 #include "ops/cuda/device_util.cuh"
@@ -124,6 +125,187 @@ cudaError_t moe_dispatch_plan(void* temp, size_t temp_bytes, int32_t* sorted_exp
     }
     expert_begin[ex] = int32_t(lo);
   });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Few-token experts (decode): GEMVs straight from the routing. At a handful of tokens every
+// expert GEMM is a matrix-vector product, bound by reading the weights; cuBLAS would need the
+// per-expert row counts on the host (a sync) and a launch per expert and projection. Here one
+// warp computes one output row: each lane streams 16-byte chunks of the weight row(s), sums in
+// fp32, and a fixed shuffle tree finishes the dot product (deterministic). Weights are read as
+// stored (fp32 or bf16); activations stay fp32.
+
+namespace {
+
+constexpr int kSmallThreads = 256;  // 8 warps per block
+constexpr int kSmallDownRows = 8;   // down-projection rows (top-k slots) streamed together
+
+// bf16 weights are handled as their bit patterns: a bf16 is the upper half of an fp32, so
+// widening is a shift (exact), with no dependence on cuda_bf16.h's operator set.
+__device__ inline float to_f32(float v) {
+  return v;
+}
+__device__ inline float to_f32(uint16_t v) {
+  return __uint_as_float(uint32_t(v) << 16);
+}
+
+// 16 bytes of a weight row widened to fp32: 4 floats or 8 bf16.
+template <typename W>
+struct Chunk;
+template <>
+struct Chunk<float> {
+  static constexpr int n = 4;
+  __device__ static void load(const float* p, float* out) {
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    out[0] = v.x;
+    out[1] = v.y;
+    out[2] = v.z;
+    out[3] = v.w;
+  }
+};
+template <>
+struct Chunk<uint16_t> {
+  static constexpr int n = 8;
+  __device__ static void load(const uint16_t* p, float* out) {
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      out[2 * i] = __uint_as_float(w[i] << 16);  // the lower address holds the lower half
+      out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+  }
+};
+
+__device__ inline bool aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+// acc[r] = dot(w[r][0, n), a[r][0, n)) for r < nr (nr <= R), the result in every lane. The R rows
+// are streamed in one loop so their loads are in flight together (a GEMV is bound by how many
+// bytes are outstanding). 16-byte vector loads when every row starts 16-byte aligned (uniform
+// across the warp: all lanes look at the same rows), else element by element. Each lane sums its
+// elements in a fixed order, then the shuffle tree: deterministic.
+template <typename W, int R>
+__device__ inline void warp_dots(float (&acc)[R], const W* const* w, const float* const* a, int nr,
+                                 int64_t n) {
+  constexpr int V = Chunk<W>::n;
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[r] = 0.0f;
+  bool vec = true;
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+    if (r < nr) vec = vec && aligned16(w[r]) && aligned16(a[r]);
+  int64_t done = 0;
+  if (vec) {
+    const int64_t chunks = n / V;
+#pragma unroll 2
+    for (int64_t c = lane; c < chunks; c += 32) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if (r >= nr) continue;
+        float wv[V], av[V];
+        Chunk<W>::load(w[r] + c * V, wv);
+#pragma unroll
+        for (int q = 0; q < V; q += 4) Chunk<float>::load(a[r] + c * V + q, av + q);
+#pragma unroll
+        for (int i = 0; i < V; ++i) acc[r] = fmaf(wv[i], av[i], acc[r]);
+      }
+    }
+    done = chunks * V;
+  }
+  for (int64_t c = done + lane; c < n; c += 32) {
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+      if (r < nr) acc[r] = fmaf(to_f32(w[r][c]), a[r][c], acc[r]);
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[r] = warp_reduce(acc[r], Sum{});
+}
+
+// h[p, i] = silu(gate_e[i] . x_t) * (up_e[i] . x_t) for pair p = t*K+k, e = topk_idx[p]: one warp
+// per (p, i), pair-major.
+template <typename W>
+__global__ void experts_small_up_kernel(float* h, const float* x, const int32_t* topk_idx,
+                                        const void* const* weights, int64_t pairs, int64_t k,
+                                        int64_t hidden, int64_t inter) {
+  const int64_t warps = int64_t(gridDim.x) * (blockDim.x >> 5);
+  for (int64_t row = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5; row < pairs * inter;
+       row += warps) {  // whole warps move together
+    const int64_t p = row / inter, i = row % inter;
+    const int64_t e = topk_idx[p];
+    const float* xt = x + (p / k) * hidden;
+    const W* const w[2] = {static_cast<const W*>(weights[3 * e]) + i * hidden,
+                           static_cast<const W*>(weights[3 * e + 1]) + i * hidden};
+    const float* const a[2] = {xt, xt};
+    float acc[2];
+    warp_dots<W, 2>(acc, w, a, 2, hidden);
+    if ((threadIdx.x & 31) == 0) h[row] = acc[0] / (1.0f + expf(-acc[0])) * acc[1];
+  }
+}
+
+// y[t, j] (+)= sum_k topk_w[t*K+k] * (down_e[j] . h[t*K+k]), k in increasing order: one warp per
+// (t, j), up to kSmallDownRows top-k slots streamed at once.
+template <typename W>
+__global__ void experts_small_down_kernel(float* y, const float* h, const int32_t* topk_idx,
+                                          const float* topk_w, const void* const* weights,
+                                          int64_t tokens, int64_t k, int64_t hidden, int64_t inter,
+                                          bool accumulate) {
+  const int64_t warps = int64_t(gridDim.x) * (blockDim.x >> 5);
+  for (int64_t row = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5; row < tokens * hidden;
+       row += warps) {
+    const int64_t t = row / hidden, j = row % hidden;
+    float out = 0.0f;
+    for (int64_t k0 = 0; k0 < k; k0 += kSmallDownRows) {
+      const int nr = int(k - k0 < kSmallDownRows ? k - k0 : kSmallDownRows);
+      const W* w[kSmallDownRows];
+      const float* a[kSmallDownRows];
+#pragma unroll
+      for (int r = 0; r < kSmallDownRows; ++r) {
+        const int64_t p = t * k + k0 + (r < nr ? r : 0);
+        w[r] = static_cast<const W*>(weights[3 * int64_t(topk_idx[p]) + 2]) + j * inter;
+        a[r] = h + p * inter;
+      }
+      float acc[kSmallDownRows];
+      warp_dots<W, kSmallDownRows>(acc, w, a, nr, inter);
+#pragma unroll
+      for (int r = 0; r < kSmallDownRows; ++r)
+        if (r < nr) out += topk_w[t * k + k0 + r] * acc[r];
+    }
+    if ((threadIdx.x & 31) == 0) y[row] = accumulate ? y[row] + out : out;
+  }
+}
+
+template <typename W>
+cudaError_t experts_small(float* y, float* h, const float* x, const int32_t* topk_idx,
+                          const float* topk_w, const void* const* weights, int64_t tokens,
+                          int64_t k, int64_t hidden, int64_t inter, bool accumulate) {
+  constexpr int warps_per_block = kSmallThreads / 32;
+  auto grid = [](int64_t rows) {  // one warp per row; the loops stride over any rest
+    const int64_t b = (rows + warps_per_block - 1) / warps_per_block;
+    return unsigned(b < 1 ? 1 : (b < (int64_t(1) << 20) ? b : (int64_t(1) << 20)));
+  };
+  experts_small_up_kernel<W><<<grid(tokens * k * inter), kSmallThreads>>>(
+      h, x, topk_idx, weights, tokens * k, k, hidden, inter);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  experts_small_down_kernel<W><<<grid(tokens * hidden), kSmallThreads>>>(
+      y, h, topk_idx, topk_w, weights, tokens, k, hidden, inter, accumulate);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t moe_experts_small(float* y, float* h, const float* x, const int32_t* topk_idx,
+                              const float* topk_w, const void* const* weights, bool bf16,
+                              int64_t tokens, int64_t k, int64_t hidden, int64_t inter,
+                              bool accumulate) {
+  if (tokens == 0 || hidden == 0) return cudaSuccess;
+  return bf16 ? experts_small<uint16_t>(y, h, x, topk_idx, topk_w, weights, tokens, k, hidden,
+                                        inter, accumulate)
+              : experts_small<float>(y, h, x, topk_idx, topk_w, weights, tokens, k, hidden, inter,
+                                     accumulate);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -268,8 +268,56 @@ void CudaBackend::moe_dispatch_plan(Tensor& slot_token, Tensor& slot_pair, Tenso
   const int64_t n_scratch = std::max<int64_t>(N, 1);
   Tensor sorted = scratch({n_scratch}, DType::I32), iota = scratch({n_scratch}, DType::I32);
   check(cuda::moe_dispatch_plan(temp.raw(), temp_bytes, sorted.i32(), iota.i32(), slot_token.i32(),
-                                slot_pair.i32(), slot_weight.f32(), expert_begin.i32(),
-                                safe.i32(), topk_w.f32(), N, K, n_experts),
+                                slot_pair.i32(), slot_weight.f32(), expert_begin.i32(), safe.i32(),
+                                topk_w.f32(), N, K, n_experts),
+        op);
+}
+
+void CudaBackend::moe_experts_small(Tensor& y, const Tensor& x, const Tensor& topk_idx,
+                                    const Tensor& topk_w, std::span<const ExpertWeights> experts,
+                                    bool accumulate) {
+  const char* op = "moe_experts_small";
+  const auto [T, K, H, I, E, dtype] = moe_experts_small_dims(y, x, topk_idx, topk_w, experts);
+  expect_f32(y, op, "y");
+  expect_f32(x, op, "x");
+  expect(topk_idx, DType::I32, op, "topk_idx");
+  expect_f32(topk_w, op, "topk_w");
+  if (dtype != DType::F32 && dtype != DType::BF16)
+    fail("CUDA {}: {} weights (supported: F32, BF16)", op, dtype_name(dtype));
+  std::vector<const void*> ptrs;  // [gate_e, up_e, down_e] per expert
+  ptrs.reserve(size_t(3 * E));
+  for (const ExpertWeights& w : experts)
+    for (const Tensor* t : {w.gate_proj, w.up_proj, w.down_proj}) {
+      expect(*t, dtype, op, "expert weight");
+      ptrs.push_back(t->raw());
+    }
+  if (T == 0 || H == 0) return;
+  if (K == 0 || I == 0) {  // no expert contributes
+    if (!accumulate) fill(y, 0.0f);
+    return;
+  }
+  const Tensor safe = check_indices(topk_idx, E, op, "expert");
+  Tensor table;
+  {
+    std::lock_guard<std::mutex> lock(tables_mu_);
+    auto it = expert_tables_.find(ptrs);
+    if (it == expert_tables_.end()) {
+      // Bound the cache. A dropped table's block returns to the allocator, whose next user is
+      // later work on the same stream, so kernels already queued still read the old pointers.
+      if (expert_tables_.size() >= 4096) expert_tables_.clear();
+      Tensor t = scratch({int64_t(ptrs.size() * sizeof(void*) / 4)}, DType::I32);
+      // From pageable memory the copy is staged at once (as grouped_matmul's pointer upload).
+      check(cudaMemcpyAsync(t.raw(), ptrs.data(), ptrs.size() * sizeof(void*),
+                            cudaMemcpyHostToDevice, nullptr),
+            op);
+      it = expert_tables_.emplace(std::move(ptrs), t).first;
+    }
+    table = it->second;
+  }
+  Tensor h = scratch({T * K, I}, DType::F32);
+  check(cuda::moe_experts_small(y.f32(), h.f32(), x.f32(), safe.i32(), topk_w.f32(),
+                                static_cast<const void* const*>(table.raw()), dtype == DType::BF16,
+                                T, K, H, I, accumulate),
         op);
 }
 

@@ -86,6 +86,14 @@ cudaError_t moe_dispatch_plan(void* temp, size_t temp_bytes, int32_t* sorted_exp
                               int32_t* slot_token, int32_t* slot_pair, float* slot_weight,
                               int32_t* expert_begin, const int32_t* topk_idx, const float* topk_w,
                               int64_t n, int64_t k, int64_t n_experts);
+// The few-token experts (Backend::moe_experts_small) as two memory-bound passes, pairs p = t*K+k:
+// h [T*K, I] = silu(gate_e x_t) * up_e x_t, then y[t] (+)= sum_k topk_w[p] down_e h[p] (k in
+// order). weights: a device table of 3 * n_experts pointers [gate_0, up_0, down_0, gate_1, ...],
+// all F32 or all BF16 (`bf16`); topk_idx holds valid experts (checked by the caller).
+cudaError_t moe_experts_small(float* y, float* h, const float* x, const int32_t* topk_idx,
+                              const float* topk_w, const void* const* weights, bool bf16,
+                              int64_t tokens, int64_t k, int64_t hidden, int64_t inter,
+                              bool accumulate);
 struct GateLaunch {
   GateParams p;
   float weight_scale = 1.0f;  // routed_scaling_factor when it applies (see cuda_ops.cpp)

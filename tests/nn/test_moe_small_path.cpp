@@ -1,0 +1,102 @@
+// MoE::forward's two routes on the CPU: the few-token path (moe_experts_small, taken when no
+// backward follows and T*K <= MoE::kSmallMaxPairs) against the grouped path (plan, grouped GEMMs,
+// combine) on the same layer and input; the route choice itself (pair limit, expert_load, backward
+// refused after an inference forward). The GPU side of the same comparison is in
+// tests/model/test_gpu_model.cpp (GpuMoE).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+
+#include "core/error.h"
+#include "nn/moe.h"
+
+namespace moekit {
+namespace {
+
+ModelConfig moe_config(bool shared) {
+  ModelConfig c;
+  c.hidden_size = 37;
+  c.moe_intermediate_size = 23;
+  c.n_routed_experts = 11;
+  c.num_experts_per_tok = 6;
+  c.n_shared_experts = shared ? 1 : 0;
+  return c;
+}
+
+void randomize(ParamTable& params, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> n(0.0f, 0.3f);
+  for (const auto& p : params.all())
+    for (int64_t i = 0; i < p->value.numel(); ++i) p->value.f32()[i] = n(rng);
+}
+
+Tensor randn(Shape s, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> n(0.0f, 1.0f);
+  Tensor t = Tensor::empty(s);
+  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = n(rng);
+  return t;
+}
+
+// max |a - b| / max |b|.
+double rel_diff(const Tensor& a, const Tensor& b) {
+  double d = 0.0, m = 0.0;
+  for (int64_t i = 0; i < b.numel(); ++i) {
+    d = std::max(d, double(std::abs(a.f32()[i] - b.f32()[i])));
+    m = std::max(m, double(std::abs(b.f32()[i])));
+  }
+  return m > 0.0 ? d / m : d;
+}
+
+// Same routing, same experts; only the summation order differs (per-pair dot products and a
+// k-ordered combine against GEMMs and a slot-ordered scatter): fp32 rounding, ~1e-6 of the
+// largest output, so 1e-5 normwise.
+TEST(MoESmallPath, EqualsTheGroupedPath) {
+  Backend& be = backend(Device::CPU);
+  for (bool shared : {false, true})
+    for (int64_t T : {1, 3, 10}) {  // 6, 18 and 60 pairs: all within the limit
+      SCOPED_TRACE(testing::Message() << "T " << T << " shared " << shared);
+      ParamTable params;
+      const ModelConfig c = moe_config(shared);
+      MoE moe = MoE::create(params, "mlp", c, Device::CPU);
+      randomize(params, 3);
+      const Tensor x = randn({T, c.hidden_size}, 4 + uint64_t(T));
+      const Tensor grouped = moe.forward(be, x);
+      const std::vector<int64_t> load = moe.expert_load;
+      const Tensor idx_grouped = moe.gate.saved.routing.topk_idx.clone();
+      int64_t pairs = 0;
+      for (int64_t n : load) pairs += n;
+      EXPECT_EQ(pairs, T * c.num_experts_per_tok);
+
+      const Tensor small = moe.forward(be, x, /*backward_follows=*/false);
+      EXPECT_TRUE(moe.expert_load.empty()) << "the grouped path ran";
+      const Tensor& idx_small = moe.gate.saved.routing.topk_idx;  // route logging reads this
+      ASSERT_EQ(idx_small.numel(), idx_grouped.numel());
+      EXPECT_TRUE(
+          std::equal(idx_small.i32(), idx_small.i32() + idx_small.numel(), idx_grouped.i32()));
+      EXPECT_LE(rel_diff(small, grouped), 1e-5);
+
+      // No backward after an inference forward: it saved nothing.
+      Tensor dx = Tensor::zeros(x.shape());
+      EXPECT_THROW(moe.backward(be, dx, randn(x.shape(), 9), false), Error);
+    }
+}
+
+TEST(MoESmallPath, ManyPairsTakeTheGroupedPath) {
+  Backend& be = backend(Device::CPU);
+  ParamTable params;
+  const ModelConfig c = moe_config(true);
+  MoE moe = MoE::create(params, "mlp", c, Device::CPU);
+  randomize(params, 5);
+  const int64_t T = MoE::kSmallMaxPairs / c.num_experts_per_tok + 1;  // just over the limit
+  const Tensor x = randn({T, c.hidden_size}, 6);
+  moe.forward(be, x, /*backward_follows=*/false);
+  EXPECT_EQ(int64_t(moe.expert_load.size()), c.n_routed_experts);
+  Tensor dx = Tensor::zeros(x.shape());
+  EXPECT_NO_THROW(moe.backward(be, dx, randn(x.shape(), 7), false));
+}
+
+}  // namespace
+}  // namespace moekit
