@@ -78,7 +78,8 @@ moekit_decode() {  # CONFIG DTYPE
     moekit_decode "$FULL_CFG" bf16
   fi
   echo "# transformers"
-  with_peak python3 tools/bench_gpu_peer.py --config "$CFG" --layers "$PEER_LAYERS" --batch "$B" \
+  # The full config: --layers overrides its depth for the LAYERS-layer model, --full uses all.
+  with_peak python3 tools/bench_gpu_peer.py --config "$FULL_CFG" --layers "$PEER_LAYERS" --batch "$B" \
     --seq "$S" --iters "$ITERS" --decode ${FULL:+--full}
 } 2>&1 | tee "$OUT/gpu_bench.log"
 grep '^{' "$OUT/gpu_bench.log" >"$OUT/gpu_bench.jsonl"
