@@ -71,9 +71,9 @@ static int decode_bench(DeepSeekModel& model, int64_t batch, int64_t prompt_len,
   fmt::print(
       "{{\"engine\": \"moekit\", \"device\": \"{}\", \"mode\": \"decode\", \"decode_tok_s\": "
       "{:.1f}, \"prompt\": {}, \"new_tokens\": {}, \"seconds\": {:.3f}, \"peak_rss_mib\": {:.1f}, "
-      "\"threads\": {}}}\n",
+      "\"threads\": {}, \"layers\": {}}}\n",
       dev_name, double(new_tokens) / t, prompt_len, new_tokens, t, double(ru.ru_maxrss) / 1024.0,
-      num_threads());
+      num_threads(), c.num_hidden_layers);
   return 0;
 }
 

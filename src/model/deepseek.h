@@ -48,8 +48,8 @@ class DeepSeekModel {
   Device device() const { return device_; }
 
   // ids I32 [batch*seq] (host or model device) -> logits [batch*seq, vocab] on the model's
-  // device. On Device::CUDA every op runs on the GPU; only the MoE dispatch plan is built on the
-  // host from a copy of the top-k indices (its index tensors go up once per layer call).
+  // device. On Device::CUDA every op runs on the GPU; each MoE layer reads its E+1 expert
+  // offsets back to size the grouped expert GEMMs.
   Tensor forward(const Tensor& ids, int64_t batch, int64_t seq);
   // Backward from dlogits [batch*seq, vocab]; parameter grads accumulate for trainable params.
   void backward(const Tensor& dlogits);
