@@ -192,11 +192,11 @@ FinetuneResult finetune(const FinetuneOptions& opt) {
     DeepSeekModel layout(c, Device::CPU, /*allocate=*/false);
     if (opt.method == "esft")
       apply_expert_config(layout, read_expert_config(opt.experts), opt.experts.string());
-    check_device_memory(
-        estimate_memory(c, opt.batch * opt.seq, layout.params().trainable_numel(), opt.weights),
-        opt.device,
-        fmt::format("{}: {} fine-tuning (batch {} x seq {})", opt.model.string(), opt.method,
-                    opt.batch, opt.seq));
+    check_device_memory(estimate_memory(c, opt.batch * opt.seq, layout.params().trainable_numel(),
+                                        opt.weights, opt.activation_checkpointing),
+                        opt.device,
+                        fmt::format("{}: {} fine-tuning (batch {} x seq {})", opt.model.string(),
+                                    opt.method, opt.batch, opt.seq));
   }
   auto model = load_model(opt.model, opt.device, opt.weights);
   model->set_activation_checkpointing(opt.activation_checkpointing);

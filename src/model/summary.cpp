@@ -64,7 +64,7 @@ std::string human_bytes(double n) {
 }
 
 MemoryEstimate estimate_memory(const ModelConfig& c, int64_t tokens, int64_t trainable_params,
-                               DType weights) {
+                               DType weights, bool checkpointing) {
   MemoryEstimate m;
   const double total = double(summarize(c).total);
   m.weights = total * 4.0;
@@ -80,8 +80,12 @@ MemoryEstimate estimate_memory(const ModelConfig& c, int64_t tokens, int64_t tra
   // three vocabulary-sized rows (logits, their gradient, the loss pass).
   const double per_layer = 40.0 * double(c.hidden_size) +
                            3.0 * double(c.num_experts_per_tok) * double(c.moe_intermediate_size);
-  m.activations =
-      double(tokens) * (per_layer * double(c.num_hidden_layers) + 3.0 * double(c.vocab_size)) * 4.0;
+  const double layers = double(c.num_hidden_layers);
+  const double kept =
+      checkpointing ? per_layer + layers * double(c.hidden_size) : per_layer * layers;
+  const double logit_rows =
+      trainable_params > 0 ? double(std::min<int64_t>(tokens, 2048)) : double(tokens);
+  m.activations = (double(tokens) * kept + logit_rows * 3.0 * double(c.vocab_size)) * 4.0;
   return m;
 }
 

@@ -34,8 +34,10 @@ struct MemoryEstimate {
   double total() const { return weights + grads + optimizer + activations; }
 };
 // `weights` BF16: frozen GEMM weights in bf16 (ParamTable's matrix dtype), the rest fp32.
+// Training (trainable_params > 0) runs the LM head and loss over chunks of 2048 tokens;
+// `checkpointing` keeps each layer's input and one layer's activations.
 MemoryEstimate estimate_memory(const ModelConfig& c, int64_t tokens, int64_t trainable_params,
-                               DType weights = DType::F32);
+                               DType weights = DType::F32, bool checkpointing = false);
 
 // Before allocating: fails with one line naming `what` when `device` lacks the memory (the GPU:
 // free memory from the driver; the host: physical memory). Asking for a CUDA device without one

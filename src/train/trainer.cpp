@@ -35,9 +35,11 @@ namespace {
 // free memory).
 void check_fits_in_memory(const ModelConfig& cfg, const TrainOptions& opt) {
   const int64_t params = summarize(cfg).total;
-  check_device_memory(estimate_memory(cfg, opt.batch * opt.seq, params), opt.device,
-                      fmt::format("{}: training this model (batch {} x seq {})",
-                                  opt.config_file.string(), opt.batch, opt.seq));
+  check_device_memory(
+      estimate_memory(cfg, opt.batch * opt.seq, params, DType::F32, opt.activation_checkpointing),
+      opt.device,
+      fmt::format("{}: training this model (batch {} x seq {})", opt.config_file.string(),
+                  opt.batch, opt.seq));
 }
 
 std::vector<int32_t> cached_tokens(const fs::path& cache, const fs::path& jsonl,
