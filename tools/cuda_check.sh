@@ -11,6 +11,7 @@
 #                                                 # elsewhere with CUDA; DIR/lib holds its
 #                                                 # non-system shared libraries)
 #   MOEKIT_SANITIZE=1 bash tools/cuda_check.sh    # then the tests under compute-sanitizer
+#                                                 # (SANITIZE_TOOLS picks: default all three)
 #                                                 # (memcheck, racecheck, synccheck)
 #   MOEKIT_TEST_FILTER=PATTERN bash tools/cuda_check.sh  # another gtest filter
 #
@@ -72,7 +73,7 @@ grep -E "^\[ +(OK|FAILED|SKIPPED) +\]|^\[ gpu-" "$OUT/tests.log" | tee -a "$OUT/
 if [ "${MOEKIT_SANITIZE:-0}" = 1 ]; then
   # The throughput test is left out: it only times, and the sanitizers slow kernels many-fold;
   # the CLI tests too: their GPU work runs in child processes, which the sanitizer does not see.
-  for tool in memcheck racecheck synccheck; do
+  for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
     t5=$(now)
     compute-sanitizer --tool "$tool" --error-exitcode 9 "$TESTS" \
       --gtest_filter='Cuda*:Gpu*:-*Throughput:GpuCli*' >"$OUT/$tool.log" 2>&1

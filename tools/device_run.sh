@@ -19,7 +19,7 @@ cp "$C/moekit" "$C/moekit_tests" build/ && cp "$C/moekit_model_bench" build/benc
 chmod +x build/moekit build/moekit_tests build/bench/moekit_model_bench
 rc=0
 if [ "$WHAT" = tests ] || [ "$WHAT" = all ]; then
-  LD_LIBRARY_PATH=$LIBS MOEKIT_PREBUILT=$R/build OUT=$OUT/check timeout 300 \
+  LD_LIBRARY_PATH=$LIBS MOEKIT_PREBUILT=$R/build OUT=$OUT/check timeout "${TESTS_TIMEOUT:-300}" \
     bash tools/cuda_check.sh >"$OUT/check.log" 2>&1
   rc=$?
   echo "GPU tests rc=$rc"
