@@ -4,6 +4,7 @@
 #include <algorithm>
 
 #include "core/error.h"
+#include "ops/ops.h"
 
 namespace moekit {
 
@@ -57,13 +58,16 @@ void loss_free_update(DeepSeekModel& model, const ExpertLoad& load, double rate)
     int64_t sum = 0;
     for (int64_t v : c) sum += v;
     const double mean = double(sum) / double(c.size());
+    // The signs come from the counts (on the host: the layer reads its per-expert offsets back
+    // to size the expert GEMMs); the bias itself is updated where it lives, by the backend's
+    // add, so a GPU bias is never copied back.
     Tensor& b = l.moe->gate.balance_bias->value;
-    Tensor host = b.to_host();
+    Tensor sign = Tensor::empty({int64_t(c.size())});
     for (size_t e = 0; e < c.size(); ++e) {
-      double err = mean - double(c[e]);
-      host.f32()[e] += float(rate * double((err > 0) - (err < 0)));
+      const double err = mean - double(c[e]);
+      sign.f32()[e] = float((err > 0) - (err < 0));
     }
-    if (b.device() != Device::CPU) b.copy_from(host);
+    backend(b.device()).add(b, sign.to_device(b.device()), float(rate));
   }
 }
 
