@@ -3,7 +3,7 @@
 # binaries where their compiled-in paths expect them, then runs the GPU tests (tools/cuda_check.sh
 # on the prebuilt moekit_tests: Cuda*, Gpu*, DeviceCli*) and/or the benchmark against transformers
 # (tools/gpu_bench.sh). Results go to $OUT.
-#   bash tools/device_run.sh [tests|bench|all|profile|quick]
+#   bash tools/device_run.sh [tests|bench|all|profile|quick|decode]
 set -uo pipefail
 WHAT=${1:-all}
 R=$(pwd); C=$R/.device-carry; OUT=${OUT:-/tmp/out}
@@ -33,6 +33,13 @@ if [ "$WHAT" = quick ]; then  # moekit alone, 4 layers bf16: each expert-GEMM mo
   python3 -c 'import json; c = json.load(open("configs/deepseek-v2-lite.json")); c["num_hidden_layers"] = 4; json.dump(c, open("/tmp/v2-lite-4l.json", "w"))'
   for m in grouped streams; do
     LD_LIBRARY_PATH=$LIBS MOEKIT_CUDA_EXPERT_GEMM=$m build/bench/moekit_model_bench /tmp/v2-lite-4l.json 4 2048 3 16 cuda esft10 bf16 | sed "s/^{/{\"expert_gemm\": \"$m\", /"
+  done
+fi
+if [ "$WHAT" = decode ]; then  # batch-1 decode: 4 layers fp32 and bf16, the full model bf16
+  python3 -c 'import json; c = json.load(open("configs/deepseek-v2-lite.json")); c["num_hidden_layers"] = 4; json.dump(c, open("/tmp/v2-lite-4l.json", "w"))'
+  for run in "/tmp/v2-lite-4l.json fp32" "/tmp/v2-lite-4l.json bf16" "configs/deepseek-v2-lite.json bf16"; do
+    set -- $run
+    LD_LIBRARY_PATH=$LIBS build/bench/moekit_model_bench "$1" 1 32 256 16 cuda decode "$2"
   done
 fi
 if [ "$WHAT" = profile ]; then  # time per model step, bf16 ESFT: 4 layers, then the full model

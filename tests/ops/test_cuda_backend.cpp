@@ -214,6 +214,35 @@ TEST_F(CudaBackendTest, MatmulMixedF32Bf16AndBf16Precision) {
   EXPECT_EQ(gpu().precision(), Precision::Fp32);
 }
 
+// Few-row GEMMs against a weight (decoding: y = x W^T with 1..4 rows) take a GEMV kernel where
+// bf16 is in play: BF16 weights are read as stored (widened exactly), F32 weights under the Bf16
+// precision too (not rounded), activations stay fp32, so the CPU GEMM of the same values is the
+// oracle at fp32 tolerance. K odd (the element-wise tail) and a multiple of 8 (16-byte loads);
+// alpha, beta = 0 over NaN and beta = 1; 5 rows falls back to cuBLAS.
+TEST_F(CudaBackendTest, FewRowMatmulGemvPath) {
+  auto rounded = [](const Tensor& t) { return t.to_dtype(DType::BF16).to_f32(); };
+  for (int64_t K : {67, 256})
+    for (int64_t M : {1, 2, 3, 4, 5})
+      for (float beta : {0.0f, 1.0f}) {
+        SCOPED_TRACE(testing::Message() << "K " << K << " M " << M << " beta " << beta);
+        const int64_t N = 45;
+        Tensor a = randn({M, K}), w = randn({N, K}), c = randn({M, N});
+        Tensor ref = c.clone(), ref32 = c.clone();
+        cpu().matmul(ref, a, rounded(w), false, true, 0.5f, beta);
+        cpu().matmul(ref32, a, w, false, true, 0.5f, beta);
+        Tensor g = beta == 0.0f ? poisoned({M, N}) : dev(c);
+        gpu().matmul(g, dev(a), dev(w.to_dtype(DType::BF16)), false, true, 0.5f, beta);
+        // 5 rows: cuBLAS with a rounded to bf16 too, the bound of the bf16 GEMM test above.
+        EXPECT_CLOSE(g, ref, M <= 4 ? kF32Tol : std::ldexp(1.0, -7) * std::sqrt(double(K)));
+        if (M > 4) continue;  // cuBLAS rounds a to bf16 there: covered by the matmul tests
+        Tensor g32 = beta == 0.0f ? poisoned({M, N}) : dev(c);
+        gpu().set_precision(Precision::Bf16);
+        gpu().matmul(g32, dev(a), dev(w), false, true, 0.5f, beta);
+        gpu().set_precision(Precision::Fp32);
+        EXPECT_CLOSE(g32, ref32, kF32Tol);
+      }
+}
+
 TEST_F(CudaBackendTest, AddAndScale) {
   Tensor y = randn({1000, 3}), x = randn({1000, 3});
   Tensor dy = dev(y);

@@ -426,6 +426,18 @@ void CudaBackend::matmul(Tensor& c, const Tensor& a_in, const Tensor& b_in, bool
       fail("CUDA matmul: K = 0 with beta != 0 needs an F32 output");
     return;
   }
+  // Few rows against a weight matrix (decoding): a GEMV kernel of ours reads the weight once as
+  // stored (bf16 bits widened exactly, or fp32: not rounded even under the Bf16 precision), with
+  // no conversion of the activations. Only where bf16 is in play (a BF16 weight or the Bf16
+  // precision): the exact fp32 mode keeps cuBLAS, which the parity tests check.
+  const bool few_rows = !trans_a && trans_b && M <= cuda::kGemvMaxRows &&
+                        a_in.dtype() == DType::F32 && c.dtype() == DType::F32;
+  if (few_rows && (b_in.dtype() == DType::BF16 || precision_ == Precision::Bf16)) {
+    check(cuda::gemv(c.f32(), a_in.f32(), b_in.raw(), b_in.dtype() == DType::BF16, M, N, K,
+                     cols(a_in), cols(b_in), N, alpha, beta),
+          "matmul (gemv)");
+    return;
+  }
   // A BF16 operand (bf16 weights) or the Bf16 precision puts the GEMM on the bf16 tensor cores:
   // F32 operands are rounded to bf16 first (cuBLAS's COMPUTE_32F_FAST_16BF was measured to run
   // TF32 kernels on the H200, at half the bf16 rate). Accumulation stays fp32.

@@ -53,6 +53,12 @@ cudaError_t mla_split_kv_backward(float* dkv_b, float* dk_rope, const float* dk,
 cudaError_t embedding_forward(float* out, const float* table, const int32_t* ids, int64_t tokens,
                               int64_t dim);
 
+// --- few-row GEMMs (cuda_gemv.cu): c[m, n] = alpha * a[m, :] . w[n, :] + beta * c[m, n] for
+// m < M <= kGemvMaxRows; w F32 or bf16 (w_bf16); leading dimensions in elements.
+constexpr int kGemvMaxRows = 4;
+cudaError_t gemv(float* c, const float* a, const void* w, bool w_bf16, int64_t M, int64_t N,
+                 int64_t K, int64_t lda, int64_t ldw, int64_t ldc, float alpha, float beta);
+
 // --- RMSNorm (cuda_norm.cu)
 cudaError_t rmsnorm_forward(float* out, float* rstd, const float* x, const float* w, int64_t rows,
                             int64_t dim, float eps);

@@ -1,0 +1,55 @@
+// CUDA kernels: few-row GEMMs against a weight matrix, c = alpha * a @ W^T + beta * c with a of at
+// most kGemvMaxRows rows (decoding one or a few tokens). Such a GEMM reads the whole weight once
+// and does two FLOPs per weight per row: it is bound by memory, and cuBLAS's tensor-core GEMMs
+// (which also need the activations rounded to bf16 first, one more launch) waste their setup on
+// it. One warp per weight row reads it once with 16-byte loads and dots it with every row of a
+// (warp_dots.cuh), in fp32, deterministically.
+#include "ops/cuda/device_util.cuh"
+#include "ops/cuda/kernels.h"
+#include "ops/cuda/warp_dots.cuh"
+
+namespace moekit::cuda {
+
+namespace {
+
+template <typename W>
+__global__ void gemv_kernel(float* c, const float* a, const W* w, int64_t M, int64_t N, int64_t K,
+                            int64_t lda, int64_t ldw, int64_t ldc, float alpha, float beta) {
+  const int64_t n = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32;
+  if (n >= N) return;  // whole warps: n is the same in every lane
+  const W* wr[kGemvMaxRows];
+  const float* ar[kGemvMaxRows];
+#pragma unroll
+  for (int r = 0; r < kGemvMaxRows; ++r) {
+    wr[r] = w + n * ldw;
+    ar[r] = a + (r < M ? r : 0) * lda;
+  }
+  float acc[kGemvMaxRows];
+  warp_dots<W, kGemvMaxRows>(acc, wr, ar, int(M), K);
+  if ((threadIdx.x & 31) != 0) return;
+#pragma unroll
+  for (int r = 0; r < kGemvMaxRows; ++r) {
+    if (r >= M) continue;
+    float* out = c + r * ldc + n;
+    *out = beta == 0.0f ? alpha * acc[r] : alpha * acc[r] + beta * *out;
+  }
+}
+
+}  // namespace
+
+cudaError_t gemv(float* c, const float* a, const void* w, bool w_bf16, int64_t M, int64_t N,
+                 int64_t K, int64_t lda, int64_t ldw, int64_t ldc, float alpha, float beta) {
+  if (M <= 0 || N <= 0) return cudaSuccess;
+  if (M > kGemvMaxRows) return cudaErrorInvalidValue;
+  constexpr int kThreadsPerBlock = 256;  // 8 warps, one weight row each
+  const unsigned blocks = unsigned((N * 32 + kThreadsPerBlock - 1) / kThreadsPerBlock);
+  if (w_bf16)
+    gemv_kernel<uint16_t><<<blocks, kThreadsPerBlock>>>(c, a, static_cast<const uint16_t*>(w), M, N,
+                                                        K, lda, ldw, ldc, alpha, beta);
+  else
+    gemv_kernel<float><<<blocks, kThreadsPerBlock>>>(c, a, static_cast<const float*>(w), M, N, K,
+                                                     lda, ldw, ldc, alpha, beta);
+  return cudaGetLastError();
+}
+
+}  // namespace moekit::cuda
