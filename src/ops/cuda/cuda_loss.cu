@@ -1,7 +1,7 @@
-// CUDA kernels, part 3: softmax cross-entropy over the vocabulary. One block per token row: a
-// block max, a block sum of exp in double (as the CPU backend: 100k float terms in a float sum
-// lose the 1e-5 loss parity), then the loss or the gradient row — one read of the logits per pass
-// instead of the separate softmax, gather and subtraction a library composition would need.
+// CUDA kernels, part 3: softmax cross-entropy over the vocabulary. One block per token row: the
+// row's max and sum of exp in one read (online softmax, sum in double), then the loss or the
+// gradient row: two passes over the logits for the gradient, one for the loss, instead of the
+// separate softmax, gather and subtraction a library composition would need.
 #include "ops/cuda/device_util.cuh"
 #include "ops/cuda/kernels.h"
 
@@ -9,16 +9,48 @@ namespace moekit::cuda {
 
 namespace {
 
-// Row max and sum of exp(l - max); every thread of the block gets both.
+// (max, sum of exp(x - max)) pairs merge exactly like partial softmax denominators: rescale the
+// smaller side's sum to the larger max. An empty side (max -inf, sum 0) contributes nothing.
+__device__ inline void merge_stats(float& m, double& z, float m2, double z2) {
+  const float M = fmaxf(m, m2);
+  z = (m == -INFINITY ? 0.0 : z * double(expf(m - M))) +
+      (m2 == -INFINITY ? 0.0 : z2 * double(expf(m2 - M)));
+  m = M;
+}
+
+// Row max and sum of exp(l - max) in one read of the row (an online softmax: each thread keeps
+// its running max and rescales its sum when the max grows), then a fixed shuffle tree per warp
+// and one over the warps: deterministic. Every thread of the block gets both. The sum is in
+// double, as on the CPU (100k float terms in a float sum lose the 1e-5 loss parity).
 __device__ void row_softmax_stats(const float* l, int64_t vocab, float& m, double& z) {
-  __shared__ float redf[32];
-  __shared__ double redd[32];
+  __shared__ float redm[32];
+  __shared__ double redz[32];
   float mx = -INFINITY;
-  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) mx = fmaxf(mx, l[i]);
-  m = block_reduce(mx, -INFINITY, redf, Max{});
   double s = 0.0;
-  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) s += double(expf(l[i] - m));
-  z = block_reduce(s, 0.0, redd, Sum{});
+  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
+    const float x = l[i];
+    if (x == -INFINITY) continue;
+    if (x > mx) {
+      s = mx == -INFINITY ? 0.0 : s * double(expf(mx - x));
+      mx = x;
+    }
+    s += double(expf(x - mx));
+  }
+  for (int o = 16; o > 0; o >>= 1)
+    merge_stats(mx, s, __shfl_xor_sync(0xffffffffu, mx, o), __shfl_xor_sync(0xffffffffu, s, o));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  __syncthreads();  // the shared slots may still be read by a previous call
+  if (lane == 0) {
+    redm[warp] = mx;
+    redz[warp] = s;
+  }
+  __syncthreads();
+  mx = lane < warps ? redm[lane] : -INFINITY;
+  s = lane < warps ? redz[lane] : 0.0;
+  for (int o = 16; o > 0; o >>= 1)
+    merge_stats(mx, s, __shfl_xor_sync(0xffffffffu, mx, o), __shfl_xor_sync(0xffffffffu, s, o));
+  m = mx;
+  z = s;
 }
 
 __global__ void cross_entropy_forward_kernel(float* losses, const float* logits,
