@@ -49,7 +49,7 @@ static double seconds_since(std::chrono::steady_clock::time_point t0) {
 // Greedy decoding: one warm-up generation (allocator, cuBLAS heuristics), then the timed one.
 // Greedy sampling reads the logits back every token, so the clock covers the device's work.
 static int decode_bench(DeepSeekModel& model, int64_t batch, int64_t prompt_len, int64_t new_tokens,
-                        const std::string& dev_name) {
+                        const std::string& dev_name, const std::string& dtype) {
   if (batch != 1) fail("decode: BATCH must be 1 (batch-1 decoding), got {}", batch);
   const ModelConfig& c = model.config();
   std::vector<int32_t> prompt(static_cast<size_t>(prompt_len));
@@ -69,11 +69,12 @@ static int decode_bench(DeepSeekModel& model, int64_t batch, int64_t prompt_len,
   rusage ru{};
   getrusage(RUSAGE_SELF, &ru);
   fmt::print(
-      "{{\"engine\": \"moekit\", \"device\": \"{}\", \"mode\": \"decode\", \"decode_tok_s\": "
+      "{{\"engine\": \"moekit\", \"device\": \"{}\", \"dtype\": \"{}\", \"mode\": \"decode\", "
+      "\"decode_tok_s\": "
       "{:.1f}, \"prompt\": {}, \"new_tokens\": {}, \"seconds\": {:.3f}, \"peak_rss_mib\": {:.1f}, "
       "\"threads\": {}, \"layers\": {}}}\n",
-      dev_name, double(new_tokens) / t, prompt_len, new_tokens, t, double(ru.ru_maxrss) / 1024.0,
-      num_threads(), c.num_hidden_layers);
+      dev_name, dtype, double(new_tokens) / t, prompt_len, new_tokens, t,
+      double(ru.ru_maxrss) / 1024.0, num_threads(), c.num_hidden_layers);
   return 0;
 }
 
@@ -103,7 +104,7 @@ int main(int argc, char** argv) {
     const double init_s = seconds_since(t_init);
     if (mode == "decode") {  // inference: every weight frozen (bf16 ones stay bf16)
       model.params().set_trainable([](const Param&) { return false; });
-      return decode_bench(model, B, S, iters, dev_name + "\", \"dtype\": \"" + dtype);
+      return decode_bench(model, B, S, iters, dev_name, dtype);
     }
     if (mode == "esft10") {
       static const std::regex expert(R"(\.mlp\.experts\.(\d+)\.)");

@@ -31,6 +31,14 @@ Table& table() {
   return t;
 }
 
+void record(const char* name, std::chrono::steady_clock::time_point t0) {
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::lock_guard<std::mutex> lock(table().mu);
+  Entry& e = table().entries[name];
+  e.seconds += s;
+  ++e.calls;
+}
+
 }  // namespace
 
 bool profiling() {
@@ -39,31 +47,6 @@ bool profiling() {
     return v && *v && std::string(v) != "0";
   }();
   return on;
-}
-
-void record(const char* name, std::chrono::steady_clock::time_point t0);
-
-ProfileScope::ProfileScope(Backend& be, const char* name) {
-  if (!profiling()) return;
-  be_ = &be;
-  name_ = name;
-  unwinding_ = std::uncaught_exceptions();
-  be.synchronize();
-  t0_ = std::chrono::steady_clock::now();
-}
-
-ProfileScope::~ProfileScope() noexcept(false) {
-  if (!be_ || std::uncaught_exceptions() > unwinding_) return;
-  be_->synchronize();
-  record(name_, t0_);
-}
-
-void record(const char* name, std::chrono::steady_clock::time_point t0) {
-  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  std::lock_guard<std::mutex> lock(table().mu);
-  Entry& e = table().entries[name];
-  e.seconds += s;
-  ++e.calls;
 }
 
 void ProfileSteps::next(const char* name) {

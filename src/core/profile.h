@@ -14,24 +14,10 @@ class Backend;
 
 bool profiling();  // MOEKIT_PROFILE is set (read once)
 
-class ProfileScope {
- public:
-  ProfileScope(Backend& be, const char* name);
-  // Waits for the device, which may report a deferred device error: so it may throw, except
-  // while another exception unwinds (then it records nothing).
-  ~ProfileScope() noexcept(false);
-  ProfileScope(const ProfileScope&) = delete;
-  ProfileScope& operator=(const ProfileScope&) = delete;
-
- private:
-  Backend* be_ = nullptr;  // null when not profiling
-  const char* name_ = nullptr;
-  int unwinding_ = 0;  // std::uncaught_exceptions() at entry
-  std::chrono::steady_clock::time_point t0_;
-};
-
 // Consecutive steps of one function: next("b") ends step "a" and starts "b"; the destructor ends
-// the last. Avoids wrapping each step's code in a block of its own.
+// the last. Avoids wrapping each step's code in a block of its own. Ending a step waits for the
+// device, which may report a deferred device error: so it may throw, except while another
+// exception unwinds (then it records nothing).
 class ProfileSteps {
  public:
   explicit ProfileSteps(Backend& be) : be_(&be) {}
@@ -46,6 +32,15 @@ class ProfileSteps {
   const char* name_ = nullptr;
   int unwinding_ = 0;
   std::chrono::steady_clock::time_point t0_;
+};
+
+// One named step for the lifetime of the scope.
+class ProfileScope {
+ public:
+  ProfileScope(Backend& be, const char* name) : steps_(be) { steps_.next(name); }
+
+ private:
+  ProfileSteps steps_;
 };
 
 void profile_reset();  // forget what was recorded (e.g. warm-up steps)

@@ -40,17 +40,17 @@ Tensor mla_decode(Backend& be, MLA& a, const Tensor& x, const Tensor& positions,
   const Tensor C = cache.kv_latent.slice(0, total), KR = cache.k_rope.slice(0, total);
   const Tensor& w = a.kv_b_proj->value;  // [H*(dn+dv), r]: per head [W_kb (dn rows) | W_vb (dv)]
   Tensor q_lat = empty({n * H, r});
-  GemmBatch absorb;  // q_lat_h [n, r] = q_nope_h [n, dn] @ W_kb_h [dn, r]
-  absorb.count = H;
-  absorb.m = n;
-  absorb.n = r;
-  absorb.k = dn;
-  absorb.lda = H * dqk;
-  absorb.ldb = r;
-  absorb.ldc = H * r;
-  absorb.stride_a = dqk;
-  absorb.stride_b = (dn + dv) * r;
-  absorb.stride_c = r;
+  // q_lat_h [n, r] = q_nope_h [n, dn] @ W_kb_h [dn, r]
+  const GemmBatch absorb{.count = H,
+                         .m = n,
+                         .n = r,
+                         .k = dn,
+                         .lda = H * dqk,
+                         .ldb = r,
+                         .ldc = H * r,
+                         .stride_a = dqk,
+                         .stride_b = (dn + dv) * r,
+                         .stride_c = r};
   be.matmul_batched(q_lat, q, w, false, false, 1.0f, 0.0f, absorb);
   Tensor q_rope = empty({n * H, dr});
   be.copy_columns(q_rope, 0, q.reshape({n * H, dqk}), dn, dr, false);
@@ -68,17 +68,17 @@ Tensor mla_decode(Backend& be, MLA& a, const Tensor& x, const Tensor& positions,
     be.matmul(ctx_c, scores, Cs, false, false, 1.0f, 0.0f);  // sum_j p_j c_j
   }
   Tensor o = empty({n, H * dv});
-  GemmBatch value;  // o_h [n, dv] = ctx_h [n, r] @ W_vb_h^T: W_vb applied after attention
-  value.count = H;
-  value.m = n;
-  value.n = dv;
-  value.k = r;
-  value.lda = H * r;
-  value.ldb = r;
-  value.ldc = H * dv;
-  value.stride_a = r;
-  value.stride_b = (dn + dv) * r;
-  value.stride_c = dv;
+  // o_h [n, dv] = ctx_h [n, r] @ W_vb_h^T: W_vb applied after attention
+  const GemmBatch value{.count = H,
+                        .m = n,
+                        .n = dv,
+                        .k = r,
+                        .lda = H * r,
+                        .ldb = r,
+                        .ldc = H * dv,
+                        .stride_a = r,
+                        .stride_b = (dn + dv) * r,
+                        .stride_c = dv};
   be.matmul_batched(o, ctx, w.slice(dn, H * (dn + dv)), false, true, 1.0f, 0.0f, value);
   Tensor y = empty({n, x.dim(1)});
   linear_forward(be, y, o, *a.o_proj);

@@ -848,32 +848,30 @@ TEST_F(CudaBackendTest, MatmulBatchedMlaLayouts) {
   // (head blocks of q and of W_kv_b's rows), and W_vb^T applied to the attention context.
   const int64_t n = 5, H = 3, dn = 24, dr = 8, dv = 20, r = 33;
   Tensor q = randn({n, H * (dn + dr)}), w = randn({H * (dn + dv), r});
-  GemmBatch absorb;
-  absorb.count = H;
-  absorb.m = n;
-  absorb.n = r;
-  absorb.k = dn;
-  absorb.lda = H * (dn + dr);
-  absorb.ldb = r;
-  absorb.ldc = H * r;
-  absorb.stride_a = dn + dr;
-  absorb.stride_b = (dn + dv) * r;
-  absorb.stride_c = r;
+  const GemmBatch absorb{.count = H,
+                         .m = n,
+                         .n = r,
+                         .k = dn,
+                         .lda = H * (dn + dr),
+                         .ldb = r,
+                         .ldc = H * r,
+                         .stride_a = dn + dr,
+                         .stride_b = (dn + dv) * r,
+                         .stride_c = r};
   Tensor q_lat = Tensor::empty({n * H, r}), gq_lat = poisoned({n * H, r});
   cpu().matmul_batched(q_lat, q, w, false, false, 1.0f, 0.0f, absorb);
   gpu().matmul_batched(gq_lat, dev(q), dev(w), false, false, 1.0f, 0.0f, absorb);
   EXPECT_CLOSE(gq_lat, q_lat, kF32Tol);
-  GemmBatch value;
-  value.count = H;
-  value.m = n;
-  value.n = dv;
-  value.k = r;
-  value.lda = H * r;
-  value.ldb = r;
-  value.ldc = H * dv;
-  value.stride_a = r;
-  value.stride_b = (dn + dv) * r;
-  value.stride_c = dv;
+  const GemmBatch value{.count = H,
+                        .m = n,
+                        .n = dv,
+                        .k = r,
+                        .lda = H * r,
+                        .ldb = r,
+                        .ldc = H * dv,
+                        .stride_a = r,
+                        .stride_b = (dn + dv) * r,
+                        .stride_c = dv};
   Tensor ctx = randn({n * H, r}), o = randn({n, H * dv}), go = dev(o);
   const Tensor w_v = w.slice(dn, H * (dn + dv));
   cpu().matmul_batched(o, ctx, w_v, false, true, 0.5f, 1.0f, value);  // beta = 1 accumulates
