@@ -60,7 +60,6 @@ void DecoderLayer::release_saved() {
     moe->saved = {};
     moe->gate.saved = {};
     moe->shared_experts.saved = {};
-    for (auto& e : moe->routed_experts) e.saved = {};
   }
 }
 

@@ -1,5 +1,6 @@
-// SwiGLU MLP: y = down(silu(gate(x)) * up(x)). Serves as the dense FFN, the (fused) shared
-// experts and each routed expert, so a routed expert is three named parameters of its own.
+// SwiGLU MLP: y = down(silu(gate(x)) * up(x)). Serves as the dense FFN and the (fused) shared
+// experts; each routed expert is an MLP too, for its three named parameters, but MoE runs the
+// routed experts together (grouped GEMMs), not through MLP::forward.
 #pragma once
 
 #include "nn/params.h"
