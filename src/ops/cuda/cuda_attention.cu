@@ -298,7 +298,7 @@ cudaError_t launch(Kernel kernel, size_t smem, dim3 grid, const void* const* arg
                            cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   if (e != cudaSuccess) return e;
   return cudaLaunchKernel(reinterpret_cast<const void*>(kernel), grid, dim3(kAttnThreads),
-                          const_cast<void**>(args), smem, nullptr);
+                          const_cast<void**>(args), smem, stream());
 }
 
 int shared_limit() {
@@ -337,7 +337,7 @@ cudaError_t attention_delta(float* delta, const float* dout, const float* out,
                             const AttentionShape& s) {
   const int64_t rows = s.batch * s.seq * s.heads;
   if (rows == 0) return cudaSuccess;
-  attention_delta_kernel<<<blocks_for(rows * 32), kThreads>>>(delta, dout, out, s);
+  attention_delta_kernel<<<blocks_for(rows * 32), kThreads, 0, stream()>>>(delta, dout, out, s);
   return cudaGetLastError();
 }
 

@@ -63,8 +63,8 @@ cudaError_t attention_tc_softmax(void* p, float* lse, const float* s, int64_t he
                                  int64_t i0, int64_t seq) {
   if (heads * rows == 0) return cudaSuccess;
   if (heads > 65535) return cudaErrorInvalidValue;
-  attention_tc_softmax_kernel<<<row_grid(heads, rows), kThreads>>>(static_cast<__nv_bfloat16*>(p),
-                                                                   lse, s, rows, i0, seq);
+  attention_tc_softmax_kernel<<<row_grid(heads, rows), kThreads, 0, stream()>>>(
+      static_cast<__nv_bfloat16*>(p), lse, s, rows, i0, seq);
   return cudaGetLastError();
 }
 
@@ -73,7 +73,7 @@ cudaError_t attention_tc_dscores(void* p, void* ds, const float* s, const float*
                                  int64_t i0, int64_t seq, float scale) {
   if (heads * rows == 0) return cudaSuccess;
   if (heads > 65535) return cudaErrorInvalidValue;
-  attention_tc_dscores_kernel<<<row_grid(heads, rows), kThreads>>>(
+  attention_tc_dscores_kernel<<<row_grid(heads, rows), kThreads, 0, stream()>>>(
       static_cast<__nv_bfloat16*>(p), static_cast<__nv_bfloat16*>(ds), s, dp, lse, delta, rows, i0,
       seq, scale);
   return cudaGetLastError();

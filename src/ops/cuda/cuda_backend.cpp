@@ -23,10 +23,22 @@
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/cuda_util.h"
 #include "ops/cuda/kernels.h"
+#include "ops/cuda/stream.h"
 
 namespace moekit {
 
 using cuda::check;
+
+cudaStream_t cuda::stream() {
+  // Created on first use, never destroyed (like the backend). Blocking (cudaStreamDefault):
+  // work on the legacy stream, such as a plain cudaMemcpy, still waits for it.
+  static const cudaStream_t s = [] {
+    cudaStream_t st = nullptr;
+    check(cudaStreamCreateWithFlags(&st, cudaStreamDefault), "stream (cudaStreamCreate)");
+    return st;
+  }();
+  return s;
+}
 
 Backend* cuda_backend() {
   // Created once; never destroyed, so tensors released during static destruction still find it.
@@ -132,6 +144,7 @@ CudaBackend::CudaBackend() {
   // Default math: fp32 GEMMs stay fp32 (no TF32 unless NVIDIA_TF32_OVERRIDE=1 is set), bf16
   // GEMMs use the tensor cores with fp32 accumulation.
   check_cublas(cublas().set_math_mode(h, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
+  check_cublas(cublas().set_stream(h, cuda::stream()), "cublasSetStream");
   cublas_ = h;
   void* slot = nullptr;
   check(cudaMalloc(&slot, sizeof(cuda::IndexError)), "index error slot (cudaMalloc)");
@@ -179,7 +192,7 @@ void CudaBackend::fork_side_streams(size_t n) {
     side_fork_ = fork;
   }
   auto fork = static_cast<cudaEvent_t>(side_fork_);
-  check(cudaEventRecord(fork, nullptr), "fork (cudaEventRecord)");
+  check(cudaEventRecord(fork, cuda::stream()), "fork (cudaEventRecord)");
   for (size_t i = 0; i < n; ++i)
     check(cudaStreamWaitEvent(static_cast<cudaStream_t>(side_streams_[i]), fork, 0),
           "fork (cudaStreamWaitEvent)");
@@ -190,7 +203,7 @@ void CudaBackend::join_side_streams(size_t n) {
     auto done = static_cast<cudaEvent_t>(side_done_[i]);
     check(cudaEventRecord(done, static_cast<cudaStream_t>(side_streams_[i])),
           "join (cudaEventRecord)");
-    check(cudaStreamWaitEvent(nullptr, done, 0), "join (cudaStreamWaitEvent)");
+    check(cudaStreamWaitEvent(cuda::stream(), done, 0), "join (cudaStreamWaitEvent)");
   }
 }
 
@@ -299,7 +312,11 @@ void CudaBackend::copy(Tensor& dst, const Tensor& src) {
   MOEKIT_CHECK(dst.nbytes() == src.nbytes(), "copy: {} vs {} bytes", dst.nbytes(), src.nbytes());
   if (dst.nbytes() == 0) return;
   // Unified addressing: the driver tells host from device pointers (either side may be host).
-  check(cudaMemcpy(dst.raw(), src.raw(), dst.nbytes(), cudaMemcpyDefault), "copy");
+  // In stream order; a copy that touches the host waits for it (the caller reads or reuses it).
+  check(cudaMemcpyAsync(dst.raw(), src.raw(), dst.nbytes(), cudaMemcpyDefault, cuda::stream()),
+        "copy");
+  if (dst.device() != Device::CUDA || src.device() != Device::CUDA)
+    check(cudaStreamSynchronize(cuda::stream()), "copy");
   // A copy to the host has waited for every queued kernel: the point to report bad indices.
   if (dst.device() != Device::CUDA) raise_index_errors();
 }
@@ -308,7 +325,7 @@ void CudaBackend::fill(Tensor& t, float value) {
   if (t.defined() && t.device() != Device::CUDA) fail("CUDA fill: tensor is in host memory");
   if (t.numel() == 0) return;
   if (value == 0.0f && !std::signbit(value)) {
-    check(cudaMemsetAsync(t.raw(), 0, t.nbytes()), "fill");
+    check(cudaMemsetAsync(t.raw(), 0, t.nbytes(), cuda::stream()), "fill");
     return;
   }
   uint32_t bits = 0;
@@ -391,7 +408,7 @@ void grouped_gemm(void* handle, Tensor& c, const Tensor& a, std::span<const Tens
   Tensor dptrs =
       Tensor::empty({int64_t(ptrs.size() * sizeof(void*) / 4)}, DType::I32, Device::CUDA);
   cuda::check(cudaMemcpyAsync(dptrs.raw(), ptrs.data(), ptrs.size() * sizeof(void*),
-                              cudaMemcpyHostToDevice, nullptr),
+                              cudaMemcpyHostToDevice, cuda::stream()),
               "grouped_matmul (pointer upload)");
   const auto* dev_ptrs = static_cast<const void* const*>(dptrs.raw());
   check_cublas(cublas().gemm_grouped(static_cast<cublasHandle_t>(handle), trans_w.data(),

@@ -1,7 +1,7 @@
 // CudaBackend: the op set (ops/ops.h) on an NVIDIA GPU. cuBLAS does the GEMMs; every other op is a
 // kernel of ours, because each is a small fused pass (a norm, a gate, a gather) that no library
-// provides in moekit's layout. All work is queued on the legacy default stream, so kernels run in
-// call order and a host copy waits for the work before it. Results are deterministic: no kernel
+// provides in moekit's layout. All work is queued on one stream (ops/cuda/stream.h), so kernels run
+// in call order and a host copy waits for the work before it. Results are deterministic: no kernel
 // accumulates floats with atomics (scatters go through a sorted plan, reductions use fixed trees).
 // Host side (C++ compiler): cuda_backend.cpp (device, memory, GEMM, add/scale, index checks) and
 // cuda_ops.cpp (argument checks and launches of every other op), cuda_attention_tc.cpp (attention

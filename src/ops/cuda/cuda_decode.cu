@@ -55,7 +55,7 @@ __global__ void argmax_kernel(int32_t* idx, const float* x, int64_t cols, int64_
 
 cudaError_t argmax(int32_t* idx, const float* x, int64_t rows, int64_t cols, int64_t n) {
   if (rows <= 0 || n <= 0) return cudaSuccess;
-  argmax_kernel<<<unsigned(rows), 1024>>>(idx, x, cols, n);
+  argmax_kernel<<<unsigned(rows), 1024, 0, stream()>>>(idx, x, cols, n);
   return cudaGetLastError();
 }
 
@@ -63,7 +63,7 @@ cudaError_t causal_softmax(float* x, int64_t rows, int64_t cols, int64_t group, 
   if (rows <= 0 || cols <= 0) return cudaSuccess;
   // Decode rows are short (the context so far): fewer threads idle on a short row.
   const int threads = cols >= 1024 ? 256 : (cols >= 256 ? 128 : 64);
-  causal_softmax_kernel<<<unsigned(rows), threads>>>(x, cols, group, offset);
+  causal_softmax_kernel<<<unsigned(rows), threads, 0, stream()>>>(x, cols, group, offset);
   return cudaGetLastError();
 }
 

@@ -82,7 +82,8 @@ cudaError_t check_indices(int32_t* safe, const int32_t* idx, int64_t n, int64_t 
                           bool allow_negative, int32_t replacement, int32_t check,
                           IndexError* slot) {
   if (n <= 0) return cudaSuccess;
-  check_indices_kernel<<<1, 1024>>>(safe, idx, n, limit, allow_negative, replacement, check, slot);
+  check_indices_kernel<<<1, 1024, 0, stream()>>>(safe, idx, n, limit, allow_negative, replacement,
+                                                 check, slot);
   return cudaGetLastError();
 }
 

@@ -44,11 +44,11 @@ cudaError_t gemv(float* c, const float* a, const void* w, bool w_bf16, int64_t M
   constexpr int kThreadsPerBlock = 256;  // 8 warps, one weight row each
   const unsigned blocks = unsigned((N * 32 + kThreadsPerBlock - 1) / kThreadsPerBlock);
   if (w_bf16)
-    gemv_kernel<uint16_t><<<blocks, kThreadsPerBlock>>>(c, a, static_cast<const uint16_t*>(w), M, N,
-                                                        K, lda, ldw, ldc, alpha, beta);
+    gemv_kernel<uint16_t><<<blocks, kThreadsPerBlock, 0, stream()>>>(
+        c, a, static_cast<const uint16_t*>(w), M, N, K, lda, ldw, ldc, alpha, beta);
   else
-    gemv_kernel<float><<<blocks, kThreadsPerBlock>>>(c, a, static_cast<const float*>(w), M, N, K,
-                                                     lda, ldw, ldc, alpha, beta);
+    gemv_kernel<float><<<blocks, kThreadsPerBlock, 0, stream()>>>(
+        c, a, static_cast<const float*>(w), M, N, K, lda, ldw, ldc, alpha, beta);
   return cudaGetLastError();
 }
 

@@ -91,15 +91,16 @@ __global__ void cross_entropy_backward_kernel(float* dlogits, const float* logit
 cudaError_t cross_entropy_forward(float* losses, const float* logits, const int32_t* targets,
                                   int64_t rows, int64_t vocab) {
   if (rows == 0) return cudaSuccess;
-  cross_entropy_forward_kernel<<<unsigned(rows), kThreads>>>(losses, logits, targets, vocab);
+  cross_entropy_forward_kernel<<<unsigned(rows), kThreads, 0, stream()>>>(losses, logits, targets,
+                                                                          vocab);
   return cudaGetLastError();
 }
 
 cudaError_t cross_entropy_backward(float* dlogits, const float* logits, const int32_t* targets,
                                    int64_t rows, int64_t vocab, float scale) {
   if (rows == 0) return cudaSuccess;
-  cross_entropy_backward_kernel<<<unsigned(rows), kThreads>>>(dlogits, logits, targets, vocab,
-                                                              scale);
+  cross_entropy_backward_kernel<<<unsigned(rows), kThreads, 0, stream()>>>(dlogits, logits, targets,
+                                                                           vocab, scale);
   return cudaGetLastError();
 }
 

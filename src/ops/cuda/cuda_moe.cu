@@ -68,7 +68,7 @@ __global__ void scatter_add_planned_kernel(float* out, const float* x, const flo
 cudaError_t row_dot(float* out, const float* a, const int32_t* rows, const float* b, int64_t n,
                     int64_t dim) {
   if (n == 0) return cudaSuccess;
-  row_dot_kernel<<<blocks_for(n * 32), kThreads>>>(out, a, rows, b, n, dim);
+  row_dot_kernel<<<blocks_for(n * 32), kThreads, 0, stream()>>>(out, a, rows, b, n, dim);
   return cudaGetLastError();
 }
 
@@ -96,7 +96,8 @@ cudaError_t scatter_add_planned(float* out, const float* x, const float* weights
                                 int64_t dim) {
   if (n == 0 || dim == 0) return cudaSuccess;
   const int threads = dim >= 256 ? 256 : (dim >= 128 ? 128 : 64);
-  scatter_add_planned_kernel<<<unsigned(n), threads>>>(out, x, weights, sorted_rows, order, n, dim);
+  scatter_add_planned_kernel<<<unsigned(n), threads, 0, stream()>>>(out, x, weights, sorted_rows,
+                                                                    order, n, dim);
   return cudaGetLastError();
 }
 
@@ -203,11 +204,11 @@ cudaError_t experts_small(float* y, float* h, const float* x, const int32_t* top
     const int64_t b = (rows + warps_per_block - 1) / warps_per_block;
     return unsigned(b < 1 ? 1 : (b < (int64_t(1) << 20) ? b : (int64_t(1) << 20)));
   };
-  experts_small_up_kernel<W><<<grid(tokens * k * inter), kSmallThreads>>>(
+  experts_small_up_kernel<W><<<grid(tokens * k * inter), kSmallThreads, 0, stream()>>>(
       h, x, topk_idx, weights, tokens * k, k, hidden, inter);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
-  experts_small_down_kernel<W><<<grid(tokens * hidden), kSmallThreads>>>(
+  experts_small_down_kernel<W><<<grid(tokens * hidden), kSmallThreads, 0, stream()>>>(
       y, h, topk_idx, topk_w, weights, tokens, k, hidden, inter, accumulate);
   return cudaGetLastError();
 }
@@ -402,8 +403,8 @@ cudaError_t moe_gate_forward(int32_t* topk_idx, float* topk_w, float* scores, co
   if (tokens == 0) return cudaSuccess;
   const size_t smem =
       size_t(2 * g.p.n_experts + g.p.n_group) * sizeof(float) + size_t(g.p.n_experts + g.p.n_group);
-  moe_gate_forward_kernel<<<unsigned(tokens), kGateThreads, smem>>>(topk_idx, topk_w, scores,
-                                                                    logits, bias, g);
+  moe_gate_forward_kernel<<<unsigned(tokens), kGateThreads, smem, stream()>>>(
+      topk_idx, topk_w, scores, logits, bias, g);
   return cudaGetLastError();
 }
 
@@ -412,8 +413,8 @@ cudaError_t moe_gate_backward(float* dlogits, const float* dtopk_w, const int32_
                               int64_t tokens) {
   if (tokens == 0) return cudaSuccess;
   const size_t smem = size_t(g.p.n_experts) * sizeof(float);
-  moe_gate_backward_kernel<<<unsigned(tokens), kGateThreads, smem>>>(dlogits, dtopk_w, topk_idx,
-                                                                     scores, dscores, g);
+  moe_gate_backward_kernel<<<unsigned(tokens), kGateThreads, smem, stream()>>>(
+      dlogits, dtopk_w, topk_idx, scores, dscores, g);
   return cudaGetLastError();
 }
 

@@ -56,14 +56,14 @@ __global__ void rmsnorm_dw_partial_kernel(float* partial, const float* dout, con
 cudaError_t rmsnorm_forward(float* out, float* rstd, const float* x, const float* w, int64_t rows,
                             int64_t dim, float eps) {
   if (rows == 0) return cudaSuccess;
-  rmsnorm_forward_kernel<<<unsigned(rows), kThreads>>>(out, rstd, x, w, dim, eps);
+  rmsnorm_forward_kernel<<<unsigned(rows), kThreads, 0, stream()>>>(out, rstd, x, w, dim, eps);
   return cudaGetLastError();
 }
 
 cudaError_t rmsnorm_backward_dx(float* dx, const float* dout, const float* x, const float* w,
                                 const float* rstd, int64_t rows, int64_t dim) {
   if (rows == 0) return cudaSuccess;
-  rmsnorm_backward_dx_kernel<<<unsigned(rows), kThreads>>>(dx, dout, x, w, rstd, dim);
+  rmsnorm_backward_dx_kernel<<<unsigned(rows), kThreads, 0, stream()>>>(dx, dout, x, w, rstd, dim);
   return cudaGetLastError();
 }
 
@@ -76,7 +76,7 @@ cudaError_t rmsnorm_backward_dw(float* dw, float* partial, const float* dout, co
   const int64_t chunks = rmsnorm_dw_chunks(rows);
   if (chunks == 0 || dim == 0) return cudaSuccess;
   dim3 grid(unsigned((dim + kThreads - 1) / kThreads), unsigned(chunks));
-  rmsnorm_dw_partial_kernel<<<grid, kThreads>>>(partial, dout, x, rstd, rows, dim);
+  rmsnorm_dw_partial_kernel<<<grid, kThreads, 0, stream()>>>(partial, dout, x, rstd, rows, dim);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
   return for_each(dim, [=] __device__(int64_t c) {

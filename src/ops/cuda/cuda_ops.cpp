@@ -9,6 +9,7 @@
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/cuda_util.h"
 #include "ops/cuda/kernels.h"
+#include "ops/cuda/stream.h"
 
 namespace moekit {
 
@@ -308,7 +309,7 @@ void CudaBackend::moe_experts_small(Tensor& y, const Tensor& x, const Tensor& to
       Tensor t = scratch({int64_t(ptrs.size() * sizeof(void*) / 4)}, DType::I32);
       // From pageable memory the copy is staged at once (as grouped_matmul's pointer upload).
       check(cudaMemcpyAsync(t.raw(), ptrs.data(), ptrs.size() * sizeof(void*),
-                            cudaMemcpyHostToDevice, nullptr),
+                            cudaMemcpyHostToDevice, cuda::stream()),
             op);
       it = expert_tables_.emplace(std::move(ptrs), t).first;
     }

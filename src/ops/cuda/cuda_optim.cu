@@ -53,10 +53,10 @@ int64_t sum_squares_blocks(int64_t n) {
 
 cudaError_t sum_squares(double* out, double* partial, const float* x, int64_t n) {
   const int64_t blocks = sum_squares_blocks(n);
-  sum_squares_partial_kernel<<<unsigned(blocks), kThreads>>>(partial, x, n);
+  sum_squares_partial_kernel<<<unsigned(blocks), kThreads, 0, stream()>>>(partial, x, n);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
-  sum_partials_kernel<<<1, kThreads>>>(out, partial, blocks);
+  sum_partials_kernel<<<1, kThreads, 0, stream()>>>(out, partial, blocks);
   return cudaGetLastError();
 }
 

@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "ops/cuda/stream.h"
+
 namespace moekit::cuda {
 
 constexpr int kThreads = 256;
@@ -28,7 +30,7 @@ __global__ void map_kernel(int64_t n, F f) {
 template <typename F>
 cudaError_t for_each(int64_t n, F f) {
   if (n <= 0) return cudaSuccess;
-  map_kernel<<<blocks_for(n), kThreads>>>(n, f);
+  map_kernel<<<blocks_for(n), kThreads, 0, stream()>>>(n, f);
   return cudaGetLastError();
 }
 

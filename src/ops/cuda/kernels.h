@@ -1,7 +1,8 @@
 // The launch functions of moekit's CUDA kernels: plain pointers and sizes in, the launch status
 // out. The .cu files (compiled by nvcc) define them; the host side of the backend (the .cpp files,
 // compiled by the C++ compiler, where moekit::Error and fmt live) checks arguments, calls these
-// and turns a failed status into an Error naming the op. All launches go to the default stream.
+// and turns a failed status into an Error naming the op. All launches go to the backend's stream
+// (stream.h).
 #pragma once
 
 #include <cuda_runtime_api.h>
