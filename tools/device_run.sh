@@ -3,9 +3,10 @@
 # binaries where their compiled-in paths expect them, then runs the GPU tests (tools/cuda_check.sh
 # on the prebuilt moekit_tests: Cuda*, Gpu*, DeviceCli*) and/or the benchmark against transformers
 # (tools/gpu_bench.sh). Results go to $OUT.
-#   bash tools/device_run.sh [tests|bench|all|profile|quick|decode]
+#   bash tools/device_run.sh [tests|bench|all|profile|quick|decode][,...]   (e.g. tests,decode)
 set -uo pipefail
 WHAT=${1:-all}
+want() { [[ ",$WHAT," == *",$1,"* ]]; }
 R=$(pwd); C=$R/.device-carry; OUT=${OUT:-/tmp/out}
 mkdir -p /tmp/deps "$OUT"
 tar -C /tmp/deps -xJf "$C/deps.tar.xz"
@@ -18,31 +19,33 @@ mkdir -p build/bench
 cp "$C/moekit" "$C/moekit_tests" build/ && cp "$C/moekit_model_bench" build/bench/
 chmod +x build/moekit build/moekit_tests build/bench/moekit_model_bench
 rc=0
-if [ "$WHAT" = tests ] || [ "$WHAT" = all ]; then
+if want tests || want all; then
   LD_LIBRARY_PATH=$LIBS MOEKIT_PREBUILT=$R/build OUT=$OUT/check timeout "${TESTS_TIMEOUT:-300}" \
     bash tools/cuda_check.sh >"$OUT/check.log" 2>&1
   rc=$?
   echo "GPU tests rc=$rc"
   grep -E "^\[  (PASSED|FAILED) |FAILED  \]|^\[ gpu-" "$OUT/check.log" | sort -u | head -40
 fi
-if [ "$WHAT" = bench ] || [ "$WHAT" = all ]; then
+if want bench || want all; then
   MOEKIT_LIB_PATH=$LIBS MOEKIT_BENCH_BIN=build/bench/moekit_model_bench OUT=$OUT/bench \
     timeout "${BENCH_TIMEOUT:-480}" bash tools/gpu_bench.sh 4 4 2048 2>&1 | tail -32
 fi
-if [ "$WHAT" = quick ]; then  # moekit alone, 4 layers bf16: each expert-GEMM mode, one line each
+if want quick; then  # moekit alone, 4 layers bf16: each expert-GEMM mode, one line each
   python3 -c 'import json; c = json.load(open("configs/deepseek-v2-lite.json")); c["num_hidden_layers"] = 4; json.dump(c, open("/tmp/v2-lite-4l.json", "w"))'
   for m in grouped streams; do
     LD_LIBRARY_PATH=$LIBS MOEKIT_CUDA_EXPERT_GEMM=$m build/bench/moekit_model_bench /tmp/v2-lite-4l.json 4 2048 3 16 cuda esft10 bf16 | sed "s/^{/{\"expert_gemm\": \"$m\", /"
   done
 fi
-if [ "$WHAT" = decode ]; then  # batch-1 decode: 4 layers fp32 and bf16, the full model bf16
+if want decode; then  # batch-1 decode: 4 layers fp32 and bf16, the full model bf16; graphs on/off
   python3 -c 'import json; c = json.load(open("configs/deepseek-v2-lite.json")); c["num_hidden_layers"] = 4; json.dump(c, open("/tmp/v2-lite-4l.json", "w"))'
   for run in "/tmp/v2-lite-4l.json fp32" "/tmp/v2-lite-4l.json bf16" "configs/deepseek-v2-lite.json bf16"; do
     set -- $run
-    LD_LIBRARY_PATH=$LIBS build/bench/moekit_model_bench "$1" 1 32 256 16 cuda decode "$2"
+    for graphs in 1 0; do
+      LD_LIBRARY_PATH=$LIBS MOEKIT_CUDA_GRAPHS=$graphs build/bench/moekit_model_bench "$1" 1 32 256 16 cuda decode "$2" | sed "s/^{/{\"graphs\": $graphs, /"
+    done
   done
 fi
-if [ "$WHAT" = profile ]; then  # time per model step, bf16 ESFT: 4 layers, then the full model
+if want profile; then  # time per model step, bf16 ESFT: 4 layers, then the full model
   python3 -c 'import json; c = json.load(open("configs/deepseek-v2-lite.json")); c["num_hidden_layers"] = 4; json.dump(c, open("/tmp/v2-lite-4l.json", "w"))'
   for cfg in ${PROFILE_CFGS:-/tmp/v2-lite-4l.json configs/deepseek-v2-lite.json}; do
     echo "# $cfg"

@@ -19,6 +19,7 @@ namespace {
 struct Entry {
   double seconds = 0;
   int64_t calls = 0;
+  size_t peak_bytes = 0;  // most device memory held during any call
 };
 
 struct Table {
@@ -31,12 +32,13 @@ Table& table() {
   return t;
 }
 
-void record(const char* name, std::chrono::steady_clock::time_point t0) {
+void record(const char* name, std::chrono::steady_clock::time_point t0, size_t peak) {
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::lock_guard<std::mutex> lock(table().mu);
   Entry& e = table().entries[name];
   e.seconds += s;
   ++e.calls;
+  e.peak_bytes = std::max(e.peak_bytes, peak);
 }
 
 }  // namespace
@@ -53,6 +55,7 @@ void ProfileSteps::next(const char* name) {
   if (!profiling()) return;
   end();
   be_->synchronize();
+  be_->open_memory_window();
   name_ = name;
   unwinding_ = std::uncaught_exceptions();
   t0_ = std::chrono::steady_clock::now();
@@ -62,9 +65,10 @@ void ProfileSteps::end() {
   if (!name_) return;
   const char* name = name_;
   name_ = nullptr;
+  const size_t peak = be_->close_memory_window();
   if (std::uncaught_exceptions() > unwinding_) return;
   be_->synchronize();
-  record(name, t0_);
+  record(name, t0_, peak);
 }
 
 void profile_reset() {
@@ -80,7 +84,10 @@ std::string profile_report() {
             [](const auto& a, const auto& b) { return a.second.seconds > b.second.seconds; });
   std::string out;
   for (const auto& [name, e] : rows)
-    out += fmt::format("{}: {:.1f} ms ({} calls)\n", name, e.seconds * 1e3, e.calls);
+    out += e.peak_bytes > 0
+               ? fmt::format("{}: {:.1f} ms ({} calls), peak {:.2f} GiB\n", name, e.seconds * 1e3,
+                             e.calls, double(e.peak_bytes) / double(1 << 30))
+               : fmt::format("{}: {:.1f} ms ({} calls)\n", name, e.seconds * 1e3, e.calls);
   return out;
 }
 

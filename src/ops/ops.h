@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 
@@ -91,6 +92,14 @@ struct ExpertWeights {
   const Tensor* down_proj = nullptr;
 };
 
+// A backend's record of a sequence of ops that can be run again as a whole (a CUDA graph):
+// one launch instead of one per op. Replays read and write the same memory as the recorded ops.
+class CapturedWork {
+ public:
+  virtual ~CapturedWork() = default;
+  virtual void replay() = 0;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -107,6 +116,22 @@ class Backend {
   virtual void synchronize() {}
   // Most bytes held by live tensors of this backend since start (0 where not tracked: the host).
   virtual size_t peak_bytes() { return 0; }
+  // Memory windows (the profile's peak per step): open one, and close it to get the most bytes
+  // held at once while it was open. Windows nest (closed in reverse order of opening); 0 where
+  // not tracked.
+  virtual void open_memory_window() {}
+  virtual size_t close_memory_window() { return 0; }
+
+  // Records the ops that `work` queues without running them, for replay() (CUDA graphs: a decode
+  // step is dozens of small kernels whose launches cost more than their work). Tensors allocated
+  // inside `work` keep their memory for the life of the returned object (so every replay writes
+  // where the record did); `work` may read only tensors that outlive it, must not wait for the
+  // device, and must not depend on host values that change between replays. Null where the
+  // backend cannot record (the CPU, or recording disabled): the caller then runs `work` itself.
+  virtual std::unique_ptr<CapturedWork> capture(const std::function<void()>& work) {
+    (void)work;
+    return nullptr;
+  }
 
   // The compute precision of F32 GEMMs and attention (see Precision); a backend without tensor
   // cores keeps Fp32 and ignores the request.

@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ops/cuda/cuda_backend.h"
@@ -207,6 +208,77 @@ void CudaBackend::join_side_streams(size_t n) {
   }
 }
 
+namespace {
+
+// A recorded decode step (or any op sequence): the instantiated graph and the pool that holds its
+// memory.
+class CudaGraph final : public CapturedWork {
+ public:
+  CudaGraph(CudaBackend& be, cudaGraph_t g, cudaGraphExec_t e, std::shared_ptr<CapturePool> pool,
+            bool has_checks)
+      : be_(be), graph_(g), exec_(e), pool_(std::move(pool)), has_checks_(has_checks) {}
+  ~CudaGraph() override {
+    cudaGraphExecDestroy(exec_);
+    cudaGraphDestroy(graph_);
+  }
+  void replay() override {
+    check(cudaGraphLaunch(exec_, cuda::stream()), "graph replay (cudaGraphLaunch)");
+    if (has_checks_) be_.note_checks_pending();
+  }
+
+ private:
+  CudaBackend& be_;
+  cudaGraph_t graph_;
+  cudaGraphExec_t exec_;
+  std::shared_ptr<CapturePool> pool_;
+  bool has_checks_;
+};
+
+}  // namespace
+
+std::unique_ptr<CapturedWork> CudaBackend::capture(const std::function<void()>& work) {
+  if (const char* off = std::getenv("MOEKIT_CUDA_GRAPHS"); off && std::string(off) == "0")
+    return nullptr;
+  MOEKIT_CHECK(!capture_pool_, "CUDA capture: already recording");
+  // Earlier errors belong to earlier work: report them before recording. Drained, the stream
+  // holds no queued user of any cached block (upload_table relies on it).
+  raise_index_errors();
+  check(cudaStreamSynchronize(cuda::stream()), "capture (drain)");
+  auto pool = std::make_shared<CapturePool>(alloc_);
+  // Relaxed: the allocator may still call cudaMalloc while recording (not a stream operation).
+  check(cudaStreamBeginCapture(cuda::stream(), cudaStreamCaptureModeRelaxed),
+        "capture (cudaStreamBeginCapture)");
+  capture_pool_ = pool;
+  const bool pending_before = checks_pending_;
+  checks_pending_ = false;
+  cudaGraph_t graph = nullptr;
+  try {
+    work();
+  } catch (...) {
+    capture_pool_.reset();
+    pool->recording = false;
+    cudaStreamEndCapture(cuda::stream(), &graph);
+    if (graph) cudaGraphDestroy(graph);
+    cudaGetLastError();
+    throw;
+  }
+  capture_pool_.reset();
+  {
+    std::lock_guard<std::mutex> lock(pool->mu);
+    pool->recording = false;
+  }
+  const bool has_checks = checks_pending_;
+  checks_pending_ = pending_before;
+  check(cudaStreamEndCapture(cuda::stream(), &graph), "capture (cudaStreamEndCapture)");
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
+  if (e != cudaSuccess) {
+    cudaGraphDestroy(graph);
+    check(e, "capture (cudaGraphInstantiate)");
+  }
+  return std::make_unique<CudaGraph>(*this, graph, exec, std::move(pool), has_checks);
+}
+
 void CudaBackend::synchronize() {
   raise_index_errors();
   check(cudaDeviceSynchronize(), "synchronize");
@@ -240,6 +312,7 @@ void* CudaAllocator::get(size_t bytes) {
     std::lock_guard<std::mutex> lock(mu_);
     in_use_ += b;
     peak_ = std::max(peak_, in_use_);
+    for (size_t& w : windows_) w = std::max(w, in_use_);
     auto it = free_.find(b);
     if (it != free_.end()) {
       void* p = it->second;
@@ -272,6 +345,19 @@ void CudaAllocator::put(void* p, size_t bytes) {
   free_.emplace(bucket(bytes), p);
 }
 
+void CudaAllocator::open_window() {
+  std::lock_guard<std::mutex> lock(mu_);
+  windows_.push_back(in_use_);
+}
+
+size_t CudaAllocator::close_window() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (windows_.empty()) return 0;
+  const size_t w = windows_.back();
+  windows_.pop_back();
+  return w;
+}
+
 size_t CudaAllocator::peak_bytes() {
   std::lock_guard<std::mutex> lock(mu_);
   return peak_;
@@ -290,10 +376,65 @@ void CudaAllocator::release_cached() {
   free_.clear();
 }
 
+CapturePool::~CapturePool() {
+  for (auto& [p, bytes] : owned) alloc.put(p, bytes);
+}
+
+void* CapturePool::get(size_t bytes) {
+  const size_t b = CudaAllocator::bucket(bytes);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = free.find(b);
+    if (it != free.end()) {
+      void* p = it->second;
+      free.erase(it);
+      return p;
+    }
+  }
+  void* p = alloc.get(b);
+  std::lock_guard<std::mutex> lock(mu);
+  owned.emplace_back(p, b);
+  return p;
+}
+
+void CapturePool::put(void* p, size_t bytes) {
+  std::lock_guard<std::mutex> lock(mu);
+  // After the recording, a freed block stays reserved (a replay still writes to it).
+  if (recording) free.emplace(CudaAllocator::bucket(bytes), p);
+}
+
 std::shared_ptr<Storage> CudaBackend::allocate(size_t bytes) {
+  if (capture_pool_) {
+    std::shared_ptr<CapturePool> pool = capture_pool_;
+    void* p = pool->get(bytes);
+    return std::make_shared<Storage>(p, bytes, Device::CUDA,
+                                     [pool, bytes](void* q) { pool->put(q, bytes); });
+  }
   void* p = alloc_.get(bytes);
   return std::make_shared<Storage>(p, bytes, Device::CUDA,
                                    [this, bytes](void* q) { alloc_.put(q, bytes); });
+}
+
+Tensor CudaBackend::upload_table(const void* data, size_t bytes, const char* op) {
+  std::shared_ptr<CapturePool> pool = std::exchange(capture_pool_, nullptr);
+  Tensor t = scratch({int64_t((bytes + 3) / 4)}, DType::I32);
+  capture_pool_ = pool;
+  if (!pool) {
+    // From pageable memory the copy is staged at once (as grouped_matmul's pointer upload).
+    check(cudaMemcpyAsync(t.raw(), data, bytes, cudaMemcpyHostToDevice, cuda::stream()), op);
+    return t;
+  }
+  // Recording: a host-memory copy cannot be part of the graph (the table is read at every replay,
+  // its upload belongs to no step), so it goes on a stream of its own, waited for here. capture()
+  // drained the recorded stream first, so no queued kernel still uses the block.
+  static const cudaStream_t upload = [] {
+    cudaStream_t st = nullptr;
+    check(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), "upload stream");
+    return st;
+  }();
+  check(cudaMemcpyAsync(t.raw(), data, bytes, cudaMemcpyHostToDevice, upload), op);
+  check(cudaStreamSynchronize(upload), op);
+  return t;
 }
 
 Tensor CudaBackend::scratch(Shape shape, DType dtype) {
@@ -633,17 +774,20 @@ Tensor CudaBackend::check_indices(const Tensor& idx, int64_t limit, const char* 
     check(cudaMemcpy(&value, idx.i32(), 4, cudaMemcpyDeviceToHost), op);
     fail("{}: {} {} at position 0 out of range [0, {})", op, what, value, limit);
   }
-  // Bound the list of pending checks (a caller that never reads anything back).
-  bool full = false;
+  int32_t id = 0;
   {
     std::lock_guard<std::mutex> lock(checks_mu_);
-    full = checks_.size() >= (size_t(1) << 20);
+    const CheckSite site{op, what, limit};
+    auto it = check_ids_.find(site);
+    if (it == check_ids_.end()) {
+      check_sites_.push_back(site);
+      it = check_ids_.emplace(site, int32_t(check_sites_.size())).first;
+    }
+    id = it->second;
+    checks_pending_ = true;
   }
-  if (full) raise_index_errors();
-  std::lock_guard<std::mutex> lock(checks_mu_);
-  checks_.push_back({op, what, limit});
-  check(cuda::check_indices(safe.i32(), idx.i32(), n, limit, allow_negative, limit > 0 ? 0 : -1,
-                            int32_t(checks_.size()), index_error_),
+  check(cuda::check_indices(safe.i32(), idx.i32(), n, limit, allow_negative, limit > 0 ? 0 : -1, id,
+                            index_error_),
         op);
   return safe;
 }
@@ -652,16 +796,16 @@ void CudaBackend::raise_index_errors() {
   std::string message;
   {
     std::lock_guard<std::mutex> lock(checks_mu_);
-    if (checks_.empty()) return;
+    if (!checks_pending_) return;
     cuda::IndexError e;
     check(cudaMemcpy(&e, index_error_, sizeof e, cudaMemcpyDeviceToHost), "index check");
-    if (e.check > 0 && size_t(e.check) <= checks_.size()) {
-      const PendingCheck& p = checks_[size_t(e.check) - 1];
+    if (e.check > 0 && size_t(e.check) <= check_sites_.size()) {
+      const CheckSite& p = check_sites_[size_t(e.check) - 1];
       message = fmt::format("{}: {} {} at position {} out of range [0, {})", p.op, p.what, e.value,
                             e.position, p.limit);
       check(cudaMemset(index_error_, 0, sizeof e), "index check");
     }
-    checks_.clear();
+    checks_pending_ = false;
   }
   if (!message.empty()) fail("{}", message);
 }

@@ -16,6 +16,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <tuple>
 #include <vector>
 
 #include "ops/ops.h"
@@ -36,12 +37,34 @@ class CudaAllocator {
   void release_cached();  // frees every cached block (retry path when cudaMalloc fails)
   size_t cached_bytes();  // bytes held in cached blocks
   size_t peak_bytes();    // most bytes handed out at once (live tensors, bucket-rounded)
+  void open_window();     // Backend::open_memory_window
+  size_t close_window();
   static size_t bucket(size_t bytes);
 
  private:
   std::mutex mu_;
   std::multimap<size_t, void*> free_;
   size_t in_use_ = 0, peak_ = 0;
+  std::vector<size_t> windows_;  // the peak of each open window, innermost last
+};
+
+// The device blocks of one captured graph (CudaBackend::capture): what the recorded ops allocate
+// comes from here and stays reserved while the graph or any tensor allocated during the capture
+// lives, since every replay writes to the same addresses. Blocks freed during the capture are
+// reused by later allocations of the same capture (a graph recorded from one stream replays in
+// that order, like the stream did).
+struct CapturePool {
+  explicit CapturePool(CudaAllocator& a) : alloc(a) {}
+  ~CapturePool();
+  void* get(size_t bytes);
+  void put(void* p, size_t bytes);
+
+  CudaAllocator& alloc;
+  std::mutex mu;
+  std::multimap<size_t, void*> free;            // bucket -> block, reusable during the capture
+  std::vector<std::pair<void*, size_t>> owned;  // every block, back to `alloc` at the end
+  std::vector<Tensor> keep;  // memory from outside the pool that the graph reads (cached tables)
+  bool recording = true;
 };
 
 class CudaBackend final : public Backend {
@@ -55,7 +78,10 @@ class CudaBackend final : public Backend {
   void fill(Tensor& t, float value) override;
   void memory_info(size_t& free_bytes, size_t& total_bytes) override;
   size_t peak_bytes() override { return alloc_.peak_bytes(); }
+  void open_memory_window() override { alloc_.open_window(); }
+  size_t close_memory_window() override { return alloc_.close_window(); }
   void synchronize() override;
+  std::unique_ptr<CapturedWork> capture(const std::function<void()>& work) override;
   void set_precision(Precision p) override { precision_ = p; }
   Precision precision() const override { return precision_; }
 
@@ -124,6 +150,12 @@ class CudaBackend final : public Backend {
   // Raises the first index error recorded since the last call, if any; waits for the device
   // when checks are pending.
   void raise_index_errors();
+  // A replayed graph ran index checks: the next synchronising call reads the error slot.
+  void note_checks_pending() { checks_pending_ = true; }
+
+  // A device copy of `bytes` of host data that lives in the general cache even while a graph is
+  // recorded (tables kept across steps); while recording it is uploaded off the recorded stream.
+  Tensor upload_table(const void* data, size_t bytes, const char* op);
 
   // Scratch device memory from the caching allocator, released when the tensor goes.
   Tensor scratch(Shape shape, DType dtype);
@@ -169,14 +201,23 @@ class CudaBackend final : public Backend {
   void join_side_streams(size_t n);        // the default stream waits for them
   Precision precision_ = Precision::Fp32;  // initially from MOEKIT_CUDA_FP32_GEMM
   CudaAllocator alloc_;
-  // Index checks queued since the error slot was last read; check id = position + 1.
-  struct PendingCheck {
+  // Set while capture() records: allocations come from the graph's pool.
+  std::shared_ptr<CapturePool> capture_pool_;
+  // Every distinct index check site (op, what, limit) seen, so that an error recorded by a kernel
+  // can be named however long ago the check was queued (a graph replays its checks at every
+  // step); check id = position + 1. Sites are few (ops x shapes).
+  struct CheckSite {
     const char* op;
     const char* what;
     int64_t limit;
+    bool operator<(const CheckSite& o) const {
+      return std::tie(op, what, limit) < std::tie(o.op, o.what, o.limit);
+    }
   };
   std::mutex checks_mu_;
-  std::vector<PendingCheck> checks_;
+  std::vector<CheckSite> check_sites_;
+  std::map<CheckSite, int32_t> check_ids_;
+  bool checks_pending_ = false;              // checks queued since the error slot was last read
   cuda::IndexError* index_error_ = nullptr;  // device memory, one slot
   // Device copies of moe_experts_small's weight pointer tables, keyed by their contents (so a
   // cached table is never stale): a layer's weights stay where they are between decode steps, so

@@ -306,15 +306,12 @@ void CudaBackend::moe_experts_small(Tensor& y, const Tensor& x, const Tensor& to
       // Bound the cache. A dropped table's block returns to the allocator, whose next user is
       // later work on the same stream, so kernels already queued still read the old pointers.
       if (expert_tables_.size() >= 4096) expert_tables_.clear();
-      Tensor t = scratch({int64_t(ptrs.size() * sizeof(void*) / 4)}, DType::I32);
-      // From pageable memory the copy is staged at once (as grouped_matmul's pointer upload).
-      check(cudaMemcpyAsync(t.raw(), ptrs.data(), ptrs.size() * sizeof(void*),
-                            cudaMemcpyHostToDevice, cuda::stream()),
-            op);
+      Tensor t = upload_table(ptrs.data(), ptrs.size() * sizeof(void*), op);
       it = expert_tables_.emplace(std::move(ptrs), t).first;
     }
     table = it->second;
   }
+  if (capture_pool_) capture_pool_->keep.push_back(table);  // a replay reads it
   Tensor h = scratch({T * K, I}, DType::F32);
   check(cuda::moe_experts_small(y.f32(), h.f32(), x.f32(), safe.i32(), topk_w.f32(),
                                 static_cast<const void* const*>(table.raw()), dtype == DType::BF16,
