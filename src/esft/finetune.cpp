@@ -210,6 +210,8 @@ FinetuneResult finetune(const FinetuneOptions& opt) {
   if (opt.method == "esft") {
     cfg = read_expert_config(opt.experts);
     apply_expert_config(*model, cfg, opt.experts.string());
+  } else {  // everything trains: under --dtype bf16 every matrix gets its fp32 master
+    model->params().set_trainable([](const Param&) { return true; });
   }
   FinetuneResult res = finetune_model(*model, tok, opt);
 
