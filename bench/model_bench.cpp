@@ -112,6 +112,8 @@ int main(int argc, char** argv) {
         std::smatch m;
         return std::regex_search(p.name, m, expert) && std::stoi(m[1]) % 10 == 0;
       });
+    } else {  // grad, all: everything trains (bf16 matrices get fp32 masters)
+      model.params().set_trainable([](const Param&) { return true; });
     }
     model.params().allocate_grads();
     Tensor ids_host = Tensor::empty({B * S}, DType::I32);

@@ -11,11 +11,15 @@
 namespace moekit {
 
 // A hash of the base model's config and of the frozen tensors' leading values (embedding,
-// LM head, norms): cheap for any model size, different for different weights.
-std::string base_fingerprint(const DeepSeekModel& model);
+// LM head, final norm) as fp32: cheap for any model size, different for different weights, the
+// same for the same values stored in fp32 or bf16. `bf16_rounded` hashes the values rounded to
+// bf16 (what a bf16 model of this checkpoint holds).
+std::string base_fingerprint(const DeepSeekModel& model, bool bf16_rounded = false);
 
 // Overwrites the adapter's tensors in `model`; errors (naming the adapter file) for unknown
-// tensors, wrong shapes or a fingerprint from another base.
+// tensors, wrong shapes or a fingerprint from another base. An adapter trained on the bf16 model
+// of an fp32 checkpoint applies to the fp32 model and the other way round (metadata
+// base_fingerprint_bf16).
 void apply_adapter(DeepSeekModel& model, const std::filesystem::path& adapter_dir);
 
 }  // namespace moekit

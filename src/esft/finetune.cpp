@@ -200,13 +200,18 @@ FinetuneResult finetune(const FinetuneOptions& opt) {
   }
   auto model = load_model(opt.model, opt.device, opt.weights);
   model->set_activation_checkpointing(opt.activation_checkpointing);
-  const std::string fingerprint = base_fingerprint(*model);  // of the base, before any update
+  // Of the base, before any update; also of its values rounded to bf16, so a bf16 model of an
+  // fp32 checkpoint accepts the adapter (apply_adapter).
+  const std::string fingerprint = base_fingerprint(*model),
+                    fingerprint_bf16 = base_fingerprint(*model, true);
   const fs::path tok_path = opt.tokenizer.empty() ? opt.model / "tokenizer.json" : opt.tokenizer;
   Tokenizer tok = Tokenizer::load(tok_path);
   ExpertConfig cfg;
   if (opt.method == "esft") {
     cfg = read_expert_config(opt.experts);
     apply_expert_config(*model, cfg, opt.experts.string());
+  } else {  // everything trains: under --dtype bf16 every matrix gets its fp32 master
+    model->params().set_trainable([](const Param&) { return true; });
   }
   FinetuneResult res = finetune_model(*model, tok, opt);
 
@@ -218,9 +223,11 @@ FinetuneResult finetune(const FinetuneOptions& opt) {
     std::vector<std::pair<std::string, Tensor>> trained;
     for (auto& p : model->params().all())
       if (p->trainable) trained.emplace_back(p->name, p->value);
-    save_safetensors(
-        opt.out / "adapter.safetensors", trained,
-        {{"format", "pt"}, {"moekit_adapter", "esft"}, {"base_fingerprint", fingerprint}});
+    save_safetensors(opt.out / "adapter.safetensors", trained,
+                     {{"format", "pt"},
+                      {"moekit_adapter", "esft"},
+                      {"base_fingerprint", fingerprint},
+                      {"base_fingerprint_bf16", fingerprint_bf16}});
     write_file_atomic(opt.out / "expert_config.json", cfg.to_json_text());
   } else {
     save_model(*model, opt.out);

@@ -24,7 +24,7 @@ struct FinetuneOptions {
   uint64_t seed = 5934875;  // base.yaml
   int64_t log_every = 10;
   Device device = Device::CPU;            // where the model, gradients and AdamW state live
-  DType weights = DType::F32;             // BF16: frozen GEMM weights stay bf16 (CUDA; ParamTable)
+  DType weights = DType::F32;             // BF16: frozen matrices in bf16 (CUDA; ParamTable)
   bool activation_checkpointing = false;  // recompute each layer in backward (DeepSeekModel)
 };
 

@@ -37,7 +37,8 @@ std::vector<CheckpointTensor> checkpoint_layout(const ModelConfig& c);
 
 // Loads config and weights; every missing, extra, mis-shaped or unsupported tensor is an Error
 // naming the file and the tensor.
-// `matrix_dtype` BF16 keeps the GEMM weights in bf16 on the device (DeepSeekModel).
+// `matrix_dtype` BF16 keeps the frozen GEMM weights, embedding and LM head in bf16 on the device
+// (DeepSeekModel).
 std::unique_ptr<DeepSeekModel> load_model(const std::filesystem::path& dir,
                                           Device device = Device::CPU,
                                           DType matrix_dtype = DType::F32);

@@ -68,7 +68,10 @@ DeepSeekModel::DeepSeekModel(const ModelConfig& config, Device device, bool allo
     : config_(config), device_(device), params_(allocate, matrix_dtype) {
   validate(config_, "model config");
   const auto& c = config_;
-  embed_tokens = params_.add("model.embed_tokens.weight", {c.vocab_size, c.hidden_size}, device);
+  // The embedding and the LM head are matrices too: bf16 while frozen in a bf16 table (the
+  // lookup widens the bf16 rows; the LM head is a GEMM), fp32 masters while they train.
+  embed_tokens = params_.add_matrix("model.embed_tokens.weight", {c.vocab_size, c.hidden_size},
+                                    device, Op::Embedding);
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const std::string p = fmt::format("model.layers.{}", l);
     DecoderLayer layer;
@@ -87,7 +90,7 @@ DeepSeekModel::DeepSeekModel(const ModelConfig& config, Device device, bool allo
   }
   norm_.weight = params_.add("model.norm.weight", {c.hidden_size}, device);
   norm_.eps = float(c.rms_norm_eps);
-  lm_head = params_.add("lm_head.weight", {c.vocab_size, c.hidden_size}, device);
+  lm_head = params_.add_matrix("lm_head.weight", {c.vocab_size, c.hidden_size}, device);
 }
 
 Tensor DeepSeekModel::forward(const Tensor& ids, int64_t batch, int64_t seq) {

@@ -37,7 +37,8 @@ class DeepSeekModel {
  public:
   // `allocate` false builds the layout only (params() names and shapes, no weights; forward and
   // backward must not be called): the one enumeration of checkpoint tensors (checkpoint_layout).
-  // `matrix_dtype` BF16 keeps frozen GEMM weights in bf16 (ParamTable; CUDA only).
+  // `matrix_dtype` BF16 keeps frozen GEMM weights, the embedding and the LM head in bf16
+  // (ParamTable; CUDA only).
   DeepSeekModel(const ModelConfig& config, Device device = Device::CPU, bool allocate = true,
                 DType matrix_dtype = DType::F32);
 

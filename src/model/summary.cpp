@@ -68,9 +68,8 @@ MemoryEstimate estimate_memory(const ModelConfig& c, int64_t tokens, int64_t tra
   MemoryEstimate m;
   const double total = double(summarize(c).total);
   m.weights = total * 4.0;
-  if (weights == DType::BF16) {  // the frozen rest in bf16; embedding and LM head stay fp32
-    const double tables = 2.0 * double(c.vocab_size) * double(c.hidden_size);
-    const double frozen = std::max(0.0, total - double(trainable_params) - tables);
+  if (weights == DType::BF16) {  // the frozen rest in bf16, embedding and LM head included
+    const double frozen = std::max(0.0, total - double(trainable_params));
     m.weights = (total - frozen) * 4.0 + frozen * 2.0;
   }
   m.grads = double(trainable_params) * 4.0;

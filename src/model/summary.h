@@ -33,7 +33,9 @@ struct MemoryEstimate {
   double weights = 0, grads = 0, optimizer = 0, activations = 0;
   double total() const { return weights + grads + optimizer + activations; }
 };
-// `weights` BF16: frozen GEMM weights in bf16 (ParamTable's matrix dtype), the rest fp32.
+// `weights` BF16: frozen weights in bf16 (ParamTable's matrix dtype: the GEMM weights, the
+// embedding and the LM head; the few frozen norm and router values, fp32 in fact, are counted at
+// 2 bytes too), trainable ones in fp32.
 // Training (trainable_params > 0) runs the LM head and loss over chunks of 2048 tokens;
 // `checkpointing` keeps each layer's input and one layer's activations.
 MemoryEstimate estimate_memory(const ModelConfig& c, int64_t tokens, int64_t trainable_params,

@@ -25,11 +25,11 @@ Param* ParamTable::add_as(const std::string& name, Shape shape, Device device, b
   return raw;
 }
 
-Param* ParamTable::add_matrix(const std::string& name, Shape shape, Device device) {
+Param* ParamTable::add_matrix(const std::string& name, Shape shape, Device device, Op consumer) {
   if (allocate_ && matrix_dtype_ != DType::F32 &&
-      !backend(device).supports(Op::Matmul, matrix_dtype_))
-    fail("{} weights need a device with {} GEMMs (use --device cuda)", dtype_name(matrix_dtype_),
-         dtype_name(matrix_dtype_));
+      !backend(device).supports(consumer, matrix_dtype_))
+    fail("{} weights need a device with {} {} (use --device cuda)", dtype_name(matrix_dtype_),
+         dtype_name(matrix_dtype_), consumer == Op::Embedding ? "embedding lookups" : "GEMMs");
   Param* p = add_as(name, shape, device, false, matrix_dtype_);
   p->matrix = true;
   return p;
@@ -69,9 +69,15 @@ void ParamTable::set_trainable(const std::function<bool(const Param&)>& pred) {
 }
 
 void ParamTable::allocate_grads() {
-  for (auto& p : params_)
-    if (p->trainable && !p->grad.defined())
-      p->grad = Tensor::zeros(p->value.shape(), DType::F32, p->value.device());
+  for (auto& p : params_) {
+    if (!p->trainable || p->grad.defined()) continue;
+    if (p->value.dtype() != DType::F32)
+      fail(
+          "parameter {} trains but is stored in {} (set_trainable gives trainable matrices fp32 "
+          "masters)",
+          p->name, dtype_name(p->value.dtype()));
+    p->grad = Tensor::zeros(p->value.shape(), DType::F32, p->value.device());
+  }
 }
 
 void ParamTable::zero_grads() {

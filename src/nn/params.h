@@ -2,9 +2,10 @@
 // Gradients and optimizer state are laid out from this table, so "which tensors train" is data:
 // a frozen parameter has no gradient tensor, and every backward skips its weight-gradient GEMM.
 // Buffers (e.g. the MoE balance bias) live here too, never trainable, so checkpoints carry them.
-// Storage dtype: every value is fp32 except frozen GEMM weights ("matrices": the linear layers'
-// weights) of a table whose matrix dtype is BF16 — a large model on one GPU keeps its frozen
-// weights in bf16 with no fp32 copy, and only what trains gets an fp32 master (set_trainable).
+// Storage dtype: every value is fp32 except frozen "matrices" (the linear layers' weights, the LM
+// head and the token embedding table) of a table whose matrix dtype is BF16 — a large model on one
+// GPU keeps its frozen weights in bf16 with no fp32 copy, and only what trains gets an fp32 master
+// (set_trainable).
 #pragma once
 
 #include <functional>
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "core/tensor.h"
+#include "ops/ops.h"
 
 namespace moekit {
 
@@ -24,7 +26,9 @@ struct Param {
   Tensor grad;       // defined only while trainable (same shape as value)
   bool trainable = true;
   bool buffer = false;  // not a parameter: no gradient ever (balance bias)
-  bool matrix = false;  // a GEMM weight (consumed only by matmul): may be stored in bf16
+  // A GEMM weight or the embedding table (read only by matmul or the embedding lookup, which
+  // accept BF16 where the backend supports it): may be stored in bf16 while frozen.
+  bool matrix = false;
 };
 
 // Copies `src` (any float dtype, any device) into p.value, converting to the value's dtype; the
@@ -40,9 +44,11 @@ class ParamTable {
   explicit ParamTable(bool allocate = true, DType matrix_dtype = DType::F32)
       : allocate_(allocate), matrix_dtype_(matrix_dtype) {}
   Param* add(const std::string& name, Shape shape, Device device, bool buffer = false);
-  // A GEMM weight: stored in the matrix dtype while frozen (all parameters start trainable, but
-  // a bf16 table starts its matrices in bf16, so a large model never holds an fp32 copy of them).
-  Param* add_matrix(const std::string& name, Shape shape, Device device);
+  // A GEMM weight, or a table read by `consumer` (Op::Embedding for the token embedding): stored
+  // in the matrix dtype while frozen (all parameters start trainable, but a bf16 table starts its
+  // matrices in bf16, so a large model never holds an fp32 copy of them; set_trainable gives the
+  // ones that train fp32 masters, and allocate_grads refuses a trainable matrix still in bf16).
+  Param* add_matrix(const std::string& name, Shape shape, Device device, Op consumer = Op::Matmul);
   DType matrix_dtype() const { return matrix_dtype_; }
   Param* find(const std::string& name) const;
   Param& at(const std::string& name) const;  // Error naming the tensor if absent
@@ -52,7 +58,8 @@ class ParamTable {
   // table a trainable matrix gets an fp32 value (its master copy, from the bf16 values) and a
   // frozen one returns to bf16.
   void set_trainable(const std::function<bool(const Param&)>& pred);
-  // Allocates (zeroed) gradients for trainable parameters that have none.
+  // Allocates (zeroed) gradients for trainable parameters that have none. Every trainable value
+  // must be fp32 (a bf16 table's trainable matrices get their masters from set_trainable).
   void allocate_grads();
   void zero_grads();
 

@@ -157,7 +157,9 @@ class Backend {
   virtual void add(Tensor& y, const Tensor& x, float alpha) = 0;
   virtual void scale(Tensor& y, float alpha) = 0;
 
-  // out[T,C] = table[ids[t]]; backward: dtable[ids[t]] += dout[t].
+  // out[T,C] = table[ids[t]]; backward: dtable[ids[t]] += dout[t]. out, dout and dtable are F32;
+  // the forward's table may be BF16 (a frozen table of a bf16 model) where the backend
+  // supports(Embedding, BF16), and is widened exactly.
   virtual void embedding_forward(Tensor& out, const Tensor& table, const Tensor& ids) = 0;
   virtual void embedding_backward(Tensor& dtable, const Tensor& dout, const Tensor& ids) = 0;
 

@@ -208,6 +208,40 @@ TEST_F(GpuCli, Bf16ForwardAndEsftFinetune) {
     }
     EXPECT_LE(d / m, 1e-2) << name;
   }
+
+  // The base is an fp32 checkpoint: its bf16 model (embedding and LM head in bf16 too) holds
+  // rounded values, yet each adapter applies to the other storage (base_fingerprint_bf16).
+  std::ofstream(tmp.path() / "ids.json") << R"({"ids": [[0, 5, 9, 13, 77, 2, 1, 40]]})";
+  auto forward = [&](const std::string& adapter, const std::string& device_args) {
+    return test::run_moekit(
+        "forward --model " + base.string() + " --adapter " + (tmp.path() / adapter).string() +
+        " --input " + (tmp.path() / "ids.json").string() + " --out " +
+        (tmp.path() / (adapter + ".logits.safetensors")).string() + " " + device_args);
+  };
+  auto on_cpu = forward("a16", "--device cpu");
+  EXPECT_EQ(on_cpu.rc, 0) << on_cpu.err;
+  auto on_bf16 = forward("a32", "--device cuda --dtype bf16");
+  EXPECT_EQ(on_bf16.rc, 0) << on_bf16.err;
+
+  // Full fine-tuning under --dtype bf16: every matrix, the embedding and the LM head included,
+  // trains as an fp32 master (AdamW takes fp32 weights only), and all of them move.
+  auto full = test::run_moekit("finetune --model " + base.string() + " --data " +
+                               (tmp.path() / "task.jsonl").string() + " --method full --out " +
+                               (tmp.path() / "full").string() +
+                               " --steps 2 --seq 64 --accumulation 1 --lr 1e-2 --device cuda "
+                               "--dtype bf16");
+  ASSERT_EQ(full.rc, 0) << full.err;
+  auto before = SafetensorsFile::open(base / "model.safetensors");
+  auto after = SafetensorsFile::open(tmp.path() / "full/model.safetensors");
+  for (const std::string name :
+       {"model.embed_tokens.weight", "lm_head.weight", "model.layers.0.mlp.up_proj.weight"}) {
+    const Tensor x = before.tensors().at(name).tensor.to_f32();
+    const Tensor y = after.tensors().at(name).tensor.to_f32();
+    ASSERT_EQ(x.numel(), y.numel()) << name;
+    double moved = 0;
+    for (int64_t i = 0; i < x.numel(); ++i) moved += std::abs(x.f32()[i] - y.f32()[i]);
+    EXPECT_GT(moved, 0.0) << name << " did not train";
+  }
 }
 
 TEST_F(GpuCli, TrainRunsAndResumes) {

@@ -21,6 +21,7 @@
 #include <string>
 
 #include "core/error.h"
+#include "esft/adapter.h"
 #include "esft/finetune.h"
 #include "infer/generator.h"
 #include "model/checkpoint.h"
@@ -313,6 +314,207 @@ TEST(GpuBf16, FrozenWeightsStayBf16AndTrackCpu) {
       "%.5f (cpu %.5f %.5f %.5f); weights %.1f KiB (fp32 %.1f KiB)\n",
       d_logits, lg.loss[0], lg.loss[1], lg.loss[2], lc.loss[0], lc.loss[1], lc.loss[2],
       double(gpu.params().value_bytes()) / 1024, double(fp32_bytes) / 1024);
+}
+
+// The embedding and the LM head are matrices of a bf16 table like the GEMM weights: bf16 while
+// frozen (half the bytes of the model's two largest tensors), fp32 masters while they train, back
+// to bf16 (the master rounded) when frozen again. The oracle is again the CPU model holding the
+// bf16-rounded weights. Forward, decode and loss: the tolerances of the test above (4e-2 logits,
+// 2e-2 loss). Gradients: backward chains about as many bf16 GEMMs again as forward (the LM head's
+// dx and dW, each layer's dx), so twice the logits' bound, 1e-1; a wrong row, a missing term or an
+// unconverted table is O(1). The chunked LM head + loss (loss_and_backward, 16-row chunks of 48
+// tokens) sends dx through the frozen bf16 LM head, as ESFT does.
+TEST(GpuBf16, EmbeddingAndLmHeadAreBf16WhileFrozen) {
+  SKIP_WITHOUT_GPU();
+  struct PrecisionGuard {
+    PrecisionGuard() { backend(Device::CUDA).set_precision(Precision::Bf16); }
+    ~PrecisionGuard() { backend(Device::CUDA).set_precision(Precision::Fp32); }
+  };
+  const ModelConfig c = tiny_config();
+  DeepSeekModel raw(c, Device::CPU), cpu(c, Device::CPU), gpu(c, Device::CUDA, true, DType::BF16);
+  raw.init_random(7, 0.2f);
+  cpu.init_random(7, 0.2f);
+  gpu.init_random(7, 0.2f);
+  for (const auto& p : cpu.params().all())
+    if (p->matrix) p->value = p->value.to_dtype(DType::BF16).to_f32();
+  const std::string kEmbed = "model.embed_tokens.weight", kHead = "lm_head.weight";
+  const size_t table_bf16_bytes = size_t(c.vocab_size * c.hidden_size) * 2;
+  for (const std::string& name : {kEmbed, kHead}) {
+    const Param& p = gpu.params().at(name);
+    EXPECT_TRUE(p.matrix) << name;
+    ASSERT_EQ(p.value.dtype(), DType::BF16) << name;
+    EXPECT_EQ(p.value.device(), Device::CUDA) << name;
+    EXPECT_EQ(p.value.nbytes(), table_bf16_bytes) << name;
+    EXPECT_EQ(rel_diff(p.value.to_host().to_f32(), cpu.params().at(name).value), 0.0) << name;
+  }
+  // As constructed every parameter is trainable but the matrices are bf16: no gradient for them
+  // until set_trainable has given the trainable ones fp32 masters.
+  try {
+    gpu.params().allocate_grads();
+    ADD_FAILURE() << "gradients allocated for bf16 matrices";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("set_trainable"), std::string::npos) << e.what();
+  }
+  // The fingerprint reads values as fp32: the bf16 model, the CPU model holding the same values
+  // and the unrounded CPU model's bf16-rounded fingerprint agree.
+  EXPECT_EQ(base_fingerprint(gpu), base_fingerprint(cpu));
+  EXPECT_EQ(base_fingerprint(raw, true), base_fingerprint(gpu));
+  EXPECT_NE(base_fingerprint(raw), base_fingerprint(gpu));
+
+  PrecisionGuard bf16_precision;
+  const int64_t batch = 2, seq = 24;
+  const Tensor ids = random_ids(batch * seq, c.vocab_size, 5);
+  const Tensor targets = shifted_targets(ids, batch, seq);
+  const double d_logits = rel_diff(gpu.forward(ids, batch, seq), cpu.forward(ids, batch, seq));
+  expect_same_routing(gpu, cpu);
+  EXPECT_LE(d_logits, 4e-2);
+  // Decoding: the bf16 embedding lookup and the LM head's GEMV on bf16 rows.
+  double d_decode = 0.0;
+  {
+    Generator gg(gpu, 32), gc(cpu, 32);
+    const std::vector<int32_t> prompt = {3, 250, 17};
+    d_decode = rel_diff(gg.feed(prompt), gc.feed(prompt));
+    EXPECT_LE(d_decode, 4e-2);
+    d_decode = std::max(d_decode, rel_diff(gg.feed({299}), gc.feed({299})));
+    EXPECT_LE(d_decode, 4e-2);
+  }
+
+  // Both tables train: fp32 masters holding the bf16 values exactly, gradients from the chunked
+  // loss, an AdamW step; frozen again they return to bf16, the master rounded.
+  const auto tables = [&](const Param& p) { return p.name == kEmbed || p.name == kHead; };
+  const size_t frozen_bytes = gpu.params().value_bytes();
+  std::map<std::string, Tensor> stored;
+  for (const std::string& name : {kEmbed, kHead})
+    stored[name] = gpu.params().at(name).value.to_host().to_f32();
+  gpu.params().set_trainable(tables);
+  cpu.params().set_trainable(tables);
+  for (const std::string& name : {kEmbed, kHead}) {
+    const Param& p = gpu.params().at(name);
+    ASSERT_EQ(p.value.dtype(), DType::F32) << name;
+    EXPECT_EQ(p.value.device(), Device::CUDA) << name;
+    const Tensor now = p.value.to_host();
+    EXPECT_EQ(std::memcmp(now.raw(), stored[name].raw(), now.nbytes()), 0) << name;
+  }
+  EXPECT_EQ(gpu.params().value_bytes(), frozen_bytes + 2 * table_bf16_bytes);
+  for (auto* m : {&cpu, &gpu}) {
+    m->params().allocate_grads();
+    m->params().zero_grads();
+  }
+  const float loss_c = cpu.loss_and_backward(ids, targets, batch, seq, 1.0f, 16);
+  const float loss_g = gpu.loss_and_backward(ids, targets, batch, seq, 1.0f, 16);
+  expect_same_routing(gpu, cpu);
+  EXPECT_LE(std::abs(double(loss_g) - double(loss_c)) / double(loss_c), 2e-2);
+  double d_grad = 0.0;
+  for (const std::string& name : {kEmbed, kHead}) {
+    const Param& p = gpu.params().at(name);
+    ASSERT_TRUE(p.grad.defined()) << name;
+    const double d = rel_diff(p.grad, cpu.params().at(name).grad);
+    EXPECT_LE(d, 1e-1) << name;
+    EXPECT_GT(rel_diff(p.grad, Tensor::zeros(p.grad.shape())), 0.0) << name << ": zero gradient";
+    d_grad = std::max(d_grad, d);
+  }
+  AdamW adam;
+  adam.step(gpu.params(), 1e-2);
+  std::map<std::string, Tensor> master;
+  for (const std::string& name : {kEmbed, kHead}) {
+    master[name] = gpu.params().at(name).value.to_host().clone();
+    EXPECT_GT(rel_diff(master[name], stored[name]), 0.0) << name << " did not move";
+  }
+  gpu.params().set_trainable([](const Param&) { return false; });
+  for (const std::string& name : {kEmbed, kHead}) {
+    const Param& p = gpu.params().at(name);
+    ASSERT_EQ(p.value.dtype(), DType::BF16) << name;
+    EXPECT_FALSE(p.grad.defined()) << name;
+    const Tensor now = p.value.to_host(), want = master[name].to_dtype(DType::BF16);
+    ASSERT_EQ(now.nbytes(), want.nbytes());
+    EXPECT_EQ(std::memcmp(now.raw(), want.raw(), now.nbytes()), 0) << name;
+  }
+  EXPECT_EQ(gpu.params().value_bytes(), frozen_bytes);
+  std::printf(
+      "[ gpu-bf16 ] bf16 embedding + LM head: logits within %.2e, decode %.2e, loss %.5f (cpu "
+      "%.5f), table gradients %.2e; %.1f KiB each\n",
+      d_logits, d_decode, double(loss_g), double(loss_c), d_grad, double(table_bf16_bytes) / 1024);
+}
+
+// ESFT with the embedding and the LM head frozen in bf16: the chunked loss's dx runs through the
+// bf16 LM head (16-row chunks), the chosen experts train, the tables stay bf16 and bit-identical,
+// with no gradient. Loss and expert gradients against the rounded CPU model at the tolerances of
+// the test above.
+TEST(GpuBf16, EsftStepWithFrozenBf16Tables) {
+  SKIP_WITHOUT_GPU();
+  struct PrecisionGuard {
+    PrecisionGuard() { backend(Device::CUDA).set_precision(Precision::Bf16); }
+    ~PrecisionGuard() { backend(Device::CUDA).set_precision(Precision::Fp32); }
+  };
+  const ModelConfig c = tiny_config();
+  DeepSeekModel cpu(c, Device::CPU), gpu(c, Device::CUDA, true, DType::BF16);
+  cpu.init_random(9, 0.2f);
+  gpu.init_random(9, 0.2f);
+  for (const auto& p : cpu.params().all())
+    if (p->matrix) p->value = p->value.to_dtype(DType::BF16).to_f32();
+  ExpertConfig ec;
+  ec.experts[1] = {1, 6};
+  apply_expert_config(cpu, ec, "cfg");
+  apply_expert_config(gpu, ec, "cfg");
+  std::map<std::string, Tensor> before;
+  for (const char* name : {"model.embed_tokens.weight", "lm_head.weight"}) {
+    ASSERT_EQ(gpu.params().at(name).value.dtype(), DType::BF16) << name;
+    before[name] = gpu.params().at(name).value.to_host().clone();
+  }
+  PrecisionGuard bf16_precision;
+  const int64_t batch = 2, seq = 24;
+  const Tensor ids = random_ids(batch * seq, c.vocab_size, 12);
+  const Tensor targets = shifted_targets(ids, batch, seq);
+  // Two steps as ESFT takes them; gradients compared on the first (after it the two sides' experts
+  // differ by their AdamW steps from slightly different gradients), losses on both.
+  AdamW adam_c, adam_g;
+  for (int step = 0; step < 2; ++step) {
+    for (auto* m : {&cpu, &gpu}) {
+      m->params().allocate_grads();
+      m->params().zero_grads();
+    }
+    const float loss_c = cpu.loss_and_backward(ids, targets, batch, seq, 1.0f, 16);
+    const float loss_g = gpu.loss_and_backward(ids, targets, batch, seq, 1.0f, 16);
+    expect_same_routing(gpu, cpu);
+    EXPECT_LE(std::abs(double(loss_g) - double(loss_c)) / double(loss_c), 2e-2) << step;
+    int trained = 0;
+    for (const auto& p : cpu.params().all()) {
+      if (!p->grad.defined()) continue;
+      ++trained;
+      const Param& q = gpu.params().at(p->name);
+      ASSERT_TRUE(q.grad.defined()) << p->name;
+      EXPECT_EQ(q.value.dtype(), DType::F32) << p->name;
+      if (step == 0) {
+        EXPECT_LE(rel_diff(q.grad, p->grad), 1e-1) << p->name;
+      }
+    }
+    EXPECT_EQ(trained, 6);
+    adam_c.step(cpu.params(), 1e-3);
+    adam_g.step(gpu.params(), 1e-3);
+  }
+  for (const auto& [name, t] : before) {
+    const Param& p = gpu.params().at(name);
+    EXPECT_EQ(p.value.dtype(), DType::BF16) << name;
+    EXPECT_FALSE(p.grad.defined()) << name;
+    const Tensor now = p.value.to_host();
+    ASSERT_EQ(now.nbytes(), t.nbytes());
+    EXPECT_EQ(std::memcmp(now.raw(), t.raw(), now.nbytes()), 0) << name;
+  }
+}
+
+// The CPU backend never holds bf16 weights (--dtype bf16 needs --device cuda), but a BF16 table
+// that reaches its embedding lookup is a clear error, not a misread. Runs without a GPU.
+TEST(GpuBf16, CpuEmbeddingRefusesBf16Table) {
+  Tensor table = Tensor::zeros({4, 3}, DType::BF16), ids = Tensor::zeros({2}, DType::I32);
+  Tensor out = Tensor::empty({2, 3});
+  try {
+    backend(Device::CPU).embedding_forward(out, table, ids);
+    FAIL() << "the CPU backend accepted a BF16 table";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("embedding_forward: BF16 table on the CPU"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("--device cuda"), std::string::npos) << msg;
+  }
 }
 
 TEST(GpuBf16, CpuRefusesBf16Weights) {

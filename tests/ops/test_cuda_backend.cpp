@@ -305,6 +305,42 @@ TEST_F(CudaBackendTest, EmbeddingForwardBackward) {
                      "embedding_forward: token id 50 at position 17 out of range [0, 50)");
 }
 
+// A BF16 table (the frozen embedding of a bf16 model): each row is widened exactly, so the CPU
+// lookup in the same table rounded to bf16 and held in fp32 is the oracle, bit for bit. C odd
+// (rows start at odd 2-byte offsets), T >> V; out poisoned; the index check works as for F32.
+TEST_F(CudaBackendTest, EmbeddingForwardBf16Table) {
+  EXPECT_TRUE(gpu().supports(Op::Embedding, DType::BF16));
+  EXPECT_FALSE(cpu().supports(Op::Embedding, DType::BF16));
+  const int64_t V = 50, C = 77, T = 301;
+  Tensor table = randn({V, C}), ids = randint({T}, 0, int32_t(V));
+  ids.i32()[0] = 0;
+  ids.i32()[1] = int32_t(V - 1);  // first and last rows
+  const Tensor table16 = table.to_dtype(DType::BF16);
+  Tensor ref = Tensor::empty({T, C}), out = poisoned({T, C});
+  cpu().embedding_forward(ref, table16.to_f32(), ids);
+  gpu().embedding_forward(out, dev(table16), dev(ids));
+  EXPECT_CLOSE(out, ref, 0.0);
+  EXPECT_TRUE(bit_equal(out, ref));
+  // Rounding happened (the reference is not the fp32 table's lookup).
+  Tensor ref32 = Tensor::empty({T, C});
+  cpu().embedding_forward(ref32, table, ids);
+  EXPECT_GT(rel_error(out, ref32), 0.0);
+  Tensor bad = ids.clone();
+  bad.i32()[17] = -1;
+  expect_index_error([&] { gpu().embedding_forward(out, dev(table16), dev(bad)); }, out,
+                     "embedding_forward: token id -1 at position 17 out of range [0, 50)");
+  // Other table dtypes are refused by name.
+  Tensor out2 = poisoned({T, C});
+  try {
+    gpu().embedding_forward(out2, dev(table.to_dtype(DType::F16)), dev(ids));
+    ADD_FAILURE() << "an F16 table was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("embedding_forward: tensor table is F16"),
+              std::string::npos)
+        << e.what();
+  }
+}
+
 TEST_F(CudaBackendTest, RmsNormForwardBackward) {
   for (auto [T, C] : {std::pair<int64_t, int64_t>{67, 300}, {150, 33}, {1, 7}}) {
     Tensor x = randn({T, C}), w = randn({C}, 0.3f);

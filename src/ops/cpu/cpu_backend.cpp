@@ -109,6 +109,12 @@ void CpuBackend::scale(Tensor& y, float alpha) {
 }
 
 void CpuBackend::embedding_forward(Tensor& out, const Tensor& table, const Tensor& ids) {
+  // bf16 tables exist only on the GPU (--dtype bf16 needs --device cuda); say so, not just "F32".
+  if (table.dtype() != DType::F32)
+    fail(
+        "embedding_forward: {} table on the CPU (the CPU backend reads F32 tables only; bf16 "
+        "weights need --device cuda)",
+        dtype_name(table.dtype()));
   const int64_t T = ids.numel(), C = cols(table), V = rows(table);
   const int32_t* id = ids.i32();
   for (int64_t t = 0; t < T; ++t)

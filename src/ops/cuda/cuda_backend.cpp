@@ -291,10 +291,10 @@ void CudaBackend::memory_info(size_t& free_bytes, size_t& total_bytes) {
   free_bytes += alloc_.cached_bytes();
 }
 
-bool CudaBackend::supports(Op op, DType dtype) const {  // BF16: GEMM operands (weights)
-  return dtype == DType::F32 ||
-         ((op == Op::Matmul || op == Op::GroupedMatmul || op == Op::MoeExpertsSmall) &&
-          dtype == DType::BF16);
+bool CudaBackend::supports(Op op, DType dtype) const {  // BF16: weights (GEMMs, embedding table)
+  return dtype == DType::F32 || ((op == Op::Matmul || op == Op::GroupedMatmul ||
+                                  op == Op::MoeExpertsSmall || op == Op::Embedding) &&
+                                 dtype == DType::BF16);
 }
 
 // ---------------------------------------------------------------------------------------------

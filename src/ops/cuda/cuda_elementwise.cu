@@ -159,12 +159,32 @@ cudaError_t mla_split_kv_backward(float* dkv_b, float* dk_rope, const float* dk,
   });
 }
 
-cudaError_t embedding_forward(float* out, const float* table, const int32_t* ids, int64_t tokens,
-                              int64_t dim) {
+namespace {
+
+__device__ inline float widen(float v) {
+  return v;
+}
+__device__ inline float widen(__nv_bfloat16 v) {
+  return __bfloat162float(v);  // exact: a bf16 is the upper half of an fp32
+}
+
+// The lookup over a table of T (float or __nv_bfloat16), widened to fp32.
+template <typename T>
+cudaError_t embedding_lookup(float* out, const T* table, const int32_t* ids, int64_t tokens,
+                             int64_t dim) {
   return for_each(tokens * dim, [=] __device__(int64_t e) {
     const int64_t t = e / dim, c = e % dim;
-    out[e] = table[int64_t(ids[t]) * dim + c];
+    out[e] = widen(table[int64_t(ids[t]) * dim + c]);
   });
+}
+
+}  // namespace
+
+cudaError_t embedding_forward(float* out, const void* table, bool table_bf16, const int32_t* ids,
+                              int64_t tokens, int64_t dim) {
+  if (table_bf16)
+    return embedding_lookup(out, static_cast<const __nv_bfloat16*>(table), ids, tokens, dim);
+  return embedding_lookup(out, static_cast<const float*>(table), ids, tokens, dim);
 }
 
 }  // namespace moekit::cuda

@@ -22,10 +22,13 @@ using cuda::expect_numel;
 void CudaBackend::embedding_forward(Tensor& out, const Tensor& table, const Tensor& ids) {
   const int64_t T = ids.numel(), C = cols(table), V = rows(table);
   expect_f32(out, "embedding_forward", "out");
-  expect_f32(table, "embedding_forward", "table");
+  // F32, or BF16 (a frozen table of a bf16 model): read as stored, widened exactly.
+  const bool bf16 = table.dtype() == DType::BF16;
+  expect(table, bf16 ? DType::BF16 : DType::F32, "embedding_forward", "table");
   expect_numel(out, T * C, "embedding_forward", "out");
   const Tensor safe = check_indices(ids, V, "embedding_forward", "token id");
-  check(cuda::embedding_forward(out.f32(), table.f32(), safe.i32(), T, C), "embedding_forward");
+  check(cuda::embedding_forward(out.f32(), table.raw(), bf16, safe.i32(), T, C),
+        "embedding_forward");
 }
 
 void CudaBackend::embedding_backward(Tensor& dtable, const Tensor& dout, const Tensor& ids) {

@@ -51,8 +51,10 @@ cudaError_t mla_split_kv(float* k, float* v, const float* kv_b, const float* k_r
 cudaError_t mla_split_kv_backward(float* dkv_b, float* dk_rope, const float* dk, const float* dv,
                                   int64_t tokens, int64_t heads, int64_t dn, int64_t dr,
                                   int64_t dvd);
-cudaError_t embedding_forward(float* out, const float* table, const int32_t* ids, int64_t tokens,
-                              int64_t dim);
+// out[t, :] = table[ids[t], :] widened to fp32; the table is F32, or BF16 when table_bf16 (a frozen
+// embedding of a bf16 model).
+cudaError_t embedding_forward(float* out, const void* table, bool table_bf16, const int32_t* ids,
+                              int64_t tokens, int64_t dim);
 
 // --- few-row GEMMs (cuda_gemv.cu): c[m, n] = alpha * a[m, :] . w[n, :] + beta * c[m, n] for
 // m < M <= kGemvMaxRows; w F32 or bf16 (w_bf16); leading dimensions in elements.
