@@ -1,6 +1,7 @@
 // Absorbed MLA attention over the latent cache: every step is a backend op (GEMMs, batched per-head
-// GEMMs, the causal softmax), so on a GPU nothing waits for the host. The query, the new cache
-// entries and the output projection are helpers of their own.
+// GEMMs, the softmax or the fused latent attention), so on a GPU nothing waits for the host. The
+// prompt and step paths (mla_decode.h says why there are two) differ only in how the new latents
+// reach the cache and how attention finds the rows it sees.
 #include "infer/mla_decode.h"
 
 #include <algorithm>
@@ -114,6 +115,22 @@ Tensor mla_decode(Backend& be, MLA& a, const Tensor& x, const Tensor& positions,
     be.causal_softmax(scores, H, cached + i0 + 1);  // token i sees cache positions <= cached + i
     be.matmul(ctx_c, scores, Cs, false, false, 1.0f, 0.0f);  // sum_j p_j c_j
   }
+  return latent_output(be, a, ctx, n, x.dim(1));
+}
+
+Tensor mla_decode_step(Backend& be, MLA& a, const Tensor& x, const Tensor& positions,
+                       const RopeTable& rope, LayerCache& cache) {
+  const int64_t n = x.dim(0), H = a.heads, r = a.kv_lora_rank;
+  const LatentQuery q = latent_query(be, a, x, positions, rope);
+  // Into temporaries, then to the cache rows named by the device-side positions.
+  Tensor latent = empty_on({n, r}, x), k_rope = empty_on({n, a.dr}, x);
+  latent_kv(be, a, x, positions, rope, latent, k_rope);
+  be.set_rows(cache.kv_latent, latent, positions);
+  be.set_rows(cache.k_rope, k_rope, positions);
+  // Over the whole cache buffers: the positions bound what each token sees.
+  Tensor ctx = empty_on({n * H, r}, x);
+  be.latent_attention(ctx, q.lat, q.rope, cache.kv_latent, cache.k_rope, positions, H,
+                      a.softmax_scale);
   return latent_output(be, a, ctx, n, x.dim(1));
 }
 
