@@ -2,6 +2,14 @@
 // W_kv_b is folded into the query (q_lat = W_kb^T q_nope) and the value half is applied after
 // attention (o = W_vb * sum_j p_j c_j), so attention runs in the kv_lora_rank latent space and
 // per-head keys/values are never materialised.
+//
+// Two entry points, one math (they share the query, cache-entry and output code):
+// - mla_decode, the prompt path: the host knows the cached length, so the scores are plain GEMMs
+//   over exactly the rows seen, which suits many tokens at once (compute-bound).
+// - mla_decode_step, the step path: nothing depends on a host-side length; the cache write and the
+//   attention take the positions from device memory (Backend::set_rows,
+//   Backend::latent_attention), so the same launches serve every step and a decode step can be
+//   captured once and replayed as a CUDA graph while the cache grows.
 #pragma once
 
 #include "infer/kv_cache.h"
@@ -15,5 +23,11 @@ namespace moekit {
 Tensor mla_decode(Backend& be, MLA& attn, const Tensor& x, const Tensor& positions,
                   const RopeTable& rope, LayerCache& cache, int64_t cached,
                   int64_t max_scores = int64_t(1) << 24);
+
+// The same for tokens x [n, hidden] at `positions` (I32 [n] on x's device, each < the cache's
+// capacity): writes their latents to those cache rows, then token i attends to the rows
+// [0, positions[i]], which must hold the earlier tokens. Returns y [n, hidden].
+Tensor mla_decode_step(Backend& be, MLA& attn, const Tensor& x, const Tensor& positions,
+                       const RopeTable& rope, LayerCache& cache);
 
 }  // namespace moekit

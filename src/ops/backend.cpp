@@ -115,6 +115,46 @@ MoeExpertsSmallDims moe_experts_small_dims(const Tensor& y, const Tensor& x, con
   return d;
 }
 
+LatentAttentionDims latent_attention_dims(const Tensor& ctx, const Tensor& q_lat,
+                                          const Tensor& q_rope, const Tensor& kv_latent,
+                                          const Tensor& k_rope, const Tensor& positions,
+                                          int64_t heads) {
+  LatentAttentionDims d;
+  MOEKIT_CHECK(heads > 0 && positions.dtype() == DType::I32,
+               "latent_attention: {} heads, positions {} ({})", heads, positions.shape().str(),
+               dtype_name(positions.dtype()));
+  MOEKIT_CHECK(kv_latent.ndim() == 2 && k_rope.ndim() == 2 && kv_latent.dim(0) == k_rope.dim(0) &&
+                   kv_latent.dim(1) > 0,
+               "latent_attention: kv_latent {} and k_rope {} must be [cap, r] and [cap, dr]",
+               kv_latent.shape().str(), k_rope.shape().str());
+  d.n = positions.numel();
+  d.H = heads;
+  d.cap = kv_latent.dim(0);
+  d.r = kv_latent.dim(1);
+  d.dr = k_rope.dim(1);
+  auto rows_of = [&](const Tensor& t, int64_t width, const char* name) {
+    MOEKIT_CHECK(t.numel() == d.n * d.H * width && cols(t) == width,
+                 "latent_attention: {} is {}, expected [{} tokens x {} heads, {}]", name,
+                 t.shape().str(), d.n, d.H, width);
+  };
+  rows_of(ctx, d.r, "ctx");
+  rows_of(q_lat, d.r, "q_lat");
+  if (d.dr > 0) rows_of(q_rope, d.dr, "q_rope");
+  MOEKIT_CHECK(q_rope.numel() == d.n * d.H * d.dr, "latent_attention: q_rope {} for dr {}",
+               q_rope.shape().str(), d.dr);
+  return d;
+}
+
+int64_t set_rows_dims(const Tensor& dst, const Tensor& src, const Tensor& rows_) {
+  const int64_t D = cols(dst);
+  MOEKIT_CHECK(dst.ndim() == 2 && rows_.dtype() == DType::I32 && cols(src) == D &&
+                   src.numel() == rows_.numel() * D,
+               "set_rows: dst {}, src {}, rows {} ({}): expected [R, D], [n, D], [n] I32",
+               dst.shape().str(), src.shape().str(), rows_.shape().str(),
+               dtype_name(rows_.dtype()));
+  return D;
+}
+
 bool backend_available(Device device) {
   if (device == Device::CPU) return true;
 #ifdef MOEKIT_HAVE_CUDA

@@ -29,6 +29,8 @@ enum class Op : uint8_t {
   Attention,
   CausalSoftmax,
   Argmax,
+  SetRows,
+  LatentAttention,
   CrossEntropy,
   GatherRows,
   ScatterAddRows,
@@ -201,6 +203,24 @@ class Backend {
   // one on ties); greedy decoding reads back this one id instead of the logits.
   virtual void argmax(Tensor& idx, const Tensor& x, int64_t n) = 0;
 
+  // Decode steps whose kernels read no host-side length (so a step can be replayed as a CUDA
+  // graph while the cache grows; infer/mla_decode.h, mla_decode_step):
+  // dst[rows[i], :] = src[i, :] for dst [R, D], src [n, D] (F32), rows I32 [n] in [0, R) (the
+  // cache write at device-side positions). Rows should be distinct: for a repeated row the CPU
+  // keeps the last source, the GPU an unspecified one.
+  virtual void set_rows(Tensor& dst, const Tensor& src, const Tensor& rows) = 0;
+  // MLA's absorbed attention over the latent cache for n new tokens (DeepSeek-V2 §2.1.3). Rows of
+  // q_lat [n*H, r], q_rope [n*H, dr] and ctx [n*H, r] are (token i, head h) pairs i*H+h;
+  // kv_latent [cap, r] and k_rope [cap, dr] are the whole cache buffers; positions I32 [n], each
+  // in [0, cap). Row (i, h) attends to the cache rows j <= positions[i] (the token's own row is
+  // already written):
+  //   s_j = scale * (q_lat[row] . kv_latent[j] + q_rope[row] . k_rope[j]),
+  //   ctx[row] = sum_j softmax(s)_j kv_latent[j]   (fp32).
+  // How many rows are read comes from `positions` in the tensor's memory, never from the host.
+  virtual void latent_attention(Tensor& ctx, const Tensor& q_lat, const Tensor& q_rope,
+                                const Tensor& kv_latent, const Tensor& k_rope,
+                                const Tensor& positions, int64_t heads, float scale) = 0;
+
   // losses[T] = -log softmax(logits[t])[targets[t]]; targets < 0 are ignored (loss 0).
   virtual void cross_entropy_forward(Tensor& losses, const Tensor& logits,
                                      const Tensor& targets) = 0;
@@ -277,6 +297,19 @@ MatmulDims matmul_dims(const Tensor& c, const Tensor& a, const Tensor& b, bool t
 // Checks that every block of a batched GEMM lies inside its tensor (all backends validate alike).
 void check_gemm_batch(const Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b,
                       const GemmBatch& g);
+
+// The sizes of Backend::latent_attention after checking every shape (one-line errors): n tokens,
+// H heads, latent rank r, rope dim dr, cache capacity cap. Positions are range-checked by each
+// backend (on the GPU without waiting for the device).
+struct LatentAttentionDims {
+  int64_t n = 0, H = 0, r = 0, dr = 0, cap = 0;
+};
+LatentAttentionDims latent_attention_dims(const Tensor& ctx, const Tensor& q_lat,
+                                          const Tensor& q_rope, const Tensor& kv_latent,
+                                          const Tensor& k_rope, const Tensor& positions,
+                                          int64_t heads);
+// The row width D of Backend::set_rows after checking dst [R, D], src [n, D], rows I32 [n].
+int64_t set_rows_dims(const Tensor& dst, const Tensor& src, const Tensor& rows);
 
 // N, K of Backend::grouped_matmul (c_g [rows, N] = a_g [rows, K] @ op(b[g])) after checking
 // that the groups tile the rows of a and c and that every non-empty group has a weight of the

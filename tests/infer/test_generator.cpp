@@ -1,5 +1,6 @@
-// Cached decoding (absorbed MLA over the latent cache) must reproduce the full forward, and the
-// samplers must follow their definitions.
+// Cached decoding (absorbed MLA over the latent cache) must reproduce the full forward, the step
+// path (device-side positions: mla_decode_step) must reproduce the prompt path (mla_decode), and
+// the samplers must follow their definitions.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -105,6 +106,89 @@ TEST(Generator, PrefillInChunksMatchesOneChunk) {
     for (int64_t i = 0; i < y1.numel(); ++i)
       EXPECT_NEAR(yn.f32()[i], y1.f32()[i], 1e-5) << "cached " << cached << " element " << i;
   }
+}
+
+// Largest |a - b| over the first `rows` rows of two tensors of equal shape.
+double max_diff(const Tensor& a, const Tensor& b, int64_t rows) {
+  EXPECT_EQ(a.shape(), b.shape());
+  const int64_t n = rows * (a.numel() / a.dim(0));
+  double d = 0.0;
+  for (int64_t i = 0; i < n; ++i) d = std::max(d, double(std::abs(a.f32()[i] - b.f32()[i])));
+  return d;
+}
+
+// Rows [begin, end) of `a` against the rows [0, end - begin) of `b`.
+void expect_rows_near(const Tensor& a, int64_t begin, int64_t end, const Tensor& b, double tol,
+                      const char* what) {
+  EXPECT_LT(max_diff(a.slice(begin, end), b, end - begin), tol)
+      << what << " rows [" << begin << ", " << end << ")";
+}
+
+void check_steps_match_prompt(bool v3) {
+  const ModelConfig c = small_config(v3);
+  DeepSeekModel model(c);
+  model.init_random(10, 0.3f);
+  MLA& attn = model.layers()[0].self_attn;
+  const int64_t cap = 12, S = 9;  // rows past S stay unwritten
+  const RopeTable rope = RopeTable::build(c, cap, Device::CPU);
+  std::mt19937_64 rng(11);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  Tensor x = Tensor::empty({S, c.hidden_size}), pos = Tensor::empty({S}, DType::I32);
+  for (int64_t i = 0; i < x.numel(); ++i) x.f32()[i] = normal(rng);
+  for (int64_t i = 0; i < S; ++i) pos.i32()[i] = int32_t(i);
+  Backend& be = backend(Device::CPU);
+  auto tokens = [&](int64_t b, int64_t e) { return std::pair{x.slice(b, e), pos.slice(b, e)}; };
+  // Both paths run fp32 GEMMs of different shapes: agreement to rounding, far below the O(0.1)
+  // change a wrong row or a missing token makes.
+  const double tol = 1e-5;
+
+  // The prompt path over all tokens at once.
+  KVCache prompt = KVCache::create(c, cap, Device::CPU);
+  const Tensor y_prompt = mla_decode(be, attn, x, pos, rope, prompt.layers[0], 0);
+
+  // Every token as its own step.
+  KVCache steps = KVCache::create(c, cap, Device::CPU);
+  for (int64_t i = 0; i < S; ++i) {
+    const auto [xi, pi] = tokens(i, i + 1);
+    expect_rows_near(y_prompt, i, i + 1, mla_decode_step(be, attn, xi, pi, rope, steps.layers[0]),
+                     tol, "steps y");
+  }
+
+  // A prompt of 4 by mla_decode, then steps by mla_decode_step (two tokens at positions 4 and 5
+  // in one step, then one at a time), against the same split all by mla_decode.
+  KVCache mixed = KVCache::create(c, cap, Device::CPU),
+          split = KVCache::create(c, cap, Device::CPU);
+  {
+    const auto [xp, pp] = tokens(0, 4);
+    const Tensor a = mla_decode(be, attn, xp, pp, rope, mixed.layers[0], 0);
+    const Tensor b = mla_decode(be, attn, xp, pp, rope, split.layers[0], 0);
+    EXPECT_LT(max_diff(a, b, 4), 1e-12);  // the same calls
+  }
+  for (auto [b, e] : {std::pair<int64_t, int64_t>{4, 6}, {6, 7}, {7, 8}, {8, 9}}) {
+    const auto [xs, ps] = tokens(b, e);
+    const Tensor ys = mla_decode_step(be, attn, xs, ps, rope, mixed.layers[0]);
+    const Tensor yd = mla_decode(be, attn, xs, ps, rope, split.layers[0], b);
+    expect_rows_near(yd, 0, e - b, ys, tol, "mixed y vs split mla_decode");
+    expect_rows_near(y_prompt, b, e, ys, tol, "mixed y vs prompt");
+  }
+
+  // The same cache contents; the rows past S untouched (zero) everywhere.
+  for (const KVCache* k : {&steps, &mixed, &split}) {
+    EXPECT_LT(max_diff(k->layers[0].kv_latent, prompt.layers[0].kv_latent, cap), tol);
+    EXPECT_LT(max_diff(k->layers[0].k_rope, prompt.layers[0].k_rope, cap), tol);
+  }
+  const Tensor zero_lat = Tensor::zeros({cap, c.kv_lora_rank});
+  const Tensor zero_rope = Tensor::zeros({cap, c.qk_rope_head_dim});
+  EXPECT_EQ(max_diff(steps.layers[0].kv_latent.slice(S, cap), zero_lat.slice(S, cap), cap - S),
+            0.0);
+  EXPECT_EQ(max_diff(steps.layers[0].k_rope.slice(S, cap), zero_rope.slice(S, cap), cap - S), 0.0);
+}
+
+TEST(Generator, DecodeStepMatchesPromptPathV2) {
+  check_steps_match_prompt(false);
+}
+TEST(Generator, DecodeStepMatchesPromptPathV3) {
+  check_steps_match_prompt(true);
 }
 
 TEST(Sampling, GreedyTopKAndTopP) {

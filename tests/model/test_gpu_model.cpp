@@ -1,6 +1,7 @@
 // The whole model on the GPU against the same model on the CPU (the oracle): forward logits, loss
 // and every parameter gradient on the parity fixtures; three training steps (clipping, AdamW,
-// Loss-Free Balancing) of full and of ESFT training on the small test config; greedy decoding.
+// Loss-Free Balancing) of full and of ESFT training on the small test config; greedy decoding and
+// the graph-capturable decode step (mla_decode_step).
 // Every test skips with the reason when no GPU is visible (or the build has no CUDA). Every test's
 // full name starts with "Gpu" (tools/cuda_check.sh selects them with the filter Gpu*).
 //
@@ -24,6 +25,7 @@
 #include "esft/adapter.h"
 #include "esft/finetune.h"
 #include "infer/generator.h"
+#include "infer/mla_decode.h"
 #include "model/checkpoint.h"
 #include "model/summary.h"
 #include "model/token_batch.h"
@@ -695,6 +697,48 @@ TEST(GpuModel, GreedyGenerationMatchesCpu) {
   gc.reset();
   gg.reset();
   EXPECT_EQ(gg.generate(long_prompt, p), gc.generate(long_prompt, p));
+}
+
+TEST(GpuModel, DecodeStepMatchesCpu) {
+  // One attention layer: a prompt by mla_decode, then steps by mla_decode_step (device-side
+  // positions: set_rows and latent_attention over the whole cache), one token at a time and two
+  // in one step, on both sides; outputs and caches as the CPU's. Sizes of the tiny config (r 16,
+  // dr 8, 2 heads): the kernel's predicated partial tiles.
+  SKIP_WITHOUT_GPU();
+  const ModelConfig c = tiny_config();
+  DeepSeekModel cpu(c, Device::CPU), gpu(c, Device::CUDA);
+  cpu.init_random(12, 0.2f);
+  gpu.init_random(12, 0.2f);
+  const int64_t cap = 40, S = 12;
+  std::mt19937_64 rng(13);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  Tensor x = Tensor::empty({S, c.hidden_size}), pos = Tensor::empty({S}, DType::I32);
+  for (int64_t i = 0; i < x.numel(); ++i) x.f32()[i] = normal(rng);
+  for (int64_t i = 0; i < S; ++i) pos.i32()[i] = int32_t(i);
+  struct Run {
+    Tensor y;  // [S, hidden] on the host
+    KVCache cache;
+  };
+  auto run = [&](DeepSeekModel& m) {
+    const Device d = m.device();
+    Backend& be = backend(d);
+    MLA& attn = m.layers()[0].self_attn;
+    const RopeTable rope = RopeTable::build(c, cap, d);
+    Run r{Tensor::empty({S, c.hidden_size}), KVCache::create(c, cap, d)};
+    const Tensor xd = x.to_device(d), pd = pos.to_device(d);
+    auto keep = [&](const Tensor& y, int64_t b) {
+      const Tensor h = y.to_host();
+      std::copy(h.f32(), h.f32() + h.numel(), r.y.f32() + b * c.hidden_size);
+    };
+    keep(mla_decode(be, attn, xd.slice(0, 5), pd.slice(0, 5), rope, r.cache.layers[0], 0), 0);
+    for (auto [b, e] : {std::pair<int64_t, int64_t>{5, 7}, {7, 8}, {8, 9}, {9, 10}, {10, 12}})
+      keep(mla_decode_step(be, attn, xd.slice(b, e), pd.slice(b, e), rope, r.cache.layers[0]), b);
+    return r;
+  };
+  const Run rc = run(cpu), rg = run(gpu);
+  EXPECT_LE(rel_diff(rg.y, rc.y), kLogitsTol);
+  EXPECT_LE(rel_diff(rg.cache.layers[0].kv_latent, rc.cache.layers[0].kv_latent), kLogitsTol);
+  EXPECT_LE(rel_diff(rg.cache.layers[0].k_rope, rc.cache.layers[0].k_rope), kLogitsTol);
 }
 
 TEST(GpuModel, MemoryCheckSaysNeededAndFree) {

@@ -948,6 +948,101 @@ TEST_F(CudaBackendTest, ArgmaxFirstMaximumOfThePrefix) {
   }
 }
 
+TEST_F(CudaBackendTest, SetRowsEqualsCpu) {
+  // A decode step's cache write: a few rows of a V2-Lite-sized latent cache, the first and the
+  // last among them; every other row must stay as it was.
+  const int64_t R = 1000, D = 512, n = 5;
+  Tensor dst = randn({R, D}), src = randn({n, D}), rows = Tensor::empty({n}, DType::I32);
+  const int32_t r[] = {999, 0, 517, 3, 64};
+  std::copy(r, r + n, rows.i32());
+  Tensor gdst = dev(dst);
+  cpu().set_rows(dst, src, rows);
+  gpu().set_rows(gdst, dev(src), dev(rows));
+  EXPECT_CLOSE(gdst, dst, 0.0);  // copies: exact
+  Tensor bad = rows.clone();
+  bad.i32()[2] = int32_t(R);
+  expect_index_error([&] { gpu().set_rows(gdst, dev(src), dev(bad)); }, gdst,
+                     "set_rows: row 1000 at position 2 out of range [0, 1000)");
+}
+
+struct LatentCase {
+  int64_t heads, r, dr, cap;
+  std::vector<int32_t> positions;
+  float scale;
+};
+
+TEST_F(CudaBackendTest, LatentAttentionEqualsCpu) {
+  // The split-K kernel against the CPU's GEMMs. V2-Lite sizes (16 heads, r 512, dr 64, scale
+  // 1/sqrt(192)) over a cache of 1000 rows (32-row splits, 16-row tiles): the first row only, a
+  // length that is no multiple of a split or a tile, the whole cache, and several tokens at
+  // different positions in one call; a sharper softmax (the running maximum moves between tiles
+  // and splits); V3's 128 heads (8 head groups per token); a long cache (80-row splits); odd
+  // small sizes (a partial head group, an idle second head in a warp, r and dr not multiples of
+  // 32). Tolerance: the fp32 1e-5 (sums of 576 products and of up to 10000 weighted rows).
+  const float v2 = 1.0f / std::sqrt(192.0f);
+  const std::vector<LatentCase> cases = {
+      {16, 512, 64, 1000, {0}, v2},           {16, 512, 64, 1000, {516}, v2},
+      {16, 512, 64, 1000, {999}, v2},         {16, 512, 64, 1000, {100, 999, 0, 516}, v2},
+      {16, 512, 64, 1000, {999, 400}, 0.3f},  {128, 512, 64, 700, {699, 333}, v2},
+      {16, 512, 64, 10000, {9999, 4321}, v2}, {3, 12, 4, 50, {0, 13, 31, 49}, 0.5f},
+      {21, 40, 6, 77, {76, 5}, 0.3f},
+  };
+  for (const LatentCase& c : cases) {
+    const int64_t n = int64_t(c.positions.size()), H = c.heads;
+    SCOPED_TRACE(testing::Message() << "H " << H << " r " << c.r << " dr " << c.dr << " cap "
+                                    << c.cap << " tokens " << n << " first at " << c.positions[0]);
+    Tensor kv = randn({c.cap, c.r}), kr = randn({c.cap, c.dr});
+    // Rows past every token's position are NaN: reading one would poison the result.
+    const int32_t last = *std::max_element(c.positions.begin(), c.positions.end());
+    for (int64_t j = last + 1; j < c.cap; ++j) {
+      std::fill(kv.f32() + j * c.r, kv.f32() + (j + 1) * c.r, std::nanf(""));
+      std::fill(kr.f32() + j * c.dr, kr.f32() + (j + 1) * c.dr, std::nanf(""));
+    }
+    Tensor q_lat = randn({n * H, c.r}), q_rope = randn({n * H, c.dr});
+    Tensor pos = Tensor::empty({n}, DType::I32);
+    std::copy(c.positions.begin(), c.positions.end(), pos.i32());
+    Tensor ctx = Tensor::empty({n * H, c.r}), gctx = poisoned({n * H, c.r});
+    cpu().latent_attention(ctx, q_lat, q_rope, kv, kr, pos, H, c.scale);
+    const Tensor gkv = dev(kv), gkr = dev(kr), gq_lat = dev(q_lat), gq_rope = dev(q_rope);
+    const Tensor gpos = dev(pos);
+    gpu().latent_attention(gctx, gq_lat, gq_rope, gkv, gkr, gpos, H, c.scale);
+    EXPECT_CLOSE(gctx, ctx, kF32Tol);
+    Tensor again = poisoned({n * H, c.r});
+    gpu().latent_attention(again, gq_lat, gq_rope, gkv, gkr, gpos, H, c.scale);
+    EXPECT_TRUE(bit_equal(gctx, again)) << "latent attention is not deterministic";
+  }
+}
+
+TEST_F(CudaBackendTest, LatentAttentionErrors) {
+  const int64_t H = 16, r = 512, dr = 64, cap = 1000, n = 2;
+  Tensor kv = dev(randn({cap, r})), kr = dev(randn({cap, dr}));
+  Tensor q_lat = dev(randn({n * H, r})), q_rope = dev(randn({n * H, dr}));
+  Tensor ctx = poisoned({n * H, r}), pos = Tensor::empty({n}, DType::I32);
+  pos.i32()[0] = 3;
+  pos.i32()[1] = int32_t(cap);
+  const float scale = 0.1f;
+  expect_index_error(
+      [&] { gpu().latent_attention(ctx, q_lat, q_rope, kv, kr, dev(pos), H, scale); }, ctx,
+      "latent_attention: position 1000 at position 1 out of range [0, 1000)");
+  pos.i32()[1] = 7;
+  // Shapes are checked on the host, before any launch.
+  Tensor short_rope = dev(randn({cap - 1, dr})), wide = poisoned({n * H, r + 1});
+  EXPECT_THROW(gpu().latent_attention(ctx, q_lat, q_rope, kv, short_rope, dev(pos), H, scale),
+               Error);
+  EXPECT_THROW(gpu().latent_attention(wide, q_lat, q_rope, kv, kr, dev(pos), H, scale), Error);
+  EXPECT_THROW(gpu().latent_attention(ctx, q_lat, q_rope, kv, kr, pos, H, scale), Error);  // host
+  // Beyond the kernel's register tiles (r <= 512): a clear error, not a wrong result.
+  Tensor kv_big = dev(randn({cap, 640})), q_big = dev(randn({n * H, 640}));
+  Tensor ctx_big = poisoned({n * H, 640});
+  try {
+    gpu().latent_attention(ctx_big, q_big, q_rope, kv_big, kr, dev(pos), H, scale);
+    ADD_FAILURE() << "no error for r = 640";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("beyond the kernel's limits"), std::string::npos)
+        << e.what();
+  }
+}
+
 TEST_F(CudaBackendTest, IndexErrorsReportTheFirstBadOpAndReset) {
   const int64_t V = 10, C = 4, T = 6;
   Tensor table = dev(randn({V, C})), out = poisoned({T, C});

@@ -1,11 +1,15 @@
 // The CPU backend's decode ops against scalar references written here: the strided batched GEMM
-// (MLA's per-head products over head blocks of wider tensors) and the causal row softmax. The
-// CPU backend is the oracle of the CUDA tests, so it is checked against plain loops first.
+// (MLA's per-head products over head blocks of wider tensors), the causal row softmax, the cache
+// write at given rows (set_rows) and the latent attention at device-side positions. The CPU
+// backend is the oracle of the CUDA tests, so it is checked against plain loops first.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <random>
+#include <string>
+#include <vector>
 
 #include "core/error.h"
 #include "ops/ops.h"
@@ -124,6 +128,139 @@ TEST(DecodeOps, ArgmaxTakesTheFirstMaximumOfThePrefix) {
   EXPECT_EQ(idx.i32()[2], 0);
   backend(Device::CPU).argmax(idx, x, 3);  // only the first 3 columns count
   EXPECT_EQ(idx.i32()[1], 1);
+}
+
+TEST(DecodeOps, SetRowsWritesOnlyTheGivenRows) {
+  std::mt19937_64 rng(6);
+  const int64_t R = 9, D = 5;
+  Tensor dst = randn({R, D}, rng), src = randn({3, D}, rng), ref = dst.clone();
+  Tensor rows = Tensor::empty({3}, DType::I32);
+  const int32_t r[] = {4, 0, 8};  // the first and the last row, out of order
+  std::copy(r, r + 3, rows.i32());
+  backend(Device::CPU).set_rows(dst, src, rows);
+  for (int64_t i = 0; i < 3; ++i)
+    std::copy(src.f32() + i * D, src.f32() + (i + 1) * D, ref.f32() + r[i] * D);
+  for (int64_t i = 0; i < dst.numel(); ++i) EXPECT_EQ(dst.f32()[i], ref.f32()[i]) << i;
+}
+
+TEST(DecodeOps, SetRowsRejectsBadRowsAndShapes) {
+  std::mt19937_64 rng(7);
+  Tensor dst = randn({9, 5}, rng), src = randn({2, 5}, rng), before = dst.clone();
+  Tensor rows = Tensor::empty({2}, DType::I32);
+  Backend& cpu = backend(Device::CPU);
+  for (int32_t bad : {9, -1}) {
+    rows.i32()[0] = 3;
+    rows.i32()[1] = bad;
+    try {
+      cpu.set_rows(dst, src, rows);
+      ADD_FAILURE() << "no error for row " << bad;
+    } catch (const Error& e) {
+      const std::string want =
+          "set_rows: row " + std::to_string(bad) + " at position 1 out of " + "range [0, 9)";
+      EXPECT_NE(std::string(e.what()).find(want), std::string::npos) << e.what();
+    }
+    // Checked before anything is written: the good row 3 is untouched too.
+    for (int64_t i = 0; i < dst.numel(); ++i) EXPECT_EQ(dst.f32()[i], before.f32()[i]) << i;
+  }
+  rows.i32()[1] = 2;
+  Tensor narrow = randn({2, 4}, rng), three = randn({3, 5}, rng);
+  EXPECT_THROW(cpu.set_rows(dst, narrow, rows), Error);             // row width differs
+  EXPECT_THROW(cpu.set_rows(dst, three, rows), Error);              // 3 sources, 2 rows
+  EXPECT_THROW(cpu.set_rows(dst, src, Tensor::zeros({2})), Error);  // F32 rows
+}
+
+// ctx[i*H+h] = sum_j softmax_j(scale * (q_lat . kv_latent[j] + q_rope . k_rope[j])) kv_latent[j]
+// over j <= positions[i], in double.
+Tensor reference_latent_attention(const Tensor& q_lat, const Tensor& q_rope,
+                                  const Tensor& kv_latent, const Tensor& k_rope,
+                                  const Tensor& positions, int64_t H, float scale) {
+  const int64_t n = positions.numel(), r = kv_latent.dim(1), dr = k_rope.dim(1);
+  Tensor ctx = Tensor::empty({n * H, r});
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t row = i * H + h, seen = positions.i32()[i] + 1;
+      std::vector<double> s(size_t(seen), 0.0);
+      double m = -INFINITY;
+      for (int64_t j = 0; j < seen; ++j) {
+        double d = 0.0;
+        for (int64_t c = 0; c < r; ++c)
+          d += double(q_lat.f32()[row * r + c]) * kv_latent.f32()[j * r + c];
+        for (int64_t c = 0; c < dr; ++c)
+          d += double(q_rope.f32()[row * dr + c]) * k_rope.f32()[j * dr + c];
+        s[size_t(j)] = double(scale) * d;
+        m = std::max(m, s[size_t(j)]);
+      }
+      double z = 0.0;
+      for (double& v : s) z += (v = std::exp(v - m));
+      for (int64_t c = 0; c < r; ++c) {
+        double acc = 0.0;
+        for (int64_t j = 0; j < seen; ++j) acc += s[size_t(j)] * kv_latent.f32()[j * r + c];
+        ctx.f32()[row * r + c] = float(acc / z);
+      }
+    }
+  return ctx;
+}
+
+TEST(DecodeOps, LatentAttentionMatchesReference) {
+  std::mt19937_64 rng(8);
+  const int64_t H = 4, r = 24, dr = 8, cap = 11;
+  const float scale = 0.3f;  // scores of a few units: a peaked but not one-hot softmax
+  Tensor kv = randn({cap, r}, rng), kr = randn({cap, dr}, rng);
+  // One token at the first row, one at the last, and several tokens at different positions
+  // (a step of n > 1: each sees its own prefix).
+  for (const std::vector<int32_t>& pos :
+       {std::vector<int32_t>{0}, {int32_t(cap - 1)}, {5, 0, int32_t(cap - 1), 6}}) {
+    const int64_t n = int64_t(pos.size());
+    SCOPED_TRACE(testing::Message() << n << " tokens, first at " << pos[0]);
+    Tensor positions = Tensor::empty({n}, DType::I32);
+    std::copy(pos.begin(), pos.end(), positions.i32());
+    Tensor q_lat = randn({n * H, r}, rng), q_rope = randn({n * H, dr}, rng);
+    Tensor ctx = Tensor::empty({n * H, r});
+    backend(Device::CPU).latent_attention(ctx, q_lat, q_rope, kv, kr, positions, H, scale);
+    const Tensor ref = reference_latent_attention(q_lat, q_rope, kv, kr, positions, H, scale);
+    for (int64_t i = 0; i < ctx.numel(); ++i) EXPECT_NEAR(ctx.f32()[i], ref.f32()[i], 1e-5) << i;
+  }
+}
+
+TEST(DecodeOps, LatentAttentionRejectsBadShapesAndPositions) {
+  std::mt19937_64 rng(9);
+  const int64_t n = 2, H = 3, r = 8, dr = 4, cap = 6;
+  Tensor kv = randn({cap, r}, rng), kr = randn({cap, dr}, rng);
+  Tensor q_lat = randn({n * H, r}, rng), q_rope = randn({n * H, dr}, rng);
+  Tensor ctx = Tensor::empty({n * H, r}), pos = Tensor::zeros({n}, DType::I32);
+  Backend& cpu = backend(Device::CPU);
+  cpu.latent_attention(ctx, q_lat, q_rope, kv, kr, pos, H, 1.0f);  // fits
+  auto expect_error = [&](const std::function<void()>& f, const std::string& what) {
+    try {
+      f();
+      ADD_FAILURE() << "no error for " << what;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("latent_attention"), std::string::npos) << e.what();
+    }
+  };
+  Tensor wide = randn({n * H, r + 1}, rng), short_rope = randn({cap - 1, dr}, rng);
+  Tensor few = randn({(n - 1) * H, r}, rng), rope3 = randn({n * H, dr - 1}, rng);
+  expect_error([&] { cpu.latent_attention(ctx, wide, q_rope, kv, kr, pos, H, 1.0f); }, "q_lat");
+  expect_error([&] { cpu.latent_attention(few, q_lat, q_rope, kv, kr, pos, H, 1.0f); }, "ctx");
+  expect_error([&] { cpu.latent_attention(ctx, q_lat, rope3, kv, kr, pos, H, 1.0f); }, "q_rope");
+  expect_error([&] { cpu.latent_attention(ctx, q_lat, q_rope, kv, short_rope, pos, H, 1.0f); },
+               "k_rope rows");
+  expect_error([&] { cpu.latent_attention(ctx, q_lat, q_rope, kv, kr, pos, H + 1, 1.0f); },
+               "heads");
+  expect_error(
+      [&] { cpu.latent_attention(ctx, q_lat, q_rope, kv, kr, Tensor::zeros({n}), H, 1.0f); },
+      "F32 positions");
+  for (int32_t bad : {int32_t(cap), -1}) {
+    pos.i32()[1] = bad;
+    try {
+      cpu.latent_attention(ctx, q_lat, q_rope, kv, kr, pos, H, 1.0f);
+      ADD_FAILURE() << "no error for position " << bad;
+    } catch (const Error& e) {
+      const std::string want = "latent_attention: position " + std::to_string(bad) +
+                               " at position 1 out of range [0, 6)";
+      EXPECT_NE(std::string(e.what()).find(want), std::string::npos) << e.what();
+    }
+  }
 }
 
 }  // namespace

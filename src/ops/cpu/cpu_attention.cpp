@@ -2,8 +2,9 @@
 // kernel). Per (sequence, head) the work is three GEMMs over strided views of q/k/v (OpenBLAS,
 // threaded) plus a row-parallel masked softmax: scalar dot-product loops ran ~10x slower here.
 // Forward keeps only the per-row log-sum-exp; backward recomputes the probabilities from it, so
-// nothing of size [S, S] is kept between passes (one [S, S] scratch per call). Decoding's two row
-// ops live here too: the causal softmax over the cache and the greedy argmax.
+// nothing of size [S, S] is kept between passes (one [S, S] scratch per call). Decoding's ops live
+// here too: the causal softmax over the cache, the greedy argmax, and MLA's latent attention over
+// the cache at device-side positions (a reference; per token the GEMMs of the prompt path).
 #include <cblas.h>
 
 #include <algorithm>
@@ -68,6 +69,31 @@ void CpuBackend::argmax(Tensor& idx, const Tensor& x, int64_t n) {
   for (int64_t r = 0; r < rows(x); ++r) {
     const float* row = x.f32() + r * cols(x);
     idx.i32()[r] = int32_t(std::max_element(row, row + n) - row);
+  }
+}
+
+void CpuBackend::latent_attention(Tensor& ctx, const Tensor& q_lat, const Tensor& q_rope,
+                                  const Tensor& kv_latent, const Tensor& k_rope,
+                                  const Tensor& positions, int64_t heads, float scale) {
+  const auto [n, H, r, dr, cap] =
+      latent_attention_dims(ctx, q_lat, q_rope, kv_latent, k_rope, positions, heads);
+  const int32_t* pos = positions.i32();
+  for (int64_t i = 0; i < n; ++i)
+    MOEKIT_CHECK(pos[i] >= 0 && pos[i] < cap,
+                 "latent_attention: position {} at position {} out of range [0, {})", pos[i], i,
+                 cap);
+  // Per token, the ops of the prompt path (infer/mla_decode.cpp) over the rows it sees, so both
+  // paths round alike: two score GEMMs into [H, seen], the row softmax, one GEMM for the context.
+  const Tensor ql = q_lat.reshape({n * H, r}), qr = q_rope.reshape({n * H, dr});
+  Tensor out = ctx.reshape({n * H, r});
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t seen = int64_t(pos[i]) + 1;
+    const Tensor C = kv_latent.slice(0, seen), KR = k_rope.slice(0, seen);
+    Tensor scores = Tensor::empty({H, seen}), ctx_i = out.slice(i * H, (i + 1) * H);
+    matmul(scores, ql.slice(i * H, (i + 1) * H), C, false, true, scale, 0.0f);
+    if (dr > 0) matmul(scores, qr.slice(i * H, (i + 1) * H), KR, false, true, scale, 1.0f);
+    causal_softmax(scores, H, seen);  // every row sees all `seen` entries
+    matmul(ctx_i, scores, C, false, false, 1.0f, 0.0f);
   }
 }
 

@@ -1,6 +1,6 @@
 // CPU backend, part 1: memory, GEMM (OpenBLAS), elementwise ops, RMSNorm, SwiGLU, RoPE and the
-// column copies MLA needs. Loops split rows over the thread pool; each output row is written by
-// one thread, so results do not depend on timing.
+// row and column copies MLA needs. Loops split rows over the thread pool; each output row is
+// written by one thread, so results do not depend on timing.
 #include "ops/cpu/cpu_backend.h"
 
 #include <cblas.h>
@@ -247,6 +247,17 @@ void CpuBackend::copy_columns(Tensor& dst, int64_t dst_col, const Tensor& src, i
     else
       std::memcpy(d, s, size_t(n) * 4);
   }
+}
+
+void CpuBackend::set_rows(Tensor& dst, const Tensor& src, const Tensor& rows_) {
+  const int64_t D = set_rows_dims(dst, src, rows_), R = rows(dst), n = rows_.numel();
+  const int32_t* row = rows_.i32();
+  for (int64_t i = 0; i < n; ++i)  // all rows checked before any is written
+    MOEKIT_CHECK(row[i] >= 0 && row[i] < R, "set_rows: row {} at position {} out of range [0, {})",
+                 row[i], i, R);
+  // In order, so a repeated row keeps its last source (ops.h).
+  for (int64_t i = 0; i < n; ++i)
+    std::memcpy(dst.f32() + int64_t(row[i]) * D, src.f32() + i * D, size_t(D) * 4);
 }
 
 void CpuBackend::mla_split_kv(Tensor& k, Tensor& v, const Tensor& kv_b, const Tensor& k_rope,

@@ -46,6 +46,10 @@ class CpuBackend final : public Backend {
                           int64_t batch, int64_t seq, int64_t heads, float scale) override;
   void causal_softmax(Tensor& x, int64_t group, int64_t offset) override;
   void argmax(Tensor& idx, const Tensor& x, int64_t n) override;
+  void set_rows(Tensor& dst, const Tensor& src, const Tensor& rows) override;
+  void latent_attention(Tensor& ctx, const Tensor& q_lat, const Tensor& q_rope,
+                        const Tensor& kv_latent, const Tensor& k_rope, const Tensor& positions,
+                        int64_t heads, float scale) override;
   void cross_entropy_forward(Tensor& losses, const Tensor& logits, const Tensor& targets) override;
   void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& targets,
                               float scale) override;

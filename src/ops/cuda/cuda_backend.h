@@ -7,9 +7,9 @@
 // cuda_ops.cpp (argument checks and launches of every other op), cuda_attention_tc.cpp (attention
 // on the bf16 tensor cores, the Bf16 precision's path). Kernels (nvcc), behind kernels.h:
 // cuda_elementwise.cu (fills, SwiGLU, RoPE, embedding, column copies, MLA split), cuda_norm.cu,
-// cuda_attention.cu, cuda_attention_tc.cu, cuda_decode.cu (causal softmax, argmax), cuda_moe.cu
-// (gate, dispatch/combine, few-token expert GEMVs), cuda_loss.cu, cuda_optim.cu (AdamW, sum of
-// squares).
+// cuda_attention.cu, cuda_attention_tc.cu, cuda_decode.cu (causal softmax, argmax, the cache's
+// set_rows, split-K latent attention), cuda_moe.cu (gate, dispatch/combine, few-token expert
+// GEMVs), cuda_loss.cu, cuda_optim.cu (AdamW, sum of squares).
 #pragma once
 
 #include <cstddef>
@@ -112,6 +112,10 @@ class CudaBackend final : public Backend {
                           int64_t batch, int64_t seq, int64_t heads, float scale) override;
   void causal_softmax(Tensor& x, int64_t group, int64_t offset) override;
   void argmax(Tensor& idx, const Tensor& x, int64_t n) override;
+  void set_rows(Tensor& dst, const Tensor& src, const Tensor& rows) override;
+  void latent_attention(Tensor& ctx, const Tensor& q_lat, const Tensor& q_rope,
+                        const Tensor& kv_latent, const Tensor& k_rope, const Tensor& positions,
+                        int64_t heads, float scale) override;
   void cross_entropy_forward(Tensor& losses, const Tensor& logits, const Tensor& targets) override;
   void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& targets,
                               float scale) override;

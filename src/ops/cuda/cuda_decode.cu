@@ -1,7 +1,10 @@
 // CUDA kernels of decoding: the causal row softmax of attention over the cache
 // (Backend::causal_softmax) and the greedy pick (Backend::argmax), so that a decode step reads
-// back one token id, not scores or logits. One block per row: block-wide reductions with fixed
-// trees (deterministic), then the write.
+// back one token id, not scores or logits (one block per row: block-wide reductions with fixed
+// trees, deterministic, then the write); and the graph-capturable step's two ops, the cache write
+// at device-side positions (Backend::set_rows) and MLA's latent attention over the whole cache
+// buffer (Backend::latent_attention), whose kernels take the lengths from the positions in device
+// memory.
 #include <cmath>
 
 #include "ops/cuda/device_util.cuh"
@@ -51,7 +54,222 @@ __global__ void argmax_kernel(int32_t* idx, const float* x, int64_t cols, int64_
   if (threadIdx.x == 0) idx[blockIdx.x] = int32_t(0xffffffffu - unsigned(best & 0xffffffffu));
 }
 
+// ---------------------------------------------------------------------------------------------
+// Latent attention, split-K ("flash decoding"). A decode step has one token but thousands of
+// cache rows, so the rows are what is spread over the GPU: block (split, head group, token) takes
+// the cache rows [split * chunk, split * chunk + chunk) up to the token's position, for the
+// kLatentBlockHeads heads of its group. Every cache row is shared by all heads, so the block
+// stages kLatentTile rows in shared memory once and each warp reads them for its two heads; a
+// warp keeps its heads' queries and context accumulators in registers (lane l owns the columns
+// l, l + 32, ...). Per tile the warp forms the scores (lanes split the r + dr products, a shuffle
+// tree sums them; lane t keeps row t's score), then an online softmax update: one rescale of the
+// accumulators per tile by exp(m_old - m_new). The (m, l, unnormalised context) partials are
+// merged by latent_combine_kernel in split order: no float atomics, deterministic.
+
+constexpr int kLatentWarps = 8;
+constexpr int kHeadsPerWarp = int(kLatentBlockHeads) / kLatentWarps;
+static_assert(kHeadsPerWarp * kLatentWarps == int(kLatentBlockHeads), "heads split over warps");
+constexpr int kLatentTile = 16;  // cache rows staged at once; <= 32 (one score per lane)
+constexpr int kRankPerLane = int(kLatentMaxRank) / 32;
+constexpr int kRopePerLane = int(kLatentMaxRope) / 32;
+constexpr int kCombineThreads = 128;
+
+__global__ void __launch_bounds__(kLatentWarps * 32)
+    latent_partial_kernel(float* part_acc, float* part_ml, const float* q_lat, const float* q_rope,
+                          const float* kv_latent, const float* k_rope, const int32_t* positions,
+                          int64_t heads, int64_t rank, int64_t rope, int64_t chunk, float scale) {
+  // 16 x (512 + 64) floats = 36 KB: under the 48 KB of static shared memory.
+  __shared__ float tile_lat[kLatentTile * kLatentMaxRank];
+  __shared__ float tile_rope[kLatentTile * kLatentMaxRope];
+  const int64_t split = blockIdx.x, splits = gridDim.x, token = blockIdx.z;
+  const int warp = int(threadIdx.x) >> 5, lane = int(threadIdx.x) & 31;
+  const int64_t h0 = int64_t(blockIdx.y) * kLatentBlockHeads + warp * kHeadsPerWarp;
+  const int64_t last = positions[token];  // the token sees the cache rows [0, last]
+  const int64_t j0 = split * chunk, j1 = min(j0 + chunk, last + 1);
+  float* ml = part_ml + (token * splits + split) * heads * 2;  // (m, l) per head
+  float* acc_out = part_acc + (token * splits + split) * heads * rank;
+  if (j0 > last) {  // a split beyond the token's length: an empty partial (l = 0), nothing read
+    if (lane < kHeadsPerWarp && h0 + lane < heads) {
+      ml[(h0 + lane) * 2] = -INFINITY;
+      ml[(h0 + lane) * 2 + 1] = 0.0f;
+    }
+    return;
+  }
+
+  float ql[kHeadsPerWarp][kRankPerLane], qr[kHeadsPerWarp][kRopePerLane];
+  float acc[kHeadsPerWarp][kRankPerLane], m[kHeadsPerWarp], l[kHeadsPerWarp];
+#pragma unroll
+  for (int u = 0; u < kHeadsPerWarp; ++u) {
+    const int64_t h = h0 + u;
+    const bool valid = h < heads;  // a head past the last computes on zeros and is not written
+#pragma unroll
+    for (int k = 0; k < kRankPerLane; ++k) {
+      const int c = lane + 32 * k;
+      ql[u][k] = valid && c < rank ? q_lat[(token * heads + h) * rank + c] : 0.0f;
+      acc[u][k] = 0.0f;
+    }
+#pragma unroll
+    for (int k = 0; k < kRopePerLane; ++k) {
+      const int c = lane + 32 * k;
+      qr[u][k] = valid && c < rope ? q_rope[(token * heads + h) * rope + c] : 0.0f;
+    }
+    m[u] = -INFINITY;
+    l[u] = 0.0f;
+  }
+
+  const bool busy = h0 < heads;  // warp-uniform; an idle warp still helps stage the tiles
+  for (int64_t t0 = j0; t0 < j1; t0 += kLatentTile) {
+    const int rows = int(min(int64_t(kLatentTile), j1 - t0));
+    __syncthreads();  // every warp is done with the previous tile
+    // Rows t0.. are contiguous in both buffers: plain coalesced copies.
+    const float* src_lat = kv_latent + t0 * rank;
+    const float* src_rope = k_rope + t0 * rope;
+    for (int e = int(threadIdx.x); e < rows * int(rank); e += int(blockDim.x))
+      tile_lat[e] = src_lat[e];
+    for (int e = int(threadIdx.x); e < rows * int(rope); e += int(blockDim.x))
+      tile_rope[e] = src_rope[e];
+    __syncthreads();
+    if (!busy) continue;
+
+    float s[kHeadsPerWarp];  // lane t: the score of the tile's row t (-inf on lanes past `rows`)
+#pragma unroll
+    for (int u = 0; u < kHeadsPerWarp; ++u) s[u] = -INFINITY;
+    for (int t = 0; t < rows; ++t) {
+      float dot[kHeadsPerWarp];
+#pragma unroll
+      for (int u = 0; u < kHeadsPerWarp; ++u) dot[u] = 0.0f;
+#pragma unroll
+      for (int k = 0; k < kRankPerLane; ++k) {
+        const int c = lane + 32 * k;
+        if (c < rank) {
+          const float x = tile_lat[t * int(rank) + c];
+#pragma unroll
+          for (int u = 0; u < kHeadsPerWarp; ++u) dot[u] = fmaf(ql[u][k], x, dot[u]);
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < kRopePerLane; ++k) {
+        const int c = lane + 32 * k;
+        if (c < rope) {
+          const float y = tile_rope[t * int(rope) + c];
+#pragma unroll
+          for (int u = 0; u < kHeadsPerWarp; ++u) dot[u] = fmaf(qr[u][k], y, dot[u]);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kHeadsPerWarp; ++u) {
+        const float v = warp_reduce(dot[u], Sum{}) * scale;  // the same bits on every lane
+        if (lane == t) s[u] = v;
+      }
+    }
+
+    float p[kHeadsPerWarp];  // lane t: exp(s_t - m_new), 0 past `rows`
+#pragma unroll
+    for (int u = 0; u < kHeadsPerWarp; ++u) {
+      const float m_new = fmaxf(m[u], warp_reduce(s[u], Max{}));  // finite: rows >= 1
+      const float corr = expf(m[u] - m_new);                      // 0 on the first tile
+      p[u] = expf(s[u] - m_new);
+      l[u] = l[u] * corr + warp_reduce(p[u], Sum{});
+      m[u] = m_new;
+#pragma unroll
+      for (int k = 0; k < kRankPerLane; ++k) acc[u][k] *= corr;
+    }
+    for (int t = 0; t < rows; ++t) {
+      float pt[kHeadsPerWarp];
+#pragma unroll
+      for (int u = 0; u < kHeadsPerWarp; ++u) pt[u] = __shfl_sync(0xffffffffu, p[u], t);
+#pragma unroll
+      for (int k = 0; k < kRankPerLane; ++k) {
+        const int c = lane + 32 * k;
+        if (c < rank) {
+          const float x = tile_lat[t * int(rank) + c];
+#pragma unroll
+          for (int u = 0; u < kHeadsPerWarp; ++u) acc[u][k] = fmaf(pt[u], x, acc[u][k]);
+        }
+      }
+    }
+  }
+
+  if (!busy) return;
+#pragma unroll
+  for (int u = 0; u < kHeadsPerWarp; ++u) {
+    const int64_t h = h0 + u;
+    if (h >= heads) continue;
+#pragma unroll
+    for (int k = 0; k < kRankPerLane; ++k) {
+      const int c = lane + 32 * k;
+      if (c < rank) acc_out[h * rank + c] = acc[u][k];
+    }
+    if (lane == 0) {
+      ml[h * 2] = m[u];
+      ml[h * 2 + 1] = l[u];
+    }
+  }
+}
+
+// One block per (token, head) row: the splits' partials merged in split order,
+//   M = max_s m_s,  w_s = exp(m_s - M),  ctx = sum_s w_s acc_s / sum_s w_s l_s,
+// over the non-empty splits only (l_s != 0; an empty split's context was never written).
+__global__ void __launch_bounds__(kCombineThreads)
+    latent_combine_kernel(float* ctx, const float* part_acc, const float* part_ml, int64_t heads,
+                          int64_t rank, int64_t splits) {
+  __shared__ float weight[kLatentMaxSplits];  // m_s, then w_s (0 for an empty split)
+  __shared__ float sum[kLatentMaxSplits];     // l_s
+  const int64_t row = blockIdx.x, token = row / heads, h = row % heads;
+  for (int64_t s = threadIdx.x; s < splits; s += blockDim.x) {
+    const float* ml = part_ml + ((token * splits + s) * heads + h) * 2;
+    weight[s] = ml[0];
+    sum[s] = ml[1];
+  }
+  __syncthreads();
+  float M = -INFINITY;
+  for (int64_t s = 0; s < splits; ++s)
+    if (sum[s] != 0.0f) M = fmaxf(M, weight[s]);
+  __syncthreads();  // every thread has read the maxima before they become weights
+  for (int64_t s = threadIdx.x; s < splits; s += blockDim.x)
+    weight[s] = sum[s] != 0.0f ? expf(weight[s] - M) : 0.0f;
+  __syncthreads();
+  float L = 0.0f;
+  for (int64_t s = 0; s < splits; ++s) L = fmaf(weight[s], sum[s], L);
+  const float inv = 1.0f / L;  // L >= 1: the split holding M has w = 1 and l >= 1
+  for (int64_t c = threadIdx.x; c < rank; c += blockDim.x) {
+    float a = 0.0f;
+    for (int64_t s = 0; s < splits; ++s)
+      if (sum[s] != 0.0f)
+        a = fmaf(weight[s], part_acc[((token * splits + s) * heads + h) * rank + c], a);
+    ctx[row * rank + c] = a * inv;
+  }
+}
+
 }  // namespace
+
+cudaError_t set_rows(float* dst, const float* src, const int32_t* rows, int64_t n, int64_t dim) {
+  return for_each(n * dim, [=] __device__(int64_t e) {
+    const int64_t i = e / dim;
+    dst[int64_t(rows[i]) * dim + e % dim] = src[e];
+  });
+}
+
+cudaError_t latent_attention(float* ctx, float* part_acc, float* part_ml, const float* q_lat,
+                             const float* q_rope, const float* kv_latent, const float* k_rope,
+                             const int32_t* positions, const LatentShape& s) {
+  if (s.tokens <= 0 || s.heads <= 0) return cudaSuccess;
+  const int64_t chunk = latent_chunk(s.cap), splits = latent_splits(s.cap);
+  const int64_t groups = (s.heads + kLatentBlockHeads - 1) / kLatentBlockHeads;
+  if (s.cap <= 0 || s.rank <= 0 || s.rank > kLatentMaxRank || s.rope < 0 ||
+      s.rope > kLatentMaxRope || s.tokens > kLatentMaxTokens || splits > kLatentMaxSplits ||
+      groups > 65535)
+    return cudaErrorInvalidValue;
+  const dim3 grid(unsigned(splits), unsigned(groups), unsigned(s.tokens));
+  latent_partial_kernel<<<grid, kLatentWarps * 32, 0, stream()>>>(
+      part_acc, part_ml, q_lat, q_rope, kv_latent, k_rope, positions, s.heads, s.rank, s.rope,
+      chunk, s.scale);
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  latent_combine_kernel<<<unsigned(s.tokens * s.heads), kCombineThreads, 0, stream()>>>(
+      ctx, part_acc, part_ml, s.heads, s.rank, splits);
+  return cudaGetLastError();
+}
 
 cudaError_t argmax(int32_t* idx, const float* x, int64_t rows, int64_t cols, int64_t n) {
   if (rows <= 0 || n <= 0) return cudaSuccess;

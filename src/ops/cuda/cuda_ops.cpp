@@ -169,6 +169,48 @@ void CudaBackend::argmax(Tensor& idx, const Tensor& x, int64_t n) {
   check(cuda::argmax(idx.i32(), x.f32(), rows(x), cols(x), n), op);
 }
 
+void CudaBackend::set_rows(Tensor& dst, const Tensor& src, const Tensor& rows_) {
+  const char* op = "set_rows";
+  expect_f32(dst, op, "dst");
+  expect_f32(src, op, "src");
+  const int64_t D = set_rows_dims(dst, src, rows_), n = rows_.numel();
+  if (n == 0 || D == 0) return;
+  const Tensor safe = check_indices(rows_, rows(dst), op, "row");
+  check(cuda::set_rows(dst.f32(), src.f32(), safe.i32(), n, D), op);
+}
+
+void CudaBackend::latent_attention(Tensor& ctx, const Tensor& q_lat, const Tensor& q_rope,
+                                   const Tensor& kv_latent, const Tensor& k_rope,
+                                   const Tensor& positions, int64_t heads, float scale) {
+  const char* op = "latent_attention";
+  expect_f32(ctx, op, "ctx");
+  expect_f32(q_lat, op, "q_lat");
+  expect_f32(q_rope, op, "q_rope");
+  expect_f32(kv_latent, op, "kv_latent");
+  expect_f32(k_rope, op, "k_rope");
+  const auto [n, H, r, dr, cap] =
+      latent_attention_dims(ctx, q_lat, q_rope, kv_latent, k_rope, positions, heads);
+  MOEKIT_CHECK(r <= cuda::kLatentMaxRank && dr <= cuda::kLatentMaxRope,
+               "latent_attention: rank {} and rope dim {} beyond the kernel's limits ({} and {})",
+               r, dr, cuda::kLatentMaxRank, cuda::kLatentMaxRope);
+  if (n == 0) return;
+  const Tensor safe = check_indices(positions, cap, op, "position");
+  // The partials of up to 64 MB of tokens per launch (a long prompt through this op would
+  // otherwise need n * splits * H * r floats at once); a decode step is one launch.
+  const int64_t splits = cuda::latent_splits(cap), per_token = splits * H * (r + 2);
+  const int64_t step =
+      std::clamp<int64_t>((int64_t(16) << 20) / per_token, 1, std::min(n, cuda::kLatentMaxTokens));
+  Tensor acc = scratch({step * splits * H * r}, DType::F32);
+  Tensor ml = scratch({step * splits * H * 2}, DType::F32);
+  for (int64_t i0 = 0; i0 < n; i0 += step) {
+    const cuda::LatentShape s{std::min(step, n - i0), H, r, dr, cap, scale};
+    check(cuda::latent_attention(ctx.f32() + i0 * H * r, acc.f32(), ml.f32(),
+                                 q_lat.f32() + i0 * H * r, q_rope.f32() + i0 * H * dr,
+                                 kv_latent.f32(), k_rope.f32(), safe.i32() + i0, s),
+          op);
+  }
+}
+
 void CudaBackend::cross_entropy_forward(Tensor& losses, const Tensor& logits,
                                         const Tensor& targets) {
   const char* op = "cross_entropy_forward";

@@ -117,6 +117,41 @@ cudaError_t moe_gate_backward(float* dlogits, const float* dtopk_w, const int32_
 // --- decoding (cuda_decode.cu): Backend::causal_softmax and Backend::argmax on x [rows, cols].
 cudaError_t causal_softmax(float* x, int64_t rows, int64_t cols, int64_t group, int64_t offset);
 cudaError_t argmax(int32_t* idx, const float* x, int64_t rows, int64_t cols, int64_t n);
+// Backend::set_rows: dst[rows[i]] = src[i] for i < n, rows of `dim` floats (rows valid).
+cudaError_t set_rows(float* dst, const float* src, const int32_t* rows, int64_t n, int64_t dim);
+
+// Backend::latent_attention as split-K ("flash decoding"): the cache rows are cut into splits of
+// latent_chunk(cap) rows; one block per (split, group of kLatentBlockHeads heads, token) writes a
+// partial (running max m, sum of exp l, unnormalised context) per head, and a second kernel merges
+// a row's splits in split order. The split depends on the capacity only, never on the positions,
+// so the launch configuration of a decode step stays the same while the cache fills (CUDA graphs).
+// Register tiles bound the sizes: rank <= kLatentMaxRank, rope <= kLatentMaxRope.
+constexpr int64_t kLatentMaxRank = 512, kLatentMaxRope = 64;  // DeepSeek-V2/V3: 512 and 64
+constexpr int64_t kLatentBlockHeads = 16;
+constexpr int64_t kLatentMaxSplits = 128;    // bounds the partials (scratch) and the merge's work
+constexpr int64_t kLatentMaxTokens = 65535;  // tokens per launch (grid.z)
+// At least 32 rows per split (a split's block stages 16 rows at a time), at most kLatentMaxSplits
+// splits; a multiple of 16 rows.
+inline int64_t latent_chunk(int64_t cap) {
+  int64_t c = (cap + kLatentMaxSplits - 1) / kLatentMaxSplits;
+  c = c < 32 ? 32 : c;
+  return (c + 15) / 16 * 16;
+}
+inline int64_t latent_splits(int64_t cap) {
+  const int64_t c = latent_chunk(cap);
+  return (cap + c - 1) / c;
+}
+struct LatentShape {
+  int64_t tokens = 0, heads = 0, rank = 0, rope = 0, cap = 0;
+  float scale = 1.0f;
+};
+// ctx, q_lat [tokens * heads, rank], q_rope [tokens * heads, rope], kv_latent [cap, rank], k_rope
+// [cap, rope], positions [tokens] (valid: checked by the caller). Scratch: part_acc holds
+// tokens * latent_splits(cap) * heads * rank floats, part_ml tokens * latent_splits(cap) * heads
+// * 2. cudaErrorInvalidValue when a size is beyond the limits above.
+cudaError_t latent_attention(float* ctx, float* part_acc, float* part_ml, const float* q_lat,
+                             const float* q_rope, const float* kv_latent, const float* k_rope,
+                             const int32_t* positions, const LatentShape& s);
 
 // --- losses (cuda_loss.cu)
 cudaError_t cross_entropy_forward(float* losses, const float* logits, const int32_t* targets,
