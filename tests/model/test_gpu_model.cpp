@@ -680,6 +680,8 @@ TEST(GpuModel, GreedyGenerationMatchesCpu) {
   gc.reset();
   gg.reset();
   EXPECT_EQ(gg.generate(prompt, p), gc.generate(prompt, p));
+  EXPECT_TRUE(gg.replays_steps()) << "the decode step was not recorded as a CUDA graph";
+  EXPECT_FALSE(gc.replays_steps());
   // The same after a prompt too long for the few-token path: the prefill takes the grouped path
   // (expert_load filled), the decode steps the GEMVs; the GPU must still choose the CPU's tokens.
   // (GpuMoE.FewTokenPathMatchesCpuGroupedPath compares the two paths directly.)
@@ -739,6 +741,41 @@ TEST(GpuModel, DecodeStepMatchesCpu) {
   EXPECT_LE(rel_diff(rg.y, rc.y), kLogitsTol);
   EXPECT_LE(rel_diff(rg.cache.layers[0].kv_latent, rc.cache.layers[0].kv_latent), kLogitsTol);
   EXPECT_LE(rel_diff(rg.cache.layers[0].k_rope, rc.cache.layers[0].k_rope), kLogitsTol);
+}
+
+// A recorded decode step replays exactly what the op-by-op step computes (same kernels, same
+// memory), bit for bit, across steps, a reset and a second prompt, in fp32 and with bf16 weights.
+TEST(GpuModel, DecodeGraphReplayMatchesEagerSteps) {
+  SKIP_WITHOUT_GPU();
+  for (DType dtype : {DType::F32, DType::BF16}) {
+    SCOPED_TRACE(dtype_name(dtype));
+    const ModelConfig c = tiny_config();
+    DeepSeekModel gpu(c, Device::CUDA, true, dtype);
+    gpu.init_random(5, 0.2f);
+    setenv("MOEKIT_CUDA_GRAPHS", "0", 1);
+    Generator eager(gpu, 48);
+    const Tensor warm = eager.feed({3, 4});
+    const Tensor first = eager.feed({9});  // records nothing: graphs are off
+    unsetenv("MOEKIT_CUDA_GRAPHS");
+    Generator graph(gpu, 48);
+    ASSERT_EQ(std::memcmp(graph.feed({3, 4}).to_host().raw(), warm.to_host().raw(), warm.nbytes()),
+              0);
+    const Tensor first_graph = graph.feed({9});
+    EXPECT_FALSE(eager.replays_steps());
+    ASSERT_TRUE(graph.replays_steps());
+    EXPECT_EQ(std::memcmp(first_graph.to_host().raw(), first.to_host().raw(), first.nbytes()), 0);
+    for (int round = 0; round < 2; ++round) {
+      for (int32_t id : {11, 0, int32_t(c.vocab_size - 1), 7, 7}) {
+        const Tensor a = eager.feed({id}), b = graph.feed({id});
+        EXPECT_EQ(std::memcmp(a.to_host().raw(), b.to_host().raw(), a.nbytes()), 0) << "id " << id;
+      }
+      EXPECT_EQ(eager.cache().length, graph.cache().length);
+      eager.reset();
+      graph.reset();
+      const Tensor a = eager.feed({8, 1, 2}), b = graph.feed({8, 1, 2});
+      EXPECT_EQ(std::memcmp(a.to_host().raw(), b.to_host().raw(), a.nbytes()), 0);
+    }
+  }
 }
 
 TEST(GpuModel, MemoryCheckSaysNeededAndFree) {
