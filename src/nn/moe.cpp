@@ -76,6 +76,20 @@ std::vector<ExpertWeights> small_path_weights(Backend& be, const std::vector<MLP
   return w;
 }
 
+// Whether the routed experts keep their activations in bf16: under Precision::Bf16 every expert
+// GEMM rounds its F32 operands to bf16 anyway and cuBLAS's grouped GEMM writes bf16 products, so
+// storing xs, gate, up, h and expert_out (and backward's dys, dh, dgate, dup) as BF16 gives the
+// same values in half the bytes, with no conversion pass before each GEMM and no bf16 -> fp32
+// pass after it. Only where the backend has every BF16 variant the layer uses (not the CPU, which
+// stays exact fp32).
+bool bf16_activations(Backend& be) {
+  if (be.precision() != Precision::Bf16) return false;
+  for (Op op :
+       {Op::GatherRows, Op::GroupedMatmul, Op::SwiGLU, Op::Matmul, Op::ScatterAddRows, Op::RowDot})
+    if (!be.supports(op, DType::BF16)) return false;
+  return true;
+}
+
 }  // namespace
 
 Tensor MoE::forward(Backend& be, const Tensor& x, bool backward_follows) {
@@ -83,11 +97,12 @@ Tensor MoE::forward(Backend& be, const Tensor& x, bool backward_follows) {
   const int64_t I = E > 0 ? routed_experts[0].intermediate() : 0;
   const Device dev = x.device();
   ProfileSteps prof(be);
-  prof.next("moe.fwd.route+plan");
+  prof.next("moe.fwd.route");
   Routing r = gate.forward(be, x);  // route
   if (!backward_follows && T * gate.p.top_k <= kSmallMaxPairs) {
     const std::vector<ExpertWeights> w = small_path_weights(be, routed_experts);
     if (!w.empty()) {  // experts and combine in two GEMV passes, on the device-side routing
+      prof.next("moe.fwd.small");
       saved = {};
       expert_load.clear();
       Tensor y =
@@ -96,30 +111,37 @@ Tensor MoE::forward(Backend& be, const Tensor& x, bool backward_follows) {
       return y;
     }
   }
+  prof.next("moe.fwd.plan");
   saved.plan = make_dispatch_plan(be, r, E);  // permute: plan
   const std::vector<int64_t>& begin = saved.plan.expert_begin;
   const int64_t N = begin.back();
   expert_load.resize(size_t(E));
   for (int64_t e = 0; e < E; ++e) expert_load[size_t(e)] = begin[size_t(e + 1)] - begin[size_t(e)];
 
-  prof.next("moe.fwd.experts");
-  saved.xs = Tensor::empty({N, H}, DType::F32, dev);
+  // The routed experts' activations: F32, or BF16 under the Bf16 precision (bf16_activations).
+  const DType act = bf16_activations(be) ? DType::BF16 : DType::F32;
+  prof.next("moe.fwd.gather");
+  saved.xs = Tensor::empty({N, H}, act, dev);
   be.gather_rows(saved.xs, x, saved.plan.slot_token, nullptr);  // permute: move rows
-  saved.gate = Tensor::empty({N, I}, DType::F32, dev);          // experts
-  saved.up = Tensor::empty({N, I}, DType::F32, dev);
-  saved.h = Tensor::empty({N, I}, DType::F32, dev);
-  saved.expert_out = Tensor::empty({N, H}, DType::F32, dev);
+  prof.next("moe.fwd.gate_up");                                 // experts
+  saved.gate = Tensor::empty({N, I}, act, dev);
+  saved.up = Tensor::empty({N, I}, act, dev);
   be.grouped_matmul(saved.gate, saved.xs, weights(routed_experts, &MLP::gate_proj), begin, true,
                     0.0f);
   be.grouped_matmul(saved.up, saved.xs, weights(routed_experts, &MLP::up_proj), begin, true, 0.0f);
+  prof.next("moe.fwd.swiglu");
+  saved.h = Tensor::empty({N, I}, act, dev);
   be.swiglu_forward(saved.h, saved.gate, saved.up);
+  prof.next("moe.fwd.down");
+  saved.expert_out = Tensor::empty({N, H}, act, dev);
   be.grouped_matmul(saved.expert_out, saved.h, weights(routed_experts, &MLP::down_proj), begin,
                     true, 0.0f);
 
-  prof.next("moe.fwd.shared+combine");
+  prof.next("moe.fwd.shared");
   Tensor y = has_shared ? shared_experts.forward(be, x) : Tensor::zeros({T, H}, DType::F32, dev);
+  prof.next("moe.fwd.combine");
   be.scatter_add_rows(y, saved.expert_out, saved.plan.slot_token,
-                      &saved.plan.slot_weight);  // combine
+                      &saved.plan.slot_weight);  // combine (fp32 sums)
   return y;
 }
 
@@ -133,6 +155,13 @@ void MoE::backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate) {
                "MoE backward: the forward before it saved nothing (it was told "
                "no backward follows)");
   const int64_t N = begin.back();
+  // Activation gradients in the forward's activation dtype. Under bf16 activations: dys, dh, dgate
+  // and dup are BF16, since each feeds only bf16 GEMMs (which would round an F32 copy to the same
+  // values: half the bytes, no conversion pass per GEMM) or SwiGLU's backward (dh: the grouped
+  // GEMM's bf16 products written as they are, not widened into an F32 copy first). dxs, the sum of
+  // the gate and up products, stays F32 (the products are rounded, their sum is not), and so do dx
+  // and the weight gradients (fp32 accumulation).
+  const DType act = saved.xs.dtype();
 
   // Combine weights: dL/dw of slot s = dy[token(s)] . expert_out[s], scattered back to [T, K]
   // order by slot_pair (a permutation: every pair receives exactly one slot).
@@ -144,28 +173,44 @@ void MoE::backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate) {
   Tensor dtopk_rows = dtopk.reshape({T * K, 1});
   be.scatter_add_rows(dtopk_rows, dw_slot.reshape({N, 1}), plan.slot_pair, nullptr);
 
-  // Unpermute's backward is a weighted gather; then the experts' chain backwards, grouped.
-  Tensor dys = Tensor::empty({N, H}, DType::F32, dev);
+  // Unpermute's backward is a weighted gather; then the experts' chain backwards, grouped. Each
+  // intermediate is dropped once its last reader is queued (the next allocation may reuse it).
+  prof.next("moe.bwd.gather");
+  Tensor dys = Tensor::empty({N, H}, act, dev);
   be.gather_rows(dys, dy, plan.slot_token, &plan.slot_weight);
-  prof.next("moe.bwd.experts");
-  Tensor dh = Tensor::empty({N, I}, DType::F32, dev);
+  prof.next("moe.bwd.down");
+  Tensor dh = Tensor::empty({N, I}, act, dev);
   be.grouped_matmul(dh, dys, weights(routed_experts, &MLP::down_proj), begin, false, 0.0f);
+  prof.next("moe.bwd.down_wgrad");
   expert_weight_grads(be, routed_experts, &MLP::down_proj, dys, saved.h, begin);
-  Tensor dgate = Tensor::empty({N, I}, DType::F32, dev),
-         dup = Tensor::empty({N, I}, DType::F32, dev);
+  dys = Tensor();
+  prof.next("moe.bwd.swiglu");
+  Tensor dgate = Tensor::empty({N, I}, act, dev), dup = Tensor::empty({N, I}, act, dev);
   be.swiglu_backward(dgate, dup, dh, saved.gate, saved.up);
+  dh = Tensor();
+  // dxs = dgate @ W_gate + dup @ W_up over the same groups: one call (one launch where the
+  // backend can, and one pass writing dxs instead of two).
+  prof.next("moe.bwd.gate_up");
   Tensor dxs = Tensor::empty({N, H}, DType::F32, dev);
-  be.grouped_matmul(dxs, dgate, weights(routed_experts, &MLP::gate_proj), begin, false, 0.0f);
-  be.grouped_matmul(dxs, dup, weights(routed_experts, &MLP::up_proj), begin, false, 1.0f);
+  const std::vector<const Tensor*> w_gate = weights(routed_experts, &MLP::gate_proj),
+                                   w_up = weights(routed_experts, &MLP::up_proj);
+  const GroupedTerm terms[] = {{&dgate, w_gate}, {&dup, w_up}};
+  be.grouped_matmul_sum(dxs, terms, begin, false, 0.0f);
+  prof.next("moe.bwd.gate_up_wgrad");
   expert_weight_grads(be, routed_experts, &MLP::gate_proj, dgate, saved.xs, begin);
   expert_weight_grads(be, routed_experts, &MLP::up_proj, dup, saved.xs, begin);
+  dgate = Tensor();
+  dup = Tensor();
 
+  prof.next("moe.bwd.shared");
   if (has_shared) {
     shared_experts.backward(be, dx, dy, accumulate);
   } else if (!accumulate) {
     be.fill(dx, 0.0f);
   }
+  prof.next("moe.bwd.scatter");
   be.scatter_add_rows(dx, dxs, plan.slot_token, nullptr);
+  prof.next("moe.bwd.route");
   gate.backward(be, dx, dtopk);
 }
 

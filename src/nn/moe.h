@@ -52,6 +52,9 @@ struct MoE {
   static constexpr int64_t kSmallMaxPairs = 64;
 
   // What backward needs, every [N, .] tensor in slot order (N = T*K rows, expert by expert).
+  // The activations are F32, or BF16 under Precision::Bf16 where the backend has the bf16
+  // variants of the layer's ops (the CUDA backend; the CPU stays fp32): every expert GEMM rounds
+  // them to bf16 then anyway, so bf16 storage keeps the same values in half the memory.
   struct Saved {
     DispatchPlan plan;
     Tensor xs;          // [N, H] permuted input rows

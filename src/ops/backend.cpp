@@ -24,6 +24,15 @@ Backend& backend(Device device) {
 #endif
 }
 
+void Backend::grouped_matmul_sum(Tensor& c, std::span<const GroupedTerm> terms,
+                                 std::span<const int64_t> begin, bool trans_b, float beta) {
+  MOEKIT_CHECK(!terms.empty(), "grouped_matmul_sum: no terms");
+  for (size_t t = 0; t < terms.size(); ++t) {
+    MOEKIT_CHECK(terms[t].a, "grouped_matmul_sum: term {} has no rows", t);
+    grouped_matmul(c, *terms[t].a, terms[t].b, begin, trans_b, t == 0 ? beta : 1.0f);
+  }
+}
+
 MatmulDims matmul_dims(const Tensor& c, const Tensor& a, const Tensor& b, bool trans_a,
                        bool trans_b) {
   const MatmulDims d{rows(c), cols(c), trans_a ? rows(a) : cols(a)};

@@ -73,8 +73,10 @@ struct AdamWStep {
 // How a backend runs F32 GEMMs and attention. Fp32: exact (the CPU always is; the default, which
 // the parity tests rely on). Tf32: tensor cores with 10-bit-mantissa inputs. Bf16: F32 operands are
 // rounded to bf16 and run on bf16 tensor cores with fp32 accumulation (a bf16 model's precision).
-// Whatever the mode, a GEMM with a BF16 operand (bf16 weights) runs in bf16. moe_experts_small
-// ignores the mode (weights as stored, fp32 activations).
+// Whatever the mode, a GEMM with a BF16 operand (bf16 weights or activations) runs in bf16.
+// moe_experts_small ignores the mode (weights as stored, fp32 activations). Under Bf16, a backend
+// that supports the BF16 variants of gather_rows, grouped_matmul, swiglu_*, scatter_add_rows and
+// row_dot lets the MoE layer keep its routed experts' activations in bf16 (nn/moe.cpp).
 enum class Precision : uint8_t { Fp32, Tf32, Bf16 };
 
 // The layout of a strided batch of row-major GEMMs (per-head products of MLA's absorbed decode):
@@ -92,6 +94,13 @@ struct ExpertWeights {
   const Tensor* gate_proj = nullptr;
   const Tensor* up_proj = nullptr;
   const Tensor* down_proj = nullptr;
+};
+
+// One term of Backend::grouped_matmul_sum: the rows a [R,K] and one weight per group, as in
+// Backend::grouped_matmul.
+struct GroupedTerm {
+  const Tensor* a = nullptr;
+  std::span<const Tensor* const> b;
 };
 
 // A backend's record of a sequence of ops that can be run again as a whole (a CUDA graph):
@@ -140,17 +149,33 @@ class Backend {
   virtual void set_precision(Precision) {}
   virtual Precision precision() const { return Precision::Fp32; }
 
-  // c[M,N] = alpha * op(a) @ op(b) + beta * c, op(a) [M,K], op(b) [K,N]; 2-D views. a and b may
-  // differ in dtype (F32 activations x BF16 weights) where the backend supports(Matmul, BF16).
+  // c[M,N] = alpha * op(a) @ op(b) + beta * c, op(a) [M,K], op(b) [K,N]; 2-D views.
+  // Dtypes: F32 on every backend. Where the backend supports(Matmul, BF16), a and b may each be
+  // F32 or BF16 (F32 activations x BF16 weights; BF16 x BF16 for the routed experts' weight
+  // gradients, F32 c += BF16 dy^T @ BF16 x with beta 1). A BF16 operand (or Precision::Bf16) runs
+  // the GEMM in bf16, an F32 operand rounded to bf16, accumulating in fp32; c may then be BF16
+  // (rounded once).
   virtual void matmul(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b,
                       float alpha, float beta) = 0;
   // The routed experts' GEMM over rows grouped by expert: for every group g, the rows
   // [begin[g], begin[g+1]) of a [R,K] and c [R,N] (R = begin.back(), begin[0] = 0):
   //   c_g = a_g @ op(b[g]) + beta * c_g,  op(b[g]) [K,N], one weight tensor per group.
-  // Empty groups are skipped (a null b[g] is allowed there). The weights may differ in dtype (F32
-  // trainable, BF16 frozen experts) where the backend supports(GroupedMatmul, BF16).
+  // Empty groups are skipped (a null b[g] is allowed there).
+  // Dtypes: F32 on every backend. Where the backend supports(GroupedMatmul, BF16):
+  // - the weights may differ in dtype (F32 trainable, BF16 frozen experts);
+  // - a may be BF16 (bf16 activations, used as they are);
+  // - c may be BF16, with beta = 0 only: the bf16-rounded products are written straight to c.
+  // Any BF16 operand (or Precision::Bf16) runs every group in bf16 with fp32 accumulation; an F32
+  // c then receives c = beta * c + (the products rounded to bf16).
   virtual void grouped_matmul(Tensor& c, const Tensor& a, std::span<const Tensor* const> b,
                               std::span<const int64_t> begin, bool trans_b, float beta) = 0;
+  // The sum of grouped products over the same groups (the routed experts' input gradient
+  // dgate @ W_gate + dup @ W_up):  c_g = beta * c_g + sum_t terms[t].a_g @ op(terms[t].b[g]),
+  // terms added in order; c F32 (with more than one term). Dtype rules of grouped_matmul per term.
+  // Equal to grouped_matmul with beta for the first term and 1 for the others (the default);
+  // a backend may run all terms in one launch.
+  virtual void grouped_matmul_sum(Tensor& c, std::span<const GroupedTerm> terms,
+                                  std::span<const int64_t> begin, bool trans_b, float beta);
   // For g < batch.count: C_g = alpha * op(A_g) @ op(B_g) + beta * C_g, where X_g is operand x's
   // block g (GemmBatch). Every block must lie inside its tensor; c must not overlap a or b.
   virtual void matmul_batched(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a,
@@ -172,8 +197,12 @@ class Backend {
   virtual void rmsnorm_backward(Tensor& dx, Tensor* dw, const Tensor& dout, const Tensor& x,
                                 const Tensor& w, const Tensor& rstd) = 0;
 
-  // h = silu(gate) * up, all [T,I].
+  // h = silu(gate) * up, all [T,I]. Dtypes: all F32, or, where supports(SwiGLU, BF16), all BF16
+  // (math in fp32, h rounded once).
   virtual void swiglu_forward(Tensor& h, const Tensor& gate, const Tensor& up) = 0;
+  // dgate, dup from dh. Dtypes: all F32; where supports(SwiGLU, BF16), gate and up share a dtype
+  // (F32 or BF16), dh is F32 or BF16, dgate and dup share a dtype (F32 or BF16): math in fp32, a
+  // BF16 output rounded once.
   virtual void swiglu_backward(Tensor& dgate, Tensor& dup, const Tensor& dh, const Tensor& gate,
                                const Tensor& up) = 0;
 
@@ -228,13 +257,16 @@ class Backend {
   virtual void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& targets,
                                       float scale) = 0;
 
-  // Token dispatch for MoE: out[i] = x[rows[i]] * (weights ? weights[i] : 1).
+  // Token dispatch for MoE: out[i] = x[rows[i]] * (weights ? weights[i] : 1). x and weights F32;
+  // out F32, or BF16 where supports(GatherRows, BF16) (the product in fp32, rounded once).
   virtual void gather_rows(Tensor& out, const Tensor& x, const Tensor& rows,
                            const Tensor* weights) = 0;
-  // Combine: out[rows[i]] += x[i] * (weights ? weights[i] : 1). Deterministic order.
+  // Combine: out[rows[i]] += x[i] * (weights ? weights[i] : 1). Deterministic order. out and
+  // weights F32; x F32, or BF16 where supports(ScatterAddRows, BF16) (widened exactly, fp32 sums).
   virtual void scatter_add_rows(Tensor& out, const Tensor& x, const Tensor& rows,
                                 const Tensor* weights) = 0;
-  // out[i] = dot(a[rows[i]], b[i]) (the gradient of a combine weight).
+  // out[i] = dot(a[rows[i]], b[i]) (the gradient of a combine weight). out and a F32; b F32, or
+  // BF16 where supports(RowDot, BF16) (widened exactly, fp32 sums).
   virtual void row_dot(Tensor& out, const Tensor& a, const Tensor& rows, const Tensor& b) = 0;
   // dst[:, dst_col:dst_col+n] (+)= src[:, src_col:src_col+n] for 2-D tensors with equal rows.
   virtual void copy_columns(Tensor& dst, int64_t dst_col, const Tensor& src, int64_t src_col,

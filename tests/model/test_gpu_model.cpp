@@ -280,6 +280,12 @@ TEST(GpuBf16, FrozenWeightsStayBf16AndTrackCpu) {
   const Tensor ids = random_ids(batch * seq, c.vocab_size, 5);
   const double d_logits = rel_diff(gpu.forward(ids, batch, seq), cpu.forward(ids, batch, seq));
   expect_same_routing(gpu, cpu);
+  // The routed experts kept their activations in bf16 (the training steps below run it backward).
+  for (const DecoderLayer& l : gpu.layers())
+    if (l.moe) {
+      EXPECT_EQ(l.moe->saved.xs.dtype(), DType::BF16);
+      EXPECT_EQ(l.moe->saved.h.dtype(), DType::BF16);
+    }
   EXPECT_LE(d_logits, 4e-2);
   EXPECT_GT(d_logits, 0.0) << "bf16 had no effect";
 
@@ -573,6 +579,11 @@ TEST(GpuMoE, LayerWithFrozenExpertsMatchesCpu) {
   ASSERT_EQ(std::memcmp(idx_c.raw(), idx_g.raw(), idx_c.nbytes()), 0) << "routing differs";
   EXPECT_EQ(gpu.expert_load, cpu.expert_load);
   EXPECT_LE(rel_diff(y_g, y_c), kLogitsTol);
+  // The exact path: under the Fp32 precision the routed experts' activations stay F32.
+  ASSERT_EQ(bg.precision(), Precision::Fp32);
+  for (const Tensor* t :
+       {&gpu.saved.xs, &gpu.saved.gate, &gpu.saved.up, &gpu.saved.h, &gpu.saved.expert_out})
+    EXPECT_EQ(t->dtype(), DType::F32);
   Tensor dx_c = Tensor::empty(x.shape()), dx_g = Tensor::empty(x.shape(), DType::F32, Device::CUDA);
   cpu.backward(bc, dx_c, dy, false);
   gpu.backward(bg, dx_g, dy.to_device(Device::CUDA), false);
@@ -589,6 +600,101 @@ TEST(GpuMoE, LayerWithFrozenExpertsMatchesCpu) {
     EXPECT_LE(rel_diff(g.grad, p->grad), kGradTol) << p->name;
   }
   EXPECT_GT(trained, 0);
+}
+
+// Sets a backend's precision for a scope (restored on the way out, failed assertions included).
+struct PrecisionScope {
+  PrecisionScope(Backend& b, Precision p) : be(b), before(b.precision()) { be.set_precision(p); }
+  ~PrecisionScope() { be.set_precision(before); }
+  Backend& be;
+  Precision before;
+};
+
+// The MoE layer under Precision::Bf16 on its bf16 activation path (xs, gate, up, h and expert_out
+// saved as BF16; backward's dys, dh, dgate, dup in bf16), forward and backward, against the CPU
+// layer in exact fp32 on the same values. A bf16 table as with --dtype bf16: every third routed
+// expert frozen (BF16 weights, no gradient), the others, the shared expert and the router train
+// (fp32 masters). Every weight and x hold bf16 values, so no GEMM operand is changed by rounding
+// and the router's logits agree as in fp32 (routing is checked); what remains is the path's own
+// rounding: gate/up, h and expert_out (and the shared expert's h) each rounded once, <= 2^-8 of
+// the element, and backward's dys, dh, dgate, dup and the dx products likewise. A CPU emulation of
+// exactly these roundings (these shapes with seeds 5..17, and H 256 / I 96) put y within 3.3e-3 of
+// fp32 (normwise) and dx within 3.8e-3 (this seed: 1.2e-3 and 2.1e-3): tolerance 1e-2 (2.5 x
+// 2^-8). A weight gradient sums the few rows of one expert (T*K/E ~ 9) of products of two rounded
+// factors (2 x 2^-8 = 7.8e-3 per element): measured up to 9.2e-3 (this seed 5.6e-3), tolerance
+// 2e-2. y must differ (bf16 in effect).
+TEST(GpuMoE, Bf16ActivationsForwardBackwardTrackCpu) {
+  SKIP_WITHOUT_GPU();
+  ModelConfig c;
+  c.hidden_size = 48;
+  c.moe_intermediate_size = 20;
+  c.n_routed_experts = 16;
+  c.num_experts_per_tok = 4;
+  c.n_shared_experts = 1;
+  const int64_t T = 37;
+  ParamTable cp, gp(true, DType::BF16);
+  MoE cpu = MoE::create(cp, "mlp", c, Device::CPU), gpu = MoE::create(gp, "mlp", c, Device::CUDA);
+  std::mt19937_64 rng(5);
+  std::normal_distribution<float> normal(0.0f, 0.3f);
+  auto bf16_values = [&](Shape s) {
+    Tensor t = Tensor::empty(s);
+    for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = normal(rng);
+    return t.to_dtype(DType::BF16).to_f32();
+  };
+  auto frozen = [](const Param& p) {
+    for (int e = 0; e < 16; e += 3)
+      if (p.name.find(".experts." + std::to_string(e) + ".") != std::string::npos) return true;
+    return false;
+  };
+  for (ParamTable* t : {&cp, &gp}) t->set_trainable([&](const Param& p) { return !frozen(p); });
+  for (const auto& p : cp.all()) {
+    p->value.copy_from(bf16_values(p->value.shape()));
+    set_value(gp.at(p->name), p->value);
+  }
+  for (ParamTable* t : {&cp, &gp}) t->allocate_grads();
+  ASSERT_EQ(gpu.routed_experts[0].gate_proj->value.dtype(), DType::BF16);  // frozen
+  ASSERT_EQ(gpu.routed_experts[1].gate_proj->value.dtype(), DType::F32);   // an fp32 master
+  const Tensor x = bf16_values({T, c.hidden_size});
+  Tensor dy = Tensor::empty({T, c.hidden_size});
+  for (int64_t i = 0; i < dy.numel(); ++i) dy.f32()[i] = normal(rng);
+  Backend &bc = backend(Device::CPU), &bg = backend(Device::CUDA);
+  const PrecisionScope bf16(bg, Precision::Bf16);
+
+  const Tensor y_c = cpu.forward(bc, x), y_g = gpu.forward(bg, x.to_device(Device::CUDA));
+  for (const Tensor* t :
+       {&gpu.saved.xs, &gpu.saved.gate, &gpu.saved.up, &gpu.saved.h, &gpu.saved.expert_out}) {
+    EXPECT_EQ(t->dtype(), DType::BF16) << "the bf16 activation path was not taken";
+    EXPECT_EQ(t->device(), Device::CUDA);
+  }
+  EXPECT_EQ(cpu.saved.xs.dtype(), DType::F32);
+  const Tensor idx_c = cpu.gate.saved.routing.topk_idx;
+  const Tensor idx_g = gpu.gate.saved.routing.topk_idx.to_host();
+  ASSERT_EQ(std::memcmp(idx_c.raw(), idx_g.raw(), idx_c.nbytes()), 0) << "routing differs";
+  const double y_rel = rel_diff(y_g, y_c);
+  EXPECT_LE(y_rel, 1e-2);
+  EXPECT_GT(y_rel, 0.0) << "bf16 had no effect";
+
+  Tensor dx_c = Tensor::empty(x.shape()), dx_g = Tensor::empty(x.shape(), DType::F32, Device::CUDA);
+  cpu.backward(bc, dx_c, dy, false);
+  gpu.backward(bg, dx_g, dy.to_device(Device::CUDA), false);
+  const double dx_rel = rel_diff(dx_g, dx_c);
+  EXPECT_LE(dx_rel, 1e-2);
+  double worst = 0.0;
+  std::string worst_name;
+  int64_t trained = 0;
+  for (const auto& p : cp.all()) {
+    const Param& g = gp.at(p->name);
+    EXPECT_EQ(g.grad.defined(), p->grad.defined()) << p->name;
+    if (!p->grad.defined() || !g.grad.defined()) continue;
+    EXPECT_EQ(g.grad.dtype(), DType::F32) << p->name;
+    const double d = rel_diff(g.grad, p->grad);
+    EXPECT_LE(d, 2e-2) << p->name;
+    if (d > worst) worst = d, worst_name = p->name;
+    ++trained;
+  }
+  EXPECT_GT(trained, 30);  // 10 routed experts x 3, the shared expert's 3, the router
+  std::printf("[ gpu-moe-bf16 ] y %.2e, dx %.2e, %lld gradients, worst %.2e (%s)\n", y_rel, dx_rel,
+              static_cast<long long>(trained), worst, worst_name.c_str());
 }
 
 // The few-token path (inference forward, T*K <= MoE::kSmallMaxPairs): the GPU layer's GEMVs

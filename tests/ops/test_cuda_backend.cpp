@@ -214,6 +214,28 @@ TEST_F(CudaBackendTest, MatmulMixedF32Bf16AndBf16Precision) {
   EXPECT_EQ(gpu().precision(), Precision::Fp32);
 }
 
+// The routed experts' weight gradients under bf16 activations: W.grad [N, K] += dy_e^T @ x_e, the
+// expert's rows of BF16 [R, N] and [R, K] tensors (a block at an odd row offset, so the operand
+// pointers are not 16-byte aligned), F32 c, beta 1, alpha 1 and 0.5. bf16 x bf16 products are
+// exact in fp32 and cuBLAS accumulates in fp32, so the CPU GEMM of the same values is the oracle
+// at kF32Tol. Also a BF16 x an F32 operand (rounded to bf16 first).
+TEST_F(CudaBackendTest, MatmulBf16TransposedAccumulate) {
+  const int64_t R = 50, N = 37, K = 45, r0 = 7, r1 = 38;
+  const Tensor dy16 = randn({R, N}).to_dtype(DType::BF16),
+               x16 = randn({R, K}).to_dtype(DType::BF16);
+  const Tensor dy = dy16.to_f32(), x = x16.to_f32();
+  for (float alpha : {1.0f, 0.5f}) {
+    SCOPED_TRACE(testing::Message() << "alpha " << alpha);
+    Tensor c = randn({N, K}), gc = dev(c), gc2 = dev(c);
+    cpu().matmul(c, dy.slice(r0, r1), x.slice(r0, r1), true, false, alpha, 1.0f);
+    gpu().matmul(gc, dev(dy16).slice(r0, r1), dev(x16).slice(r0, r1), true, false, alpha, 1.0f);
+    EXPECT_CLOSE(gc, c, kF32Tol);
+    // F32 x that holds bf16 values: rounding it is exact, so the same result.
+    gpu().matmul(gc2, dev(dy16).slice(r0, r1), dev(x).slice(r0, r1), true, false, alpha, 1.0f);
+    EXPECT_CLOSE(gc2, c, kF32Tol);
+  }
+}
+
 // Few-row GEMMs against a weight (decoding: y = x W^T with 1..4 rows) take a GEMV kernel where
 // bf16 is in play: BF16 weights are read as stored (widened exactly), F32 weights under the Bf16
 // precision too (not rounded), activations stay fp32, so the CPU GEMM of the same values is the
@@ -374,6 +396,44 @@ TEST_F(CudaBackendTest, SwiGluForwardBackward) {
   gpu().swiglu_backward(gdgate, gdup, dev(dh), dev(gate), dev(up));
   EXPECT_CLOSE(gdgate, dgate, kF32Tol);
   EXPECT_CLOSE(gdup, dup, kF32Tol);
+}
+
+// SwiGLU on bf16 activations (the MoE layer's path). Inputs hold bf16 values (exact in fp32), the
+// math is fp32 on both sides (expf vs std::exp: a few ulps, within kF32Tol), and a BF16 output is
+// rounded once, <= 2^-8 of the element: kF32Tol + 2^-8 against the CPU op's fp32 output on the
+// same values. Forward all BF16; backward every combination of the gate/up, dh and dgate/dup
+// dtypes (each F32 or BF16), outputs poisoned. A forward mixing dtypes is refused, naming the op.
+TEST_F(CudaBackendTest, SwiGluBf16Activations) {
+  const Shape s{123, 45};
+  auto as = [](const Tensor& t, DType d) { return d == DType::BF16 ? t.to_dtype(DType::BF16) : t; };
+  // bf16 values, so each tensor means the same in either dtype.
+  const Tensor gate = randn(s, 2.0f).to_dtype(DType::BF16).to_f32();
+  const Tensor up = randn(s).to_dtype(DType::BF16).to_f32();
+  const Tensor dh = randn(s).to_dtype(DType::BF16).to_f32();
+  const double bf16_out = std::ldexp(1.0, -8);
+  Tensor h = Tensor::empty(s), gh = poisoned(s, DType::BF16);
+  cpu().swiglu_forward(h, gate, up);
+  gpu().swiglu_forward(gh, dev(as(gate, DType::BF16)), dev(as(up, DType::BF16)));
+  EXPECT_CLOSE(gh, h, kF32Tol + bf16_out);
+  Tensor dgate = Tensor::empty(s), dup = Tensor::empty(s);
+  cpu().swiglu_backward(dgate, dup, dh, gate, up);
+  for (DType in : {DType::F32, DType::BF16})
+    for (DType dd : {DType::F32, DType::BF16})
+      for (DType out : {DType::F32, DType::BF16}) {
+        SCOPED_TRACE(testing::Message() << "gate/up " << dtype_name(in) << " dh " << dtype_name(dd)
+                                        << " dgate/dup " << dtype_name(out));
+        Tensor gdgate = poisoned(s, out), gdup = poisoned(s, out);
+        gpu().swiglu_backward(gdgate, gdup, dev(as(dh, dd)), dev(as(gate, in)), dev(as(up, in)));
+        const double tol = kF32Tol + (out == DType::BF16 ? bf16_out : 0.0);
+        EXPECT_CLOSE(gdgate, dgate, tol);
+        EXPECT_CLOSE(gdup, dup, tol);
+      }
+  try {
+    gpu().swiglu_forward(gh, dev(gate), dev(as(up, DType::BF16)));
+    FAIL() << "swiglu_forward took F32 gate with a BF16 h";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("swiglu_forward"), std::string::npos) << e.what();
+  }
 }
 
 TEST_F(CudaBackendTest, RopeForwardAndInverse) {
@@ -604,6 +664,47 @@ TEST_F(CudaBackendTest, GatherScatterRowDot) {
   EXPECT_CLOSE(gdots, dots, kF32Tol);
 }
 
+// The MoE dispatch into BF16 rows (bf16 activations: xs, and backward's weighted dys): the value
+// (times its weight: one fp32 multiplication, correctly rounded on both sides) is rounded to
+// nearest even once, as Tensor::to_dtype rounds, so the CPU gather's output rounded on the host is
+// the oracle at tolerance 0.
+TEST_F(CudaBackendTest, GatherRowsBf16Output) {
+  const int64_t R = 41, C = 300, N = 157;  // N > R: rows repeat
+  Tensor x = randn({R, C}), rows = randint({N}, 0, int32_t(R)), w = randn({N});
+  for (const Tensor* wp : std::initializer_list<const Tensor*>{nullptr, &w}) {
+    SCOPED_TRACE(wp ? "weighted" : "plain");
+    Tensor out = Tensor::empty({N, C}), gout = poisoned({N, C}, DType::BF16);
+    Tensor gw = dev(w);
+    cpu().gather_rows(out, x, rows, wp);
+    gpu().gather_rows(gout, dev(x), dev(rows), wp ? &gw : nullptr);
+    ASSERT_EQ(gout.dtype(), DType::BF16);
+    EXPECT_CLOSE(gout, out.to_dtype(DType::BF16).to_f32(), 0.0);
+  }
+}
+
+// The combine and its weight gradient on BF16 expert outputs: x (scatter_add_rows) and b (row_dot)
+// BF16, widened exactly, sums in fp32: the CPU ops on the same values at kF32Tol; the scatter stays
+// deterministic (two runs bit-equal).
+TEST_F(CudaBackendTest, ScatterAddRowsAndRowDotBf16Inputs) {
+  const int64_t R = 41, C = 300, N = 157;
+  Tensor rows = randint({N}, 0, int32_t(R)), w = randn({N});
+  const Tensor src16 = randn({N, C}).to_dtype(DType::BF16), src = src16.to_f32();
+  for (const Tensor* wp : std::initializer_list<const Tensor*>{nullptr, &w}) {
+    SCOPED_TRACE(wp ? "weighted" : "plain");
+    Tensor gw = dev(w);
+    Tensor acc = randn({R, C}), gacc = dev(acc), again = dev(acc);
+    cpu().scatter_add_rows(acc, src, rows, wp);
+    gpu().scatter_add_rows(gacc, dev(src16), dev(rows), wp ? &gw : nullptr);
+    EXPECT_CLOSE(gacc, acc, kF32Tol);
+    gpu().scatter_add_rows(again, dev(src16), dev(rows), wp ? &gw : nullptr);
+    EXPECT_TRUE(bit_equal(gacc, again)) << "scatter is not deterministic";
+  }
+  Tensor a = randn({R, C}), dots = Tensor::empty({N}), gdots = poisoned({N});
+  cpu().row_dot(dots, a, rows, src);
+  gpu().row_dot(gdots, dev(a), dev(rows), dev(src16));
+  EXPECT_CLOSE(gdots, dots, kF32Tol);
+}
+
 TEST_F(CudaBackendTest, CopyColumnsAndMlaSplit) {
   Tensor dst = randn({19, 40}), src = randn({19, 23});
   for (bool acc : {false, true}) {
@@ -809,6 +910,99 @@ TEST_F(CudaBackendTest, GroupedMatmulBf16WeightsAndBf16Precision) {
       }
     }
   EXPECT_EQ(gpu().precision(), Precision::Fp32);
+}
+
+// The MoE layer's bf16 activations in the grouped GEMM: a BF16 (used as it is) against mixed F32 /
+// BF16 weights under the Fp32 precision (a BF16 operand puts the whole call on bf16, the F32
+// weights rounded: they hold bf16 values here, so rounding is exact); c BF16 with beta 0 (the
+// products written as they are, rounded once) or F32 with beta 0 or 1 (the bf16 products added).
+// Oracle: the CPU grouped GEMM of the same values in fp32: exact products, fp32 sums (kF32Tol),
+// plus one bf16 rounding per product, <= 2^-8 of the element, so of max |c|. Empty groups, odd K
+// and N, both layouts of b; a BF16 c with beta != 0 is refused.
+TEST_F(CudaBackendTest, GroupedMatmulBf16ActivationsAndOutput) {
+  const std::vector<int64_t> sizes{9, 0, 1, 31, 5, 0, 17};
+  std::vector<int64_t> begin{0};
+  for (int64_t n : sizes) begin.push_back(begin.back() + n);
+  const int64_t R = begin.back(), K = 45, N = 67;
+  auto rounded = [](const Tensor& t) { return t.to_dtype(DType::BF16).to_f32(); };
+  for (bool trans_b : {false, true}) {
+    const Tensor a16 = randn({R, K}).to_dtype(DType::BF16);
+    std::vector<Tensor> w_ref, w_gpu;
+    for (size_t g = 0; g < sizes.size(); ++g) {
+      w_ref.push_back(rounded(randn(trans_b ? Shape{N, K} : Shape{K, N})));
+      w_gpu.push_back(g % 2 == 0 ? dev(w_ref.back().to_dtype(DType::BF16)) : dev(w_ref.back()));
+    }
+    std::vector<const Tensor*> wc, wg;
+    for (size_t g = 0; g < sizes.size(); ++g) {
+      wc.push_back(&w_ref[g]);
+      wg.push_back(&w_gpu[g]);
+    }
+    for (DType out : {DType::BF16, DType::F32})
+      for (float beta : {0.0f, 1.0f}) {
+        if (out == DType::BF16 && beta != 0.0f) continue;
+        SCOPED_TRACE(testing::Message()
+                     << "trans_b " << trans_b << " c " << dtype_name(out) << " beta " << beta);
+        Tensor c = randn({R, N}), ref = c.clone();
+        cpu().grouped_matmul(ref, a16.to_f32(), wc, begin, trans_b, beta);
+        Tensor gc = beta == 0.0f ? poisoned({R, N}, out) : dev(c);
+        gpu().grouped_matmul(gc, dev(a16), wg, begin, trans_b, beta);
+        ASSERT_EQ(gc.dtype(), out);
+        EXPECT_CLOSE(gc, ref, kF32Tol + std::ldexp(1.0, -8));
+      }
+    Tensor gc = poisoned({R, N}, DType::BF16);
+    try {
+      gpu().grouped_matmul(gc, dev(a16), wg, begin, trans_b, 1.0f);
+      ADD_FAILURE() << "a BF16 c took beta 1";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("beta"), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_EQ(gpu().precision(), Precision::Fp32);
+}
+
+// grouped_matmul_sum, the experts' dx = dgate W_gate + dup W_up: two terms over the same groups
+// into an F32 c, beta 0 (over NaN) and 1. bf16 (BF16 rows, mixed weights): one grouped GEMM over
+// both terms' groups and one pass c = beta c + p1 + p2 with each product rounded to bf16, so an
+// element is off by <= 2^-8 (|p1| + |p2|); against max |p1 + p2| (two independent random terms:
+// max |p1| + max |p2| is about sqrt(2) times it) that is about 1.4 x 2^-8, hence 2 x 2^-8 +
+// kF32Tol. All F32 under the Fp32 precision: term by term in fp32, kF32Tol. The oracle is the CPU
+// op (two grouped GEMMs) on the same values.
+TEST_F(CudaBackendTest, GroupedMatmulSumOfTwoTerms) {
+  const std::vector<int64_t> sizes{12, 0, 3, 27, 1, 0, 19};
+  std::vector<int64_t> begin{0};
+  for (int64_t n : sizes) begin.push_back(begin.back() + n);
+  const int64_t R = begin.back(), K = 37, N = 53;
+  auto rounded = [](const Tensor& t) { return t.to_dtype(DType::BF16).to_f32(); };
+  for (bool bf16 : {true, false}) {
+    const Tensor a1 = rounded(randn({R, K})), a2 = rounded(randn({R, K}));
+    std::vector<Tensor> w_ref, w_gpu;  // [term 1 groups..., term 2 groups...]
+    for (size_t g = 0; g < 2 * sizes.size(); ++g) {
+      w_ref.push_back(rounded(randn({K, N})));
+      w_gpu.push_back(bf16 && g % 3 == 0 ? dev(w_ref.back().to_dtype(DType::BF16))
+                                         : dev(w_ref.back()));
+    }
+    std::vector<const Tensor*> w1c, w2c, w1g, w2g;
+    for (size_t g = 0; g < sizes.size(); ++g) {
+      w1c.push_back(&w_ref[g]);
+      w2c.push_back(&w_ref[sizes.size() + g]);
+      w1g.push_back(&w_gpu[g]);
+      w2g.push_back(&w_gpu[sizes.size() + g]);
+    }
+    const DType act = bf16 ? DType::BF16 : DType::F32;
+    const Tensor g1 = dev(bf16 ? a1.to_dtype(DType::BF16) : a1);
+    const Tensor g2 = dev(bf16 ? a2.to_dtype(DType::BF16) : a2);
+    ASSERT_EQ(g1.dtype(), act);
+    const GroupedTerm cpu_terms[] = {{&a1, w1c}, {&a2, w2c}};
+    const GroupedTerm gpu_terms[] = {{&g1, w1g}, {&g2, w2g}};
+    for (float beta : {0.0f, 1.0f}) {
+      SCOPED_TRACE(testing::Message() << (bf16 ? "bf16" : "fp32") << " beta " << beta);
+      Tensor c = randn({R, N}), ref = c.clone();
+      cpu().grouped_matmul_sum(ref, cpu_terms, begin, false, beta);
+      Tensor gc = beta == 0.0f ? poisoned({R, N}) : dev(c);
+      gpu().grouped_matmul_sum(gc, gpu_terms, begin, false, beta);
+      EXPECT_CLOSE(gc, ref, kF32Tol + (bf16 ? 2.0 * std::ldexp(1.0, -8) : 0.0));
+    }
+  }
 }
 
 // The few-token experts (decode's GEMVs) against the CPU op. Shapes: H, I odd (every row

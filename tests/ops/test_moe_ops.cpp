@@ -7,8 +7,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <numeric>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "core/error.h"
@@ -139,6 +141,63 @@ TEST(MoeOps, GroupedMatmulChecksShapes) {
   EXPECT_THROW(cpu().grouped_matmul(c, a, wp, decreasing, true, 0.0f), Error);
   const Tensor* missing[] = {&w, nullptr};
   EXPECT_THROW(cpu().grouped_matmul(c, a, missing, ok, true, 0.0f), Error);
+}
+
+// grouped_matmul_sum (the experts' dx = dgate W_gate + dup W_up) on the CPU: the default, one
+// grouped GEMM per term with beta for the first and 1 after, bit for bit.
+TEST(MoeOps, GroupedMatmulSumIsTheTermsInOrder) {
+  std::mt19937_64 rng(13);
+  const int64_t K = 7, N = 11;
+  const std::vector<int64_t> begin = offsets({4, 0, 9, 2});
+  const int64_t R = begin.back();
+  Tensor a1 = randn({R, K}, rng), a2 = randn({R, K}, rng);
+  std::vector<Tensor> w;
+  for (int i = 0; i < 8; ++i) w.push_back(randn({N, K}, rng));
+  const std::vector<const Tensor*> w1{&w[0], &w[1], &w[2], &w[3]}, w2{&w[4], &w[5], &w[6], &w[7]};
+  const GroupedTerm terms[] = {{&a1, w1}, {&a2, w2}};
+  for (float beta : {0.0f, 0.5f}) {
+    Tensor c = randn({R, N}, rng), ref = c.clone();
+    cpu().grouped_matmul_sum(c, terms, begin, true, beta);
+    cpu().grouped_matmul(ref, a1, w1, begin, true, beta);
+    cpu().grouped_matmul(ref, a2, w2, begin, true, 1.0f);
+    EXPECT_TRUE(bit_equal(c, ref)) << "beta " << beta;
+  }
+}
+
+// The CPU backend computes in fp32 only (supports() says no to BF16): every op with a bf16
+// activation variant on CUDA refuses a BF16 operand in one line that names the op, rather than
+// reading bf16 bits as floats.
+TEST(MoeOps, CpuRefusesBf16Activations) {
+  auto expect_refused = [](const char* op, const std::function<void()>& f) {
+    try {
+      f();
+      ADD_FAILURE() << op << " accepted a BF16 operand";
+    } catch (const Error& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find(std::string("CPU ") + op), std::string::npos) << msg;
+      EXPECT_NE(msg.find("BF16"), std::string::npos) << msg;
+      EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
+    }
+  };
+  for (Op op :
+       {Op::GatherRows, Op::GroupedMatmul, Op::SwiGLU, Op::Matmul, Op::ScatterAddRows, Op::RowDot})
+    EXPECT_FALSE(cpu().supports(op, DType::BF16));
+  const Tensor x = Tensor::zeros({4, 3}), x16 = Tensor::zeros({4, 3}, DType::BF16);
+  const Tensor rows = Tensor::zeros({4}, DType::I32);
+  Tensor out16 = Tensor::zeros({4, 3}, DType::BF16), out = Tensor::zeros({4, 3});
+  expect_refused("gather_rows", [&] { cpu().gather_rows(out16, x, rows, nullptr); });
+  expect_refused("scatter_add_rows", [&] { cpu().scatter_add_rows(out, x16, rows, nullptr); });
+  Tensor dots = Tensor::zeros({4});
+  expect_refused("row_dot", [&] { cpu().row_dot(dots, x, rows, x16); });
+  expect_refused("swiglu_forward", [&] { cpu().swiglu_forward(out16, x16, x16); });
+  Tensor d16 = Tensor::zeros({4, 3}, DType::BF16);
+  expect_refused("swiglu_backward", [&] { cpu().swiglu_backward(d16, out16, x, x16, x16); });
+  const Tensor w = Tensor::zeros({3, 3});
+  const Tensor* wp[] = {&w};
+  const std::vector<int64_t> begin{0, 4};
+  expect_refused("grouped_matmul", [&] { cpu().grouped_matmul(out, x16, wp, begin, true, 0.0f); });
+  Tensor g = Tensor::zeros({3, 3});
+  expect_refused("matmul", [&] { cpu().matmul(g, x16, x16, true, false, 1.0f, 1.0f); });
 }
 
 // The routed experts of T tokens (y[t] = sum_k w[t,k] down_e(silu(gate_e x_t) * up_e x_t)) in

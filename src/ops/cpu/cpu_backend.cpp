@@ -43,6 +43,7 @@ void CpuBackend::memory_info(size_t& free_bytes, size_t& total_bytes) {
 void CpuBackend::matmul(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b,
                         float alpha, float beta) {
   const auto [M, N, K] = matmul_dims(c, a, b, trans_a, trans_b);
+  expect_f32_on_cpu("matmul", {&c, &a, &b});
   if (M == 0 || N == 0) return;
   if (K == 0) {
     if (beta == 0.0f)
@@ -59,6 +60,8 @@ void CpuBackend::matmul(Tensor& c, const Tensor& a, const Tensor& b, bool trans_
 void CpuBackend::grouped_matmul(Tensor& c, const Tensor& a, std::span<const Tensor* const> b,
                                 std::span<const int64_t> begin, bool trans_b, float beta) {
   grouped_matmul_dims(c, a, b, begin, trans_b);
+  expect_f32_on_cpu("grouped_matmul", {&c, &a});
+  for (const Tensor* w : b) expect_f32_on_cpu("grouped_matmul", {w});
   // The reference: one GEMM per group on its row block (the per-expert loop it replaces).
   for (size_t g = 0; g < b.size(); ++g) {
     if (begin[g] == begin[g + 1]) continue;
@@ -185,6 +188,7 @@ static inline float silu(float x) {
 }
 
 void CpuBackend::swiglu_forward(Tensor& h, const Tensor& gate, const Tensor& up) {
+  expect_f32_on_cpu("swiglu_forward", {&h, &gate, &up});
   const float *g = gate.f32(), *u = up.f32();
   float* o = h.f32();
   cpu_pool().parallel_for(
@@ -197,6 +201,7 @@ void CpuBackend::swiglu_forward(Tensor& h, const Tensor& gate, const Tensor& up)
 
 void CpuBackend::swiglu_backward(Tensor& dgate, Tensor& dup, const Tensor& dh, const Tensor& gate,
                                  const Tensor& up) {
+  expect_f32_on_cpu("swiglu_backward", {&dgate, &dup, &dh, &gate, &up});
   const float *g = gate.f32(), *u = up.f32(), *d = dh.f32();
   float *dg = dgate.f32(), *du = dup.f32();
   cpu_pool().parallel_for(

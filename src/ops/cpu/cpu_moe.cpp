@@ -210,6 +210,7 @@ void CpuBackend::moe_experts_small(Tensor& y, const Tensor& x, const Tensor& top
 
 void CpuBackend::gather_rows(Tensor& out, const Tensor& x, const Tensor& rows_,
                              const Tensor* weights) {
+  expect_f32_on_cpu("gather_rows", {&out, &x, weights});
   const int64_t N = rows_.numel(), C = cols(x);
   cpu_pool().parallel_for(N, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
@@ -228,6 +229,7 @@ void CpuBackend::gather_rows(Tensor& out, const Tensor& x, const Tensor& rows_,
 void CpuBackend::scatter_add_rows(Tensor& out, const Tensor& x, const Tensor& rows_,
                                   const Tensor* weights) {
   // Several rows may land on one output row: split columns over threads, walk rows in order.
+  expect_f32_on_cpu("scatter_add_rows", {&out, &x, weights});
   const int64_t N = rows_.numel(), C = cols(out);
   cpu_pool().parallel_for(
       C,
@@ -243,6 +245,7 @@ void CpuBackend::scatter_add_rows(Tensor& out, const Tensor& x, const Tensor& ro
 }
 
 void CpuBackend::row_dot(Tensor& out, const Tensor& a, const Tensor& rows_, const Tensor& b) {
+  expect_f32_on_cpu("row_dot", {&out, &a, &b});
   const int64_t N = rows_.numel(), C = cols(b);
   cpu_pool().parallel_for(N, [&](int64_t bb, int64_t e) {
     for (int64_t i = bb; i < e; ++i) {

@@ -291,10 +291,24 @@ void CudaBackend::memory_info(size_t& free_bytes, size_t& total_bytes) {
   free_bytes += alloc_.cached_bytes();
 }
 
-bool CudaBackend::supports(Op op, DType dtype) const {  // BF16: weights (GEMMs, embedding table)
-  return dtype == DType::F32 || ((op == Op::Matmul || op == Op::GroupedMatmul ||
-                                  op == Op::MoeExpertsSmall || op == Op::Embedding) &&
-                                 dtype == DType::BF16);
+// BF16: GEMM operands (weights; the experts' activations), the embedding table, and the bf16 activation variants of
+// the MoE layer's dispatch, SwiGLU and combine (ops.h gives each op's dtype rules).
+bool CudaBackend::supports(Op op, DType dtype) const {
+  if (dtype == DType::F32) return true;
+  if (dtype != DType::BF16) return false;
+  switch (op) {
+    case Op::Matmul:
+    case Op::GroupedMatmul:
+    case Op::MoeExpertsSmall:
+    case Op::Embedding:
+    case Op::GatherRows:
+    case Op::SwiGLU:
+    case Op::ScatterAddRows:
+    case Op::RowDot:
+      return true;
+    default:
+      return false;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -522,29 +536,58 @@ void gemm_row_major(void* handle, Tensor& c, const Tensor& a, const Tensor& b, b
                "matmul (cublasGemmEx)");
 }
 
-// One cublasGemmGroupedBatchedEx over the non-empty `groups`: a group per expert (its own row
-// count), column-major as in gemm_row_major: C_g^T [N, rows] = op(W_g)^T [N, K] a_g^T [K, rows].
-// W, a and c all of `type`. The per-group scalars and sizes are host arrays; the matrix pointers
-// must be in device memory: one asynchronous upload (from pageable memory the copy is staged at
-// once, so the host array may go when it returns).
-void grouped_gemm(void* handle, Tensor& c, const Tensor& a, std::span<const Tensor* const> b,
-                  std::span<const int64_t> begin, const std::vector<size_t>& groups, bool trans_b,
-                  float beta, cudaDataType type, cublasComputeType_t compute) {
+// One group of grouped_gemm, row-major: c [rows, n] = a [rows, k] @ op(w), leading dimensions in
+// elements. Pointers into device memory, all of grouped_gemm's `type`.
+struct GroupGemm {
+  const void* w = nullptr;
+  const void* a = nullptr;
+  void* c = nullptr;
+  int64_t ldw = 0, lda = 0, ldc = 0, rows = 0, n = 0, k = 0;
+};
+
+// Group g of a grouped_matmul term: rows [begin[g], begin[g+1]) of a and c against the weight w.
+GroupGemm group_gemm(const Tensor& c, const Tensor& a, const Tensor& w,
+                     std::span<const int64_t> begin, size_t g) {
+  return {.w = w.raw(),
+          .a = a.slice(begin[g], begin[g + 1]).raw(),
+          .c = c.slice(begin[g], begin[g + 1]).raw(),
+          .ldw = cols(w),
+          .lda = cols(a),
+          .ldc = cols(c),
+          .rows = begin[g + 1] - begin[g],
+          .n = cols(c),
+          .k = cols(a)};
+}
+
+// One cublasGemmGroupedBatchedEx over `groups` (each its own sizes and pointers), column-major as
+// in gemm_row_major: C_g^T [n, rows] = op(W_g)^T [n, k] a_g^T [k, rows]. W, a and c all of `type`.
+// The per-group scalars and sizes are host arrays; the matrix pointers must be in device memory:
+// one asynchronous upload (from pageable memory the copy is staged at once, so the host array may
+// go when it returns).
+void grouped_gemm(void* handle, std::span<const GroupGemm> groups, bool trans_b, float beta,
+                  cudaDataType type, cublasComputeType_t compute) {
   const size_t G = groups.size();
-  const int64_t N = cols(c), K = cols(a);
+  constexpr int64_t kInt = 2147483647;
   std::vector<cublasOperation_t> trans_w(G, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N);
   std::vector<cublasOperation_t> trans_a(G, CUBLAS_OP_N);
-  std::vector<int> m(G, int(N)), n(G), k(G, int(K)), ldw(G), lda(G, int(K)), ldc(G, int(N));
+  std::vector<int> m(G), n(G), k(G), ldw(G), lda(G), ldc(G);
   std::vector<int> group_size(G, 1);
   std::vector<float> alphas(G, 1.0f), betas(G, beta);
   std::vector<const void*> ptrs(3 * G);  // [W_g..., a_g..., c_g...]
   for (size_t i = 0; i < G; ++i) {
-    const size_t g = groups[i];
-    n[i] = int(begin[g + 1] - begin[g]);
-    ldw[i] = int(cols(*b[g]));
-    ptrs[i] = b[g]->raw();
-    ptrs[G + i] = a.slice(begin[g], begin[g + 1]).raw();
-    ptrs[2 * G + i] = c.slice(begin[g], begin[g + 1]).raw();
+    const GroupGemm& q = groups[i];
+    MOEKIT_CHECK(q.rows <= kInt && q.n <= kInt && q.k <= kInt && q.ldw <= kInt && q.lda <= kInt &&
+                     q.ldc <= kInt,
+                 "grouped_matmul: a group of {} x {} x {} exceeds cuBLAS's int", q.rows, q.n, q.k);
+    m[i] = int(q.n);
+    n[i] = int(q.rows);
+    k[i] = int(q.k);
+    ldw[i] = int(q.ldw);
+    lda[i] = int(q.lda);
+    ldc[i] = int(q.ldc);
+    ptrs[i] = q.w;
+    ptrs[G + i] = q.a;
+    ptrs[2 * G + i] = q.c;
   }
   Tensor dptrs =
       Tensor::empty({int64_t(ptrs.size() * sizeof(void*) / 4)}, DType::I32, Device::CUDA);
@@ -607,21 +650,58 @@ void CudaBackend::matmul(Tensor& c, const Tensor& a_in, const Tensor& b_in, bool
   gemm_row_major(cublas_, c, a, b, trans_a, trans_b, alpha, beta, M, N, K, compute);
 }
 
-void CudaBackend::grouped_matmul(Tensor& c, const Tensor& a_in, std::span<const Tensor* const> b,
+void CudaBackend::grouped_matmul(Tensor& c, const Tensor& a, std::span<const Tensor* const> b,
                                  std::span<const int64_t> begin, bool trans_b, float beta) {
+  const GroupedTerm term{&a, b};
+  grouped_matmul_terms(c, std::span<const GroupedTerm>(&term, 1), begin, trans_b, beta);
+}
+
+void CudaBackend::grouped_matmul_sum(Tensor& c, std::span<const GroupedTerm> terms,
+                                     std::span<const int64_t> begin, bool trans_b, float beta) {
+  MOEKIT_CHECK(!terms.empty(), "grouped_matmul_sum: no terms");
+  if (terms.size() > 1) cuda::expect_f32(c, "grouped_matmul_sum", "c");
+  grouped_matmul_terms(c, terms, begin, trans_b, beta);
+}
+
+void CudaBackend::grouped_matmul_terms(Tensor& c, std::span<const GroupedTerm> terms,
+                                       std::span<const int64_t> begin, bool trans_b, float beta) {
   const char* op = "grouped_matmul";
-  const auto [N, K] = grouped_matmul_dims(c, a_in, b, begin, trans_b);
-  cuda::expect_f32(c, op, "c");
-  cuda::expect_f32(a_in, op, "a");
-  std::vector<size_t> groups;  // the non-empty ones
-  bool bf16 = precision_ == Precision::Bf16;
-  for (size_t g = 0; g < b.size(); ++g) {
-    if (begin[g] == begin[g + 1]) continue;
-    expect_gemm_operand(*b[g], op, "b");
-    bf16 = bf16 || b[g]->dtype() == DType::BF16;
-    groups.push_back(g);
+  expect_gemm_operand(c, op, "c");
+  // A BF16 operand anywhere or the Bf16 precision puts every group on the bf16 tensor cores.
+  bool bf16 = precision_ == Precision::Bf16 || c.dtype() == DType::BF16;
+  bool k_zero = false;
+  for (size_t t = 0; t < terms.size(); ++t) {
+    MOEKIT_CHECK(terms[t].a, "grouped_matmul: term {} has no rows", t);
+    const Tensor& a = *terms[t].a;
+    k_zero = grouped_matmul_dims(c, a, terms[t].b, begin, trans_b).K == 0 || k_zero;
+    expect_gemm_operand(a, op, "a");
+    bf16 = bf16 || a.dtype() == DType::BF16;
+    for (size_t g = 0; g + 1 < begin.size(); ++g) {
+      if (begin[g] == begin[g + 1]) continue;
+      expect_gemm_operand(*terms[t].b[g], op, "b");
+      bf16 = bf16 || terms[t].b[g]->dtype() == DType::BF16;
+    }
   }
-  if (groups.empty() || N == 0) return;
+  if (c.dtype() == DType::BF16 && beta != 0.0f)
+    fail(
+        "CUDA grouped_matmul: a BF16 c takes beta = 0 (the products are written to it, not "
+        "added), got beta {}",
+        beta);
+  std::vector<size_t> groups;  // the non-empty ones (the same rows for every term)
+  for (size_t g = 0; g + 1 < begin.size(); ++g)
+    if (begin[g] != begin[g + 1]) groups.push_back(g);
+  if (groups.empty() || cols(c) == 0) return;
+  const bool one_launch =
+      bf16 && !k_zero && expert_gemm_ == ExpertGemm::Grouped && cublas().gemm_grouped;
+  if (one_launch) return grouped_matmul_bf16(c, terms, groups, begin, trans_b, beta);
+  if (terms.size() > 1) {  // term by term, as Backend::grouped_matmul_sum
+    for (size_t t = 0; t < terms.size(); ++t)
+      grouped_matmul_terms(c, terms.subspan(t, 1), begin, trans_b, t == 0 ? beta : 1.0f);
+    return;
+  }
+  const Tensor& a_in = *terms[0].a;
+  const std::span<const Tensor* const> b = terms[0].b;
+  const int64_t N = cols(c), K = cols(a_in);
   auto rows_of = [&](const Tensor& t, size_t g) { return t.slice(begin[g], begin[g + 1]); };
   if (K == 0) {  // c_g = beta c_g, as matmul
     for (size_t g : groups) {
@@ -631,31 +711,14 @@ void CudaBackend::grouped_matmul(Tensor& c, const Tensor& a_in, std::span<const 
     return;
   }
   if (bf16) {
-    // Any BF16 weight or the Bf16 precision: every group runs on the bf16 tensor cores with
-    // fp32 accumulation; the activation block is rounded once.
+    // MOEKIT_CUDA_EXPERT_GEMM=streams (or no grouped GEMM in this cuBLAS): one expert's GEMM is
+    // small (a few hundred rows: its output tiles fill about half of an H200's SMs), so the
+    // experts run on side streams at once, in waves of kSideStreams: each wave forks from the
+    // default stream after its F32 weights are rounded, and joins back into it before they are
+    // freed, so outside this function all work stays in one stream's order (which the caching
+    // allocator relies on). Waves bound the rounded copies alive at once. The activation block
+    // is rounded once (BF16 already: used as it is); the output is written in c's dtype.
     const Tensor a = as_bf16(a_in);
-    if (expert_gemm_ == ExpertGemm::Grouped && cublas().gemm_grouped) {
-      // One launch for every expert: cuBLAS's grouped GEMM schedules all groups' tiles at once,
-      // but takes bf16 inputs only with a bf16 output, so the products land in a bf16 scratch
-      // (rounded to bf16 as a bf16 model's activations are) and one pass writes c = beta c + it
-      // in fp32. The F32 weights (trainable experts) are rounded first, all at once.
-      std::vector<Tensor> rounded(b.size());
-      std::vector<const Tensor*> w(b.size(), nullptr);
-      for (size_t g : groups) {
-        rounded[g] = as_bf16(*b[g]);
-        w[g] = &rounded[g];
-      }
-      Tensor cb = scratch(c.shape(), DType::BF16);
-      grouped_gemm(cublas_, cb, a, w, begin, groups, trans_b, 0.0f, CUDA_R_16BF,
-                   CUBLAS_COMPUTE_32F);
-      check(cuda::add_bf16(c.f32(), cb.raw(), c.numel(), beta), "grouped_matmul (bf16 -> f32)");
-      return;
-    }
-    // One expert's GEMM is small (a few hundred rows: its output tiles fill about half of an
-    // H200's SMs), so the experts run on side streams at once, in waves of kSideStreams: each
-    // wave forks from the default stream after its F32 weights are rounded, and joins back into
-    // it before they are freed, so outside this function all work stays in one stream's order
-    // (which the caching allocator relies on). Waves bound the rounded copies alive at once.
     for (size_t w0 = 0; w0 < groups.size(); w0 += kSideStreams) {
       const size_t w1 = std::min(groups.size(), w0 + kSideStreams);
       std::vector<Tensor> weights;
@@ -692,7 +755,38 @@ void CudaBackend::grouped_matmul(Tensor& c, const Tensor& a_in, std::span<const 
     }
     return;
   }
-  grouped_gemm(cublas_, c, a_in, b, begin, groups, trans_b, beta, CUDA_R_32F, compute);
+  std::vector<GroupGemm> gs;
+  for (size_t g : groups) gs.push_back(group_gemm(c, a_in, *b[g], begin, g));
+  grouped_gemm(cublas_, gs, trans_b, beta, CUDA_R_32F, compute);
+}
+
+void CudaBackend::grouped_matmul_bf16(Tensor& c, std::span<const GroupedTerm> terms,
+                                      const std::vector<size_t>& groups,
+                                      std::span<const int64_t> begin, bool trans_b, float beta) {
+  // One launch for every expert of every term: cuBLAS's grouped GEMM schedules all groups' tiles
+  // at once, but takes bf16 inputs only with a bf16 output. A BF16 c (one term, beta 0) receives
+  // the products directly; an F32 c gets them through a bf16 scratch [terms, R, N] (rounded to
+  // bf16 as a bf16 model's activations are) and one pass c = beta c + sum of the terms in fp32,
+  // in term order (so two terms cost one pass over c, not two). BF16 activations are used as they
+  // are, F32 ones rounded once; the F32 weights (trainable experts) are rounded first, all at once.
+  const int64_t R = rows(c), T = int64_t(terms.size());
+  const bool direct = c.dtype() == DType::BF16;
+  MOEKIT_CHECK(!direct || T == 1, "grouped_matmul_bf16: {} terms into a BF16 c", T);
+  Tensor out = direct ? c : scratch({T * R, cols(c)}, DType::BF16);
+  std::vector<Tensor> keep;  // the bf16 operands, alive until the GEMM is queued
+  std::vector<GroupGemm> gs;
+  for (int64_t t = 0; t < T; ++t) {
+    const GroupedTerm& term = terms[size_t(t)];
+    const Tensor a = as_bf16(*term.a), ct = out.slice(t * R, (t + 1) * R);
+    keep.push_back(a);
+    for (size_t g : groups) {
+      keep.push_back(as_bf16(*term.b[g]));
+      gs.push_back(group_gemm(ct, a, keep.back(), begin, g));
+    }
+  }
+  grouped_gemm(cublas_, gs, trans_b, 0.0f, CUDA_R_16BF, CUBLAS_COMPUTE_32F);
+  if (!direct)
+    check(cuda::add_bf16(c.f32(), out.raw(), c.numel(), T, beta), "grouped_matmul (bf16 -> f32)");
 }
 
 // The bf16 attention path's GEMMs (cuda_attention_tc.cpp): many heads per call, operands at

@@ -89,6 +89,8 @@ class CudaBackend final : public Backend {
               float beta) override;
   void grouped_matmul(Tensor& c, const Tensor& a, std::span<const Tensor* const> b,
                       std::span<const int64_t> begin, bool trans_b, float beta) override;
+  void grouped_matmul_sum(Tensor& c, std::span<const GroupedTerm> terms,
+                          std::span<const int64_t> begin, bool trans_b, float beta) override;
   void matmul_batched(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b,
                       float alpha, float beta, const GemmBatch& batch) override;
   void add(Tensor& y, const Tensor& x, float alpha) override;
@@ -192,6 +194,16 @@ class CudaBackend final : public Backend {
                              const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& k,
                              const Tensor& v, int64_t batch, int64_t seq, int64_t heads,
                              float scale);
+
+  // grouped_matmul(_sum) after the argument checks: one cuBLAS grouped GEMM over every term's
+  // groups where bf16 is in play (grouped_matmul_bf16), else term by term (fp32 / tf32 grouped
+  // GEMM, or bf16 GEMMs per expert on side streams).
+  void grouped_matmul_terms(Tensor& c, std::span<const GroupedTerm> terms,
+                            std::span<const int64_t> begin, bool trans_b, float beta);
+  // The bf16 grouped GEMM of the non-empty `groups` of every term (arguments checked).
+  void grouped_matmul_bf16(Tensor& c, std::span<const GroupedTerm> terms,
+                           const std::vector<size_t>& groups, std::span<const int64_t> begin,
+                           bool trans_b, float beta);
 
   void* cublas_ = nullptr;  // cublasHandle_t, kept opaque so this header needs no CUDA include
   // Side streams for concurrent expert GEMMs (grouped_matmul's bf16 path), each with its own

@@ -36,11 +36,16 @@ cudaError_t convert_bf16_f32(float* out, const void* in, int64_t n) {
   return for_each(n, [=] __device__(int64_t i) { out[i] = __bfloat162float(x[i]); });
 }
 
-cudaError_t add_bf16(float* y, const void* x, int64_t n, float beta) {
-  const auto* xb = static_cast<const __nv_bfloat16*>(x);
-  if (beta == 0.0f)
-    return for_each(n, [=] __device__(int64_t i) { y[i] = __bfloat162float(xb[i]); });
-  return for_each(n, [=] __device__(int64_t i) { y[i] = beta * y[i] + __bfloat162float(xb[i]); });
+cudaError_t add_bf16(float* y, const void* x, int64_t n, int64_t terms, float beta) {
+  const auto* xb = static_cast<const bf16_t*>(x);
+  if (terms < 1) return cudaErrorInvalidValue;
+  return for_each(n, [=] __device__(int64_t i) {
+    // beta = 0 never reads y (NaN included); the terms are added in order after beta * y.
+    const float first = __bfloat162float(xb[i]);
+    float acc = beta == 0.0f ? first : beta * y[i] + first;
+    for (int64_t t = 1; t < terms; ++t) acc += __bfloat162float(xb[t * n + i]);
+    y[i] = acc;
+  });
 }
 
 cudaError_t add(float* y, const float* x, int64_t n, float alpha) {
@@ -87,20 +92,62 @@ cudaError_t check_indices(int32_t* safe, const int32_t* idx, int64_t n, int64_t 
   return cudaGetLastError();
 }
 
-cudaError_t swiglu_forward(float* h, const float* gate, const float* up, int64_t n) {
+namespace {
+
+// SwiGLU on fp32 or bf16 storage (device_util.cuh's to_f32 / from_f32): fp32 math, one rounding
+// per bf16 output.
+template <typename T>
+cudaError_t swiglu_forward_as(T* h, const T* gate, const T* up, int64_t n) {
   return for_each(n, [=] __device__(int64_t i) {
-    const float g = gate[i];
-    h[i] = g / (1.0f + expf(-g)) * up[i];
+    const float g = to_f32(gate[i]);
+    h[i] = from_f32<T>(g / (1.0f + expf(-g)) * to_f32(up[i]));
   });
 }
 
-cudaError_t swiglu_backward(float* dgate, float* dup, const float* dh, const float* gate,
-                            const float* up, int64_t n) {
+// In: gate and up (G), dh (D); out: dgate and dup (O).
+template <typename G, typename D, typename O>
+cudaError_t swiglu_backward_as(O* dgate, O* dup, const D* dh, const G* gate, const G* up,
+                               int64_t n) {
   return for_each(n, [=] __device__(int64_t i) {
-    const float g = gate[i], s = 1.0f / (1.0f + expf(-g)), d = dh[i];
-    dup[i] = d * g * s;
-    dgate[i] = d * up[i] * s * (1.0f + g * (1.0f - s));
+    const float g = to_f32(gate[i]), s = 1.0f / (1.0f + expf(-g)), d = to_f32(dh[i]);
+    dup[i] = from_f32<O>(d * g * s);
+    dgate[i] = from_f32<O>(d * to_f32(up[i]) * s * (1.0f + g * (1.0f - s)));
   });
+}
+
+template <typename G, typename D>
+cudaError_t swiglu_backward_out(void* dgate, void* dup, DType out, const void* dh, const void* gate,
+                                const void* up, int64_t n) {
+  const D* d = static_cast<const D*>(dh);
+  const G *g = static_cast<const G*>(gate), *u = static_cast<const G*>(up);
+  if (out == DType::BF16)
+    return swiglu_backward_as(static_cast<bf16_t*>(dgate), static_cast<bf16_t*>(dup), d, g, u, n);
+  return swiglu_backward_as(static_cast<float*>(dgate), static_cast<float*>(dup), d, g, u, n);
+}
+
+template <typename G>
+cudaError_t swiglu_backward_dh(void* dgate, void* dup, DType out, const void* dh, DType dh_dtype,
+                               const void* gate, const void* up, int64_t n) {
+  if (dh_dtype == DType::BF16)
+    return swiglu_backward_out<G, bf16_t>(dgate, dup, out, dh, gate, up, n);
+  return swiglu_backward_out<G, float>(dgate, dup, out, dh, gate, up, n);
+}
+
+}  // namespace
+
+cudaError_t swiglu_forward(void* h, const void* gate, const void* up, DType dtype, int64_t n) {
+  if (dtype == DType::BF16)
+    return swiglu_forward_as(static_cast<bf16_t*>(h), static_cast<const bf16_t*>(gate),
+                             static_cast<const bf16_t*>(up), n);
+  return swiglu_forward_as(static_cast<float*>(h), static_cast<const float*>(gate),
+                           static_cast<const float*>(up), n);
+}
+
+cudaError_t swiglu_backward(void* dgate, void* dup, DType out_dtype, const void* dh, DType dh_dtype,
+                            const void* gate, const void* up, DType in_dtype, int64_t n) {
+  if (in_dtype == DType::BF16)
+    return swiglu_backward_dh<bf16_t>(dgate, dup, out_dtype, dh, dh_dtype, gate, up, n);
+  return swiglu_backward_dh<float>(dgate, dup, out_dtype, dh, dh_dtype, gate, up, n);
 }
 
 cudaError_t rope(float* x, int64_t tokens, int64_t heads, int64_t head_stride, int64_t offset,

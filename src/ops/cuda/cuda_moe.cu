@@ -14,26 +14,31 @@
 
 namespace moekit::cuda {
 
-cudaError_t gather_rows(float* out, const float* x, const int32_t* rows, const float* weights,
-                        int64_t n, int64_t dim) {
+namespace {
+
+// The gather on fp32 or bf16 output storage (bf16: the weighted value rounded once).
+template <typename T>
+cudaError_t gather_rows_as(T* out, const float* x, const int32_t* rows, const float* weights,
+                           int64_t n, int64_t dim) {
   return for_each(n * dim, [=] __device__(int64_t e) {
     const int64_t i = e / dim, c = e % dim;
     const float v = x[int64_t(rows[i]) * dim + c];
-    out[e] = weights ? weights[i] * v : v;
+    out[e] = from_f32<T>(weights ? weights[i] * v : v);
   });
 }
 
-namespace {
-
-// One warp per output: a strided partial sum per lane, then a fixed shuffle tree.
-__global__ void row_dot_kernel(float* out, const float* a, const int32_t* rows, const float* b,
+// One warp per output: a strided partial sum per lane, then a fixed shuffle tree. b fp32 or bf16
+// (widened exactly).
+template <typename B>
+__global__ void row_dot_kernel(float* out, const float* a, const int32_t* rows, const B* b,
                                int64_t n, int64_t dim) {
   const int64_t i = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
   if (i >= n) return;  // whole warps leave together
-  const float *pa = a + int64_t(rows[i]) * dim, *pb = b + i * dim;
+  const float* pa = a + int64_t(rows[i]) * dim;
+  const B* pb = b + i * dim;
   float s = 0.0f;
-  for (int64_t c = lane; c < dim; c += 32) s += pa[c] * pb[c];
+  for (int64_t c = lane; c < dim; c += 32) s += pa[c] * to_f32(pb[c]);
   s = warp_reduce(s, Sum{});
   if (lane == 0) out[i] = s;
 }
@@ -45,8 +50,10 @@ int end_bit_for(int64_t num_rows) {
 }
 
 // Block p handles sorted position p if it starts a run of one destination row: the run's sources
-// are added in order (the sort is stable), column-parallel across the block's threads.
-__global__ void scatter_add_planned_kernel(float* out, const float* x, const float* weights,
+// are added in order (the sort is stable), column-parallel across the block's threads. x fp32 or
+// bf16 (widened exactly).
+template <typename X>
+__global__ void scatter_add_planned_kernel(float* out, const X* x, const float* weights,
                                            const int32_t* sorted_rows, const int32_t* order,
                                            int64_t n, int64_t dim) {
   const int64_t p = blockIdx.x;
@@ -57,19 +64,44 @@ __global__ void scatter_add_planned_kernel(float* out, const float* x, const flo
     float acc = dst[c];
     for (int64_t q = p; q < n && sorted_rows[q] == row; ++q) {
       const int64_t src = order[q];
-      acc += (weights ? weights[src] : 1.0f) * x[src * dim + c];
+      acc += (weights ? weights[src] : 1.0f) * to_f32(x[src * dim + c]);
     }
     dst[c] = acc;
   }
 }
 
+template <typename B>
+cudaError_t row_dot_as(float* out, const float* a, const int32_t* rows, const B* b, int64_t n,
+                       int64_t dim) {
+  row_dot_kernel<B><<<blocks_for(n * 32), kThreads, 0, stream()>>>(out, a, rows, b, n, dim);
+  return cudaGetLastError();
+}
+
+template <typename X>
+cudaError_t scatter_add_planned_as(float* out, const X* x, const float* weights,
+                                   const int32_t* sorted_rows, const int32_t* order, int64_t n,
+                                   int64_t dim) {
+  const int threads = dim >= 256 ? 256 : (dim >= 128 ? 128 : 64);
+  scatter_add_planned_kernel<X>
+      <<<unsigned(n), threads, 0, stream()>>>(out, x, weights, sorted_rows, order, n, dim);
+  return cudaGetLastError();
+}
+
 }  // namespace
 
-cudaError_t row_dot(float* out, const float* a, const int32_t* rows, const float* b, int64_t n,
-                    int64_t dim) {
+cudaError_t gather_rows(void* out, DType out_dtype, const float* x, const int32_t* rows,
+                        const float* weights, int64_t n, int64_t dim) {
+  if (out_dtype == DType::BF16)
+    return gather_rows_as(static_cast<bf16_t*>(out), x, rows, weights, n, dim);
+  return gather_rows_as(static_cast<float*>(out), x, rows, weights, n, dim);
+}
+
+cudaError_t row_dot(float* out, const float* a, const int32_t* rows, const void* b, DType b_dtype,
+                    int64_t n, int64_t dim) {
   if (n == 0) return cudaSuccess;
-  row_dot_kernel<<<blocks_for(n * 32), kThreads, 0, stream()>>>(out, a, rows, b, n, dim);
-  return cudaGetLastError();
+  if (b_dtype == DType::BF16)
+    return row_dot_as(out, a, rows, static_cast<const bf16_t*>(b), n, dim);
+  return row_dot_as(out, a, rows, static_cast<const float*>(b), n, dim);
 }
 
 size_t row_plan_temp_bytes(int64_t n, int64_t num_rows) {
@@ -91,14 +123,15 @@ cudaError_t row_plan(void* temp, size_t temp_bytes, const int32_t* rows, int32_t
                                          end_bit_for(num_rows));
 }
 
-cudaError_t scatter_add_planned(float* out, const float* x, const float* weights,
+cudaError_t scatter_add_planned(float* out, const void* x, DType x_dtype, const float* weights,
                                 const int32_t* sorted_rows, const int32_t* order, int64_t n,
                                 int64_t dim) {
   if (n == 0 || dim == 0) return cudaSuccess;
-  const int threads = dim >= 256 ? 256 : (dim >= 128 ? 128 : 64);
-  scatter_add_planned_kernel<<<unsigned(n), threads, 0, stream()>>>(out, x, weights, sorted_rows,
-                                                                    order, n, dim);
-  return cudaGetLastError();
+  if (x_dtype == DType::BF16)
+    return scatter_add_planned_as(out, static_cast<const bf16_t*>(x), weights, sorted_rows, order,
+                                  n, dim);
+  return scatter_add_planned_as(out, static_cast<const float*>(x), weights, sorted_rows, order, n,
+                                dim);
 }
 
 cudaError_t moe_dispatch_plan(void* temp, size_t temp_bytes, int32_t* sorted_experts, int32_t* iota,

@@ -17,6 +17,7 @@ using cuda::check;
 using cuda::expect;
 using cuda::expect_all_f32;
 using cuda::expect_f32;
+using cuda::expect_f32_or_bf16;
 using cuda::expect_numel;
 
 void CudaBackend::embedding_forward(Tensor& out, const Tensor& table, const Tensor& ids) {
@@ -76,23 +77,29 @@ void CudaBackend::rmsnorm_backward(Tensor& dx, Tensor* dw, const Tensor& dout, c
   }
 }
 
+// SwiGLU: F32 or BF16 activations (the MoE layer's bf16 path), see ops.h for the combinations.
 void CudaBackend::swiglu_forward(Tensor& h, const Tensor& gate, const Tensor& up) {
   const char* op = "swiglu_forward";
-  expect_f32(h, op, "h");
-  expect_f32(gate, op, "gate");
-  expect_f32(up, op, "up");
+  expect_f32_or_bf16(h, op, "h");
+  expect(gate, h.dtype(), op, "gate");
+  expect(up, h.dtype(), op, "up");
   expect_numel(gate, h.numel(), op, "gate");
   expect_numel(up, h.numel(), op, "up");
-  check(cuda::swiglu_forward(h.f32(), gate.f32(), up.f32(), h.numel()), op);
+  check(cuda::swiglu_forward(h.raw(), gate.raw(), up.raw(), h.dtype(), h.numel()), op);
 }
 
 void CudaBackend::swiglu_backward(Tensor& dgate, Tensor& dup, const Tensor& dh, const Tensor& gate,
                                   const Tensor& up) {
   const char* op = "swiglu_backward";
-  expect_all_f32({&dgate, &dup, &dh, &gate, &up}, op);
+  expect_f32_or_bf16(dgate, op, "dgate");
+  expect(dup, dgate.dtype(), op, "dup");
+  expect_f32_or_bf16(dh, op, "dh");
+  expect_f32_or_bf16(gate, op, "gate");
+  expect(up, gate.dtype(), op, "up");
   for (const Tensor* t : std::initializer_list<const Tensor*>{&dgate, &dup, &gate, &up})
     expect_numel(*t, dh.numel(), op, "operand");
-  check(cuda::swiglu_backward(dgate.f32(), dup.f32(), dh.f32(), gate.f32(), up.f32(), dh.numel()),
+  check(cuda::swiglu_backward(dgate.raw(), dup.raw(), dgate.dtype(), dh.raw(), dh.dtype(),
+                              gate.raw(), up.raw(), gate.dtype(), dh.numel()),
         op);
 }
 
@@ -241,7 +248,7 @@ void CudaBackend::gather_rows(Tensor& out, const Tensor& x, const Tensor& rows_,
                               const Tensor* weights) {
   const char* op = "gather_rows";
   const int64_t N = rows_.numel(), C = cols(x);
-  expect_f32(out, op, "out");
+  expect_f32_or_bf16(out, op, "out");  // BF16: the MoE layer's bf16 activations
   expect_f32(x, op, "x");
   expect_numel(out, N * C, op, "out");
   if (weights) {
@@ -249,7 +256,8 @@ void CudaBackend::gather_rows(Tensor& out, const Tensor& x, const Tensor& rows_,
     expect_numel(*weights, N, op, "weights");
   }
   const Tensor safe = check_indices(rows_, rows(x), op, "row");
-  check(cuda::gather_rows(out.f32(), x.f32(), safe.i32(), weights ? weights->f32() : nullptr, N, C),
+  check(cuda::gather_rows(out.raw(), out.dtype(), x.f32(), safe.i32(),
+                          weights ? weights->f32() : nullptr, N, C),
         op);
 }
 
@@ -258,7 +266,7 @@ void CudaBackend::scatter_add_rows(Tensor& out, const Tensor& x, const Tensor& r
   const char* op = "scatter_add_rows";
   const int64_t N = rows_.numel(), C = cols(out), R = rows(out);
   expect_f32(out, op, "out");
-  expect_f32(x, op, "x");
+  expect_f32_or_bf16(x, op, "x");
   expect_numel(x, N * C, op, "x");
   if (weights) {
     expect_f32(*weights, op, "weights");
@@ -274,7 +282,7 @@ void CudaBackend::scatter_add_rows(Tensor& out, const Tensor& x, const Tensor& r
   check(cuda::row_plan(temp.raw(), temp_bytes, safe.i32(), sorted.i32(), iota.i32(), order.i32(), N,
                        R),
         op);
-  check(cuda::scatter_add_planned(out.f32(), x.f32(), weights ? weights->f32() : nullptr,
+  check(cuda::scatter_add_planned(out.f32(), x.raw(), x.dtype(), weights ? weights->f32() : nullptr,
                                   sorted.i32(), order.i32(), N, C),
         op);
 }
@@ -284,12 +292,12 @@ void CudaBackend::row_dot(Tensor& out, const Tensor& a, const Tensor& rows_, con
   const int64_t N = rows_.numel(), C = cols(b);
   expect_f32(out, op, "out");
   expect_f32(a, op, "a");
-  expect_f32(b, op, "b");
+  expect_f32_or_bf16(b, op, "b");
   expect_numel(out, N, op, "out");
   expect_numel(b, N * C, op, "b");
   MOEKIT_CHECK(cols(a) == C, "row_dot: a {} vs b {}", a.shape().str(), b.shape().str());
   const Tensor safe = check_indices(rows_, rows(a), op, "row");
-  check(cuda::row_dot(out.f32(), a.f32(), safe.i32(), b.f32(), N, C), op);
+  check(cuda::row_dot(out.f32(), a.f32(), safe.i32(), b.raw(), b.dtype(), N, C), op);
 }
 
 void CudaBackend::moe_dispatch_plan(Tensor& slot_token, Tensor& slot_pair, Tensor& slot_weight,

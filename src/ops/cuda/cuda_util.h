@@ -29,6 +29,12 @@ inline void expect(const Tensor& t, DType dtype, const char* op, const char* nam
 inline void expect_f32(const Tensor& t, const char* op, const char* name) {
   expect(t, DType::F32, op, name);
 }
+// An activation stored as F32 or BF16 (the ops with bf16 variants).
+inline void expect_f32_or_bf16(const Tensor& t, const char* op, const char* name) {
+  if (t.defined() && t.dtype() != DType::F32 && t.dtype() != DType::BF16)
+    fail("CUDA {}: tensor {} is {}, expected F32 or BF16", op, name, dtype_name(t.dtype()));
+  expect(t, t.dtype(), op, name);
+}
 inline void expect_all_f32(std::initializer_list<const Tensor*> ts, const char* op) {
   int i = 0;
   for (const Tensor* t : ts) {

@@ -1,8 +1,9 @@
 // Device-side helpers shared by the .cu files: grid-stride launches of a lambda over n elements,
-// and deterministic warp/block reductions (fixed shuffle trees, so the same inputs give the same
-// bits on every run).
+// deterministic warp/block reductions (fixed shuffle trees, so the same inputs give the same
+// bits on every run), and the element types of activations (fp32 math on fp32 or bf16 storage).
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -12,6 +13,26 @@
 namespace moekit::cuda {
 
 constexpr int kThreads = 256;
+
+// Activation storage types: kernels templated on them compute in fp32, widening a bf16 exactly
+// on load and rounding to nearest even on store.
+using bf16_t = __nv_bfloat16;
+__device__ inline float to_f32(float v) {
+  return v;
+}
+__device__ inline float to_f32(bf16_t v) {
+  return __bfloat162float(v);
+}
+template <typename T>
+__device__ inline T from_f32(float v);
+template <>
+__device__ inline float from_f32<float>(float v) {
+  return v;
+}
+template <>
+__device__ inline bf16_t from_f32<bf16_t>(float v) {
+  return __float2bfloat16_rn(v);
+}
 
 inline unsigned blocks_for(int64_t n, int threads = kThreads) {
   int64_t b = (n + threads - 1) / threads;

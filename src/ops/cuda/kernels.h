@@ -20,8 +20,9 @@ cudaError_t fill_bits(void* p, int64_t n, int elem_bytes, uint32_t bits);
 cudaError_t convert_f32_bf16(void* out, const float* in, int64_t n);
 cudaError_t convert_bf16_f32(float* out, const void* in, int64_t n);
 cudaError_t add(float* y, const float* x, int64_t n, float alpha);
-// y = beta * y + float(x) with x bf16; beta = 0 overwrites (NaN in y included).
-cudaError_t add_bf16(float* y, const void* x, int64_t n, float beta);
+// y = beta * y + sum_{t < terms} float(x[t * n + i]) with x bf16 [terms, n], terms >= 1, added in
+// order after beta * y; beta = 0 overwrites (NaN in y included).
+cudaError_t add_bf16(float* y, const void* x, int64_t n, int64_t terms, float beta);
 cudaError_t scale(float* y, int64_t n, float alpha);
 // Where index checks record the first out-of-range entry seen since the backend last looked
 // (CudaBackend::check_indices): check = 0 while none, else the id of the failing check.
@@ -37,9 +38,12 @@ struct IndexError {
 cudaError_t check_indices(int32_t* safe, const int32_t* idx, int64_t n, int64_t limit,
                           bool allow_negative, int32_t replacement, int32_t check,
                           IndexError* slot);
-cudaError_t swiglu_forward(float* h, const float* gate, const float* up, int64_t n);
-cudaError_t swiglu_backward(float* dgate, float* dup, const float* dh, const float* gate,
-                            const float* up, int64_t n);
+// SwiGLU on activations stored as F32 or BF16 (`dtype`s; math in fp32, bf16 outputs rounded once).
+// Forward: h, gate and up all of `dtype`. Backward: gate and up of in_dtype, dh of dh_dtype,
+// dgate and dup of out_dtype.
+cudaError_t swiglu_forward(void* h, const void* gate, const void* up, DType dtype, int64_t n);
+cudaError_t swiglu_backward(void* dgate, void* dup, DType out_dtype, const void* dh, DType dh_dtype,
+                            const void* gate, const void* up, DType in_dtype, int64_t n);
 cudaError_t rope(float* x, int64_t tokens, int64_t heads, int64_t head_stride, int64_t offset,
                  int64_t half, const float* cos, const float* sin, const int32_t* positions,
                  bool inverse);
@@ -74,16 +78,19 @@ cudaError_t rmsnorm_backward_dw(float* dw, float* partial, const float* dout, co
                                 const float* rstd, int64_t rows, int64_t dim);
 
 // --- MoE dispatch/combine and gate (cuda_moe.cu)
-cudaError_t gather_rows(float* out, const float* x, const int32_t* rows, const float* weights,
-                        int64_t n, int64_t dim);
-cudaError_t row_dot(float* out, const float* a, const int32_t* rows, const float* b, int64_t n,
-                    int64_t dim);
+// out [n, dim] of out_dtype (F32, or BF16: rounded once) = x[rows[i]] * (weights ? weights[i] : 1).
+cudaError_t gather_rows(void* out, DType out_dtype, const float* x, const int32_t* rows,
+                        const float* weights, int64_t n, int64_t dim);
+// out[i] = dot(a[rows[i]], b[i]) with b [n, dim] of b_dtype (F32 or BF16), fp32 sums.
+cudaError_t row_dot(float* out, const float* a, const int32_t* rows, const void* b, DType b_dtype,
+                    int64_t n, int64_t dim);
 // A scatter plan: the positions 0..n-1 stably sorted by destination row (cub radix sort).
 size_t row_plan_temp_bytes(int64_t n, int64_t num_rows);
 cudaError_t row_plan(void* temp, size_t temp_bytes, const int32_t* rows, int32_t* sorted_rows,
                      int32_t* iota, int32_t* order, int64_t n, int64_t num_rows);
-// out[rows[i]] += w[i] * x[i], every destination summing its sources in increasing i.
-cudaError_t scatter_add_planned(float* out, const float* x, const float* weights,
+// out[rows[i]] += w[i] * x[i], every destination summing its sources in increasing i; x [n, dim]
+// of x_dtype (F32 or BF16), fp32 sums.
+cudaError_t scatter_add_planned(float* out, const void* x, DType x_dtype, const float* weights,
                                 const int32_t* sorted_rows, const int32_t* order, int64_t n,
                                 int64_t dim);
 // The MoE permute plan (Backend::moe_dispatch_plan) of n = T*K pairs: the pairs stably sorted by

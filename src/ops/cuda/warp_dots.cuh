@@ -12,10 +12,8 @@
 namespace moekit::cuda {
 
 // bf16 weights are handled as their bit patterns: a bf16 is the upper half of an fp32, so
-// widening is a shift (exact), with no dependence on cuda_bf16.h's operator set.
-__device__ inline float to_f32(float v) {
-  return v;
-}
+// widening is a shift (exact), with no dependence on cuda_bf16.h's operator set. (to_f32 of a
+// float and of a __nv_bfloat16: device_util.cuh.)
 __device__ inline float to_f32(uint16_t v) {
   return __uint_as_float(uint32_t(v) << 16);
 }
