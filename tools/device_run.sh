@@ -26,6 +26,13 @@ if want tests || want all; then
   echo "GPU tests rc=$rc"
   grep -E "^\[  (PASSED|FAILED) |FAILED  \]|^\[ gpu-" "$OUT/check.log" | sort -u | head -40
 fi
+if want streams; then  # the GPU tests again with one GEMM per expert on side streams
+  LD_LIBRARY_PATH=$LIBS MOEKIT_PREBUILT=$R/build OUT=$OUT/check-streams MOEKIT_CUDA_EXPERT_GEMM=streams \
+    MOEKIT_TEST_FILTER='Cuda*:Gpu*' timeout "${TESTS_TIMEOUT:-300}" \
+    bash tools/cuda_check.sh >"$OUT/check-streams.log" 2>&1
+  echo "GPU tests (streams) rc=$?"
+  grep -E "^\[  (PASSED|FAILED) |FAILED  \]" "$OUT/check-streams.log" | sort -u | head -20
+fi
 if want bench || want all; then
   MOEKIT_LIB_PATH=$LIBS MOEKIT_BENCH_BIN=build/bench/moekit_model_bench OUT=$OUT/bench \
     timeout "${BENCH_TIMEOUT:-480}" bash tools/gpu_bench.sh 4 4 2048 2>&1 | tail -32
@@ -33,7 +40,9 @@ fi
 if want quick; then  # moekit alone, 4 layers bf16: each expert-GEMM mode, one line each
   python3 -c 'import json; c = json.load(open("configs/deepseek-v2-lite.json")); c["num_hidden_layers"] = 4; json.dump(c, open("/tmp/v2-lite-4l.json", "w"))'
   for m in grouped streams; do
-    LD_LIBRARY_PATH=$LIBS MOEKIT_CUDA_EXPERT_GEMM=$m build/bench/moekit_model_bench /tmp/v2-lite-4l.json 4 2048 3 16 cuda esft10 bf16 | sed "s/^{/{\"expert_gemm\": \"$m\", /"
+    for ckpt in "" 1; do
+      LD_LIBRARY_PATH=$LIBS MOEKIT_CUDA_EXPERT_GEMM=$m MOEKIT_BENCH_CHECKPOINT=$ckpt build/bench/moekit_model_bench /tmp/v2-lite-4l.json 4 2048 3 16 cuda esft10 bf16 | sed "s/^{/{\"expert_gemm\": \"$m\", /"
+    done
   done
 fi
 if want decode; then  # batch-1 decode: 4 layers fp32 and bf16, the full model bf16; graphs on/off
