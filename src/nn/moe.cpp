@@ -169,12 +169,15 @@ void MoE::backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate) {
   prof.next("moe.bwd.combine");
   Tensor dw_slot = Tensor::empty({N}, DType::F32, dev);
   be.row_dot(dw_slot, dy, plan.slot_token, saved.expert_out);
+  saved.expert_out = Tensor();
   Tensor dtopk = Tensor::zeros({T, K}, DType::F32, dev);
   Tensor dtopk_rows = dtopk.reshape({T * K, 1});
   be.scatter_add_rows(dtopk_rows, dw_slot.reshape({N, 1}), plan.slot_pair, nullptr);
 
   // Unpermute's backward is a weighted gather; then the experts' chain backwards, grouped. Each
-  // intermediate is dropped once its last reader is queued (the next allocation may reuse it).
+  // intermediate, and each saved activation, is dropped once its last reader is queued (the next
+  // allocation may reuse it): backward consumes what the forward saved, which lowers the peak
+  // of a training step (it falls in a MoE layer's backward).
   prof.next("moe.bwd.gather");
   Tensor dys = Tensor::empty({N, H}, act, dev);
   be.gather_rows(dys, dy, plan.slot_token, &plan.slot_weight);
@@ -184,10 +187,13 @@ void MoE::backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate) {
   prof.next("moe.bwd.down_wgrad");
   expert_weight_grads(be, routed_experts, &MLP::down_proj, dys, saved.h, begin);
   dys = Tensor();
+  saved.h = Tensor();
   prof.next("moe.bwd.swiglu");
   Tensor dgate = Tensor::empty({N, I}, act, dev), dup = Tensor::empty({N, I}, act, dev);
   be.swiglu_backward(dgate, dup, dh, saved.gate, saved.up);
   dh = Tensor();
+  saved.gate = Tensor();
+  saved.up = Tensor();
   // dxs = dgate @ W_gate + dup @ W_up over the same groups: one call (one launch where the
   // backend can, and one pass writing dxs instead of two).
   prof.next("moe.bwd.gate_up");
@@ -201,6 +207,7 @@ void MoE::backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate) {
   expert_weight_grads(be, routed_experts, &MLP::up_proj, dup, saved.xs, begin);
   dgate = Tensor();
   dup = Tensor();
+  saved.xs = Tensor();
 
   prof.next("moe.bwd.shared");
   if (has_shared) {

@@ -70,6 +70,8 @@ struct MoE {
   // the backend's moe_experts_small supports; that path saves nothing for backward (saved is
   // cleared, and backward refuses to run). Training, evaluation and route logging keep the default.
   Tensor forward(Backend& be, const Tensor& x, bool backward_follows = true);
+  // Consumes the saved activations (each is released once used; the routing plan stays): one
+  // backward per forward.
   void backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate);
 };
 
