@@ -20,5 +20,7 @@ for b in moekit moekit_tests bench/moekit_model_bench; do
   [ -x "$BUILD_DIR/$b" ] || { echo "device_carry: $BUILD_DIR/$b missing (build with CUDA first)" >&2; exit 2; }
   cp "$BUILD_DIR/$b" "$C/"
 done
+# CUPTI for tools/kernel_trace.cpp, in case the device's toolkit lacks it.
+cp -L /usr/local/cuda/lib64/libcupti.so.13 "$C/" 2>/dev/null || true
 echo "source_dir $(pwd)" >"$C/manifest"
 du -sh "$C"

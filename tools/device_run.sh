@@ -3,7 +3,7 @@
 # binaries where their compiled-in paths expect them, then runs the GPU tests (tools/cuda_check.sh
 # on the prebuilt moekit_tests: Cuda*, Gpu*, DeviceCli*) and/or the benchmark against transformers
 # (tools/gpu_bench.sh). Results go to $OUT.
-#   bash tools/device_run.sh [tests|bench|all|profile|quick|decode][,...]   (e.g. tests,decode)
+#   bash tools/device_run.sh [tests|streams|bench|all|profile|quick|decode|trace][,...]   (e.g. tests,decode)
 set -uo pipefail
 WHAT=${1:-all}
 want() { [[ ",$WHAT," == *",$1,"* ]]; }
@@ -52,6 +52,21 @@ if want decode; then  # batch-1 decode: 4 layers fp32 and bf16, the full model b
     for graphs in 1 0; do
       LD_LIBRARY_PATH=$LIBS MOEKIT_CUDA_GRAPHS=$graphs build/bench/moekit_model_bench "$1" 1 32 256 16 cuda decode "$2" | sed "s/^{/{\"graphs\": $graphs, /"
     done
+  done
+fi
+if want trace; then  # GPU time per kernel (tools/kernel_trace.cpp, CUPTI): decode and ESFT training
+  python3 -c 'import json; c = json.load(open("configs/deepseek-v2-lite.json")); c["num_hidden_layers"] = 4; json.dump(c, open("/tmp/v2-lite-4l.json", "w"))'
+  CUPTI=$(ls /usr/local/cuda/lib64/libcupti.so* 2>/dev/null | head -1)
+  [ -n "$CUPTI" ] || CUPTI=$C/libcupti.so.13
+  ln -sf "$CUPTI" /tmp/libcupti.so
+  nvcc -O2 -shared -Xcompiler -fPIC tools/kernel_trace.cpp -o /tmp/libkernel_trace.so -L/tmp -lcupti
+  for run in "${TRACE_DECODE_CFG:-configs/deepseek-v2-lite.json} 1 32 256 16 cuda decode bf16" \
+             "/tmp/v2-lite-4l.json 4 2048 2 16 cuda esft10 bf16"; do
+    set -- $run
+    tag=$(basename "$1" .json)-$8
+    LD_LIBRARY_PATH=$LIBS:/tmp:$(dirname "$CUPTI") CUDA_INJECTION64_PATH=/tmp/libkernel_trace.so \
+      KERNEL_TRACE_OUT=$OUT/trace-$tag.txt build/bench/moekit_model_bench "$@"
+    head -${TRACE_LINES:-45} "$OUT/trace-$tag.txt"
   done
 fi
 if want profile; then  # time per model step, bf16 ESFT: 4 layers, then the full model
