@@ -12,27 +12,46 @@ namespace moekit::cuda {
 
 namespace {
 
-template <typename W>
+// R: the rows of `a` this instance handles (M <= R): a one-row GEMV keeps no registers for rows it
+// does not have, so warp_dots can keep more of its weight loads in flight.
+template <typename W, int R>
 __global__ void gemv_kernel(float* c, const float* a, const W* w, int64_t M, int64_t N, int64_t K,
                             int64_t lda, int64_t ldw, int64_t ldc, float alpha, float beta) {
   const int64_t n = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32;
   if (n >= N) return;  // whole warps: n is the same in every lane
-  const W* wr[kGemvMaxRows];
-  const float* ar[kGemvMaxRows];
+  const W* wr[R];
+  const float* ar[R];
 #pragma unroll
-  for (int r = 0; r < kGemvMaxRows; ++r) {
+  for (int r = 0; r < R; ++r) {
     wr[r] = w + n * ldw;
     ar[r] = a + (r < M ? r : 0) * lda;
   }
-  float acc[kGemvMaxRows];
-  warp_dots<W, kGemvMaxRows>(acc, wr, ar, int(M), K);
+  float acc[R];
+  warp_dots<W, R>(acc, wr, ar, int(M), K);
   if ((threadIdx.x & 31) != 0) return;
 #pragma unroll
-  for (int r = 0; r < kGemvMaxRows; ++r) {
+  for (int r = 0; r < R; ++r) {
     if (r >= M) continue;
     float* out = c + r * ldc + n;
     *out = beta == 0.0f ? alpha * acc[r] : alpha * acc[r] + beta * *out;
   }
+}
+
+template <typename W>
+cudaError_t launch_gemv(float* c, const float* a, const W* w, int64_t M, int64_t N, int64_t K,
+                        int64_t lda, int64_t ldw, int64_t ldc, float alpha, float beta) {
+  constexpr int kThreadsPerBlock = 256;  // 8 warps, one weight row each
+  const unsigned blocks = unsigned((N * 32 + kThreadsPerBlock - 1) / kThreadsPerBlock);
+  if (M == 1)
+    gemv_kernel<W, 1>
+        <<<blocks, kThreadsPerBlock, 0, stream()>>>(c, a, w, M, N, K, lda, ldw, ldc, alpha, beta);
+  else if (M == 2)
+    gemv_kernel<W, 2>
+        <<<blocks, kThreadsPerBlock, 0, stream()>>>(c, a, w, M, N, K, lda, ldw, ldc, alpha, beta);
+  else
+    gemv_kernel<W, kGemvMaxRows>
+        <<<blocks, kThreadsPerBlock, 0, stream()>>>(c, a, w, M, N, K, lda, ldw, ldc, alpha, beta);
+  return cudaGetLastError();
 }
 
 }  // namespace
@@ -41,15 +60,10 @@ cudaError_t gemv(float* c, const float* a, const void* w, bool w_bf16, int64_t M
                  int64_t K, int64_t lda, int64_t ldw, int64_t ldc, float alpha, float beta) {
   if (M <= 0 || N <= 0) return cudaSuccess;
   if (M > kGemvMaxRows) return cudaErrorInvalidValue;
-  constexpr int kThreadsPerBlock = 256;  // 8 warps, one weight row each
-  const unsigned blocks = unsigned((N * 32 + kThreadsPerBlock - 1) / kThreadsPerBlock);
-  if (w_bf16)
-    gemv_kernel<uint16_t><<<blocks, kThreadsPerBlock, 0, stream()>>>(
-        c, a, static_cast<const uint16_t*>(w), M, N, K, lda, ldw, ldc, alpha, beta);
-  else
-    gemv_kernel<float><<<blocks, kThreadsPerBlock, 0, stream()>>>(
-        c, a, static_cast<const float*>(w), M, N, K, lda, ldw, ldc, alpha, beta);
-  return cudaGetLastError();
+  return w_bf16
+             ? launch_gemv(c, a, static_cast<const uint16_t*>(w), M, N, K, lda, ldw, ldc, alpha,
+                           beta)
+             : launch_gemv(c, a, static_cast<const float*>(w), M, N, K, lda, ldw, ldc, alpha, beta);
 }
 
 }  // namespace moekit::cuda

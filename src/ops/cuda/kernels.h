@@ -135,13 +135,13 @@ cudaError_t set_rows(float* dst, const float* src, const int32_t* rows, int64_t 
 // Register tiles bound the sizes: rank <= kLatentMaxRank, rope <= kLatentMaxRope.
 constexpr int64_t kLatentMaxRank = 512, kLatentMaxRope = 64;  // DeepSeek-V2/V3: 512 and 64
 constexpr int64_t kLatentBlockHeads = 16;
-constexpr int64_t kLatentMaxSplits = 128;    // bounds the partials (scratch) and the merge's work
+constexpr int64_t kLatentMaxSplits = 256;    // bounds the partials (scratch) and the merge's work
 constexpr int64_t kLatentMaxTokens = 65535;  // tokens per launch (grid.z)
-// At least 32 rows per split (a split's block stages 16 rows at a time), at most kLatentMaxSplits
-// splits; a multiple of 16 rows.
+// At least 16 rows per split (one staged tile: a short context still spreads over many blocks,
+// each one round trip to memory), at most kLatentMaxSplits splits; a multiple of 16 rows.
 inline int64_t latent_chunk(int64_t cap) {
   int64_t c = (cap + kLatentMaxSplits - 1) / kLatentMaxSplits;
-  c = c < 32 ? 32 : c;
+  c = c < 16 ? 16 : c;
   return (c + 15) / 16 * 16;
 }
 inline int64_t latent_splits(int64_t cap) {

@@ -67,9 +67,12 @@ __device__ inline void warp_dots(float (&acc)[R], const W* const* w, const float
   for (int r = 0; r < R; ++r)
     if (r < nr) vec = vec && aligned16(w[r]) && aligned16(a[r]);
   int64_t done = 0;
+  // Loads in flight per lane: one 16-byte chunk per row and unrolled iteration. Measured on an
+  // H200 (batch-1 decode), 2 iterations left one-row GEMVs at ~30% of the memory bandwidth.
+  constexpr int kUnroll = R == 1 ? 8 : (R == 2 ? 4 : 2);
   if (vec) {
     const int64_t chunks = n / V;
-#pragma unroll 2
+#pragma unroll kUnroll
     for (int64_t c = lane; c < chunks; c += 32) {
 #pragma unroll
       for (int r = 0; r < R; ++r) {
