@@ -74,7 +74,7 @@ constexpr int kPairs = kLatentTile * kHeadsPerWarp;  // a tile's (row, head) sco
 static_assert(kPairs == 32, "one score per lane");
 constexpr int kRankPerLane = int(kLatentMaxRank) / 32;
 constexpr int kRopePerLane = int(kLatentMaxRope) / 32;
-constexpr int kCombineThreads = 128;
+constexpr int kCombineThreads = 512;  // one column of the rank per thread: each waits on few loads
 
 // One round of a warp's reduce-scatter over 2W values per lane: lanes with bit W set keep the
 // upper half, the others the lower half, each adding the partner lane's copy of that half; after
