@@ -384,6 +384,48 @@ TEST_F(CudaBackendTest, RmsNormForwardBackward) {
   }
 }
 
+// The forward's kernels by row length: the row held in registers, 16-byte loads (length a
+// multiple of 4 on an aligned row: V2-Lite's 2048 and its latent's 512, one warp; a block whose
+// last warp is partial; 16384, the register path's largest) or single floats (odd lengths, or a
+// row 4 bytes off alignment), and the general loop beyond the registers' reach (16400, and 4097
+// floats). The same fp32 tolerance as above; two runs give the same bits.
+TEST_F(CudaBackendTest, RmsNormForwardRowKernels) {
+  for (auto [T, C] : {std::pair<int64_t, int64_t>{1, 2048},
+                      {1, 512},
+                      {3, 2048},
+                      {4, 2052},
+                      {5, 1001},
+                      {2, 16384},
+                      {2, 16400},
+                      {3, 4097},
+                      {2, 36}}) {
+    SCOPED_TRACE(testing::Message() << "T " << T << " C " << C);
+    Tensor x = randn({T, C}), w = randn({C}, 0.3f);
+    for (int64_t i = 0; i < C; ++i) w.f32()[i] += 1.0f;
+    Tensor out = Tensor::empty({T, C}), rstd = Tensor::empty({T});
+    cpu().rmsnorm_forward(out, rstd, x, w, 1e-6f);
+    const Tensor dx = dev(x), dw = dev(w);
+    Tensor dout = poisoned({T, C}), drstd = poisoned({T});
+    gpu().rmsnorm_forward(dout, drstd, dx, dw, 1e-6f);
+    EXPECT_CLOSE(dout, out, kF32Tol);
+    EXPECT_CLOSE(drstd, rstd, kF32Tol);
+    Tensor again = poisoned({T, C}), rstd2 = poisoned({T});
+    gpu().rmsnorm_forward(again, rstd2, dx, dw, 1e-6f);
+    EXPECT_TRUE(bit_equal(again, dout) && bit_equal(rstd2, drstd)) << "not deterministic";
+    // x, w and out one float past a 16-byte boundary (views into larger buffers).
+    auto shifted = [](const Tensor& t) {
+      Tensor flat = Tensor::zeros({t.numel() + 1}, DType::F32, Device::CUDA);
+      Tensor v = flat.slice(1, t.numel() + 1).reshape(t.shape());
+      v.copy_from(t);
+      return v;
+    };
+    Tensor sout = shifted(poisoned({T, C})), srstd = poisoned({T});
+    gpu().rmsnorm_forward(sout, srstd, shifted(dx), shifted(dw), 1e-6f);
+    EXPECT_CLOSE(sout, out, kF32Tol);
+    EXPECT_CLOSE(srstd, rstd, kF32Tol);
+  }
+}
+
 TEST_F(CudaBackendTest, SwiGluForwardBackward) {
   const Shape s{123, 45};
   Tensor gate = randn(s, 2.0f), up = randn(s), dh = randn(s);
