@@ -27,6 +27,7 @@
 #include <functional>
 #include <initializer_list>
 #include <limits>
+#include <memory>
 #include <random>
 #include <string>
 #include <tuple>
@@ -325,6 +326,18 @@ TEST_F(CudaBackendTest, EmbeddingForwardBackward) {
   // Index checks do not wait for the device: the error comes at the next read back.
   expect_index_error([&] { gpu().embedding_forward(dout_g, dev(table), dev(bad)); }, dout_g,
                      "embedding_forward: token id 50 at position 17 out of range [0, 50)");
+  // The lookup checks its ids itself: a bad id reads row 0, and the first bad position is
+  // reported even when a later one comes first in the launch's blocks (301 x 77 outputs: many
+  // blocks; block 0 scans every id).
+  Tensor fixed = ids.clone();
+  fixed.i32()[17] = 0;
+  cpu().embedding_forward(out, table, fixed);
+  EXPECT_CLOSE(dout_g, out, 0.0);
+  Tensor two = ids.clone();
+  two.i32()[250] = -7;
+  two.i32()[100] = int32_t(V) + 1;
+  expect_index_error([&] { gpu().embedding_forward(dout_g, dev(table), dev(two)); }, dout_g,
+                     "embedding_forward: token id 51 at position 100 out of range [0, 50)");
 }
 
 // A BF16 table (the frozen embedding of a bf16 model): each row is widened exactly, so the CPU
@@ -496,10 +509,15 @@ TEST_F(CudaBackendTest, RopeForwardAndInverse) {
   }
   Tensor bad = pos.clone();
   bad.i32()[3] = int32_t(max_pos);
-  Tensor dx = dev(randn({T, H, stride}));
+  Tensor x = randn({T, H, stride}), dx = dev(x);
   expect_index_error(
       [&] { gpu().rope(dx, H, stride, offset, rope_dim, dev(cos), dev(sin), dev(bad), false); }, dx,
       "rope: position 64 at position 3 out of range [0, 64)");
+  // The kernel checks the positions itself: a bad one rotates by position 0.
+  Tensor fixed = pos.clone();
+  fixed.i32()[3] = 0;
+  cpu().rope(x, H, stride, offset, rope_dim, cos, sin, fixed, false);
+  EXPECT_CLOSE(dx, x, kF32Tol);
 }
 
 // Sets a backend's precision for a scope and restores Fp32 after it, even when an op throws.
@@ -1195,10 +1213,54 @@ TEST_F(CudaBackendTest, SetRowsEqualsCpu) {
   cpu().set_rows(dst, src, rows);
   gpu().set_rows(gdst, dev(src), dev(rows));
   EXPECT_CLOSE(gdst, dst, 0.0);  // copies: exact
+  // A bad row is reported and written to row 0 in its place (the kernel checks the rows itself);
+  // no other entry writes row 0 here.
   Tensor bad = rows.clone();
+  bad.i32()[1] = 5;
   bad.i32()[2] = int32_t(R);
   expect_index_error([&] { gpu().set_rows(gdst, dev(src), dev(bad)); }, gdst,
                      "set_rows: row 1000 at position 2 out of range [0, 1000)");
+  Tensor fixed = bad.clone();
+  fixed.i32()[2] = 0;
+  cpu().set_rows(dst, src, fixed);
+  EXPECT_CLOSE(gdst, dst, 0.0);
+}
+
+// The ops that check their indices inside their own kernel (embedding_forward, set_rows, rope,
+// moe_experts_small) mark the checks pending while a graph records them, so a replay on bad
+// indices is reported at the next read back, naming the first failing op; a replay on good
+// indices afterwards is clean and exact.
+TEST_F(CudaBackendTest, FusedIndexChecksReportFromGraphReplays) {
+  const int64_t V = 50, C = 40, T = 3, R = 20;
+  const Tensor table = randn({V, C}), src = randn({T, C});
+  const Tensor ids_ok = randint({T}, 0, int32_t(V));
+  Tensor rows_ok = Tensor::empty({T}, DType::I32);
+  for (int64_t i = 0; i < T; ++i) rows_ok.i32()[i] = int32_t(2 * i + 1);
+  const Tensor gtable = dev(table), gsrc = dev(src);
+  Tensor ids = dev(ids_ok), rows = dev(rows_ok), out = poisoned({T, C}), dst = dev(randn({R, C}));
+  const std::unique_ptr<CapturedWork> graph = gpu().capture([&] {
+    gpu().embedding_forward(out, gtable, ids);
+    gpu().set_rows(dst, gsrc, rows);
+  });
+  ASSERT_NE(graph, nullptr) << "graphs are off (MOEKIT_CUDA_GRAPHS=0)";
+  graph->replay();
+  Tensor ref = Tensor::empty({T, C});
+  cpu().embedding_forward(ref, table, ids_ok);
+  EXPECT_CLOSE(out, ref, 0.0);
+  Tensor bad_rows = rows_ok.clone(), bad_ids = ids_ok.clone();
+  bad_rows.i32()[1] = int32_t(R);
+  rows.copy_from(bad_rows);
+  expect_index_error([&] { graph->replay(); }, dst,
+                     "set_rows: row 20 at position 1 out of range [0, 20)");
+  bad_ids.i32()[2] = -1;
+  ids.copy_from(bad_ids);  // both fail: the first in stream order is reported
+  expect_index_error([&] { graph->replay(); }, out,
+                     "embedding_forward: token id -1 at position 2 out of range [0, 50)");
+  ids.copy_from(ids_ok);
+  rows.copy_from(rows_ok);
+  graph->replay();
+  EXPECT_NO_THROW((void)out.to_host());
+  EXPECT_CLOSE(out, ref, 0.0);
 }
 
 struct LatentCase {

@@ -9,6 +9,7 @@
 #include <cub/device/device_radix_sort.cuh>
 
 #include "ops/cuda/device_util.cuh"
+#include "ops/cuda/index_check.cuh"
 #include "ops/cuda/kernels.h"
 #include "ops/cuda/warp_dots.cuh"
 
@@ -168,7 +169,8 @@ cudaError_t moe_dispatch_plan(void* temp, size_t temp_bytes, int32_t* sorted_exp
 // per-expert row counts on the host (a sync) and a launch per expert and projection. Here one
 // warp computes one output row: each lane streams 16-byte chunks of the weight row(s), sums in
 // fp32, and a fixed shuffle tree finishes the dot product (deterministic). Weights are read as
-// stored (fp32 or bf16); activations stay fp32.
+// stored (fp32 or bf16); activations stay fp32. The routing's expert ids are range-checked here
+// (IndexCheck): the up pass records a bad one, both passes use the replacement.
 
 namespace {
 
@@ -179,13 +181,14 @@ constexpr int kSmallDownRows = 8;   // down-projection rows (top-k slots) stream
 // per (p, i), pair-major.
 template <typename W>
 __global__ void experts_small_up_kernel(float* h, const float* x, const int32_t* topk_idx,
-                                        const void* const* weights, int64_t pairs, int64_t k,
-                                        int64_t hidden, int64_t inter) {
+                                        IndexCheck ic, const void* const* weights, int64_t pairs,
+                                        int64_t k, int64_t hidden, int64_t inter) {
+  if (blockIdx.x == 0) record_first_bad_index(ic, topk_idx, pairs);
   const int64_t warps = int64_t(gridDim.x) * (blockDim.x >> 5);
   for (int64_t row = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5; row < pairs * inter;
        row += warps) {  // whole warps move together
     const int64_t p = row / inter, i = row % inter;
-    const int64_t e = topk_idx[p];
+    const int64_t e = checked_index(ic, topk_idx[p]);
     const float* xt = x + (p / k) * hidden;
     const W* const w[2] = {static_cast<const W*>(weights[3 * e]) + i * hidden,
                            static_cast<const W*>(weights[3 * e + 1]) + i * hidden};
@@ -200,9 +203,9 @@ __global__ void experts_small_up_kernel(float* h, const float* x, const int32_t*
 // (t, j), up to kSmallDownRows top-k slots streamed at once.
 template <typename W>
 __global__ void experts_small_down_kernel(float* y, const float* h, const int32_t* topk_idx,
-                                          const float* topk_w, const void* const* weights,
-                                          int64_t tokens, int64_t k, int64_t hidden, int64_t inter,
-                                          bool accumulate) {
+                                          IndexCheck ic, const float* topk_w,
+                                          const void* const* weights, int64_t tokens, int64_t k,
+                                          int64_t hidden, int64_t inter, bool accumulate) {
   const int64_t warps = int64_t(gridDim.x) * (blockDim.x >> 5);
   for (int64_t row = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5; row < tokens * hidden;
        row += warps) {
@@ -215,7 +218,8 @@ __global__ void experts_small_down_kernel(float* y, const float* h, const int32_
 #pragma unroll
       for (int r = 0; r < kSmallDownRows; ++r) {
         const int64_t p = t * k + k0 + (r < nr ? r : 0);
-        w[r] = static_cast<const W*>(weights[3 * int64_t(topk_idx[p]) + 2]) + j * inter;
+        w[r] = static_cast<const W*>(weights[3 * int64_t(checked_index(ic, topk_idx[p])) + 2]) +
+               j * inter;
         a[r] = h + p * inter;
       }
       float acc[kSmallDownRows];
@@ -230,33 +234,36 @@ __global__ void experts_small_down_kernel(float* y, const float* h, const int32_
 
 template <typename W>
 cudaError_t experts_small(float* y, float* h, const float* x, const int32_t* topk_idx,
-                          const float* topk_w, const void* const* weights, int64_t tokens,
-                          int64_t k, int64_t hidden, int64_t inter, bool accumulate) {
+                          const IndexCheck& ic, const float* topk_w, const void* const* weights,
+                          int64_t tokens, int64_t k, int64_t hidden, int64_t inter,
+                          bool accumulate) {
   constexpr int warps_per_block = kSmallThreads / 32;
   auto grid = [](int64_t rows) {  // one warp per row; the loops stride over any rest
     const int64_t b = (rows + warps_per_block - 1) / warps_per_block;
     return unsigned(b < 1 ? 1 : (b < (int64_t(1) << 20) ? b : (int64_t(1) << 20)));
   };
   experts_small_up_kernel<W><<<grid(tokens * k * inter), kSmallThreads, 0, stream()>>>(
-      h, x, topk_idx, weights, tokens * k, k, hidden, inter);
+      h, x, topk_idx, ic, weights, tokens * k, k, hidden, inter);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
+  IndexCheck down_ic = ic;
+  down_ic.slot = nullptr;  // recorded by the up pass
   experts_small_down_kernel<W><<<grid(tokens * hidden), kSmallThreads, 0, stream()>>>(
-      y, h, topk_idx, topk_w, weights, tokens, k, hidden, inter, accumulate);
+      y, h, topk_idx, down_ic, topk_w, weights, tokens, k, hidden, inter, accumulate);
   return cudaGetLastError();
 }
 
 }  // namespace
 
 cudaError_t moe_experts_small(float* y, float* h, const float* x, const int32_t* topk_idx,
-                              const float* topk_w, const void* const* weights, bool bf16,
-                              int64_t tokens, int64_t k, int64_t hidden, int64_t inter,
-                              bool accumulate) {
+                              const IndexCheck& experts_check, const float* topk_w,
+                              const void* const* weights, bool bf16, int64_t tokens, int64_t k,
+                              int64_t hidden, int64_t inter, bool accumulate) {
   if (tokens == 0 || hidden == 0) return cudaSuccess;
-  return bf16 ? experts_small<uint16_t>(y, h, x, topk_idx, topk_w, weights, tokens, k, hidden,
-                                        inter, accumulate)
-              : experts_small<float>(y, h, x, topk_idx, topk_w, weights, tokens, k, hidden, inter,
-                                     accumulate);
+  return bf16 ? experts_small<uint16_t>(y, h, x, topk_idx, experts_check, topk_w, weights, tokens,
+                                        k, hidden, inter, accumulate)
+              : experts_small<float>(y, h, x, topk_idx, experts_check, topk_w, weights, tokens, k,
+                                     hidden, inter, accumulate);
 }
 
 // ---------------------------------------------------------------------------------------------
