@@ -71,6 +71,12 @@ class CudaBackendTest : public ::testing::Test {
     return t;
   }
 
+  // moe_experts_small against the CPU op (defined with its tests below).
+  struct SmallCase {
+    int64_t T, K, E, H, I;
+  };
+  void check_experts_small(const SmallCase& c, DType dtype, bool shifted);
+
   std::mt19937_64 rng_{20261201};
 };
 
@@ -1065,60 +1071,72 @@ TEST_F(CudaBackendTest, GroupedMatmulSumOfTwoTerms) {
   }
 }
 
-// The few-token experts (decode's GEMVs) against the CPU op. Shapes: H, I odd (every row
-// misaligned for 16-byte loads: the element-by-element loop) and multiples of 8 (the vector loop;
-// fp32 rows 16-byte aligned, bf16 rows too), one token (decode), three tokens sharing experts,
-// K = 6, and K = 10 (more slots than the down pass streams at once). Weights all F32, or all BF16
-// against the CPU op on the same bf16-rounded weights in fp32: a bf16 weight is exact in fp32, so
-// both sides form the same fp32 products and differ only in summation order (per-lane partial
-// sums + shuffle tree vs a loop): kF32Tol as for any fp32 op. The Bf16 precision must not change
-// the op (weights read as stored, x stays fp32): same tolerance under it. Outputs poisoned when
-// assigned; two runs bit-identical (no atomics).
-TEST_F(CudaBackendTest, MoeExpertsSmallF32AndBf16Weights) {
-  auto rounded = [](const Tensor& t) { return t.to_dtype(DType::BF16).to_f32(); };
-  struct Case {
-    int64_t T, K, E, H, I;
+// The few-token experts (decode's GEMVs) against the CPU op, on random routing: distinct experts
+// within a token (as the gate picks them), shifted per token so that tokens share experts. Weights
+// all F32, or all BF16 against the CPU op on the same bf16-rounded weights in fp32: a bf16 weight
+// is exact in fp32, so both sides form the same fp32 products and differ only in summation order
+// (per-thread partial sums + fixed trees vs a loop, topk_w applied to h before the down dot
+// product instead of after): kF32Tol as for any fp32 op. The Bf16 precision must not change the
+// op (weights read as stored, x stays fp32): same tolerance under it. Outputs poisoned when
+// assigned; two runs bit-identical (no atomics). shifted: every weight a view one element past a
+// 16-byte boundary (the kernels' element-by-element paths although I is a multiple of 8).
+void CudaBackendTest::check_experts_small(const SmallCase& c, DType dtype, bool shifted) {
+  SCOPED_TRACE(testing::Message() << "T " << c.T << " K " << c.K << " E " << c.E << " H " << c.H
+                                  << " I " << c.I << " " << dtype_name(dtype)
+                                  << (shifted ? " shifted" : ""));
+  auto place = [&](const Tensor& w) {  // the device copy in the stored dtype
+    const Tensor stored = dtype == DType::BF16 ? w.to_dtype(DType::BF16) : w;
+    if (!shifted) return dev(stored);
+    Tensor flat = Tensor::zeros({stored.numel() + 1}, dtype, Device::CUDA);
+    Tensor v = flat.slice(1, stored.numel() + 1).reshape(stored.shape());
+    v.copy_from(dev(stored));
+    return v;
   };
-  for (const Case& c : {Case{1, 6, 9, 37, 23}, Case{3, 6, 9, 37, 23}, Case{1, 6, 16, 72, 48},
-                        Case{3, 6, 8, 264, 136}, Case{2, 10, 13, 40, 24}})
-    for (DType dtype : {DType::F32, DType::BF16}) {
-      SCOPED_TRACE(testing::Message() << "T " << c.T << " K " << c.K << " E " << c.E << " H " << c.H
-                                      << " I " << c.I << " " << dtype_name(dtype));
-      std::vector<Tensor> ref_w, gpu_w;  // per expert: gate, up, down
-      for (int64_t e = 0; e < c.E; ++e)
-        for (Shape s : {Shape{c.I, c.H}, Shape{c.I, c.H}, Shape{c.H, c.I}}) {
-          Tensor w = randn(s, 0.3f);
-          ref_w.push_back(dtype == DType::BF16 ? rounded(w) : w);
-          gpu_w.push_back(dev(dtype == DType::BF16 ? w.to_dtype(DType::BF16) : w));
-        }
-      std::vector<ExpertWeights> ref_e, gpu_e;
-      for (size_t e = 0; e < size_t(c.E); ++e) {
-        ref_e.push_back({&ref_w[3 * e], &ref_w[3 * e + 1], &ref_w[3 * e + 2]});
-        gpu_e.push_back({&gpu_w[3 * e], &gpu_w[3 * e + 1], &gpu_w[3 * e + 2]});
-      }
-      // Distinct experts within a token (as the gate picks them), shifted per token so tokens
-      // share experts.
-      Tensor idx = Tensor::empty({c.T, c.K}, DType::I32), w = randn({c.T, c.K});
-      std::vector<int32_t> perm(static_cast<size_t>(c.E));
-      for (size_t e = 0; e < perm.size(); ++e) perm[e] = int32_t(e);
-      std::shuffle(perm.begin(), perm.end(), rng_);
-      for (int64_t t = 0; t < c.T; ++t)
-        for (int64_t k = 0; k < c.K; ++k) idx.i32()[t * c.K + k] = perm[size_t((t + k) % c.E)];
-      const Tensor x = randn({c.T, c.H}), y0 = randn({c.T, c.H});
-      for (bool accumulate : {false, true}) {
-        Tensor ref = y0.clone();
-        cpu().moe_experts_small(ref, x, idx, w, ref_e, accumulate);
-        Tensor gy = accumulate ? dev(y0) : poisoned({c.T, c.H});
-        gpu().moe_experts_small(gy, dev(x), dev(idx), dev(w), gpu_e, accumulate);
-        EXPECT_CLOSE(gy, ref, kF32Tol);
-        Tensor again = accumulate ? dev(y0) : poisoned({c.T, c.H});
-        {
-          PrecisionScope bf16(gpu(), Precision::Bf16);
-          gpu().moe_experts_small(again, dev(x), dev(idx), dev(w), gpu_e, accumulate);
-        }
-        EXPECT_TRUE(bit_equal(again, gy)) << "not deterministic, or changed by the precision";
-      }
+  std::vector<Tensor> ref_w, gpu_w;  // per expert: gate, up, down
+  for (int64_t e = 0; e < c.E; ++e)
+    for (Shape s : {Shape{c.I, c.H}, Shape{c.I, c.H}, Shape{c.H, c.I}}) {
+      Tensor w = randn(s, 0.3f);
+      ref_w.push_back(dtype == DType::BF16 ? w.to_dtype(DType::BF16).to_f32() : w);
+      gpu_w.push_back(place(w));
     }
+  std::vector<ExpertWeights> ref_e, gpu_e;
+  for (size_t e = 0; e < size_t(c.E); ++e) {
+    ref_e.push_back({&ref_w[3 * e], &ref_w[3 * e + 1], &ref_w[3 * e + 2]});
+    gpu_e.push_back({&gpu_w[3 * e], &gpu_w[3 * e + 1], &gpu_w[3 * e + 2]});
+  }
+  Tensor idx = Tensor::empty({c.T, c.K}, DType::I32), w = randn({c.T, c.K});
+  std::vector<int32_t> perm(static_cast<size_t>(c.E));
+  for (size_t e = 0; e < perm.size(); ++e) perm[e] = int32_t(e);
+  std::shuffle(perm.begin(), perm.end(), rng_);
+  for (int64_t t = 0; t < c.T; ++t)
+    for (int64_t k = 0; k < c.K; ++k) idx.i32()[t * c.K + k] = perm[size_t((t + k) % c.E)];
+  const Tensor x = randn({c.T, c.H}), y0 = randn({c.T, c.H});
+  for (bool accumulate : {false, true}) {
+    Tensor ref = y0.clone();
+    cpu().moe_experts_small(ref, x, idx, w, ref_e, accumulate);
+    Tensor gy = accumulate ? dev(y0) : poisoned({c.T, c.H});
+    gpu().moe_experts_small(gy, dev(x), dev(idx), dev(w), gpu_e, accumulate);
+    EXPECT_CLOSE(gy, ref, kF32Tol);
+    Tensor again = accumulate ? dev(y0) : poisoned({c.T, c.H});
+    {
+      PrecisionScope bf16(gpu(), Precision::Bf16);
+      gpu().moe_experts_small(again, dev(x), dev(idx), dev(w), gpu_e, accumulate);
+    }
+    EXPECT_TRUE(bit_equal(again, gy)) << "not deterministic, or changed by the precision";
+  }
+}
+
+// Shapes: H, I odd (every row misaligned for 16-byte loads: the element-by-element loops; H = 37
+// also ends in a partial tile of the down pass's 8 outputs) and multiples of 8 (the vector
+// loops), one token (decode), three, and ten (60 pairs: the MoE layer's few-token limit), K = 6,
+// and K = 10 (more slots than the down pass stages at once); I = 2056 (bf16: 257 chunks, so two
+// rounds of chunks per thread of the down pass; fp32 three).
+TEST_F(CudaBackendTest, MoeExpertsSmallF32AndBf16Weights) {
+  for (const SmallCase& c :
+       {SmallCase{1, 6, 9, 37, 23}, SmallCase{3, 6, 9, 37, 23}, SmallCase{1, 6, 16, 72, 48},
+        SmallCase{3, 6, 8, 264, 136}, SmallCase{2, 10, 13, 40, 24}, SmallCase{10, 6, 16, 72, 48},
+        SmallCase{2, 6, 7, 40, 2056}})
+    for (DType dtype : {DType::F32, DType::BF16}) check_experts_small(c, dtype, false);
   // Mixed dtypes are refused (the MoE layer sends them to the grouped GEMMs).
   Tensor g = dev(randn({4, 3})), g16 = dev(randn({4, 3}).to_dtype(DType::BF16));
   Tensor d = dev(randn({3, 4})), x = dev(randn({1, 3})), y = poisoned({1, 3});
@@ -1131,6 +1149,50 @@ TEST_F(CudaBackendTest, MoeExpertsSmallF32AndBf16Weights) {
   bad.i32()[0] = 3;
   expect_index_error([&] { gpu().moe_experts_small(y, x, dev(bad), w, one, false); }, y,
                      "moe_experts_small: expert 3 at position 0 out of range [0, 1)");
+}
+
+// Every K of 1..8 at the few-token limit (T*K <= 64 pairs), H = 37 (a partial last tile of
+// outputs) with I = 48 (vector loops) and I = 23; weights one element off alignment; and
+// DeepSeek-V2-Lite's sizes (H 2048, I 1408, K 6: the decode step the down pass was tuned for) at
+// one token and at the few-token limit.
+TEST_F(CudaBackendTest, MoeExpertsSmallEveryKMisalignedAndV2LiteSizes) {
+  for (int64_t K = 1; K <= 8; ++K)
+    for (int64_t I : {48, 23}) {
+      const SmallCase c{64 / K, K, K + 3, 37, I};
+      check_experts_small(c, K % 2 ? DType::BF16 : DType::F32, false);
+    }
+  for (const SmallCase& c : {SmallCase{1, 6, 9, 72, 48}, SmallCase{3, 8, 10, 37, 136}})
+    for (DType dtype : {DType::F32, DType::BF16}) check_experts_small(c, dtype, true);
+  for (int64_t T : {1, 10}) check_experts_small({T, 6, 6, 2048, 1408}, DType::BF16, false);
+  check_experts_small({1, 6, 6, 2048, 1408}, DType::F32, false);
+}
+
+// Out-of-range experts among several tokens: the first one (lowest position) is reported, and
+// the kernels use expert 0 in place of each bad entry (as the CPU op on the corrected routing).
+TEST_F(CudaBackendTest, MoeExpertsSmallBadExpertsAreReplacedByZero) {
+  const int64_t T = 3, K = 6, E = 9, H = 40, I = 24;
+  std::vector<Tensor> ws;
+  for (int64_t e = 0; e < E; ++e)
+    for (Shape s : {Shape{I, H}, Shape{I, H}, Shape{H, I}}) ws.push_back(randn(s, 0.3f));
+  std::vector<Tensor> gws;
+  for (const Tensor& w : ws) gws.push_back(dev(w));
+  std::vector<ExpertWeights> ref_e, gpu_e;
+  for (size_t e = 0; e < size_t(E); ++e) {
+    ref_e.push_back({&ws[3 * e], &ws[3 * e + 1], &ws[3 * e + 2]});
+    gpu_e.push_back({&gws[3 * e], &gws[3 * e + 1], &gws[3 * e + 2]});
+  }
+  Tensor idx = Tensor::empty({T, K}, DType::I32), w = randn({T, K}), x = randn({T, H});
+  for (int64_t i = 0; i < T * K; ++i) idx.i32()[i] = int32_t((i * 5 + 1) % E);
+  Tensor bad = idx.clone(), fixed = idx.clone();
+  bad.i32()[13] = -2;
+  bad.i32()[7] = int32_t(E);
+  fixed.i32()[13] = fixed.i32()[7] = 0;
+  Tensor y = poisoned({T, H});
+  expect_index_error([&] { gpu().moe_experts_small(y, dev(x), dev(bad), dev(w), gpu_e, false); }, y,
+                     "moe_experts_small: expert 9 at position 7 out of range [0, 9)");
+  Tensor ref = Tensor::empty({T, H});
+  cpu().moe_experts_small(ref, x, fixed, w, ref_e, false);
+  EXPECT_CLOSE(y, ref, kF32Tol);
 }
 
 TEST_F(CudaBackendTest, MatmulBatchedMlaLayouts) {
