@@ -826,31 +826,37 @@ TEST_F(CudaBackendTest, MoeGateEveryMethod) {
       {"sigmoid noaux_tc + bias (V3)", gp(S::Sigmoid, M::NoauxTc, 256, 8, 8, 4, true, 2.5f), true},
       {"sigmoid greedy + bias", gp(S::Sigmoid, M::Greedy, 16, 4, 1, 1, true, 1.0f), true},
       {"sigmoid noaux_tc, top_k 1", gp(S::Sigmoid, M::NoauxTc, 24, 1, 4, 2, true, 1.5f), true},
+      // One warp per token (no group selection, E <= 256): the most experts it holds, a method
+      // with groups but only one group, and one expert past its reach (the block kernel).
+      {"sigmoid greedy + bias, 256", gp(S::Sigmoid, M::Greedy, 256, 8, 1, 1, true, 2.5f), true},
+      {"softmax group_limited, one group",
+       gp(S::Softmax, M::GroupLimitedGreedy, 100, 6, 1, 1, false, 16.0f), false},
+      {"softmax greedy, 257", gp(S::Softmax, M::Greedy, 257, 6, 1, 1, true, 1.0f), false},
   };
-  const int64_t T = 77;
-  for (const GateCase& c : cases) {
-    SCOPED_TRACE(c.name);
-    const int64_t E = c.p.n_experts, K = c.p.top_k;
-    Tensor logits = randn({T, E}, 2.0f);
-    Tensor bias = c.bias ? randn({E}, 0.1f) : Tensor();
-    Tensor idx = Tensor::empty({T, K}, DType::I32), w = Tensor::empty({T, K});
-    Tensor scores = Tensor::empty({T, E});
-    Tensor gidx = poisoned({T, K}, DType::I32), gw = poisoned({T, K}), gscores = poisoned({T, E});
-    cpu().moe_gate_forward(idx, w, scores, logits, bias, c.p);
-    gpu().moe_gate_forward(gidx, gw, gscores, dev(logits), c.bias ? dev(bias) : Tensor(), c.p);
-    expect_equal_i32(gidx, idx);
-    EXPECT_CLOSE(gw, w, kF32Tol);
-    EXPECT_CLOSE(gscores, scores, kF32Tol);
-    for (bool with_dscores : {false, true}) {
-      Tensor dw = randn({T, K});
-      Tensor dscores = with_dscores ? randn({T, E}) : Tensor();
-      Tensor dlogits = Tensor::empty({T, E}), gdlogits = poisoned({T, E});
-      cpu().moe_gate_backward(dlogits, dw, idx, scores, dscores, c.p);
-      gpu().moe_gate_backward(gdlogits, dev(dw), gidx, gscores,
-                              with_dscores ? dev(dscores) : Tensor(), c.p);
-      EXPECT_CLOSE(gdlogits, dlogits, kF32Tol);
+  for (const int64_t T : {int64_t(1), int64_t(77)})  // a decode step; several warps and blocks
+    for (const GateCase& c : cases) {
+      SCOPED_TRACE(testing::Message() << c.name << ", T " << T);
+      const int64_t E = c.p.n_experts, K = c.p.top_k;
+      Tensor logits = randn({T, E}, 2.0f);
+      Tensor bias = c.bias ? randn({E}, 0.1f) : Tensor();
+      Tensor idx = Tensor::empty({T, K}, DType::I32), w = Tensor::empty({T, K});
+      Tensor scores = Tensor::empty({T, E});
+      Tensor gidx = poisoned({T, K}, DType::I32), gw = poisoned({T, K}), gscores = poisoned({T, E});
+      cpu().moe_gate_forward(idx, w, scores, logits, bias, c.p);
+      gpu().moe_gate_forward(gidx, gw, gscores, dev(logits), c.bias ? dev(bias) : Tensor(), c.p);
+      expect_equal_i32(gidx, idx);
+      EXPECT_CLOSE(gw, w, kF32Tol);
+      EXPECT_CLOSE(gscores, scores, kF32Tol);
+      for (bool with_dscores : {false, true}) {
+        Tensor dw = randn({T, K});
+        Tensor dscores = with_dscores ? randn({T, E}) : Tensor();
+        Tensor dlogits = Tensor::empty({T, E}), gdlogits = poisoned({T, E});
+        cpu().moe_gate_backward(dlogits, dw, idx, scores, dscores, c.p);
+        gpu().moe_gate_backward(gdlogits, dev(dw), gidx, gscores,
+                                with_dscores ? dev(dscores) : Tensor(), c.p);
+        EXPECT_CLOSE(gdlogits, dlogits, kF32Tol);
+      }
     }
-  }
 }
 
 // The permute plan is integer bookkeeping plus a copy of the weights: bit-equal to the CPU's.
