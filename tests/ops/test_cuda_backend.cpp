@@ -27,6 +27,7 @@
 #include <functional>
 #include <initializer_list>
 #include <limits>
+#include <memory>
 #include <random>
 #include <string>
 #include <tuple>
@@ -69,6 +70,12 @@ class CudaBackendTest : public ::testing::Test {
     gpu().fill(t, dtype == DType::I32 ? -1.0f : std::numeric_limits<float>::quiet_NaN());
     return t;
   }
+
+  // moe_experts_small against the CPU op (defined with its tests below).
+  struct SmallCase {
+    int64_t T, K, E, H, I;
+  };
+  void check_experts_small(const SmallCase& c, DType dtype, bool shifted);
 
   std::mt19937_64 rng_{20261201};
 };
@@ -325,6 +332,18 @@ TEST_F(CudaBackendTest, EmbeddingForwardBackward) {
   // Index checks do not wait for the device: the error comes at the next read back.
   expect_index_error([&] { gpu().embedding_forward(dout_g, dev(table), dev(bad)); }, dout_g,
                      "embedding_forward: token id 50 at position 17 out of range [0, 50)");
+  // The lookup checks its ids itself: a bad id reads row 0, and the first bad position is
+  // reported even when a later one comes first in the launch's blocks (301 x 77 outputs: many
+  // blocks; block 0 scans every id).
+  Tensor fixed = ids.clone();
+  fixed.i32()[17] = 0;
+  cpu().embedding_forward(out, table, fixed);
+  EXPECT_CLOSE(dout_g, out, 0.0);
+  Tensor two = ids.clone();
+  two.i32()[250] = -7;
+  two.i32()[100] = int32_t(V) + 1;
+  expect_index_error([&] { gpu().embedding_forward(dout_g, dev(table), dev(two)); }, dout_g,
+                     "embedding_forward: token id 51 at position 100 out of range [0, 50)");
 }
 
 // A BF16 table (the frozen embedding of a bf16 model): each row is widened exactly, so the CPU
@@ -381,6 +400,48 @@ TEST_F(CudaBackendTest, RmsNormForwardBackward) {
     EXPECT_CLOSE(ddw, dw, kF32Tol);
     gpu().rmsnorm_backward(ddx, nullptr, dev(g), dev(x), dev(w), dev(rstd));  // frozen weight
     EXPECT_CLOSE(ddx, dx, kF32Tol);
+  }
+}
+
+// The forward's kernels by row length: the row held in registers, 16-byte loads (length a
+// multiple of 4 on an aligned row: V2-Lite's 2048 and its latent's 512, one warp; a block whose
+// last warp is partial; 16384, the register path's largest) or single floats (odd lengths, or a
+// row 4 bytes off alignment), and the general loop beyond the registers' reach (16400, and 4097
+// floats). The same fp32 tolerance as above; two runs give the same bits.
+TEST_F(CudaBackendTest, RmsNormForwardRowKernels) {
+  for (auto [T, C] : {std::pair<int64_t, int64_t>{1, 2048},
+                      {1, 512},
+                      {3, 2048},
+                      {4, 2052},
+                      {5, 1001},
+                      {2, 16384},
+                      {2, 16400},
+                      {3, 4097},
+                      {2, 36}}) {
+    SCOPED_TRACE(testing::Message() << "T " << T << " C " << C);
+    Tensor x = randn({T, C}), w = randn({C}, 0.3f);
+    for (int64_t i = 0; i < C; ++i) w.f32()[i] += 1.0f;
+    Tensor out = Tensor::empty({T, C}), rstd = Tensor::empty({T});
+    cpu().rmsnorm_forward(out, rstd, x, w, 1e-6f);
+    const Tensor dx = dev(x), dw = dev(w);
+    Tensor dout = poisoned({T, C}), drstd = poisoned({T});
+    gpu().rmsnorm_forward(dout, drstd, dx, dw, 1e-6f);
+    EXPECT_CLOSE(dout, out, kF32Tol);
+    EXPECT_CLOSE(drstd, rstd, kF32Tol);
+    Tensor again = poisoned({T, C}), rstd2 = poisoned({T});
+    gpu().rmsnorm_forward(again, rstd2, dx, dw, 1e-6f);
+    EXPECT_TRUE(bit_equal(again, dout) && bit_equal(rstd2, drstd)) << "not deterministic";
+    // x, w and out one float past a 16-byte boundary (views into larger buffers).
+    auto shifted = [](const Tensor& t) {
+      Tensor flat = Tensor::zeros({t.numel() + 1}, DType::F32, Device::CUDA);
+      Tensor v = flat.slice(1, t.numel() + 1).reshape(t.shape());
+      v.copy_from(t);
+      return v;
+    };
+    Tensor sout = shifted(poisoned({T, C})), srstd = poisoned({T});
+    gpu().rmsnorm_forward(sout, srstd, shifted(dx), shifted(dw), 1e-6f);
+    EXPECT_CLOSE(sout, out, kF32Tol);
+    EXPECT_CLOSE(srstd, rstd, kF32Tol);
   }
 }
 
@@ -454,10 +515,15 @@ TEST_F(CudaBackendTest, RopeForwardAndInverse) {
   }
   Tensor bad = pos.clone();
   bad.i32()[3] = int32_t(max_pos);
-  Tensor dx = dev(randn({T, H, stride}));
+  Tensor x = randn({T, H, stride}), dx = dev(x);
   expect_index_error(
       [&] { gpu().rope(dx, H, stride, offset, rope_dim, dev(cos), dev(sin), dev(bad), false); }, dx,
       "rope: position 64 at position 3 out of range [0, 64)");
+  // The kernel checks the positions itself: a bad one rotates by position 0.
+  Tensor fixed = pos.clone();
+  fixed.i32()[3] = 0;
+  cpu().rope(x, H, stride, offset, rope_dim, cos, sin, fixed, false);
+  EXPECT_CLOSE(dx, x, kF32Tol);
 }
 
 // Sets a backend's precision for a scope and restores Fp32 after it, even when an op throws.
@@ -760,31 +826,37 @@ TEST_F(CudaBackendTest, MoeGateEveryMethod) {
       {"sigmoid noaux_tc + bias (V3)", gp(S::Sigmoid, M::NoauxTc, 256, 8, 8, 4, true, 2.5f), true},
       {"sigmoid greedy + bias", gp(S::Sigmoid, M::Greedy, 16, 4, 1, 1, true, 1.0f), true},
       {"sigmoid noaux_tc, top_k 1", gp(S::Sigmoid, M::NoauxTc, 24, 1, 4, 2, true, 1.5f), true},
+      // One warp per token (no group selection, E <= 256): the most experts it holds, a method
+      // with groups but only one group, and one expert past its reach (the block kernel).
+      {"sigmoid greedy + bias, 256", gp(S::Sigmoid, M::Greedy, 256, 8, 1, 1, true, 2.5f), true},
+      {"softmax group_limited, one group",
+       gp(S::Softmax, M::GroupLimitedGreedy, 100, 6, 1, 1, false, 16.0f), false},
+      {"softmax greedy, 257", gp(S::Softmax, M::Greedy, 257, 6, 1, 1, true, 1.0f), false},
   };
-  const int64_t T = 77;
-  for (const GateCase& c : cases) {
-    SCOPED_TRACE(c.name);
-    const int64_t E = c.p.n_experts, K = c.p.top_k;
-    Tensor logits = randn({T, E}, 2.0f);
-    Tensor bias = c.bias ? randn({E}, 0.1f) : Tensor();
-    Tensor idx = Tensor::empty({T, K}, DType::I32), w = Tensor::empty({T, K});
-    Tensor scores = Tensor::empty({T, E});
-    Tensor gidx = poisoned({T, K}, DType::I32), gw = poisoned({T, K}), gscores = poisoned({T, E});
-    cpu().moe_gate_forward(idx, w, scores, logits, bias, c.p);
-    gpu().moe_gate_forward(gidx, gw, gscores, dev(logits), c.bias ? dev(bias) : Tensor(), c.p);
-    expect_equal_i32(gidx, idx);
-    EXPECT_CLOSE(gw, w, kF32Tol);
-    EXPECT_CLOSE(gscores, scores, kF32Tol);
-    for (bool with_dscores : {false, true}) {
-      Tensor dw = randn({T, K});
-      Tensor dscores = with_dscores ? randn({T, E}) : Tensor();
-      Tensor dlogits = Tensor::empty({T, E}), gdlogits = poisoned({T, E});
-      cpu().moe_gate_backward(dlogits, dw, idx, scores, dscores, c.p);
-      gpu().moe_gate_backward(gdlogits, dev(dw), gidx, gscores,
-                              with_dscores ? dev(dscores) : Tensor(), c.p);
-      EXPECT_CLOSE(gdlogits, dlogits, kF32Tol);
+  for (const int64_t T : {int64_t(1), int64_t(77)})  // a decode step; several warps and blocks
+    for (const GateCase& c : cases) {
+      SCOPED_TRACE(testing::Message() << c.name << ", T " << T);
+      const int64_t E = c.p.n_experts, K = c.p.top_k;
+      Tensor logits = randn({T, E}, 2.0f);
+      Tensor bias = c.bias ? randn({E}, 0.1f) : Tensor();
+      Tensor idx = Tensor::empty({T, K}, DType::I32), w = Tensor::empty({T, K});
+      Tensor scores = Tensor::empty({T, E});
+      Tensor gidx = poisoned({T, K}, DType::I32), gw = poisoned({T, K}), gscores = poisoned({T, E});
+      cpu().moe_gate_forward(idx, w, scores, logits, bias, c.p);
+      gpu().moe_gate_forward(gidx, gw, gscores, dev(logits), c.bias ? dev(bias) : Tensor(), c.p);
+      expect_equal_i32(gidx, idx);
+      EXPECT_CLOSE(gw, w, kF32Tol);
+      EXPECT_CLOSE(gscores, scores, kF32Tol);
+      for (bool with_dscores : {false, true}) {
+        Tensor dw = randn({T, K});
+        Tensor dscores = with_dscores ? randn({T, E}) : Tensor();
+        Tensor dlogits = Tensor::empty({T, E}), gdlogits = poisoned({T, E});
+        cpu().moe_gate_backward(dlogits, dw, idx, scores, dscores, c.p);
+        gpu().moe_gate_backward(gdlogits, dev(dw), gidx, gscores,
+                                with_dscores ? dev(dscores) : Tensor(), c.p);
+        EXPECT_CLOSE(gdlogits, dlogits, kF32Tol);
+      }
     }
-  }
 }
 
 // The permute plan is integer bookkeeping plus a copy of the weights: bit-equal to the CPU's.
@@ -1005,60 +1077,72 @@ TEST_F(CudaBackendTest, GroupedMatmulSumOfTwoTerms) {
   }
 }
 
-// The few-token experts (decode's GEMVs) against the CPU op. Shapes: H, I odd (every row
-// misaligned for 16-byte loads: the element-by-element loop) and multiples of 8 (the vector loop;
-// fp32 rows 16-byte aligned, bf16 rows too), one token (decode), three tokens sharing experts,
-// K = 6, and K = 10 (more slots than the down pass streams at once). Weights all F32, or all BF16
-// against the CPU op on the same bf16-rounded weights in fp32: a bf16 weight is exact in fp32, so
-// both sides form the same fp32 products and differ only in summation order (per-lane partial
-// sums + shuffle tree vs a loop): kF32Tol as for any fp32 op. The Bf16 precision must not change
-// the op (weights read as stored, x stays fp32): same tolerance under it. Outputs poisoned when
-// assigned; two runs bit-identical (no atomics).
-TEST_F(CudaBackendTest, MoeExpertsSmallF32AndBf16Weights) {
-  auto rounded = [](const Tensor& t) { return t.to_dtype(DType::BF16).to_f32(); };
-  struct Case {
-    int64_t T, K, E, H, I;
+// The few-token experts (decode's GEMVs) against the CPU op, on random routing: distinct experts
+// within a token (as the gate picks them), shifted per token so that tokens share experts. Weights
+// all F32, or all BF16 against the CPU op on the same bf16-rounded weights in fp32: a bf16 weight
+// is exact in fp32, so both sides form the same fp32 products and differ only in summation order
+// (per-thread partial sums + fixed trees vs a loop, topk_w applied to h before the down dot
+// product instead of after): kF32Tol as for any fp32 op. The Bf16 precision must not change the
+// op (weights read as stored, x stays fp32): same tolerance under it. Outputs poisoned when
+// assigned; two runs bit-identical (no atomics). shifted: every weight a view one element past a
+// 16-byte boundary (the kernels' element-by-element paths although I is a multiple of 8).
+void CudaBackendTest::check_experts_small(const SmallCase& c, DType dtype, bool shifted) {
+  SCOPED_TRACE(testing::Message() << "T " << c.T << " K " << c.K << " E " << c.E << " H " << c.H
+                                  << " I " << c.I << " " << dtype_name(dtype)
+                                  << (shifted ? " shifted" : ""));
+  auto place = [&](const Tensor& w) {  // the device copy in the stored dtype
+    const Tensor stored = dtype == DType::BF16 ? w.to_dtype(DType::BF16) : w;
+    if (!shifted) return dev(stored);
+    Tensor flat = Tensor::zeros({stored.numel() + 1}, dtype, Device::CUDA);
+    Tensor v = flat.slice(1, stored.numel() + 1).reshape(stored.shape());
+    v.copy_from(dev(stored));
+    return v;
   };
-  for (const Case& c : {Case{1, 6, 9, 37, 23}, Case{3, 6, 9, 37, 23}, Case{1, 6, 16, 72, 48},
-                        Case{3, 6, 8, 264, 136}, Case{2, 10, 13, 40, 24}})
-    for (DType dtype : {DType::F32, DType::BF16}) {
-      SCOPED_TRACE(testing::Message() << "T " << c.T << " K " << c.K << " E " << c.E << " H " << c.H
-                                      << " I " << c.I << " " << dtype_name(dtype));
-      std::vector<Tensor> ref_w, gpu_w;  // per expert: gate, up, down
-      for (int64_t e = 0; e < c.E; ++e)
-        for (Shape s : {Shape{c.I, c.H}, Shape{c.I, c.H}, Shape{c.H, c.I}}) {
-          Tensor w = randn(s, 0.3f);
-          ref_w.push_back(dtype == DType::BF16 ? rounded(w) : w);
-          gpu_w.push_back(dev(dtype == DType::BF16 ? w.to_dtype(DType::BF16) : w));
-        }
-      std::vector<ExpertWeights> ref_e, gpu_e;
-      for (size_t e = 0; e < size_t(c.E); ++e) {
-        ref_e.push_back({&ref_w[3 * e], &ref_w[3 * e + 1], &ref_w[3 * e + 2]});
-        gpu_e.push_back({&gpu_w[3 * e], &gpu_w[3 * e + 1], &gpu_w[3 * e + 2]});
-      }
-      // Distinct experts within a token (as the gate picks them), shifted per token so tokens
-      // share experts.
-      Tensor idx = Tensor::empty({c.T, c.K}, DType::I32), w = randn({c.T, c.K});
-      std::vector<int32_t> perm(static_cast<size_t>(c.E));
-      for (size_t e = 0; e < perm.size(); ++e) perm[e] = int32_t(e);
-      std::shuffle(perm.begin(), perm.end(), rng_);
-      for (int64_t t = 0; t < c.T; ++t)
-        for (int64_t k = 0; k < c.K; ++k) idx.i32()[t * c.K + k] = perm[size_t((t + k) % c.E)];
-      const Tensor x = randn({c.T, c.H}), y0 = randn({c.T, c.H});
-      for (bool accumulate : {false, true}) {
-        Tensor ref = y0.clone();
-        cpu().moe_experts_small(ref, x, idx, w, ref_e, accumulate);
-        Tensor gy = accumulate ? dev(y0) : poisoned({c.T, c.H});
-        gpu().moe_experts_small(gy, dev(x), dev(idx), dev(w), gpu_e, accumulate);
-        EXPECT_CLOSE(gy, ref, kF32Tol);
-        Tensor again = accumulate ? dev(y0) : poisoned({c.T, c.H});
-        {
-          PrecisionScope bf16(gpu(), Precision::Bf16);
-          gpu().moe_experts_small(again, dev(x), dev(idx), dev(w), gpu_e, accumulate);
-        }
-        EXPECT_TRUE(bit_equal(again, gy)) << "not deterministic, or changed by the precision";
-      }
+  std::vector<Tensor> ref_w, gpu_w;  // per expert: gate, up, down
+  for (int64_t e = 0; e < c.E; ++e)
+    for (Shape s : {Shape{c.I, c.H}, Shape{c.I, c.H}, Shape{c.H, c.I}}) {
+      Tensor w = randn(s, 0.3f);
+      ref_w.push_back(dtype == DType::BF16 ? w.to_dtype(DType::BF16).to_f32() : w);
+      gpu_w.push_back(place(w));
     }
+  std::vector<ExpertWeights> ref_e, gpu_e;
+  for (size_t e = 0; e < size_t(c.E); ++e) {
+    ref_e.push_back({&ref_w[3 * e], &ref_w[3 * e + 1], &ref_w[3 * e + 2]});
+    gpu_e.push_back({&gpu_w[3 * e], &gpu_w[3 * e + 1], &gpu_w[3 * e + 2]});
+  }
+  Tensor idx = Tensor::empty({c.T, c.K}, DType::I32), w = randn({c.T, c.K});
+  std::vector<int32_t> perm(static_cast<size_t>(c.E));
+  for (size_t e = 0; e < perm.size(); ++e) perm[e] = int32_t(e);
+  std::shuffle(perm.begin(), perm.end(), rng_);
+  for (int64_t t = 0; t < c.T; ++t)
+    for (int64_t k = 0; k < c.K; ++k) idx.i32()[t * c.K + k] = perm[size_t((t + k) % c.E)];
+  const Tensor x = randn({c.T, c.H}), y0 = randn({c.T, c.H});
+  for (bool accumulate : {false, true}) {
+    Tensor ref = y0.clone();
+    cpu().moe_experts_small(ref, x, idx, w, ref_e, accumulate);
+    Tensor gy = accumulate ? dev(y0) : poisoned({c.T, c.H});
+    gpu().moe_experts_small(gy, dev(x), dev(idx), dev(w), gpu_e, accumulate);
+    EXPECT_CLOSE(gy, ref, kF32Tol);
+    Tensor again = accumulate ? dev(y0) : poisoned({c.T, c.H});
+    {
+      PrecisionScope bf16(gpu(), Precision::Bf16);
+      gpu().moe_experts_small(again, dev(x), dev(idx), dev(w), gpu_e, accumulate);
+    }
+    EXPECT_TRUE(bit_equal(again, gy)) << "not deterministic, or changed by the precision";
+  }
+}
+
+// Shapes: H, I odd (every row misaligned for 16-byte loads: the element-by-element loops; H = 37
+// also ends in a partial tile of the down pass's 8 outputs) and multiples of 8 (the vector
+// loops), one token (decode), three, and ten (60 pairs: the MoE layer's few-token limit), K = 6,
+// and K = 10 (more slots than the down pass stages at once); I = 2056 (bf16: 257 chunks, so two
+// rounds of chunks per thread of the down pass; fp32 three).
+TEST_F(CudaBackendTest, MoeExpertsSmallF32AndBf16Weights) {
+  for (const SmallCase& c :
+       {SmallCase{1, 6, 9, 37, 23}, SmallCase{3, 6, 9, 37, 23}, SmallCase{1, 6, 16, 72, 48},
+        SmallCase{3, 6, 8, 264, 136}, SmallCase{2, 10, 13, 40, 24}, SmallCase{10, 6, 16, 72, 48},
+        SmallCase{2, 6, 7, 40, 2056}})
+    for (DType dtype : {DType::F32, DType::BF16}) check_experts_small(c, dtype, false);
   // Mixed dtypes are refused (the MoE layer sends them to the grouped GEMMs).
   Tensor g = dev(randn({4, 3})), g16 = dev(randn({4, 3}).to_dtype(DType::BF16));
   Tensor d = dev(randn({3, 4})), x = dev(randn({1, 3})), y = poisoned({1, 3});
@@ -1071,6 +1155,50 @@ TEST_F(CudaBackendTest, MoeExpertsSmallF32AndBf16Weights) {
   bad.i32()[0] = 3;
   expect_index_error([&] { gpu().moe_experts_small(y, x, dev(bad), w, one, false); }, y,
                      "moe_experts_small: expert 3 at position 0 out of range [0, 1)");
+}
+
+// Every K of 1..8 at the few-token limit (T*K <= 64 pairs), H = 37 (a partial last tile of
+// outputs) with I = 48 (vector loops) and I = 23; weights one element off alignment; and
+// DeepSeek-V2-Lite's sizes (H 2048, I 1408, K 6: the decode step the down pass was tuned for) at
+// one token and at the few-token limit.
+TEST_F(CudaBackendTest, MoeExpertsSmallEveryKMisalignedAndV2LiteSizes) {
+  for (int64_t K = 1; K <= 8; ++K)
+    for (int64_t I : {48, 23}) {
+      const SmallCase c{64 / K, K, K + 3, 37, I};
+      check_experts_small(c, K % 2 ? DType::BF16 : DType::F32, false);
+    }
+  for (const SmallCase& c : {SmallCase{1, 6, 9, 72, 48}, SmallCase{3, 8, 10, 37, 136}})
+    for (DType dtype : {DType::F32, DType::BF16}) check_experts_small(c, dtype, true);
+  for (int64_t T : {1, 10}) check_experts_small({T, 6, 6, 2048, 1408}, DType::BF16, false);
+  check_experts_small({1, 6, 6, 2048, 1408}, DType::F32, false);
+}
+
+// Out-of-range experts among several tokens: the first one (lowest position) is reported, and
+// the kernels use expert 0 in place of each bad entry (as the CPU op on the corrected routing).
+TEST_F(CudaBackendTest, MoeExpertsSmallBadExpertsAreReplacedByZero) {
+  const int64_t T = 3, K = 6, E = 9, H = 40, I = 24;
+  std::vector<Tensor> ws;
+  for (int64_t e = 0; e < E; ++e)
+    for (Shape s : {Shape{I, H}, Shape{I, H}, Shape{H, I}}) ws.push_back(randn(s, 0.3f));
+  std::vector<Tensor> gws;
+  for (const Tensor& w : ws) gws.push_back(dev(w));
+  std::vector<ExpertWeights> ref_e, gpu_e;
+  for (size_t e = 0; e < size_t(E); ++e) {
+    ref_e.push_back({&ws[3 * e], &ws[3 * e + 1], &ws[3 * e + 2]});
+    gpu_e.push_back({&gws[3 * e], &gws[3 * e + 1], &gws[3 * e + 2]});
+  }
+  Tensor idx = Tensor::empty({T, K}, DType::I32), w = randn({T, K}), x = randn({T, H});
+  for (int64_t i = 0; i < T * K; ++i) idx.i32()[i] = int32_t((i * 5 + 1) % E);
+  Tensor bad = idx.clone(), fixed = idx.clone();
+  bad.i32()[13] = -2;
+  bad.i32()[7] = int32_t(E);
+  fixed.i32()[13] = fixed.i32()[7] = 0;
+  Tensor y = poisoned({T, H});
+  expect_index_error([&] { gpu().moe_experts_small(y, dev(x), dev(bad), dev(w), gpu_e, false); }, y,
+                     "moe_experts_small: expert 9 at position 7 out of range [0, 9)");
+  Tensor ref = Tensor::empty({T, H});
+  cpu().moe_experts_small(ref, x, fixed, w, ref_e, false);
+  EXPECT_CLOSE(y, ref, kF32Tol);
 }
 
 TEST_F(CudaBackendTest, MatmulBatchedMlaLayouts) {
@@ -1153,10 +1281,54 @@ TEST_F(CudaBackendTest, SetRowsEqualsCpu) {
   cpu().set_rows(dst, src, rows);
   gpu().set_rows(gdst, dev(src), dev(rows));
   EXPECT_CLOSE(gdst, dst, 0.0);  // copies: exact
+  // A bad row is reported and written to row 0 in its place (the kernel checks the rows itself);
+  // no other entry writes row 0 here.
   Tensor bad = rows.clone();
+  bad.i32()[1] = 5;
   bad.i32()[2] = int32_t(R);
   expect_index_error([&] { gpu().set_rows(gdst, dev(src), dev(bad)); }, gdst,
                      "set_rows: row 1000 at position 2 out of range [0, 1000)");
+  Tensor fixed = bad.clone();
+  fixed.i32()[2] = 0;
+  cpu().set_rows(dst, src, fixed);
+  EXPECT_CLOSE(gdst, dst, 0.0);
+}
+
+// The ops that check their indices inside their own kernel (embedding_forward, set_rows, rope,
+// moe_experts_small) mark the checks pending while a graph records them, so a replay on bad
+// indices is reported at the next read back, naming the first failing op; a replay on good
+// indices afterwards is clean and exact.
+TEST_F(CudaBackendTest, FusedIndexChecksReportFromGraphReplays) {
+  const int64_t V = 50, C = 40, T = 3, R = 20;
+  const Tensor table = randn({V, C}), src = randn({T, C});
+  const Tensor ids_ok = randint({T}, 0, int32_t(V));
+  Tensor rows_ok = Tensor::empty({T}, DType::I32);
+  for (int64_t i = 0; i < T; ++i) rows_ok.i32()[i] = int32_t(2 * i + 1);
+  const Tensor gtable = dev(table), gsrc = dev(src);
+  Tensor ids = dev(ids_ok), rows = dev(rows_ok), out = poisoned({T, C}), dst = dev(randn({R, C}));
+  const std::unique_ptr<CapturedWork> graph = gpu().capture([&] {
+    gpu().embedding_forward(out, gtable, ids);
+    gpu().set_rows(dst, gsrc, rows);
+  });
+  ASSERT_NE(graph, nullptr) << "graphs are off (MOEKIT_CUDA_GRAPHS=0)";
+  graph->replay();
+  Tensor ref = Tensor::empty({T, C});
+  cpu().embedding_forward(ref, table, ids_ok);
+  EXPECT_CLOSE(out, ref, 0.0);
+  Tensor bad_rows = rows_ok.clone(), bad_ids = ids_ok.clone();
+  bad_rows.i32()[1] = int32_t(R);
+  rows.copy_from(bad_rows);
+  expect_index_error([&] { graph->replay(); }, dst,
+                     "set_rows: row 20 at position 1 out of range [0, 20)");
+  bad_ids.i32()[2] = -1;
+  ids.copy_from(bad_ids);  // both fail: the first in stream order is reported
+  expect_index_error([&] { graph->replay(); }, out,
+                     "embedding_forward: token id -1 at position 2 out of range [0, 50)");
+  ids.copy_from(ids_ok);
+  rows.copy_from(rows_ok);
+  graph->replay();
+  EXPECT_NO_THROW((void)out.to_host());
+  EXPECT_CLOSE(out, ref, 0.0);
 }
 
 struct LatentCase {

@@ -291,8 +291,9 @@ void CudaBackend::memory_info(size_t& free_bytes, size_t& total_bytes) {
   free_bytes += alloc_.cached_bytes();
 }
 
-// BF16: GEMM operands (weights; the experts' activations), the embedding table, and the bf16 activation variants of
-// the MoE layer's dispatch, SwiGLU and combine (ops.h gives each op's dtype rules).
+// BF16: GEMM operands (weights; the experts' activations), the embedding table, and the bf16
+// activation variants of the MoE layer's dispatch, SwiGLU and combine (ops.h gives each op's dtype
+// rules).
 bool CudaBackend::supports(Op op, DType dtype) const {
   if (dtype == DType::F32) return true;
   if (dtype != DType::BF16) return false;
@@ -857,32 +858,37 @@ void CudaBackend::scale(Tensor& y, float alpha) {
 // ---------------------------------------------------------------------------------------------
 // Index checks
 
-Tensor CudaBackend::check_indices(const Tensor& idx, int64_t limit, const char* op,
-                                  const char* what, bool allow_negative) {
+cuda::IndexCheck CudaBackend::index_check(const Tensor& idx, int64_t limit, const char* op,
+                                          const char* what, bool allow_negative) {
   cuda::expect(idx, DType::I32, op, what);
-  const int64_t n = idx.numel();
-  Tensor safe = scratch(idx.shape(), DType::I32);
-  if (n == 0) return safe;
+  if (idx.numel() == 0) return {};      // no slot: nothing to check
   if (limit <= 0 && !allow_negative) {  // no valid replacement: every entry is bad
     int32_t value = 0;
     check(cudaMemcpy(&value, idx.i32(), 4, cudaMemcpyDeviceToHost), op);
     fail("{}: {} {} at position 0 out of range [0, {})", op, what, value, limit);
   }
-  int32_t id = 0;
-  {
-    std::lock_guard<std::mutex> lock(checks_mu_);
-    const CheckSite site{op, what, limit};
-    auto it = check_ids_.find(site);
-    if (it == check_ids_.end()) {
-      check_sites_.push_back(site);
-      it = check_ids_.emplace(site, int32_t(check_sites_.size())).first;
-    }
-    id = it->second;
-    checks_pending_ = true;
+  cuda::IndexCheck c;
+  c.slot = index_error_;
+  c.limit = limit;
+  c.replacement = limit > 0 ? 0 : -1;
+  c.allow_negative = allow_negative;
+  std::lock_guard<std::mutex> lock(checks_mu_);
+  const CheckSite site{op, what, limit};
+  auto it = check_ids_.find(site);
+  if (it == check_ids_.end()) {
+    check_sites_.push_back(site);
+    it = check_ids_.emplace(site, int32_t(check_sites_.size())).first;
   }
-  check(cuda::check_indices(safe.i32(), idx.i32(), n, limit, allow_negative, limit > 0 ? 0 : -1, id,
-                            index_error_),
-        op);
+  c.check = it->second;
+  checks_pending_ = true;
+  return c;
+}
+
+Tensor CudaBackend::check_indices(const Tensor& idx, int64_t limit, const char* op,
+                                  const char* what, bool allow_negative) {
+  const cuda::IndexCheck c = index_check(idx, limit, op, what, allow_negative);
+  Tensor safe = scratch(idx.shape(), DType::I32);
+  check(cuda::check_indices(safe.i32(), idx.i32(), idx.numel(), c), op);
   return safe;
 }
 

@@ -25,7 +25,8 @@ namespace moekit {
 
 namespace cuda {
 struct IndexError;  // ops/cuda/kernels.h
-}
+struct IndexCheck;
+}  // namespace cuda
 
 // A size-bucketed cache of device blocks: cudaFree synchronises the whole device, and layers
 // allocate and drop activations every step. Blocks are reused only after their tensor is gone;
@@ -153,6 +154,12 @@ class CudaBackend final : public Backend {
   // allow_negative: negative entries are valid (ignored cross-entropy targets).
   [[nodiscard]] Tensor check_indices(const Tensor& idx, int64_t limit, const char* op,
                                      const char* what, bool allow_negative = false);
+  // The same check done by the op's own kernel (the ops of a decode step: rope, set_rows,
+  // embedding_forward, moe_experts_small), which saves the check kernel and the copy: returns the
+  // descriptor to pass to it (cuda::IndexCheck, ops/cuda/index_check.cuh) and marks checks
+  // pending; launches nothing. Same errors and messages as check_indices (which uses it).
+  [[nodiscard]] cuda::IndexCheck index_check(const Tensor& idx, int64_t limit, const char* op,
+                                             const char* what, bool allow_negative = false);
   // Raises the first index error recorded since the last call, if any; waits for the device
   // when checks are pending.
   void raise_index_errors();

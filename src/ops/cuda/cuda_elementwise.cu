@@ -1,11 +1,13 @@
-// CUDA kernels, part 1: fills, axpy/scale, SwiGLU, RoPE, embedding lookup, column copies and the
-// MLA k/v split. Each is one pass over memory written as a lambda over the output elements
-// (device_util.cuh's for_each): moekit's layouts ([T, heads, stride] views, interleaved rope
-// pairs, per-head [k_nope | v] blocks) match no library routine, and one fused pass is the
-// fastest way to do a memory-bound op.
+// CUDA kernels, part 1: fills, axpy/scale, index checks, SwiGLU, RoPE, embedding lookup, the
+// cache's row write (set_rows), column copies and the MLA k/v split. Each is one pass over memory
+// written as a lambda over the output elements (device_util.cuh's for_each; for_each_checked of
+// index_check.cuh where the op reads an index tensor, which it checks itself): moekit's layouts
+// ([T, heads, stride] views, interleaved rope pairs, per-head [k_nope | v] blocks) match no
+// library routine, and one fused pass is the fastest way to do a memory-bound op.
 #include <cuda_bf16.h>
 
 #include "ops/cuda/device_util.cuh"
+#include "ops/cuda/index_check.cuh"
 #include "ops/cuda/kernels.h"
 
 namespace moekit::cuda {
@@ -58,37 +60,16 @@ cudaError_t scale(float* y, int64_t n, float alpha) {
 
 namespace {
 
-struct MinIndex {
-  __device__ long long operator()(long long a, long long b) const { return a < b ? a : b; }
-};
-
-__global__ void check_indices_kernel(int32_t* safe, const int32_t* idx, int64_t n, int64_t limit,
-                                     bool allow_negative, int32_t replacement, int32_t check,
-                                     IndexError* slot) {
-  __shared__ long long shared[32];
-  long long first = n;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    const int32_t v = idx[i];
-    const bool ok = (v >= 0 || allow_negative) && v < limit;
-    safe[i] = ok ? v : replacement;
-    if (!ok && i < first) first = i;
-  }
-  first = block_reduce(first, (long long)n, shared, MinIndex{});
-  // Checks run in stream order, so the first failing one claims the slot.
-  if (threadIdx.x == 0 && first < n && atomicCAS(&slot->check, 0, check) == 0) {
-    slot->value = idx[first];
-    slot->position = first;
-  }
+__global__ void check_indices_kernel(int32_t* safe, const int32_t* idx, int64_t n, IndexCheck c) {
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) safe[i] = checked_index(c, idx[i]);
+  record_first_bad_index(c, idx, n);
 }
 
 }  // namespace
 
-cudaError_t check_indices(int32_t* safe, const int32_t* idx, int64_t n, int64_t limit,
-                          bool allow_negative, int32_t replacement, int32_t check,
-                          IndexError* slot) {
+cudaError_t check_indices(int32_t* safe, const int32_t* idx, int64_t n, const IndexCheck& c) {
   if (n <= 0) return cudaSuccess;
-  check_indices_kernel<<<1, 1024, 0, stream()>>>(safe, idx, n, limit, allow_negative, replacement,
-                                                 check, slot);
+  check_indices_kernel<<<1, 1024, 0, stream()>>>(safe, idx, n, c);
   return cudaGetLastError();
 }
 
@@ -152,11 +133,12 @@ cudaError_t swiglu_backward(void* dgate, void* dup, DType out_dtype, const void*
 
 cudaError_t rope(float* x, int64_t tokens, int64_t heads, int64_t head_stride, int64_t offset,
                  int64_t half, const float* cos, const float* sin, const int32_t* positions,
-                 bool inverse) {
+                 const IndexCheck& positions_check, bool inverse) {
   const float sign = inverse ? -1.0f : 1.0f;
-  return for_each(tokens * heads * half, [=] __device__(int64_t e) {
+  const IndexCheck pc = positions_check;
+  return for_each_checked(tokens * heads * half, pc, positions, tokens, [=] __device__(int64_t e) {
     const int64_t j = e % half, th = e / half, t = th / heads;
-    const int64_t pos = positions[t];
+    const int64_t pos = checked_index(pc, positions[t]);
     float* p = x + th * head_stride + offset + 2 * j;
     const float a = p[0], b = p[1], c = cos[pos * half + j], s = sign * sin[pos * half + j];
     p[0] = a * c - b * s;
@@ -217,21 +199,31 @@ __device__ inline float widen(__nv_bfloat16 v) {
 
 // The lookup over a table of T (float or __nv_bfloat16), widened to fp32.
 template <typename T>
-cudaError_t embedding_lookup(float* out, const T* table, const int32_t* ids, int64_t tokens,
-                             int64_t dim) {
-  return for_each(tokens * dim, [=] __device__(int64_t e) {
+cudaError_t embedding_lookup(float* out, const T* table, const int32_t* ids, const IndexCheck& ic,
+                             int64_t tokens, int64_t dim) {
+  return for_each_checked(tokens * dim, ic, ids, tokens, [=] __device__(int64_t e) {
     const int64_t t = e / dim, c = e % dim;
-    out[e] = widen(table[int64_t(ids[t]) * dim + c]);
+    out[e] = widen(table[int64_t(checked_index(ic, ids[t])) * dim + c]);
   });
 }
 
 }  // namespace
 
 cudaError_t embedding_forward(float* out, const void* table, bool table_bf16, const int32_t* ids,
-                              int64_t tokens, int64_t dim) {
+                              const IndexCheck& ids_check, int64_t tokens, int64_t dim) {
   if (table_bf16)
-    return embedding_lookup(out, static_cast<const __nv_bfloat16*>(table), ids, tokens, dim);
-  return embedding_lookup(out, static_cast<const float*>(table), ids, tokens, dim);
+    return embedding_lookup(out, static_cast<const __nv_bfloat16*>(table), ids, ids_check, tokens,
+                            dim);
+  return embedding_lookup(out, static_cast<const float*>(table), ids, ids_check, tokens, dim);
+}
+
+cudaError_t set_rows(float* dst, const float* src, const int32_t* rows,
+                     const IndexCheck& rows_check, int64_t n, int64_t dim) {
+  const IndexCheck rc = rows_check;
+  return for_each_checked(n * dim, rc, rows, n, [=] __device__(int64_t e) {
+    const int64_t i = e / dim;
+    dst[int64_t(checked_index(rc, rows[i])) * dim + e % dim] = src[e];
+  });
 }
 
 }  // namespace moekit::cuda

@@ -8,7 +8,10 @@
 // increasing position order.
 #include <cub/device/device_radix_sort.cuh>
 
+#include <type_traits>
+
 #include "ops/cuda/device_util.cuh"
+#include "ops/cuda/index_check.cuh"
 #include "ops/cuda/kernels.h"
 #include "ops/cuda/warp_dots.cuh"
 
@@ -165,27 +168,30 @@ cudaError_t moe_dispatch_plan(void* temp, size_t temp_bytes, int32_t* sorted_exp
 // ---------------------------------------------------------------------------------------------
 // Few-token experts (decode): GEMVs straight from the routing. At a handful of tokens every
 // expert GEMM is a matrix-vector product, bound by reading the weights; cuBLAS would need the
-// per-expert row counts on the host (a sync) and a launch per expert and projection. Here one
-// warp computes one output row: each lane streams 16-byte chunks of the weight row(s), sums in
-// fp32, and a fixed shuffle tree finishes the dot product (deterministic). Weights are read as
-// stored (fp32 or bf16); activations stay fp32.
+// per-expert row counts on the host (a sync) and a launch per expert and projection. Two passes:
+// up (gate and up projections, then SwiGLU) into h, then down with the combine. Weights are read
+// as stored (fp32 or bf16, widened exactly); activations stay fp32; every sum has a fixed order
+// (deterministic, no atomics). The routing's expert ids are range-checked here (IndexCheck): the
+// up pass records a bad one, both passes use the replacement.
 
 namespace {
 
-constexpr int kSmallThreads = 256;  // 8 warps per block
-constexpr int kSmallDownRows = 8;   // down-projection rows (top-k slots) streamed together
+constexpr int kSmallThreads = 256;  // up pass: 8 warps per block
 
 // h[p, i] = silu(gate_e[i] . x_t) * (up_e[i] . x_t) for pair p = t*K+k, e = topk_idx[p]: one warp
-// per (p, i), pair-major.
+// per (p, i), pair-major, each lane streaming 16-byte chunks of the two weight rows (warp_dots).
+// Measured on the H200 (V2-Lite decode, T = 1, K = 6, H 2048, I 1408, bf16): 20.2 us for 69 MB,
+// ~72% of the HBM bandwidth, so it stays as it is.
 template <typename W>
 __global__ void experts_small_up_kernel(float* h, const float* x, const int32_t* topk_idx,
-                                        const void* const* weights, int64_t pairs, int64_t k,
-                                        int64_t hidden, int64_t inter) {
+                                        IndexCheck ic, const void* const* weights, int64_t pairs,
+                                        int64_t k, int64_t hidden, int64_t inter) {
+  if (blockIdx.x == 0) record_first_bad_index(ic, topk_idx, pairs);
   const int64_t warps = int64_t(gridDim.x) * (blockDim.x >> 5);
   for (int64_t row = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5; row < pairs * inter;
        row += warps) {  // whole warps move together
     const int64_t p = row / inter, i = row % inter;
-    const int64_t e = topk_idx[p];
+    const int64_t e = checked_index(ic, topk_idx[p]);
     const float* xt = x + (p / k) * hidden;
     const W* const w[2] = {static_cast<const W*>(weights[3 * e]) + i * hidden,
                            static_cast<const W*>(weights[3 * e + 1]) + i * hidden};
@@ -196,67 +202,184 @@ __global__ void experts_small_up_kernel(float* h, const float* x, const int32_t*
   }
 }
 
-// y[t, j] (+)= sum_k topk_w[t*K+k] * (down_e[j] . h[t*K+k]), k in increasing order: one warp per
-// (t, j), up to kSmallDownRows top-k slots streamed at once.
-template <typename W>
-__global__ void experts_small_down_kernel(float* y, const float* h, const int32_t* topk_idx,
-                                          const float* topk_w, const void* const* weights,
-                                          int64_t tokens, int64_t k, int64_t hidden, int64_t inter,
-                                          bool accumulate) {
-  const int64_t warps = int64_t(gridDim.x) * (blockDim.x >> 5);
-  for (int64_t row = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5; row < tokens * hidden;
-       row += warps) {
-    const int64_t t = row / hidden, j = row % hidden;
-    float out = 0.0f;
-    for (int64_t k0 = 0; k0 < k; k0 += kSmallDownRows) {
-      const int nr = int(k - k0 < kSmallDownRows ? k - k0 : kSmallDownRows);
-      const W* w[kSmallDownRows];
-      const float* a[kSmallDownRows];
+// The down pass, y[t, j] (+)= sum_k topk_w[t*K+k] * (down_e[j] . h[t*K+k]). It was one warp per
+// (t, j) dotting the K rows down_e[j]: measured 23.2 us for 34.6 MB on the H200 (V2-Lite decode,
+// ~31% of the bandwidth): 2048 warps with few loads in flight each, and every 16-byte weight load
+// paired with two 16-byte loads of h. Now a block takes kDownRows consecutive outputs j of one
+// token and splits the inner dimension over its threads: thread c owns the V-wide column chunks
+// c, c + blockDim, ... (V = 8 bf16 or 4 fp32: one 16-byte weight load). Per chunk and top-k slot
+// it loads h's chunk once, pre-scaled by topk_w, and streams that chunk of the kDownRows weight
+// rows: kDownRows independent 16-byte loads reusing the same registers of h (bf16: two slots
+// unrolled, 16 loads in flight per thread), no shuffles in the loop. The block then sums its
+// threads' partials per row in a fixed tree (warp shuffles, then the warps in order through shared
+// memory): deterministic. V2-Lite: 176 bf16 chunks per row, so blocks of 192 threads, 256 blocks
+// per token (two per SM), each thread issuing 8 loads per slot; expected ~10 us (>= 70% of the
+// bandwidth). Rows misaligned for 16-byte loads (inter not a multiple of V, or a weight at an odd
+// address) take the same code with V = 1.
+constexpr int kDownRows = 8;   // outputs j per block (the reuse of each load of h)
+constexpr int kDownSlots = 8;  // top-k slots whose pointers are staged at once (K > 8: more)
+constexpr int kDownMaxThreads = 256;
+
+// Loads V consecutive weights widened to fp32: one 16-byte load (V = Chunk<W>::n) or one element.
+// Read-only loads (__ldg): the pointers come from shared memory, so the compiler could not tell
+// that they are global.
+template <typename W, int V>
+__device__ inline void load_weights(const W* p, float (&out)[V]) {
+  if constexpr (V == 1) {
+    out[0] = to_f32(__ldg(p));
+  } else {
+    using Vec = std::conditional_t<std::is_same_v<W, float>, float4, uint4>;  // Chunk's type
+    const Vec v = __ldg(reinterpret_cast<const Vec*>(p));
+    Chunk<W>::load(reinterpret_cast<const W*>(&v), out);  // the widening, from registers
+  }
+}
+
+// s * p[0, V), V = 1, 4 or 8 (16-byte aligned for V > 1).
+template <int V>
+__device__ inline void load_scaled(const float* p, float s, float (&out)[V]) {
+  if constexpr (V == 1) {
+    out[0] = s * __ldg(p);
+  } else {
 #pragma unroll
-      for (int r = 0; r < kSmallDownRows; ++r) {
-        const int64_t p = t * k + k0 + (r < nr ? r : 0);
-        w[r] = static_cast<const W*>(weights[3 * int64_t(topk_idx[p]) + 2]) + j * inter;
-        a[r] = h + p * inter;
-      }
-      float acc[kSmallDownRows];
-      warp_dots<W, kSmallDownRows>(acc, w, a, nr, inter);
-#pragma unroll
-      for (int r = 0; r < kSmallDownRows; ++r)
-        if (r < nr) out += topk_w[t * k + k0 + r] * acc[r];
+    for (int q = 0; q < V; q += 4) {
+      const float4 v = __ldg(reinterpret_cast<const float4*>(p + q));
+      out[q] = s * v.x;
+      out[q + 1] = s * v.y;
+      out[q + 2] = s * v.z;
+      out[q + 3] = s * v.w;
     }
-    if ((threadIdx.x & 31) == 0) y[row] = accumulate ? y[row] + out : out;
+  }
+}
+
+// One pass's slots: down_e rows from the tile's first output, h rows, topk_w.
+template <typename W>
+struct DownSlots {
+  const W* w[kDownSlots];
+  const float* h[kDownSlots];
+  float scale[kDownSlots];
+};
+
+// part[r] += sum over this thread's chunks, then the slots s < ns in order, of
+// w[s][r * inter + chunk] . (scale[s] * h[s][chunk]) for rows r < nr (part[r >= nr] holds
+// garbage); chunk = V elements, V divides inter.
+template <typename W, int V>
+__device__ inline void down_partials(float (&part)[kDownRows], const DownSlots<W>& sl, int ns,
+                                     int nr, int64_t inter) {
+  // Slots unrolled: bf16 keeps two slots' 16 loads in flight per thread (112 registers). fp32
+  // unrolls none: its rows have twice the chunks (more per thread), and two slots spilled.
+  constexpr int kSlotUnroll = sizeof(W) == 2 ? 2 : 1;
+  const int64_t chunks = inter / V;
+  for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+#pragma unroll kSlotUnroll
+    for (int s = 0; s < ns; ++s) {
+      float hv[V];
+      load_scaled<V>(sl.h[s] + c * V, sl.scale[s], hv);
+      const W* w = sl.w[s] + c * V;
+      // All kDownRows loads first, then the math. Rows past the end (a last partial tile) reread
+      // row 0 and are never written: no branches between the loads.
+      float wv[kDownRows][V];
+#pragma unroll
+      for (int r = 0; r < kDownRows; ++r) load_weights<W, V>(w + (r < nr ? r : 0) * inter, wv[r]);
+#pragma unroll
+      for (int r = 0; r < kDownRows; ++r)
+#pragma unroll
+        for (int i = 0; i < V; ++i) part[r] = fmaf(wv[r][i], hv[i], part[r]);
+    }
+  }
+}
+
+template <typename W>
+__global__ void __launch_bounds__(kDownMaxThreads)
+    experts_small_down_kernel(float* y, const float* h, const int32_t* topk_idx, IndexCheck ic,
+                              const float* topk_w, const void* const* weights, int64_t tokens,
+                              int64_t k, int64_t hidden, int64_t inter, bool accumulate) {
+  constexpr int V = Chunk<W>::n;
+  __shared__ float red[kDownRows][kDownMaxThreads / 32];
+  __shared__ DownSlots<W> slots;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int64_t tiles = (hidden + kDownRows - 1) / kDownRows;
+  for (int64_t b = blockIdx.x; b < tokens * tiles; b += gridDim.x) {  // uniform per block
+    const int64_t t = b / tiles, j0 = (b % tiles) * kDownRows;
+    const int nr = int(hidden - j0 < kDownRows ? hidden - j0 : kDownRows);
+    float part[kDownRows];
+#pragma unroll
+    for (int r = 0; r < kDownRows; ++r) part[r] = 0.0f;
+    for (int64_t s0 = 0; s0 < k; s0 += kDownSlots) {
+      const int ns = int(k - s0 < kDownSlots ? k - s0 : kDownSlots);
+      __syncthreads();  // the previous pass is done with `slots`
+      bool odd = false;
+      if (threadIdx.x < ns) {
+        const int s = threadIdx.x;
+        const int64_t p = t * k + s0 + s;
+        const int64_t e = checked_index(ic, topk_idx[p]);
+        slots.w[s] = static_cast<const W*>(weights[3 * e + 2]) + j0 * inter;
+        slots.h[s] = h + p * inter;
+        slots.scale[s] = topk_w[p];
+        // With V | inter every row of the expert and of h then starts 16-byte aligned too.
+        odd = !aligned16(slots.w[s]) || !aligned16(slots.h[s]);
+      }
+      const bool misaligned = __syncthreads_or(odd) != 0;  // and `slots` is written
+      if (inter % V == 0 && !misaligned)
+        down_partials<W, V>(part, slots, ns, nr, inter);
+      else
+        down_partials<W, 1>(part, slots, ns, nr, inter);
+    }
+#pragma unroll
+    for (int r = 0; r < kDownRows; ++r) {
+      const float v = warp_reduce(part[r], Sum{});
+      if (lane == 0) red[r][warp] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x < nr) {
+      float out = 0.0f;
+      for (int q = 0; q < warps; ++q) out += red[threadIdx.x][q];
+      const int64_t o = t * hidden + j0 + threadIdx.x;
+      y[o] = accumulate ? y[o] + out : out;
+    }
+    __syncthreads();  // red is reused by the next tile
   }
 }
 
 template <typename W>
 cudaError_t experts_small(float* y, float* h, const float* x, const int32_t* topk_idx,
-                          const float* topk_w, const void* const* weights, int64_t tokens,
-                          int64_t k, int64_t hidden, int64_t inter, bool accumulate) {
-  constexpr int warps_per_block = kSmallThreads / 32;
-  auto grid = [](int64_t rows) {  // one warp per row; the loops stride over any rest
-    const int64_t b = (rows + warps_per_block - 1) / warps_per_block;
+                          const IndexCheck& ic, const float* topk_w, const void* const* weights,
+                          int64_t tokens, int64_t k, int64_t hidden, int64_t inter,
+                          bool accumulate) {
+  auto cap = [](int64_t b) {  // the loops stride over any rest
     return unsigned(b < 1 ? 1 : (b < (int64_t(1) << 20) ? b : (int64_t(1) << 20)));
   };
-  experts_small_up_kernel<W><<<grid(tokens * k * inter), kSmallThreads, 0, stream()>>>(
-      h, x, topk_idx, weights, tokens * k, k, hidden, inter);
+  constexpr int warps_per_block = kSmallThreads / 32;  // up: one warp per row
+  const int64_t up_rows = tokens * k * inter;
+  experts_small_up_kernel<W>
+      <<<cap((up_rows + warps_per_block - 1) / warps_per_block), kSmallThreads, 0, stream()>>>(
+          h, x, topk_idx, ic, weights, tokens * k, k, hidden, inter);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
-  experts_small_down_kernel<W><<<grid(tokens * hidden), kSmallThreads, 0, stream()>>>(
-      y, h, topk_idx, topk_w, weights, tokens, k, hidden, inter, accumulate);
+  // Down: as few rounds of chunks per thread as kDownMaxThreads allows, spread evenly over whole
+  // warps (V2-Lite bf16: 176 chunks, one round of 192 threads).
+  const int64_t chunks = (inter + Chunk<W>::n - 1) / Chunk<W>::n;
+  const int64_t rounds = (chunks + kDownMaxThreads - 1) / kDownMaxThreads;
+  const int64_t per_round = (chunks + rounds - 1) / rounds;
+  const int threads = int((per_round + 31) / 32 * 32);  // >= 32: inter >= 1
+  IndexCheck down_ic = ic;
+  down_ic.slot = nullptr;  // recorded by the up pass
+  const int64_t tiles = (hidden + kDownRows - 1) / kDownRows;
+  experts_small_down_kernel<W><<<cap(tokens * tiles), threads, 0, stream()>>>(
+      y, h, topk_idx, down_ic, topk_w, weights, tokens, k, hidden, inter, accumulate);
   return cudaGetLastError();
 }
 
 }  // namespace
 
 cudaError_t moe_experts_small(float* y, float* h, const float* x, const int32_t* topk_idx,
-                              const float* topk_w, const void* const* weights, bool bf16,
-                              int64_t tokens, int64_t k, int64_t hidden, int64_t inter,
-                              bool accumulate) {
+                              const IndexCheck& experts_check, const float* topk_w,
+                              const void* const* weights, bool bf16, int64_t tokens, int64_t k,
+                              int64_t hidden, int64_t inter, bool accumulate) {
   if (tokens == 0 || hidden == 0) return cudaSuccess;
-  return bf16 ? experts_small<uint16_t>(y, h, x, topk_idx, topk_w, weights, tokens, k, hidden,
-                                        inter, accumulate)
-              : experts_small<float>(y, h, x, topk_idx, topk_w, weights, tokens, k, hidden, inter,
-                                     accumulate);
+  return bf16 ? experts_small<uint16_t>(y, h, x, topk_idx, experts_check, topk_w, weights, tokens,
+                                        k, hidden, inter, accumulate)
+              : experts_small<float>(y, h, x, topk_idx, experts_check, topk_w, weights, tokens, k,
+                                     hidden, inter, accumulate);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -393,6 +516,99 @@ __global__ void moe_gate_forward_kernel(int32_t* topk_idx, float* topk_w, float*
   }
 }
 
+// The gate of a decode step, one warp per token with the scores in registers (lane l holds
+// experts l, l + 32, ...): used when no group selection applies (greedy, or one group) and E <= 32
+// * kGateWarpSlots. The block kernel above took 5.5 us per layer on the H200 for V2-Lite's one
+// token (64 experts, softmax, greedy top-6): six rounds of a block-wide argmax, each with three
+// barriers and a pass through shared memory. Here a round is a scan of the lane's own entries and
+// a 5-step shuffle tree, with no shared memory or barrier; expected ~2-3 us. Same rules and results
+// as the block kernel: the `beats` order (ties to the lower index), the bias steering selection
+// only, the weights normalised and scaled by lane 0 in the CPU's order.
+constexpr int kGateWarpSlots = 8;  // experts per lane: up to 256 (DeepSeek-V3)
+constexpr int kGateWarpsPerBlock = 4;
+
+// v[j] for a j known only at run time, without indexing the register array (local memory).
+__device__ inline float pick(const float (&v)[kGateWarpSlots], int j) {
+  float out = 0.0f;
+#pragma unroll
+  for (int q = 0; q < kGateWarpSlots; ++q)
+    if (q == j) out = v[q];
+  return out;
+}
+
+__global__ void moe_gate_forward_warp_kernel(int32_t* topk_idx, float* topk_w, float* scores,
+                                             const float* logits, const float* bias, GateLaunch g,
+                                             int64_t tokens) {
+  const int64_t t = blockIdx.x * int64_t(kGateWarpsPerBlock) + (threadIdx.x >> 5);
+  if (t >= tokens) return;  // whole warps
+  const int lane = threadIdx.x & 31;
+  const int E = int(g.p.n_experts), K = int(g.p.top_k);
+  const float* l = logits + t * E;
+  float s[kGateWarpSlots], choice[kGateWarpSlots];
+#pragma unroll
+  for (int j = 0; j < kGateWarpSlots; ++j) {
+    const int i = j * 32 + lane;
+    s[j] = i < E ? l[i] : -INFINITY;
+  }
+  if (g.p.scoring == ScoringFunc::Softmax) {
+    float m = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < kGateWarpSlots; ++j) m = fmaxf(m, s[j]);
+    m = warp_reduce(m, Max{});
+    float z = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kGateWarpSlots; ++j)
+      if (j * 32 + lane < E) z += (s[j] = expf(s[j] - m));
+    z = warp_reduce(z, Sum{});
+#pragma unroll
+    for (int j = 0; j < kGateWarpSlots; ++j) s[j] /= z;
+  } else {
+#pragma unroll
+    for (int j = 0; j < kGateWarpSlots; ++j) s[j] = 1.0f / (1.0f + expf(-s[j]));
+  }
+#pragma unroll
+  for (int j = 0; j < kGateWarpSlots; ++j) {
+    const int i = j * 32 + lane;
+    if (i >= E) continue;
+    scores[t * E + i] = s[j];
+    choice[j] = s[j] + (bias ? bias[i] : 0.0f);  // the bias steers selection, never the weights
+  }
+  unsigned taken = 0;  // bit j: expert j * 32 + lane is taken
+  float denom = 0.0f;  // lane 0: the chosen scores summed in k order, as the CPU
+  for (int k = 0; k < K; ++k) {
+    float bv = -INFINITY;
+    int bi = -1;
+#pragma unroll
+    for (int j = 0; j < kGateWarpSlots; ++j) {
+      const int i = j * 32 + lane;
+      if (i < E && !((taken >> j) & 1u) && beats(choice[j], i, bv, bi)) {
+        bv = choice[j];
+        bi = i;
+      }
+    }
+    for (int o = 16; o > 0; o >>= 1) {  // a strict total order: every lane ends with the best
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      if (oi >= 0 && beats(ov, oi, bv, bi)) {
+        bv = ov;
+        bi = oi;
+      }
+    }
+    const float sb = __shfl_sync(0xffffffffu, pick(s, bi >> 5), bi & 31);  // its score
+    if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
+    if (lane == 0) {
+      topk_idx[t * K + k] = bi;
+      topk_w[t * K + k] = sb;
+      denom += sb;
+    }
+  }
+  if (lane == 0) {
+    denom += 1e-20f;
+    float* w = topk_w + t * K;
+    for (int k = 0; k < K; ++k) w[k] = (g.normalise ? w[k] / denom : w[k]) * g.weight_scale;
+  }
+}
+
 __global__ void moe_gate_backward_kernel(float* dlogits, const float* dtopk_w,
                                          const int32_t* topk_idx, const float* scores,
                                          const float* dscores, GateLaunch g) {
@@ -434,6 +650,14 @@ __global__ void moe_gate_backward_kernel(float* dlogits, const float* dtopk_w,
 cudaError_t moe_gate_forward(int32_t* topk_idx, float* topk_w, float* scores, const float* logits,
                              const float* bias, const GateLaunch& g, int64_t tokens) {
   if (tokens == 0) return cudaSuccess;
+  if ((g.p.method == TopkMethod::Greedy || g.p.n_group <= 1) &&
+      g.p.n_experts <= 32 * kGateWarpSlots) {
+    const int64_t blocks = (tokens + kGateWarpsPerBlock - 1) / kGateWarpsPerBlock;
+    const int64_t warps = tokens < kGateWarpsPerBlock ? tokens : kGateWarpsPerBlock;
+    moe_gate_forward_warp_kernel<<<unsigned(blocks), unsigned(32 * warps), 0, stream()>>>(
+        topk_idx, topk_w, scores, logits, bias, g, tokens);
+    return cudaGetLastError();
+  }
   const size_t smem =
       size_t(2 * g.p.n_experts + g.p.n_group) * sizeof(float) + size_t(g.p.n_experts + g.p.n_group);
   moe_gate_forward_kernel<<<unsigned(tokens), kGateThreads, smem, stream()>>>(

@@ -47,6 +47,7 @@ inline void expect_numel(const Tensor& t, int64_t n, const char* op, const char*
     fail("CUDA {}: tensor {} has shape {}, expected {} elements", op, name, t.shape().str(), n);
 }
 
-// Index tensors are range-checked by CudaBackend::check_indices (asynchronous; cuda_backend.h).
+// Index tensors are range-checked by CudaBackend::check_indices, or inside the op's kernel with
+// CudaBackend::index_check (asynchronous either way; cuda_backend.h).
 
 }  // namespace moekit::cuda

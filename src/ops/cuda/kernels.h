@@ -25,28 +25,42 @@ cudaError_t add(float* y, const float* x, int64_t n, float alpha);
 cudaError_t add_bf16(float* y, const void* x, int64_t n, int64_t terms, float beta);
 cudaError_t scale(float* y, int64_t n, float alpha);
 // Where index checks record the first out-of-range entry seen since the backend last looked
-// (CudaBackend::check_indices): check = 0 while none, else the id of the failing check.
+// (CudaBackend::check_indices, CudaBackend::index_check): check = 0 while none, else the id of
+// the failing check.
 struct IndexError {
   int32_t check = 0;
   int32_t value = 0;
   int64_t position = 0;
 };
-// safe[i] = idx[i] when inside [0, limit) (or negative, with allow_negative), else `replacement`
-// (a valid index), so the op's kernel never leaves its buffers. The first bad entry, if any, is
-// recorded in *slot as (check, value, position) unless the slot already holds an earlier error.
-// One block: index tensors are small (tokens, or tokens x top-k).
-cudaError_t check_indices(int32_t* safe, const int32_t* idx, int64_t n, int64_t limit,
-                          bool allow_negative, int32_t replacement, int32_t check,
-                          IndexError* slot);
+// One range check of an index tensor, as the kernels see it (CudaBackend::index_check builds it):
+// an entry v is valid when v < limit and v >= 0 (or negative, with allow_negative); an invalid one
+// is replaced by `replacement` (a valid index) wherever it is used, so no kernel leaves its
+// buffers, and the first invalid entry (lowest position) is recorded in *slot as (check, value,
+// position) unless the slot already holds an earlier error. slot = nullptr: replace, record
+// nothing (a second kernel reading indices that an earlier one of the same op checks, or no
+// indices). Device side: index_check.cuh.
+struct IndexCheck {
+  IndexError* slot = nullptr;
+  int64_t limit = 0;
+  int32_t check = 0;
+  int32_t replacement = 0;
+  bool allow_negative = false;
+};
+// safe[i] = idx[i] when valid under `c`, else c.replacement; the first bad entry recorded as
+// above. One block: index tensors are small (tokens, or tokens x top-k). The ops on the decode
+// path (rope, set_rows, embedding_forward, moe_experts_small) take an IndexCheck instead and check
+// inside their own kernel: no launch and no scratch copy for the check.
+cudaError_t check_indices(int32_t* safe, const int32_t* idx, int64_t n, const IndexCheck& c);
 // SwiGLU on activations stored as F32 or BF16 (`dtype`s; math in fp32, bf16 outputs rounded once).
 // Forward: h, gate and up all of `dtype`. Backward: gate and up of in_dtype, dh of dh_dtype,
 // dgate and dup of out_dtype.
 cudaError_t swiglu_forward(void* h, const void* gate, const void* up, DType dtype, int64_t n);
 cudaError_t swiglu_backward(void* dgate, void* dup, DType out_dtype, const void* dh, DType dh_dtype,
                             const void* gate, const void* up, DType in_dtype, int64_t n);
+// positions [tokens], checked by `positions_check` (limit: the table's rows).
 cudaError_t rope(float* x, int64_t tokens, int64_t heads, int64_t head_stride, int64_t offset,
                  int64_t half, const float* cos, const float* sin, const int32_t* positions,
-                 bool inverse);
+                 const IndexCheck& positions_check, bool inverse);
 // dst/src point at the first copied column; ld = row length in elements.
 cudaError_t copy_columns(float* dst, int64_t dst_ld, const float* src, int64_t src_ld, int64_t rows,
                          int64_t n, bool accumulate);
@@ -56,9 +70,15 @@ cudaError_t mla_split_kv_backward(float* dkv_b, float* dk_rope, const float* dk,
                                   int64_t tokens, int64_t heads, int64_t dn, int64_t dr,
                                   int64_t dvd);
 // out[t, :] = table[ids[t], :] widened to fp32; the table is F32, or BF16 when table_bf16 (a frozen
-// embedding of a bf16 model).
+// embedding of a bf16 model). ids checked by `ids_check` (limit: the table's rows).
 cudaError_t embedding_forward(float* out, const void* table, bool table_bf16, const int32_t* ids,
-                              int64_t tokens, int64_t dim);
+                              const IndexCheck& ids_check, int64_t tokens, int64_t dim);
+// Backend::set_rows: dst[rows[i]] = src[i] for i < n, rows of `dim` floats, the rows checked by
+// `rows_check` (limit: dst's rows). (cuda_decode.cu still defines an unchecked overload that
+// takes rows already checked; nothing calls it any more: it can go when that file is next
+// edited.)
+cudaError_t set_rows(float* dst, const float* src, const int32_t* rows,
+                     const IndexCheck& rows_check, int64_t n, int64_t dim);
 
 // --- few-row GEMMs (cuda_gemv.cu): c[m, n] = alpha * a[m, :] . w[n, :] + beta * c[m, n] for
 // m < M <= kGemvMaxRows; w F32 or bf16 (w_bf16); leading dimensions in elements.
@@ -105,11 +125,11 @@ cudaError_t moe_dispatch_plan(void* temp, size_t temp_bytes, int32_t* sorted_exp
 // The few-token experts (Backend::moe_experts_small) as two memory-bound passes, pairs p = t*K+k:
 // h [T*K, I] = silu(gate_e x_t) * up_e x_t, then y[t] (+)= sum_k topk_w[p] down_e h[p] (k in
 // order). weights: a device table of 3 * n_experts pointers [gate_0, up_0, down_0, gate_1, ...],
-// all F32 or all BF16 (`bf16`); topk_idx holds valid experts (checked by the caller).
+// all F32 or all BF16 (`bf16`); topk_idx checked by `experts_check` (limit: n_experts).
 cudaError_t moe_experts_small(float* y, float* h, const float* x, const int32_t* topk_idx,
-                              const float* topk_w, const void* const* weights, bool bf16,
-                              int64_t tokens, int64_t k, int64_t hidden, int64_t inter,
-                              bool accumulate);
+                              const IndexCheck& experts_check, const float* topk_w,
+                              const void* const* weights, bool bf16, int64_t tokens, int64_t k,
+                              int64_t hidden, int64_t inter, bool accumulate);
 struct GateLaunch {
   GateParams p;
   float weight_scale = 1.0f;  // routed_scaling_factor when it applies (see cuda_ops.cpp)
@@ -124,7 +144,7 @@ cudaError_t moe_gate_backward(float* dlogits, const float* dtopk_w, const int32_
 // --- decoding (cuda_decode.cu): Backend::causal_softmax and Backend::argmax on x [rows, cols].
 cudaError_t causal_softmax(float* x, int64_t rows, int64_t cols, int64_t group, int64_t offset);
 cudaError_t argmax(int32_t* idx, const float* x, int64_t rows, int64_t cols, int64_t n);
-// Backend::set_rows: dst[rows[i]] = src[i] for i < n, rows of `dim` floats (rows valid).
+// The unchecked Backend::set_rows (rows valid), superseded by the checked overload above.
 cudaError_t set_rows(float* dst, const float* src, const int32_t* rows, int64_t n, int64_t dim);
 
 // Backend::latent_attention as split-K ("flash decoding"): the cache rows are cut into splits of
