@@ -1,10 +1,9 @@
 // CUDA kernels of decoding: the causal row softmax of attention over the cache
 // (Backend::causal_softmax) and the greedy pick (Backend::argmax), so that a decode step reads
 // back one token id, not scores or logits (one block per row: block-wide reductions with fixed
-// trees, deterministic, then the write); and the graph-capturable step's two ops, the cache write
-// at device-side positions (Backend::set_rows) and MLA's latent attention over the whole cache
-// buffer (Backend::latent_attention), whose kernels take the lengths from the positions in device
-// memory.
+// trees, deterministic, then the write); and the graph-capturable step's latent attention over
+// the whole cache buffer (Backend::latent_attention), whose kernels take the lengths from the
+// positions in device memory (the step's cache write, set_rows, is in cuda_elementwise.cu).
 #include <cmath>
 
 #include "ops/cuda/device_util.cuh"
@@ -318,13 +317,6 @@ __global__ void __launch_bounds__(kCombineThreads)
 }
 
 }  // namespace
-
-cudaError_t set_rows(float* dst, const float* src, const int32_t* rows, int64_t n, int64_t dim) {
-  return for_each(n * dim, [=] __device__(int64_t e) {
-    const int64_t i = e / dim;
-    dst[int64_t(rows[i]) * dim + e % dim] = src[e];
-  });
-}
 
 cudaError_t latent_attention(float* ctx, float* part_acc, float* part_ml, const float* q_lat,
                              const float* q_rope, const float* kv_latent, const float* k_rope,

@@ -144,8 +144,6 @@ cudaError_t moe_gate_backward(float* dlogits, const float* dtopk_w, const int32_
 // --- decoding (cuda_decode.cu): Backend::causal_softmax and Backend::argmax on x [rows, cols].
 cudaError_t causal_softmax(float* x, int64_t rows, int64_t cols, int64_t group, int64_t offset);
 cudaError_t argmax(int32_t* idx, const float* x, int64_t rows, int64_t cols, int64_t n);
-// The unchecked Backend::set_rows (rows valid), superseded by the checked overload above.
-cudaError_t set_rows(float* dst, const float* src, const int32_t* rows, int64_t n, int64_t dim);
 
 // Backend::latent_attention as split-K ("flash decoding"): the cache rows are cut into splits of
 // latent_chunk(cap) rows; one block per (split, group of kLatentBlockHeads heads, token) writes a
