@@ -11,7 +11,8 @@
 #                                                 # elsewhere with CUDA; DIR/lib holds its
 #                                                 # non-system shared libraries)
 #   MOEKIT_SANITIZE=1 bash tools/cuda_check.sh    # then the tests under compute-sanitizer
-#                                                 # (SANITIZE_TOOLS picks: default all three)
+#                                                 # (SANITIZE_TOOLS picks: default all three;
+#                                                 # SANITIZE_FILTER: a gtest filter)
 #                                                 # (memcheck, racecheck, synccheck)
 #   MOEKIT_TEST_FILTER=PATTERN bash tools/cuda_check.sh  # another gtest filter
 #
@@ -76,7 +77,7 @@ if [ "${MOEKIT_SANITIZE:-0}" = 1 ]; then
   for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
     t5=$(now)
     compute-sanitizer --tool "$tool" --error-exitcode 9 "$TESTS" \
-      --gtest_filter='Cuda*:Gpu*:-*Throughput:GpuCli*' >"$OUT/$tool.log" 2>&1
+      --gtest_filter="${SANITIZE_FILTER:-Cuda*:Gpu*:-*Throughput:GpuCli*}" >"$OUT/$tool.log" 2>&1
     src=$?
     log "$tool: exit $src in $(secs "$t5" "$(now)") s: $(grep -E 'SUMMARY' "$OUT/$tool.log")"
     [ "$src" = 0 ] || rc=$src
