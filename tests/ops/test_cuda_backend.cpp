@@ -250,7 +250,9 @@ TEST_F(CudaBackendTest, MatmulBf16TransposedAccumulate) {
 // alpha, beta = 0 over NaN and beta = 1; 5 rows falls back to cuBLAS.
 TEST_F(CudaBackendTest, FewRowMatmulGemvPath) {
   auto rounded = [](const Tensor& t) { return t.to_dtype(DType::BF16).to_f32(); };
-  for (int64_t K : {67, 256})
+  // K >= 1024 with one row: the split-K kernel (a block per weight row); 1030 leaves the last
+  // warps a short slice and the rest none.
+  for (int64_t K : {67, 256, 1030, 2048})
     for (int64_t M : {1, 2, 3, 4, 5})
       for (float beta : {0.0f, 1.0f}) {
         SCOPED_TRACE(testing::Message() << "K " << K << " M " << M << " beta " << beta);
