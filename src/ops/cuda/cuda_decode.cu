@@ -68,26 +68,10 @@ __global__ void argmax_kernel(int32_t* idx, const float* x, int64_t cols, int64_
 constexpr int kLatentWarps = 8;
 constexpr int kHeadsPerWarp = int(kLatentBlockHeads) / kLatentWarps;
 static_assert(kHeadsPerWarp * kLatentWarps == int(kLatentBlockHeads), "heads split over warps");
-constexpr int kLatentTile = 16;                      // cache rows staged at once
-constexpr int kPairs = kLatentTile * kHeadsPerWarp;  // a tile's (row, head) scores: one per lane
-static_assert(kPairs == 32, "one score per lane");
+constexpr int kLatentTile = 16;  // cache rows staged at once; <= 32 (one score per lane)
 constexpr int kRankPerLane = int(kLatentMaxRank) / 32;
 constexpr int kRopePerLane = int(kLatentMaxRope) / 32;
 constexpr int kCombineThreads = 512;  // one column of the rank per thread: each waits on few loads
-
-// One round of a warp's reduce-scatter over 2W values per lane: lanes with bit W set keep the
-// upper half, the others the lower half, each adding the partner lane's copy of that half; after
-// the rounds for W = 16, 8, 4, 2, 1, part[0] of lane L is the warp's sum of everyone's part[L].
-template <int W>
-__device__ inline void reduce_scatter_round(float (&part)[kPairs], int lane) {
-  const bool upper = (lane & W) != 0;
-#pragma unroll
-  for (int i = 0; i < W; ++i) {
-    const float send = upper ? part[i] : part[i + W];
-    const float keep = upper ? part[i + W] : part[i];
-    part[i] = keep + __shfl_xor_sync(0xffffffffu, send, W);
-  }
-}
 
 // dst[0, n) = src[0, n) by the whole block, every thread's loads in flight together: 16-byte
 // loads (kStageVec per thread per round) when both ends are aligned, else scalar ones, unrolled.
@@ -184,63 +168,46 @@ __global__ void __launch_bounds__(kLatentWarps * 32)
     __syncthreads();
     if (!busy) continue;
 
-    // The scores of the tile's kLatentTile x kHeadsPerWarp (row, head) pairs: every lane first
-    // sums its columns' share of all 32 dot products (independent FMA chains), then one
-    // reduce-scatter tree (5 exchange rounds, 31 shuffles) leaves the whole dot of pair L in lane
-    // L: row L / kHeadsPerWarp, head L % kHeadsPerWarp. (A shuffle tree per row and head, 5
-    // dependent rounds each, kept the warp waiting on shuffle latency.) Fixed order:
-    // deterministic.
-    float part[kPairs];
+    float s[kHeadsPerWarp];  // lane t: the score of the tile's row t (-inf on lanes past `rows`)
 #pragma unroll
-    for (int i = 0; i < kPairs; ++i) part[i] = 0.0f;
+    for (int u = 0; u < kHeadsPerWarp; ++u) s[u] = -INFINITY;
+#pragma unroll 4  // independent rows: their shuffle trees overlap
+    for (int t = 0; t < rows; ++t) {
+      float dot[kHeadsPerWarp];
 #pragma unroll
-    for (int t = 0; t < kLatentTile; ++t) {
+      for (int u = 0; u < kHeadsPerWarp; ++u) dot[u] = 0.0f;
 #pragma unroll
       for (int k = 0; k < kRankPerLane; ++k) {
         const int c = lane + 32 * k;
-        if (t < rows && c < rank) {  // rows: uniform across the warp
+        if (c < rank) {
           const float x = tile_lat[t * int(rank) + c];
 #pragma unroll
-          for (int u = 0; u < kHeadsPerWarp; ++u)
-            part[t * kHeadsPerWarp + u] = fmaf(ql[u][k], x, part[t * kHeadsPerWarp + u]);
+          for (int u = 0; u < kHeadsPerWarp; ++u) dot[u] = fmaf(ql[u][k], x, dot[u]);
         }
       }
 #pragma unroll
       for (int k = 0; k < kRopePerLane; ++k) {
         const int c = lane + 32 * k;
-        if (t < rows && c < rope) {
+        if (c < rope) {
           const float y = tile_rope[t * int(rope) + c];
 #pragma unroll
-          for (int u = 0; u < kHeadsPerWarp; ++u)
-            part[t * kHeadsPerWarp + u] = fmaf(qr[u][k], y, part[t * kHeadsPerWarp + u]);
+          for (int u = 0; u < kHeadsPerWarp; ++u) dot[u] = fmaf(qr[u][k], y, dot[u]);
         }
       }
+#pragma unroll
+      for (int u = 0; u < kHeadsPerWarp; ++u) {
+        const float v = warp_reduce(dot[u], Sum{}) * scale;  // the same bits on every lane
+        if (lane == t) s[u] = v;
+      }
     }
-    reduce_scatter_round<16>(part, lane);
-    reduce_scatter_round<8>(part, lane);
-    reduce_scatter_round<4>(part, lane);
-    reduce_scatter_round<2>(part, lane);
-    reduce_scatter_round<1>(part, lane);
-    const int my_row = lane / kHeadsPerWarp, my_head = lane % kHeadsPerWarp;
-    const float score = my_row < rows ? part[0] * scale : -INFINITY;
-    // Online softmax per head over the lanes of that head (lane % kHeadsPerWarp).
-    float tile_max = score;
+
+    float p[kHeadsPerWarp];  // lane t: exp(s_t - m_new), 0 past `rows`
 #pragma unroll
-    for (int o = kHeadsPerWarp; o < 32; o <<= 1)
-      tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, o));
-    float m_mine = m[0];
-#pragma unroll
-    for (int u = 1; u < kHeadsPerWarp; ++u) m_mine = my_head == u ? m[u] : m_mine;
-    const float m_new_mine = fmaxf(m_mine, tile_max);  // finite: rows >= 1
-    const float p = expf(score - m_new_mine);          // lane L: exp(s_L - m_new), 0 past `rows`
-    float p_sum = p;
-#pragma unroll
-    for (int o = kHeadsPerWarp; o < 32; o <<= 1) p_sum += __shfl_xor_sync(0xffffffffu, p_sum, o);
-#pragma unroll
-    for (int u = 0; u < kHeadsPerWarp; ++u) {  // lane u holds head u's values (row 0)
-      const float m_new = __shfl_sync(0xffffffffu, m_new_mine, u);
-      const float corr = expf(m[u] - m_new);  // 0 on the first tile
-      l[u] = l[u] * corr + __shfl_sync(0xffffffffu, p_sum, u);
+    for (int u = 0; u < kHeadsPerWarp; ++u) {
+      const float m_new = fmaxf(m[u], warp_reduce(s[u], Max{}));  // finite: rows >= 1
+      const float corr = expf(m[u] - m_new);                      // 0 on the first tile
+      p[u] = expf(s[u] - m_new);
+      l[u] = l[u] * corr + warp_reduce(p[u], Sum{});
       m[u] = m_new;
 #pragma unroll
       for (int k = 0; k < kRankPerLane; ++k) acc[u][k] *= corr;
@@ -248,8 +215,7 @@ __global__ void __launch_bounds__(kLatentWarps * 32)
     for (int t = 0; t < rows; ++t) {
       float pt[kHeadsPerWarp];
 #pragma unroll
-      for (int u = 0; u < kHeadsPerWarp; ++u)
-        pt[u] = __shfl_sync(0xffffffffu, p, t * kHeadsPerWarp + u);
+      for (int u = 0; u < kHeadsPerWarp; ++u) pt[u] = __shfl_sync(0xffffffffu, p[u], t);
 #pragma unroll
       for (int k = 0; k < kRankPerLane; ++k) {
         const int c = lane + 32 * k;
