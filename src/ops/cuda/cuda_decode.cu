@@ -73,33 +73,14 @@ constexpr int kRankPerLane = int(kLatentMaxRank) / 32;
 constexpr int kRopePerLane = int(kLatentMaxRope) / 32;
 constexpr int kCombineThreads = 512;  // one column of the rank per thread: each waits on few loads
 
-// dst[0, n) = src[0, n) by the whole block, every thread's loads in flight together: 16-byte
-// loads (kStageVec per thread per round) when both ends are aligned, else scalar ones, unrolled.
+// dst[i] = src[i] for i in [begin, n) by the whole block, kStageVec elements per thread per
+// round with every load of the round issued before its stores.
 constexpr int kStageVec = 8;
-__device__ inline void stage_rows(float* dst, const float* src, int n) {
+template <typename T>
+__device__ inline void copy_rounds(T* dst, const T* src, int begin, int n) {
   const int tid = int(threadIdx.x), nt = int(blockDim.x);
-  int done = 0;
-  if ((reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst)) % 16 == 0) {
-    const int n4 = n / 4;
-    const auto* s4 = reinterpret_cast<const float4*>(src);
-    auto* d4 = reinterpret_cast<float4*>(dst);
-    for (int base = 0; base < n4; base += kStageVec * nt) {
-      float4 v[kStageVec];
-#pragma unroll
-      for (int i = 0; i < kStageVec; ++i) {
-        const int e = base + i * nt + tid;
-        if (e < n4) v[i] = s4[e];
-      }
-#pragma unroll
-      for (int i = 0; i < kStageVec; ++i) {
-        const int e = base + i * nt + tid;
-        if (e < n4) d4[e] = v[i];
-      }
-    }
-    done = n4 * 4;
-  }
-  for (int base = done; base < n; base += kStageVec * nt) {
-    float v[kStageVec];
+  for (int base = begin; base < n; base += kStageVec * nt) {
+    T v[kStageVec];
 #pragma unroll
     for (int i = 0; i < kStageVec; ++i) {
       const int e = base + i * nt + tid;
@@ -109,6 +90,33 @@ __device__ inline void stage_rows(float* dst, const float* src, int n) {
     for (int i = 0; i < kStageVec; ++i) {
       const int e = base + i * nt + tid;
       if (e < n) dst[e] = v[i];
+    }
+  }
+}
+
+// dst[0, n) = src[0, n): 16-byte elements when both ends are aligned, single floats for the rest.
+__device__ inline void stage_rows(float* dst, const float* src, int n) {
+  int done = 0;
+  if ((reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst)) % 16 == 0) {
+    copy_rounds(reinterpret_cast<float4*>(dst), reinterpret_cast<const float4*>(src), 0, n / 4);
+    done = n / 4 * 4;
+  }
+  copy_rounds(dst, src, done, n);
+}
+
+// dot[u] += sum over this lane's columns c = lane + 32 k < width of q[u][k] * row[c] (the
+// latent part and the rope part of a score, each from its own tile).
+template <int PerLane>
+__device__ inline void add_lane_dots(float (&dot)[kHeadsPerWarp],
+                                     const float (&q)[kHeadsPerWarp][PerLane], const float* row,
+                                     int64_t width, int lane) {
+#pragma unroll
+  for (int k = 0; k < PerLane; ++k) {
+    const int c = lane + 32 * k;
+    if (c < width) {
+      const float x = row[c];
+#pragma unroll
+      for (int u = 0; u < kHeadsPerWarp; ++u) dot[u] = fmaf(q[u][k], x, dot[u]);
     }
   }
 }
@@ -176,24 +184,8 @@ __global__ void __launch_bounds__(kLatentWarps * 32)
       float dot[kHeadsPerWarp];
 #pragma unroll
       for (int u = 0; u < kHeadsPerWarp; ++u) dot[u] = 0.0f;
-#pragma unroll
-      for (int k = 0; k < kRankPerLane; ++k) {
-        const int c = lane + 32 * k;
-        if (c < rank) {
-          const float x = tile_lat[t * int(rank) + c];
-#pragma unroll
-          for (int u = 0; u < kHeadsPerWarp; ++u) dot[u] = fmaf(ql[u][k], x, dot[u]);
-        }
-      }
-#pragma unroll
-      for (int k = 0; k < kRopePerLane; ++k) {
-        const int c = lane + 32 * k;
-        if (c < rope) {
-          const float y = tile_rope[t * int(rope) + c];
-#pragma unroll
-          for (int u = 0; u < kHeadsPerWarp; ++u) dot[u] = fmaf(qr[u][k], y, dot[u]);
-        }
-      }
+      add_lane_dots(dot, ql, tile_lat + t * int(rank), rank, lane);
+      add_lane_dots(dot, qr, tile_rope + t * int(rope), rope, lane);
 #pragma unroll
       for (int u = 0; u < kHeadsPerWarp; ++u) {
         const float v = warp_reduce(dot[u], Sum{}) * scale;  // the same bits on every lane
