@@ -3,7 +3,7 @@
 # binaries where their compiled-in paths expect them, then runs the GPU tests (tools/cuda_check.sh
 # on the prebuilt moekit_tests: Cuda*, Gpu*, DeviceCli*) and/or the benchmark against transformers
 # (tools/gpu_bench.sh). Results go to $OUT.
-#   bash tools/device_run.sh [tests|streams|bench|all|profile|quick|decode|trace][,...]   (e.g. tests,decode)
+#   bash tools/device_run.sh [tests|streams|bench|all|profile|quick|decode|trace|ncu][,...]   (e.g. tests,decode)
 set -uo pipefail
 WHAT=${1:-all}
 want() { [[ ",$WHAT," == *",$1,"* ]]; }
@@ -69,6 +69,37 @@ if want trace; then  # GPU time per kernel (tools/kernel_trace.cpp, CUPTI): deco
       KERNEL_TRACE_OUT=$OUT/trace-$tag.txt build/bench/moekit_model_bench "$@"
     head -${TRACE_LINES:-45} "$OUT/trace-$tag.txt"
   done
+fi
+if want ncu; then  # hardware counters of the decode step's kernels (Nsight Compute), op by op
+  python3 -c 'import json; c = json.load(open("configs/deepseek-v2-lite.json")); c["num_hidden_layers"] = 4; json.dump(c, open("/tmp/v2-lite-4l.json", "w"))'
+  # Graphs off so each kernel is its own launch; skip the prompt and the first steps.
+  M=gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,dram__bytes_read.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed,launch__grid_size,launch__block_size,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active
+  LD_LIBRARY_PATH=$LIBS MOEKIT_CUDA_GRAPHS=0 timeout 300 ncu --clock-control none --metrics "$M" \
+    --launch-skip "${NCU_SKIP:-1500}" --launch-count "${NCU_COUNT:-400}" --csv --print-units base \
+    build/bench/moekit_model_bench /tmp/v2-lite-4l.json 1 32 64 16 cuda decode bf16 \
+    >"$OUT/ncu.csv" 2>"$OUT/ncu.err"
+  echo "ncu rc=$?"; tail -3 "$OUT/ncu.err"
+  python3 - "$OUT/ncu.csv" <<'EOF'
+import csv, sys, collections
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
+h = rows[0]; ki, mi, vi = h.index("Kernel Name"), h.index("Metric Name"), h.index("Metric Value")
+gi, bi = h.index("Grid Size") if "Grid Size" in h else None, h.index("ID")
+per = collections.defaultdict(dict)
+for r in rows[1:]:
+    per[(r[bi], r[ki][:60])][r[mi]] = r[vi]
+agg = collections.defaultdict(list)
+for (i, k), m in per.items():
+    agg[(k, m.get("launch__grid_size"), m.get("launch__block_size"))].append(m)
+f = lambda ms, key: sum(float(x.get(key, "0").replace(",", "")) for x in ms) / len(ms)
+print("kernel grid block n us dram% MB sm% warps% regs")
+for (k, g, b), ms in sorted(agg.items(), key=lambda kv: -f(kv[1], "gpu__time_duration.sum") * len(kv[1])):
+    print(k, g, b, len(ms), round(f(ms, "gpu__time_duration.sum") / 1e3, 2),
+          round(f(ms, "dram__throughput.avg.pct_of_peak_sustained_elapsed"), 1),
+          round(f(ms, "dram__bytes_read.sum") / 1e6, 2),
+          round(f(ms, "sm__throughput.avg.pct_of_peak_sustained_elapsed"), 1),
+          round(f(ms, "sm__warps_active.avg.pct_of_peak_sustained_active"), 1),
+          f(ms, "launch__registers_per_thread"))
+EOF
 fi
 if want profile; then  # time per model step, bf16 ESFT: 4 layers, then the full model
   python3 -c 'import json; c = json.load(open("configs/deepseek-v2-lite.json")); c["num_hidden_layers"] = 4; json.dump(c, open("/tmp/v2-lite-4l.json", "w"))'

@@ -1341,12 +1341,12 @@ struct LatentCase {
 
 TEST_F(CudaBackendTest, LatentAttentionEqualsCpu) {
   // The split-K kernel against the CPU's GEMMs. V2-Lite sizes (16 heads, r 512, dr 64, scale
-  // 1/sqrt(192)) over a cache of 1000 rows (32-row splits, 16-row tiles): the first row only, a
+  // 1/sqrt(192)) over a cache of 1000 rows (16-row splits, one tile each): the first row only, a
   // length that is no multiple of a split or a tile, the whole cache, and several tokens at
   // different positions in one call; a sharper softmax (the running maximum moves between tiles
-  // and splits); V3's 128 heads (8 head groups per token); a long cache (80-row splits); odd
-  // small sizes (a partial head group, an idle second head in a warp, r and dr not multiples of
-  // 32). Tolerance: the fp32 1e-5 (sums of 576 products and of up to 10000 weighted rows).
+  // and splits); V3's 128 heads (32 head groups per token); a long cache (80-row splits); odd
+  // small sizes (a partial head group with idle warps, r and dr not multiples of 32, rope rows
+  // not 16-byte aligned: the plain staging copy instead of the asynchronous one). Tolerance: the fp32 1e-5 (sums of 576 products and of up to 10000 weighted rows).
   const float v2 = 1.0f / std::sqrt(192.0f);
   const std::vector<LatentCase> cases = {
       {16, 512, 64, 1000, {0}, v2},           {16, 512, 64, 1000, {516}, v2},

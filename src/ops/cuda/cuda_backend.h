@@ -247,6 +247,9 @@ class CudaBackend final : public Backend {
   // each layer's table goes up once and a step uploads nothing (no copy to wait for or capture).
   std::mutex tables_mu_;
   std::map<std::vector<const void*>, Tensor> expert_tables_;
+  // argmax's per-row slots (best key as two I32s per row, then a block count per row), zero
+  // between calls: the kernel's last block resets them.
+  Tensor argmax_slots_;
 };
 
 // The process-wide CUDA backend; null when no GPU is visible (or the driver reports an error).

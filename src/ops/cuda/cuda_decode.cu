@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "ops/cuda/device_util.cuh"
+#include "ops/cuda/index_check.cuh"
 #include "ops/cuda/kernels.h"
 
 namespace moekit::cuda {
@@ -41,16 +42,35 @@ struct MaxKey {
   }
 };
 
-__global__ void argmax_kernel(int32_t* idx, const float* x, int64_t cols, int64_t n) {
+// Block (b, row) takes a slice of the row; its best key goes to best[row] by atomicMax (the
+// maximum does not depend on the order, so the pick stays deterministic), and the row's last
+// block to finish (counted in done[row]) writes the index and zeroes both slots for the next
+// call. One block per row read 102,400 logits in 41 us on an H200 (one load in flight per
+// thread), 1 % of a full-model decode step; a row spread over many blocks reads them at once.
+constexpr int kArgmaxThreads = 256, kArgmaxPerThread = 8;
+__global__ void __launch_bounds__(kArgmaxThreads)
+    argmax_kernel(int32_t* idx, unsigned long long* best, unsigned* done, const float* x,
+                  int64_t cols, int64_t n) {
   __shared__ unsigned long long red[32];
-  const float* row = x + blockIdx.x * cols;
-  unsigned long long best = 0;
-  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-    const unsigned long long k = argmax_key(row[j], j);
-    best = k > best ? k : best;
+  const int64_t row = blockIdx.y, per_block = int64_t(kArgmaxThreads) * kArgmaxPerThread;
+  const float* r = x + row * cols;
+  unsigned long long key = 0;
+#pragma unroll
+  for (int i = 0; i < kArgmaxPerThread; ++i) {
+    const int64_t j = blockIdx.x * per_block + i * kArgmaxThreads + threadIdx.x;
+    if (j < n) {
+      const unsigned long long k = argmax_key(r[j], j);
+      key = k > key ? k : key;
+    }
   }
-  best = block_reduce(best, 0ull, red, MaxKey{});
-  if (threadIdx.x == 0) idx[blockIdx.x] = int32_t(0xffffffffu - unsigned(best & 0xffffffffu));
+  key = block_reduce(key, 0ull, red, MaxKey{});
+  if (threadIdx.x != 0) return;
+  atomicMax(&best[row], key);
+  __threadfence();  // the maximum lands before the count that lets another block read it
+  if (atomicAdd(&done[row], 1u) != gridDim.x - 1) return;
+  const unsigned long long b = atomicExch(&best[row], 0ull);
+  idx[row] = int32_t(0xffffffffu - unsigned(b & 0xffffffffu));
+  done[row] = 0;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -58,14 +78,14 @@ __global__ void argmax_kernel(int32_t* idx, const float* x, int64_t cols, int64_
 // cache rows, so the rows are what is spread over the GPU: block (split, head group, token) takes
 // the cache rows [split * chunk, split * chunk + chunk) up to the token's position, for the
 // kLatentBlockHeads heads of its group. Every cache row is shared by all heads, so the block
-// stages kLatentTile rows in shared memory once and each warp reads them for its two heads; a
+// stages kLatentTile rows in shared memory once and each warp reads them for its head; a
 // warp keeps its heads' queries and context accumulators in registers (lane l owns the columns
 // l, l + 32, ...). Per tile the warp forms the scores (lanes split the r + dr products, a shuffle
 // tree sums them; lane t keeps row t's score), then an online softmax update: one rescale of the
 // accumulators per tile by exp(m_old - m_new). The (m, l, unnormalised context) partials are
 // merged by latent_combine_kernel in split order: no float atomics, deterministic.
 
-constexpr int kLatentWarps = 8;
+constexpr int kLatentWarps = int(kLatentBlockHeads);  // one head per warp
 constexpr int kHeadsPerWarp = int(kLatentBlockHeads) / kLatentWarps;
 static_assert(kHeadsPerWarp * kLatentWarps == int(kLatentBlockHeads), "heads split over warps");
 constexpr int kLatentTile = 16;  // cache rows staged at once; <= 32 (one score per lane)
@@ -94,14 +114,31 @@ __device__ inline void copy_rounds(T* dst, const T* src, int begin, int n) {
   }
 }
 
-// dst[0, n) = src[0, n): 16-byte elements when both ends are aligned, single floats for the rest.
+// Starts dst[0, n) = src[0, n) (floats) by the whole block; visible after stage_wait() and a
+// __syncthreads(). Where both ends are 16-byte aligned and n % 4 == 0 (the cache rows of
+// DeepSeek's 512 + 64 widths) it issues asynchronous 16-byte copies straight into shared memory
+// (cp.async, sm_80+): every load of a tile (both buffers) is in flight at once and holds no
+// register, so a one-tile split waits one memory latency for its whole tile (the register-staged
+// copy waited one per round of kStageVec loads, three per tile at 4 warps). Else a plain copy.
 __device__ inline void stage_rows(float* dst, const float* src, int n) {
-  int done = 0;
-  if ((reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst)) % 16 == 0) {
-    copy_rounds(reinterpret_cast<float4*>(dst), reinterpret_cast<const float4*>(src), 0, n / 4);
-    done = n / 4 * 4;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if ((reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst)) % 16 == 0 &&
+      n % 4 == 0) {
+    for (int i = int(threadIdx.x); i < n / 4; i += int(blockDim.x)) {
+      const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst + 4 * i));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(src + 4 * i));
+    }
+    return;
   }
-  copy_rounds(dst, src, done, n);
+#endif
+  copy_rounds(dst, src, 0, n);
+}
+
+// Waits for this thread's stage_rows copies (a no-op for the plain copies).
+__device__ inline void stage_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
 }
 
 // dot[u] += sum over this lane's columns c = lane + 32 k < width of q[u][k] * row[c] (the
@@ -121,28 +158,35 @@ __device__ inline void add_lane_dots(float (&dot)[kHeadsPerWarp],
   }
 }
 
+// The block's token's position, checked: block (0, 0, 0) records the launch's first bad position
+// (an out-of-range one reads as the replacement row, so nothing outside the cache is touched).
+__device__ inline int64_t checked_position(const IndexCheck& ic, const int32_t* positions,
+                                           int64_t tokens, int64_t token) {
+  if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0)
+    record_first_bad_index(ic, positions, tokens);
+  return checked_index(ic, positions[token]);
+}
+
 __global__ void __launch_bounds__(kLatentWarps * 32)
     latent_partial_kernel(float* part_acc, float* part_ml, const float* q_lat, const float* q_rope,
                           const float* kv_latent, const float* k_rope, const int32_t* positions,
-                          int64_t heads, int64_t rank, int64_t rope, int64_t chunk, float scale) {
+                          IndexCheck ic, int64_t tokens, int64_t heads, int64_t rank, int64_t rope,
+                          int64_t chunk, float scale) {
   // 16 x (512 + 64) floats = 36 KB: under the 48 KB of static shared memory.
   __shared__ __align__(16) float tile_lat[kLatentTile * kLatentMaxRank];
   __shared__ __align__(16) float tile_rope[kLatentTile * kLatentMaxRope];
   const int64_t split = blockIdx.x, splits = gridDim.x, token = blockIdx.z;
   const int warp = int(threadIdx.x) >> 5, lane = int(threadIdx.x) & 31;
   const int64_t h0 = int64_t(blockIdx.y) * kLatentBlockHeads + warp * kHeadsPerWarp;
-  const int64_t last = positions[token];  // the token sees the cache rows [0, last]
+  const int64_t last = checked_position(ic, positions, tokens, token);  // sees rows [0, last]
   const int64_t j0 = split * chunk, j1 = min(j0 + chunk, last + 1);
   float* ml = part_ml + (token * splits + split) * heads * 2;  // (m, l) per head
   float* acc_out = part_acc + (token * splits + split) * heads * rank;
-  if (j0 > last) {  // a split beyond the token's length: an empty partial (l = 0), nothing read
-    if (lane < kHeadsPerWarp && h0 + lane < heads) {
-      ml[(h0 + lane) * 2] = -INFINITY;
-      ml[(h0 + lane) * 2 + 1] = 0.0f;
-    }
-    return;
-  }
+  if (j0 > last) return;  // a split beyond the token's context: the merge never reads it
 
+  // The first tile's copies go out before the queries are read, so both wait together.
+  stage_rows(tile_lat, kv_latent + j0 * rank, int(min(int64_t(kLatentTile), j1 - j0) * rank));
+  stage_rows(tile_rope, k_rope + j0 * rope, int(min(int64_t(kLatentTile), j1 - j0) * rope));
   float ql[kHeadsPerWarp][kRankPerLane], qr[kHeadsPerWarp][kRopePerLane];
   float acc[kHeadsPerWarp][kRankPerLane], m[kHeadsPerWarp], l[kHeadsPerWarp];
 #pragma unroll
@@ -167,12 +211,12 @@ __global__ void __launch_bounds__(kLatentWarps * 32)
   const bool busy = h0 < heads;  // warp-uniform; an idle warp still helps stage the tiles
   for (int64_t t0 = j0; t0 < j1; t0 += kLatentTile) {
     const int rows = int(min(int64_t(kLatentTile), j1 - t0));
-    __syncthreads();  // every warp is done with the previous tile
-    // Rows t0.. are contiguous in both buffers: plain coalesced copies, every load of the tile
-    // issued before any store (a loop of dependent load-store pairs waited out one memory latency
-    // per element: 53 us per launch on an H200 at 289 cache rows, 10x the whole kernel's work).
-    stage_rows(tile_lat, kv_latent + t0 * rank, rows * int(rank));
-    stage_rows(tile_rope, k_rope + t0 * rope, rows * int(rope));
+    if (t0 != j0) {
+      __syncthreads();  // every warp is done with the previous tile
+      stage_rows(tile_lat, kv_latent + t0 * rank, rows * int(rank));
+      stage_rows(tile_rope, k_rope + t0 * rope, rows * int(rope));
+    }
+    stage_wait();
     __syncthreads();
     if (!busy) continue;
 
@@ -245,12 +289,12 @@ __global__ void __launch_bounds__(kLatentWarps * 32)
 // loads of several splits are in flight together.
 __global__ void __launch_bounds__(kCombineThreads)
     latent_combine_kernel(float* ctx, const float* part_acc, const float* part_ml,
-                          const int32_t* positions, int64_t heads, int64_t rank, int64_t splits,
-                          int64_t chunk) {
+                          const int32_t* positions, IndexCheck ic, int64_t heads, int64_t rank,
+                          int64_t splits, int64_t chunk) {
   __shared__ float weight[kLatentMaxSplits];  // w_s
   __shared__ float red[32];
   const int64_t row = blockIdx.x, token = row / heads, h = row % heads;
-  const int64_t used = min(splits, int64_t(positions[token]) / chunk + 1);
+  const int64_t used = min(splits, int64_t(checked_index(ic, positions[token])) / chunk + 1);
   const float* ml = part_ml + (token * splits * heads + h) * 2;  // split s at + s * heads * 2
   float M = -INFINITY;
   for (int64_t s = threadIdx.x; s < used; s += blockDim.x) M = fmaxf(M, ml[s * heads * 2]);
@@ -278,7 +322,8 @@ __global__ void __launch_bounds__(kCombineThreads)
 
 cudaError_t latent_attention(float* ctx, float* part_acc, float* part_ml, const float* q_lat,
                              const float* q_rope, const float* kv_latent, const float* k_rope,
-                             const int32_t* positions, const LatentShape& s) {
+                             const int32_t* positions, const IndexCheck& ic,
+                             const LatentShape& s) {
   if (s.tokens <= 0 || s.heads <= 0) return cudaSuccess;
   const int64_t chunk = latent_chunk(s.cap), splits = latent_splits(s.cap);
   const int64_t groups = (s.heads + kLatentBlockHeads - 1) / kLatentBlockHeads;
@@ -288,18 +333,22 @@ cudaError_t latent_attention(float* ctx, float* part_acc, float* part_ml, const 
     return cudaErrorInvalidValue;
   const dim3 grid(unsigned(splits), unsigned(groups), unsigned(s.tokens));
   latent_partial_kernel<<<grid, kLatentWarps * 32, 0, stream()>>>(
-      part_acc, part_ml, q_lat, q_rope, kv_latent, k_rope, positions, s.heads, s.rank, s.rope,
-      chunk, s.scale);
+      part_acc, part_ml, q_lat, q_rope, kv_latent, k_rope, positions, ic, s.tokens, s.heads, s.rank,
+      s.rope, chunk, s.scale);
   const cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
   latent_combine_kernel<<<unsigned(s.tokens * s.heads), kCombineThreads, 0, stream()>>>(
-      ctx, part_acc, part_ml, positions, s.heads, s.rank, splits, chunk);
+      ctx, part_acc, part_ml, positions, ic, s.heads, s.rank, splits, chunk);
   return cudaGetLastError();
 }
 
-cudaError_t argmax(int32_t* idx, const float* x, int64_t rows, int64_t cols, int64_t n) {
+cudaError_t argmax(int32_t* idx, unsigned long long* best, unsigned* done, const float* x,
+                   int64_t rows, int64_t cols, int64_t n) {
   if (rows <= 0 || n <= 0) return cudaSuccess;
-  argmax_kernel<<<unsigned(rows), 1024, 0, stream()>>>(idx, x, cols, n);
+  const int64_t per_block = int64_t(kArgmaxThreads) * kArgmaxPerThread;
+  const dim3 grid(unsigned((n + per_block - 1) / per_block), unsigned(rows));
+  if (rows > 65535) return cudaErrorInvalidValue;
+  argmax_kernel<<<grid, kArgmaxThreads, 0, stream()>>>(idx, best, done, x, cols, n);
   return cudaGetLastError();
 }
 

@@ -4,7 +4,8 @@
 // a kernel would dereference (token ids, positions, scatter rows) go through check_indices first,
 // since a kernel cannot throw: the kernel runs on its range-safe copy, and a bad entry is reported
 // at the next synchronising call (cuda_backend.h). The ops of a decode step (rope, set_rows,
-// embedding_forward, moe_experts_small) check their indices inside their own kernel instead
+// embedding_forward, latent_attention, moe_experts_small) check their indices inside their own
+// kernel instead
 // (index_check): the check kernel and its copy were ~1.6 us each, about six per layer.
 #include <algorithm>
 
@@ -175,7 +176,14 @@ void CudaBackend::argmax(Tensor& idx, const Tensor& x, int64_t n) {
   expect_f32(x, op, "x");
   expect_numel(idx, rows(x), op, "idx");
   MOEKIT_CHECK(n > 0 && n <= cols(x), "argmax: n {} of {} columns", n, cols(x));
-  check(cuda::argmax(idx.i32(), x.f32(), rows(x), cols(x), n), op);
+  const int64_t R = rows(x);
+  if (argmax_slots_.numel() < 3 * R) {  // zeroed once; every launch leaves them zero again
+    argmax_slots_ = Tensor::empty({3 * R}, DType::I32, Device::CUDA);
+    fill(argmax_slots_, 0.0f);  // all-zero bits
+  }
+  auto* best = reinterpret_cast<unsigned long long*>(argmax_slots_.i32());  // 8-byte aligned
+  auto* done = reinterpret_cast<unsigned*>(argmax_slots_.i32() + 2 * R);
+  check(cuda::argmax(idx.i32(), best, done, x.f32(), R, cols(x), n), op);
 }
 
 void CudaBackend::set_rows(Tensor& dst, const Tensor& src, const Tensor& rows_) {
@@ -203,7 +211,7 @@ void CudaBackend::latent_attention(Tensor& ctx, const Tensor& q_lat, const Tenso
                "latent_attention: rank {} and rope dim {} beyond the kernel's limits ({} and {})",
                r, dr, cuda::kLatentMaxRank, cuda::kLatentMaxRope);
   if (n == 0) return;
-  const Tensor safe = check_indices(positions, cap, op, "position");
+  const cuda::IndexCheck ic = index_check(positions, cap, op, "position");
   // The partials of up to 64 MB of tokens per launch (a long prompt through this op would
   // otherwise need n * splits * H * r floats at once); a decode step is one launch.
   const int64_t splits = cuda::latent_splits(cap), per_token = splits * H * (r + 2);
@@ -215,7 +223,7 @@ void CudaBackend::latent_attention(Tensor& ctx, const Tensor& q_lat, const Tenso
     const cuda::LatentShape s{std::min(step, n - i0), H, r, dr, cap, scale};
     check(cuda::latent_attention(ctx.f32() + i0 * H * r, acc.f32(), ml.f32(),
                                  q_lat.f32() + i0 * H * r, q_rope.f32() + i0 * H * dr,
-                                 kv_latent.f32(), k_rope.f32(), safe.i32() + i0, s),
+                                 kv_latent.f32(), k_rope.f32(), positions.i32() + i0, ic, s),
           op);
   }
 }

@@ -143,7 +143,10 @@ cudaError_t moe_gate_backward(float* dlogits, const float* dtopk_w, const int32_
 
 // --- decoding (cuda_decode.cu): Backend::causal_softmax and Backend::argmax on x [rows, cols].
 cudaError_t causal_softmax(float* x, int64_t rows, int64_t cols, int64_t group, int64_t offset);
-cudaError_t argmax(int32_t* idx, const float* x, int64_t rows, int64_t cols, int64_t n);
+// argmax's scratch: best [rows] and done [rows], zero before the call and zero again after it
+// (the kernel resets them), so one zeroed buffer serves every call on the stream.
+cudaError_t argmax(int32_t* idx, unsigned long long* best, unsigned* done, const float* x,
+                   int64_t rows, int64_t cols, int64_t n);
 
 // Backend::latent_attention as split-K ("flash decoding"): the cache rows are cut into splits of
 // latent_chunk(cap) rows; one block per (split, group of kLatentBlockHeads heads, token) writes a
@@ -152,7 +155,9 @@ cudaError_t argmax(int32_t* idx, const float* x, int64_t rows, int64_t cols, int
 // so the launch configuration of a decode step stays the same while the cache fills (CUDA graphs).
 // Register tiles bound the sizes: rank <= kLatentMaxRank, rope <= kLatentMaxRope.
 constexpr int64_t kLatentMaxRank = 512, kLatentMaxRope = 64;  // DeepSeek-V2/V3: 512 and 64
-constexpr int64_t kLatentBlockHeads = 16;
+// Heads per block (one warp each): a short context has few splits, so the heads are what spreads
+// a decode step over the GPU (16 per block left 19 blocks busy at 289 cache rows: 13.4 us).
+constexpr int64_t kLatentBlockHeads = 4;
 constexpr int64_t kLatentMaxSplits = 256;    // bounds the partials (scratch) and the merge's work
 constexpr int64_t kLatentMaxTokens = 65535;  // tokens per launch (grid.z)
 // At least 16 rows per split (one staged tile: a short context still spreads over many blocks,
@@ -171,12 +176,14 @@ struct LatentShape {
   float scale = 1.0f;
 };
 // ctx, q_lat [tokens * heads, rank], q_rope [tokens * heads, rope], kv_latent [cap, rank], k_rope
-// [cap, rope], positions [tokens] (valid: checked by the caller). Scratch: part_acc holds
+// [cap, rope], positions [tokens] (checked in the kernels under `ic`: a bad one is recorded and
+// reads as the replacement). Scratch: part_acc holds
 // tokens * latent_splits(cap) * heads * rank floats, part_ml tokens * latent_splits(cap) * heads
 // * 2. cudaErrorInvalidValue when a size is beyond the limits above.
 cudaError_t latent_attention(float* ctx, float* part_acc, float* part_ml, const float* q_lat,
                              const float* q_rope, const float* kv_latent, const float* k_rope,
-                             const int32_t* positions, const LatentShape& s);
+                             const int32_t* positions, const IndexCheck& ic,
+                             const LatentShape& s);
 
 // --- losses (cuda_loss.cu)
 cudaError_t cross_entropy_forward(float* losses, const float* logits, const int32_t* targets,
