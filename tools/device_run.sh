@@ -47,10 +47,12 @@ if want quick; then  # moekit alone, 4 layers bf16: each expert-GEMM mode, one l
 fi
 if want decode; then  # batch-1 decode: 4 layers fp32 and bf16, the full model bf16; graphs on/off
   python3 -c 'import json; c = json.load(open("configs/deepseek-v2-lite.json")); c["num_hidden_layers"] = 4; json.dump(c, open("/tmp/v2-lite-4l.json", "w"))'
-  for run in "/tmp/v2-lite-4l.json fp32" "/tmp/v2-lite-4l.json bf16" "configs/deepseek-v2-lite.json bf16"; do
+  # DECODE_RUNS: "config dtype" pairs; DECODE_ENVS: one environment setting per variant.
+  IFS=';' read -ra runs <<<"${DECODE_RUNS:-/tmp/v2-lite-4l.json fp32;/tmp/v2-lite-4l.json bf16;configs/deepseek-v2-lite.json bf16}"
+  for run in "${runs[@]}"; do
     set -- $run
-    for graphs in 1 0; do
-      LD_LIBRARY_PATH=$LIBS MOEKIT_CUDA_GRAPHS=$graphs build/bench/moekit_model_bench "$1" 1 32 256 16 cuda decode "$2" | sed "s/^{/{\"graphs\": $graphs, /"
+    for envs in ${DECODE_ENVS:-MOEKIT_CUDA_GRAPHS=1 MOEKIT_CUDA_GRAPHS=0}; do
+      env LD_LIBRARY_PATH=$LIBS "$envs" build/bench/moekit_model_bench "$1" 1 32 256 16 cuda decode "$2" | sed "s/^{/{\"env\": \"$envs\", /"
     done
   done
 fi

@@ -1346,7 +1346,8 @@ TEST_F(CudaBackendTest, LatentAttentionEqualsCpu) {
   // different positions in one call; a sharper softmax (the running maximum moves between tiles
   // and splits); V3's 128 heads (32 head groups per token); a long cache (80-row splits); odd
   // small sizes (a partial head group with idle warps, r and dr not multiples of 32, rope rows
-  // not 16-byte aligned: the plain staging copy instead of the asynchronous one). Tolerance: the fp32 1e-5 (sums of 576 products and of up to 10000 weighted rows).
+  // not 16-byte aligned: the plain staging copy instead of the asynchronous one). Tolerance: the
+  // fp32 1e-5 (sums of 576 products and of up to 10000 weighted rows).
   const float v2 = 1.0f / std::sqrt(192.0f);
   const std::vector<LatentCase> cases = {
       {16, 512, 64, 1000, {0}, v2},           {16, 512, 64, 1000, {516}, v2},

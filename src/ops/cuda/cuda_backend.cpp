@@ -41,6 +41,19 @@ cudaStream_t cuda::stream() {
   return s;
 }
 
+bool cuda::dependent_launch_enabled() {
+  static const bool on = [] {
+    const char* env = std::getenv("MOEKIT_CUDA_PDL");
+    if (env != nullptr && std::string(env) == "0") return false;
+    int device = 0, major = 0;
+    return cudaGetDevice(&device) == cudaSuccess &&
+           cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) ==
+               cudaSuccess &&
+           major >= 9;
+  }();
+  return on;
+}
+
 Backend* cuda_backend() {
   // Created once; never destroyed, so tensors released during static destruction still find it.
   static CudaBackend* instance = []() -> CudaBackend* {

@@ -6,6 +6,7 @@
 // positions in device memory (the step's cache write, set_rows, is in cuda_elementwise.cu).
 #include <cmath>
 
+#include "ops/cuda/dependent_launch.cuh"
 #include "ops/cuda/device_util.cuh"
 #include "ops/cuda/index_check.cuh"
 #include "ops/cuda/kernels.h"
@@ -52,6 +53,8 @@ __global__ void __launch_bounds__(kArgmaxThreads)
     argmax_kernel(int32_t* idx, unsigned long long* best, unsigned* done, const float* x,
                   int64_t cols, int64_t n) {
   __shared__ unsigned long long red[32];
+  allow_dependents();
+  wait_for_inputs();
   const int64_t row = blockIdx.y, per_block = int64_t(kArgmaxThreads) * kArgmaxPerThread;
   const float* r = x + row * cols;
   unsigned long long key = 0;
@@ -175,6 +178,8 @@ __global__ void __launch_bounds__(kLatentWarps * 32)
   // 16 x (512 + 64) floats = 36 KB: under the 48 KB of static shared memory.
   __shared__ __align__(16) float tile_lat[kLatentTile * kLatentMaxRank];
   __shared__ __align__(16) float tile_rope[kLatentTile * kLatentMaxRope];
+  allow_dependents();
+  wait_for_inputs();
   const int64_t split = blockIdx.x, splits = gridDim.x, token = blockIdx.z;
   const int warp = int(threadIdx.x) >> 5, lane = int(threadIdx.x) & 31;
   const int64_t h0 = int64_t(blockIdx.y) * kLatentBlockHeads + warp * kHeadsPerWarp;
@@ -293,6 +298,8 @@ __global__ void __launch_bounds__(kCombineThreads)
                           int64_t splits, int64_t chunk) {
   __shared__ float weight[kLatentMaxSplits];  // w_s
   __shared__ float red[32];
+  allow_dependents();
+  wait_for_inputs();
   const int64_t row = blockIdx.x, token = row / heads, h = row % heads;
   const int64_t used = min(splits, int64_t(checked_index(ic, positions[token])) / chunk + 1);
   const float* ml = part_ml + (token * splits * heads + h) * 2;  // split s at + s * heads * 2
@@ -322,8 +329,7 @@ __global__ void __launch_bounds__(kCombineThreads)
 
 cudaError_t latent_attention(float* ctx, float* part_acc, float* part_ml, const float* q_lat,
                              const float* q_rope, const float* kv_latent, const float* k_rope,
-                             const int32_t* positions, const IndexCheck& ic,
-                             const LatentShape& s) {
+                             const int32_t* positions, const IndexCheck& ic, const LatentShape& s) {
   if (s.tokens <= 0 || s.heads <= 0) return cudaSuccess;
   const int64_t chunk = latent_chunk(s.cap), splits = latent_splits(s.cap);
   const int64_t groups = (s.heads + kLatentBlockHeads - 1) / kLatentBlockHeads;
@@ -332,14 +338,13 @@ cudaError_t latent_attention(float* ctx, float* part_acc, float* part_ml, const 
       groups > 65535)
     return cudaErrorInvalidValue;
   const dim3 grid(unsigned(splits), unsigned(groups), unsigned(s.tokens));
-  latent_partial_kernel<<<grid, kLatentWarps * 32, 0, stream()>>>(
-      part_acc, part_ml, q_lat, q_rope, kv_latent, k_rope, positions, ic, s.tokens, s.heads, s.rank,
-      s.rope, chunk, s.scale);
-  const cudaError_t e = cudaGetLastError();
+  const cudaError_t e = launch_dependent(
+      latent_partial_kernel, grid, dim3(kLatentWarps * 32), part_acc, part_ml, q_lat, q_rope,
+      kv_latent, k_rope, positions, ic, s.tokens, s.heads, s.rank, s.rope, chunk, s.scale);
   if (e != cudaSuccess) return e;
-  latent_combine_kernel<<<unsigned(s.tokens * s.heads), kCombineThreads, 0, stream()>>>(
-      ctx, part_acc, part_ml, positions, ic, s.heads, s.rank, splits, chunk);
-  return cudaGetLastError();
+  return launch_dependent(latent_combine_kernel, dim3(unsigned(s.tokens * s.heads)),
+                          dim3(kCombineThreads), ctx, part_acc, part_ml, positions, ic, s.heads,
+                          s.rank, splits, chunk);
 }
 
 cudaError_t argmax(int32_t* idx, unsigned long long* best, unsigned* done, const float* x,
@@ -348,8 +353,7 @@ cudaError_t argmax(int32_t* idx, unsigned long long* best, unsigned* done, const
   const int64_t per_block = int64_t(kArgmaxThreads) * kArgmaxPerThread;
   const dim3 grid(unsigned((n + per_block - 1) / per_block), unsigned(rows));
   if (rows > 65535) return cudaErrorInvalidValue;
-  argmax_kernel<<<grid, kArgmaxThreads, 0, stream()>>>(idx, best, done, x, cols, n);
-  return cudaGetLastError();
+  return launch_dependent(argmax_kernel, grid, dim3(kArgmaxThreads), idx, best, done, x, cols, n);
 }
 
 cudaError_t causal_softmax(float* x, int64_t rows, int64_t cols, int64_t group, int64_t offset) {

@@ -5,6 +5,7 @@
 // atomics.
 #include <cstdint>
 
+#include "ops/cuda/dependent_launch.cuh"
 #include "ops/cuda/device_util.cuh"
 #include "ops/cuda/kernels.h"
 
@@ -19,6 +20,8 @@ constexpr int64_t kDwChunk = 64;  // rows per partial sum of the weight gradient
 __global__ void rmsnorm_forward_kernel(float* out, float* rstd, const float* x, const float* w,
                                        int64_t dim, float eps) {
   __shared__ float red[32];
+  allow_dependents();
+  wait_for_inputs();
   const int64_t row = blockIdx.x;
   const float* xr = x + row * dim;
   float ss = 0.0f;
@@ -61,6 +64,8 @@ template <int V>
 __global__ void rmsnorm_forward_regs_kernel(float* out, float* rstd, const float* x, const float* w,
                                             int64_t dim, float eps) {
   __shared__ float red[32];
+  allow_dependents();
+  wait_for_inputs();
   const int64_t row = blockIdx.x;
   const float* xr = x + row * dim;
   float xv[kNormVecs][V], wv[kNormVecs][V];
@@ -133,18 +138,13 @@ cudaError_t rmsnorm_forward(float* out, float* rstd, const float* x, const float
   const bool vec = dim % 4 == 0 && aligned(x) && aligned(w) && aligned(out);
   const int64_t vecs = vec ? dim / 4 : dim;
   const int64_t threads = ((vecs + kNormVecs - 1) / kNormVecs + 31) / 32 * 32;
-  if (threads > kNormMaxThreads) {
-    rmsnorm_forward_kernel<<<unsigned(rows), kThreads, 0, stream()>>>(out, rstd, x, w, dim, eps);
-  } else {
-    const unsigned block = unsigned(threads < 32 ? 32 : threads);
-    if (vec)
-      rmsnorm_forward_regs_kernel<4>
-          <<<unsigned(rows), block, 0, stream()>>>(out, rstd, x, w, dim, eps);
-    else
-      rmsnorm_forward_regs_kernel<1>
-          <<<unsigned(rows), block, 0, stream()>>>(out, rstd, x, w, dim, eps);
-  }
-  return cudaGetLastError();
+  // Dependent launches (dependent_launch.cuh): a decode step's norms sit between short kernels.
+  if (threads > kNormMaxThreads)
+    return launch_dependent(rmsnorm_forward_kernel, dim3(unsigned(rows)), dim3(kThreads), out, rstd,
+                            x, w, dim, eps);
+  const unsigned block = unsigned(threads < 32 ? 32 : threads);
+  return launch_dependent(vec ? rmsnorm_forward_regs_kernel<4> : rmsnorm_forward_regs_kernel<1>,
+                          dim3(unsigned(rows)), dim3(block), out, rstd, x, w, dim, eps);
 }
 
 cudaError_t rmsnorm_backward_dx(float* dx, const float* dout, const float* x, const float* w,

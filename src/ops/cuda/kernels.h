@@ -182,8 +182,7 @@ struct LatentShape {
 // * 2. cudaErrorInvalidValue when a size is beyond the limits above.
 cudaError_t latent_attention(float* ctx, float* part_acc, float* part_ml, const float* q_lat,
                              const float* q_rope, const float* kv_latent, const float* k_rope,
-                             const int32_t* positions, const IndexCheck& ic,
-                             const LatentShape& s);
+                             const int32_t* positions, const IndexCheck& ic, const LatentShape& s);
 
 // --- losses (cuda_loss.cu)
 cudaError_t cross_entropy_forward(float* losses, const float* logits, const int32_t* targets,

@@ -1,0 +1,63 @@
+// Programmatic dependent launch (Hopper, sm_90+) for the small kernels of a decode step. A decode
+// step is a chain of ~20 short kernels per layer, each waiting for the one before: without help,
+// every boundary costs the next kernel's launch plus its first memory latency (~2 us per kernel
+// on an H200, measured with Nsight Compute). A kernel launched by launch_dependent may start
+// while its predecessor still runs: it prefetches its weights into L2 (safe whatever runs: L2
+// is the point of coherence, so a prefetched line is never stale), then waits in
+// wait_for_inputs() until the predecessor has finished and its writes are visible; every read
+// and write of real data comes after that wait. Predecessors call allow_dependents() first
+// thing, so the next kernel is scheduled as soon as all their blocks are resident.
+// MOEKIT_CUDA_PDL=0 launches them plainly (the device-side calls are then no-ops);
+// dependent_launch_enabled() is in stream.h.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "ops/cuda/stream.h"
+
+namespace moekit::cuda {
+
+__device__ inline void allow_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ inline void wait_for_inputs() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Asks L2 for the 128-byte lines of [p, p + bytes), lines split over the warp's lanes.
+__device__ inline void prefetch_l2_warp(const void* p, int64_t bytes) {
+#if defined(__CUDA_ARCH__)
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = int64_t(threadIdx.x & 31) * 128; off < bytes; off += 32 * 128)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(c + off));
+#endif
+}
+
+// kernel<<<grid, block, 0, stream()>>>(args...), allowed to start before the previous kernel
+// on the stream ends. Only for kernels that call wait_for_inputs() before touching any data
+// but their own L2 prefetches.
+template <typename... Params, typename... Args>
+cudaError_t launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream();
+  cudaLaunchAttribute attr = {};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  if (dependent_launch_enabled()) {
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+  }
+  return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
+}
+
+}  // namespace moekit::cuda
