@@ -3,8 +3,7 @@
 // and does two FLOPs per weight per row: it is bound by memory, and cuBLAS's tensor-core GEMMs
 // (which also need the activations rounded to bf16 first, one more launch) waste their setup on
 // it. One warp per weight row reads it once with 16-byte loads and dots it with every row of a
-// (warp_dots.cuh), in fp32, deterministically. Launched as dependent launches
-// (dependent_launch.cuh): the weight rows head for L2 while the kernel before still runs.
+// (warp_dots.cuh), in fp32, deterministically. Dependent launches (dependent_launch.cuh).
 #include "ops/cuda/dependent_launch.cuh"
 #include "ops/cuda/device_util.cuh"
 #include "ops/cuda/kernels.h"
@@ -18,14 +17,10 @@ namespace {
 // does not have, so warp_dots can keep more of its weight loads in flight.
 template <typename W, int R>
 __global__ void gemv_kernel(float* c, const float* a, const W* w, int64_t M, int64_t N, int64_t K,
-                            int64_t lda, int64_t ldw, int64_t ldc, float alpha, float beta,
-                            bool prefetch) {
+                            int64_t lda, int64_t ldw, int64_t ldc, float alpha, float beta) {
   allow_dependents();
   const int64_t n = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32;
   if (n >= N) return;  // whole warps: n is the same in every lane
-  // The weight row does not depend on the kernel before (dependent_launch.cuh): on its way to L2
-  // while that kernel finishes.
-  if (prefetch) prefetch_l2_warp(w + n * ldw, K * int64_t(sizeof(W)));
   wait_for_inputs();
   const W* wr[R];
   const float* ar[R];
@@ -53,13 +48,12 @@ __global__ void gemv_kernel(float* c, const float* a, const W* w, int64_t M, int
 constexpr int kSplitWarps = 8;
 template <typename W>
 __global__ void gemv_split_k_kernel(float* c, const float* a, const W* w, int64_t K, int64_t ldw,
-                                    int64_t slice, float alpha, float beta, bool prefetch) {
+                                    int64_t slice, float alpha, float beta) {
   __shared__ float partial[kSplitWarps];
   allow_dependents();
   const int64_t n = blockIdx.x;
   const int warp = int(threadIdx.x) >> 5;
   const int64_t k0 = warp * slice, len = k0 < K ? (K - k0 < slice ? K - k0 : slice) : 0;
-  if (prefetch && len > 0) prefetch_l2_warp(w + n * ldw + k0, len * int64_t(sizeof(W)));
   wait_for_inputs();
   const W* wr[1] = {w + n * ldw + k0};
   const float* ar[1] = {a + k0};
@@ -79,17 +73,16 @@ cudaError_t launch_gemv(float* c, const float* a, const W* w, int64_t M, int64_t
                         int64_t lda, int64_t ldw, int64_t ldc, float alpha, float beta) {
   constexpr int kThreadsPerBlock = 256;  // 8 warps, one weight row each
   const unsigned blocks = unsigned((N * 32 + kThreadsPerBlock - 1) / kThreadsPerBlock);
-  const bool prefetch = dependent_launch_enabled();
   if (M == 1 && N < 1024 && K >= 1024) {  // few, long weight rows: split each over a block
     // Slices of a multiple of 64 elements keep every slice's start 16-byte aligned.
     const int64_t slice = ((K + kSplitWarps - 1) / kSplitWarps + 63) / 64 * 64;
     return launch_dependent(gemv_split_k_kernel<W>, dim3(unsigned(N)), dim3(kSplitWarps * 32), c, a,
-                            w, K, ldw, slice, alpha, beta, prefetch);
+                            w, K, ldw, slice, alpha, beta);
   }
   auto* kernel =
       M == 1 ? gemv_kernel<W, 1> : (M == 2 ? gemv_kernel<W, 2> : gemv_kernel<W, kGemvMaxRows>);
   return launch_dependent(kernel, dim3(blocks), dim3(kThreadsPerBlock), c, a, w, M, N, K, lda, ldw,
-                          ldc, alpha, beta, prefetch);
+                          ldc, alpha, beta);
 }
 
 }  // namespace

@@ -1,12 +1,12 @@
 // Programmatic dependent launch (Hopper, sm_90+) for the small kernels of a decode step. A decode
 // step is a chain of ~20 short kernels per layer, each waiting for the one before: without help,
 // every boundary costs the next kernel's launch plus its first memory latency (~2 us per kernel
-// on an H200, measured with Nsight Compute). A kernel launched by launch_dependent may start
-// while its predecessor still runs: it prefetches its weights into L2 (safe whatever runs: L2
-// is the point of coherence, so a prefetched line is never stale), then waits in
-// wait_for_inputs() until the predecessor has finished and its writes are visible; every read
-// and write of real data comes after that wait. Predecessors call allow_dependents() first
-// thing, so the next kernel is scheduled as soon as all their blocks are resident.
+// on an H200, measured with Nsight Compute). A kernel launched by launch_dependent may be
+// scheduled while its predecessor still runs, and waits in wait_for_inputs() until the
+// predecessor has finished and its writes are visible; every read and write comes after that
+// wait (prefetching the GEMVs' weight rows into L2 before the wait was tried: slower).
+// Predecessors call allow_dependents() first thing, so the next kernel is scheduled as soon as
+// all their blocks are resident.
 // MOEKIT_CUDA_PDL=0 launches them plainly (the device-side calls are then no-ops);
 // dependent_launch_enabled() is in stream.h.
 #pragma once
@@ -31,18 +31,9 @@ __device__ inline void wait_for_inputs() {
 #endif
 }
 
-// Asks L2 for the 128-byte lines of [p, p + bytes), lines split over the warp's lanes.
-__device__ inline void prefetch_l2_warp(const void* p, int64_t bytes) {
-#if defined(__CUDA_ARCH__)
-  const char* c = static_cast<const char*>(p);
-  for (int64_t off = int64_t(threadIdx.x & 31) * 128; off < bytes; off += 32 * 128)
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(c + off));
-#endif
-}
-
 // kernel<<<grid, block, 0, stream()>>>(args...), allowed to start before the previous kernel
 // on the stream ends. Only for kernels that call wait_for_inputs() before touching any data
-// but their own L2 prefetches.
+// at all.
 template <typename... Params, typename... Args>
 cudaError_t launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, Args... args) {
   cudaLaunchConfig_t cfg = {};
