@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "ops/cuda/device_util.cuh"
+#include "ops/cuda/index_check.cuh"
 #include "ops/cuda/kernels.h"
 
 namespace moekit::cuda {
@@ -124,6 +125,7 @@ __device__ inline void add_lane_dots(float (&dot)[kHeadsPerWarp],
 __global__ void __launch_bounds__(kLatentWarps * 32)
     latent_partial_kernel(float* part_acc, float* part_ml, const float* q_lat, const float* q_rope,
                           const float* kv_latent, const float* k_rope, const int32_t* positions,
+                          IndexCheck pc, const int32_t* check_positions, int64_t check_n,
                           int64_t heads, int64_t rank, int64_t rope, int64_t chunk, float scale) {
   // 16 x (512 + 64) floats = 36 KB: under the 48 KB of static shared memory.
   __shared__ __align__(16) float tile_lat[kLatentTile * kLatentMaxRank];
@@ -131,7 +133,10 @@ __global__ void __launch_bounds__(kLatentWarps * 32)
   const int64_t split = blockIdx.x, splits = gridDim.x, token = blockIdx.z;
   const int warp = int(threadIdx.x) >> 5, lane = int(threadIdx.x) & 31;
   const int64_t h0 = int64_t(blockIdx.y) * kLatentBlockHeads + warp * kHeadsPerWarp;
-  const int64_t last = positions[token];  // the token sees the cache rows [0, last]
+  // The position check of the whole op, by one block before any block returns (kernels.h).
+  if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0)
+    record_first_bad_index(pc, check_positions, check_n);
+  const int64_t last = checked_index(pc, positions[token]);  // the token sees the rows [0, last]
   const int64_t j0 = split * chunk, j1 = min(j0 + chunk, last + 1);
   float* ml = part_ml + (token * splits + split) * heads * 2;  // (m, l) per head
   float* acc_out = part_acc + (token * splits + split) * heads * rank;
@@ -245,12 +250,12 @@ __global__ void __launch_bounds__(kLatentWarps * 32)
 // loads of several splits are in flight together.
 __global__ void __launch_bounds__(kCombineThreads)
     latent_combine_kernel(float* ctx, const float* part_acc, const float* part_ml,
-                          const int32_t* positions, int64_t heads, int64_t rank, int64_t splits,
-                          int64_t chunk) {
+                          const int32_t* positions, IndexCheck pc, int64_t heads, int64_t rank,
+                          int64_t splits, int64_t chunk) {
   __shared__ float weight[kLatentMaxSplits];  // w_s
   __shared__ float red[32];
   const int64_t row = blockIdx.x, token = row / heads, h = row % heads;
-  const int64_t used = min(splits, int64_t(positions[token]) / chunk + 1);
+  const int64_t used = min(splits, int64_t(checked_index(pc, positions[token])) / chunk + 1);
   const float* ml = part_ml + (token * splits * heads + h) * 2;  // split s at + s * heads * 2
   float M = -INFINITY;
   for (int64_t s = threadIdx.x; s < used; s += blockDim.x) M = fmaxf(M, ml[s * heads * 2]);
@@ -278,7 +283,9 @@ __global__ void __launch_bounds__(kCombineThreads)
 
 cudaError_t latent_attention(float* ctx, float* part_acc, float* part_ml, const float* q_lat,
                              const float* q_rope, const float* kv_latent, const float* k_rope,
-                             const int32_t* positions, const LatentShape& s) {
+                             const int32_t* positions, const IndexCheck& positions_check,
+                             const int32_t* check_positions, int64_t check_n,
+                             const LatentShape& s) {
   if (s.tokens <= 0 || s.heads <= 0) return cudaSuccess;
   const int64_t chunk = latent_chunk(s.cap), splits = latent_splits(s.cap);
   const int64_t groups = (s.heads + kLatentBlockHeads - 1) / kLatentBlockHeads;
@@ -288,12 +295,12 @@ cudaError_t latent_attention(float* ctx, float* part_acc, float* part_ml, const 
     return cudaErrorInvalidValue;
   const dim3 grid(unsigned(splits), unsigned(groups), unsigned(s.tokens));
   latent_partial_kernel<<<grid, kLatentWarps * 32, 0, stream()>>>(
-      part_acc, part_ml, q_lat, q_rope, kv_latent, k_rope, positions, s.heads, s.rank, s.rope,
-      chunk, s.scale);
+      part_acc, part_ml, q_lat, q_rope, kv_latent, k_rope, positions, positions_check,
+      check_positions, check_n, s.heads, s.rank, s.rope, chunk, s.scale);
   const cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
   latent_combine_kernel<<<unsigned(s.tokens * s.heads), kCombineThreads, 0, stream()>>>(
-      ctx, part_acc, part_ml, positions, s.heads, s.rank, splits, chunk);
+      ctx, part_acc, part_ml, positions, positions_check, s.heads, s.rank, splits, chunk);
   return cudaGetLastError();
 }
 
