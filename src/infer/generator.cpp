@@ -47,13 +47,15 @@ Generator::Generator(DeepSeekModel& model, int64_t max_context)
       step_input_(Tensor::empty({2}, DType::I32, model.device())),
       step_logits_(Tensor::empty({1, model.config().vocab_size}, DType::F32, model.device())) {}
 
-void Generator::decode(Tensor x, const std::function<Tensor(size_t, const Tensor&)>& attend,
+void Generator::decode(Tensor x, const std::function<void(size_t, const Tensor&, Tensor&)>& attend,
                        Tensor& logits) {
   Backend& be = backend(model_.device());
   for (size_t l = 0; l < model_.layers().size(); ++l) {
     DecoderLayer& layer = model_.layers()[l];
-    Tensor h = attend(l, layer.input_layernorm.forward(be, x));
-    be.add(h, x, 1.0f);
+    // x += attention(input_layernorm(x)), in place: x is this call's own residual stream (the
+    // embedding, or the previous layer's output), which nothing else holds.
+    attend(l, layer.input_layernorm.forward(be, x), x);
+    Tensor h = x;
     Tensor nrm = layer.post_attention_layernorm.forward(be, h);
     // Inference: no backward follows, so a MoE layer may take its few-token path (decode steps).
     x = layer.mlp ? layer.mlp->forward(be, nrm)
@@ -97,9 +99,10 @@ Tensor Generator::feed_batch(const std::vector<int32_t>& ids) {
   Tensor logits = Tensor::empty({1, c.vocab_size}, DType::F32, model_.device());
   decode(
       x,
-      [&](size_t l, const Tensor& nx) {
-        return mla_decode(be, model_.layers()[l].self_attn, nx, pos, rope_, cache_.layers[l],
-                          start);
+      [&](size_t l, const Tensor& nx, Tensor& residual) {
+        const Tensor y =
+            mla_decode(be, model_.layers()[l].self_attn, nx, pos, rope_, cache_.layers[l], start);
+        be.add(residual, y, 1.0f);
       },
       logits);
   cache_.length = start + n;
@@ -113,8 +116,9 @@ void Generator::step_body() {
   be.embedding_forward(x, model_.params().at("model.embed_tokens.weight").value, tok);
   decode(
       x,
-      [&](size_t l, const Tensor& nx) {
-        return mla_decode_step(be, model_.layers()[l].self_attn, nx, pos, rope_, cache_.layers[l]);
+      [&](size_t l, const Tensor& nx, Tensor& residual) {
+        mla_decode_step(be, model_.layers()[l].self_attn, nx, pos, rope_, cache_.layers[l],
+                        residual);
       },
       step_logits_);
 }

@@ -49,9 +49,12 @@ class Generator {
   bool replays_steps() const { return step_graph_ != nullptr; }
 
  private:
-  // The decoder layers over x [n, hidden] with `attend(layer, normed x)` as attention, then the
-  // final norm and LM head of the last row into logits [1, vocab].
-  void decode(Tensor x, const std::function<Tensor(size_t, const Tensor&)>& attend, Tensor& logits);
+  // The decoder layers over x [n, hidden] with `attend(layer, normed x, x)` as attention, which
+  // adds its output to x in place (the step path's o_proj GEMM accumulates into it), then the
+  // final norm and LM head of the last row into logits [1, vocab]. x must be the caller's fresh
+  // tensor: it is overwritten.
+  void decode(Tensor x, const std::function<void(size_t, const Tensor&, Tensor&)>& attend,
+              Tensor& logits);
   // Many tokens at known positions (a prompt): GEMMs over the cached length.
   Tensor feed_batch(const std::vector<int32_t>& ids);
   // One token: the step's logits (the same tensor every step, overwritten by the next one).

@@ -1,7 +1,8 @@
-// Absorbed MLA attention over the latent cache: every step is a backend op (GEMMs, batched per-head
-// GEMMs, the softmax or the fused latent attention), so on a GPU nothing waits for the host. The
-// prompt and step paths (mla_decode.h says why there are two) differ only in how the new latents
-// reach the cache and how attention finds the rows it sees.
+// Absorbed MLA attention over the latent cache: every step is a backend op, so on a GPU nothing
+// waits for the host. The prompt path (mla_decode) is built from general ops (GEMMs, batched
+// per-head GEMMs, the softmax), which suit many tokens; the step path (mla_decode_step) from the
+// fused decode ops (cache write, query absorption, latent attention, value heads), because a
+// batch-1 step is bound by its number of launches (mla_decode.h says why there are two paths).
 #include "infer/mla_decode.h"
 
 #include <algorithm>
@@ -17,6 +18,20 @@ Tensor empty_on(Shape s, const Tensor& like) {
   return Tensor::empty(s, DType::F32, like.device());
 }
 
+// q [n, H*(dn+dr)] of tokens x, per head [q_nope | q_pe], not yet roped.
+Tensor query(Backend& be, MLA& a, const Tensor& x) {
+  const int64_t n = x.dim(0);
+  Tensor q = empty_on({n, a.heads * (a.dn + a.dr)}, x);
+  if (a.q_lora_rank > 0) {
+    Tensor qa = empty_on({n, a.q_lora_rank}, x);
+    linear_forward(be, qa, x, *a.q_a_proj);
+    linear_forward(be, q, a.q_a_layernorm.forward(be, qa), *a.q_b_proj);
+  } else {
+    linear_forward(be, q, x, *a.q_proj);
+  }
+  return q;
+}
+
 // The absorbed query of tokens x at `positions`. Rows of both outputs are (token i, head h) pairs,
 // i.e. [n, H, ...] seen as [n*H, ...]: q_lat [n*H, r] = W_kb_h^T q_nope (so scores against the
 // latent cache need no per-head keys), q_rope [n*H, dr] the roped part.
@@ -27,14 +42,7 @@ LatentQuery latent_query(Backend& be, MLA& a, const Tensor& x, const Tensor& pos
                          const RopeTable& rope) {
   const int64_t n = x.dim(0), H = a.heads, dn = a.dn, dr = a.dr, dv = a.dv, r = a.kv_lora_rank;
   const int64_t dqk = dn + dr;
-  Tensor q = empty_on({n, H * dqk}, x);
-  if (a.q_lora_rank > 0) {
-    Tensor qa = empty_on({n, a.q_lora_rank}, x);
-    linear_forward(be, qa, x, *a.q_a_proj);
-    linear_forward(be, q, a.q_a_layernorm.forward(be, qa), *a.q_b_proj);
-  } else {
-    linear_forward(be, q, x, *a.q_proj);
-  }
+  Tensor q = query(be, a, x);
   be.rope(q, H, dqk, dn, dr, rope.cos, rope.sin, positions, false);
   // Only W_kb differs per head: a batched GEMM over the head blocks of q and W_kv_b
   // ([H*(dn+dv), r], per head [W_kb (dn rows) | W_vb (dv rows)]).
@@ -118,20 +126,29 @@ Tensor mla_decode(Backend& be, MLA& a, const Tensor& x, const Tensor& positions,
   return latent_output(be, a, ctx, n, x.dim(1));
 }
 
-Tensor mla_decode_step(Backend& be, MLA& a, const Tensor& x, const Tensor& positions,
-                       const RopeTable& rope, LayerCache& cache) {
+void mla_decode_step(Backend& be, MLA& a, const Tensor& x, const Tensor& positions,
+                     const RopeTable& rope, LayerCache& cache, Tensor& residual) {
   const int64_t n = x.dim(0), H = a.heads, r = a.kv_lora_rank;
-  const LatentQuery q = latent_query(be, a, x, positions, rope);
-  // Into temporaries, then to the cache rows named by the device-side positions.
-  Tensor latent = empty_on({n, r}, x), k_rope = empty_on({n, a.dr}, x);
-  latent_kv(be, a, x, positions, rope, latent, k_rope);
-  be.set_rows(cache.kv_latent, latent, positions);
-  be.set_rows(cache.k_rope, k_rope, positions);
+  const Tensor& kv_b = a.kv_b_proj->value;  // W_kv_b, per head [W_kb | W_vb]
+  // The new tokens' cache rows first (latent_attention reads each token's own row): kv_a_layernorm
+  // and the rope of k_rope in the one launch that writes them at the device-side positions.
+  Tensor kv_a = empty_on({n, r + a.dr}, x);
+  linear_forward(be, kv_a, x, *a.kv_a_proj_with_mqa);
+  be.mla_cache_write(cache.kv_latent, cache.k_rope, kv_a, a.kv_a_layernorm.weight->value,
+                     a.kv_a_layernorm.eps, rope.cos, rope.sin, positions);
+  // The absorbed query (q_lat = W_kb^T q_nope) and the roped q_pe, one launch.
+  const Tensor q = query(be, a, x);
+  Tensor q_lat = empty_on({n * H, r}, x), q_rope = empty_on({n * H, a.dr}, x);
+  be.mla_absorb_query(q_lat, q_rope, q, kv_b, rope.cos, rope.sin, positions, H, a.dn, a.dr, a.dv);
   // Over the whole cache buffers: the positions bound what each token sees.
   Tensor ctx = empty_on({n * H, r}, x);
-  be.latent_attention(ctx, q.lat, q.rope, cache.kv_latent, cache.k_rope, positions, H,
+  be.latent_attention(ctx, q_lat, q_rope, cache.kv_latent, cache.k_rope, positions, H,
                       a.softmax_scale);
-  return latent_output(be, a, ctx, n, x.dim(1));
+  // W_vb after attention, then o_proj added straight into the residual stream (beta = 1: no
+  // separate add).
+  Tensor o = empty_on({n, H * a.dv}, x);
+  be.mla_value_heads(o, ctx, kv_b, H, a.dn, a.dv);
+  be.matmul(residual, o, a.o_proj->value, false, true, 1.0f, 1.0f);
 }
 
 }  // namespace moekit

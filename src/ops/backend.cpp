@@ -1,5 +1,8 @@
 // The one dispatch point from a device to its backend. The CUDA backend registers here when it
-// is compiled in (MOEKIT_HAVE_CUDA); otherwise asking for it is a clear error.
+// is compiled in (MOEKIT_HAVE_CUDA); otherwise asking for it is a clear error. Also the shape
+// checks that every backend runs alike (ops.h's *_dims functions), so errors read the same.
+#include <algorithm>
+
 #include "core/error.h"
 #include "ops/cpu/cpu_backend.h"
 #include "ops/cpu/cpu_util.h"
@@ -162,6 +165,94 @@ int64_t set_rows_dims(const Tensor& dst, const Tensor& src, const Tensor& rows_)
                dst.shape().str(), src.shape().str(), rows_.shape().str(),
                dtype_name(rows_.dtype()));
   return D;
+}
+
+namespace {
+
+// kv_b = W_kv_b [H*(dn+dv), r]: the weight both halves of the absorbed step read.
+void check_kv_b(const Tensor& kv_b, const char* op, int64_t H, int64_t dn, int64_t dv, int64_t r) {
+  MOEKIT_CHECK(kv_b.ndim() == 2 && kv_b.dim(0) == H * (dn + dv) && kv_b.dim(1) == r,
+               "{}: kv_b {} is no [{} heads x ({} + {}), {}] weight", op, kv_b.shape().str(), H, dn,
+               dv, r);
+}
+
+// The rope table [max_pos, dr/2] and positions I32 [n] of an op that rotates dr dims.
+void check_rope_inputs(const Tensor& cos, const Tensor& sin, const Tensor& positions, int64_t n,
+                       int64_t dr, const char* op) {
+  MOEKIT_CHECK(dr % 2 == 0, "{}: rope dim {} is odd (rotated in pairs)", op, dr);
+  MOEKIT_CHECK(cos.ndim() == 2 && cos.shape() == sin.shape() && cols(cos) == dr / 2,
+               "{}: cos {} and sin {} must be [max_pos, {}]", op, cos.shape().str(),
+               sin.shape().str(), dr / 2);
+  MOEKIT_CHECK(positions.dtype() == DType::I32 && positions.numel() == n,
+               "{}: positions {} ({}), expected I32 [{}]", op, positions.shape().str(),
+               dtype_name(positions.dtype()), n);
+}
+
+}  // namespace
+
+MlaStepDims mla_cache_write_dims(const Tensor& kv_latent, const Tensor& k_rope, const Tensor& kv_a,
+                                 const Tensor& norm_w, const Tensor& cos, const Tensor& sin,
+                                 const Tensor& positions) {
+  const char* op = "mla_cache_write";
+  MlaStepDims d;
+  MOEKIT_CHECK(kv_latent.ndim() == 2 && k_rope.ndim() == 2 && kv_latent.dim(0) == k_rope.dim(0),
+               "{}: kv_latent {} and k_rope {} must be [cap, r] and [cap, dr]", op,
+               kv_latent.shape().str(), k_rope.shape().str());
+  d.cap = kv_latent.dim(0);
+  d.r = kv_latent.dim(1);
+  d.dr = k_rope.dim(1);
+  d.H = 1;
+  MOEKIT_CHECK(kv_a.ndim() == 2 && kv_a.dim(1) == d.r + d.dr, "{}: kv_a {}, expected [n, {} + {}]",
+               op, kv_a.shape().str(), d.r, d.dr);
+  d.n = kv_a.dim(0);
+  MOEKIT_CHECK(norm_w.numel() == d.r, "{}: norm weight {} for rank {}", op, norm_w.shape().str(),
+               d.r);
+  check_rope_inputs(cos, sin, positions, d.n, d.dr, op);
+  d.limit = std::min(d.cap, rows(cos));
+  return d;
+}
+
+MlaStepDims mla_absorb_query_dims(const Tensor& q_lat, const Tensor& q_rope, const Tensor& q,
+                                  const Tensor& kv_b, const Tensor& cos, const Tensor& sin,
+                                  const Tensor& positions, int64_t heads, int64_t dn, int64_t dr,
+                                  int64_t dv) {
+  const char* op = "mla_absorb_query";
+  MlaStepDims d;
+  MOEKIT_CHECK(heads > 0 && dn >= 0 && dr >= 0 && dv >= 0, "{}: {} heads, dn {} dr {} dv {}", op,
+               heads, dn, dr, dv);
+  d.H = heads;
+  d.dr = dr;
+  d.r = cols(kv_b);
+  check_kv_b(kv_b, op, heads, dn, dv, d.r);
+  MOEKIT_CHECK(q.ndim() == 2 && q.dim(1) == heads * (dn + dr),
+               "{}: q {}, expected [n, {} heads x ({} + {})]", op, q.shape().str(), heads, dn, dr);
+  d.n = q.dim(0);
+  MOEKIT_CHECK(q_lat.numel() == d.n * heads * d.r && cols(q_lat) == d.r,
+               "{}: q_lat {}, expected [{} tokens x {} heads, {}]", op, q_lat.shape().str(), d.n,
+               heads, d.r);
+  MOEKIT_CHECK(q_rope.numel() == d.n * heads * dr && (dr == 0 || cols(q_rope) == dr),
+               "{}: q_rope {}, expected [{} tokens x {} heads, {}]", op, q_rope.shape().str(), d.n,
+               heads, dr);
+  check_rope_inputs(cos, sin, positions, d.n, dr, op);
+  d.limit = rows(cos);
+  return d;
+}
+
+MlaStepDims mla_value_heads_dims(const Tensor& o, const Tensor& ctx, const Tensor& kv_b,
+                                 int64_t heads, int64_t dn, int64_t dv) {
+  const char* op = "mla_value_heads";
+  MlaStepDims d;
+  MOEKIT_CHECK(heads > 0 && dn >= 0 && dv > 0, "{}: {} heads, dn {} dv {}", op, heads, dn, dv);
+  d.H = heads;
+  d.r = cols(kv_b);
+  check_kv_b(kv_b, op, heads, dn, dv, d.r);
+  MOEKIT_CHECK(o.ndim() == 2 && o.dim(1) == heads * dv, "{}: o {}, expected [n, {} heads x {}]", op,
+               o.shape().str(), heads, dv);
+  d.n = o.dim(0);
+  MOEKIT_CHECK(ctx.numel() == d.n * heads * d.r && cols(ctx) == d.r,
+               "{}: ctx {}, expected [{} tokens x {} heads, {}]", op, ctx.shape().str(), d.n, heads,
+               d.r);
+  return d;
 }
 
 bool backend_available(Device device) {

@@ -31,6 +31,9 @@ enum class Op : uint8_t {
   Argmax,
   SetRows,
   LatentAttention,
+  MlaCacheWrite,
+  MlaAbsorbQuery,
+  MlaValueHeads,
   CrossEntropy,
   GatherRows,
   ScatterAddRows,
@@ -250,6 +253,35 @@ class Backend {
                                 const Tensor& kv_latent, const Tensor& k_rope,
                                 const Tensor& positions, int64_t heads, float scale) = 0;
 
+  // The rest of MLA's batch-1 decode step around latent_attention, fused so that a step launches
+  // few kernels (each small launch costs about as much as its work; infer/mla_decode.cpp):
+  //
+  // The cache write of n tokens from the kv_a projection kv_a [n, r + dr] = [c_kv | k_rope]:
+  //   kv_latent[positions[i]] = RMSNorm(c_kv[i]) * norm_w  (as rmsnorm_forward: rstd from the
+  //                             fp32 mean of squares, out = w * (x * rstd)),
+  //   k_rope[positions[i]]    = k_rope[i] rotated as Backend::rope does at positions[i].
+  // kv_latent [cap, r], k_rope [cap, dr] (dr even), norm_w F32 [r], cos/sin [max_pos, dr/2],
+  // positions I32 [n], each in [0, min(cap, max_pos)). Rows should be distinct (as set_rows).
+  virtual void mla_cache_write(Tensor& kv_latent, Tensor& k_rope, const Tensor& kv_a,
+                               const Tensor& norm_w, float eps, const Tensor& cos,
+                               const Tensor& sin, const Tensor& positions) = 0;
+  // The absorbed query (DeepSeek-V2 §2.1.3: W_kb folded into the query) from q [n, H*(dn+dr)],
+  // per head [q_nope (dn) | q_pe (dr)], with kv_b = W_kv_b [H*(dn+dv), r], per head
+  // [W_kb (dn rows) | W_vb (dv rows)]. Rows of q_lat [n*H, r] and q_rope [n*H, dr] are (token i,
+  // head h) pairs i*H+h:
+  //   q_lat[i*H+h, c] = sum_{d < dn} q[i, h*(dn+dr) + d] * kv_b[h*(dn+dv) + d, c]  (fp32 sums)
+  //   q_rope[i*H+h]   = q_pe of head h of token i rotated as Backend::rope at positions[i].
+  // q is not modified. kv_b F32, or BF16 where supports(MlaAbsorbQuery, BF16) (read as stored,
+  // widened exactly). positions I32 [n], each in [0, max_pos). Deterministic.
+  virtual void mla_absorb_query(Tensor& q_lat, Tensor& q_rope, const Tensor& q, const Tensor& kv_b,
+                                const Tensor& cos, const Tensor& sin, const Tensor& positions,
+                                int64_t heads, int64_t dn, int64_t dr, int64_t dv) = 0;
+  // W_vb applied to the attention context ctx [n*H, r] (rows i*H+h), giving o [n, H*dv]:
+  //   o[i, h*dv + j] = sum_c ctx[i*H+h, c] * kv_b[h*(dn+dv) + dn + j, c]  (fp32 sums).
+  // kv_b as in mla_absorb_query (BF16 where supports(MlaValueHeads, BF16)). Deterministic.
+  virtual void mla_value_heads(Tensor& o, const Tensor& ctx, const Tensor& kv_b, int64_t heads,
+                               int64_t dn, int64_t dv) = 0;
+
   // losses[T] = -log softmax(logits[t])[targets[t]]; targets < 0 are ignored (loss 0).
   virtual void cross_entropy_forward(Tensor& losses, const Tensor& logits,
                                      const Tensor& targets) = 0;
@@ -342,6 +374,23 @@ LatentAttentionDims latent_attention_dims(const Tensor& ctx, const Tensor& q_lat
                                           int64_t heads);
 // The row width D of Backend::set_rows after checking dst [R, D], src [n, D], rows I32 [n].
 int64_t set_rows_dims(const Tensor& dst, const Tensor& src, const Tensor& rows);
+
+// The sizes of the fused MLA step ops after checking every shape (one-line errors naming the op);
+// positions are range-checked by each backend. n tokens, H heads, latent rank r, rope dim dr,
+// cache capacity cap; limit: the positions' bound, min(cap, rope table rows) for the cache write
+// and the rope table rows for the query.
+struct MlaStepDims {
+  int64_t n = 0, H = 0, r = 0, dr = 0, cap = 0, limit = 0;
+};
+MlaStepDims mla_cache_write_dims(const Tensor& kv_latent, const Tensor& k_rope, const Tensor& kv_a,
+                                 const Tensor& norm_w, const Tensor& cos, const Tensor& sin,
+                                 const Tensor& positions);
+MlaStepDims mla_absorb_query_dims(const Tensor& q_lat, const Tensor& q_rope, const Tensor& q,
+                                  const Tensor& kv_b, const Tensor& cos, const Tensor& sin,
+                                  const Tensor& positions, int64_t heads, int64_t dn, int64_t dr,
+                                  int64_t dv);
+MlaStepDims mla_value_heads_dims(const Tensor& o, const Tensor& ctx, const Tensor& kv_b,
+                                 int64_t heads, int64_t dn, int64_t dv);
 
 // N, K of Backend::grouped_matmul (c_g [rows, N] = a_g [rows, K] @ op(b[g])) after checking
 // that the groups tile the rows of a and c and that every non-empty group has a weight of the

@@ -124,6 +124,14 @@ void expect_rows_near(const Tensor& a, int64_t begin, int64_t end, const Tensor&
       << what << " rows [" << begin << ", " << end << ")";
 }
 
+// What mla_decode_step adds to the residual stream: its output from a zero residual.
+Tensor step_output(Backend& be, MLA& attn, const Tensor& x, const Tensor& pos,
+                   const RopeTable& rope, LayerCache& cache) {
+  Tensor y = Tensor::zeros({x.dim(0), x.dim(1)}, DType::F32, x.device());
+  mla_decode_step(be, attn, x, pos, rope, cache, y);
+  return y;
+}
+
 void check_steps_match_prompt(bool v3) {
   const ModelConfig c = small_config(v3);
   DeepSeekModel model(c);
@@ -146,12 +154,15 @@ void check_steps_match_prompt(bool v3) {
   KVCache prompt = KVCache::create(c, cap, Device::CPU);
   const Tensor y_prompt = mla_decode(be, attn, x, pos, rope, prompt.layers[0], 0);
 
-  // Every token as its own step.
+  // Every token as its own step, adding into a residual that starts as the token's x (as the
+  // generator's residual stream): residual - x is the attention output.
   KVCache steps = KVCache::create(c, cap, Device::CPU);
   for (int64_t i = 0; i < S; ++i) {
     const auto [xi, pi] = tokens(i, i + 1);
-    expect_rows_near(y_prompt, i, i + 1, mla_decode_step(be, attn, xi, pi, rope, steps.layers[0]),
-                     tol, "steps y");
+    Tensor residual = xi.clone();
+    mla_decode_step(be, attn, xi, pi, rope, steps.layers[0], residual);
+    be.add(residual, xi, -1.0f);
+    expect_rows_near(y_prompt, i, i + 1, residual, tol, "steps y");
   }
 
   // A prompt of 4 by mla_decode, then steps by mla_decode_step (two tokens at positions 4 and 5
@@ -166,7 +177,7 @@ void check_steps_match_prompt(bool v3) {
   }
   for (auto [b, e] : {std::pair<int64_t, int64_t>{4, 6}, {6, 7}, {7, 8}, {8, 9}}) {
     const auto [xs, ps] = tokens(b, e);
-    const Tensor ys = mla_decode_step(be, attn, xs, ps, rope, mixed.layers[0]);
+    const Tensor ys = step_output(be, attn, xs, ps, rope, mixed.layers[0]);
     const Tensor yd = mla_decode(be, attn, xs, ps, rope, split.layers[0], b);
     expect_rows_near(yd, 0, e - b, ys, tol, "mixed y vs split mla_decode");
     expect_rows_near(y_prompt, b, e, ys, tol, "mixed y vs prompt");

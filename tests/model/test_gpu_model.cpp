@@ -809,8 +809,9 @@ TEST(GpuModel, GreedyGenerationMatchesCpu) {
 
 TEST(GpuModel, DecodeStepMatchesCpu) {
   // One attention layer: a prompt by mla_decode, then steps by mla_decode_step (device-side
-  // positions: set_rows and latent_attention over the whole cache), one token at a time and two
-  // in one step, on both sides; outputs and caches as the CPU's. Sizes of the tiny config (r 16,
+  // positions: the fused cache write, query absorption, latent attention over the whole cache and
+  // value heads), one token at a time and two in one step, on both sides; outputs and caches as
+  // the CPU's. Sizes of the tiny config (r 16,
   // dr 8, 2 heads): the kernel's predicated partial tiles.
   SKIP_WITHOUT_GPU();
   const ModelConfig c = tiny_config();
@@ -839,8 +840,12 @@ TEST(GpuModel, DecodeStepMatchesCpu) {
       std::copy(h.f32(), h.f32() + h.numel(), r.y.f32() + b * c.hidden_size);
     };
     keep(mla_decode(be, attn, xd.slice(0, 5), pd.slice(0, 5), rope, r.cache.layers[0], 0), 0);
-    for (auto [b, e] : {std::pair<int64_t, int64_t>{5, 7}, {7, 8}, {8, 9}, {9, 10}, {10, 12}})
-      keep(mla_decode_step(be, attn, xd.slice(b, e), pd.slice(b, e), rope, r.cache.layers[0]), b);
+    for (auto [b, e] : {std::pair<int64_t, int64_t>{5, 7}, {7, 8}, {8, 9}, {9, 10}, {10, 12}}) {
+      // From a zero residual: what the step adds is its attention output.
+      Tensor y = Tensor::zeros({e - b, c.hidden_size}, DType::F32, d);
+      mla_decode_step(be, attn, xd.slice(b, e), pd.slice(b, e), rope, r.cache.layers[0], y);
+      keep(y, b);
+    }
     return r;
   };
   const Run rc = run(cpu), rg = run(gpu);

@@ -1412,6 +1412,183 @@ TEST_F(CudaBackendTest, LatentAttentionErrors) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The fused ops of MLA's decode step (cuda_mla_step.cu) against the CPU's loops. V2-Lite sizes (r
+// 512, dr 64, dn 128, dv 128, 16 heads) and odd ones (rows no multiple of a 16-byte chunk: the
+// element-wise load paths; ranks past the cache write's registers: its tail loop), one token and
+// several at positions out of order (the absorption's groups of 4 tokens and the value side's
+// rows of 4, with a partial last group). BF16 weights: the CPU reads the same bf16 values widened
+// to fp32, so both sides multiply the same numbers. Tolerance: the fp32 1e-5 (see the top of the
+// file): sums of at most 1000 products (squares of the RMSNorm, dn terms of the absorption, r of
+// the value side), both in fp32 in different orders, and the rope's two products per element.
+
+// A random rope table [rows, dr/2] (cos, sin of random angles).
+std::pair<Tensor, Tensor> random_rope_table(int64_t rows, int64_t dr, std::mt19937_64& rng) {
+  Tensor c = Tensor::empty({rows, dr / 2}), s = Tensor::empty({rows, dr / 2});
+  std::uniform_real_distribution<float> angle(-3.0f, 3.0f);
+  for (int64_t i = 0; i < c.numel(); ++i) {
+    const float a = angle(rng);
+    c.f32()[i] = std::cos(a);
+    s.f32()[i] = std::sin(a);
+  }
+  return {c, s};
+}
+
+Tensor i32_of(const std::vector<int32_t>& v) {
+  Tensor t = Tensor::empty({int64_t(v.size())}, DType::I32);
+  std::copy(v.begin(), v.end(), t.i32());
+  return t;
+}
+
+struct MlaStepCase {
+  int64_t heads, r, dr, dn, dv;
+  std::vector<int32_t> positions;
+};
+
+TEST_F(CudaBackendTest, MlaCacheWriteEqualsCpu) {
+  struct Case {
+    int64_t r, dr, cap;
+    std::vector<int32_t> positions;
+  };
+  // V2-Lite (one step; three tokens out of order, both ends of the cache), odd sizes, ranks past
+  // the 512 values the kernel keeps in registers (its tail loop).
+  const std::vector<Case> cases = {{512, 64, 1000, {517}},
+                                   {512, 64, 1000, {999, 0, 3}},
+                                   {37, 6, 50, {49, 12}},
+                                   {1000, 64, 20, {5, 19, 0}},
+                                   {2000, 2, 7, {6}}};
+  for (const Case& c : cases) {
+    const int64_t n = int64_t(c.positions.size());
+    SCOPED_TRACE(testing::Message()
+                 << "r " << c.r << " dr " << c.dr << " cap " << c.cap << " n " << n);
+    Tensor cos_t, sin_t;
+    std::tie(cos_t, sin_t) = random_rope_table(c.cap + 5, c.dr, rng_);
+    Tensor lat = randn({c.cap, c.r}), kr = randn({c.cap, c.dr});
+    const Tensor kv_a = randn({n, c.r + c.dr}, 2.0f), w = randn({c.r});
+    const Tensor pos = i32_of(c.positions);
+    Tensor glat = dev(lat), gkr = dev(kr);  // rows no token names must keep their values
+    cpu().mla_cache_write(lat, kr, kv_a, w, 1e-6f, cos_t, sin_t, pos);
+    gpu().mla_cache_write(glat, gkr, dev(kv_a), dev(w), 1e-6f, dev(cos_t), dev(sin_t), dev(pos));
+    EXPECT_CLOSE(glat, lat, kF32Tol);
+    EXPECT_CLOSE(gkr, kr, kF32Tol);
+  }
+  // A bad position is reported and written to row 0 in its place (as set_rows); the bound is
+  // the smaller of the cache (1000 rows) and the rope table (here 1005).
+  const int64_t r = 512, dr = 64, cap = 1000;
+  Tensor cos_t, sin_t;
+  std::tie(cos_t, sin_t) = random_rope_table(cap + 5, dr, rng_);
+  Tensor glat = dev(randn({cap, r})), gkr = dev(randn({cap, dr}));
+  const Tensor kv_a = dev(randn({2, r + dr})), w = dev(randn({r}));
+  expect_index_error(
+      [&] {
+        gpu().mla_cache_write(glat, gkr, kv_a, w, 1e-6f, dev(cos_t), dev(sin_t),
+                              dev(i32_of({3, int32_t(cap)})));
+      },
+      glat, "mla_cache_write: position 1000 at position 1 out of range [0, 1000)");
+  Tensor cos_s, sin_s;
+  std::tie(cos_s, sin_s) = random_rope_table(700, dr, rng_);  // a table shorter than the cache
+  expect_index_error(
+      [&] {
+        gpu().mla_cache_write(glat, gkr, kv_a, w, 1e-6f, dev(cos_s), dev(sin_s),
+                              dev(i32_of({-2, 700})));
+      },
+      glat, "mla_cache_write: position -2 at position 0 out of range [0, 700)");
+  EXPECT_THROW(
+      gpu().mla_cache_write(glat, gkr, kv_a, w, 1e-6f, dev(cos_t), dev(sin_t), i32_of({1, 2})),
+      Error);  // host positions
+}
+
+TEST_F(CudaBackendTest, MlaAbsorbQueryAndValueHeadsEqualCpu) {
+  const std::vector<MlaStepCase> cases = {
+      {16, 512, 64, 128, 128, {700}},                 // V2-Lite, one step
+      {16, 512, 64, 128, 128, {9, 0, 4, 999, 3}},     // 5 tokens: a group of 4 and one more
+      {128, 512, 64, 128, 128, {77}},                 // V3's 128 heads
+      {3, 37, 6, 5, 7, {2, 0}},                       // rows of 37: element-wise loads everywhere
+      {5, 36, 4, 9, 3, {1, 8, 6, 0, 2, 7, 5, 3, 4}},  // F32 in chunks, BF16 element-wise
+      {2, 16, 8, 16, 16, {11, 0, 5}},                 // the tiny test model's sizes
+  };
+  for (const DType wt : {DType::F32, DType::BF16})
+    for (const MlaStepCase& c : cases) {
+      const int64_t n = int64_t(c.positions.size()), H = c.heads, dqk = c.dn + c.dr;
+      SCOPED_TRACE(testing::Message() << dtype_name(wt) << " H " << H << " r " << c.r << " dr "
+                                      << c.dr << " dn " << c.dn << " dv " << c.dv << " n " << n);
+      Tensor cos_t, sin_t;
+      std::tie(cos_t, sin_t) = random_rope_table(1000, c.dr, rng_);
+      // The weight as stored on the GPU, and the same values in F32 for the CPU.
+      const Tensor w32 = randn({H * (c.dn + c.dv), c.r}, 0.05f);
+      const Tensor w_dev = dev(wt == DType::BF16 ? w32.to_dtype(DType::BF16) : w32);
+      const Tensor w_ref = wt == DType::BF16 ? w32.to_dtype(DType::BF16).to_f32() : w32;
+      const Tensor q = randn({n, H * dqk}), pos = i32_of(c.positions), gq = dev(q);
+
+      Tensor q_lat = Tensor::empty({n * H, c.r}), q_rope = Tensor::empty({n * H, c.dr});
+      cpu().mla_absorb_query(q_lat, q_rope, q, w_ref, cos_t, sin_t, pos, H, c.dn, c.dr, c.dv);
+      Tensor gq_lat = poisoned({n * H, c.r}), gq_rope = poisoned({n * H, c.dr});
+      gpu().mla_absorb_query(gq_lat, gq_rope, gq, w_dev, dev(cos_t), dev(sin_t), dev(pos), H, c.dn,
+                             c.dr, c.dv);
+      EXPECT_CLOSE(gq_lat, q_lat, kF32Tol);
+      EXPECT_CLOSE(gq_rope, q_rope, kF32Tol);
+      EXPECT_CLOSE(gq, q, 0.0);  // q is only read
+      Tensor again = poisoned({n * H, c.r});
+      gpu().mla_absorb_query(again, gq_rope, gq, w_dev, dev(cos_t), dev(sin_t), dev(pos), H, c.dn,
+                             c.dr, c.dv);
+      EXPECT_TRUE(bit_equal(gq_lat, again)) << "mla_absorb_query is not deterministic";
+
+      const Tensor ctx = randn({n * H, c.r});
+      Tensor o = Tensor::empty({n, H * c.dv}), go = poisoned({n, H * c.dv});
+      cpu().mla_value_heads(o, ctx, w_ref, H, c.dn, c.dv);
+      gpu().mla_value_heads(go, dev(ctx), w_dev, H, c.dn, c.dv);
+      EXPECT_CLOSE(go, o, kF32Tol);
+      Tensor go2 = poisoned({n, H * c.dv});
+      gpu().mla_value_heads(go2, dev(ctx), w_dev, H, c.dn, c.dv);
+      EXPECT_TRUE(bit_equal(go, go2)) << "mla_value_heads is not deterministic";
+    }
+}
+
+TEST_F(CudaBackendTest, MlaStepOpsMisalignedWeightAndErrors) {
+  // A weight whose rows are whole 16-byte chunks but whose start is not 16-byte aligned (a view
+  // one float into its buffer): the kernels must take the element-wise loads.
+  const int64_t H = 4, r = 64, dr = 8, dn = 12, dv = 10, n = 2;
+  const int64_t rows_w = H * (dn + dv);
+  const Tensor flat = randn({rows_w * r + 1}, 0.1f);
+  const Tensor w = dev(flat).slice(1, rows_w * r + 1).reshape({rows_w, r});
+  const Tensor w_ref = flat.slice(1, rows_w * r + 1).reshape({rows_w, r}).clone();
+  Tensor cos_t, sin_t;
+  std::tie(cos_t, sin_t) = random_rope_table(30, dr, rng_);
+  const Tensor q = randn({n, H * (dn + dr)}), pos = i32_of({29, 3});
+  Tensor q_lat = Tensor::empty({n * H, r}), q_rope = Tensor::empty({n * H, dr});
+  cpu().mla_absorb_query(q_lat, q_rope, q, w_ref, cos_t, sin_t, pos, H, dn, dr, dv);
+  Tensor gq_lat = poisoned({n * H, r}), gq_rope = poisoned({n * H, dr});
+  gpu().mla_absorb_query(gq_lat, gq_rope, dev(q), w, dev(cos_t), dev(sin_t), dev(pos), H, dn, dr,
+                         dv);
+  EXPECT_CLOSE(gq_lat, q_lat, kF32Tol);
+  EXPECT_CLOSE(gq_rope, q_rope, kF32Tol);
+  const Tensor ctx = randn({n * H, r});
+  Tensor o = Tensor::empty({n, H * dv}), go = poisoned({n, H * dv});
+  cpu().mla_value_heads(o, ctx, w_ref, H, dn, dv);
+  gpu().mla_value_heads(go, dev(ctx), w, H, dn, dv);
+  EXPECT_CLOSE(go, o, kF32Tol);
+
+  // A position past the rope table: reported at the next read back, rotated by row 0's angle.
+  expect_index_error(
+      [&] {
+        gpu().mla_absorb_query(gq_lat, gq_rope, dev(q), w, dev(cos_t), dev(sin_t),
+                               dev(i32_of({4, 30})), H, dn, dr, dv);
+      },
+      gq_rope, "mla_absorb_query: position 30 at position 1 out of range [0, 30)");
+  // Shapes and dtypes are checked on the host, before any launch.
+  EXPECT_THROW(gpu().mla_absorb_query(gq_lat, gq_rope, dev(q), w, dev(cos_t), dev(sin_t), dev(pos),
+                                      H, dn, dr, dv + 1),
+               Error);
+  EXPECT_THROW(gpu().mla_absorb_query(gq_lat, gq_rope, dev(q), w, dev(cos_t), dev(sin_t), pos, H,
+                                      dn, dr, dv),
+               Error);  // host positions
+  EXPECT_THROW(gpu().mla_value_heads(go, dev(ctx), w, H + 1, dn, dv), Error);
+  EXPECT_THROW(gpu().mla_value_heads(go, dev(ctx), w.to_host(), H, dn, dv), Error);  // host weight
+  EXPECT_TRUE(gpu().supports(Op::MlaAbsorbQuery, DType::BF16));
+  EXPECT_TRUE(gpu().supports(Op::MlaValueHeads, DType::BF16));
+  EXPECT_FALSE(cpu().supports(Op::MlaAbsorbQuery, DType::BF16));
+}
+
 TEST_F(CudaBackendTest, IndexErrorsReportTheFirstBadOpAndReset) {
   const int64_t V = 10, C = 4, T = 6;
   Tensor table = dev(randn({V, C})), out = poisoned({T, C});

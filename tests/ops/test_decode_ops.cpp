@@ -1,7 +1,8 @@
 // The CPU backend's decode ops against scalar references written here: the strided batched GEMM
 // (MLA's per-head products over head blocks of wider tensors), the causal row softmax, the cache
-// write at given rows (set_rows) and the latent attention at device-side positions. The CPU
-// backend is the oracle of the CUDA tests, so it is checked against plain loops first.
+// write at given rows (set_rows), the latent attention at device-side positions and the fused ops
+// of MLA's decode step (cache write, query absorption, value heads). The CPU backend is the
+// oracle of the CUDA tests, so it is checked against plain loops first.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -261,6 +262,220 @@ TEST(DecodeOps, LatentAttentionRejectsBadShapesAndPositions) {
       EXPECT_NE(std::string(e.what()).find(want), std::string::npos) << e.what();
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fused ops of MLA's decode step against plain loops (in double). Odd sizes, several tokens
+// at positions out of order, a rope table [max_pos, dr/2] of random angles.
+
+struct RopeTab {
+  Tensor cos, sin;
+};
+RopeTab random_rope(int64_t max_pos, int64_t dr, std::mt19937_64& rng) {
+  RopeTab t{Tensor::empty({max_pos, dr / 2}), Tensor::empty({max_pos, dr / 2})};
+  std::uniform_real_distribution<float> angle(-3.0f, 3.0f);
+  for (int64_t i = 0; i < t.cos.numel(); ++i) {
+    const float a = angle(rng);
+    t.cos.f32()[i] = std::cos(a);
+    t.sin.f32()[i] = std::sin(a);
+  }
+  return t;
+}
+
+Tensor positions_of(const std::vector<int32_t>& p) {
+  Tensor t = Tensor::empty({int64_t(p.size())}, DType::I32);
+  std::copy(p.begin(), p.end(), t.i32());
+  return t;
+}
+
+// out[2j], out[2j+1]: the pair of in rotated by the table's angle at `pos` (the rope op's
+// convention: (a, b) -> (a c - b s, b c + a s)).
+void reference_rotate(double* out, const float* in, int64_t dr, const RopeTab& t, int64_t pos) {
+  for (int64_t j = 0; j < dr / 2; ++j) {
+    const double a = in[2 * j], b = in[2 * j + 1];
+    const double c = t.cos.f32()[pos * (dr / 2) + j], s = t.sin.f32()[pos * (dr / 2) + j];
+    out[2 * j] = a * c - b * s;
+    out[2 * j + 1] = b * c + a * s;
+  }
+}
+
+void expect_error_containing(const std::function<void()>& f, const std::string& want) {
+  try {
+    f();
+    ADD_FAILURE() << "no error (expected \"" << want << "\")";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(want), std::string::npos) << e.what();
+  }
+}
+
+TEST(DecodeOps, MlaCacheWriteMatchesLoops) {
+  std::mt19937_64 rng(10);
+  const int64_t cap = 11, r = 13, dr = 6, n = 3;
+  const float eps = 1e-6f;
+  const RopeTab rope = random_rope(cap + 2, dr, rng);
+  const std::vector<int32_t> pos = {7, 0, int32_t(cap - 1)};  // out of order, both ends
+  Tensor kv_latent = randn({cap, r}, rng), k_rope = randn({cap, dr}, rng);
+  const Tensor lat_before = kv_latent.clone(), rope_before = k_rope.clone();
+  const Tensor kv_a = randn({n, r + dr}, rng), w = randn({r}, rng);
+  backend(Device::CPU)
+      .mla_cache_write(kv_latent, k_rope, kv_a, w, eps, rope.cos, rope.sin, positions_of(pos));
+  for (int64_t row = 0; row < cap; ++row) {
+    const auto it = std::find(pos.begin(), pos.end(), int32_t(row));
+    if (it == pos.end()) {  // rows no token names are untouched
+      for (int64_t c = 0; c < r; ++c)
+        EXPECT_EQ(kv_latent.f32()[row * r + c], lat_before.f32()[row * r + c]) << row;
+      for (int64_t c = 0; c < dr; ++c)
+        EXPECT_EQ(k_rope.f32()[row * dr + c], rope_before.f32()[row * dr + c]) << row;
+      continue;
+    }
+    const int64_t i = it - pos.begin();
+    const float* x = kv_a.f32() + i * (r + dr);
+    double ss = 0.0;
+    for (int64_t c = 0; c < r; ++c) ss += double(x[c]) * x[c];
+    const double rstd = 1.0 / std::sqrt(ss / double(r) + eps);
+    for (int64_t c = 0; c < r; ++c)
+      EXPECT_NEAR(kv_latent.f32()[row * r + c], w.f32()[c] * x[c] * rstd, 1e-5) << row << " " << c;
+    std::vector<double> want(static_cast<size_t>(dr));
+    reference_rotate(want.data(), x + r, dr, rope, row);
+    for (int64_t c = 0; c < dr; ++c)
+      EXPECT_NEAR(k_rope.f32()[row * dr + c], want[size_t(c)], 1e-5) << row << " " << c;
+  }
+
+  // The ops it replaces (copy_columns, rmsnorm_forward, rope, set_rows) give the same values, to
+  // rounding (the compiler may contract a product and a sum differently in the two loops).
+  Backend& cpu = backend(Device::CPU);
+  Tensor lat2 = lat_before.clone(), rope2 = rope_before.clone();
+  Tensor c_kv = Tensor::empty({n, r}), kr = Tensor::empty({n, dr}), normed = Tensor::empty({n, r});
+  Tensor rstd = Tensor::empty({n});
+  cpu.copy_columns(c_kv, 0, kv_a, 0, r, false);
+  cpu.copy_columns(kr, 0, kv_a, r, dr, false);
+  cpu.rope(kr, 1, dr, 0, dr, rope.cos, rope.sin, positions_of(pos), false);
+  cpu.rmsnorm_forward(normed, rstd, c_kv, w, eps);
+  cpu.set_rows(lat2, normed, positions_of(pos));
+  cpu.set_rows(rope2, kr, positions_of(pos));
+  for (int64_t i = 0; i < lat2.numel(); ++i) EXPECT_NEAR(kv_latent.f32()[i], lat2.f32()[i], 1e-6);
+  for (int64_t i = 0; i < rope2.numel(); ++i) EXPECT_NEAR(k_rope.f32()[i], rope2.f32()[i], 1e-6);
+}
+
+TEST(DecodeOps, MlaCacheWriteRejectsBadPositionsAndShapes) {
+  std::mt19937_64 rng(11);
+  const int64_t cap = 9, r = 5, dr = 4, n = 2;
+  Tensor kv_latent = randn({cap, r}, rng), k_rope = randn({cap, dr}, rng);
+  const Tensor before = kv_latent.clone();
+  const Tensor kv_a = randn({n, r + dr}, rng), w = randn({r}, rng);
+  Backend& cpu = backend(Device::CPU);
+  // The bound is the smaller of the cache and the rope table.
+  struct Bad {
+    int64_t table_rows;
+    int32_t position;
+    int64_t limit;
+  };
+  for (const Bad& b : {Bad{cap + 3, int32_t(cap), cap}, Bad{6, 6, 6}, Bad{20, -1, cap}}) {
+    const RopeTab rope = random_rope(b.table_rows, dr, rng);
+    const int32_t bad = b.position;
+    const int64_t limit = b.limit;
+    expect_error_containing(
+        [&] {
+          cpu.mla_cache_write(kv_latent, k_rope, kv_a, w, 1e-6f, rope.cos, rope.sin,
+                              positions_of({3, bad}));
+        },
+        "mla_cache_write: position " + std::to_string(bad) + " at position 1 out of range [0, " +
+            std::to_string(limit) + ")");
+    // Checked before anything is written: the good row 3 is untouched too.
+    for (int64_t i = 0; i < before.numel(); ++i) EXPECT_EQ(kv_latent.f32()[i], before.f32()[i]);
+  }
+  const RopeTab rope = random_rope(cap, dr, rng);
+  const Tensor pos = positions_of({1, 2});
+  Tensor narrow = randn({n, r + dr - 1}, rng), short_rope = randn({cap - 1, dr}, rng);
+  EXPECT_THROW(cpu.mla_cache_write(kv_latent, k_rope, narrow, w, 1e-6f, rope.cos, rope.sin, pos),
+               Error);
+  EXPECT_THROW(cpu.mla_cache_write(kv_latent, short_rope, kv_a, w, 1e-6f, rope.cos, rope.sin, pos),
+               Error);
+  EXPECT_THROW(cpu.mla_cache_write(kv_latent, k_rope, kv_a, randn({r + 1}, rng), 1e-6f, rope.cos,
+                                   rope.sin, pos),
+               Error);
+  EXPECT_THROW(
+      cpu.mla_cache_write(kv_latent, k_rope, kv_a, w, 1e-6f, rope.cos, rope.sin, positions_of({1})),
+      Error);
+}
+
+// q_lat[i*H+h, c] = sum_d q[i, h*(dn+dr)+d] kv_b[h*(dn+dv)+d, c]; q_rope = the roped q_pe.
+void reference_absorb(Tensor& q_lat, Tensor& q_rope, const Tensor& q, const Tensor& kv_b,
+                      const RopeTab& rope, const std::vector<int32_t>& pos, int64_t H, int64_t dn,
+                      int64_t dr, int64_t dv) {
+  const int64_t n = q.dim(0), r = kv_b.dim(1);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t h = 0; h < H; ++h) {
+      const float* qh = q.f32() + i * H * (dn + dr) + h * (dn + dr);
+      for (int64_t c = 0; c < r; ++c) {
+        double s = 0.0;
+        for (int64_t d = 0; d < dn; ++d)
+          s += double(qh[d]) * kv_b.f32()[(h * (dn + dv) + d) * r + c];
+        q_lat.f32()[(i * H + h) * r + c] = float(s);
+      }
+      std::vector<double> rot(static_cast<size_t>(dr));
+      reference_rotate(rot.data(), qh + dn, dr, rope, pos[size_t(i)]);
+      for (int64_t c = 0; c < dr; ++c) q_rope.f32()[(i * H + h) * dr + c] = float(rot[size_t(c)]);
+    }
+}
+
+TEST(DecodeOps, MlaAbsorbQueryMatchesLoops) {
+  std::mt19937_64 rng(12);
+  const int64_t H = 3, dn = 5, dr = 4, dv = 7, r = 9, n = 3;
+  const RopeTab rope = random_rope(8, dr, rng);
+  const std::vector<int32_t> pos = {4, 0, 7};
+  const Tensor q = randn({n, H * (dn + dr)}, rng), q_before = q.clone();
+  const Tensor kv_b = randn({H * (dn + dv), r}, rng);
+  Tensor q_lat = Tensor::empty({n * H, r}), q_rope = Tensor::empty({n * H, dr});
+  backend(Device::CPU)
+      .mla_absorb_query(q_lat, q_rope, q, kv_b, rope.cos, rope.sin, positions_of(pos), H, dn, dr,
+                        dv);
+  Tensor ref_lat = Tensor::empty({n * H, r}), ref_rope = Tensor::empty({n * H, dr});
+  reference_absorb(ref_lat, ref_rope, q, kv_b, rope, pos, H, dn, dr, dv);
+  for (int64_t i = 0; i < q_lat.numel(); ++i) EXPECT_NEAR(q_lat.f32()[i], ref_lat.f32()[i], 1e-5);
+  for (int64_t i = 0; i < q_rope.numel(); ++i)
+    EXPECT_NEAR(q_rope.f32()[i], ref_rope.f32()[i], 1e-5);
+  for (int64_t i = 0; i < q.numel(); ++i) EXPECT_EQ(q.f32()[i], q_before.f32()[i]);  // q is input
+
+  Backend& cpu = backend(Device::CPU);
+  expect_error_containing(
+      [&] {
+        cpu.mla_absorb_query(q_lat, q_rope, q, kv_b, rope.cos, rope.sin, positions_of({1, 8, 2}), H,
+                             dn, dr, dv);
+      },
+      "mla_absorb_query: position 8 at position 1 out of range [0, 8)");
+  const Tensor p = positions_of(pos);
+  EXPECT_THROW(
+      cpu.mla_absorb_query(q_lat, q_rope, q, kv_b, rope.cos, rope.sin, p, H, dn, dr, dv + 1),
+      Error);  // kv_b rows
+  EXPECT_THROW(cpu.mla_absorb_query(q_lat, q_rope, q, kv_b, rope.cos, rope.sin, p, H, dn + 1,
+                                    dr - 1, dv - 1),
+               Error);  // odd rope dim
+  Tensor few = Tensor::empty({(n - 1) * H, r});
+  EXPECT_THROW(cpu.mla_absorb_query(few, q_rope, q, kv_b, rope.cos, rope.sin, p, H, dn, dr, dv),
+               Error);
+}
+
+TEST(DecodeOps, MlaValueHeadsMatchesLoops) {
+  std::mt19937_64 rng(13);
+  const int64_t H = 3, dn = 5, dv = 7, r = 9, n = 2;
+  const Tensor ctx = randn({n * H, r}, rng), kv_b = randn({H * (dn + dv), r}, rng);
+  Tensor o = Tensor::empty({n, H * dv});
+  backend(Device::CPU).mla_value_heads(o, ctx, kv_b, H, dn, dv);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t j = 0; j < dv; ++j) {
+        double s = 0.0;
+        for (int64_t c = 0; c < r; ++c)
+          s +=
+              double(ctx.f32()[(i * H + h) * r + c]) * kv_b.f32()[(h * (dn + dv) + dn + j) * r + c];
+        EXPECT_NEAR(o.f32()[i * H * dv + h * dv + j], s, 1e-5) << i << " " << h << " " << j;
+      }
+  Backend& cpu = backend(Device::CPU);
+  EXPECT_THROW(cpu.mla_value_heads(o, ctx, kv_b, H, dn + 1, dv), Error);
+  Tensor wide = Tensor::empty({n, H * dv + 1});
+  EXPECT_THROW(cpu.mla_value_heads(wide, ctx, kv_b, H, dn, dv), Error);
+  EXPECT_THROW(cpu.mla_value_heads(o, randn({n * H + 1, r}, rng), kv_b, H, dn, dv), Error);
 }
 
 }  // namespace

@@ -2,7 +2,8 @@
 // thread pool plus OpenBLAS for GEMM. Every other backend is tested against it.
 // Methods are spread over files by concept: cpu_backend.cpp (memory, GEMM, elementwise, norms),
 // cpu_attention.cpp (and decoding's softmax, argmax), cpu_moe.cpp (gate, dispatch/combine),
-// cpu_loss.cpp, cpu_optim.cpp (AdamW, sum of squares).
+// cpu_loss.cpp, cpu_optim.cpp (AdamW, sum of squares), cpu_mla_step.cpp (the fused ops of MLA's
+// decode step).
 #pragma once
 
 #include "ops/ops.h"
@@ -50,6 +51,14 @@ class CpuBackend final : public Backend {
   void latent_attention(Tensor& ctx, const Tensor& q_lat, const Tensor& q_rope,
                         const Tensor& kv_latent, const Tensor& k_rope, const Tensor& positions,
                         int64_t heads, float scale) override;
+  void mla_cache_write(Tensor& kv_latent, Tensor& k_rope, const Tensor& kv_a, const Tensor& norm_w,
+                       float eps, const Tensor& cos, const Tensor& sin,
+                       const Tensor& positions) override;
+  void mla_absorb_query(Tensor& q_lat, Tensor& q_rope, const Tensor& q, const Tensor& kv_b,
+                        const Tensor& cos, const Tensor& sin, const Tensor& positions,
+                        int64_t heads, int64_t dn, int64_t dr, int64_t dv) override;
+  void mla_value_heads(Tensor& o, const Tensor& ctx, const Tensor& kv_b, int64_t heads, int64_t dn,
+                       int64_t dv) override;
   void cross_entropy_forward(Tensor& losses, const Tensor& logits, const Tensor& targets) override;
   void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& targets,
                               float scale) override;

@@ -304,9 +304,9 @@ void CudaBackend::memory_info(size_t& free_bytes, size_t& total_bytes) {
   free_bytes += alloc_.cached_bytes();
 }
 
-// BF16: GEMM operands (weights; the experts' activations), the embedding table, and the bf16
-// activation variants of the MoE layer's dispatch, SwiGLU and combine (ops.h gives each op's dtype
-// rules).
+// BF16: GEMM operands (weights; the experts' activations), the embedding table, MLA's kv_b weight
+// in the decode step's fused ops, and the bf16 activation variants of the MoE layer's dispatch,
+// SwiGLU and combine (ops.h gives each op's dtype rules).
 bool CudaBackend::supports(Op op, DType dtype) const {
   if (dtype == DType::F32) return true;
   if (dtype != DType::BF16) return false;
@@ -319,6 +319,8 @@ bool CudaBackend::supports(Op op, DType dtype) const {
     case Op::SwiGLU:
     case Op::ScatterAddRows:
     case Op::RowDot:
+    case Op::MlaAbsorbQuery:
+    case Op::MlaValueHeads:
       return true;
     default:
       return false;

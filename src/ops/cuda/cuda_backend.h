@@ -119,6 +119,14 @@ class CudaBackend final : public Backend {
   void latent_attention(Tensor& ctx, const Tensor& q_lat, const Tensor& q_rope,
                         const Tensor& kv_latent, const Tensor& k_rope, const Tensor& positions,
                         int64_t heads, float scale) override;
+  void mla_cache_write(Tensor& kv_latent, Tensor& k_rope, const Tensor& kv_a, const Tensor& norm_w,
+                       float eps, const Tensor& cos, const Tensor& sin,
+                       const Tensor& positions) override;
+  void mla_absorb_query(Tensor& q_lat, Tensor& q_rope, const Tensor& q, const Tensor& kv_b,
+                        const Tensor& cos, const Tensor& sin, const Tensor& positions,
+                        int64_t heads, int64_t dn, int64_t dr, int64_t dv) override;
+  void mla_value_heads(Tensor& o, const Tensor& ctx, const Tensor& kv_b, int64_t heads, int64_t dn,
+                       int64_t dv) override;
   void cross_entropy_forward(Tensor& losses, const Tensor& logits, const Tensor& targets) override;
   void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& targets,
                               float scale) override;
@@ -155,9 +163,10 @@ class CudaBackend final : public Backend {
   [[nodiscard]] Tensor check_indices(const Tensor& idx, int64_t limit, const char* op,
                                      const char* what, bool allow_negative = false);
   // The same check done by the op's own kernel (the ops of a decode step: rope, set_rows,
-  // embedding_forward, moe_experts_small), which saves the check kernel and the copy: returns the
-  // descriptor to pass to it (cuda::IndexCheck, ops/cuda/index_check.cuh) and marks checks
-  // pending; launches nothing. Same errors and messages as check_indices (which uses it).
+  // embedding_forward, moe_experts_small, latent_attention, mla_*), which saves the check kernel
+  // and the copy: returns the descriptor to pass to it (cuda::IndexCheck, ops/cuda/index_check.cuh)
+  // and marks checks pending; launches nothing. Same errors and messages as check_indices (which
+  // uses it).
   [[nodiscard]] cuda::IndexCheck index_check(const Tensor& idx, int64_t limit, const char* op,
                                              const char* what, bool allow_negative = false);
   // Raises the first index error recorded since the last call, if any; waits for the device

@@ -161,20 +161,22 @@ __device__ inline void add_lane_dots(float (&dot)[kHeadsPerWarp],
   }
 }
 
-// The block's token's position, checked: block (0, 0, 0) records the launch's first bad position
-// (an out-of-range one reads as the replacement row, so nothing outside the cache is touched).
-__device__ inline int64_t checked_position(const IndexCheck& ic, const int32_t* positions,
-                                           int64_t tokens, int64_t token) {
+// The block's token's position, checked: block (0, 0, 0) records the first bad entry of the
+// op's positions check_positions[0, check_n) (kernels.h), before any block returns; an
+// out-of-range position reads as the replacement row, so nothing outside the cache is touched.
+__device__ inline int64_t checked_position(const IndexCheck& ic, const int32_t* check_positions,
+                                           int64_t check_n, const int32_t* positions,
+                                           int64_t token) {
   if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0)
-    record_first_bad_index(ic, positions, tokens);
+    record_first_bad_index(ic, check_positions, check_n);
   return checked_index(ic, positions[token]);
 }
 
 __global__ void __launch_bounds__(kLatentWarps * 32)
     latent_partial_kernel(float* part_acc, float* part_ml, const float* q_lat, const float* q_rope,
                           const float* kv_latent, const float* k_rope, const int32_t* positions,
-                          IndexCheck ic, int64_t tokens, int64_t heads, int64_t rank, int64_t rope,
-                          int64_t chunk, float scale) {
+                          IndexCheck ic, const int32_t* check_positions, int64_t check_n,
+                          int64_t heads, int64_t rank, int64_t rope, int64_t chunk, float scale) {
   // 16 x (512 + 64) floats = 36 KB: under the 48 KB of static shared memory.
   __shared__ __align__(16) float tile_lat[kLatentTile * kLatentMaxRank];
   __shared__ __align__(16) float tile_rope[kLatentTile * kLatentMaxRope];
@@ -183,7 +185,8 @@ __global__ void __launch_bounds__(kLatentWarps * 32)
   const int64_t split = blockIdx.x, splits = gridDim.x, token = blockIdx.z;
   const int warp = int(threadIdx.x) >> 5, lane = int(threadIdx.x) & 31;
   const int64_t h0 = int64_t(blockIdx.y) * kLatentBlockHeads + warp * kHeadsPerWarp;
-  const int64_t last = checked_position(ic, positions, tokens, token);  // sees rows [0, last]
+  const int64_t last =
+      checked_position(ic, check_positions, check_n, positions, token);  // sees rows [0, last]
   const int64_t j0 = split * chunk, j1 = min(j0 + chunk, last + 1);
   float* ml = part_ml + (token * splits + split) * heads * 2;  // (m, l) per head
   float* acc_out = part_acc + (token * splits + split) * heads * rank;
@@ -338,9 +341,10 @@ cudaError_t latent_attention(float* ctx, float* part_acc, float* part_ml, const 
       groups > 65535)
     return cudaErrorInvalidValue;
   const dim3 grid(unsigned(splits), unsigned(groups), unsigned(s.tokens));
-  const cudaError_t e = launch_dependent(
-      latent_partial_kernel, grid, dim3(kLatentWarps * 32), part_acc, part_ml, q_lat, q_rope,
-      kv_latent, k_rope, positions, ic, s.tokens, s.heads, s.rank, s.rope, chunk, s.scale);
+  const cudaError_t e =
+      launch_dependent(latent_partial_kernel, grid, dim3(kLatentWarps * 32), part_acc, part_ml,
+                       q_lat, q_rope, kv_latent, k_rope, positions, ic, check_positions, check_n,
+                       s.heads, s.rank, s.rope, chunk, s.scale);
   if (e != cudaSuccess) return e;
   return launch_dependent(latent_combine_kernel, dim3(unsigned(s.tokens * s.heads)),
                           dim3(kCombineThreads), ctx, part_acc, part_ml, positions, ic, s.heads,

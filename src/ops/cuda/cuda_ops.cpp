@@ -4,9 +4,9 @@
 // a kernel would dereference (token ids, positions, scatter rows) go through check_indices first,
 // since a kernel cannot throw: the kernel runs on its range-safe copy, and a bad entry is reported
 // at the next synchronising call (cuda_backend.h). The ops of a decode step (rope, set_rows,
-// embedding_forward, latent_attention, moe_experts_small) check their indices inside their own
-// kernel instead
-// (index_check): the check kernel and its copy were ~1.6 us each, about six per layer.
+// embedding_forward, moe_experts_small, latent_attention and the fused MLA step ops) check their
+// indices inside their own kernel instead (index_check): the check kernel and its copy were
+// ~1.6 us each, about six per layer.
 #include <algorithm>
 
 #include "ops/cuda/cuda_backend.h"
@@ -211,6 +211,7 @@ void CudaBackend::latent_attention(Tensor& ctx, const Tensor& q_lat, const Tenso
                "latent_attention: rank {} and rope dim {} beyond the kernel's limits ({} and {})",
                r, dr, cuda::kLatentMaxRank, cuda::kLatentMaxRope);
   if (n == 0) return;
+  // Checked inside the kernels (a separate check kernel and copy cost ~1.6 us per step and layer).
   const cuda::IndexCheck ic = index_check(positions, cap, op, "position");
   // The partials of up to 64 MB of tokens per launch (a long prompt through this op would
   // otherwise need n * splits * H * r floats at once); a decode step is one launch.
@@ -221,11 +222,61 @@ void CudaBackend::latent_attention(Tensor& ctx, const Tensor& q_lat, const Tenso
   Tensor ml = scratch({step * splits * H * 2}, DType::F32);
   for (int64_t i0 = 0; i0 < n; i0 += step) {
     const cuda::LatentShape s{std::min(step, n - i0), H, r, dr, cap, scale};
+    cuda::IndexCheck launch_check = ic;
+    if (i0 > 0) launch_check.slot = nullptr;  // the first launch records for all n positions
     check(cuda::latent_attention(ctx.f32() + i0 * H * r, acc.f32(), ml.f32(),
                                  q_lat.f32() + i0 * H * r, q_rope.f32() + i0 * H * dr,
-                                 kv_latent.f32(), k_rope.f32(), positions.i32() + i0, ic, s),
+                                 kv_latent.f32(), k_rope.f32(), positions.i32() + i0, launch_check,
+                                 positions.i32(), n, s),
           op);
   }
+}
+
+// The fused ops of MLA's decode step (cuda_mla_step.cu): shapes checked as the CPU backend does
+// (ops.h's mla_*_dims), positions inside the kernels (index_check), kv_b F32 or BF16 as stored.
+void CudaBackend::mla_cache_write(Tensor& kv_latent, Tensor& k_rope, const Tensor& kv_a,
+                                  const Tensor& norm_w, float eps, const Tensor& cos,
+                                  const Tensor& sin, const Tensor& positions) {
+  const char* op = "mla_cache_write";
+  expect_all_f32({&kv_latent, &k_rope, &kv_a, &norm_w, &cos, &sin}, op);
+  const MlaStepDims d = mla_cache_write_dims(kv_latent, k_rope, kv_a, norm_w, cos, sin, positions);
+  if (d.n == 0) return;
+  const cuda::IndexCheck ic = index_check(positions, d.limit, op, "position");
+  const cuda::MlaStepShape s{.tokens = d.n, .heads = 1, .rank = d.r, .dn = 0, .dr = d.dr, .dv = 0};
+  check(cuda::mla_cache_write(kv_latent.f32(), k_rope.f32(), kv_a.f32(), norm_w.f32(), eps,
+                              cos.f32(), sin.f32(), positions.i32(), ic, s),
+        op);
+}
+
+void CudaBackend::mla_absorb_query(Tensor& q_lat, Tensor& q_rope, const Tensor& q,
+                                   const Tensor& kv_b, const Tensor& cos, const Tensor& sin,
+                                   const Tensor& positions, int64_t heads, int64_t dn, int64_t dr,
+                                   int64_t dv) {
+  const char* op = "mla_absorb_query";
+  expect_all_f32({&q_lat, &q_rope, &q, &cos, &sin}, op);
+  expect_f32_or_bf16(kv_b, op, "kv_b");
+  const MlaStepDims d =
+      mla_absorb_query_dims(q_lat, q_rope, q, kv_b, cos, sin, positions, heads, dn, dr, dv);
+  if (d.n == 0) return;
+  const cuda::IndexCheck ic = index_check(positions, d.limit, op, "position");
+  const cuda::MlaStepShape s{
+      .tokens = d.n, .heads = heads, .rank = d.r, .dn = dn, .dr = dr, .dv = dv};
+  check(cuda::mla_absorb_query(q_lat.f32(), q_rope.f32(), q.f32(), kv_b.raw(),
+                               kv_b.dtype() == DType::BF16, cos.f32(), sin.f32(), positions.i32(),
+                               ic, s),
+        op);
+}
+
+void CudaBackend::mla_value_heads(Tensor& o, const Tensor& ctx, const Tensor& kv_b, int64_t heads,
+                                  int64_t dn, int64_t dv) {
+  const char* op = "mla_value_heads";
+  expect_all_f32({&o, &ctx}, op);
+  expect_f32_or_bf16(kv_b, op, "kv_b");
+  const MlaStepDims d = mla_value_heads_dims(o, ctx, kv_b, heads, dn, dv);
+  if (d.n == 0) return;
+  const cuda::MlaStepShape s{
+      .tokens = d.n, .heads = heads, .rank = d.r, .dn = dn, .dr = 0, .dv = dv};
+  check(cuda::mla_value_heads(o.f32(), ctx.f32(), kv_b.raw(), kv_b.dtype() == DType::BF16, s), op);
 }
 
 void CudaBackend::cross_entropy_forward(Tensor& losses, const Tensor& logits,

@@ -48,8 +48,9 @@ struct IndexCheck {
 };
 // safe[i] = idx[i] when valid under `c`, else c.replacement; the first bad entry recorded as
 // above. One block: index tensors are small (tokens, or tokens x top-k). The ops on the decode
-// path (rope, set_rows, embedding_forward, moe_experts_small) take an IndexCheck instead and check
-// inside their own kernel: no launch and no scratch copy for the check.
+// path (rope, set_rows, embedding_forward, moe_experts_small, latent_attention, the fused MLA step
+// ops) take an IndexCheck instead and check inside their own kernel: no launch and no scratch copy
+// for the check.
 cudaError_t check_indices(int32_t* safe, const int32_t* idx, int64_t n, const IndexCheck& c);
 // SwiGLU on activations stored as F32 or BF16 (`dtype`s; math in fp32, bf16 outputs rounded once).
 // Forward: h, gate and up all of `dtype`. Backward: gate and up of in_dtype, dh of dh_dtype,
@@ -176,13 +177,38 @@ struct LatentShape {
   float scale = 1.0f;
 };
 // ctx, q_lat [tokens * heads, rank], q_rope [tokens * heads, rope], kv_latent [cap, rank], k_rope
-// [cap, rope], positions [tokens] (checked in the kernels under `ic`: a bad one is recorded and
-// reads as the replacement). Scratch: part_acc holds
-// tokens * latent_splits(cap) * heads * rank floats, part_ml tokens * latent_splits(cap) * heads
-// * 2. cudaErrorInvalidValue when a size is beyond the limits above.
+// [cap, rope], positions [tokens], each used through `positions_check` (limit: cap); the launch
+// records the first bad entry of check_positions[0, check_n) (the op's positions, of which a long
+// prompt's launches take a slice each: one launch records, the others pass a check without slot).
+// Scratch: part_acc holds tokens * latent_splits(cap) * heads * rank floats, part_ml tokens *
+// latent_splits(cap) * heads * 2. cudaErrorInvalidValue when a size is beyond the limits above.
 cudaError_t latent_attention(float* ctx, float* part_acc, float* part_ml, const float* q_lat,
                              const float* q_rope, const float* kv_latent, const float* k_rope,
-                             const int32_t* positions, const IndexCheck& ic, const LatentShape& s);
+                             const int32_t* positions, const IndexCheck& positions_check,
+                             const int32_t* check_positions, int64_t check_n, const LatentShape& s);
+
+// --- MLA's fused decode-step ops (cuda_mla_step.cu; ops.h says what each computes). Positions
+// are checked inside the kernels by `positions_check` (a bad one is replaced by row 0 and
+// recorded, as set_rows does); cos and sin are [rows, rope / 2].
+struct MlaStepShape {
+  int64_t tokens = 0, heads = 0, rank = 0, dn = 0, dr = 0, dv = 0;
+};
+// Backend::mla_cache_write: kv_latent [cap, rank], k_rope [cap, dr], kv_a [tokens, rank + dr],
+// norm_w [rank] (heads, dn, dv unused). One block per token.
+cudaError_t mla_cache_write(float* kv_latent, float* k_rope, const float* kv_a, const float* norm_w,
+                            float eps, const float* cos, const float* sin, const int32_t* positions,
+                            const IndexCheck& positions_check, const MlaStepShape& s);
+// Backend::mla_absorb_query with kv_b [heads * (dn + dv), rank] F32, or BF16 (kv_b_bf16). One
+// launch for any number of tokens (kMlaAbsorbTokens per pass over the weight).
+constexpr int kMlaAbsorbTokens = 4;
+cudaError_t mla_absorb_query(float* q_lat, float* q_rope, const float* q, const void* kv_b,
+                             bool kv_b_bf16, const float* cos, const float* sin,
+                             const int32_t* positions, const IndexCheck& positions_check,
+                             const MlaStepShape& s);
+// Backend::mla_value_heads: o [tokens, heads * dv] from ctx [tokens * heads, rank] and kv_b as
+// above (dr unused).
+cudaError_t mla_value_heads(float* o, const float* ctx, const void* kv_b, bool kv_b_bf16,
+                            const MlaStepShape& s);
 
 // --- losses (cuda_loss.cu)
 cudaError_t cross_entropy_forward(float* losses, const float* logits, const int32_t* targets,
