@@ -332,7 +332,9 @@ __global__ void __launch_bounds__(kCombineThreads)
 
 cudaError_t latent_attention(float* ctx, float* part_acc, float* part_ml, const float* q_lat,
                              const float* q_rope, const float* kv_latent, const float* k_rope,
-                             const int32_t* positions, const IndexCheck& ic, const LatentShape& s) {
+                             const int32_t* positions, const IndexCheck& ic,
+                             const int32_t* check_positions, int64_t check_n,
+                             const LatentShape& s) {
   if (s.tokens <= 0 || s.heads <= 0) return cudaSuccess;
   const int64_t chunk = latent_chunk(s.cap), splits = latent_splits(s.cap);
   const int64_t groups = (s.heads + kLatentBlockHeads - 1) / kLatentBlockHeads;
