@@ -1,4 +1,4 @@
-// SwiGLU MLP forward/backward.
+// SwiGLU MLP forward/backward, and the inference-only forward into a residual (forward_add).
 #include "nn/mlp.h"
 
 #include "nn/linear.h"
@@ -26,6 +26,17 @@ Tensor MLP::forward(Backend& be, const Tensor& x) {
   Tensor y = Tensor::empty({T, H}, DType::F32, x.device());
   linear_forward(be, y, saved.h, *down_proj);
   return y;
+}
+
+void MLP::forward_add(Backend& be, const Tensor& x, Tensor& y) {
+  const int64_t T = x.dim(0), I = intermediate();
+  Tensor gate = Tensor::empty({T, I}, DType::F32, x.device());
+  Tensor up = Tensor::empty({T, I}, DType::F32, x.device());
+  Tensor h = Tensor::empty({T, I}, DType::F32, x.device());
+  linear_forward(be, gate, x, *gate_proj);
+  linear_forward(be, up, x, *up_proj);
+  be.swiglu_forward(h, gate, up);
+  be.matmul(y, h, down_proj->value, false, true, 1.0f, /*beta=*/1.0f);
 }
 
 void MLP::backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate) {

@@ -22,6 +22,9 @@ struct MLP {
 
   // y [T,H] from x [T,H].
   Tensor forward(Backend& be, const Tensor& x);
+  // Inference only: y [T,H] += down(silu(gate x) * up x), the down projection accumulating into y
+  // itself (beta = 1: no output tensor, no add kernel). Saves nothing for backward.
+  void forward_add(Backend& be, const Tensor& x, Tensor& y);
   // dx (= or +=) from dy; parameter grads accumulate for the ones that train.
   void backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate);
 };

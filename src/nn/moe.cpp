@@ -90,33 +90,51 @@ bool bf16_activations(Backend& be) {
   return true;
 }
 
-}  // namespace
-
-Tensor MoE::forward(Backend& be, const Tensor& x, bool backward_follows) {
-  const int64_t T = x.dim(0), H = x.dim(1), E = int64_t(routed_experts.size());
-  const int64_t I = E > 0 ? routed_experts[0].intermediate() : 0;
-  const Device dev = x.device();
-  ProfileSteps prof(be);
-  prof.next("moe.fwd.route");
-  Routing r = gate.forward(be, x);  // route
-  if (!backward_follows && T * gate.p.top_k <= kSmallMaxPairs) {
-    const std::vector<ExpertWeights> w = small_path_weights(be, routed_experts);
-    if (!w.empty()) {  // experts and combine in two GEMV passes, on the device-side routing
-      prof.next("moe.fwd.small");
-      saved = {};
-      expert_load.clear();
-      Tensor y =
-          has_shared ? shared_experts.forward(be, x) : Tensor::empty({T, H}, DType::F32, dev);
-      be.moe_experts_small(y, x, r.topk_idx, r.topk_w, w, /*accumulate=*/has_shared);
-      return y;
-    }
+// The few-token path (Backend::moe_experts_small) from the routing r: y = MoE(x), allocated here,
+// or y += MoE(x) when accumulate. False, with nothing done, when the routed experts' dtypes keep
+// the op off (small_path_weights). The shared experts ride along in the op's two kernels when their
+// weights have the routed experts' dtype (a decode step then spends no launch on them); else (a
+// trainable fp32 shared expert next to frozen bf16 routed ones) they run first, on their own.
+bool small_path(Backend& be, MoE& m, const Tensor& x, const Routing& r, Tensor& y, bool accumulate,
+                ProfileSteps& prof) {
+  const std::vector<ExpertWeights> w = small_path_weights(be, m.routed_experts);
+  if (w.empty()) return false;
+  prof.next("moe.fwd.small");
+  m.saved = {};
+  m.expert_load.clear();
+  const DType dtype = w[0].gate_proj->dtype();
+  const MLP& s = m.shared_experts;
+  const bool fold = m.has_shared && s.gate_proj->value.dtype() == dtype &&
+                    s.up_proj->value.dtype() == dtype && s.down_proj->value.dtype() == dtype;
+  const ExpertWeights shared{fold ? &s.gate_proj->value : nullptr,
+                             fold ? &s.up_proj->value : nullptr,
+                             fold ? &s.down_proj->value : nullptr};
+  if (m.has_shared && !fold) {
+    if (accumulate)
+      m.shared_experts.forward_add(be, x, y);
+    else
+      y = m.shared_experts.forward(be, x);
+    accumulate = true;
+  } else if (!accumulate) {
+    y = Tensor::empty({x.dim(0), x.dim(1)}, DType::F32, x.device());
   }
+  be.moe_experts_small(y, x, r.topk_idx, r.topk_w, w, accumulate, fold ? &shared : nullptr);
+  return true;
+}
+
+// The grouped path from the routing r: permute, grouped GEMMs, combine; saves what backward needs.
+Tensor grouped_path(Backend& be, MoE& m, const Tensor& x, const Routing& r, ProfileSteps& prof) {
+  const int64_t T = x.dim(0), H = x.dim(1), E = int64_t(m.routed_experts.size());
+  const int64_t I = E > 0 ? m.routed_experts[0].intermediate() : 0;
+  const Device dev = x.device();
+  MoE::Saved& saved = m.saved;
   prof.next("moe.fwd.plan");
   saved.plan = make_dispatch_plan(be, r, E);  // permute: plan
   const std::vector<int64_t>& begin = saved.plan.expert_begin;
   const int64_t N = begin.back();
-  expert_load.resize(size_t(E));
-  for (int64_t e = 0; e < E; ++e) expert_load[size_t(e)] = begin[size_t(e + 1)] - begin[size_t(e)];
+  m.expert_load.resize(size_t(E));
+  for (int64_t e = 0; e < E; ++e)
+    m.expert_load[size_t(e)] = begin[size_t(e + 1)] - begin[size_t(e)];
 
   // The routed experts' activations: F32, or BF16 under the Bf16 precision (bf16_activations).
   const DType act = bf16_activations(be) ? DType::BF16 : DType::F32;
@@ -126,23 +144,54 @@ Tensor MoE::forward(Backend& be, const Tensor& x, bool backward_follows) {
   prof.next("moe.fwd.gate_up");                                 // experts
   saved.gate = Tensor::empty({N, I}, act, dev);
   saved.up = Tensor::empty({N, I}, act, dev);
-  be.grouped_matmul(saved.gate, saved.xs, weights(routed_experts, &MLP::gate_proj), begin, true,
+  be.grouped_matmul(saved.gate, saved.xs, weights(m.routed_experts, &MLP::gate_proj), begin, true,
                     0.0f);
-  be.grouped_matmul(saved.up, saved.xs, weights(routed_experts, &MLP::up_proj), begin, true, 0.0f);
+  be.grouped_matmul(saved.up, saved.xs, weights(m.routed_experts, &MLP::up_proj), begin, true,
+                    0.0f);
   prof.next("moe.fwd.swiglu");
   saved.h = Tensor::empty({N, I}, act, dev);
   be.swiglu_forward(saved.h, saved.gate, saved.up);
   prof.next("moe.fwd.down");
   saved.expert_out = Tensor::empty({N, H}, act, dev);
-  be.grouped_matmul(saved.expert_out, saved.h, weights(routed_experts, &MLP::down_proj), begin,
+  be.grouped_matmul(saved.expert_out, saved.h, weights(m.routed_experts, &MLP::down_proj), begin,
                     true, 0.0f);
 
   prof.next("moe.fwd.shared");
-  Tensor y = has_shared ? shared_experts.forward(be, x) : Tensor::zeros({T, H}, DType::F32, dev);
+  Tensor y =
+      m.has_shared ? m.shared_experts.forward(be, x) : Tensor::zeros({T, H}, DType::F32, dev);
   prof.next("moe.fwd.combine");
   be.scatter_add_rows(y, saved.expert_out, saved.plan.slot_token,
                       &saved.plan.slot_weight);  // combine (fp32 sums)
   return y;
+}
+
+}  // namespace
+
+Tensor MoE::forward(Backend& be, const Tensor& x, bool backward_follows) {
+  ProfileSteps prof(be);
+  prof.next("moe.fwd.route");
+  Routing r = gate.forward(be, x);  // route
+  Tensor y;
+  if (!backward_follows && x.dim(0) * gate.p.top_k <= kSmallMaxPairs &&
+      small_path(be, *this, x, r, y, /*accumulate=*/false, prof))
+    return y;
+  return grouped_path(be, *this, x, r, prof);
+}
+
+void MoE::forward_add(Backend& be, const Tensor& x, Tensor& y) {
+  MOEKIT_CHECK(y.shape() == x.shape() && y.dtype() == DType::F32,
+               "MoE forward_add: y {} ({}) for x {}", y.shape().str(), dtype_name(y.dtype()),
+               x.shape().str());
+  ProfileSteps prof(be);
+  prof.next("moe.fwd.route");
+  Routing r = gate.forward(be, x);  // route
+  if (x.dim(0) * gate.p.top_k <= kSmallMaxPairs &&
+      small_path(be, *this, x, r, y, /*accumulate=*/true, prof))
+    return;
+  const Tensor out = grouped_path(be, *this, x, r, prof);
+  saved = {};  // inference only: nothing kept for a backward (which now refuses to run)
+  prof.next("moe.fwd.add");
+  be.add(y, out, 1.0f);
 }
 
 void MoE::backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate) {

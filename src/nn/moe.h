@@ -5,7 +5,7 @@
 // tokens). Only permute and combine would ever communicate under expert parallelism.
 // Few-token fast path (decode): when no backward follows and T*K is small, the experts run as
 // GEMVs straight from the device-side routing (Backend::moe_experts_small): no plan, no host copy,
-// three launches per layer besides the gate and the shared experts.
+// two launches per layer besides the gate, the shared experts folded into them.
 #pragma once
 
 #include <vector>
@@ -70,6 +70,11 @@ struct MoE {
   // the backend's moe_experts_small supports; that path saves nothing for backward (saved is
   // cleared, and backward refuses to run). Training, evaluation and route logging keep the default.
   Tensor forward(Backend& be, const Tensor& x, bool backward_follows = true);
+  // Inference only: y [T,H] += MoE(x), for a residual stream y. On the few-token path the experts
+  // add straight into y (no output tensor, no add kernel); past it (or for dtypes that keep the
+  // path off), y += forward(x) on the grouped path. Saves nothing for backward (as forward with
+  // backward_follows = false).
+  void forward_add(Backend& be, const Tensor& x, Tensor& y);
   // Consumes the saved activations (each is released once used; the routing plan stays): one
   // backward per forward.
   void backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate);

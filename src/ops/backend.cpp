@@ -90,7 +90,8 @@ void check_gemm_batch(const Tensor& c, const Tensor& a, const Tensor& b, bool tr
 
 MoeExpertsSmallDims moe_experts_small_dims(const Tensor& y, const Tensor& x, const Tensor& topk_idx,
                                            const Tensor& topk_w,
-                                           std::span<const ExpertWeights> experts) {
+                                           std::span<const ExpertWeights> experts,
+                                           const ExpertWeights* shared) {
   MoeExpertsSmallDims d;
   MOEKIT_CHECK(x.ndim() == 2 && topk_idx.ndim() == 2 && !experts.empty(),
                "moe_experts_small: x {} topk_idx {} with {} experts", x.shape().str(),
@@ -123,6 +124,23 @@ MoeExpertsSmallDims moe_experts_small_dims(const Tensor& y, const Tensor& x, con
     for (const Tensor* t : {w.gate_proj, w.up_proj, w.down_proj})
       MOEKIT_CHECK(t->dtype() == d.dtype, "moe_experts_small: expert {} mixes {} and {} weights", e,
                    dtype_name(d.dtype), dtype_name(t->dtype()));
+  }
+  if (shared) {  // one dense SwiGLU of its own width Is, in the routed experts' dtype
+    const ExpertWeights& w = *shared;
+    MOEKIT_CHECK(w.gate_proj && w.up_proj && w.down_proj && w.gate_proj->defined() &&
+                     w.up_proj->defined() && w.down_proj->defined(),
+                 "moe_experts_small: the shared experts lack a weight");
+    d.Is = w.gate_proj->ndim() == 2 ? w.gate_proj->dim(0) : 0;
+    const Shape in{d.Is, d.H}, out{d.H, d.Is};
+    MOEKIT_CHECK(
+        w.gate_proj->shape() == in && w.up_proj->shape() == in && w.down_proj->shape() == out,
+        "moe_experts_small: shared experts have gate {} up {} down {}, expected [Is, {}] and "
+        "[{}, Is] with one Is",
+        w.gate_proj->shape().str(), w.up_proj->shape().str(), w.down_proj->shape().str(), d.H, d.H);
+    for (const Tensor* t : {w.gate_proj, w.up_proj, w.down_proj})
+      MOEKIT_CHECK(t->dtype() == d.dtype,
+                   "moe_experts_small: shared experts with a {} weight next to {} routed experts",
+                   dtype_name(t->dtype()), dtype_name(d.dtype));
   }
   return d;
 }

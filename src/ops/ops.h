@@ -91,8 +91,9 @@ struct GemmBatch {
   int64_t stride_a = 0, stride_b = 0, stride_c = 0;
 };
 
-// One routed expert's SwiGLU weights for Backend::moe_experts_small: gate_proj and up_proj [I, H],
-// down_proj [H, I] (the checkpoint's nn.Linear layout, out x in).
+// One expert's SwiGLU weights for Backend::moe_experts_small (a routed expert, or the fused shared
+// experts): gate_proj and up_proj [I, H], down_proj [H, I] (the checkpoint's nn.Linear layout,
+// out x in).
 struct ExpertWeights {
   const Tensor* gate_proj = nullptr;
   const Tensor* up_proj = nullptr;
@@ -332,16 +333,23 @@ class Backend {
                                  int64_t n_experts) = 0;
 
   // The routed experts of a few tokens straight from the device-side routing (decode: no permute
-  // plan, nothing read back to the host). For every token t of x [T,H]:
-  //   y[t] (+)= sum_{k in order} topk_w[t,k] * down_e(silu(gate_e x_t) * up_e x_t),
-  //   e = topk_idx[t,k],
+  // plan, nothing read back to the host), and optionally the shared experts in the same pass. For
+  // every token t of x [T,H]:
+  //   y[t] (+)= (sum_{k in order} topk_w[t,k] * down_e(silu(gate_e x_t) * up_e x_t))
+  //             + down_s(silu(gate_s x_t) * up_s x_t),   e = topk_idx[t,k],
   // with topk_idx I32 [T,K] (entries in [0, experts.size())), topk_w F32 [T,K], y F32 [T,H]
-  // (accumulate: add to y, else assign). Every expert's three weights share one dtype (F32, or BF16
-  // where supports(MoeExpertsSmall, BF16)); they are read as stored, activations stay fp32 and
-  // sums are fp32, whatever the Precision (x is never rounded to bf16). Deterministic.
+  // (accumulate: add to y, else assign). The second line is present when `shared` is given: the
+  // shared experts (DeepSeekMoE's always-active experts, fused into one SwiGLU of width Is: gate_s
+  // and up_s [Is,H], down_s [H,Is]; Is may differ from the routed I) with weight 1. Summation
+  // order: the shared term is added to the routed sum, and that total to y (the CPU exactly so;
+  // the GPU adds it into the same per-thread partial sums after the routed terms, then reduces).
+  // Folding the shared experts in saves a decode step its four launches (two GEMVs, SwiGLU, one
+  // GEMV). Every weight, shared ones included, has one dtype (F32, or BF16 where
+  // supports(MoeExpertsSmall, BF16)); they are read as stored, activations stay fp32 and sums are
+  // fp32, whatever the Precision (x is never rounded to bf16). Deterministic.
   virtual void moe_experts_small(Tensor& y, const Tensor& x, const Tensor& topk_idx,
                                  const Tensor& topk_w, std::span<const ExpertWeights> experts,
-                                 bool accumulate) = 0;
+                                 bool accumulate, const ExpertWeights* shared = nullptr) = 0;
 
   // Optimizer. One AdamW update of parameter w with its moments m, v from gradient g (all F32,
   // same numel, same device), in place.
@@ -403,15 +411,17 @@ GroupedMatmulDims grouped_matmul_dims(const Tensor& c, const Tensor& a,
                                       std::span<const int64_t> begin, bool trans_b);
 
 // The sizes of Backend::moe_experts_small after checking the shapes of every argument (y and x
-// [T,H], topk_idx and topk_w [T,K], each expert's weights [I,H], [I,H], [H,I]) and that all
-// weights share one dtype, returned as `dtype`.
+// [T,H], topk_idx and topk_w [T,K], each expert's weights [I,H], [I,H], [H,I], the shared experts'
+// [Is,H], [Is,H], [H,Is] when given) and that all weights share one dtype, returned as `dtype`.
+// Is = 0 without shared experts.
 struct MoeExpertsSmallDims {
-  int64_t T = 0, K = 0, H = 0, I = 0, E = 0;
+  int64_t T = 0, K = 0, H = 0, I = 0, E = 0, Is = 0;
   DType dtype = DType::F32;
 };
 MoeExpertsSmallDims moe_experts_small_dims(const Tensor& y, const Tensor& x, const Tensor& topk_idx,
                                            const Tensor& topk_w,
-                                           std::span<const ExpertWeights> experts);
+                                           std::span<const ExpertWeights> experts,
+                                           const ExpertWeights* shared = nullptr);
 
 // The backend for a device; throws a clear Error when that backend is not built or no device.
 Backend& backend(Device device);

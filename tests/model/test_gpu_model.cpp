@@ -762,6 +762,114 @@ TEST(GpuMoE, FewTokenPathMatchesCpuGroupedPath) {
   }
 }
 
+// The shared experts folded into the few-token path's kernels (moe_experts_small's `shared`): every
+// weight bf16 (frozen), the shared experts too, two of them (Is = 2 I, as V2-Lite), against the CPU
+// layer's grouped path on the bf16-rounded weights in fp32. The GEMVs widen each bf16 weight
+// exactly and keep x in fp32, for the shared experts as for the routed ones (a separate bf16
+// shared MLP would run bf16 GEMMs on a rounded x), so it is again only summation order:
+// kLogitsTol.
+TEST(GpuMoE, FewTokenPathFoldsBf16SharedExperts) {
+  SKIP_WITHOUT_GPU();
+  ModelConfig c;
+  c.hidden_size = 72;
+  c.moe_intermediate_size = 40;
+  c.n_routed_experts = 16;
+  c.num_experts_per_tok = 6;
+  c.n_shared_experts = 2;
+  Backend &bc = backend(Device::CPU), &bg = backend(Device::CUDA);
+  ParamTable cp, gp(true, DType::BF16);
+  MoE cpu = MoE::create(cp, "mlp", c, Device::CPU);
+  MoE gpu = MoE::create(gp, "mlp", c, Device::CUDA);
+  std::mt19937_64 rng(23);
+  std::normal_distribution<float> normal(0.0f, 0.3f);
+  for (const auto& p : cp.all()) {
+    for (int64_t i = 0; i < p->value.numel(); ++i) p->value.f32()[i] = normal(rng);
+    Param& g = gp.at(p->name);
+    set_value(g, p->value);
+    if (g.value.dtype() == DType::BF16) p->value = p->value.to_dtype(DType::BF16).to_f32();
+  }
+  ASSERT_EQ(gpu.shared_experts.down_proj->value.dtype(), DType::BF16);
+  ASSERT_EQ(gpu.shared_experts.intermediate(), 2 * c.moe_intermediate_size);
+  for (int64_t T : {1, 3}) {
+    SCOPED_TRACE(testing::Message() << "T " << T);
+    Tensor x = Tensor::empty({T, c.hidden_size});
+    for (int64_t i = 0; i < x.numel(); ++i) x.f32()[i] = normal(rng);
+    const Tensor y_c = cpu.forward(bc, x);
+    const Tensor y_g = gpu.forward(bg, x.to_device(Device::CUDA), /*backward_follows=*/false);
+    EXPECT_TRUE(gpu.expert_load.empty()) << "the grouped path ran";
+    const Tensor idx_c = cpu.gate.saved.routing.topk_idx;
+    const Tensor idx_g = gpu.gate.saved.routing.topk_idx.to_host();
+    ASSERT_EQ(std::memcmp(idx_c.raw(), idx_g.raw(), idx_c.nbytes()), 0) << "routing differs";
+    EXPECT_LE(rel_diff(y_g, y_c), kLogitsTol);
+  }
+}
+
+// MoE::forward_add and MLP::forward_add (inference, y += layer(x)) against forward then add, on
+// the GPU. MoE: F32 weights, BF16 weights (the shared experts folded into the few-token kernels),
+// and BF16 routed experts next to an fp32 (trainable) shared expert (not folded: it runs first,
+// then the routed experts accumulate); T = 1 and 3 (few-token path: the experts add into y) and
+// T = 11 (66 pairs: the grouped path, then an add). Both sides run the same deterministic kernels
+// and differ at most in where y enters a sum (the down GEMV's beta = 1 against an add kernel):
+// fp32 rounding, far below kLogitsTol. MLP: F32 and BF16 weights, T = 1 (the few-row GEMV with
+// beta = 1) and T = 6 (cuBLAS with beta = 1); same tolerance.
+TEST(GpuMoE, ForwardAddEqualsForwardPlusAdd) {
+  SKIP_WITHOUT_GPU();
+  ModelConfig c;
+  c.hidden_size = 72;
+  c.moe_intermediate_size = 40;
+  c.n_routed_experts = 16;
+  c.num_experts_per_tok = 6;
+  c.n_shared_experts = 2;
+  Backend& bg = backend(Device::CUDA);
+  std::mt19937_64 rng(31);
+  std::normal_distribution<float> normal(0.0f, 0.3f);
+  auto randn = [&](Shape s) {
+    Tensor t = Tensor::empty(s);
+    for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = normal(rng);
+    return t.to_device(Device::CUDA);
+  };
+  for (int variant = 0; variant < 3; ++variant) {
+    const DType dtype = variant == 0 ? DType::F32 : DType::BF16;
+    SCOPED_TRACE(testing::Message() << "variant " << variant);
+    ParamTable gp(true, dtype);
+    MoE moe = MoE::create(gp, "mlp", c, Device::CUDA);
+    if (variant == 2)
+      gp.set_trainable([](const Param& p) { return p.name.rfind("mlp.shared_experts.", 0) == 0; });
+    for (const auto& p : gp.all()) set_value(*p, randn(p->value.shape()).to_host());
+    ASSERT_EQ(moe.shared_experts.gate_proj->value.dtype(), variant == 1 ? DType::BF16 : DType::F32);
+    for (int64_t T : {1, 3, 11}) {
+      SCOPED_TRACE(testing::Message() << "T " << T);
+      const Tensor x = randn({T, c.hidden_size}), y0 = randn({T, c.hidden_size});
+      Tensor ref = Tensor::empty(y0.shape(), DType::F32, Device::CUDA);
+      ref.copy_from(y0);
+      bg.add(ref, moe.forward(bg, x, /*backward_follows=*/false), 1.0f);
+      Tensor y = Tensor::empty(y0.shape(), DType::F32, Device::CUDA);
+      y.copy_from(y0);
+      moe.forward_add(bg, x, y);
+      EXPECT_EQ(moe.expert_load.empty(), T < 11) << "took the wrong route";
+      EXPECT_LE(rel_diff(y, ref.to_host()), kLogitsTol);
+    }
+  }
+  for (DType dtype : {DType::F32, DType::BF16}) {
+    SCOPED_TRACE(dtype_name(dtype));
+    ParamTable gp(true, dtype);
+    MLP mlp = MLP::create(gp, "mlp", c.hidden_size, 56, Device::CUDA);
+    for (const auto& p : gp.all()) set_value(*p, randn(p->value.shape()).to_host());
+    ASSERT_EQ(mlp.down_proj->value.dtype(), dtype);
+    for (int64_t T : {1, 6}) {
+      SCOPED_TRACE(testing::Message() << "T " << T);
+      const Tensor x = randn({T, c.hidden_size}), y0 = randn({T, c.hidden_size});
+      Tensor ref = Tensor::empty(y0.shape(), DType::F32, Device::CUDA);
+      ref.copy_from(y0);
+      bg.add(ref, mlp.forward(bg, x), 1.0f);
+      Tensor y = Tensor::empty(y0.shape(), DType::F32, Device::CUDA);
+      y.copy_from(y0);
+      mlp.forward_add(bg, x, y);
+      EXPECT_LE(rel_diff(y, ref.to_host()), kLogitsTol);
+    }
+  }
+}
+
 // --- decoding and memory checks
 
 TEST(GpuModel, GreedyGenerationMatchesCpu) {

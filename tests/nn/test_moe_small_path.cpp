@@ -1,12 +1,13 @@
 // MoE::forward's two routes on the CPU: the few-token path (moe_experts_small, taken when no
 // backward follows and T*K <= MoE::kSmallMaxPairs) against the grouped path (plan, grouped GEMMs,
 // combine) on the same layer and input; the route choice itself (pair limit, expert_load, backward
-// refused after an inference forward). The GPU side of the same comparison is in
-// tests/model/test_gpu_model.cpp (GpuMoE).
+// refused after an inference forward); forward_add (y += MoE(x)) on both routes. The GPU side of
+// the same comparisons is in tests/model/test_gpu_model.cpp (GpuMoE).
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <random>
 
 #include "core/error.h"
@@ -96,6 +97,38 @@ TEST(MoESmallPath, ManyPairsTakeTheGroupedPath) {
   EXPECT_EQ(int64_t(moe.expert_load.size()), c.n_routed_experts);
   Tensor dx = Tensor::zeros(x.shape());
   EXPECT_NO_THROW(moe.backward(be, dx, randn(x.shape(), 7), false));
+}
+
+// forward_add against forward then add, on the few-token path (T = 1, 3, 10: the experts add into
+// y, the shared experts folded in) and past it (T = 11: 66 pairs, the grouped path, then an add).
+// Bit-identical: both sides form the same sums in the same order and then add them to y once (the
+// CPU's add computes y + 1 * out, and 1 * out is exact). Neither route leaves anything for a
+// backward.
+TEST(MoESmallPath, ForwardAddEqualsForwardPlusAdd) {
+  Backend& be = backend(Device::CPU);
+  for (bool shared : {false, true})
+    for (int64_t T : {1, 3, 10, 11}) {
+      SCOPED_TRACE(testing::Message() << "T " << T << " shared " << shared);
+      ParamTable params;
+      const ModelConfig c = moe_config(shared);
+      MoE moe = MoE::create(params, "mlp", c, Device::CPU);
+      randomize(params, 8);
+      const Tensor x = randn({T, c.hidden_size}, 10 + uint64_t(T));
+      const Tensor y0 = randn({T, c.hidden_size}, 30 + uint64_t(T));
+      Tensor ref = y0.clone();
+      be.add(ref, moe.forward(be, x, /*backward_follows=*/false), 1.0f);
+      Tensor y = y0.clone();
+      moe.forward_add(be, x, y);
+      const bool small = T * c.num_experts_per_tok <= MoE::kSmallMaxPairs;
+      EXPECT_EQ(moe.expert_load.empty(), small) << "took the wrong route";
+      EXPECT_EQ(std::memcmp(y.raw(), ref.raw(), y.nbytes()), 0) << "differs from forward + add";
+      Tensor dx = Tensor::zeros(x.shape());
+      EXPECT_THROW(moe.backward(be, dx, randn(x.shape(), 9), false), Error);
+    }
+  ParamTable params;
+  MoE moe = MoE::create(params, "mlp", moe_config(true), Device::CPU);
+  Tensor x = Tensor::zeros({2, 37}), wrong = Tensor::zeros({2, 36});
+  EXPECT_THROW(moe.forward_add(be, x, wrong), Error);
 }
 
 }  // namespace

@@ -75,7 +75,8 @@ class CudaBackendTest : public ::testing::Test {
   struct SmallCase {
     int64_t T, K, E, H, I;
   };
-  void check_experts_small(const SmallCase& c, DType dtype, bool shifted);
+  // shared_inter > 0: with shared experts of that width (moe_experts_small's `shared`).
+  void check_experts_small(const SmallCase& c, DType dtype, bool shifted, int64_t shared_inter = 0);
 
   std::mt19937_64 rng_{20261201};
 };
@@ -1088,10 +1089,14 @@ TEST_F(CudaBackendTest, GroupedMatmulSumOfTwoTerms) {
 // op (weights read as stored, x stays fp32): same tolerance under it. Outputs poisoned when
 // assigned; two runs bit-identical (no atomics). shifted: every weight a view one element past a
 // 16-byte boundary (the kernels' element-by-element paths although I is a multiple of 8).
-void CudaBackendTest::check_experts_small(const SmallCase& c, DType dtype, bool shifted) {
+// shared_inter > 0: shared experts of that width too (gate, up [Is, H], down [H, Is], the routed
+// experts' dtype, placed alike), on both sides; the same reasoning and tolerance (their products
+// are again exact on both sides, their term one more fp32 sum in another order).
+void CudaBackendTest::check_experts_small(const SmallCase& c, DType dtype, bool shifted,
+                                          int64_t shared_inter) {
   SCOPED_TRACE(testing::Message() << "T " << c.T << " K " << c.K << " E " << c.E << " H " << c.H
-                                  << " I " << c.I << " " << dtype_name(dtype)
-                                  << (shifted ? " shifted" : ""));
+                                  << " I " << c.I << " Is " << shared_inter << " "
+                                  << dtype_name(dtype) << (shifted ? " shifted" : ""));
   auto place = [&](const Tensor& w) {  // the device copy in the stored dtype
     const Tensor stored = dtype == DType::BF16 ? w.to_dtype(DType::BF16) : w;
     if (!shifted) return dev(stored);
@@ -1112,6 +1117,19 @@ void CudaBackendTest::check_experts_small(const SmallCase& c, DType dtype, bool 
     ref_e.push_back({&ref_w[3 * e], &ref_w[3 * e + 1], &ref_w[3 * e + 2]});
     gpu_e.push_back({&gpu_w[3 * e], &gpu_w[3 * e + 1], &gpu_w[3 * e + 2]});
   }
+  std::vector<Tensor> ref_sw, gpu_sw;  // the shared experts' gate, up, down
+  if (shared_inter > 0)
+    for (Shape s : {Shape{shared_inter, c.H}, Shape{shared_inter, c.H}, Shape{c.H, shared_inter}}) {
+      Tensor w = randn(s, 0.3f);
+      ref_sw.push_back(dtype == DType::BF16 ? w.to_dtype(DType::BF16).to_f32() : w);
+      gpu_sw.push_back(place(w));
+    }
+  const ExpertWeights ref_s =
+      shared_inter > 0 ? ExpertWeights{&ref_sw[0], &ref_sw[1], &ref_sw[2]} : ExpertWeights{};
+  const ExpertWeights gpu_s =
+      shared_inter > 0 ? ExpertWeights{&gpu_sw[0], &gpu_sw[1], &gpu_sw[2]} : ExpertWeights{};
+  const ExpertWeights* ref_shared = shared_inter > 0 ? &ref_s : nullptr;
+  const ExpertWeights* gpu_shared = shared_inter > 0 ? &gpu_s : nullptr;
   Tensor idx = Tensor::empty({c.T, c.K}, DType::I32), w = randn({c.T, c.K});
   std::vector<int32_t> perm(static_cast<size_t>(c.E));
   for (size_t e = 0; e < perm.size(); ++e) perm[e] = int32_t(e);
@@ -1121,14 +1139,14 @@ void CudaBackendTest::check_experts_small(const SmallCase& c, DType dtype, bool 
   const Tensor x = randn({c.T, c.H}), y0 = randn({c.T, c.H});
   for (bool accumulate : {false, true}) {
     Tensor ref = y0.clone();
-    cpu().moe_experts_small(ref, x, idx, w, ref_e, accumulate);
+    cpu().moe_experts_small(ref, x, idx, w, ref_e, accumulate, ref_shared);
     Tensor gy = accumulate ? dev(y0) : poisoned({c.T, c.H});
-    gpu().moe_experts_small(gy, dev(x), dev(idx), dev(w), gpu_e, accumulate);
+    gpu().moe_experts_small(gy, dev(x), dev(idx), dev(w), gpu_e, accumulate, gpu_shared);
     EXPECT_CLOSE(gy, ref, kF32Tol);
     Tensor again = accumulate ? dev(y0) : poisoned({c.T, c.H});
     {
       PrecisionScope bf16(gpu(), Precision::Bf16);
-      gpu().moe_experts_small(again, dev(x), dev(idx), dev(w), gpu_e, accumulate);
+      gpu().moe_experts_small(again, dev(x), dev(idx), dev(w), gpu_e, accumulate, gpu_shared);
     }
     EXPECT_TRUE(bit_equal(again, gy)) << "not deterministic, or changed by the precision";
   }
@@ -1173,6 +1191,45 @@ TEST_F(CudaBackendTest, MoeExpertsSmallEveryKMisalignedAndV2LiteSizes) {
     for (DType dtype : {DType::F32, DType::BF16}) check_experts_small(c, dtype, true);
   for (int64_t T : {1, 10}) check_experts_small({T, 6, 6, 2048, 1408}, DType::BF16, false);
   check_experts_small({1, 6, 6, 2048, 1408}, DType::F32, false);
+}
+
+// The shared experts folded into the two kernels: Is != I everywhere (wider, narrower, odd while I
+// is a multiple of 8 and the reverse: the shared pass picks its own vector or element loop, and
+// its own rounds of chunks per thread), one token to the few-token limit, K = 1, 6 and 10 (more
+// slots than the down pass stages at once, then the shared pass), misaligned weights, and
+// DeepSeek-V2-Lite's decode sizes (H 2048, routed I 1408, two shared experts fused: Is 2816, K 6;
+// 8 experts rather than 64 to keep the host side small) in bf16 and fp32. Tolerance kF32Tol, as
+// check_experts_small explains. Then the refusals: shared weights of another dtype than the routed
+// ones, or of mismatched shapes, are a one-line error before anything runs.
+TEST_F(CudaBackendTest, MoeExpertsSmallWithSharedExperts) {
+  for (const SmallCase& c :
+       {SmallCase{1, 6, 9, 37, 23}, SmallCase{3, 6, 9, 72, 48}, SmallCase{2, 10, 13, 40, 24},
+        SmallCase{10, 6, 16, 72, 48}, SmallCase{5, 1, 4, 264, 136}})
+    for (int64_t Is : {c.I * 2, c.I + 5, int64_t(8)})
+      for (DType dtype : {DType::F32, DType::BF16}) check_experts_small(c, dtype, false, Is);
+  for (DType dtype : {DType::F32, DType::BF16}) {
+    check_experts_small({3, 8, 10, 37, 136}, dtype, true, 96);
+    check_experts_small({1, 6, 9, 72, 48}, dtype, true, 2056);  // shared rows 43x the routed
+  }
+  for (int64_t T : {1, 10}) check_experts_small({T, 6, 8, 2048, 1408}, DType::BF16, false, 2816);
+  check_experts_small({1, 6, 8, 2048, 1408}, DType::F32, false, 2816);
+
+  Tensor g = dev(randn({4, 3})), d = dev(randn({3, 4}));
+  Tensor x = dev(randn({1, 3})), y = poisoned({1, 3});
+  Tensor idx = dev(Tensor::zeros({1, 1}, DType::I32)), w = dev(randn({1, 1}));
+  const std::vector<ExpertWeights> one{{&g, &g, &d}};
+  Tensor sg = dev(randn({5, 3})), sd = dev(randn({3, 5}));
+  Tensor sg16 = dev(randn({5, 3}).to_dtype(DType::BF16)), sd_bad = dev(randn({3, 4}));
+  const ExpertWeights ok{&sg, &sg, &sd}, bf16_gate{&sg16, &sg, &sd}, bad_down{&sg, &sg, &sd_bad};
+  EXPECT_NO_THROW(gpu().moe_experts_small(y, x, idx, w, one, false, &ok));
+  for (const ExpertWeights* bad : {&bf16_gate, &bad_down}) {
+    try {
+      gpu().moe_experts_small(y, x, idx, w, one, false, bad);
+      ADD_FAILURE() << "mismatched shared experts accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("shared experts"), std::string::npos) << e.what();
+    }
+  }
 }
 
 // Out-of-range experts among several tokens: the first one (lowest position) is reported, and

@@ -1,7 +1,7 @@
 // The MoE ops of the CPU backend (the oracle the CUDA backend is checked against) against
 // references written here: the permute plan against a stable sort of the (token, k) pairs by
 // expert, the grouped GEMM against one plain matmul per expert on its row block, the few-token
-// experts against the SwiGLU formula in double.
+// experts (with and without the shared experts folded in) against the SwiGLU formula in double.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -200,32 +200,56 @@ TEST(MoeOps, CpuRefusesBf16Activations) {
   expect_refused("matmul", [&] { cpu().matmul(g, x16, x16, true, false, 1.0f, 1.0f); });
 }
 
-// The routed experts of T tokens (y[t] = sum_k w[t,k] down_e(silu(gate_e x_t) * up_e x_t)) in
-// double, from the definition.
-Tensor experts_reference(const Tensor& x, const Tensor& idx, const Tensor& w,
-                         const std::vector<ExpertWeights>& experts) {
-  const int64_t T = x.dim(0), H = x.dim(1), K = idx.dim(1);
-  const int64_t I = experts[0].gate_proj->dim(0);
-  Tensor y = Tensor::zeros({T, H});
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t k = 0; k < K; ++k) {
-      const ExpertWeights& e = experts[size_t(idx.i32()[t * K + k])];
-      std::vector<double> h(static_cast<size_t>(I));
-      for (int64_t i = 0; i < I; ++i) {
-        double g = 0.0, u = 0.0;
-        for (int64_t c = 0; c < H; ++c) {
-          g += double(e.gate_proj->f32()[i * H + c]) * double(x.f32()[t * H + c]);
-          u += double(e.up_proj->f32()[i * H + c]) * double(x.f32()[t * H + c]);
-        }
-        h[size_t(i)] = g / (1.0 + std::exp(-g)) * u;
-      }
-      for (int64_t j = 0; j < H; ++j) {
-        double d = 0.0;
-        for (int64_t i = 0; i < I; ++i) d += double(e.down_proj->f32()[j * I + i]) * h[size_t(i)];
-        y.f32()[t * H + j] += float(double(w.f32()[t * K + k]) * d);
-      }
+// One SwiGLU expert applied to the token row xt (H values), in double: down(silu(gate xt) * up xt).
+std::vector<double> swiglu_reference(const ExpertWeights& e, const float* xt, int64_t H) {
+  const int64_t I = e.gate_proj->dim(0);
+  std::vector<double> h(static_cast<size_t>(I)), out(static_cast<size_t>(H), 0.0);
+  for (int64_t i = 0; i < I; ++i) {
+    double g = 0.0, u = 0.0;
+    for (int64_t c = 0; c < H; ++c) {
+      g += double(e.gate_proj->f32()[i * H + c]) * double(xt[c]);
+      u += double(e.up_proj->f32()[i * H + c]) * double(xt[c]);
     }
+    h[size_t(i)] = g / (1.0 + std::exp(-g)) * u;
+  }
+  for (int64_t j = 0; j < H; ++j)
+    for (int64_t i = 0; i < I; ++i)
+      out[size_t(j)] += double(e.down_proj->f32()[j * I + i]) * h[size_t(i)];
+  return out;
+}
+
+// The routed experts of T tokens (y[t] = sum_k w[t,k] down_e(silu(gate_e x_t) * up_e x_t)), plus
+// the shared experts' SwiGLU with weight 1 when given, in double, from the definition.
+Tensor experts_reference(const Tensor& x, const Tensor& idx, const Tensor& w,
+                         const std::vector<ExpertWeights>& experts,
+                         const ExpertWeights* shared = nullptr) {
+  const int64_t T = x.dim(0), H = x.dim(1), K = idx.dim(1);
+  Tensor y = Tensor::zeros({T, H});
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<double> acc(static_cast<size_t>(H), 0.0);
+    for (int64_t k = 0; k < K; ++k) {
+      const std::vector<double> d =
+          swiglu_reference(experts[size_t(idx.i32()[t * K + k])], x.f32() + t * H, H);
+      for (int64_t j = 0; j < H; ++j) acc[size_t(j)] += double(w.f32()[t * K + k]) * d[size_t(j)];
+    }
+    if (shared) {
+      const std::vector<double> d = swiglu_reference(*shared, x.f32() + t * H, H);
+      for (int64_t j = 0; j < H; ++j) acc[size_t(j)] += d[size_t(j)];
+    }
+    for (int64_t j = 0; j < H; ++j) y.f32()[t * H + j] = float(acc[size_t(j)]);
+  }
   return y;
+}
+
+// max |y - (ref + y0 when accumulating)| / max |that|.
+double rel_diff_to(const Tensor& y, const Tensor& ref, const Tensor& y0, bool accumulate) {
+  double diff = 0.0, scale = 0.0;
+  for (int64_t i = 0; i < ref.numel(); ++i) {
+    const double r = double(ref.f32()[i]) + (accumulate ? double(y0.f32()[i]) : 0.0);
+    diff = std::max(diff, std::abs(double(y.f32()[i]) - r));
+    scale = std::max(scale, std::abs(r));
+  }
+  return diff / scale;
 }
 
 // One token (decode) and three tokens that share experts, K = 6 of 9 experts, odd H and I; with
@@ -253,15 +277,53 @@ TEST(MoeOps, ExpertsSmallEqualsTheSwigluFormula) {
         for (int64_t k = 0; k < K; ++k) idx.i32()[t * K + k] = int32_t((2 * t + 5 * k) % E);
       Tensor y0 = randn({T, H}, rng), y = y0.clone();
       cpu().moe_experts_small(y, x, idx, w, experts, accumulate);
-      Tensor ref = experts_reference(x, idx, w, experts);
-      double diff = 0.0, scale = 0.0;
-      for (int64_t i = 0; i < T * H; ++i) {
-        const double r = double(ref.f32()[i]) + (accumulate ? double(y0.f32()[i]) : 0.0);
-        diff = std::max(diff, std::abs(double(y.f32()[i]) - r));
-        scale = std::max(scale, std::abs(r));
-      }
-      EXPECT_LE(diff / scale, 1e-5);
+      EXPECT_LE(rel_diff_to(y, experts_reference(x, idx, w, experts), y0, accumulate), 1e-5);
     }
+}
+
+// The shared experts folded in (y[t] (+)= routed sum + shared SwiGLU at weight 1), with their own
+// width Is = 31 != I = 23 (and Is = 8, narrower than I), odd H; one token and four; K = 6 and
+// K = 1; accumulate on and off. Same tolerance as above: fp32 dot products of <= 37 terms against
+// double. Then the op without shared experts must be the routed part alone (the shared term is
+// only added when asked for), and the two must differ by exactly the shared SwiGLU's order of
+// magnitude (a shared term dropped or doubled is O(1)).
+TEST(MoeOps, ExpertsSmallWithSharedExpertsEqualsTheFormula) {
+  std::mt19937_64 rng(29);
+  const int64_t E = 9, H = 37, I = 23;
+  std::vector<Tensor> store;
+  for (int64_t e = 0; e < E; ++e) {
+    store.push_back(randn({I, H}, rng));
+    store.push_back(randn({I, H}, rng));
+    store.push_back(randn({H, I}, rng));
+  }
+  std::vector<ExpertWeights> experts;
+  for (int64_t e = 0; e < E; ++e)
+    experts.push_back(
+        {&store[size_t(3 * e)], &store[size_t(3 * e + 1)], &store[size_t(3 * e + 2)]});
+  for (int64_t Is : {31, 8}) {
+    const Tensor sg = randn({Is, H}, rng), su = randn({Is, H}, rng), sd = randn({H, Is}, rng);
+    const ExpertWeights shared{&sg, &su, &sd};
+    for (int64_t K : {6, 1})
+      for (int64_t T : {1, 4})
+        for (bool accumulate : {false, true}) {
+          SCOPED_TRACE(testing::Message()
+                       << "Is " << Is << " K " << K << " T " << T << " accumulate " << accumulate);
+          Tensor x = randn({T, H}, rng), w = randn({T, K}, rng);
+          Tensor idx = Tensor::empty({T, K}, DType::I32);
+          for (int64_t t = 0; t < T; ++t)
+            for (int64_t k = 0; k < K; ++k) idx.i32()[t * K + k] = int32_t((3 * t + 5 * k) % E);
+          const Tensor y0 = randn({T, H}, rng);
+          Tensor y = y0.clone();
+          cpu().moe_experts_small(y, x, idx, w, experts, accumulate, &shared);
+          const Tensor ref = experts_reference(x, idx, w, experts, &shared);
+          EXPECT_LE(rel_diff_to(y, ref, y0, accumulate), 1e-5);
+          Tensor routed = y0.clone();
+          cpu().moe_experts_small(routed, x, idx, w, experts, accumulate);
+          EXPECT_LE(rel_diff_to(routed, experts_reference(x, idx, w, experts), y0, accumulate),
+                    1e-5);
+          EXPECT_GT(rel_diff_to(routed, ref, y0, accumulate), 1e-2) << "shared term missing";
+        }
+  }
 }
 
 TEST(MoeOps, ExpertsSmallChecksArguments) {
@@ -275,6 +337,35 @@ TEST(MoeOps, ExpertsSmallChecksArguments) {
   EXPECT_THROW(cpu().moe_experts_small(y, x, idx, w, wrong, false), Error);
   idx.i32()[3] = 2;  // only experts 0 and 1 exist
   EXPECT_THROW(cpu().moe_experts_small(y, x, idx, w, ok, false), Error);
+}
+
+// The shared experts' shapes: gate and up [Is, H], down [H, Is] with one Is (any Is, not the
+// routed I) and the routed experts' dtype; a mismatch or a missing weight is a one-line error
+// naming the shared experts.
+TEST(MoeOps, ExpertsSmallChecksTheSharedExperts) {
+  Tensor g = Tensor::zeros({4, 3}), u = Tensor::zeros({4, 3}), d = Tensor::zeros({3, 4});
+  const std::vector<ExpertWeights> routed{{&g, &u, &d}, {&g, &u, &d}};
+  Tensor x = Tensor::zeros({2, 3}), y = Tensor::zeros({2, 3}), w = Tensor::zeros({2, 2});
+  Tensor idx = Tensor::zeros({2, 2}, DType::I32);
+  Tensor sg = Tensor::zeros({5, 3}), su = Tensor::zeros({5, 3}), sd = Tensor::zeros({3, 5});
+  Tensor su_bad = Tensor::zeros({4, 3}), sd_bad = Tensor::zeros({5, 3});
+  const ExpertWeights ok{&sg, &su, &sd};
+  EXPECT_NO_THROW(cpu().moe_experts_small(y, x, idx, w, routed, false, &ok));
+  auto expect_error = [&](const ExpertWeights& shared, const std::string& what) {
+    try {
+      cpu().moe_experts_small(y, x, idx, w, routed, false, &shared);
+      ADD_FAILURE() << "no error for " << what;
+    } catch (const Error& e) {
+      const std::string m = e.what();
+      EXPECT_NE(m.find("shared experts"), std::string::npos) << m;
+      EXPECT_EQ(m.find('\n'), std::string::npos) << "not one line: " << m;
+    }
+  };
+  expect_error({&sg, &su_bad, &sd}, "up [4, 3] next to gate [5, 3]");
+  expect_error({&sg, &su, &sd_bad}, "down [5, 3]");
+  expect_error({&sg, &su, nullptr}, "a missing down");
+  const Tensor sd16 = sd.to_dtype(DType::BF16);
+  expect_error({&sg, &su, &sd16}, "a bf16 down next to fp32 routed experts");
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 // CPU backend, part 3: the MoE gate (scores, group-limited top-K, weights) with its backward,
 // the row gather/scatter that dispatch tokens to experts and combine their outputs, and the
-// few-token experts (moe_experts_small) as plain dot products.
+// few-token experts (moe_experts_small, the shared experts optionally folded in) as plain dot
+// products.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -168,8 +169,9 @@ void CpuBackend::moe_dispatch_plan(Tensor& slot_token, Tensor& slot_pair, Tensor
 
 void CpuBackend::moe_experts_small(Tensor& y, const Tensor& x, const Tensor& topk_idx,
                                    const Tensor& topk_w, std::span<const ExpertWeights> experts,
-                                   bool accumulate) {
-  const auto [T, K, H, I, E, dtype] = moe_experts_small_dims(y, x, topk_idx, topk_w, experts);
+                                   bool accumulate, const ExpertWeights* shared) {
+  const auto [T, K, H, I, E, Is, dtype] =
+      moe_experts_small_dims(y, x, topk_idx, topk_w, experts, shared);
   MOEKIT_CHECK(dtype == DType::F32, "moe_experts_small: {} weights on the CPU", dtype_name(dtype));
   for (int64_t i = 0; i < T * K; ++i)
     MOEKIT_CHECK(topk_idx.i32()[i] >= 0 && topk_idx.i32()[i] < E,
@@ -180,20 +182,25 @@ void CpuBackend::moe_experts_small(Tensor& y, const Tensor& x, const Tensor& top
     for (int64_t c = 0; c < n; ++c) s += a[c] * b[c];
     return s;
   };
-  // h[t*K+k] = silu(gate_e x_t) * up_e x_t, then y[t] (+)= sum_k w[t,k] down_e h[t*K+k], k in
-  // order.
-  std::vector<float> h(static_cast<size_t>(T * K * I));
-  cpu_pool().parallel_for(T * K, [&](int64_t b, int64_t e) {
-    for (int64_t p = b; p < e; ++p) {
-      const ExpertWeights& w = experts[size_t(topk_idx.i32()[p])];
-      const float* xt = x.f32() + (p / K) * H;
-      for (int64_t i = 0; i < I; ++i) {
-        const float g = dot(w.gate_proj->f32() + i * H, xt, H);
-        const float u = dot(w.up_proj->f32() + i * H, xt, H);
-        h[size_t(p * I + i)] = g / (1.0f + std::exp(-g)) * u;
-      }
+  // silu(gate x) * up x for the I rows of one expert into out.
+  auto swiglu_rows = [&](const ExpertWeights& w, const float* xt, int64_t inter, float* out) {
+    for (int64_t i = 0; i < inter; ++i) {
+      const float g = dot(w.gate_proj->f32() + i * H, xt, H);
+      const float u = dot(w.up_proj->f32() + i * H, xt, H);
+      out[i] = g / (1.0f + std::exp(-g)) * u;
     }
+  };
+  // h[t*K+k] = silu(gate_e x_t) * up_e x_t (and hs[t], the shared experts' alike), then
+  // y[t] (+)= (sum_k w[t,k] down_e h[t*K+k], k in order) + down_s hs[t]: the order ops.h documents.
+  std::vector<float> h(static_cast<size_t>(T * K * I)), hs(static_cast<size_t>(T * Is));
+  cpu_pool().parallel_for(T * K, [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p)
+      swiglu_rows(experts[size_t(topk_idx.i32()[p])], x.f32() + (p / K) * H, I, &h[size_t(p * I)]);
   });
+  if (shared)
+    cpu_pool().parallel_for(T, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) swiglu_rows(*shared, x.f32() + t * H, Is, hs.data() + t * Is);
+    });
   cpu_pool().parallel_for(T * H, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const int64_t t = r / H, j = r % H;
@@ -203,6 +210,7 @@ void CpuBackend::moe_experts_small(Tensor& y, const Tensor& x, const Tensor& top
         acc += topk_w.f32()[t * K + k] *
                dot(w.down_proj->f32() + j * I, &h[size_t((t * K + k) * I)], I);
       }
+      if (shared) acc += dot(shared->down_proj->f32() + j * Is, hs.data() + t * Is, Is);
       y.f32()[r] = accumulate ? y.f32()[r] + acc : acc;
     }
   });

@@ -149,7 +149,8 @@ class CudaBackend final : public Backend {
                          Tensor& expert_begin, const Tensor& topk_idx, const Tensor& topk_w,
                          int64_t n_experts) override;
   void moe_experts_small(Tensor& y, const Tensor& x, const Tensor& topk_idx, const Tensor& topk_w,
-                         std::span<const ExpertWeights> experts, bool accumulate) override;
+                         std::span<const ExpertWeights> experts, bool accumulate,
+                         const ExpertWeights* shared = nullptr) override;
   void adamw_step(Tensor& w, Tensor& m, Tensor& v, const Tensor& g, const AdamWStep& s) override;
   double sum_squares(const Tensor& x) override;
 

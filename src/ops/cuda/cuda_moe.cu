@@ -172,7 +172,9 @@ cudaError_t moe_dispatch_plan(void* temp, size_t temp_bytes, int32_t* sorted_exp
 // up (gate and up projections, then SwiGLU) into h, then down with the combine. Weights are read
 // as stored (fp32 or bf16, widened exactly); activations stay fp32; every sum has a fixed order
 // (deterministic, no atomics). The routing's expert ids are range-checked here (IndexCheck): the
-// up pass records a bad one, both passes use the replacement.
+// up pass records a bad one, both passes use the replacement. The shared experts (SmallShared),
+// when given, ride along in both passes: their rows are extra warps of the up pass, and each down
+// block adds their term after the routed ones, so they cost a decode step no launch of their own.
 
 namespace {
 
@@ -180,25 +182,41 @@ constexpr int kSmallThreads = 256;  // up pass: 8 warps per block
 
 // h[p, i] = silu(gate_e[i] . x_t) * (up_e[i] . x_t) for pair p = t*K+k, e = topk_idx[p]: one warp
 // per (p, i), pair-major, each lane streaming 16-byte chunks of the two weight rows (warp_dots).
-// Measured on the H200 (V2-Lite decode, T = 1, K = 6, H 2048, I 1408, bf16): 20.2 us for 69 MB,
-// ~72% of the HBM bandwidth, so it stays as it is.
+// Then the shared experts' rows, sh.h[t, i] = silu(gate_s[i] . x_t) * (up_s[i] . x_t), as rows
+// pairs * inter + t * sh.inter + i of the same grid (the same work per warp: two rows of length
+// hidden). Measured on the H200 (V2-Lite decode, T = 1, K = 6, H 2048, I 1408, bf16, routed rows
+// only): 20.2 us for 69 MB, ~72% of the HBM bandwidth, so it stays as it is.
 template <typename W>
 __global__ void experts_small_up_kernel(float* h, const float* x, const int32_t* topk_idx,
-                                        IndexCheck ic, const void* const* weights, int64_t pairs,
-                                        int64_t k, int64_t hidden, int64_t inter) {
+                                        IndexCheck ic, const void* const* weights, SmallShared sh,
+                                        int64_t tokens, int64_t k, int64_t hidden, int64_t inter) {
+  const int64_t pairs = tokens * k;
   if (blockIdx.x == 0) record_first_bad_index(ic, topk_idx, pairs);
   const int64_t warps = int64_t(gridDim.x) * (blockDim.x >> 5);
-  for (int64_t row = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5; row < pairs * inter;
-       row += warps) {  // whole warps move together
-    const int64_t p = row / inter, i = row % inter;
-    const int64_t e = checked_index(ic, topk_idx[p]);
-    const float* xt = x + (p / k) * hidden;
-    const W* const w[2] = {static_cast<const W*>(weights[3 * e]) + i * hidden,
-                           static_cast<const W*>(weights[3 * e + 1]) + i * hidden};
+  const int64_t routed_rows = pairs * inter, rows = routed_rows + tokens * sh.inter;
+  for (int64_t row = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5; row < rows;
+       row += warps) {  // whole warps move together (row and the branch are per warp)
+    const W* w[2];
+    const float* xt;
+    float* out;
+    if (row < routed_rows) {
+      const int64_t p = row / inter, i = row % inter;
+      const int64_t e = checked_index(ic, topk_idx[p]);
+      xt = x + (p / k) * hidden;
+      w[0] = static_cast<const W*>(weights[3 * e]) + i * hidden;
+      w[1] = static_cast<const W*>(weights[3 * e + 1]) + i * hidden;
+      out = h + row;
+    } else {  // only reached with sh.inter > 0
+      const int64_t r = row - routed_rows, t = r / sh.inter, i = r % sh.inter;
+      xt = x + t * hidden;
+      w[0] = static_cast<const W*>(sh.gate) + i * hidden;
+      w[1] = static_cast<const W*>(sh.up) + i * hidden;
+      out = sh.h + r;
+    }
     const float* const a[2] = {xt, xt};
     float acc[2];
     warp_dots<W, 2>(acc, w, a, 2, hidden);
-    if ((threadIdx.x & 31) == 0) h[row] = acc[0] / (1.0f + expf(-acc[0])) * acc[1];
+    if ((threadIdx.x & 31) == 0) *out = acc[0] / (1.0f + expf(-acc[0])) * acc[1];
   }
 }
 
@@ -215,7 +233,12 @@ __global__ void experts_small_up_kernel(float* h, const float* x, const int32_t*
 // memory): deterministic. V2-Lite: 176 bf16 chunks per row, so blocks of 192 threads, 256 blocks
 // per token (two per SM), each thread issuing 8 loads per slot; expected ~10 us (>= 70% of the
 // bandwidth). Rows misaligned for 16-byte loads (inter not a multiple of V, or a weight at an odd
-// address) take the same code with V = 1.
+// address) take the same code with V = 1. The shared experts, when given, are one more pass of the
+// same block after the routed slots: their down rows dotted with sh.h[t] at scale 1 (exact), added
+// into the same per-thread partial sums before the fixed tree, so each output's order stays fixed
+// (routed chunks and slots, then the shared chunks). V2-Lite: 2816 more elements per row against
+// the routed 6 x 1408 (two rounds of chunks for the 192 threads), 1.33x the block's work in one
+// launch instead of three.
 constexpr int kDownRows = 8;   // outputs j per block (the reuse of each load of h)
 constexpr int kDownSlots = 8;  // top-k slots whose pointers are staged at once (K > 8: more)
 constexpr int kDownMaxThreads = 256;
@@ -291,8 +314,9 @@ __device__ inline void down_partials(float (&part)[kDownRows], const DownSlots<W
 template <typename W>
 __global__ void __launch_bounds__(kDownMaxThreads)
     experts_small_down_kernel(float* y, const float* h, const int32_t* topk_idx, IndexCheck ic,
-                              const float* topk_w, const void* const* weights, int64_t tokens,
-                              int64_t k, int64_t hidden, int64_t inter, bool accumulate) {
+                              const float* topk_w, const void* const* weights, SmallShared sh,
+                              int64_t tokens, int64_t k, int64_t hidden, int64_t inter,
+                              bool accumulate) {
   constexpr int V = Chunk<W>::n;
   __shared__ float red[kDownRows][kDownMaxThreads / 32];
   __shared__ DownSlots<W> slots;
@@ -324,6 +348,21 @@ __global__ void __launch_bounds__(kDownMaxThreads)
       else
         down_partials<W, 1>(part, slots, ns, nr, inter);
     }
+    if (sh.inter > 0) {  // uniform: a kernel argument
+      __syncthreads();   // the routed passes are done with `slots`
+      bool odd = false;
+      if (threadIdx.x == 0) {
+        slots.w[0] = static_cast<const W*>(sh.down) + j0 * sh.inter;
+        slots.h[0] = sh.h + t * sh.inter;
+        slots.scale[0] = 1.0f;
+        odd = !aligned16(slots.w[0]) || !aligned16(slots.h[0]);
+      }
+      const bool misaligned = __syncthreads_or(odd) != 0;  // and `slots` is written
+      if (sh.inter % V == 0 && !misaligned)
+        down_partials<W, V>(part, slots, 1, nr, sh.inter);
+      else
+        down_partials<W, 1>(part, slots, 1, nr, sh.inter);
+    }
 #pragma unroll
     for (int r = 0; r < kDownRows; ++r) {
       const float v = warp_reduce(part[r], Sum{});
@@ -343,29 +382,31 @@ __global__ void __launch_bounds__(kDownMaxThreads)
 template <typename W>
 cudaError_t experts_small(float* y, float* h, const float* x, const int32_t* topk_idx,
                           const IndexCheck& ic, const float* topk_w, const void* const* weights,
-                          int64_t tokens, int64_t k, int64_t hidden, int64_t inter,
-                          bool accumulate) {
+                          int64_t tokens, int64_t k, int64_t hidden, int64_t inter, bool accumulate,
+                          const SmallShared& sh) {
   auto cap = [](int64_t b) {  // the loops stride over any rest
     return unsigned(b < 1 ? 1 : (b < (int64_t(1) << 20) ? b : (int64_t(1) << 20)));
   };
   constexpr int warps_per_block = kSmallThreads / 32;  // up: one warp per row
-  const int64_t up_rows = tokens * k * inter;
+  const int64_t up_rows = tokens * k * inter + tokens * sh.inter;
   experts_small_up_kernel<W>
       <<<cap((up_rows + warps_per_block - 1) / warps_per_block), kSmallThreads, 0, stream()>>>(
-          h, x, topk_idx, ic, weights, tokens * k, k, hidden, inter);
+          h, x, topk_idx, ic, weights, sh, tokens, k, hidden, inter);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
-  // Down: as few rounds of chunks per thread as kDownMaxThreads allows, spread evenly over whole
-  // warps (V2-Lite bf16: 176 chunks, one round of 192 threads).
-  const int64_t chunks = (inter + Chunk<W>::n - 1) / Chunk<W>::n;
+  // Down: as few rounds of a routed row's chunks per thread as kDownMaxThreads allows, spread
+  // evenly over whole warps (V2-Lite bf16: 176 chunks, one round of 192 threads; the shared rows,
+  // 352 chunks, then take two). Without routed work (K or I = 0), the shared rows' chunks.
+  const int64_t basis = k > 0 && inter > 0 ? inter : sh.inter;  // >= 1: the caller's guard
+  const int64_t chunks = (basis + Chunk<W>::n - 1) / Chunk<W>::n;
   const int64_t rounds = (chunks + kDownMaxThreads - 1) / kDownMaxThreads;
   const int64_t per_round = (chunks + rounds - 1) / rounds;
-  const int threads = int((per_round + 31) / 32 * 32);  // >= 32: inter >= 1
+  const int threads = int((per_round + 31) / 32 * 32);  // >= 32: basis >= 1
   IndexCheck down_ic = ic;
   down_ic.slot = nullptr;  // recorded by the up pass
   const int64_t tiles = (hidden + kDownRows - 1) / kDownRows;
   experts_small_down_kernel<W><<<cap(tokens * tiles), threads, 0, stream()>>>(
-      y, h, topk_idx, down_ic, topk_w, weights, tokens, k, hidden, inter, accumulate);
+      y, h, topk_idx, down_ic, topk_w, weights, sh, tokens, k, hidden, inter, accumulate);
   return cudaGetLastError();
 }
 
@@ -374,12 +415,15 @@ cudaError_t experts_small(float* y, float* h, const float* x, const int32_t* top
 cudaError_t moe_experts_small(float* y, float* h, const float* x, const int32_t* topk_idx,
                               const IndexCheck& experts_check, const float* topk_w,
                               const void* const* weights, bool bf16, int64_t tokens, int64_t k,
-                              int64_t hidden, int64_t inter, bool accumulate) {
+                              int64_t hidden, int64_t inter, bool accumulate,
+                              const SmallShared& shared) {
   if (tokens == 0 || hidden == 0) return cudaSuccess;
+  SmallShared sh = shared;
+  if (!sh.gate) sh.inter = 0;  // absent
   return bf16 ? experts_small<uint16_t>(y, h, x, topk_idx, experts_check, topk_w, weights, tokens,
-                                        k, hidden, inter, accumulate)
+                                        k, hidden, inter, accumulate, sh)
               : experts_small<float>(y, h, x, topk_idx, experts_check, topk_w, weights, tokens, k,
-                                     hidden, inter, accumulate);
+                                     hidden, inter, accumulate, sh);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -390,9 +390,10 @@ void CudaBackend::moe_dispatch_plan(Tensor& slot_token, Tensor& slot_pair, Tenso
 
 void CudaBackend::moe_experts_small(Tensor& y, const Tensor& x, const Tensor& topk_idx,
                                     const Tensor& topk_w, std::span<const ExpertWeights> experts,
-                                    bool accumulate) {
+                                    bool accumulate, const ExpertWeights* shared) {
   const char* op = "moe_experts_small";
-  const auto [T, K, H, I, E, dtype] = moe_experts_small_dims(y, x, topk_idx, topk_w, experts);
+  const auto [T, K, H, I, E, Is, dtype] =
+      moe_experts_small_dims(y, x, topk_idx, topk_w, experts, shared);
   expect_f32(y, op, "y");
   expect_f32(x, op, "x");
   expect(topk_idx, DType::I32, op, "topk_idx");
@@ -406,8 +407,9 @@ void CudaBackend::moe_experts_small(Tensor& y, const Tensor& x, const Tensor& to
       expect(*t, dtype, op, "expert weight");
       ptrs.push_back(t->raw());
     }
+  const bool with_shared = shared && Is > 0;  // (dtypes checked by moe_experts_small_dims)
   if (T == 0 || H == 0) return;
-  if (K == 0 || I == 0) {  // no expert contributes
+  if ((K == 0 || I == 0) && !with_shared) {  // no expert contributes
     if (!accumulate) fill(y, 0.0f);
     return;
   }
@@ -427,9 +429,17 @@ void CudaBackend::moe_experts_small(Tensor& y, const Tensor& x, const Tensor& to
   }
   if (capture_pool_) capture_pool_->keep.push_back(table);  // a replay reads it
   Tensor h = scratch({T * K, I}, DType::F32);
+  // The shared experts' pointers travel as kernel arguments (a captured graph keeps them), their
+  // activations in a scratch of their own (rows 16-byte aligned whenever Is allows vector loads).
+  cuda::SmallShared sh;
+  Tensor hs;
+  if (with_shared) {
+    hs = scratch({T, Is}, DType::F32);
+    sh = {shared->gate_proj->raw(), shared->up_proj->raw(), shared->down_proj->raw(), hs.f32(), Is};
+  }
   check(cuda::moe_experts_small(y.f32(), h.f32(), x.f32(), topk_idx.i32(), ic, topk_w.f32(),
                                 static_cast<const void* const*>(table.raw()), dtype == DType::BF16,
-                                T, K, H, I, accumulate),
+                                T, K, H, I, accumulate, sh),
         op);
 }
 

@@ -123,14 +123,26 @@ cudaError_t moe_dispatch_plan(void* temp, size_t temp_bytes, int32_t* sorted_exp
                               int32_t* slot_token, int32_t* slot_pair, float* slot_weight,
                               int32_t* expert_begin, const int32_t* topk_idx, const float* topk_w,
                               int64_t n, int64_t k, int64_t n_experts);
+// The shared experts of moe_experts_small: one dense SwiGLU (gate, up [inter, hidden], down
+// [hidden, inter], the routed experts' dtype) applied to every token with weight 1; h: scratch
+// [tokens, inter]. Absent when gate is null (or inter is 0).
+struct SmallShared {
+  const void* gate = nullptr;
+  const void* up = nullptr;
+  const void* down = nullptr;
+  float* h = nullptr;
+  int64_t inter = 0;
+};
 // The few-token experts (Backend::moe_experts_small) as two memory-bound passes, pairs p = t*K+k:
-// h [T*K, I] = silu(gate_e x_t) * up_e x_t, then y[t] (+)= sum_k topk_w[p] down_e h[p] (k in
-// order). weights: a device table of 3 * n_experts pointers [gate_0, up_0, down_0, gate_1, ...],
-// all F32 or all BF16 (`bf16`); topk_idx checked by `experts_check` (limit: n_experts).
+// h [T*K, I] = silu(gate_e x_t) * up_e x_t (and shared.h [T, Is] alike, in the same launch), then
+// y[t] (+)= sum_k topk_w[p] down_e h[p] (k in order) + down_s shared.h[t] (same launch). weights:
+// a device table of 3 * n_experts pointers [gate_0, up_0, down_0, gate_1, ...], all F32 or all
+// BF16 (`bf16`); topk_idx checked by `experts_check` (limit: n_experts).
 cudaError_t moe_experts_small(float* y, float* h, const float* x, const int32_t* topk_idx,
                               const IndexCheck& experts_check, const float* topk_w,
                               const void* const* weights, bool bf16, int64_t tokens, int64_t k,
-                              int64_t hidden, int64_t inter, bool accumulate);
+                              int64_t hidden, int64_t inter, bool accumulate,
+                              const SmallShared& shared);
 struct GateLaunch {
   GateParams p;
   float weight_scale = 1.0f;  // routed_scaling_factor when it applies (see cuda_ops.cpp)
