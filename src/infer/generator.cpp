@@ -55,12 +55,13 @@ void Generator::decode(Tensor x, const std::function<void(size_t, const Tensor&,
     // x += attention(input_layernorm(x)), in place: x is this call's own residual stream (the
     // embedding, or the previous layer's output), which nothing else holds.
     attend(l, layer.input_layernorm.forward(be, x), x);
-    Tensor h = x;
-    Tensor nrm = layer.post_attention_layernorm.forward(be, h);
-    // Inference: no backward follows, so a MoE layer may take its few-token path (decode steps).
-    x = layer.mlp ? layer.mlp->forward(be, nrm)
-                  : layer.moe->forward(be, nrm, /*backward_follows=*/false);
-    be.add(x, h, 1.0f);
+    // x += ffn(post_attention_layernorm(x)), also in place: the dense MLP's down projection and
+    // the few-token experts (shared experts folded in) add into x, so no add kernel runs.
+    const Tensor nrm = layer.post_attention_layernorm.forward(be, x);
+    if (layer.mlp)
+      layer.mlp->forward_add(be, nrm, x);
+    else
+      layer.moe->forward_add(be, nrm, x);
   }
   const ModelConfig& c = model_.config();
   RMSNorm final_norm{&model_.params().at("model.norm.weight"), float(c.rms_norm_eps), {}};
