@@ -5,6 +5,7 @@
 
 #include "core/error.h"
 #include "core/profile.h"
+#include "nn/linear.h"
 
 namespace moekit {
 
@@ -98,7 +99,10 @@ Tensor MoE::forward(Backend& be, const Tensor& x, bool backward_follows) {
   const Device dev = x.device();
   ProfileSteps prof(be);
   prof.next("moe.fwd.route");
-  Routing r = gate.forward(be, x);  // route
+  // The router and the shared experts read x through GEMMs only: under Bf16 it is rounded once for
+  // both (nn/linear.h; a few-token x stays F32). The routed experts gather from the F32 x.
+  const Tensor xg = gemm_input(be, x);
+  Routing r = gate.forward(be, xg);  // route
   if (!backward_follows && T * gate.p.top_k <= kSmallMaxPairs) {
     const std::vector<ExpertWeights> w = small_path_weights(be, routed_experts);
     if (!w.empty()) {  // experts and combine in two GEMV passes, on the device-side routing
@@ -138,7 +142,7 @@ Tensor MoE::forward(Backend& be, const Tensor& x, bool backward_follows) {
                     true, 0.0f);
 
   prof.next("moe.fwd.shared");
-  Tensor y = has_shared ? shared_experts.forward(be, x) : Tensor::zeros({T, H}, DType::F32, dev);
+  Tensor y = has_shared ? shared_experts.forward(be, xg) : Tensor::zeros({T, H}, DType::F32, dev);
   prof.next("moe.fwd.combine");
   be.scatter_add_rows(y, saved.expert_out, saved.plan.slot_token,
                       &saved.plan.slot_weight);  // combine (fp32 sums)
