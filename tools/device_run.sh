@@ -39,7 +39,7 @@ if want bench || want all; then
 fi
 if want quick; then  # moekit alone, 4 layers bf16: each expert-GEMM mode, one line each
   python3 -c 'import json; c = json.load(open("configs/deepseek-v2-lite.json")); c["num_hidden_layers"] = 4; json.dump(c, open("/tmp/v2-lite-4l.json", "w"))'
-  for m in grouped streams; do
+  for m in ${QUICK_GEMMS:-grouped streams}; do
     for ckpt in "" 1; do
       LD_LIBRARY_PATH=$LIBS MOEKIT_CUDA_EXPERT_GEMM=$m MOEKIT_BENCH_CHECKPOINT=$ckpt build/bench/moekit_model_bench /tmp/v2-lite-4l.json 4 2048 3 16 cuda esft10 bf16 | sed "s/^{/{\"expert_gemm\": \"$m\", /"
     done

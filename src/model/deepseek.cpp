@@ -149,18 +149,31 @@ float DeepSeekModel::loss_and_backward(const Tensor& ids, const Tensor& targets,
   for (int64_t t = 0; t < T; ++t) valid += th.i32()[t] >= 0;
   if (valid == 0) return 0.0f;
   Tensor dh = Tensor::empty({T, config_.hidden_size}, DType::F32, device_);
+  // Under Bf16 the LM head's dlogits feed only its bf16 GEMMs (dh, and dW when it trains): the loss
+  // backward writes them rounded, into a bf16 buffer, instead of fp32 in place and a conversion
+  // pass (per GEMM) after. The chunk's peak stays one fp32 and one bf16 [rows, vocab] tensor.
+  const bool bf16_dlogits = bf16_gemm_inputs(be) && be.supports(Op::CrossEntropy, DType::BF16);
   double sum = 0.0;
   for (int64_t r0 = 0; r0 < T; r0 += std::max<int64_t>(1, chunk_rows)) {
     ProfileScope prof(be, "lm_head+loss (chunked)");
     const int64_t r1 = std::min(T, r0 + std::max<int64_t>(1, chunk_rows));
-    const Tensor hc = h.slice(r0, r1), tc = td.slice(r0, r1);
+    // The chunk's hidden rows feed the LM head GEMM and its weight gradient: rounded once under
+    // Bf16 (nn/linear.h).
+    const Tensor hc = gemm_input(be, h.slice(r0, r1)), tc = td.slice(r0, r1);
     Tensor logits = Tensor::empty({r1 - r0, V}, DType::F32, device_);
     linear_forward(be, logits, hc, *lm_head);
     Tensor losses = Tensor::empty({r1 - r0}, DType::F32, device_);
     be.cross_entropy_forward(losses, logits, tc);
-    be.cross_entropy_backward(logits, logits, tc, grad_scale / float(valid));  // in place
+    Tensor dlogits = logits;  // in place, unless in bf16
+    if (bf16_dlogits) {
+      dlogits = Tensor::empty(logits.shape(), DType::BF16, device_);
+      be.cross_entropy_backward(dlogits, logits, tc, grad_scale / float(valid));
+      logits = Tensor();  // free before the GEMMs (the allocator reuses it in stream order)
+    } else {
+      be.cross_entropy_backward(dlogits, logits, tc, grad_scale / float(valid));
+    }
     Tensor dhc = dh.slice(r0, r1);
-    linear_backward(be, dhc, *lm_head, logits, hc, false);
+    linear_backward(be, dhc, *lm_head, dlogits, hc, false);
     const Tensor lh = losses.to_host();  // ignored targets have loss 0
     for (int64_t i = 0; i < lh.numel(); ++i) sum += lh.f32()[i];
   }

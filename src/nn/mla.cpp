@@ -40,7 +40,10 @@ Tensor MLA::forward(Backend& be, const Tensor& x, const Tensor& positions, const
   const int64_t T = x.dim(0), dqk = dn + dr;
   const Device dev = x.device();
   auto empty = [&](Shape s) { return Tensor::empty(s, DType::F32, dev); };
-  saved.x = x;
+  // The GEMM inputs x, q_a_normed and kv_latent, each read by a forward projection and by its
+  // weight gradient (x by two of each), are rounded once under Bf16 (nn/linear.h) and saved
+  // rounded: backward reads them only there. o stays F32 (the attention backward reads it).
+  saved.x = gemm_input(be, x);
   saved.positions = positions;
   saved.batch = batch;
   saved.seq = seq;
@@ -50,22 +53,22 @@ Tensor MLA::forward(Backend& be, const Tensor& x, const Tensor& positions, const
   saved.q = empty({T, heads * dqk});
   if (q_lora_rank > 0) {
     saved.q_a = empty({T, q_lora_rank});
-    linear_forward(be, saved.q_a, x, *q_a_proj);
-    saved.q_a_normed = q_a_layernorm.forward(be, saved.q_a);
+    linear_forward(be, saved.q_a, saved.x, *q_a_proj);
+    saved.q_a_normed = gemm_input(be, q_a_layernorm.forward(be, saved.q_a));
     linear_forward(be, saved.q, saved.q_a_normed, *q_b_proj);
   } else {
-    linear_forward(be, saved.q, x, *q_proj);
+    linear_forward(be, saved.q, saved.x, *q_proj);
   }
   be.rope(saved.q, heads, dqk, dn, dr, rope.cos, rope.sin, positions, false);
 
   Tensor kv_a = empty({T, kv_lora_rank + dr});
-  linear_forward(be, kv_a, x, *kv_a_proj_with_mqa);
+  linear_forward(be, kv_a, saved.x, *kv_a_proj_with_mqa);
   Tensor c_kv = empty({T, kv_lora_rank});
   be.copy_columns(c_kv, 0, kv_a, 0, kv_lora_rank, false);
   saved.k_rope = empty({T, dr});
   be.copy_columns(saved.k_rope, 0, kv_a, kv_lora_rank, dr, false);
   be.rope(saved.k_rope, 1, dr, 0, dr, rope.cos, rope.sin, positions, false);
-  saved.kv_latent = kv_a_layernorm.forward(be, c_kv);
+  saved.kv_latent = gemm_input(be, kv_a_layernorm.forward(be, c_kv));
 
   Tensor kv_b = empty({T, heads * (dn + dv)});
   linear_forward(be, kv_b, saved.kv_latent, *kv_b_proj);

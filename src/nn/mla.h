@@ -26,6 +26,8 @@ struct MLA {
   Param* kv_b_proj = nullptr;  // [H*(dn+dv), kv_lora_rank]
   Param* o_proj = nullptr;     // [hidden, H*dv]
 
+  // x, q_a_normed and kv_latent are read by backward only as GEMM inputs: BF16 under Bf16 where
+  // the layer rounds them once (nn/linear.h, gemm_input), F32 otherwise.
   struct Saved {
     Tensor x, q_a, q_a_normed, q, kv_latent, k_rope, k, v, o, lse, positions;
     int64_t batch = 0, seq = 0;

@@ -16,12 +16,16 @@ MLP MLP::create(ParamTable& params, const std::string& prefix, int64_t hidden, i
 
 Tensor MLP::forward(Backend& be, const Tensor& x) {
   const int64_t T = x.dim(0), I = intermediate(), H = x.dim(1);
-  saved.x = x;
+  // Under Bf16 the input is rounded once for the gate and up GEMMs and their weight gradients
+  // (nn/linear.h), and SwiGLU writes h in bf16 at once, since only the down GEMMs read it; gate
+  // and up stay F32 for SwiGLU's backward, whose fp32 math reads them.
+  saved.x = gemm_input(be, x);
   saved.gate = Tensor::empty({T, I}, DType::F32, x.device());
   saved.up = Tensor::empty({T, I}, DType::F32, x.device());
-  saved.h = Tensor::empty({T, I}, DType::F32, x.device());
-  linear_forward(be, saved.gate, x, *gate_proj);
-  linear_forward(be, saved.up, x, *up_proj);
+  const DType h_dtype = be.supports(Op::SwiGLU, DType::BF16) ? gemm_input_dtype(be, T) : DType::F32;
+  saved.h = Tensor::empty({T, I}, h_dtype, x.device());
+  linear_forward(be, saved.gate, saved.x, *gate_proj);
+  linear_forward(be, saved.up, saved.x, *up_proj);
   be.swiglu_forward(saved.h, saved.gate, saved.up);
   Tensor y = Tensor::empty({T, H}, DType::F32, x.device());
   linear_forward(be, y, saved.h, *down_proj);
@@ -43,8 +47,12 @@ void MLP::backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate) {
   const int64_t T = dy.dim(0), I = intermediate();
   Tensor dh = Tensor::empty({T, I}, DType::F32, dy.device());
   linear_backward(be, dh, *down_proj, dy, saved.h, false);
-  Tensor dgate = Tensor::empty({T, I}, DType::F32, dy.device());
-  Tensor dup = Tensor::empty({T, I}, DType::F32, dy.device());
+  // dgate and dup feed only GEMMs (dx and the weight gradients), which round them under Bf16:
+  // SwiGLU's backward writes them rounded, with no F32 copy and no conversion pass.
+  const DType d_dtype =
+      bf16_gemm_inputs(be) && be.supports(Op::SwiGLU, DType::BF16) ? DType::BF16 : DType::F32;
+  Tensor dgate = Tensor::empty({T, I}, d_dtype, dy.device());
+  Tensor dup = Tensor::empty({T, I}, d_dtype, dy.device());
   be.swiglu_backward(dgate, dup, dh, saved.gate, saved.up);
   linear_backward(be, dx, *gate_proj, dgate, saved.x, accumulate);
   linear_backward(be, dx, *up_proj, dup, saved.x, true);

@@ -5,6 +5,7 @@
 
 #include "core/error.h"
 #include "core/profile.h"
+#include "nn/linear.h"
 
 namespace moekit {
 
@@ -123,7 +124,10 @@ bool small_path(Backend& be, MoE& m, const Tensor& x, const Routing& r, Tensor& 
 }
 
 // The grouped path from the routing r: permute, grouped GEMMs, combine; saves what backward needs.
-Tensor grouped_path(Backend& be, MoE& m, const Tensor& x, const Routing& r, ProfileSteps& prof) {
+// xg: x as the GEMMs read it (gemm_input: under Bf16 rounded once, for the router and the shared
+// experts; the routed experts gather from the F32 x).
+Tensor grouped_path(Backend& be, MoE& m, const Tensor& x, const Tensor& xg, const Routing& r,
+                    ProfileSteps& prof) {
   const int64_t T = x.dim(0), H = x.dim(1), E = int64_t(m.routed_experts.size());
   const int64_t I = E > 0 ? m.routed_experts[0].intermediate() : 0;
   const Device dev = x.device();
@@ -157,8 +161,9 @@ Tensor grouped_path(Backend& be, MoE& m, const Tensor& x, const Routing& r, Prof
                     true, 0.0f);
 
   prof.next("moe.fwd.shared");
+  // The shared experts read x through GEMMs only: the copy rounded once for them and the router.
   Tensor y =
-      m.has_shared ? m.shared_experts.forward(be, x) : Tensor::zeros({T, H}, DType::F32, dev);
+      m.has_shared ? m.shared_experts.forward(be, xg) : Tensor::zeros({T, H}, DType::F32, dev);
   prof.next("moe.fwd.combine");
   be.scatter_add_rows(y, saved.expert_out, saved.plan.slot_token,
                       &saved.plan.slot_weight);  // combine (fp32 sums)
@@ -170,12 +175,15 @@ Tensor grouped_path(Backend& be, MoE& m, const Tensor& x, const Routing& r, Prof
 Tensor MoE::forward(Backend& be, const Tensor& x, bool backward_follows) {
   ProfileSteps prof(be);
   prof.next("moe.fwd.route");
-  Routing r = gate.forward(be, x);  // route
+  // The router and the shared experts read x through GEMMs only: under Bf16 it is rounded once for
+  // both (nn/linear.h; a few-token x stays F32).
+  const Tensor xg = gemm_input(be, x);
+  Routing r = gate.forward(be, xg);  // route
   Tensor y;
   if (!backward_follows && x.dim(0) * gate.p.top_k <= kSmallMaxPairs &&
       small_path(be, *this, x, r, y, /*accumulate=*/false, prof))
     return y;
-  return grouped_path(be, *this, x, r, prof);
+  return grouped_path(be, *this, x, xg, r, prof);
 }
 
 void MoE::forward_add(Backend& be, const Tensor& x, Tensor& y) {
@@ -184,11 +192,12 @@ void MoE::forward_add(Backend& be, const Tensor& x, Tensor& y) {
                x.shape().str());
   ProfileSteps prof(be);
   prof.next("moe.fwd.route");
-  Routing r = gate.forward(be, x);  // route
+  const Tensor xg = gemm_input(be, x);
+  Routing r = gate.forward(be, xg);  // route
   if (x.dim(0) * gate.p.top_k <= kSmallMaxPairs &&
       small_path(be, *this, x, r, y, /*accumulate=*/true, prof))
     return;
-  const Tensor out = grouped_path(be, *this, x, r, prof);
+  const Tensor out = grouped_path(be, *this, x, xg, r, prof);
   saved = {};  // inference only: nothing kept for a backward (which now refuses to run)
   prof.next("moe.fwd.add");
   be.add(y, out, 1.0f);

@@ -19,11 +19,15 @@ Routing Router::forward(Backend& be, const Tensor& x) {
   const int64_t T = x.dim(0), E = p.n_experts, K = p.top_k;
   const Device dev = x.device();
   Tensor logits = Tensor::empty({T, E}, DType::F32, dev);
-  linear_forward(be, logits, x, *weight);
+  // Under Bf16 the gating GEMM runs in bf16 like every other (logits and routing in fp32); x is
+  // rounded once for it and the weight gradient, or comes rounded from the MoE layer, which shares
+  // the copy with the shared experts (nn/linear.h).
+  const Tensor xg = gemm_input(be, x);
+  linear_forward(be, logits, xg, *weight);
   Routing r{Tensor::empty({T, K}, DType::I32, dev), Tensor::empty({T, K}, DType::F32, dev),
             Tensor::empty({T, E}, DType::F32, dev)};
   be.moe_gate_forward(r.topk_idx, r.topk_w, r.scores, logits, balance_bias->value, p);
-  saved.x = x;
+  saved.x = xg;
   saved.routing = r;
   saved.daux_scores = Tensor();
   aux_loss = 0.0;

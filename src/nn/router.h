@@ -26,7 +26,7 @@ struct Router {
   Param* weight = nullptr;        // [E, hidden]
   Param* balance_bias = nullptr;  // [E] buffer; always present (zeros unless V3 or LFB)
   struct Saved {
-    Tensor x;
+    Tensor x;  // the GEMM input: BF16 under Bf16 (nn/linear.h), else F32
     Routing routing;
     Tensor daux_scores;  // [T,E] gradient of the aux loss on the scores (when aux_alpha > 0)
   } saved;

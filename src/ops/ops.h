@@ -20,6 +20,7 @@ enum class Op : uint8_t {
   Matmul,
   GroupedMatmul,
   MatmulBatched,
+  RoundBf16,
   Add,
   Scale,
   Embedding,
@@ -184,6 +185,19 @@ class Backend {
   // block g (GemmBatch). Every block must lie inside its tensor; c must not overlap a or b.
   virtual void matmul_batched(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a,
                               bool trans_b, float alpha, float beta, const GemmBatch& batch) = 0;
+  // out (BF16) = x (F32) rounded to the nearest bf16 (ties to even), element by element, equal
+  // numel: the rounding matmul applies to each F32 operand of a bf16 GEMM, as a pass of its own.
+  // A layer whose input feeds several GEMMs rounds it once here and hands the BF16 copy to each
+  // (nn/linear.h, gemm_input): the products are bit-identical and the per-GEMM conversions go.
+  // Where supports(RoundBf16, BF16): the CUDA backend, and the CPU (exact; for tests, since its
+  // GEMMs take no BF16 operand and its precision is always Fp32, no layer calls it there).
+  virtual void round_bf16(Tensor& out, const Tensor& x) = 0;
+  // The most rows of an F32 activation `a` that matmul(c, a, b, false, true) with an F32 c reads
+  // unrounded, in fp32, whatever the precision (a GEMV for decoding one or a few tokens); 0 where
+  // there is no such path. Rounding such an `a` beforehand would change the product, so layers
+  // keep these few rows in F32 (gemm_input).
+  virtual int64_t unrounded_gemv_rows() const { return 0; }
+
   // y += alpha * x (same numel).
   virtual void add(Tensor& y, const Tensor& x, float alpha) = 0;
   virtual void scale(Tensor& y, float alpha) = 0;
@@ -202,7 +216,8 @@ class Backend {
                                 const Tensor& w, const Tensor& rstd) = 0;
 
   // h = silu(gate) * up, all [T,I]. Dtypes: all F32, or, where supports(SwiGLU, BF16), all BF16
-  // (math in fp32, h rounded once).
+  // or F32 gate and up with a BF16 h (math in fp32, h rounded once: a dense MLP's h under Bf16,
+  // read only by GEMMs that would round it anyway).
   virtual void swiglu_forward(Tensor& h, const Tensor& gate, const Tensor& up) = 0;
   // dgate, dup from dh. Dtypes: all F32; where supports(SwiGLU, BF16), gate and up share a dtype
   // (F32 or BF16), dh is F32 or BF16, dgate and dup share a dtype (F32 or BF16): math in fp32, a
@@ -286,7 +301,10 @@ class Backend {
   // losses[T] = -log softmax(logits[t])[targets[t]]; targets < 0 are ignored (loss 0).
   virtual void cross_entropy_forward(Tensor& losses, const Tensor& logits,
                                      const Tensor& targets) = 0;
-  // dlogits = (softmax(logits) - onehot(target)) * scale; ignored rows get 0.
+  // dlogits = (softmax(logits) - onehot(target)) * scale; ignored rows get 0. dlogits is F32 (it
+  // may be logits itself: each row is read before it is written), or BF16 where
+  // supports(CrossEntropy, BF16) (the fp32 value rounded once; a separate tensor): the LM head's
+  // gradient under Bf16, which only bf16 GEMMs read.
   virtual void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& targets,
                                       float scale) = 0;
 

@@ -26,6 +26,7 @@
 #include <cstring>
 #include <functional>
 #include <initializer_list>
+#include <iterator>
 #include <limits>
 #include <memory>
 #include <random>
@@ -220,6 +221,50 @@ TEST_F(CudaBackendTest, MatmulMixedF32Bf16AndBf16Precision) {
       EXPECT_CLOSE(dc2, c, kF32Tol);
     }
   EXPECT_EQ(gpu().precision(), Precision::Fp32);
+}
+
+// round_bf16 (layers round a GEMM input once with it under Bf16): bit-identical to the CPU's exact
+// rounding (nearest, ties to even; the values include exact ties, huge and tiny values, infinities
+// and signed zeros), and a bf16 GEMM of its result equals, to the bit, the GEMM that rounds the
+// F32 operand itself under Precision::Bf16: the premise of rounding once (nn/linear.h). 45 rows,
+// above the few-row GEMV path, which reads F32 activations unrounded (unrounded_gemv_rows).
+TEST_F(CudaBackendTest, RoundBf16EqualsCpuAndTheGemmsOwnRounding) {
+  const int64_t M = 45, N = 67, K = 71;
+  Tensor x = randn({M, K});
+  const float specials[] = {1.0f + std::ldexp(1.0f, -8),
+                            1.0f + 3 * std::ldexp(1.0f, -8),
+                            -1.0f - std::ldexp(1.0f, -8),
+                            3.0e38f,
+                            1.0e-40f,
+                            -0.0f,
+                            std::numeric_limits<float>::infinity(),
+                            -std::numeric_limits<float>::infinity()};
+  for (size_t i = 0; i < std::size(specials); ++i) x.f32()[i * 7] = specials[i];
+  Tensor ref = Tensor::empty({M, K}, DType::BF16), got = poisoned({M, K}, DType::BF16);
+  cpu().round_bf16(ref, x);
+  gpu().round_bf16(got, dev(x));
+  EXPECT_TRUE(bit_equal(got, ref));
+  EXPECT_TRUE(gpu().supports(Op::RoundBf16, DType::BF16));
+  EXPECT_GE(gpu().unrounded_gemv_rows(), 1);
+  EXPECT_LT(gpu().unrounded_gemv_rows(), M);
+
+  const Tensor a = dev(randn({M, K})), b = dev(randn({N, K}));
+  Tensor a16 = poisoned({M, K}, DType::BF16), b16 = poisoned({N, K}, DType::BF16);
+  gpu().round_bf16(a16, a);
+  gpu().round_bf16(b16, b);
+  Tensor c_self = poisoned({M, N}), c_once = poisoned({M, N});
+  gpu().set_precision(Precision::Bf16);
+  gpu().matmul(c_self, a, b, false, true, 1.0f, 0.0f);
+  gpu().matmul(c_once, a16, b, false, true, 1.0f, 0.0f);
+  gpu().set_precision(Precision::Fp32);
+  EXPECT_TRUE(bit_equal(c_once, c_self));
+  try {
+    Tensor wrong = poisoned({M, K});
+    gpu().round_bf16(wrong, dev(x));
+    FAIL() << "round_bf16 wrote an F32 out";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("round_bf16"), std::string::npos) << e.what();
+  }
 }
 
 // The routed experts' weight gradients under bf16 activations: W.grad [N, K] += dy_e^T @ x_e, the
@@ -492,9 +537,19 @@ TEST_F(CudaBackendTest, SwiGluBf16Activations) {
         EXPECT_CLOSE(gdgate, dgate, tol);
         EXPECT_CLOSE(gdup, dup, tol);
       }
+  // F32 gate and up with a BF16 h (a dense MLP under Bf16): the F32 result rounded once, to the
+  // bit (what the down GEMM would have rounded it to).
+  {
+    const Tensor g32 = dev(randn(s, 2.0f)), u32 = dev(randn(s));
+    Tensor h32 = poisoned(s), h16 = poisoned(s, DType::BF16), r16 = poisoned(s, DType::BF16);
+    gpu().swiglu_forward(h32, g32, u32);
+    gpu().swiglu_forward(h16, g32, u32);
+    gpu().round_bf16(r16, h32);
+    EXPECT_TRUE(bit_equal(h16, r16)) << "F32 in, BF16 h";
+  }
   try {
     gpu().swiglu_forward(gh, dev(gate), dev(as(up, DType::BF16)));
-    FAIL() << "swiglu_forward took F32 gate with a BF16 h";
+    FAIL() << "swiglu_forward took F32 gate with a BF16 up";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("swiglu_forward"), std::string::npos) << e.what();
   }
@@ -702,6 +757,11 @@ TEST_F(CudaBackendTest, CrossEntropyWithIgnoredTargets) {
     cpu().cross_entropy_backward(d, logits, targets, 1.0f / 27.0f);
     gpu().cross_entropy_backward(gd, dev(logits), dev(targets), 1.0f / 27.0f);
     EXPECT_CLOSE(gd, d, kF32Tol);
+    // BF16 dlogits (the LM head's under Bf16): the F32 gradient rounded once, to the bit.
+    Tensor gd16 = poisoned({T, V}, DType::BF16), r16 = poisoned({T, V}, DType::BF16);
+    gpu().cross_entropy_backward(gd16, dev(logits), dev(targets), 1.0f / 27.0f);
+    gpu().round_bf16(r16, gd);
+    EXPECT_TRUE(bit_equal(gd16, r16)) << "BF16 dlogits";
     Tensor bad = targets.clone();
     bad.i32()[1] = int32_t(V);
     expect_index_error([&] { gpu().cross_entropy_forward(glosses, dev(logits), dev(bad)); },

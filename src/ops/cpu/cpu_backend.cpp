@@ -16,8 +16,9 @@
 
 namespace moekit {
 
-bool CpuBackend::supports(Op, DType dtype) const {
-  return dtype == DType::F32;
+bool CpuBackend::supports(Op op, DType dtype) const {
+  // round_bf16 is the one op with a BF16 result here: exact, the reference for the GPU's.
+  return dtype == DType::F32 || (op == Op::RoundBf16 && dtype == DType::BF16);
 }
 
 std::shared_ptr<Storage> CpuBackend::allocate(size_t bytes) {
@@ -87,6 +88,22 @@ void CpuBackend::matmul_batched(Tensor& c, const Tensor& a, const Tensor& b, boo
                 a.f32() + i * g.stride_a, int(g.lda), b.f32() + i * g.stride_b, int(g.ldb), beta,
                 ci, int(g.ldc));
   }
+}
+
+void CpuBackend::round_bf16(Tensor& out, const Tensor& x) {
+  MOEKIT_CHECK(out.numel() == x.numel(), "round_bf16: {} vs {}", out.shape().str(),
+               x.shape().str());
+  expect_f32_on_cpu("round_bf16", {&x});
+  if (out.dtype() != DType::BF16)
+    fail("CPU round_bf16: out is {}, not BF16", dtype_name(out.dtype()));
+  const float* px = x.f32();
+  auto* po = static_cast<uint16_t*>(out.raw());
+  cpu_pool().parallel_for(
+      x.numel(),
+      [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) po[i] = f32_to_bf16(px[i]);
+      },
+      1 << 14);
 }
 
 void CpuBackend::add(Tensor& y, const Tensor& x, float alpha) {

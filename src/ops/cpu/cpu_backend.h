@@ -26,6 +26,7 @@ class CpuBackend final : public Backend {
                       std::span<const int64_t> begin, bool trans_b, float beta) override;
   void matmul_batched(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b,
                       float alpha, float beta, const GemmBatch& batch) override;
+  void round_bf16(Tensor& out, const Tensor& x) override;
   void add(Tensor& y, const Tensor& x, float alpha) override;
   void scale(Tensor& y, float alpha) override;
   void embedding_forward(Tensor& out, const Tensor& table, const Tensor& ids) override;

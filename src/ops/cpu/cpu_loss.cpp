@@ -30,6 +30,7 @@ void CpuBackend::cross_entropy_forward(Tensor& losses, const Tensor& logits,
 void CpuBackend::cross_entropy_backward(Tensor& dlogits, const Tensor& logits,
                                         const Tensor& targets, float scale) {
   const int64_t T = rows(logits), V = cols(logits);
+  expect_f32_on_cpu("cross_entropy_backward", {&dlogits});
   cpu_pool().parallel_for(T, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       int32_t y = targets.i32()[t];

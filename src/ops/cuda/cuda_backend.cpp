@@ -321,6 +321,8 @@ bool CudaBackend::supports(Op op, DType dtype) const {
     case Op::RowDot:
     case Op::MlaAbsorbQuery:
     case Op::MlaValueHeads:
+    case Op::RoundBf16:
+    case Op::CrossEntropy:
       return true;
     default:
       return false;
@@ -475,7 +477,7 @@ Tensor CudaBackend::as_bf16(const Tensor& t) {
   if (t.dtype() == DType::BF16) return t;
   cuda::expect_f32(t, "as_bf16", "input");
   Tensor out = scratch(t.shape(), DType::BF16);
-  check(cuda::convert_f32_bf16(out.raw(), t.f32(), t.numel()), "as_bf16 (convert)");
+  round_bf16(out, t);  // the op layers call to round an input once for several GEMMs
   return out;
 }
 
@@ -851,6 +853,22 @@ void CudaBackend::matmul_batched(Tensor& c, const Tensor& a_in, const Tensor& b_
                    cuda_type(a.dtype()), int(g.lda), g.stride_a, &beta, c.raw(), CUDA_R_32F,
                    int(g.ldc), g.stride_c, int(g.count), compute, CUBLAS_GEMM_DEFAULT),
                "matmul_batched (cublasGemmStridedBatchedEx)");
+}
+
+// The conversion that matmul runs per F32 operand under Bf16 (as_bf16), as an op of its own: the
+// same kernel, so a BF16 copy made here feeds a GEMM exactly the values matmul would have made.
+void CudaBackend::round_bf16(Tensor& out, const Tensor& x) {
+  MOEKIT_CHECK(out.numel() == x.numel(), "round_bf16: {} vs {}", out.shape().str(),
+               x.shape().str());
+  cuda::expect(out, DType::BF16, "round_bf16", "out");
+  cuda::expect_f32(x, "round_bf16", "x");
+  if (x.numel() == 0) return;
+  check(cuda::convert_f32_bf16(out.raw(), x.f32(), x.numel()), "round_bf16");
+}
+
+// matmul's GEMV path (few rows, F32 activations read as they are).
+int64_t CudaBackend::unrounded_gemv_rows() const {
+  return cuda::kGemvMaxRows;
 }
 
 // ---------------------------------------------------------------------------------------------

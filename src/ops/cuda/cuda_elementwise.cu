@@ -76,9 +76,9 @@ cudaError_t check_indices(int32_t* safe, const int32_t* idx, int64_t n, const In
 namespace {
 
 // SwiGLU on fp32 or bf16 storage (device_util.cuh's to_f32 / from_f32): fp32 math, one rounding
-// per bf16 output.
-template <typename T>
-cudaError_t swiglu_forward_as(T* h, const T* gate, const T* up, int64_t n) {
+// per bf16 output. In: gate and up (G); out: h (T).
+template <typename T, typename G>
+cudaError_t swiglu_forward_as(T* h, const G* gate, const G* up, int64_t n) {
   return for_each(n, [=] __device__(int64_t i) {
     const float g = to_f32(gate[i]);
     h[i] = from_f32<T>(g / (1.0f + expf(-g)) * to_f32(up[i]));
@@ -116,12 +116,15 @@ cudaError_t swiglu_backward_dh(void* dgate, void* dup, DType out, const void* dh
 
 }  // namespace
 
-cudaError_t swiglu_forward(void* h, const void* gate, const void* up, DType dtype, int64_t n) {
-  if (dtype == DType::BF16)
+cudaError_t swiglu_forward(void* h, DType h_dtype, const void* gate, const void* up, DType in_dtype,
+                           int64_t n) {
+  if (in_dtype == DType::BF16)
     return swiglu_forward_as(static_cast<bf16_t*>(h), static_cast<const bf16_t*>(gate),
                              static_cast<const bf16_t*>(up), n);
-  return swiglu_forward_as(static_cast<float*>(h), static_cast<const float*>(gate),
-                           static_cast<const float*>(up), n);
+  const auto *g = static_cast<const float*>(gate), *u = static_cast<const float*>(up);
+  // F32 in, BF16 out: the F32 variant's value rounded once (the same expression, in fp32).
+  if (h_dtype == DType::BF16) return swiglu_forward_as(static_cast<bf16_t*>(h), g, u, n);
+  return swiglu_forward_as(static_cast<float*>(h), g, u, n);
 }
 
 cudaError_t swiglu_backward(void* dgate, void* dup, DType out_dtype, const void* dh, DType dh_dtype,

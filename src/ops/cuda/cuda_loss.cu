@@ -68,13 +68,16 @@ __global__ void cross_entropy_forward_kernel(float* losses, const float* logits,
   if (threadIdx.x == 0) losses[row] = float(log(z) + double(m) - double(l[y]));
 }
 
-__global__ void cross_entropy_backward_kernel(float* dlogits, const float* logits,
+// D: the gradient's storage, float or bf16_t (the fp32 value rounded once: the LM head's dlogits
+// under Bf16, which only bf16 GEMMs read).
+template <typename D>
+__global__ void cross_entropy_backward_kernel(D* dlogits, const float* logits,
                                               const int32_t* targets, int64_t vocab, float scale) {
   const int64_t row = blockIdx.x;
   const int32_t y = targets[row];
-  float* d = dlogits + row * vocab;
+  D* d = dlogits + row * vocab;
   if (y < 0) {
-    for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) d[i] = 0.0f;
+    for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) d[i] = from_f32<D>(0.0f);
     return;
   }
   const float* l = logits + row * vocab;
@@ -83,7 +86,7 @@ __global__ void cross_entropy_backward_kernel(float* dlogits, const float* logit
   row_softmax_stats(l, vocab, m, z);
   const float k = float(double(scale) / z);
   for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x)
-    d[i] = expf(l[i] - m) * k - (i == y ? scale : 0.0f);
+    d[i] = from_f32<D>(expf(l[i] - m) * k - (i == y ? scale : 0.0f));
 }
 
 }  // namespace
@@ -96,11 +99,16 @@ cudaError_t cross_entropy_forward(float* losses, const float* logits, const int3
   return cudaGetLastError();
 }
 
-cudaError_t cross_entropy_backward(float* dlogits, const float* logits, const int32_t* targets,
-                                   int64_t rows, int64_t vocab, float scale) {
+cudaError_t cross_entropy_backward(void* dlogits, bool dlogits_bf16, const float* logits,
+                                   const int32_t* targets, int64_t rows, int64_t vocab,
+                                   float scale) {
   if (rows == 0) return cudaSuccess;
-  cross_entropy_backward_kernel<<<unsigned(rows), kThreads, 0, stream()>>>(dlogits, logits, targets,
-                                                                           vocab, scale);
+  if (dlogits_bf16)
+    cross_entropy_backward_kernel<<<unsigned(rows), kThreads, 0, stream()>>>(
+        static_cast<bf16_t*>(dlogits), logits, targets, vocab, scale);
+  else
+    cross_entropy_backward_kernel<<<unsigned(rows), kThreads, 0, stream()>>>(
+        static_cast<float*>(dlogits), logits, targets, vocab, scale);
   return cudaGetLastError();
 }
 

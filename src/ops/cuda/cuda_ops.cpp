@@ -84,11 +84,13 @@ void CudaBackend::rmsnorm_backward(Tensor& dx, Tensor* dw, const Tensor& dout, c
 void CudaBackend::swiglu_forward(Tensor& h, const Tensor& gate, const Tensor& up) {
   const char* op = "swiglu_forward";
   expect_f32_or_bf16(h, op, "h");
-  expect(gate, h.dtype(), op, "gate");
-  expect(up, h.dtype(), op, "up");
+  // gate and up: h's dtype, or F32 with a BF16 h (ops.h).
+  expect(gate, gate.dtype() == DType::F32 ? DType::F32 : h.dtype(), op, "gate");
+  expect(up, gate.dtype(), op, "up");
   expect_numel(gate, h.numel(), op, "gate");
   expect_numel(up, h.numel(), op, "up");
-  check(cuda::swiglu_forward(h.raw(), gate.raw(), up.raw(), h.dtype(), h.numel()), op);
+  check(cuda::swiglu_forward(h.raw(), h.dtype(), gate.raw(), up.raw(), gate.dtype(), h.numel()),
+        op);
 }
 
 void CudaBackend::swiglu_backward(Tensor& dgate, Tensor& dup, const Tensor& dh, const Tensor& gate,
@@ -296,13 +298,15 @@ void CudaBackend::cross_entropy_backward(Tensor& dlogits, const Tensor& logits,
                                          const Tensor& targets, float scale) {
   const char* op = "cross_entropy_backward";
   const int64_t T = rows(logits), V = cols(logits);
-  expect_f32(dlogits, op, "dlogits");
+  expect_f32_or_bf16(dlogits, op, "dlogits");  // BF16: the LM head's dlogits under Bf16
   expect_f32(logits, op, "logits");
   expect(targets, DType::I32, op, "targets");
   expect_numel(dlogits, T * V, op, "dlogits");
   expect_numel(targets, T, op, "targets");
   const Tensor safe = check_indices(targets, V, op, "target", /*allow_negative=*/true);
-  check(cuda::cross_entropy_backward(dlogits.f32(), logits.f32(), safe.i32(), T, V, scale), op);
+  check(cuda::cross_entropy_backward(dlogits.raw(), dlogits.dtype() == DType::BF16, logits.f32(),
+                                     safe.i32(), T, V, scale),
+        op);
 }
 
 void CudaBackend::gather_rows(Tensor& out, const Tensor& x, const Tensor& rows_,

@@ -55,7 +55,8 @@ cudaError_t check_indices(int32_t* safe, const int32_t* idx, int64_t n, const In
 // SwiGLU on activations stored as F32 or BF16 (`dtype`s; math in fp32, bf16 outputs rounded once).
 // Forward: h, gate and up all of `dtype`. Backward: gate and up of in_dtype, dh of dh_dtype,
 // dgate and dup of out_dtype.
-cudaError_t swiglu_forward(void* h, const void* gate, const void* up, DType dtype, int64_t n);
+cudaError_t swiglu_forward(void* h, DType h_dtype, const void* gate, const void* up, DType in_dtype,
+                           int64_t n);
 cudaError_t swiglu_backward(void* dgate, void* dup, DType out_dtype, const void* dh, DType dh_dtype,
                             const void* gate, const void* up, DType in_dtype, int64_t n);
 // positions [tokens], checked by `positions_check` (limit: the table's rows).
@@ -225,8 +226,10 @@ cudaError_t mla_value_heads(float* o, const float* ctx, const void* kv_b, bool k
 // --- losses (cuda_loss.cu)
 cudaError_t cross_entropy_forward(float* losses, const float* logits, const int32_t* targets,
                                   int64_t rows, int64_t vocab);
-cudaError_t cross_entropy_backward(float* dlogits, const float* logits, const int32_t* targets,
-                                   int64_t rows, int64_t vocab, float scale);
+// dlogits: fp32, or bf16 (dlogits_bf16: each fp32 value rounded once).
+cudaError_t cross_entropy_backward(void* dlogits, bool dlogits_bf16, const float* logits,
+                                   const int32_t* targets, int64_t rows, int64_t vocab,
+                                   float scale);
 
 // --- causal attention (cuda_attention.cu)
 struct AttentionShape {
