@@ -83,7 +83,8 @@ if want ncu; then  # hardware counters of the decode step's kernels (Nsight Comp
   echo "ncu rc=$?"; tail -3 "$OUT/ncu.err"
   python3 - "$OUT/ncu.csv" <<'EOF'
 import csv, sys, collections
-rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
+lines = open(sys.argv[1]).read().splitlines()
+rows = list(csv.reader(lines[next(i for i, l in enumerate(lines) if l.startswith("\"ID\"")):]))
 h = rows[0]; ki, mi, vi = h.index("Kernel Name"), h.index("Metric Name"), h.index("Metric Value")
 gi, bi = h.index("Grid Size") if "Grid Size" in h else None, h.index("ID")
 per = collections.defaultdict(dict)

@@ -7,7 +7,9 @@
 // from device memory (CUDA graphs replay them while the cache grows) and check them in their own
 // kernel (index_check.cuh). Sums run in fixed orders: deterministic.
 #include <cstdint>
+#include <type_traits>
 
+#include "ops/cuda/dependent_launch.cuh"
 #include "ops/cuda/device_util.cuh"
 #include "ops/cuda/index_check.cuh"
 #include "ops/cuda/kernels.h"
@@ -31,6 +33,8 @@ __global__ void __launch_bounds__(kWriteThreads)
                            float eps, const float* cos, const float* sin, const int32_t* positions,
                            IndexCheck pc, int64_t tokens, int64_t rank, int64_t rope) {
   __shared__ float red[32];
+  allow_dependents();
+  wait_for_inputs();
   if (blockIdx.x == 0) record_first_bad_index(pc, positions, tokens);  // uniform in the block
   const int64_t i = blockIdx.x, nt = blockDim.x;
   const int64_t pos = checked_index(pc, positions[i]);
@@ -77,23 +81,50 @@ __global__ void __launch_bounds__(kWriteThreads)
 // V columns c0 = (tile * 32 + l) * V .. + V (one 16-byte load per weight row: V = 4 floats or 8
 // bf16; V = 1 when the rows are not 16-byte aligned), and warp k of kAbsorbSlices sums the weight
 // rows d = k, k + kAbsorbSlices, ... < dn, so a warp reads contiguous 512-byte row segments and the
-// whole block keeps many loads in flight (16 per thread at dn = 128). The slices' partial sums
+// whole block keeps many loads in flight (all 16 of a thread at dn = 128, issued together, while
+// q_nope goes to shared memory). The slices' partial sums
 // are added in slice order through shared memory (no atomics). Column tile 0 of each head also
 // rotates the head's q_pe into q_rope.
 
 constexpr int kAbsorbSlices = 8;
 constexpr int kAbsorbThreads = 32 * kAbsorbSlices;
 constexpr int kTok = kMlaAbsorbTokens;
+// Weight rows each thread has in flight at once: dn = 128 (DeepSeek-V2/V3) in one batch, so the
+// kernel waits one memory latency for its weights. With 4 in flight (a plain unrolled loop that
+// also read q from global memory per row) it took 11 us per decode step on an H200.
+constexpr int kAbsorbUnroll = 16;
+constexpr int64_t kAbsorbBatch = int64_t(kAbsorbSlices) * kAbsorbUnroll;
 
-// V columns of a weight row widened to fp32: one 16-byte chunk (warp_dots.cuh's Chunk), or one
-// element.
+// One weight load of V columns: the 16 raw bytes of a chunk (widened when used), or one element.
 template <typename W, int V>
-__device__ inline void load_columns(const W* p, float (&out)[V]) {
+using RawColumns = std::conditional_t<V == 1, W, uint4>;
+
+template <typename W, int V>
+__device__ inline RawColumns<W, V> load_raw(const W* p) {
+  if constexpr (V == 1)
+    return p[0];
+  else
+    return *reinterpret_cast<const uint4*>(p);
+}
+
+// The V columns of a raw load as fp32 (bf16 bits widened exactly; see warp_dots.cuh).
+template <typename W, int V>
+__device__ inline void widen(const RawColumns<W, V>& raw, float (&out)[V]) {
   if constexpr (V == 1) {
-    out[0] = to_f32(p[0]);
+    out[0] = to_f32(raw);
   } else {
     static_assert(V == Chunk<W>::n, "a vector load is one 16-byte chunk");
-    Chunk<W>::load(p, out);
+    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+    if constexpr (V == 8) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        out[2 * i] = __uint_as_float(w[i] << 16);  // the lower address holds the lower half
+        out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) out[i] = __uint_as_float(w[i]);
+    }
   }
 }
 
@@ -104,8 +135,11 @@ __global__ void __launch_bounds__(kAbsorbThreads)
                             IndexCheck pc, int64_t tokens, int64_t heads, int64_t rank, int64_t dn,
                             int64_t dr, int64_t dv) {
   // Slices 1.. hand their sums to slice 0: [slice - 1][token][v][lane], lanes adjacent (no bank
-  // conflicts). 7 * 4 * 8 * 32 floats = 28 KB at V = 8.
+  // conflicts). 7 * 4 * 8 * 32 floats = 28 KB at V = 8; q_nope of the group's tokens 4 KB.
   __shared__ float part[kAbsorbSlices - 1][kTok][V][32];
+  __shared__ float q_nope[kTok][kMlaAbsorbMaxDn];
+  allow_dependents();
+  wait_for_inputs();
   if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0)  // uniform in the block
     record_first_bad_index(pc, positions, tokens);
   const int lane = int(threadIdx.x) & 31, slice = int(threadIdx.x) >> 5;
@@ -113,6 +147,7 @@ __global__ void __launch_bounds__(kAbsorbThreads)
   const int64_t c0 = (int64_t(blockIdx.x) * 32 + lane) * V;  // this lane's first column
   const bool has_cols = c0 < rank;             // V divides rank when V > 1 (the launch checks)
   const W* wkb = kv_b + h * (dn + dv) * rank;  // W_kb_h: the head's first dn rows
+  const int64_t batches = (dn + kAbsorbBatch - 1) / kAbsorbBatch;  // uniform in the block
 
   for (int64_t t0 = int64_t(blockIdx.z) * kTok; t0 < tokens; t0 += int64_t(gridDim.z) * kTok) {
     const int nt = int(min(int64_t(kTok), tokens - t0));
@@ -133,16 +168,30 @@ __global__ void __launch_bounds__(kAbsorbThreads)
     for (int u = 0; u < kTok; ++u)
 #pragma unroll
       for (int v = 0; v < V; ++v) acc[u][v] = 0.0f;
-    if (has_cols) {
-      const float* qh = q + t0 * ldq + h * dqk;  // q_nope of head h, token t0 (+ u * ldq)
-#pragma unroll 4
-      for (int64_t d = slice; d < dn; d += kAbsorbSlices) {
+    for (int64_t b = 0; b < batches; ++b) {
+      // This thread's weight rows d = b * kAbsorbBatch + i * kAbsorbSlices + slice: every load
+      // issued before any is used.
+      RawColumns<W, V> raw[kAbsorbUnroll];
+#pragma unroll
+      for (int i = 0; i < kAbsorbUnroll; ++i) {
+        const int64_t d = b * kAbsorbBatch + i * kAbsorbSlices + slice;
+        if (has_cols && d < dn) raw[i] = load_raw<W, V>(wkb + d * rank + c0);
+      }
+      if (b == 0) {  // q_nope of the group's tokens to shared memory, while the weights arrive
+        for (int64_t e = threadIdx.x; e < nt * dn; e += blockDim.x)
+          q_nope[e / dn][e % dn] = q[(t0 + e / dn) * ldq + h * dqk + e % dn];
+        __syncthreads();
+      }
+#pragma unroll
+      for (int i = 0; i < kAbsorbUnroll; ++i) {
+        const int64_t d = b * kAbsorbBatch + i * kAbsorbSlices + slice;
+        if (!has_cols || d >= dn) continue;
         float wv[V];
-        load_columns<W, V>(wkb + d * rank + c0, wv);
+        widen<W, V>(raw[i], wv);
 #pragma unroll
         for (int u = 0; u < kTok; ++u) {
           if (u >= nt) continue;
-          const float qd = qh[u * ldq + d];  // the same address in every lane: one broadcast
+          const float qd = q_nope[u][d];  // the same address in every lane: one broadcast
 #pragma unroll
           for (int v = 0; v < V; ++v) acc[u][v] = fmaf(qd, wv[v], acc[u][v]);
         }
@@ -169,7 +218,7 @@ __global__ void __launch_bounds__(kAbsorbThreads)
         }
       }
     }
-    __syncthreads();  // `part` is written again by the next token group
+    __syncthreads();  // `part` and `q_nope` are written again by the next token group
   }
 }
 
@@ -184,9 +233,9 @@ cudaError_t launch_absorb(float* q_lat, float* q_rope, const float* q, const W* 
   // by the kernel's loop.
   const dim3 grid(unsigned(tiles > 0 ? tiles : 1), unsigned(s.heads),
                   unsigned(groups < 65535 ? groups : 65535));
-  mla_absorb_query_kernel<W, V><<<grid, kAbsorbThreads, 0, stream()>>>(
-      q_lat, q_rope, q, kv_b, cos, sin, positions, pc, s.tokens, s.heads, s.rank, s.dn, s.dr, s.dv);
-  return cudaGetLastError();
+  return launch_dependent(mla_absorb_query_kernel<W, V>, grid, dim3(kAbsorbThreads), q_lat, q_rope,
+                          q, kv_b, cos, sin, positions, pc, s.tokens, s.heads, s.rank, s.dn, s.dr,
+                          s.dv);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -200,6 +249,8 @@ template <typename W, int R>
 __global__ void __launch_bounds__(kValueThreads)
     mla_value_heads_kernel(float* o, const float* ctx, const W* kv_b, int64_t tokens, int64_t heads,
                            int64_t rank, int64_t dn, int64_t dv) {
+  allow_dependents();
+  wait_for_inputs();
   const int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   if (row >= heads * dv) return;  // whole warps: row is the same in every lane
   const int64_t h = row / dv, j = row % dv;
@@ -227,13 +278,9 @@ template <typename W>
 cudaError_t launch_value(float* o, const float* ctx, const W* kv_b, const MlaStepShape& s) {
   const int64_t warps = s.heads * s.dv, per_block = kValueThreads / 32;
   const unsigned blocks = unsigned((warps + per_block - 1) / per_block);
-  if (s.tokens == 1)
-    mla_value_heads_kernel<W, 1><<<blocks, kValueThreads, 0, stream()>>>(
-        o, ctx, kv_b, s.tokens, s.heads, s.rank, s.dn, s.dv);
-  else
-    mla_value_heads_kernel<W, 4><<<blocks, kValueThreads, 0, stream()>>>(
-        o, ctx, kv_b, s.tokens, s.heads, s.rank, s.dn, s.dv);
-  return cudaGetLastError();
+  return launch_dependent(
+      s.tokens == 1 ? mla_value_heads_kernel<W, 1> : mla_value_heads_kernel<W, 4>, dim3(blocks),
+      dim3(kValueThreads), o, ctx, kv_b, s.tokens, s.heads, s.rank, s.dn, s.dv);
 }
 
 }  // namespace
@@ -243,10 +290,9 @@ cudaError_t mla_cache_write(float* kv_latent, float* k_rope, const float* kv_a, 
                             const IndexCheck& positions_check, const MlaStepShape& s) {
   if (s.tokens <= 0) return cudaSuccess;
   if (s.tokens > 0x7fffffff) return cudaErrorInvalidValue;  // grid.x
-  mla_cache_write_kernel<<<unsigned(s.tokens), kWriteThreads, 0, stream()>>>(
-      kv_latent, k_rope, kv_a, norm_w, eps, cos, sin, positions, positions_check, s.tokens, s.rank,
-      s.dr);
-  return cudaGetLastError();
+  return launch_dependent(mla_cache_write_kernel, dim3(unsigned(s.tokens)), dim3(kWriteThreads),
+                          kv_latent, k_rope, kv_a, norm_w, eps, cos, sin, positions,
+                          positions_check, s.tokens, s.rank, s.dr);
 }
 
 cudaError_t mla_absorb_query(float* q_lat, float* q_rope, const float* q, const void* kv_b,
@@ -254,7 +300,7 @@ cudaError_t mla_absorb_query(float* q_lat, float* q_rope, const float* q, const 
                              const int32_t* positions, const IndexCheck& positions_check,
                              const MlaStepShape& s) {
   if (s.tokens <= 0 || s.heads <= 0) return cudaSuccess;
-  if (s.heads > 65535) return cudaErrorInvalidValue;  // grid.y
+  if (s.heads > 65535 || s.dn > kMlaAbsorbMaxDn) return cudaErrorInvalidValue;  // grid.y, smem
   // 16-byte loads when every weight row starts 16-byte aligned: the base is, and a row is a
   // whole number of chunks.
   const bool aligned = reinterpret_cast<uintptr_t>(kv_b) % 16 == 0;

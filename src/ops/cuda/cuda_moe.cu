@@ -10,6 +10,7 @@
 
 #include <type_traits>
 
+#include "ops/cuda/dependent_launch.cuh"
 #include "ops/cuda/device_util.cuh"
 #include "ops/cuda/index_check.cuh"
 #include "ops/cuda/kernels.h"
@@ -190,6 +191,8 @@ template <typename W>
 __global__ void experts_small_up_kernel(float* h, const float* x, const int32_t* topk_idx,
                                         IndexCheck ic, const void* const* weights, SmallShared sh,
                                         int64_t tokens, int64_t k, int64_t hidden, int64_t inter) {
+  allow_dependents();
+  wait_for_inputs();
   const int64_t pairs = tokens * k;
   if (blockIdx.x == 0) record_first_bad_index(ic, topk_idx, pairs);
   const int64_t warps = int64_t(gridDim.x) * (blockDim.x >> 5);
@@ -320,6 +323,8 @@ __global__ void __launch_bounds__(kDownMaxThreads)
   constexpr int V = Chunk<W>::n;
   __shared__ float red[kDownRows][kDownMaxThreads / 32];
   __shared__ DownSlots<W> slots;
+  allow_dependents();
+  wait_for_inputs();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int64_t tiles = (hidden + kDownRows - 1) / kDownRows;
   for (int64_t b = blockIdx.x; b < tokens * tiles; b += gridDim.x) {  // uniform per block
@@ -389,10 +394,9 @@ cudaError_t experts_small(float* y, float* h, const float* x, const int32_t* top
   };
   constexpr int warps_per_block = kSmallThreads / 32;  // up: one warp per row
   const int64_t up_rows = tokens * k * inter + tokens * sh.inter;
-  experts_small_up_kernel<W>
-      <<<cap((up_rows + warps_per_block - 1) / warps_per_block), kSmallThreads, 0, stream()>>>(
-          h, x, topk_idx, ic, weights, sh, tokens, k, hidden, inter);
-  cudaError_t e = cudaGetLastError();
+  cudaError_t e = launch_dependent(
+      experts_small_up_kernel<W>, dim3(cap((up_rows + warps_per_block - 1) / warps_per_block)),
+      dim3(kSmallThreads), h, x, topk_idx, ic, weights, sh, tokens, k, hidden, inter);
   if (e != cudaSuccess) return e;
   // Down: as few rounds of a routed row's chunks per thread as kDownMaxThreads allows, spread
   // evenly over whole warps (V2-Lite bf16: 176 chunks, one round of 192 threads; the shared rows,
@@ -405,9 +409,9 @@ cudaError_t experts_small(float* y, float* h, const float* x, const int32_t* top
   IndexCheck down_ic = ic;
   down_ic.slot = nullptr;  // recorded by the up pass
   const int64_t tiles = (hidden + kDownRows - 1) / kDownRows;
-  experts_small_down_kernel<W><<<cap(tokens * tiles), threads, 0, stream()>>>(
-      y, h, topk_idx, down_ic, topk_w, weights, sh, tokens, k, hidden, inter, accumulate);
-  return cudaGetLastError();
+  return launch_dependent(experts_small_down_kernel<W>, dim3(cap(tokens * tiles)), dim3(threads), y,
+                          h, topk_idx, down_ic, topk_w, weights, sh, tokens, k, hidden, inter,
+                          accumulate);
 }
 
 }  // namespace
@@ -565,9 +569,11 @@ __global__ void moe_gate_forward_kernel(int32_t* topk_idx, float* topk_w, float*
 // * kGateWarpSlots. The block kernel above took 5.5 us per layer on the H200 for V2-Lite's one
 // token (64 experts, softmax, greedy top-6): six rounds of a block-wide argmax, each with three
 // barriers and a pass through shared memory. Here a round is a scan of the lane's own entries and
-// a 5-step shuffle tree, with no shared memory or barrier; expected ~2-3 us. Same rules and results
-// as the block kernel: the `beats` order (ties to the lower index), the bias steering selection
-// only, the weights normalised and scaled by lane 0 in the CPU's order.
+// a 5-step shuffle tree, with no shared memory or barrier (6.4 us measured, most of it memory
+// round trips: the bias was read after the scores were stored, and lane 0 read its weights back
+// to normalise them; now one). Same rules and results as the block kernel: the `beats` order
+// (ties to the lower index), the bias steering selection only, the weights normalised in the
+// CPU's order. Needs top_k <= 32 (lane k writes choice k).
 constexpr int kGateWarpSlots = 8;  // experts per lane: up to 256 (DeepSeek-V3)
 constexpr int kGateWarpsPerBlock = 4;
 
@@ -583,16 +589,21 @@ __device__ inline float pick(const float (&v)[kGateWarpSlots], int j) {
 __global__ void moe_gate_forward_warp_kernel(int32_t* topk_idx, float* topk_w, float* scores,
                                              const float* logits, const float* bias, GateLaunch g,
                                              int64_t tokens) {
+  allow_dependents();
+  wait_for_inputs();
   const int64_t t = blockIdx.x * int64_t(kGateWarpsPerBlock) + (threadIdx.x >> 5);
   if (t >= tokens) return;  // whole warps
   const int lane = threadIdx.x & 31;
   const int E = int(g.p.n_experts), K = int(g.p.top_k);
   const float* l = logits + t * E;
+  // The logits and the bias are read before anything is written (the compiler may not move a
+  // bias load past the scores' store: they could alias), so the kernel waits one memory latency.
   float s[kGateWarpSlots], choice[kGateWarpSlots];
 #pragma unroll
   for (int j = 0; j < kGateWarpSlots; ++j) {
     const int i = j * 32 + lane;
     s[j] = i < E ? l[i] : -INFINITY;
+    choice[j] = i < E && bias ? bias[i] : 0.0f;
   }
   if (g.p.scoring == ScoringFunc::Softmax) {
     float m = -INFINITY;
@@ -615,10 +626,12 @@ __global__ void moe_gate_forward_warp_kernel(int32_t* topk_idx, float* topk_w, f
     const int i = j * 32 + lane;
     if (i >= E) continue;
     scores[t * E + i] = s[j];
-    choice[j] = s[j] + (bias ? bias[i] : 0.0f);  // the bias steers selection, never the weights
+    choice[j] += s[j];  // the bias steers selection, never the weights
   }
   unsigned taken = 0;  // bit j: expert j * 32 + lane is taken
-  float denom = 0.0f;  // lane 0: the chosen scores summed in k order, as the CPU
+  float denom = 0.0f;  // the chosen scores summed in k order, as the CPU (the same in every lane)
+  int my_idx = 0;      // lane k < K: the k-th choice and its score
+  float my_w = 0.0f;
   for (int k = 0; k < K; ++k) {
     float bv = -INFINITY;
     int bi = -1;
@@ -640,16 +653,17 @@ __global__ void moe_gate_forward_warp_kernel(int32_t* topk_idx, float* topk_w, f
     }
     const float sb = __shfl_sync(0xffffffffu, pick(s, bi >> 5), bi & 31);  // its score
     if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
-    if (lane == 0) {
-      topk_idx[t * K + k] = bi;
-      topk_w[t * K + k] = sb;
-      denom += sb;
+    denom += sb;
+    if (lane == k) {
+      my_idx = bi;
+      my_w = sb;
     }
   }
-  if (lane == 0) {
-    denom += 1e-20f;
-    float* w = topk_w + t * K;
-    for (int k = 0; k < K; ++k) w[k] = (g.normalise ? w[k] / denom : w[k]) * g.weight_scale;
+  // Lane k writes choice k: no store is read back.
+  denom += 1e-20f;
+  if (lane < K) {
+    topk_idx[t * K + lane] = my_idx;
+    topk_w[t * K + lane] = (g.normalise ? my_w / denom : my_w) * g.weight_scale;
   }
 }
 
@@ -695,12 +709,12 @@ cudaError_t moe_gate_forward(int32_t* topk_idx, float* topk_w, float* scores, co
                              const float* bias, const GateLaunch& g, int64_t tokens) {
   if (tokens == 0) return cudaSuccess;
   if ((g.p.method == TopkMethod::Greedy || g.p.n_group <= 1) &&
-      g.p.n_experts <= 32 * kGateWarpSlots) {
+      g.p.n_experts <= 32 * kGateWarpSlots && g.p.top_k <= 32) {
     const int64_t blocks = (tokens + kGateWarpsPerBlock - 1) / kGateWarpsPerBlock;
     const int64_t warps = tokens < kGateWarpsPerBlock ? tokens : kGateWarpsPerBlock;
-    moe_gate_forward_warp_kernel<<<unsigned(blocks), unsigned(32 * warps), 0, stream()>>>(
-        topk_idx, topk_w, scores, logits, bias, g, tokens);
-    return cudaGetLastError();
+    return launch_dependent(moe_gate_forward_warp_kernel, dim3(unsigned(blocks)),
+                            dim3(unsigned(32 * warps)), topk_idx, topk_w, scores, logits, bias, g,
+                            tokens);
   }
   const size_t smem =
       size_t(2 * g.p.n_experts + g.p.n_group) * sizeof(float) + size_t(g.p.n_experts + g.p.n_group);

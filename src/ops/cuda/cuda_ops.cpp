@@ -259,6 +259,9 @@ void CudaBackend::mla_absorb_query(Tensor& q_lat, Tensor& q_rope, const Tensor& 
   expect_f32_or_bf16(kv_b, op, "kv_b");
   const MlaStepDims d =
       mla_absorb_query_dims(q_lat, q_rope, q, kv_b, cos, sin, positions, heads, dn, dr, dv);
+  MOEKIT_CHECK(dn <= cuda::kMlaAbsorbMaxDn,
+               "mla_absorb_query: head dim {} beyond the kernel's limit ({})", dn,
+               cuda::kMlaAbsorbMaxDn);
   if (d.n == 0) return;
   const cuda::IndexCheck ic = index_check(positions, d.limit, op, "position");
   const cuda::MlaStepShape s{

@@ -214,6 +214,7 @@ cudaError_t mla_cache_write(float* kv_latent, float* k_rope, const float* kv_a, 
 // Backend::mla_absorb_query with kv_b [heads * (dn + dv), rank] F32, or BF16 (kv_b_bf16). One
 // launch for any number of tokens (kMlaAbsorbTokens per pass over the weight).
 constexpr int kMlaAbsorbTokens = 4;
+constexpr int64_t kMlaAbsorbMaxDn = 256;  // q_nope staged in shared memory (DeepSeek: 128)
 cudaError_t mla_absorb_query(float* q_lat, float* q_rope, const float* q, const void* kv_b,
                              bool kv_b_bf16, const float* cos, const float* sin,
                              const int32_t* positions, const IndexCheck& positions_check,
