@@ -227,6 +227,35 @@ TEST(Sampling, TemperatureFollowsSoftmax) {
   EXPECT_NEAR(double(ones) / n, std::sqrt(3.0) / (1 + std::sqrt(3.0)), 0.015);
 }
 
+TEST(Sampling, TopKAndNucleusOverALargeVocabulary) {
+  // Three likely tokens among 5000 (probabilities ~0.5, 0.3, 0.2; the rest ~e-30 each), so the
+  // candidates are found by selection, not a sort of the vocabulary. top_p 0.7 keeps the first
+  // two (0.5 < 0.7 <= 0.8) renormalised to 5/8 and 3/8; top_k 2 keeps the same two.
+  std::vector<float> logits(5000, -30.0f);
+  logits[4321] = std::log(5.0f);
+  logits[17] = std::log(3.0f);
+  logits[999] = std::log(2.0f);
+  std::mt19937_64 rng(3);
+  for (const SamplingParams& p : {SamplingParams{1.0f, 0, 0.7f}, SamplingParams{1.0f, 2, 1.0f},
+                                  SamplingParams{1.0f, 2, 0.9f}}) {
+    SCOPED_TRACE(testing::Message() << "top_k " << p.top_k << " top_p " << p.top_p);
+    int first = 0;
+    const int n = 16000;
+    for (int i = 0; i < n; ++i) {
+      const int32_t id = sample_token(logits.data(), int64_t(logits.size()), p, rng);
+      ASSERT_TRUE(id == 4321 || id == 17) << id;
+      first += id == 4321;
+    }
+    EXPECT_NEAR(double(first) / n, 5.0 / 8.0, 0.015);
+  }
+  // Without a cut every token stays possible: the three carry ~all of the mass.
+  SamplingParams all{1.0f, 0, 1.0f};
+  int third = 0;
+  for (int i = 0; i < 16000; ++i)
+    third += sample_token(logits.data(), int64_t(logits.size()), all, rng) == 999;
+  EXPECT_NEAR(third / 16000.0, 0.2, 0.015);
+}
+
 TEST(Generator, StopsAtEosAndBudget) {
   DeepSeekModel model(small_config(false));
   model.init_random(6, 0.3f);
