@@ -697,6 +697,38 @@ TEST(GpuMoE, Bf16ActivationsForwardBackwardTrackCpu) {
               static_cast<long long>(trained), worst, worst_name.c_str());
 }
 
+// Random N(0, 0.3) weights into the CPU layer's table and the same values into the GPU one's; a
+// CPU weight whose GPU twin is BF16 keeps the bf16-rounded values (in fp32), so both hold the
+// same numbers.
+void fill_same_weights(ParamTable& cp, ParamTable& gp, std::mt19937_64& rng) {
+  std::normal_distribution<float> normal(0.0f, 0.3f);
+  for (const auto& p : cp.all()) {
+    for (int64_t i = 0; i < p->value.numel(); ++i) p->value.f32()[i] = normal(rng);
+    Param& g = gp.at(p->name);
+    set_value(g, p->value);
+    if (g.value.dtype() == DType::BF16) p->value = p->value.to_dtype(DType::BF16).to_f32();
+  }
+}
+
+// One token and three through the GPU layer's few-token path against the CPU layer: the same
+// routing, outputs within kLogitsTol.
+void expect_few_token_path_matches(MoE& cpu, MoE& gpu, int64_t hidden, std::mt19937_64& rng) {
+  Backend &bc = backend(Device::CPU), &bg = backend(Device::CUDA);
+  std::normal_distribution<float> normal(0.0f, 0.3f);
+  for (int64_t T : {1, 3}) {
+    SCOPED_TRACE(testing::Message() << "T " << T);
+    Tensor x = Tensor::empty({T, hidden});
+    for (int64_t i = 0; i < x.numel(); ++i) x.f32()[i] = normal(rng);
+    const Tensor y_c = cpu.forward(bc, x);
+    const Tensor y_g = gpu.forward(bg, x.to_device(Device::CUDA), /*backward_follows=*/false);
+    EXPECT_TRUE(gpu.expert_load.empty()) << "the grouped path ran";
+    const Tensor idx_c = cpu.gate.saved.routing.topk_idx;
+    const Tensor idx_g = gpu.gate.saved.routing.topk_idx.to_host();
+    ASSERT_EQ(std::memcmp(idx_c.raw(), idx_g.raw(), idx_c.nbytes()), 0) << "routing differs";
+    EXPECT_LE(rel_diff(y_g, y_c), kLogitsTol);
+  }
+}
+
 // The few-token path (inference forward, T*K <= MoE::kSmallMaxPairs): the GPU layer's GEMVs
 // against the CPU layer's grouped path (plan, GEMMs, combine) on the same weights, one token
 // (decode) and three, K = 6 of 16 experts. F32 weights: the same fp32 math in another summation
@@ -729,27 +761,11 @@ TEST(GpuMoE, FewTokenPathMatchesCpuGroupedPath) {
     };
     gp.set_trainable(shared_or(""));
     std::mt19937_64 rng(17);
-    std::normal_distribution<float> normal(0.0f, 0.3f);
-    for (const auto& p : cp.all()) {
-      for (int64_t i = 0; i < p->value.numel(); ++i) p->value.f32()[i] = normal(rng);
-      Param& g = gp.at(p->name);
-      set_value(g, p->value);
-      if (g.value.dtype() == DType::BF16) p->value = p->value.to_dtype(DType::BF16).to_f32();
-    }
+    fill_same_weights(cp, gp, rng);
     EXPECT_EQ(gpu.routed_experts[0].gate_proj->value.dtype(), dtype);
-    for (int64_t T : {1, 3}) {
-      SCOPED_TRACE(testing::Message() << "T " << T);
-      Tensor x = Tensor::empty({T, c.hidden_size});
-      for (int64_t i = 0; i < x.numel(); ++i) x.f32()[i] = normal(rng);
-      const Tensor y_c = cpu.forward(bc, x);
-      const Tensor y_g = gpu.forward(bg, x.to_device(Device::CUDA), /*backward_follows=*/false);
-      EXPECT_TRUE(gpu.expert_load.empty()) << "the grouped path ran";
-      const Tensor idx_c = cpu.gate.saved.routing.topk_idx;
-      const Tensor idx_g = gpu.gate.saved.routing.topk_idx.to_host();
-      ASSERT_EQ(std::memcmp(idx_c.raw(), idx_g.raw(), idx_c.nbytes()), 0) << "routing differs";
-      EXPECT_LE(rel_diff(y_g, y_c), kLogitsTol);
-    }
+    expect_few_token_path_matches(cpu, gpu, c.hidden_size, rng);
     if (dtype == DType::BF16) {
+      std::normal_distribution<float> normal(0.0f, 0.3f);
       gp.set_trainable(shared_or("mlp.experts.3."));
       ASSERT_EQ(gpu.routed_experts[3].gate_proj->value.dtype(), DType::F32);
       Tensor x = Tensor::empty({1, c.hidden_size});
@@ -776,32 +792,14 @@ TEST(GpuMoE, FewTokenPathFoldsBf16SharedExperts) {
   c.n_routed_experts = 16;
   c.num_experts_per_tok = 6;
   c.n_shared_experts = 2;
-  Backend &bc = backend(Device::CPU), &bg = backend(Device::CUDA);
   ParamTable cp, gp(true, DType::BF16);
   MoE cpu = MoE::create(cp, "mlp", c, Device::CPU);
   MoE gpu = MoE::create(gp, "mlp", c, Device::CUDA);
   std::mt19937_64 rng(23);
-  std::normal_distribution<float> normal(0.0f, 0.3f);
-  for (const auto& p : cp.all()) {
-    for (int64_t i = 0; i < p->value.numel(); ++i) p->value.f32()[i] = normal(rng);
-    Param& g = gp.at(p->name);
-    set_value(g, p->value);
-    if (g.value.dtype() == DType::BF16) p->value = p->value.to_dtype(DType::BF16).to_f32();
-  }
+  fill_same_weights(cp, gp, rng);
   ASSERT_EQ(gpu.shared_experts.down_proj->value.dtype(), DType::BF16);
   ASSERT_EQ(gpu.shared_experts.intermediate(), 2 * c.moe_intermediate_size);
-  for (int64_t T : {1, 3}) {
-    SCOPED_TRACE(testing::Message() << "T " << T);
-    Tensor x = Tensor::empty({T, c.hidden_size});
-    for (int64_t i = 0; i < x.numel(); ++i) x.f32()[i] = normal(rng);
-    const Tensor y_c = cpu.forward(bc, x);
-    const Tensor y_g = gpu.forward(bg, x.to_device(Device::CUDA), /*backward_follows=*/false);
-    EXPECT_TRUE(gpu.expert_load.empty()) << "the grouped path ran";
-    const Tensor idx_c = cpu.gate.saved.routing.topk_idx;
-    const Tensor idx_g = gpu.gate.saved.routing.topk_idx.to_host();
-    ASSERT_EQ(std::memcmp(idx_c.raw(), idx_g.raw(), idx_c.nbytes()), 0) << "routing differs";
-    EXPECT_LE(rel_diff(y_g, y_c), kLogitsTol);
-  }
+  expect_few_token_path_matches(cpu, gpu, c.hidden_size, rng);
 }
 
 // MoE::forward_add and MLP::forward_add (inference, y += layer(x)) against forward then add, on

@@ -252,13 +252,11 @@ double rel_diff_to(const Tensor& y, const Tensor& ref, const Tensor& y0, bool ac
   return diff / scale;
 }
 
-// One token (decode) and three tokens that share experts, K = 6 of 9 experts, odd H and I; with
-// and without accumulation into y. Tolerance: fp32 dot products of <= 37 terms against double,
-// ~1e-6 of the largest value; 1e-5 normwise leaves a margin, a wrong expert or weight is O(1).
-TEST(MoeOps, ExpertsSmallEqualsTheSwigluFormula) {
-  std::mt19937_64 rng(13);
-  const int64_t E = 9, K = 6, H = 37, I = 23;
-  std::vector<Tensor> store;
+// E experts' gate [I, H], up [I, H] and down [H, I] weights, N(0, 1), kept in `store` (reserved
+// up front, so the returned pointers stay valid).
+std::vector<ExpertWeights> random_experts(std::vector<Tensor>& store, int64_t E, int64_t H,
+                                          int64_t I, std::mt19937_64& rng) {
+  store.reserve(size_t(3 * E));
   for (int64_t e = 0; e < E; ++e) {
     store.push_back(randn({I, H}, rng));
     store.push_back(randn({I, H}, rng));
@@ -268,6 +266,17 @@ TEST(MoeOps, ExpertsSmallEqualsTheSwigluFormula) {
   for (int64_t e = 0; e < E; ++e)
     experts.push_back(
         {&store[size_t(3 * e)], &store[size_t(3 * e + 1)], &store[size_t(3 * e + 2)]});
+  return experts;
+}
+
+// One token (decode) and three tokens that share experts, K = 6 of 9 experts, odd H and I; with
+// and without accumulation into y. Tolerance: fp32 dot products of <= 37 terms against double,
+// ~1e-6 of the largest value; 1e-5 normwise leaves a margin, a wrong expert or weight is O(1).
+TEST(MoeOps, ExpertsSmallEqualsTheSwigluFormula) {
+  std::mt19937_64 rng(13);
+  const int64_t E = 9, K = 6, H = 37, I = 23;
+  std::vector<Tensor> store;
+  const std::vector<ExpertWeights> experts = random_experts(store, E, H, I, rng);
   for (int64_t T : {1, 3})
     for (bool accumulate : {false, true}) {
       SCOPED_TRACE(testing::Message() << "T " << T << " accumulate " << accumulate);
@@ -291,15 +300,7 @@ TEST(MoeOps, ExpertsSmallWithSharedExpertsEqualsTheFormula) {
   std::mt19937_64 rng(29);
   const int64_t E = 9, H = 37, I = 23;
   std::vector<Tensor> store;
-  for (int64_t e = 0; e < E; ++e) {
-    store.push_back(randn({I, H}, rng));
-    store.push_back(randn({I, H}, rng));
-    store.push_back(randn({H, I}, rng));
-  }
-  std::vector<ExpertWeights> experts;
-  for (int64_t e = 0; e < E; ++e)
-    experts.push_back(
-        {&store[size_t(3 * e)], &store[size_t(3 * e + 1)], &store[size_t(3 * e + 2)]});
+  const std::vector<ExpertWeights> experts = random_experts(store, E, H, I, rng);
   for (int64_t Is : {31, 8}) {
     const Tensor sg = randn({Is, H}, rng), su = randn({Is, H}, rng), sd = randn({H, Is}, rng);
     const ExpertWeights shared{&sg, &su, &sd};
