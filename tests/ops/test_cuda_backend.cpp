@@ -296,9 +296,11 @@ TEST_F(CudaBackendTest, MatmulBf16TransposedAccumulate) {
 // alpha, beta = 0 over NaN and beta = 1; 5 rows falls back to cuBLAS.
 TEST_F(CudaBackendTest, FewRowMatmulGemvPath) {
   auto rounded = [](const Tensor& t) { return t.to_dtype(DType::BF16).to_f32(); };
-  // K >= 1024 with one row: the split-K kernel (a block per weight row); 1030 leaves the last
-  // warps a short slice and the rest none.
-  for (int64_t K : {67, 256, 1030, 2048})
+  // One row of a bf16 weight, K a multiple of 8 up to 4096: the kernel that loads its rows before
+  // waiting (256, 2048: 8 chunks per lane; 3072, 4096: 16); 4100 and 5000 the others. F32
+  // weights (the Bf16-precision runs) with K >= 1024 and one row: the split-K kernel (a block per
+  // weight row); 1030 leaves the last warps a short slice and the rest none.
+  for (int64_t K : {67, 256, 1030, 2048, 3072, 4096, 4100, 5000})
     for (int64_t M : {1, 2, 3, 4, 5})
       for (float beta : {0.0f, 1.0f}) {
         SCOPED_TRACE(testing::Message() << "K " << K << " M " << M << " beta " << beta);

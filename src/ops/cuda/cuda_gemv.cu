@@ -4,6 +4,8 @@
 // (which also need the activations rounded to bf16 first, one more launch) waste their setup on
 // it. One warp per weight row reads it once with 16-byte loads and dots it with every row of a
 // (warp_dots.cuh), in fp32, deterministically. Dependent launches (dependent_launch.cuh).
+#include <type_traits>
+
 #include "ops/cuda/dependent_launch.cuh"
 #include "ops/cuda/device_util.cuh"
 #include "ops/cuda/kernels.h"
@@ -40,6 +42,48 @@ __global__ void gemv_kernel(float* c, const float* a, const W* w, int64_t M, int
   }
 }
 
+// One row of `a` against a bf16 weight whose rows fit in registers (K <= P * 256): each warp loads
+// its whole weight row BEFORE waiting for the kernel before it (dependent_launch.cuh), so the
+// weight's memory round trip overlaps that kernel and, after the wait, only the activations (L2)
+// remain. A decode step's GEMVs were one DRAM round trip each after their predecessor ended
+// (~30 % of the bandwidth). Safe because nothing that may still run then writes a BF16 weight:
+// kernels that let dependents start early write fp32 only, and every other kernel has finished
+// before its successor starts. Same products and summation order as warp_dots<uint16_t, 1>.
+template <int P>
+__global__ void gemv_preload_kernel(float* c, const float* a, const uint16_t* w, int64_t N,
+                                    int64_t K, int64_t ldw, float alpha, float beta) {
+  allow_dependents();
+  const int64_t n = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32;
+  if (n >= N) return;  // whole warps
+  const int lane = int(threadIdx.x) & 31;
+  const int64_t chunks = K / 8;  // 16-byte chunks of 8 bf16; K % 8 == 0 (the launch checks)
+  const uint16_t* row = w + n * ldw;
+  uint4 raw[P];
+#pragma unroll
+  for (int i = 0; i < P; ++i) {
+    const int64_t ch = lane + 32 * i;
+    if (ch < chunks) raw[i] = *reinterpret_cast<const uint4*>(row + ch * 8);
+  }
+  wait_for_inputs();
+  float acc = 0.0f;
+#pragma unroll
+  for (int i = 0; i < P; ++i) {
+    const int64_t ch = lane + 32 * i;
+    if (ch >= chunks) continue;
+    const uint32_t h[4] = {raw[i].x, raw[i].y, raw[i].z, raw[i].w};
+    float av[8];
+    Chunk<float>::load(a + ch * 8, av);
+    Chunk<float>::load(a + ch * 8 + 4, av + 4);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      acc = fmaf(__uint_as_float(h[j] << 16), av[2 * j], acc);  // lower address: lower half
+      acc = fmaf(__uint_as_float(h[j] & 0xffff0000u), av[2 * j + 1], acc);
+    }
+  }
+  acc = warp_reduce(acc, Sum{});
+  if (lane == 0) c[n] = beta == 0.0f ? alpha * acc : alpha * acc + beta * c[n];
+}
+
 // One row of `a` against a short weight (few output rows N, e.g. the router's 64): a warp per
 // weight row would leave most of the GPU idle and each warp waiting on its long row, so here a
 // block takes one weight row and its kSplitWarps warps take a slice of K each; the slices' sums
@@ -73,6 +117,14 @@ cudaError_t launch_gemv(float* c, const float* a, const W* w, int64_t M, int64_t
                         int64_t lda, int64_t ldw, int64_t ldc, float alpha, float beta) {
   constexpr int kThreadsPerBlock = 256;  // 8 warps, one weight row each
   const unsigned blocks = unsigned((N * 32 + kThreadsPerBlock - 1) / kThreadsPerBlock);
+  if constexpr (std::is_same_v<W, uint16_t>) {
+    const bool aligned = reinterpret_cast<uintptr_t>(w) % 16 == 0 &&
+                         reinterpret_cast<uintptr_t>(a) % 16 == 0 && ldw % 8 == 0 && K % 8 == 0;
+    if (M == 1 && aligned && K > 0 && K <= 16 * 256)
+      return launch_dependent(K <= 8 * 256 ? gemv_preload_kernel<8> : gemv_preload_kernel<16>,
+                              dim3(blocks), dim3(kThreadsPerBlock), c, a, w, N, K, ldw, alpha,
+                              beta);
+  }
   if (M == 1 && N < 1024 && K >= 1024) {  // few, long weight rows: split each over a block
     // Slices of a multiple of 64 elements keep every slice's start 16-byte aligned.
     const int64_t slice = ((K + kSplitWarps - 1) / kSplitWarps + 63) / 64 * 64;
