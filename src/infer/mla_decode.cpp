@@ -18,18 +18,46 @@ Tensor empty_on(Shape s, const Tensor& like) {
   return Tensor::empty(s, DType::F32, like.device());
 }
 
-// q [n, H*(dn+dr)] of tokens x, per head [q_nope | q_pe], not yet roped.
-Tensor query(Backend& be, MLA& a, const Tensor& x) {
+// q [n, H*(dn+dr)] of tokens x, per head [q_nope | q_pe], not yet roped; `first` (when defined)
+// is q_proj's output (q_a_proj's with q-LoRA), already computed.
+Tensor query(Backend& be, MLA& a, const Tensor& x, const Tensor& first = Tensor()) {
   const int64_t n = x.dim(0);
   Tensor q = empty_on({n, a.heads * (a.dn + a.dr)}, x);
   if (a.q_lora_rank > 0) {
-    Tensor qa = empty_on({n, a.q_lora_rank}, x);
-    linear_forward(be, qa, x, *a.q_a_proj);
+    Tensor qa = first;
+    if (!qa.defined()) {
+      qa = empty_on({n, a.q_lora_rank}, x);
+      linear_forward(be, qa, x, *a.q_a_proj);
+    }
     linear_forward(be, q, a.q_a_layernorm.forward(be, qa), *a.q_b_proj);
+  } else if (first.defined()) {
+    return first;
   } else {
     linear_forward(be, q, x, *a.q_proj);
   }
   return q;
+}
+
+// The outputs of the projections that read the layer input: q_proj's (q_a_proj's with q-LoRA)
+// and kv_a's [n, r + dr]. One GEMM over MLA::input_projections when it still holds both weights
+// and there is one token (whose output row splits into the two without a copy); else two.
+struct InputProjections {
+  Tensor first, kv_a;
+};
+InputProjections input_projections(Backend& be, MLA& a, const Tensor& x) {
+  const int64_t n = x.dim(0), kv_cols = a.kv_lora_rank + a.dr;
+  const Param* first = a.q_lora_rank > 0 ? a.q_a_proj : a.q_proj;
+  if (n == 1 && rows_of(a.input_projections, {first, a.kv_a_proj_with_mqa})) {
+    const int64_t cols = a.input_projections.dim(0), first_cols = cols - kv_cols;
+    Tensor both = empty_on({cols}, x);
+    Tensor as_row = both.reshape({1, cols});
+    be.matmul(as_row, x, a.input_projections, false, true, 1.0f, 0.0f);
+    return {both.slice(0, first_cols).reshape({1, first_cols}),
+            both.slice(first_cols, cols).reshape({1, kv_cols})};
+  }
+  InputProjections out{Tensor(), empty_on({n, kv_cols}, x)};
+  linear_forward(be, out.kv_a, x, *a.kv_a_proj_with_mqa);
+  return out;
 }
 
 // The absorbed query of tokens x at `positions`. Rows of both outputs are (token i, head h) pairs,
@@ -132,12 +160,11 @@ void mla_decode_step(Backend& be, MLA& a, const Tensor& x, const Tensor& positio
   const Tensor& kv_b = a.kv_b_proj->value;  // W_kv_b, per head [W_kb | W_vb]
   // The new tokens' cache rows first (latent_attention reads each token's own row): kv_a_layernorm
   // and the rope of k_rope in the one launch that writes them at the device-side positions.
-  Tensor kv_a = empty_on({n, r + a.dr}, x);
-  linear_forward(be, kv_a, x, *a.kv_a_proj_with_mqa);
-  be.mla_cache_write(cache.kv_latent, cache.k_rope, kv_a, a.kv_a_layernorm.weight->value,
+  const InputProjections in = input_projections(be, a, x);
+  be.mla_cache_write(cache.kv_latent, cache.k_rope, in.kv_a, a.kv_a_layernorm.weight->value,
                      a.kv_a_layernorm.eps, rope.cos, rope.sin, positions);
   // The absorbed query (q_lat = W_kb^T q_nope) and the roped q_pe, one launch.
-  const Tensor q = query(be, a, x);
+  const Tensor q = query(be, a, x, in.first);
   Tensor q_lat = empty_on({n * H, r}, x), q_rope = empty_on({n * H, a.dr}, x);
   be.mla_absorb_query(q_lat, q_rope, q, kv_b, rope.cos, rope.sin, positions, H, a.dn, a.dr, a.dv);
   // Over the whole cache buffers: the positions bound what each token sees.

@@ -32,6 +32,8 @@ MLA MLA::create(ParamTable& params, const std::string& prefix, const ModelConfig
   a.kv_b_proj = params.add_matrix(prefix + ".kv_b_proj.weight",
                                   {a.heads * (a.dn + a.dv), a.kv_lora_rank}, device);
   a.o_proj = params.add_matrix(prefix + ".o_proj.weight", {H, a.heads * a.dv}, device);
+  a.input_projections =
+      params.place_together({a.q_lora_rank > 0 ? a.q_a_proj : a.q_proj, a.kv_a_proj_with_mqa});
   return a;
 }
 

@@ -22,6 +22,9 @@ struct MLA {
   RMSNorm q_a_layernorm;
   Param* q_b_proj = nullptr;            // [H*(dn+dr), q_lora_rank]
   Param* kv_a_proj_with_mqa = nullptr;  // [kv_lora_rank + dr, hidden]
+  // The projections that read the layer input, q_proj (or q_a_proj) then kv_a_proj_with_mqa, as
+  // one [rows, hidden] tensor (ParamTable::place_together): a decode step runs one GEMV for both.
+  Tensor input_projections;
   RMSNorm kv_a_layernorm;
   Param* kv_b_proj = nullptr;  // [H*(dn+dv), kv_lora_rank]
   Param* o_proj = nullptr;     // [hidden, H*dv]

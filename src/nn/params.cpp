@@ -55,6 +55,39 @@ Param& ParamTable::at(const std::string& name) const {
   return *p;
 }
 
+Tensor ParamTable::place_together(const std::vector<Param*>& ps) {
+  if (!allocate_ || ps.empty()) return Tensor();
+  const Tensor& first = ps[0]->value;
+  int64_t rows = 0;
+  for (const Param* p : ps) {
+    const Tensor& v = p->value;
+    if (v.ndim() != 2 || v.dtype() != first.dtype() || v.device() != first.device() ||
+        v.dim(1) != first.dim(1))
+      return Tensor();
+    rows += v.dim(0);
+  }
+  Tensor whole = Tensor::empty({rows, first.dim(1)}, first.dtype(), first.device());
+  int64_t r = 0;
+  for (Param* p : ps) {
+    Tensor block = whole.slice(r, r + p->value.dim(0));
+    backend(block.device()).copy(block, p->value);
+    p->value = block;
+    r += block.dim(0);
+  }
+  return whole;
+}
+
+bool rows_of(const Tensor& whole, const std::vector<const Param*>& ps) {
+  if (!whole.defined()) return false;
+  const char* at = static_cast<const char*>(whole.raw());
+  for (const Param* p : ps) {
+    const Tensor& v = p->value;
+    if (v.dtype() != whole.dtype() || v.raw() != at) return false;
+    at += v.nbytes();
+  }
+  return at == static_cast<const char*>(whole.raw()) + whole.nbytes();
+}
+
 void ParamTable::set_trainable(const std::function<bool(const Param&)>& pred) {
   for (auto& p : params_) {
     p->trainable = !p->buffer && pred(*p);

@@ -31,6 +31,9 @@ struct Param {
   bool matrix = false;
 };
 
+// Whether `whole` still holds the values of `ps` as consecutive row blocks (place_together).
+bool rows_of(const Tensor& whole, const std::vector<const Param*>& ps);
+
 // Copies `src` (any float dtype, any device) into p.value, converting to the value's dtype; the
 // shapes must agree (checked by the caller, which knows the file to name).
 void set_value(Param& p, const Tensor& src);
@@ -50,6 +53,12 @@ class ParamTable {
   // ones that train fp32 masters, and allocate_grads refuses a trainable matrix still in bf16).
   Param* add_matrix(const std::string& name, Shape shape, Device device, Op consumer = Op::Matmul);
   DType matrix_dtype() const { return matrix_dtype_; }
+  // Lays `ps` (one dtype, device and column count) out as consecutive row blocks of one tensor,
+  // values kept, and returns that tensor: one GEMM over it computes all of theirs (a decode step
+  // reads its input once for MLA's q and kv_a projections). Undefined, with nothing changed, in a
+  // layout-only table or when the parameters differ in dtype, device or columns. A set_trainable
+  // that changes one's dtype gives it its own tensor again: check with rows_of before use.
+  Tensor place_together(const std::vector<Param*>& ps);
   Param* find(const std::string& name) const;
   Param& at(const std::string& name) const;  // Error naming the tensor if absent
   const std::vector<std::unique_ptr<Param>>& all() const { return params_; }

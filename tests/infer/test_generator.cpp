@@ -202,6 +202,45 @@ TEST(Generator, DecodeStepMatchesPromptPathV3) {
   check_steps_match_prompt(true);
 }
 
+// MLA's q (q_a with q-LoRA) and kv_a weights share one tensor (ParamTable::place_together), so
+// a decode step runs one GEMM for both. A parameter that gets its own tensor again (as a dtype
+// change in set_trainable does) must be noticed and the two GEMMs run instead, with the same
+// logits (the fused GEMM's columns are the same dot products).
+void check_input_projections(bool v3) {
+  DeepSeekModel model(small_config(v3));
+  model.init_random(9, 0.3f);
+  const std::vector<int32_t> prompt = {3, 17, 9}, steps = {44, 2, 30};
+  auto run = [&] {
+    Generator gen(model, 16);
+    std::vector<Tensor> out = {gen.feed(prompt)};
+    for (int32_t id : steps) out.push_back(gen.feed({id}));
+    return out;
+  };
+  for (DecoderLayer& layer : model.layers()) {
+    const MLA& a = layer.self_attn;
+    const Param* first = v3 ? a.q_a_proj : a.q_proj;
+    ASSERT_TRUE(rows_of(a.input_projections, {first, a.kv_a_proj_with_mqa}));
+    EXPECT_EQ(a.input_projections.dim(0), first->shape[0] + a.kv_a_proj_with_mqa->shape[0]);
+  }
+  const std::vector<Tensor> fused = run();
+  for (DecoderLayer& layer : model.layers()) {
+    Param& kv_a = *layer.self_attn.kv_a_proj_with_mqa;
+    kv_a.value = kv_a.value.clone();  // its own tensor now
+    EXPECT_FALSE(rows_of(layer.self_attn.input_projections,
+                         {v3 ? layer.self_attn.q_a_proj : layer.self_attn.q_proj, &kv_a}));
+  }
+  const std::vector<Tensor> separate = run();
+  for (size_t i = 0; i < fused.size(); ++i)
+    EXPECT_LE(max_diff(fused[i], separate[i], 1), 1e-5) << "call " << i;
+}
+
+TEST(Generator, InputProjectionsInOneGemmV2) {
+  check_input_projections(false);
+}
+TEST(Generator, InputProjectionsInOneGemmV3) {
+  check_input_projections(true);
+}
+
 TEST(Sampling, GreedyTopKAndTopP) {
   std::mt19937_64 rng(1);
   std::vector<float> logits = {0.1f, 2.0f, -1.0f, 1.9f};
