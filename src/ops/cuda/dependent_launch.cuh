@@ -1,12 +1,13 @@
 // Programmatic dependent launch (Hopper, sm_90+) for the small kernels of a decode step. A decode
-// step is a chain of ~20 short kernels per layer, each waiting for the one before: without help,
-// every boundary costs the next kernel's launch plus its first memory latency (~2 us per kernel
-// on an H200, measured with Nsight Compute). A kernel launched by launch_dependent may be
-// scheduled while its predecessor still runs, and waits in wait_for_inputs() until the
-// predecessor has finished and its writes are visible; every read and write comes after that
-// wait (prefetching the GEMVs' weight rows into L2 before the wait was tried: slower).
-// Predecessors call allow_dependents() first thing, so the next kernel is scheduled as soon as
-// all their blocks are resident.
+// step is a chain of about a dozen short kernels per layer, each waiting for the one before:
+// without help, every boundary costs the next kernel's launch plus its first memory latency
+// (~2 us per kernel on an H200, measured with Nsight Compute). A kernel launched by
+// launch_dependent may be scheduled while its predecessor still runs, and waits in
+// wait_for_inputs() until the predecessor has finished and its writes are visible. Before that
+// wait it may only read BF16 weights (cuda_gemv.cu's preloading GEMV; prefetching weight rows
+// into L2 instead was tried: slower). That is safe by one rule: a kernel that calls
+// allow_dependents() (first thing, so its successor is scheduled as soon as all its blocks are
+// resident) writes no BF16 tensor; every other kernel has finished before its successor starts.
 // MOEKIT_CUDA_PDL=0 launches them plainly (the device-side calls are then no-ops);
 // dependent_launch_enabled() is in stream.h.
 #pragma once
@@ -32,8 +33,8 @@ __device__ inline void wait_for_inputs() {
 }
 
 // kernel<<<grid, block, 0, stream()>>>(args...), allowed to start before the previous kernel
-// on the stream ends. Only for kernels that call wait_for_inputs() before touching any data
-// at all.
+// on the stream ends. Only for kernels that call wait_for_inputs() before touching any data but
+// BF16 weights (see above).
 template <typename... Params, typename... Args>
 cudaError_t launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, Args... args) {
   cudaLaunchConfig_t cfg = {};
