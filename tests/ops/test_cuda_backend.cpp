@@ -23,6 +23,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <initializer_list>
@@ -597,6 +598,27 @@ struct AttnCase {
   int64_t batch, seq, heads, dqk, dv;
 };
 
+// Sets an environment variable for a scope (MOEKIT_CUDA_FLASH, read per call), then restores it.
+struct EnvScope {
+  std::string name, old;
+  bool had = false;
+  EnvScope(const char* n, const char* value) : name(n) {
+    if (const char* o = std::getenv(n)) {
+      had = true;
+      old = o;
+    }
+    setenv(n, value, 1);
+  }
+  ~EnvScope() {
+    if (had)
+      setenv(name.c_str(), old.c_str(), 1);
+    else
+      unsetenv(name.c_str());
+  }
+  EnvScope(const EnvScope&) = delete;
+  EnvScope& operator=(const EnvScope&) = delete;
+};
+
 TEST_F(CudaBackendTest, CausalAttentionForwardBackward) {
   // Odd sequence lengths (partial tiles), one token, and an MLA shape (q/k 192, v 128).
   for (const AttnCase& c : {AttnCase{2, 45, 3, 24, 16}, AttnCase{1, 1, 2, 8, 8},
@@ -677,28 +699,87 @@ TEST_F(CudaBackendTest, CausalAttentionBf16Precision) {
                              c.batch, c.seq, c.heads, scale);
 
     Tensor gq = dev(q), gk = dev(k), gv = dev(v);
-    Tensor gout = poisoned(out.shape()), glse = poisoned(lse.shape());
-    Tensor gdq = poisoned(q.shape()), gdk = poisoned(k.shape()), gdv = poisoned(v.shape());
-    {
-      PrecisionScope bf16(gpu(), Precision::Bf16);
-      gpu().attention_forward(gout, glse, gq, gk, gv, c.batch, c.seq, c.heads, scale);
-      gpu().attention_backward(gdq, gdk, gdv, dev(dout), dev(out), dev(lse), gq, gk, gv, c.batch,
-                               c.seq, c.heads, scale);
-    }
+    // Forward through the flash kernel where it takes the shape, then through the GEMM path.
+    for (const char* flash : {"1", "0"}) {
+      SCOPED_TRACE(testing::Message() << "MOEKIT_CUDA_FLASH=" << flash);
+      EnvScope env("MOEKIT_CUDA_FLASH", flash);
+      Tensor gout = poisoned(out.shape()), glse = poisoned(lse.shape());
+      Tensor gdq = poisoned(q.shape()), gdk = poisoned(k.shape()), gdv = poisoned(v.shape());
+      {
+        PrecisionScope bf16(gpu(), Precision::Bf16);
+        gpu().attention_forward(gout, glse, gq, gk, gv, c.batch, c.seq, c.heads, scale);
+        gpu().attention_backward(gdq, gdk, gdv, dev(dout), dev(out), dev(lse), gq, gk, gv, c.batch,
+                                 c.seq, c.heads, scale);
+      }
 
-    EXPECT_CLOSE(gout, out, (u + kF32Tol) * max_abs(v) / max_abs(out));
-    EXPECT_CLOSE(glse, lse, kF32Tol);
-    EXPECT_CLOSE(gdv, dv, (u + kF32Tol) * max_abs(dv_bound) / max_abs(dv));
-    if (c.seq == 1) {  // dq = dk = 0 exactly: compare absolute noise
-      EXPECT_LE(max_abs(gdq), 1e-5);
-      EXPECT_LE(max_abs(gdk), 1e-5);
-    } else {
-      const double tol = (u + kF32Tol) * std::sqrt(double(c.seq));
-      EXPECT_CLOSE(gdq, dq, tol);
-      EXPECT_CLOSE(gdk, dk, tol);
+      EXPECT_CLOSE(gout, out, (u + kF32Tol) * max_abs(v) / max_abs(out));
+      EXPECT_CLOSE(glse, lse, kF32Tol);
+      EXPECT_CLOSE(gdv, dv, (u + kF32Tol) * max_abs(dv_bound) / max_abs(dv));
+      if (c.seq == 1) {  // dq = dk = 0 exactly: compare absolute noise
+        EXPECT_LE(max_abs(gdq), 1e-5);
+        EXPECT_LE(max_abs(gdk), 1e-5);
+      } else {
+        const double tol = (u + kF32Tol) * std::sqrt(double(c.seq));
+        EXPECT_CLOSE(gdq, dq, tol);
+        EXPECT_CLOSE(gdk, dk, tol);
+      }
     }
   }
   EXPECT_EQ(gpu().precision(), Precision::Fp32);
+}
+
+// The fused flash-attention forward (ops/cuda/cuda_flash_attention.cu, the Bf16 forward wherever
+// dqk and dv are multiples of 16 up to 256) against the CPU op on the same bf16-rounded q, k, v,
+// against the cuBLAS path (MOEKIT_CUDA_FLASH=0), and against itself (bit-identical reruns).
+// Tolerances, as in CausalAttentionBf16Precision: the only rounding inside the op is P to bf16
+// before P V (relative error <= u = 2^-8 per entry; the kernel rounds exp(s - running max) rather
+// than the normalised P, the same relative bound), so |out error| <= u sum_j p_ij |v_j| <=
+// u max|v|: normwise tol (u + kF32Tol) max|v| / max|out|. lse comes from fp32 scores of exact
+// bf16 products: kF32Tol. The two GPU paths are each within those bounds of the CPU, so within
+// twice them of each other. A wrong fragment index, mask or tile offset shows up as O(1).
+// Shapes: DeepSeek-V2 (192/128, 16 heads, seq 2048, batch 2), a sequence not a multiple of the
+// 64-row tile (300), one token, 64/64 (the small instance), 256/256 (two v-column chunks), 96/160
+// (a partial second chunk, K tile wider than dqk), 16/32.
+TEST_F(CudaBackendTest, FlashAttentionForwardBf16) {
+  const double u = std::ldexp(1.0, -8);
+  auto rounded = [](const Tensor& t) { return t.to_dtype(DType::BF16).to_f32(); };
+  for (const AttnCase& c :
+       {AttnCase{2, 2048, 16, 192, 128}, AttnCase{1, 300, 3, 192, 128}, AttnCase{2, 1, 4, 192, 128},
+        AttnCase{2, 300, 2, 64, 64}, AttnCase{1, 130, 2, 256, 256}, AttnCase{2, 200, 2, 96, 160},
+        AttnCase{1, 77, 2, 16, 32}}) {
+    SCOPED_TRACE(testing::Message() << "batch " << c.batch << " seq " << c.seq << " heads "
+                                    << c.heads << " dqk " << c.dqk << " dv " << c.dv);
+    const int64_t T = c.batch * c.seq;
+    const float scale = 1.0f / std::sqrt(float(c.dqk));
+    Tensor q = rounded(randn({T, c.heads, c.dqk})), k = rounded(randn({T, c.heads, c.dqk}));
+    Tensor v = rounded(randn({T, c.heads, c.dv}));
+    Tensor out = Tensor::empty({T, c.heads, c.dv}), lse = Tensor::empty({c.batch, c.heads, c.seq});
+    cpu().attention_forward(out, lse, q, k, v, c.batch, c.seq, c.heads, scale);
+    Tensor gq = dev(q), gk = dev(k), gv = dev(v);
+    auto run = [&](const char* flash, Tensor& o, Tensor& l) {
+      EnvScope env("MOEKIT_CUDA_FLASH", flash);
+      PrecisionScope bf16(gpu(), Precision::Bf16);
+      gpu().attention_forward(o, l, gq, gk, gv, c.batch, c.seq, c.heads, scale);
+    };
+    Tensor fout = poisoned(out.shape()), flse = poisoned(lse.shape());
+    Tensor fout2 = poisoned(out.shape()), flse2 = poisoned(lse.shape());
+    Tensor gout = poisoned(out.shape()), glse = poisoned(lse.shape());
+    run("1", fout, flse);
+    run("1", fout2, flse2);
+    run("0", gout, glse);
+
+    const double out_tol = (u + kF32Tol) * max_abs(v) / max_abs(out);
+    EXPECT_CLOSE(fout, out, out_tol);
+    EXPECT_CLOSE(flse, lse, kF32Tol);
+    EXPECT_CLOSE(fout, gout.to_host(), 2 * out_tol);
+    EXPECT_CLOSE(flse, glse.to_host(), 2 * kF32Tol);
+    EXPECT_TRUE(bit_equal(fout, fout2) && bit_equal(flse, flse2)) << "flash rerun differs";
+    // The paths round different P (unnormalised vs normalised), so over a long sequence their
+    // outputs differ somewhere: equal bits would mean the flash kernel did not run.
+    if (c.seq >= 64) {
+      EXPECT_FALSE(bit_equal(fout, gout)) << "flash path not taken?";
+    }
+  }
 }
 
 // Not a check of values: times the fused attention at a training-like MLA shape (seq 2048, 16
@@ -744,6 +825,16 @@ TEST_F(CudaBackendTest, AttentionThroughput) {
   std::printf("    attention bf16 fwd %.3f ms (%.1f TFLOP/s), bwd %.3f ms (%.1f TFLOP/s)\n", fwd16,
               fwd_flop / fwd16 * 1e-9, bwd16, bwd_flop / bwd16 * 1e-9);
   EXPECT_TRUE(std::isfinite(max_abs(out)) && std::isfinite(max_abs(dq)));
+  // The bf16 forward without the flash kernel (the cuBLAS GEMMs around the softmax kernel).
+  {
+    EnvScope env("MOEKIT_CUDA_FLASH", "0");
+    PrecisionScope bf16(gpu(), Precision::Bf16);
+    const double gemm =
+        time_ms([&] { gpu().attention_forward(out, lse, q, k, v, B, S, H, scale); });
+    std::printf("    attention bf16 fwd, cuBLAS path %.3f ms (%.1f TFLOP/s)\n", gemm,
+                fwd_flop / gemm * 1e-9);
+  }
+  EXPECT_TRUE(std::isfinite(max_abs(out)));
 }
 
 TEST_F(CudaBackendTest, CrossEntropyWithIgnoredTargets) {

@@ -14,7 +14,13 @@
 // long). Backward recomputes S and P from the saved lse, as the fp32 path does.
 //
 // Results are deterministic: dK and dV sum the query chunks in order through the GEMMs' beta = 1.
+//
+// Forward: where the head dims allow (multiples of 16 up to 256), the fused flash-attention kernel
+// of cuda_flash_attention.cu replaces the three steps (scores never leave the SM); same roundings,
+// same lse. MOEKIT_CUDA_FLASH=0 selects the GEMM path (read per call, so tests can compare both).
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/cuda_util.h"
@@ -44,6 +50,11 @@ Chunking chunking(int64_t seq, int64_t heads, int64_t bytes_per_score) {
   return c;
 }
 
+bool flash_enabled() {
+  const char* env = std::getenv("MOEKIT_CUDA_FLASH");
+  return env == nullptr || std::strcmp(env, "0") != 0;
+}
+
 const void* bf16_at(const Tensor& t, int64_t offset) {
   return static_cast<const uint16_t*>(t.raw()) + offset;
 }
@@ -57,6 +68,14 @@ void CudaBackend::attention_forward_tc(Tensor& out, Tensor& lse, const Tensor& q
   const int64_t n = batch * seq * heads, dqk = q.numel() / n, dvd = v.numel() / n;
   const int64_t ldqk = heads * dqk, ldv = heads * dvd;
   const Tensor q16 = as_bf16(q), k16 = as_bf16(k), v16 = as_bf16(v);
+  const cuda::AttentionShape shape{batch, seq, heads, dqk, dvd, scale};
+  if (flash_enabled() &&
+      cuda::flash_attention_supported(shape, out.f32(), q16.raw(), k16.raw(), v16.raw())) {
+    check(
+        cuda::flash_attention_forward(out.f32(), lse.f32(), q16.raw(), k16.raw(), v16.raw(), shape),
+        op);
+    return;
+  }
   const Chunking c = chunking(seq, heads, /*S*/ 4 + /*P*/ 2);
   Tensor s = scratch({c.heads * c.rows * seq}, DType::F32);
   Tensor p = scratch({c.heads * c.rows * seq}, DType::BF16);

@@ -262,6 +262,16 @@ cudaError_t attention_tc_dscores(void* p, void* ds, const float* s, const float*
                                  const float* lse, const float* delta, int64_t heads, int64_t rows,
                                  int64_t i0, int64_t seq, float scale);
 
+// --- causal attention forward on the bf16 tensor cores as one fused flash-attention kernel
+// (cuda_flash_attention.cu): q, k bf16 [batch * seq, heads, dqk], v bf16 [.., dv], out fp32
+// [.., dv], lse [batch, heads, seq] (natural log of the scaled scores' sum of exponentials).
+// Whether it takes the shape: dqk and dv multiples of 16 in [16, 256], q, k, v 16-byte and out
+// 8-byte aligned, the grid within limits.
+bool flash_attention_supported(const AttentionShape& s, const float* out, const void* q,
+                               const void* k, const void* v);
+cudaError_t flash_attention_forward(float* out, float* lse, const void* q, const void* k,
+                                    const void* v, const AttentionShape& s);
+
 // --- optimizer (cuda_optim.cu)
 cudaError_t adamw_step(float* w, float* m, float* v, const float* g, int64_t n, const AdamWStep& s);
 // *out = sum of x[i]^2 in double; `partial` holds sum_squares_blocks(n) doubles.

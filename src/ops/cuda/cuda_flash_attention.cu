@@ -1,0 +1,353 @@
+// CUDA kernels, part 5c: the causal attention forward of Precision::Bf16 as one fused
+// flash-attention kernel on the bf16 tensor cores (host side: cuda_attention_tc.cpp, which keeps
+// the cuBLAS path of cuda_attention_tc.cu as the fallback and for the backward). The GEMM path
+// writes every fp32 score to memory and reads it back twice; here the scores never leave the SM:
+// a block owns 64 query rows of one head, streams the keys in tiles of 64 through shared memory,
+// and keeps S, P, the running softmax statistics and the output accumulator in registers.
+//
+// Numerics, as the GEMM path: q, k, v bf16 (rounded once by the caller), S = Q K^T with fp32
+// accumulation, an online softmax in fp32 (base 2: scores pre-scaled by scale * log2(e)), P
+// rounded to bf16 as the A operand of P V, fp32 accumulation of O, one division by the row sum at
+// the end. lse is the natural-log log-sum-exp of the scaled scores, [batch, heads, seq], what the
+// backward recomputes P from. Deterministic: fixed loop orders and shuffle trees, no atomics.
+//
+// Block (query tile, head, sequence x v-column chunk), 4 warps, warp w owning query rows
+// [16w, 16w + 16) of the tile. The tiles are launched last-first (the last one has the most keys).
+// Key tiles 0..qt are visited (causal); only the diagonal one is masked. K and V tiles are double
+// buffered with cp.async (zero-filled past the sequence's end). v's columns are split into chunks
+// of VC (128; 64 for small heads) per block so the accumulator fits in registers at dv = 256 too.
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "ops/cuda/device_util.cuh"
+#include "ops/cuda/kernels.h"
+
+namespace moekit::cuda {
+
+namespace {
+
+constexpr int kTile = 64;  // query rows per block and keys per tile
+constexpr int kWarps = 4;  // each owns 16 query rows
+constexpr int kFlashThreads = kWarps * 32;
+// bf16 elements of padding per shared row: a row stride of QK + 8 (QK a multiple of 64) is 4 mod
+// 32 banks, so the 8 rows of 16 bytes that one ldmatrix phase reads fall on distinct banks.
+constexpr int kPad = 8;
+constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+
+struct FlashArgs {
+  float* out;
+  float* lse;
+  const uint16_t *q, *k, *v;  // bf16 bits
+  int seq, heads, dqk, dv, chunks;
+  float scale_log2;  // scale * log2(e)
+};
+
+__device__ inline uint32_t shared_address(const void* p) {
+  return uint32_t(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, asynchronously; valid = false writes 16 zero bytes (src unread).
+__device__ inline void cp_async16(uint32_t dst, const void* src, bool valid) {
+  const int bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes)
+               : "memory");
+}
+__device__ inline void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+// Waits until at most one committed group (the newest) is still in flight.
+__device__ inline void cp_async_wait_one() {
+  asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+}
+
+// Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, r[i] receives its
+// fragment: row lane/4, columns 2(lane%4), +1 (with .trans: column lane/4, rows 2(lane%4), +1).
+__device__ inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+__device__ inline void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
+// d += A B, m16n8k16, A row-major 16x16 bf16, B column-major 16x8 bf16, fp32 accumulators.
+// With g = lane / 4, t = lane % 4 (each 32-bit register holds two bf16, lower column in the low
+// half):  a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..], a[2] = A[g][2t+8..], a[3] = A[g+8][2t+8..];
+// b0 = B[2t..2t+1][g], b1 = B[2t+8..2t+9][g];  d[0..1] = D[g][2t..2t+1], d[2..3] = D[g+8][2t..].
+__device__ inline void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ inline uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);  // .x (low half) = lo
+  return *reinterpret_cast<const uint32_t*>(&p);
+}
+
+// Max and sum over the 4 lanes of a quad (lanes 4g..4g+3 hold the columns of rows g, g + 8).
+__device__ inline float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ inline float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// QK: dqk rounded up to a multiple of 64 (the K tile's shared width; k-steps past dqk skipped).
+// VC: v columns per block (n-tiles past the chunk's nv skipped).
+template <int QK, int VC>
+__global__ void __launch_bounds__(kFlashThreads) flash_attention_kernel(const FlashArgs a) {
+  constexpr int kStride = QK + kPad, vStride = VC + kPad;  // shared row strides (elements)
+  constexpr int kSteps = QK / 16, vTiles = VC / 8;
+  extern __shared__ __align__(16) uint16_t smem[];
+  // Buffer s: K tile at smem + s * kTile * kStride, V tile after both K buffers.
+  uint16_t* const k_s = smem;
+  uint16_t* const v_s = smem + 2 * kTile * kStride;
+
+  const int qt = int(gridDim.x) - 1 - int(blockIdx.x);  // the longest tiles first
+  const int h = int(blockIdx.y), b = int(blockIdx.z) / a.chunks, chunk = int(blockIdx.z) % a.chunks;
+  const int seq = a.seq, H = a.heads, dqk = a.dqk, dv = a.dv;
+  const int c0 = chunk * VC, nv = min(VC, dv - c0);  // this block's v columns [c0, c0 + nv)
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int row0 = qt * kTile + warp * 16 + g, row1 = row0 + 8;  // the rows this lane holds
+  const int64_t tok0 = int64_t(b) * seq;                         // first token of the sequence
+
+  // Q fragments of the warp's 16 rows, kept in registers for the whole key loop (zero for rows
+  // past the sequence and k-steps past dqk).
+  uint32_t qf[kSteps][4];
+  {
+    const uint16_t* q0 = a.q + ((tok0 + row0) * H + h) * dqk + 2 * t;
+    const uint16_t* q1 = a.q + ((tok0 + row1) * H + h) * dqk + 2 * t;
+#pragma unroll
+    for (int kk = 0; kk < kSteps; ++kk) {
+      const bool in = kk * 16 < dqk;
+      const bool r0 = in && row0 < seq, r1 = in && row1 < seq;
+      qf[kk][0] = r0 ? *reinterpret_cast<const uint32_t*>(q0 + kk * 16) : 0u;
+      qf[kk][1] = r1 ? *reinterpret_cast<const uint32_t*>(q1 + kk * 16) : 0u;
+      qf[kk][2] = r0 ? *reinterpret_cast<const uint32_t*>(q0 + kk * 16 + 8) : 0u;
+      qf[kk][3] = r1 ? *reinterpret_cast<const uint32_t*>(q1 + kk * 16 + 8) : 0u;
+    }
+  }
+
+  // Stages key tile kt into buffer `buf`: rows past the sequence are zero (their scores are masked
+  // for every real row; zero V keeps 0 * garbage out of the padding rows).
+  auto load_tile = [&](int kt, int buf) {
+    const int kc = dqk / 8, vc = nv / 8;  // 16-byte pieces per row
+    const uint32_t kd = shared_address(k_s + buf * kTile * kStride);
+    const uint32_t vd = shared_address(v_s + buf * kTile * vStride);
+    for (int i = int(threadIdx.x); i < kTile * kc; i += kFlashThreads) {
+      const int r = i / kc, c = i % kc, j = kt * kTile + r;
+      const int64_t tok = tok0 + (j < seq ? j : 0);
+      cp_async16(kd + uint32_t((r * kStride + c * 8) * 2), a.k + (tok * H + h) * dqk + c * 8,
+                 j < seq);
+    }
+    for (int i = int(threadIdx.x); i < kTile * vc; i += kFlashThreads) {
+      const int r = i / vc, c = i % vc, j = kt * kTile + r;
+      const int64_t tok = tok0 + (j < seq ? j : 0);
+      cp_async16(vd + uint32_t((r * vStride + c * 8) * 2), a.v + (tok * H + h) * dv + c0 + c * 8,
+                 j < seq);
+    }
+  };
+
+  // Per-lane ldmatrix offsets (elements), matrix i = lane / 8 and its row lane % 8:
+  // K (non-transposed), for key n-tiles 2p, 2p+1 at k-step kk: matrix 0 = keys +0..7 x dims
+  // +0..7 (b0 of n-tile 2p), 1 = keys +0..7 x dims +8..15 (b1 of 2p), 2 = keys +8..15 x dims
+  // +0..7 (b0 of 2p+1), 3 = keys +8..15 x dims +8..15 (b1 of 2p+1): the thread gets
+  // K[key g][dim 2t..2t+1] = B[2t..][g] of B = K^T.
+  const int mi = lane / 8, mr = lane % 8;
+  const int k_lane = (mr + ((mi & 2) ? 8 : 0)) * kStride + ((mi & 1) ? 8 : 0);
+  // V (transposed), for k-step kk (keys 16kk..) and v n-tiles 2p, 2p+1: matrix 0 = keys +0..7 x
+  // cols +0..7 (b0 of n-tile 2p), 1 = keys +8..15 x cols +0..7 (b1 of 2p), 2 = keys +0..7 x cols
+  // +8..15 (b0 of 2p+1), 3 = keys +8..15 x cols +8..15 (b1 of 2p+1): with .trans the thread gets
+  // V[key 2t..2t+1][col g] = B[2t..][g] of B = V.
+  const int v_lane = (mr + ((mi & 1) ? 8 : 0)) * vStride + ((mi & 2) ? 8 : 0);
+
+  float o[vTiles][4];
+#pragma unroll
+  for (int n = 0; n < vTiles; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  float m0 = -INFINITY, m1 = -INFINITY;  // running max (base-2 scaled scores) of rows 0, 1
+  float l0 = 0.0f, l1 = 0.0f;            // this lane's part of the running row sums
+
+  load_tile(0, 0);
+  cp_async_commit();
+  for (int kt = 0; kt <= qt; ++kt) {
+    // Prefetch the next tile into the other buffer (always commit, so that "all but the newest
+    // group done" means tile kt has landed).
+    if (kt < qt) load_tile(kt + 1, (kt + 1) & 1);
+    cp_async_commit();
+    cp_async_wait_one();
+    __syncthreads();
+    const int buf = kt & 1;
+    const uint32_t kb = shared_address(k_s + buf * kTile * kStride + k_lane);
+    const uint32_t vb = shared_address(v_s + buf * kTile * vStride + v_lane);
+
+    // S = Q K^T for the warp's 16 rows x 64 keys: n-tile nt holds keys kt*64 + 8nt + 2t (+1)
+    // in s[nt][0..1] (row0) and s[nt][2..3] (row1).
+    float s[8][4];
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < kSteps; ++kk) {
+      if (kk * 16 >= dqk) continue;
+#pragma unroll
+      for (int p = 0; p < 4; ++p) {
+        uint32_t bk[4];
+        ldmatrix_x4(bk, kb + uint32_t((16 * p * kStride + 16 * kk) * 2));
+        mma_bf16(s[2 * p], qf[kk], bk[0], bk[1]);
+        mma_bf16(s[2 * p + 1], qf[kk], bk[2], bk[3]);
+      }
+    }
+
+    // Scale to base 2, mask the diagonal tile (key > row), update the running max.
+    const bool diagonal = kt == qt;
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int key = kt * kTile + 8 * nt + 2 * t + e;
+        float x0 = s[nt][e] * a.scale_log2, x1 = s[nt][2 + e] * a.scale_log2;
+        if (diagonal && key > row0) x0 = -INFINITY;
+        if (diagonal && key > row1) x1 = -INFINITY;
+        s[nt][e] = x0;
+        s[nt][2 + e] = x1;
+        mx0 = fmaxf(mx0, x0);
+        mx1 = fmaxf(mx1, x1);
+      }
+    // Key kt*64 <= row for every row of tile qt >= kt, so the new max is finite from tile 0 on
+    // and the first alpha is exp2(-inf) = 0.
+    const float mn0 = fmaxf(m0, quad_max(mx0)), mn1 = fmaxf(m1, quad_max(mx1));
+    const float alpha0 = exp2f(m0 - mn0), alpha1 = exp2f(m1 - mn1);
+    m0 = mn0;
+    m1 = mn1;
+    float sum0 = 0.0f, sum1 = 0.0f;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        s[nt][e] = exp2f(s[nt][e] - m0);  // masked: exp2(-inf) = 0
+        s[nt][2 + e] = exp2f(s[nt][2 + e] - m1);
+        sum0 += s[nt][e];
+        sum1 += s[nt][2 + e];
+      }
+    l0 = l0 * alpha0 + sum0;
+    l1 = l1 * alpha1 + sum1;
+#pragma unroll
+    for (int n = 0; n < vTiles; ++n) {
+      o[n][0] *= alpha0;
+      o[n][1] *= alpha0;
+      o[n][2] *= alpha1;
+      o[n][3] *= alpha1;
+    }
+
+    // O += P V. The accumulator layout of S is the A layout of the next mma: k-step kk covers
+    // keys 16kk..16kk+15 = S n-tiles 2kk (keys +0..7) and 2kk+1 (keys +8..15), and
+    //   a[0] = P[g][16kk + 2t..]         = s[2kk][0..1]
+    //   a[1] = P[g + 8][16kk + 2t..]     = s[2kk][2..3]
+    //   a[2] = P[g][16kk + 8 + 2t..]     = s[2kk + 1][0..1]
+    //   a[3] = P[g + 8][16kk + 8 + 2t..] = s[2kk + 1][2..3]
+    // so P goes to bf16 in registers, lane by lane, with no exchange.
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint32_t pa[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]),
+                              pack_bf16(s[2 * kk][2], s[2 * kk][3]),
+                              pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                              pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int p = 0; p < VC / 16; ++p) {
+        if (p * 16 >= nv) continue;
+        uint32_t bv[4];
+        ldmatrix_x4_trans(bv, vb + uint32_t((16 * kk * vStride + 16 * p) * 2));
+        mma_bf16(o[2 * p], pa, bv[0], bv[1]);
+        mma_bf16(o[2 * p + 1], pa, bv[2], bv[3]);
+      }
+    }
+    __syncthreads();  // the next iteration's prefetch overwrites this buffer
+  }
+
+  // out = O / l (the quad's partial sums added in a fixed tree); lse = ln 2 * (m + log2 l).
+  l0 = quad_sum(l0);
+  l1 = quad_sum(l1);
+  const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
+#pragma unroll
+  for (int n = 0; n < vTiles; ++n) {
+    if (n * 8 >= nv) continue;
+    const int col = c0 + n * 8 + 2 * t;
+    if (row0 < seq)
+      *reinterpret_cast<float2*>(a.out + ((tok0 + row0) * H + h) * dv + col) =
+          make_float2(o[n][0] * inv0, o[n][1] * inv0);
+    if (row1 < seq)
+      *reinterpret_cast<float2*>(a.out + ((tok0 + row1) * H + h) * dv + col) =
+          make_float2(o[n][2] * inv1, o[n][3] * inv1);
+  }
+  if (chunk == 0 && t == 0) {
+    float* lse = a.lse + (int64_t(b) * H + h) * seq;
+    if (row0 < seq) lse[row0] = (m0 + log2f(l0)) * kLn2;
+    if (row1 < seq) lse[row1] = (m1 + log2f(l1)) * kLn2;
+  }
+}
+
+template <int QK, int VC>
+cudaError_t launch_flash(const FlashArgs& args, int64_t batch) {
+  constexpr size_t smem = size_t(2) * kTile * ((QK + kPad) + (VC + kPad)) * sizeof(uint16_t);
+  static const cudaError_t attr =
+      cudaFuncSetAttribute(reinterpret_cast<const void*>(&flash_attention_kernel<QK, VC>),
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  if (attr != cudaSuccess) return attr;
+  const dim3 grid(unsigned((args.seq + kTile - 1) / kTile), unsigned(args.heads),
+                  unsigned(batch * args.chunks));
+  flash_attention_kernel<QK, VC><<<grid, kFlashThreads, smem, stream()>>>(args);
+  return cudaGetLastError();
+}
+
+bool aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+}  // namespace
+
+bool flash_attention_supported(const AttentionShape& s, const float* out, const void* q,
+                               const void* k, const void* v) {
+  auto dim_ok = [](int64_t d) { return d >= 16 && d <= 256 && d % 16 == 0; };
+  const int64_t chunks = s.dv <= 64 && s.dqk <= 64 ? 1 : (s.dv + 127) / 128;
+  return dim_ok(s.dqk) && dim_ok(s.dv) && s.seq >= 1 && s.seq <= (int64_t(1) << 30) &&
+         s.heads >= 1 && s.heads <= 65535 && s.batch >= 1 && s.batch * chunks <= 65535 &&
+         reinterpret_cast<uintptr_t>(out) % 8 == 0 && aligned16(q) && aligned16(k) && aligned16(v);
+}
+
+cudaError_t flash_attention_forward(float* out, float* lse, const void* q, const void* k,
+                                    const void* v, const AttentionShape& s) {
+  if (s.batch * s.seq * s.heads == 0) return cudaSuccess;
+  if (!flash_attention_supported(s, out, q, k, v)) return cudaErrorInvalidValue;
+  const bool small = s.dqk <= 64 && s.dv <= 64;
+  const int vc = small ? 64 : 128;
+  const FlashArgs args{out,
+                       lse,
+                       static_cast<const uint16_t*>(q),
+                       static_cast<const uint16_t*>(k),
+                       static_cast<const uint16_t*>(v),
+                       int(s.seq),
+                       int(s.heads),
+                       int(s.dqk),
+                       int(s.dv),
+                       int((s.dv + vc - 1) / vc),
+                       s.scale * kLog2e};
+  if (small) return launch_flash<64, 64>(args, s.batch);
+  // (dqk <= 64 with dv > 64 takes the 128-wide K tile too: a <64, 128> instance spilled.)
+  if (s.dqk <= 128) return launch_flash<128, 128>(args, s.batch);
+  if (s.dqk <= 192) return launch_flash<192, 128>(args, s.batch);
+  return launch_flash<256, 128>(args, s.batch);
+}
+
+}  // namespace moekit::cuda
