@@ -24,13 +24,13 @@
 #include <random>
 #include <vector>
 
-#define CHECK_CUDA(x)                                                                     \
-  do {                                                                                    \
-    cudaError_t e_ = (x);                                                                 \
-    if (e_ != cudaSuccess) {                                                              \
-      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e_));      \
-      std::exit(1);                                                                       \
-    }                                                                                     \
+#define CHECK_CUDA(x)                                                                 \
+  do {                                                                                \
+    cudaError_t e_ = (x);                                                             \
+    if (e_ != cudaSuccess) {                                                          \
+      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                   \
+    }                                                                                 \
   } while (0)
 #define CHECK_CUBLAS(x)                                                         \
   do {                                                                          \
@@ -64,7 +64,7 @@ int main(int argc, char** argv) {
   // Rows per expert: top_k distinct experts per token, uniformly at random.
   std::mt19937_64 rng(1);
   std::vector<int> rows(size_t(E), 0);
-  std::vector<int> order(size_t(E));
+  std::vector<int> order(static_cast<size_t>(E));
   for (int t = 0; t < T; ++t) {
     for (int e = 0; e < E; ++e) order[size_t(e)] = e;
     for (int k = 0; k < top_k; ++k) {
@@ -102,8 +102,8 @@ int main(int argc, char** argv) {
   auto c_of = [&](int e) { return C + size_t(e) * max_rows * N; };
   // Row-major C [m, N] = X [m, H] W^T is column-major C^T [N, m] = W^T(op T of W's [H, N]) X^T.
   auto gemm = [&](int e, int m) {
-    CHECK_CUBLAS(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, N, m, H, &one, w_of(e), CUDA_R_16BF,
-                              H, x_of(e), CUDA_R_16BF, H, &zero, c_of(e), CUDA_R_16BF, N,
+    CHECK_CUBLAS(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, N, m, H, &one, w_of(e), CUDA_R_16BF, H,
+                              x_of(e), CUDA_R_16BF, H, &zero, c_of(e), CUDA_R_16BF, N,
                               CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   };
   auto report = [&](const char* name, double ms) {
@@ -148,8 +148,7 @@ int main(int argc, char** argv) {
       for (int e : es) host.push_back(c_of(e));
       void** dev = nullptr;
       CHECK_CUDA(cudaMalloc(&dev, host.size() * sizeof(void*)));
-      CHECK_CUDA(
-          cudaMemcpy(dev, host.data(), host.size() * sizeof(void*), cudaMemcpyHostToDevice));
+      CHECK_CUDA(cudaMemcpy(dev, host.data(), host.size() * sizeof(void*), cudaMemcpyHostToDevice));
       ptrs.push_back(dev);
     }
     std::printf("classes: %zu sizes, %.1f %% padding\n", classes.size(),
