@@ -3,7 +3,7 @@
 # binaries where their compiled-in paths expect them, then runs the GPU tests (tools/cuda_check.sh
 # on the prebuilt moekit_tests: Cuda*, Gpu*, DeviceCli*) and/or the benchmark against transformers
 # (tools/gpu_bench.sh). Results go to $OUT.
-#   bash tools/device_run.sh [tests|streams|bench|all|profile|quick|decode|trace|ncu][,...]   (e.g. tests,decode)
+#   bash tools/device_run.sh [tests|streams|bench|all|profile|quick|decode|trace|ncu|gemmbench][,...]   (e.g. tests,decode)
 set -uo pipefail
 WHAT=${1:-all}
 want() { [[ ",$WHAT," == *",$1,"* ]]; }
@@ -103,6 +103,10 @@ for (k, g, b), ms in sorted(agg.items(), key=lambda kv: -f(kv[1], "gpu__time_dur
           round(f(ms, "sm__warps_active.avg.pct_of_peak_sustained_active"), 1),
           f(ms, "launch__registers_per_thread"))
 EOF
+fi
+if want gemmbench; then  # which cuBLAS call should run the routed experts' GEMMs
+  nvcc -O2 -std=c++17 -arch=sm_90 tools/expert_gemm_bench.cu -lcublas -o /tmp/expert_gemm_bench &&
+    /tmp/expert_gemm_bench 8192 64 6 1408 2048 && /tmp/expert_gemm_bench 8192 64 6 2048 1408
 fi
 if want profile; then  # time per model step, bf16 ESFT: 4 layers, then the full model
   python3 -c 'import json; c = json.load(open("configs/deepseek-v2-lite.json")); c["num_hidden_layers"] = 4; json.dump(c, open("/tmp/v2-lite-4l.json", "w"))'
