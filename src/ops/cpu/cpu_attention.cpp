@@ -78,10 +78,7 @@ void CpuBackend::latent_attention(Tensor& ctx, const Tensor& q_lat, const Tensor
   const auto [n, H, r, dr, cap] =
       latent_attention_dims(ctx, q_lat, q_rope, kv_latent, k_rope, positions, heads);
   const int32_t* pos = positions.i32();
-  for (int64_t i = 0; i < n; ++i)
-    MOEKIT_CHECK(pos[i] >= 0 && pos[i] < cap,
-                 "latent_attention: position {} at position {} out of range [0, {})", pos[i], i,
-                 cap);
+  expect_indices(positions, cap, "latent_attention", "position");
   // Per token, the ops of the prompt path (infer/mla_decode.cpp) over the rows it sees, so both
   // paths round alike: two score GEMMs into [H, seen], the row softmax, one GEMM for the context.
   const Tensor ql = q_lat.reshape({n * H, r}), qr = q_rope.reshape({n * H, dr});

@@ -243,15 +243,9 @@ void CpuBackend::rope(Tensor& x, int64_t heads, int64_t head_stride, int64_t off
       int64_t pos = positions.i32()[t];
       MOEKIT_CHECK(pos >= 0 && pos < max_pos, "position {} beyond the rope table ({})", pos,
                    max_pos);
-      const float* cr = cos.f32() + pos * half;
-      const float* sr = sin.f32() + pos * half;
       for (int64_t h = 0; h < heads; ++h) {
         float* p = x.f32() + (t * heads + h) * head_stride + offset;
-        for (int64_t j = 0; j < half; ++j) {
-          float a = p[2 * j], bb = p[2 * j + 1], c = cr[j], s = sign * sr[j];
-          p[2 * j] = a * c - bb * s;
-          p[2 * j + 1] = bb * c + a * s;
-        }
+        rotate_pairs(p, p, half, cos.f32() + pos * half, sin.f32() + pos * half, sign);
       }
     }
   });
@@ -274,9 +268,7 @@ void CpuBackend::copy_columns(Tensor& dst, int64_t dst_col, const Tensor& src, i
 void CpuBackend::set_rows(Tensor& dst, const Tensor& src, const Tensor& rows_) {
   const int64_t D = set_rows_dims(dst, src, rows_), R = rows(dst), n = rows_.numel();
   const int32_t* row = rows_.i32();
-  for (int64_t i = 0; i < n; ++i)  // all rows checked before any is written
-    MOEKIT_CHECK(row[i] >= 0 && row[i] < R, "set_rows: row {} at position {} out of range [0, {})",
-                 row[i], i, R);
+  expect_indices(rows_, R, "set_rows", "row");
   // In order, so a repeated row keeps its last source (ops.h).
   for (int64_t i = 0; i < n; ++i)
     std::memcpy(dst.f32() + int64_t(row[i]) * D, src.f32() + i * D, size_t(D) * 4);

@@ -15,26 +15,10 @@ namespace moekit {
 
 namespace {
 
-// Every position in [0, limit), checked before anything is written.
-void check_positions(const Tensor& positions, int64_t limit, const char* op) {
-  const int32_t* pos = positions.i32();
-  for (int64_t i = 0; i < positions.numel(); ++i)
-    MOEKIT_CHECK(pos[i] >= 0 && pos[i] < limit,
-                 "{}: position {} at position {} out of range [0, {})", op, pos[i], i, limit);
-}
-
-// out[2j], out[2j+1] = the pair (in[2j], in[2j+1]) rotated by the angle of row `pos` of the table
-// (Backend::rope's interleaved convention, forward direction).
-void rotate_pairs(float* out, const float* in, int64_t dr, const Tensor& cos, const Tensor& sin,
-                  int64_t pos) {
-  const int64_t half = dr / 2;
-  const float* cr = cos.f32() + pos * half;
-  const float* sr = sin.f32() + pos * half;
-  for (int64_t j = 0; j < half; ++j) {
-    const float a = in[2 * j], b = in[2 * j + 1], c = cr[j], s = sr[j];
-    out[2 * j] = a * c - b * s;
-    out[2 * j + 1] = b * c + a * s;
-  }
+// The rotation of a dr-wide rope part at row `pos` of the tables.
+void rotate_at(float* out, const float* in, int64_t dr, const Tensor& cos, const Tensor& sin,
+               int64_t pos) {
+  rotate_pairs(out, in, dr / 2, cos.f32() + pos * (dr / 2), sin.f32() + pos * (dr / 2));
 }
 
 }  // namespace
@@ -45,7 +29,7 @@ void CpuBackend::mla_cache_write(Tensor& kv_latent, Tensor& k_rope, const Tensor
   const char* op = "mla_cache_write";
   const MlaStepDims d = mla_cache_write_dims(kv_latent, k_rope, kv_a, norm_w, cos, sin, positions);
   expect_f32_on_cpu(op, {&kv_latent, &k_rope, &kv_a, &norm_w, &cos, &sin});
-  check_positions(positions, d.limit, op);
+  expect_indices(positions, d.limit, op, "position");
   const int64_t r = d.r, dr = d.dr;
   const float* w = norm_w.f32();
   cpu_pool().parallel_for(d.n, [&](int64_t b, int64_t e) {
@@ -59,7 +43,7 @@ void CpuBackend::mla_cache_write(Tensor& kv_latent, Tensor& k_rope, const Tensor
       float* lat = kv_latent.f32() + pos * r;
       for (int64_t c = 0; c < r; ++c) lat[c] = w[c] * (c_kv[c] * rstd);
       // The shared rope key, rotated at the token's position.
-      rotate_pairs(k_rope.f32() + pos * dr, c_kv + r, dr, cos, sin, pos);
+      rotate_at(k_rope.f32() + pos * dr, c_kv + r, dr, cos, sin, pos);
     }
   });
 }
@@ -72,13 +56,13 @@ void CpuBackend::mla_absorb_query(Tensor& q_lat, Tensor& q_rope, const Tensor& q
   const MlaStepDims d =
       mla_absorb_query_dims(q_lat, q_rope, q, kv_b, cos, sin, positions, heads, dn, dr, dv);
   expect_f32_on_cpu(op, {&q_lat, &q_rope, &q, &kv_b, &cos, &sin});
-  check_positions(positions, d.limit, op);
+  expect_indices(positions, d.limit, op, "position");
   const int64_t H = heads, r = d.r, dqk = dn + dr;
   cpu_pool().parallel_for(d.n * H, [&](int64_t b, int64_t e) {
     for (int64_t row = b; row < e; ++row) {
       const int64_t i = row / H, h = row % H;
       const float* qh = q.f32() + i * H * dqk + h * dqk;  // [q_nope | q_pe] of head h
-      rotate_pairs(q_rope.f32() + row * dr, qh + dn, dr, cos, sin, positions.i32()[i]);
+      rotate_at(q_rope.f32() + row * dr, qh + dn, dr, cos, sin, positions.i32()[i]);
       // q_lat = W_kb_h^T q_nope: the rows of W_kb_h weighted by q_nope, d in order.
       float* out = q_lat.f32() + row * r;
       for (int64_t c = 0; c < r; ++c) out[c] = 0.0f;

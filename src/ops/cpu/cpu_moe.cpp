@@ -147,16 +147,12 @@ void CpuBackend::moe_dispatch_plan(Tensor& slot_token, Tensor& slot_pair, Tensor
                topk_idx.shape().str(), topk_w.shape().str(), slot_token.shape().str(),
                slot_pair.shape().str(), slot_weight.shape().str(), expert_begin.shape().str(),
                n_experts);
+  expect_indices(topk_idx, n_experts, "moe_dispatch_plan", "expert");
   const int32_t* idx = topk_idx.i32();
   int32_t* begin = expert_begin.i32();
   // Counting sort: count per expert, prefix sums, then place pairs in order (stable).
   std::fill(begin, begin + n_experts + 1, 0);
-  for (int64_t i = 0; i < N; ++i) {
-    MOEKIT_CHECK(idx[i] >= 0 && idx[i] < n_experts,
-                 "moe_dispatch_plan: expert {} at position {} out of range [0, {})", idx[i], i,
-                 n_experts);
-    ++begin[idx[i] + 1];
-  }
+  for (int64_t i = 0; i < N; ++i) ++begin[idx[i] + 1];
   for (int64_t e = 0; e < n_experts; ++e) begin[e + 1] += begin[e];
   std::vector<int32_t> cursor(begin, begin + n_experts);
   for (int64_t i = 0; i < N; ++i) {
@@ -173,10 +169,7 @@ void CpuBackend::moe_experts_small(Tensor& y, const Tensor& x, const Tensor& top
   const auto [T, K, H, I, E, Is, dtype] =
       moe_experts_small_dims(y, x, topk_idx, topk_w, experts, shared);
   MOEKIT_CHECK(dtype == DType::F32, "moe_experts_small: {} weights on the CPU", dtype_name(dtype));
-  for (int64_t i = 0; i < T * K; ++i)
-    MOEKIT_CHECK(topk_idx.i32()[i] >= 0 && topk_idx.i32()[i] < E,
-                 "moe_experts_small: expert {} at position {} out of range [0, {})",
-                 topk_idx.i32()[i], i, E);
+  expect_indices(topk_idx, E, "moe_experts_small", "expert");
   auto dot = [](const float* a, const float* b, int64_t n) {
     float s = 0.0f;
     for (int64_t c = 0; c < n; ++c) s += a[c] * b[c];

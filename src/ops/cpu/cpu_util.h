@@ -1,5 +1,5 @@
 // Small helpers shared by the CPU kernels: any tensor seen as 2-D [rows, last dim]; the fp32-only
-// dtype check.
+// dtype check; the range check of an index tensor; RoPE's rotation of one row's pairs.
 #pragma once
 
 #include <initializer_list>
@@ -27,6 +27,27 @@ inline void expect_f32_on_cpu(const char* op, std::initializer_list<const Tensor
           "CPU {}: {} operand (the CPU backend computes in fp32 only; bf16 activations need the "
           "CUDA backend)",
           op, dtype_name(t->dtype()));
+}
+
+// Every entry of the I32 index tensor idx in [0, limit), checked before the op writes anything:
+// "OP: WHAT V at position I out of range [0, LIMIT)" for the first bad one.
+inline void expect_indices(const Tensor& idx, int64_t limit, const char* op, const char* what) {
+  const int32_t* v = idx.i32();
+  for (int64_t i = 0; i < idx.numel(); ++i)
+    MOEKIT_CHECK(v[i] >= 0 && v[i] < limit, "{}: {} {} at position {} out of range [0, {})", op,
+                 what, v[i], i, limit);
+}
+
+// out[2j], out[2j+1] = the pair (in[2j], in[2j+1]) rotated by the angle whose cosines and sines
+// are cos_row[j], sign * sin_row[j] (Backend::rope's interleaved convention; sign -1 undoes it).
+// out may be in.
+inline void rotate_pairs(float* out, const float* in, int64_t half, const float* cos_row,
+                         const float* sin_row, float sign = 1.0f) {
+  for (int64_t j = 0; j < half; ++j) {
+    const float a = in[2 * j], b = in[2 * j + 1], c = cos_row[j], s = sign * sin_row[j];
+    out[2 * j] = a * c - b * s;
+    out[2 * j + 1] = b * c + a * s;
+  }
 }
 
 }  // namespace moekit
