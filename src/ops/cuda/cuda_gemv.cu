@@ -70,15 +70,12 @@ __global__ void gemv_preload_kernel(float* c, const float* a, const uint16_t* w,
   for (int i = 0; i < P; ++i) {
     const int64_t ch = lane + 32 * i;
     if (ch >= chunks) continue;
-    const uint32_t h[4] = {raw[i].x, raw[i].y, raw[i].z, raw[i].w};
-    float av[8];
+    float wv[8], av[8];
+    Chunk<uint16_t>::widen(raw[i], wv);
     Chunk<float>::load(a + ch * 8, av);
     Chunk<float>::load(a + ch * 8 + 4, av + 4);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      acc = fmaf(__uint_as_float(h[j] << 16), av[2 * j], acc);  // lower address: lower half
-      acc = fmaf(__uint_as_float(h[j] & 0xffff0000u), av[2 * j + 1], acc);
-    }
+    for (int j = 0; j < 8; ++j) acc = fmaf(wv[j], av[j], acc);
   }
   acc = warp_reduce(acc, Sum{});
   if (lane == 0) c[n] = beta == 0.0f ? alpha * acc : alpha * acc + beta * c[n];

@@ -114,17 +114,7 @@ __device__ inline void widen(const RawColumns<W, V>& raw, float (&out)[V]) {
     out[0] = to_f32(raw);
   } else {
     static_assert(V == Chunk<W>::n, "a vector load is one 16-byte chunk");
-    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-    if constexpr (V == 8) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        out[2 * i] = __uint_as_float(w[i] << 16);  // the lower address holds the lower half
-        out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) out[i] = __uint_as_float(w[i]);
-    }
+    Chunk<W>::widen(raw, out);
   }
 }
 

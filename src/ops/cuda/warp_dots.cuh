@@ -18,31 +18,36 @@ __device__ inline float to_f32(uint16_t v) {
   return __uint_as_float(uint32_t(v) << 16);
 }
 
-// 16 bytes of a weight row widened to fp32: 4 floats or 8 bf16.
+// 16 bytes of a weight row widened to fp32: 4 floats or 8 bf16. widen() takes the 16 raw bytes
+// (kernels that load before they compute keep them as they came), load() reads them first.
 template <typename W>
 struct Chunk;
 template <>
 struct Chunk<float> {
   static constexpr int n = 4;
+  __device__ static void widen(const uint4& v, float* out) {
+    out[0] = __uint_as_float(v.x);
+    out[1] = __uint_as_float(v.y);
+    out[2] = __uint_as_float(v.z);
+    out[3] = __uint_as_float(v.w);
+  }
   __device__ static void load(const float* p, float* out) {
-    const float4 v = *reinterpret_cast<const float4*>(p);
-    out[0] = v.x;
-    out[1] = v.y;
-    out[2] = v.z;
-    out[3] = v.w;
+    widen(*reinterpret_cast<const uint4*>(p), out);
   }
 };
 template <>
 struct Chunk<uint16_t> {
   static constexpr int n = 8;
-  __device__ static void load(const uint16_t* p, float* out) {
-    const uint4 v = *reinterpret_cast<const uint4*>(p);
+  __device__ static void widen(const uint4& v, float* out) {
     const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       out[2 * i] = __uint_as_float(w[i] << 16);  // the lower address holds the lower half
       out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
     }
+  }
+  __device__ static void load(const uint16_t* p, float* out) {
+    widen(*reinterpret_cast<const uint4*>(p), out);
   }
 };
 
