@@ -106,7 +106,9 @@ EOF
 fi
 if want gemmbench; then  # which cuBLAS call should run the routed experts' GEMMs
   nvcc -O2 -std=c++17 -arch=sm_90 tools/expert_gemm_bench.cu -lcublas -o /tmp/expert_gemm_bench &&
-    /tmp/expert_gemm_bench 8192 64 6 1408 2048 && /tmp/expert_gemm_bench 8192 64 6 2048 1408
+    for t in ${GEMMBENCH_T:-8192}; do  # tokens: the padding's break-even point
+      /tmp/expert_gemm_bench "$t" 64 6 1408 2048 && /tmp/expert_gemm_bench "$t" 64 6 2048 1408
+    done
 fi
 if want profile; then  # time per model step, bf16 ESFT: 4 layers, then the full model
   python3 -c 'import json; c = json.load(open("configs/deepseek-v2-lite.json")); c["num_hidden_layers"] = 4; json.dump(c, open("/tmp/v2-lite-4l.json", "w"))'

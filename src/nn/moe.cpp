@@ -11,16 +11,26 @@ namespace moekit {
 
 DispatchPlan make_dispatch_plan(Backend& be, const Routing& r, int64_t n_experts) {
   const int64_t N = r.topk_idx.numel();
+  const int64_t align = be.expert_row_alignment(N, n_experts);
+  const int64_t S = dispatch_slots(N, n_experts, align);
   const Device dev = r.topk_idx.device();
   DispatchPlan plan;
-  plan.slot_token = Tensor::empty({N}, DType::I32, dev);
-  plan.slot_pair = Tensor::empty({N}, DType::I32, dev);
-  plan.slot_weight = Tensor::empty({N}, DType::F32, dev);
-  Tensor begin = Tensor::empty({n_experts + 1}, DType::I32, dev);
-  be.moe_dispatch_plan(plan.slot_token, plan.slot_pair, plan.slot_weight, begin, r.topk_idx,
-                       r.topk_w, n_experts);
-  Tensor host = begin.to_host();  // the layer's one small device-to-host copy
+  plan.slot_token = Tensor::empty({S}, DType::I32, dev);
+  plan.slot_pair = Tensor::empty({S}, DType::I32, dev);
+  plan.slot_weight = Tensor::empty({S}, DType::F32, dev);
+  Tensor offsets = Tensor::empty({2 * n_experts + 1}, DType::I32, dev);  // begins, then loads
+  Tensor begin = offsets.slice(0, n_experts + 1),
+         rows = offsets.slice(n_experts + 1, 2 * n_experts + 1);
+  be.moe_dispatch_plan(plan.slot_token, plan.slot_pair, plan.slot_weight, begin, rows, r.topk_idx,
+                       r.topk_w, n_experts, align);
+  Tensor host = offsets.to_host();  // the layer's one small device-to-host copy
   plan.expert_begin.assign(host.i32(), host.i32() + n_experts + 1);
+  plan.expert_rows.assign(host.i32() + n_experts + 1, host.i32() + 2 * n_experts + 1);
+  // The slots past the last expert's block are padding no expert reads: drop them.
+  const int64_t used = plan.expert_begin.back();
+  plan.slot_token = plan.slot_token.slice(0, used);
+  plan.slot_pair = plan.slot_pair.slice(0, used);
+  plan.slot_weight = plan.slot_weight.slice(0, used);
   return plan;
 }
 
@@ -136,9 +146,7 @@ Tensor grouped_path(Backend& be, MoE& m, const Tensor& x, const Tensor& xg, cons
   saved.plan = make_dispatch_plan(be, r, E);  // permute: plan
   const std::vector<int64_t>& begin = saved.plan.expert_begin;
   const int64_t N = begin.back();
-  m.expert_load.resize(size_t(E));
-  for (int64_t e = 0; e < E; ++e)
-    m.expert_load[size_t(e)] = begin[size_t(e + 1)] - begin[size_t(e)];
+  m.expert_load = saved.plan.expert_rows;
 
   // The routed experts' activations: F32, or BF16 under the Bf16 precision (bf16_activations).
   const DType act = bf16_activations(be) ? DType::BF16 : DType::F32;

@@ -16,14 +16,17 @@
 
 namespace moekit {
 
-// Where each (token, k) pair goes: slots sorted by expert, stable in (token, k) order. The
-// tensors live on the routing's device; only the expert offsets come to the host (the grouped
-// GEMMs need the sizes).
+// Where each (token, k) pair goes: slots sorted by expert, stable in (token, k) order, each
+// expert's block padded with empty slots to the backend's row multiple (expert_row_alignment: 1
+// on the CPU, 128 for the CUDA backend's batched expert GEMMs at training sizes). The tensors live
+// on the routing's device; only the expert offsets and loads come to the host (the GEMMs need the
+// sizes).
 struct DispatchPlan {
-  Tensor slot_token;                  // I32 [T*K]: token of each slot
-  Tensor slot_pair;                   // I32 [T*K]: t*K + k of each slot
-  Tensor slot_weight;                 // [T*K]: combine weight of each slot
-  std::vector<int64_t> expert_begin;  // [E+1] slot offsets per expert (host copy)
+  Tensor slot_token;                  // I32 [S]: token of each slot (-1: padding)
+  Tensor slot_pair;                   // I32 [S]: t*K + k of each slot (-1: padding)
+  Tensor slot_weight;                 // [S]: combine weight of each slot (0: padding)
+  std::vector<int64_t> expert_begin;  // [E+1] slot offsets per expert, padding included (host)
+  std::vector<int64_t> expert_rows;   // [E] pairs per expert, without padding (host)
 };
 
 DispatchPlan make_dispatch_plan(Backend& be, const Routing& r, int64_t n_experts);
@@ -51,7 +54,8 @@ struct MoE {
   // the GEMV passes to at most 64 x I and T x H warps. Not tuned on hardware: measure to move it.
   static constexpr int64_t kSmallMaxPairs = 64;
 
-  // What backward needs, every [N, .] tensor in slot order (N = T*K rows, expert by expert).
+  // What backward needs, every [S, .] tensor in slot order (S = T*K rows and the plan's padding,
+  // expert by expert; padding rows are zeros).
   // The activations are F32, or BF16 under Precision::Bf16 where the backend has the bf16
   // variants of the layer's ops (the CUDA backend; the CPU stays fp32): every expert GEMM rounds
   // them to bf16 then anyway, so bf16 storage keeps the same values in half the memory.

@@ -310,6 +310,8 @@ class Backend {
 
   // Token dispatch for MoE: out[i] = x[rows[i]] * (weights ? weights[i] : 1). x and weights F32;
   // out F32, or BF16 where supports(GatherRows, BF16) (the product in fp32, rounded once).
+  // In these three ops a negative row is no row (a dispatch plan's padding slot): gather writes
+  // zeros, scatter_add_rows skips it, row_dot gives 0.
   virtual void gather_rows(Tensor& out, const Tensor& x, const Tensor& rows,
                            const Tensor* weights) = 0;
   // Combine: out[rows[i]] += x[i] * (weights ? weights[i] : 1). Deterministic order. out and
@@ -342,13 +344,28 @@ class Backend {
                                  const GateParams& p) = 0;
 
   // MoE permute plan: the (token, k) pairs of topk_idx I32 [T,K] (entries in [0, n_experts))
-  // sorted by expert, stable in pair order t*K+k (deterministic). Per slot s:
-  //   slot_pair[s] = t*K+k, slot_token[s] = t (I32 [T*K]), slot_weight[s] = topk_w[t,k] (F32);
-  // expert_begin I32 [n_experts+1]: expert e owns the slots [expert_begin[e], expert_begin[e+1]).
-  // All on topk_idx's device (no host round trip but the index check).
+  // sorted by expert, stable in pair order t*K+k (deterministic), each expert's block of slots
+  // padded with empty slots to a multiple of `align` rows (align >= 1; 1: no padding). Per slot s
+  // of a pair: slot_pair[s] = t*K+k, slot_token[s] = t, slot_weight[s] = topk_w[t,k]; per padding
+  // slot: -1, -1 and 0 (gather_rows makes its row zero, the combine skips it, so every expert GEMM
+  // reads and writes zeros there and the weight gradients stay exact). expert_begin I32
+  // [n_experts+1]: expert e owns the slots [expert_begin[e], expert_begin[e+1]), padding included;
+  // expert_rows I32 [n_experts]: its pairs (the load, without padding). The slot tensors hold
+  // dispatch_slots(T*K, n_experts, align) entries: those past expert_begin[n_experts] are padding
+  // too. Padding lets a backend run the experts' GEMMs as batched GEMMs over equal-sized blocks
+  // (expert_row_alignment says when it pays). All on topk_idx's device (no host round trip but the
+  // index check).
   virtual void moe_dispatch_plan(Tensor& slot_token, Tensor& slot_pair, Tensor& slot_weight,
-                                 Tensor& expert_begin, const Tensor& topk_idx, const Tensor& topk_w,
-                                 int64_t n_experts) = 0;
+                                 Tensor& expert_begin, Tensor& expert_rows, const Tensor& topk_idx,
+                                 const Tensor& topk_w, int64_t n_experts, int64_t align) = 0;
+  // The row multiple to pad each expert's slots to (moe_dispatch_plan's align) for `pairs`
+  // (token, expert) pairs over n_experts experts: 1 (no padding) unless the backend runs padded
+  // expert GEMMs faster than grouped ones at this size (the CUDA backend under bf16).
+  virtual int64_t expert_row_alignment(int64_t pairs, int64_t n_experts) const {
+    (void)pairs;
+    (void)n_experts;
+    return 1;
+  }
 
   // The routed experts of a few tokens straight from the device-side routing (decode: no permute
   // plan, nothing read back to the host), and optionally the shared experts in the same pass. For
@@ -376,6 +393,12 @@ class Backend {
   // norm of clipping); a host value, so the caller waits for the device.
   virtual double sum_squares(const Tensor& x) = 0;
 };
+
+// The slots of moe_dispatch_plan for `pairs` pairs over n_experts experts padded to multiples of
+// `align`: room for every pair and the most padding (align - 1 per expert).
+inline int64_t dispatch_slots(int64_t pairs, int64_t n_experts, int64_t align) {
+  return pairs + n_experts * (align - 1);
+}
 
 // M, N, K of Backend::matmul's c = op(a) @ op(b), after checking the shapes agree (every backend
 // validates the same way).

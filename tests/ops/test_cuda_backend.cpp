@@ -33,6 +33,7 @@
 #include <random>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "core/error.h"
@@ -862,28 +863,34 @@ TEST_F(CudaBackendTest, CrossEntropyWithIgnoredTargets) {
   }
 }
 
+// Every seventh row is -1 (a dispatch plan's padding slot: no row). C = 300 takes the gather's
+// 16-byte path, 301 its one-element path.
 TEST_F(CudaBackendTest, GatherScatterRowDot) {
-  const int64_t R = 41, C = 300, N = 157;  // N > R: destinations repeat
-  Tensor x = randn({R, C}), rows = randint({N}, 0, int32_t(R)), w = randn({N});
-  for (const Tensor* wp : std::initializer_list<const Tensor*>{nullptr, &w}) {
-    Tensor out = Tensor::empty({N, C}), gout = poisoned({N, C});
-    Tensor gw = dev(w);
-    cpu().gather_rows(out, x, rows, wp);
-    gpu().gather_rows(gout, dev(x), dev(rows), wp ? &gw : nullptr);
-    EXPECT_CLOSE(gout, out, kF32Tol);
-    Tensor src = randn({N, C}), acc = randn({R, C}), gacc = dev(acc);
-    cpu().scatter_add_rows(acc, src, rows, wp);
-    gpu().scatter_add_rows(gacc, dev(src), dev(rows), wp ? &gw : nullptr);
-    EXPECT_CLOSE(gacc, acc, kF32Tol);
-    Tensor again = Tensor::zeros({R, C}, DType::F32, Device::CUDA), again2 = again.clone();
-    gpu().scatter_add_rows(again, dev(src), dev(rows), wp ? &gw : nullptr);
-    gpu().scatter_add_rows(again2, dev(src), dev(rows), wp ? &gw : nullptr);
-    EXPECT_TRUE(bit_equal(again, again2)) << "scatter is not deterministic";
+  for (const int64_t C : {300, 301}) {
+    SCOPED_TRACE(testing::Message() << "C " << C);
+    const int64_t R = 41, N = 157;  // N > R: destinations repeat
+    Tensor x = randn({R, C}), rows = randint({N}, 0, int32_t(R)), w = randn({N});
+    for (int64_t i = 0; i < N; i += 7) rows.i32()[i] = -1;
+    for (const Tensor* wp : std::initializer_list<const Tensor*>{nullptr, &w}) {
+      Tensor out = Tensor::empty({N, C}), gout = poisoned({N, C});
+      Tensor gw = dev(w);
+      cpu().gather_rows(out, x, rows, wp);
+      gpu().gather_rows(gout, dev(x), dev(rows), wp ? &gw : nullptr);
+      EXPECT_CLOSE(gout, out, kF32Tol);
+      Tensor src = randn({N, C}), acc = randn({R, C}), gacc = dev(acc);
+      cpu().scatter_add_rows(acc, src, rows, wp);
+      gpu().scatter_add_rows(gacc, dev(src), dev(rows), wp ? &gw : nullptr);
+      EXPECT_CLOSE(gacc, acc, kF32Tol);
+      Tensor again = Tensor::zeros({R, C}, DType::F32, Device::CUDA), again2 = again.clone();
+      gpu().scatter_add_rows(again, dev(src), dev(rows), wp ? &gw : nullptr);
+      gpu().scatter_add_rows(again2, dev(src), dev(rows), wp ? &gw : nullptr);
+      EXPECT_TRUE(bit_equal(again, again2)) << "scatter is not deterministic";
+    }
+    Tensor b = randn({N, C}), dots = Tensor::empty({N}), gdots = poisoned({N});
+    cpu().row_dot(dots, x, rows, b);
+    gpu().row_dot(gdots, dev(x), dev(rows), dev(b));
+    EXPECT_CLOSE(gdots, dots, kF32Tol);
   }
-  Tensor b = randn({N, C}), dots = Tensor::empty({N}), gdots = poisoned({N});
-  cpu().row_dot(dots, x, rows, b);
-  gpu().row_dot(gdots, dev(x), dev(rows), dev(b));
-  EXPECT_CLOSE(gdots, dots, kF32Tol);
 }
 
 // The MoE dispatch into BF16 rows (bf16 activations: xs, and backward's weighted dys): the value
@@ -893,6 +900,7 @@ TEST_F(CudaBackendTest, GatherScatterRowDot) {
 TEST_F(CudaBackendTest, GatherRowsBf16Output) {
   const int64_t R = 41, C = 300, N = 157;  // N > R: rows repeat
   Tensor x = randn({R, C}), rows = randint({N}, 0, int32_t(R)), w = randn({N});
+  for (int64_t i = 3; i < N; i += 7) rows.i32()[i] = -1;  // padding slots: zero rows
   for (const Tensor* wp : std::initializer_list<const Tensor*>{nullptr, &w}) {
     SCOPED_TRACE(wp ? "weighted" : "plain");
     Tensor out = Tensor::empty({N, C}), gout = poisoned({N, C}, DType::BF16);
@@ -910,6 +918,7 @@ TEST_F(CudaBackendTest, GatherRowsBf16Output) {
 TEST_F(CudaBackendTest, ScatterAddRowsAndRowDotBf16Inputs) {
   const int64_t R = 41, C = 300, N = 157;
   Tensor rows = randint({N}, 0, int32_t(R)), w = randn({N});
+  for (int64_t i = 5; i < N; i += 7) rows.i32()[i] = -1;  // padding slots: skipped
   const Tensor src16 = randn({N, C}).to_dtype(DType::BF16), src = src16.to_f32();
   for (const Tensor* wp : std::initializer_list<const Tensor*>{nullptr, &w}) {
     SCOPED_TRACE(wp ? "weighted" : "plain");
@@ -1022,31 +1031,36 @@ TEST_F(CudaBackendTest, MoeDispatchPlanEqualsCpu) {
   struct Case {
     int64_t T, K, E, stride;
   };
-  for (const Case& c :
-       {Case{77, 6, 37, 1}, Case{301, 8, 64, 4}, Case{33, 1, 1, 1}, Case{1, 2, 3, 1}}) {
-    SCOPED_TRACE(testing::Message() << "T " << c.T << " K " << c.K << " E " << c.E);
-    const int64_t N = c.T * c.K;
-    Tensor idx = randint({c.T, c.K}, 0, int32_t((c.E - 1) / c.stride + 1)), w = randn({c.T, c.K});
-    for (int64_t i = 0; i < N; ++i) idx.i32()[i] *= int32_t(c.stride);
-    Tensor tok = Tensor::empty({N}, DType::I32), pair = Tensor::empty({N}, DType::I32);
-    Tensor sw = Tensor::empty({N}), begin = Tensor::empty({c.E + 1}, DType::I32);
-    cpu().moe_dispatch_plan(tok, pair, sw, begin, idx, w, c.E);
-    Tensor gtok = poisoned({N}, DType::I32), gpair = poisoned({N}, DType::I32);
-    Tensor gsw = poisoned({N}), gbegin = poisoned({c.E + 1}, DType::I32);
-    gpu().moe_dispatch_plan(gtok, gpair, gsw, gbegin, dev(idx), dev(w), c.E);
-    expect_equal_i32(gtok, tok);
-    expect_equal_i32(gpair, pair);
-    expect_equal_i32(gbegin, begin);
-    EXPECT_TRUE(bit_equal(gsw, sw));
-  }
+  for (const Case& c : {Case{77, 6, 37, 1}, Case{301, 8, 64, 4}, Case{33, 1, 1, 1},
+                        Case{1, 2, 3, 1}, Case{1500, 6, 1100, 1}})
+    for (const int64_t align : {1, 8, 128}) {  // 1100 experts: more than the offsets' block
+      SCOPED_TRACE(testing::Message()
+                   << "T " << c.T << " K " << c.K << " E " << c.E << " align " << align);
+      const int64_t N = c.T * c.K, S = dispatch_slots(N, c.E, align);
+      Tensor idx = randint({c.T, c.K}, 0, int32_t((c.E - 1) / c.stride + 1)), w = randn({c.T, c.K});
+      for (int64_t i = 0; i < N; ++i) idx.i32()[i] *= int32_t(c.stride);
+      Tensor tok = Tensor::empty({S}, DType::I32), pair = Tensor::empty({S}, DType::I32);
+      Tensor sw = Tensor::empty({S}), begin = Tensor::empty({c.E + 1}, DType::I32);
+      Tensor loads = Tensor::empty({c.E}, DType::I32);
+      cpu().moe_dispatch_plan(tok, pair, sw, begin, loads, idx, w, c.E, align);
+      Tensor gtok = poisoned({S}, DType::I32), gpair = poisoned({S}, DType::I32);
+      Tensor gsw = poisoned({S}), gbegin = poisoned({c.E + 1}, DType::I32);
+      Tensor gloads = poisoned({c.E}, DType::I32);
+      gpu().moe_dispatch_plan(gtok, gpair, gsw, gbegin, gloads, dev(idx), dev(w), c.E, align);
+      expect_equal_i32(gtok, tok);
+      expect_equal_i32(gpair, pair);
+      expect_equal_i32(gbegin, begin);
+      expect_equal_i32(gloads, loads);
+      EXPECT_TRUE(bit_equal(gsw, sw));
+    }
   Tensor bad = randint({5, 2}, 0, 4), w = randn({5, 2});
   bad.i32()[7] = 4;
   Tensor t = poisoned({10}, DType::I32), p = poisoned({10}, DType::I32), sw = poisoned({10});
-  Tensor b = poisoned({5}, DType::I32);
+  Tensor b = poisoned({5}, DType::I32), loads = poisoned({4}, DType::I32);
   // Index errors surface at the next read-back (the check does not wait for the GPU).
   EXPECT_THROW(
       {
-        gpu().moe_dispatch_plan(t, p, sw, b, dev(bad), dev(w), 4);
+        gpu().moe_dispatch_plan(t, p, sw, b, loads, dev(bad), dev(w), 4, 1);
         (void)b.to_host();
       },
       Error);
@@ -1230,6 +1244,71 @@ TEST_F(CudaBackendTest, GroupedMatmulSumOfTwoTerms) {
       gpu().grouped_matmul_sum(gc, gpu_terms, begin, false, beta);
       EXPECT_CLOSE(gc, ref, kF32Tol + (bf16 ? 2.0 * std::ldexp(1.0, -8) : 0.0));
     }
+  }
+}
+
+// Groups whose rows are multiples of 128 (a padded dispatch plan) take the batched path: one
+// batched GEMM per group size. Under the Bf16 precision, against the CPU op on the same
+// bf16-rounded values: the products are exact in fp32 and summed in fp32, so an F32 c (one term,
+// beta 0 or 1, or the two-term sum) is within kF32Tol: the batched GEMM writes fp32 sums, not
+// bf16-rounded products as cuBLAS's grouped GEMM did (with MOEKIT_CUDA_EXPERT_GEMM=grouped the
+// padded groups take that path, and the tolerance allows its per-product rounding). A BF16 c adds
+// one rounding, <= 2^-8. K and N odd and even; F32 and BF16 weights mixed.
+TEST_F(CudaBackendTest, GroupedMatmulBatchedOnPaddedGroups) {
+  const std::vector<int64_t> sizes{128, 0, 256, 128, 384, 0, 128};
+  std::vector<int64_t> begin{0};
+  for (int64_t n : sizes) begin.push_back(begin.back() + n);
+  const int64_t R = begin.back();
+  const char* mode = std::getenv("MOEKIT_CUDA_EXPERT_GEMM");
+  const double product_rounding =
+      mode && std::string(mode) == "grouped" ? 2.0 * std::ldexp(1.0, -8) : 0.0;
+  auto rounded = [](const Tensor& t) { return t.to_dtype(DType::BF16).to_f32(); };
+  for (const auto& [K, N] : {std::pair<int64_t, int64_t>{72, 56}, {45, 67}})
+    for (bool trans_b : {false, true}) {
+      std::vector<Tensor> w_ref, w_gpu;  // [term 1 groups..., term 2 groups...]
+      for (size_t g = 0; g < 2 * sizes.size(); ++g) {
+        w_ref.push_back(rounded(randn(trans_b ? Shape{N, K} : Shape{K, N})));
+        w_gpu.push_back(g % 2 == 0 ? dev(w_ref.back().to_dtype(DType::BF16)) : dev(w_ref.back()));
+      }
+      std::vector<const Tensor*> w1c, w2c, w1g, w2g;
+      for (size_t g = 0; g < sizes.size(); ++g) {
+        w1c.push_back(&w_ref[g]);
+        w2c.push_back(&w_ref[sizes.size() + g]);
+        w1g.push_back(&w_gpu[g]);
+        w2g.push_back(&w_gpu[sizes.size() + g]);
+      }
+      const Tensor a1 = randn({R, K}), a2 = randn({R, K}).to_dtype(DType::BF16);
+      const Tensor g1 = dev(a1), g2 = dev(a2), r1 = rounded(a1), r2 = a2.to_f32();
+      gpu().set_precision(Precision::Bf16);
+      for (DType out : {DType::BF16, DType::F32})
+        for (float beta : {0.0f, 1.0f}) {
+          if (out == DType::BF16 && beta != 0.0f) continue;
+          SCOPED_TRACE(testing::Message() << "K " << K << " N " << N << " trans_b " << trans_b
+                                          << " c " << dtype_name(out) << " beta " << beta);
+          Tensor c = randn({R, N}), ref = c.clone();
+          cpu().grouped_matmul(ref, r1, w1c, begin, trans_b, beta);
+          Tensor gc = beta == 0.0f ? poisoned({R, N}, out) : dev(c);
+          gpu().grouped_matmul(gc, g1, w1g, begin, trans_b, beta);
+          EXPECT_CLOSE(gc, ref,
+                       kF32Tol + (out == DType::BF16 ? std::ldexp(1.0, -8) : product_rounding));
+          if (out == DType::BF16) continue;
+          const GroupedTerm cpu_terms[] = {{&r1, w1c}, {&r2, w2c}};
+          const GroupedTerm gpu_terms[] = {{&g1, w1g}, {&g2, w2g}};
+          Tensor sum_ref = c.clone(), gsum = beta == 0.0f ? poisoned({R, N}) : dev(c);
+          cpu().grouped_matmul_sum(sum_ref, cpu_terms, begin, trans_b, beta);
+          gpu().grouped_matmul_sum(gsum, gpu_terms, begin, trans_b, beta);
+          EXPECT_CLOSE(gsum, sum_ref, kF32Tol + product_rounding);
+        }
+      gpu().set_precision(Precision::Fp32);
+    }
+  EXPECT_EQ(gpu().expert_row_alignment(8192 * 6, 64), 1) << "padding under the Fp32 precision";
+  gpu().set_precision(Precision::Bf16);
+  const int64_t padded = gpu().expert_row_alignment(8192 * 6, 64);
+  const int64_t few = gpu().expert_row_alignment(64, 64);
+  gpu().set_precision(Precision::Fp32);
+  EXPECT_EQ(few, 1) << "padding at one row per expert";
+  if (!mode || std::string(mode) == "batched") {
+    EXPECT_EQ(padded, 128);
   }
 }
 
@@ -1803,7 +1882,7 @@ TEST_F(CudaBackendTest, IndexErrorsReportTheFirstBadOpAndReset) {
   const int64_t V = 10, C = 4, T = 6;
   Tensor table = dev(randn({V, C})), out = poisoned({T, C});
   Tensor ok = randint({T}, 0, int32_t(V)), bad1 = ok.clone(), bad2 = ok.clone();
-  bad1.i32()[4] = -3;
+  bad1.i32()[4] = int32_t(V) + 3;
   bad2.i32()[0] = int32_t(V) + 7;
   Tensor gathered = poisoned({T, C});
   // Two failing ops before a read back: the first in stream order is reported, with its op name.
@@ -1813,7 +1892,7 @@ TEST_F(CudaBackendTest, IndexErrorsReportTheFirstBadOpAndReset) {
         gpu().gather_rows(gathered, table, dev(bad1), nullptr);
         gpu().embedding_forward(out, table, dev(bad2));
       },
-      out, "gather_rows: row -3 at position 4 out of range [0, 10)");
+      out, "gather_rows: row 13 at position 4 out of range [0, 10)");
   // memory_info and sum_squares wait for the device too, and report as well.
   gpu().embedding_forward(out, table, dev(bad2));
   size_t free_bytes = 0, total_bytes = 0;

@@ -35,51 +35,109 @@ bool bit_equal(const Tensor& a, const Tensor& b) {
 }
 
 struct Plan {
-  Tensor slot_token, slot_pair, slot_weight, expert_begin;
+  Tensor slot_token, slot_pair, slot_weight, expert_begin, expert_rows;
 };
 
-Plan run_plan(const Tensor& idx, const Tensor& w, int64_t E) {
-  const int64_t N = idx.numel();
-  Plan p{Tensor::empty({N}, DType::I32), Tensor::empty({N}, DType::I32), Tensor::empty({N}),
-         Tensor::empty({E + 1}, DType::I32)};
-  std::fill_n(p.slot_token.i32(), N, -1);  // poison: an unwritten slot shows
-  std::fill_n(p.slot_pair.i32(), N, -1);
-  cpu().moe_dispatch_plan(p.slot_token, p.slot_pair, p.slot_weight, p.expert_begin, idx, w, E);
+Plan run_plan(const Tensor& idx, const Tensor& w, int64_t E, int64_t align = 1) {
+  const int64_t S = dispatch_slots(idx.numel(), E, align);
+  Plan p{Tensor::empty({S}, DType::I32), Tensor::empty({S}, DType::I32), Tensor::empty({S}),
+         Tensor::empty({E + 1}, DType::I32), Tensor::empty({E}, DType::I32)};
+  std::fill_n(p.slot_token.i32(), S, -7);  // poison: an unwritten slot shows
+  std::fill_n(p.slot_pair.i32(), S, -7);
+  std::fill_n(p.slot_weight.f32(), S, 7.0f);
+  cpu().moe_dispatch_plan(p.slot_token, p.slot_pair, p.slot_weight, p.expert_begin, p.expert_rows,
+                          idx, w, E, align);
   return p;
 }
 
-// The plan from its definition: pairs stably sorted by expert.
-void expect_plan(const Plan& p, const Tensor& idx, const Tensor& w, int64_t E) {
+// The plan from its definition: pairs stably sorted by expert, each expert's block padded to a
+// multiple of align with empty slots (-1, -1, 0), the slots past the last block empty too.
+void expect_plan(const Plan& p, const Tensor& idx, const Tensor& w, int64_t E, int64_t align) {
   const int64_t N = idx.numel(), K = idx.dim(1);
   std::vector<int32_t> order(static_cast<size_t>(N));
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(),
                    [&](int32_t a, int32_t b) { return idx.i32()[a] < idx.i32()[b]; });
-  for (int64_t s = 0; s < N; ++s) {
-    const int32_t pair = order[size_t(s)];
-    ASSERT_EQ(p.slot_pair.i32()[s], pair) << "slot " << s;
-    ASSERT_EQ(p.slot_token.i32()[s], pair / K) << "slot " << s;
-    ASSERT_EQ(p.slot_weight.f32()[s], w.f32()[pair]) << "slot " << s;
+  int64_t slot = 0, sorted = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    const auto rows = std::count(idx.i32(), idx.i32() + N, int32_t(e));
+    EXPECT_EQ(p.expert_rows.i32()[e], rows) << "expert " << e;
+    ASSERT_EQ(p.expert_begin.i32()[e], slot) << "expert " << e;
+    const int64_t end = slot + (rows + align - 1) / align * align;
+    for (; slot < end; ++slot) {
+      if (slot - p.expert_begin.i32()[e] < rows) {
+        const int32_t pair = order[size_t(sorted++)];
+        ASSERT_EQ(p.slot_pair.i32()[slot], pair) << "slot " << slot;
+        ASSERT_EQ(p.slot_token.i32()[slot], pair / K) << "slot " << slot;
+        ASSERT_EQ(p.slot_weight.f32()[slot], w.f32()[pair]) << "slot " << slot;
+      } else {
+        ASSERT_EQ(p.slot_pair.i32()[slot], -1) << "padding slot " << slot;
+        ASSERT_EQ(p.slot_token.i32()[slot], -1) << "padding slot " << slot;
+        ASSERT_EQ(p.slot_weight.f32()[slot], 0.0f) << "padding slot " << slot;
+      }
+    }
   }
-  for (int64_t e = 0; e <= E; ++e) {
-    const auto below = std::count_if(idx.i32(), idx.i32() + N, [&](int32_t x) { return x < e; });
-    EXPECT_EQ(p.expert_begin.i32()[e], below) << "expert " << e;
+  EXPECT_EQ(sorted, N);
+  EXPECT_EQ(p.expert_begin.i32()[E], slot);
+  for (; slot < p.slot_token.numel(); ++slot) {
+    ASSERT_EQ(p.slot_token.i32()[slot], -1) << "unused slot " << slot;
+    ASSERT_EQ(p.slot_pair.i32()[slot], -1) << "unused slot " << slot;
   }
 }
 
 TEST(MoeOps, DispatchPlanIsAStableSortByExpert) {
   std::mt19937_64 rng(7);
-  // Every expert used; many empty experts (only every third drawn); a single expert; one token.
+  // Every expert used; many empty experts (only every third drawn); a single expert; one token;
+  // each without padding and with blocks padded to 4 and to 16 rows.
   struct Case {
     int64_t T, K, E, stride;
   };
   for (const Case& c :
-       {Case{53, 4, 9, 1}, Case{101, 6, 31, 3}, Case{17, 1, 1, 1}, Case{1, 3, 5, 1}}) {
-    Tensor idx = Tensor::empty({c.T, c.K}, DType::I32), w = randn({c.T, c.K}, rng);
-    std::uniform_int_distribution<int32_t> u(0, int32_t((c.E - 1) / c.stride));
-    for (int64_t i = 0; i < idx.numel(); ++i) idx.i32()[i] = u(rng) * int32_t(c.stride);
-    expect_plan(run_plan(idx, w, c.E), idx, w, c.E);
+       {Case{53, 4, 9, 1}, Case{101, 6, 31, 3}, Case{17, 1, 1, 1}, Case{1, 3, 5, 1}})
+    for (int64_t align : {1, 4, 16}) {
+      SCOPED_TRACE(testing::Message() << "T " << c.T << " E " << c.E << " align " << align);
+      Tensor idx = Tensor::empty({c.T, c.K}, DType::I32), w = randn({c.T, c.K}, rng);
+      std::uniform_int_distribution<int32_t> u(0, int32_t((c.E - 1) / c.stride));
+      for (int64_t i = 0; i < idx.numel(); ++i) idx.i32()[i] = u(rng) * int32_t(c.stride);
+      expect_plan(run_plan(idx, w, c.E, align), idx, w, c.E, align);
+    }
+}
+
+// Padding slots (row -1) are no rows: gather writes zeros, the combine skips them, row_dot gives 0;
+// the real slots are unchanged by their presence.
+TEST(MoeOps, NegativeRowsAreNoRows) {
+  std::mt19937_64 rng(5);
+  const int64_t R = 4, C = 6;
+  Tensor x = randn({R, C}, rng), rows = Tensor::empty({5}, DType::I32), w = randn({5}, rng);
+  const int32_t r[] = {2, -1, 0, -1, 2};
+  std::copy(r, r + 5, rows.i32());
+  Tensor out = Tensor::empty({5, C});
+  std::fill_n(out.f32(), out.numel(), 9.0f);  // poison
+  cpu().gather_rows(out, x, rows, &w);
+  for (int64_t i = 0; i < 5; ++i)
+    for (int64_t c = 0; c < C; ++c)
+      EXPECT_EQ(out.f32()[i * C + c], r[i] < 0 ? 0.0f : w.f32()[i] * x.f32()[r[i] * C + c]);
+  Tensor src = randn({5, C}, rng), acc = x.clone();
+  cpu().scatter_add_rows(acc, src, rows, &w);
+  for (int64_t c = 0; c < C; ++c) {
+    EXPECT_FLOAT_EQ(acc.f32()[2 * C + c], x.f32()[2 * C + c] + w.f32()[0] * src.f32()[c] +
+                                              w.f32()[4] * src.f32()[4 * C + c]);
+    EXPECT_EQ(acc.f32()[1 * C + c], x.f32()[1 * C + c]);  // untouched
+    EXPECT_EQ(acc.f32()[3 * C + c], x.f32()[3 * C + c]);
   }
+  Tensor dots = Tensor::empty({5});
+  std::fill_n(dots.f32(), 5, 9.0f);
+  cpu().row_dot(dots, x, rows, src);
+  EXPECT_EQ(dots.f32()[1], 0.0f);
+  EXPECT_EQ(dots.f32()[3], 0.0f);
+  float d = 0.0f;
+  for (int64_t c = 0; c < C; ++c) d += x.f32()[c] * src.f32()[2 * C + c];
+  EXPECT_FLOAT_EQ(dots.f32()[2], d);
+  // Past the end is still an error.
+  rows.i32()[4] = int32_t(R);
+  EXPECT_THROW(cpu().gather_rows(out, x, rows, nullptr), Error);
+  EXPECT_THROW(cpu().scatter_add_rows(acc, src, rows, nullptr), Error);
+  EXPECT_THROW(cpu().row_dot(dots, x, rows, src), Error);
 }
 
 TEST(MoeOps, DispatchPlanRejectsAnOutOfRangeExpert) {

@@ -136,24 +136,32 @@ void CpuBackend::moe_gate_backward(Tensor& dlogits, const Tensor& dtopk_w, const
 }
 
 void CpuBackend::moe_dispatch_plan(Tensor& slot_token, Tensor& slot_pair, Tensor& slot_weight,
-                                   Tensor& expert_begin, const Tensor& topk_idx,
-                                   const Tensor& topk_w, int64_t n_experts) {
+                                   Tensor& expert_begin, Tensor& expert_rows,
+                                   const Tensor& topk_idx, const Tensor& topk_w, int64_t n_experts,
+                                   int64_t align) {
   const int64_t N = topk_idx.numel(), K = cols(topk_idx);
-  MOEKIT_CHECK(topk_idx.dtype() == DType::I32 && topk_w.numel() == N && slot_token.numel() == N &&
-                   slot_pair.numel() == N && slot_weight.numel() == N &&
-                   expert_begin.numel() == n_experts + 1,
-               "moe_dispatch_plan: topk_idx {} topk_w {} slots {} {} {} expert_begin {} for {} "
-               "experts",
+  MOEKIT_CHECK(align >= 1, "moe_dispatch_plan: align {} (must be >= 1)", align);
+  const int64_t S = dispatch_slots(N, n_experts, align);
+  MOEKIT_CHECK(topk_idx.dtype() == DType::I32 && topk_w.numel() == N && slot_token.numel() == S &&
+                   slot_pair.numel() == S && slot_weight.numel() == S &&
+                   expert_begin.numel() == n_experts + 1 && expert_rows.numel() == n_experts,
+               "moe_dispatch_plan: topk_idx {} topk_w {} slots {} {} {} expert_begin {} "
+               "expert_rows {} for {} experts aligned to {}",
                topk_idx.shape().str(), topk_w.shape().str(), slot_token.shape().str(),
                slot_pair.shape().str(), slot_weight.shape().str(), expert_begin.shape().str(),
-               n_experts);
+               expert_rows.shape().str(), n_experts, align);
   expect_indices(topk_idx, n_experts, "moe_dispatch_plan", "expert");
   const int32_t* idx = topk_idx.i32();
-  int32_t* begin = expert_begin.i32();
-  // Counting sort: count per expert, prefix sums, then place pairs in order (stable).
-  std::fill(begin, begin + n_experts + 1, 0);
-  for (int64_t i = 0; i < N; ++i) ++begin[idx[i] + 1];
-  for (int64_t e = 0; e < n_experts; ++e) begin[e + 1] += begin[e];
+  int32_t *begin = expert_begin.i32(), *count = expert_rows.i32();
+  // Counting sort: count per expert, padded prefix sums, then place pairs in order (stable).
+  std::fill(count, count + n_experts, 0);
+  for (int64_t i = 0; i < N; ++i) ++count[idx[i]];
+  begin[0] = 0;
+  for (int64_t e = 0; e < n_experts; ++e)
+    begin[e + 1] = begin[e] + int32_t((count[e] + align - 1) / align * align);
+  std::fill(slot_token.i32(), slot_token.i32() + S, -1);  // padding until a pair lands
+  std::fill(slot_pair.i32(), slot_pair.i32() + S, -1);
+  std::fill(slot_weight.f32(), slot_weight.f32() + S, 0.0f);
   std::vector<int32_t> cursor(begin, begin + n_experts);
   for (int64_t i = 0; i < N; ++i) {
     const int32_t s = cursor[size_t(idx[i])]++;
@@ -212,11 +220,17 @@ void CpuBackend::moe_experts_small(Tensor& y, const Tensor& x, const Tensor& top
 void CpuBackend::gather_rows(Tensor& out, const Tensor& x, const Tensor& rows_,
                              const Tensor* weights) {
   expect_f32_on_cpu("gather_rows", {&out, &x, weights});
+  expect_indices(rows_, rows(x), "gather_rows", "row", /*allow_negative=*/true);
   const int64_t N = rows_.numel(), C = cols(x);
   cpu_pool().parallel_for(N, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      const float* src = x.f32() + int64_t(rows_.i32()[i]) * C;
       float* dst = out.f32() + i * C;
+      const int32_t row = rows_.i32()[i];
+      if (row < 0) {  // a padding slot
+        std::fill(dst, dst + C, 0.0f);
+        continue;
+      }
+      const float* src = x.f32() + int64_t(row) * C;
       if (weights) {
         float w = weights->f32()[i];
         for (int64_t c = 0; c < C; ++c) dst[c] = w * src[c];
@@ -231,13 +245,16 @@ void CpuBackend::scatter_add_rows(Tensor& out, const Tensor& x, const Tensor& ro
                                   const Tensor* weights) {
   // Several rows may land on one output row: split columns over threads, walk rows in order.
   expect_f32_on_cpu("scatter_add_rows", {&out, &x, weights});
+  expect_indices(rows_, rows(out), "scatter_add_rows", "row", /*allow_negative=*/true);
   const int64_t N = rows_.numel(), C = cols(out);
   cpu_pool().parallel_for(
       C,
       [&](int64_t cb, int64_t ce) {
         for (int64_t i = 0; i < N; ++i) {
+          const int32_t row = rows_.i32()[i];
+          if (row < 0) continue;  // a padding slot
           float w = weights ? weights->f32()[i] : 1.0f;
-          float* dst = out.f32() + int64_t(rows_.i32()[i]) * C;
+          float* dst = out.f32() + int64_t(row) * C;
           const float* src = x.f32() + i * C;
           for (int64_t c = cb; c < ce; ++c) dst[c] += w * src[c];
         }
@@ -247,13 +264,17 @@ void CpuBackend::scatter_add_rows(Tensor& out, const Tensor& x, const Tensor& ro
 
 void CpuBackend::row_dot(Tensor& out, const Tensor& a, const Tensor& rows_, const Tensor& b) {
   expect_f32_on_cpu("row_dot", {&out, &a, &b});
+  expect_indices(rows_, rows(a), "row_dot", "row", /*allow_negative=*/true);
   const int64_t N = rows_.numel(), C = cols(b);
   cpu_pool().parallel_for(N, [&](int64_t bb, int64_t e) {
     for (int64_t i = bb; i < e; ++i) {
-      const float* pa = a.f32() + int64_t(rows_.i32()[i]) * C;
-      const float* pb = b.f32() + i * C;
+      const int32_t row = rows_.i32()[i];
       float s = 0.0f;
-      for (int64_t c = 0; c < C; ++c) s += pa[c] * pb[c];
+      if (row >= 0) {  // a padding slot's dot is 0
+        const float* pa = a.f32() + int64_t(row) * C;
+        const float* pb = b.f32() + i * C;
+        for (int64_t c = 0; c < C; ++c) s += pa[c] * pb[c];
+      }
       out.f32()[i] = s;
     }
   });

@@ -29,13 +29,15 @@ inline void expect_f32_on_cpu(const char* op, std::initializer_list<const Tensor
           op, dtype_name(t->dtype()));
 }
 
-// Every entry of the I32 index tensor idx in [0, limit), checked before the op writes anything:
-// "OP: WHAT V at position I out of range [0, LIMIT)" for the first bad one.
-inline void expect_indices(const Tensor& idx, int64_t limit, const char* op, const char* what) {
+// Every entry of the I32 index tensor idx in [0, limit) (or negative, "no row", where allowed),
+// checked before the op writes anything: "OP: WHAT V at position I out of range [0, LIMIT)" for
+// the first bad one.
+inline void expect_indices(const Tensor& idx, int64_t limit, const char* op, const char* what,
+                           bool allow_negative = false) {
   const int32_t* v = idx.i32();
   for (int64_t i = 0; i < idx.numel(); ++i)
-    MOEKIT_CHECK(v[i] >= 0 && v[i] < limit, "{}: {} {} at position {} out of range [0, {})", op,
-                 what, v[i], i, limit);
+    MOEKIT_CHECK((allow_negative && v[i] < 0) || (v[i] >= 0 && v[i] < limit),
+                 "{}: {} {} at position {} out of range [0, {})", op, what, v[i], i, limit);
 }
 
 // out[2j], out[2j+1] = the pair (in[2j], in[2j+1]) rotated by the angle whose cosines and sines

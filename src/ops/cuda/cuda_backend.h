@@ -148,8 +148,9 @@ class CudaBackend final : public Backend {
   void moe_gate_backward(Tensor& dlogits, const Tensor& dtopk_w, const Tensor& topk_idx,
                          const Tensor& scores, const Tensor& dscores, const GateParams& p) override;
   void moe_dispatch_plan(Tensor& slot_token, Tensor& slot_pair, Tensor& slot_weight,
-                         Tensor& expert_begin, const Tensor& topk_idx, const Tensor& topk_w,
-                         int64_t n_experts) override;
+                         Tensor& expert_begin, Tensor& expert_rows, const Tensor& topk_idx,
+                         const Tensor& topk_w, int64_t n_experts, int64_t align) override;
+  int64_t expert_row_alignment(int64_t pairs, int64_t n_experts) const override;
   void moe_experts_small(Tensor& y, const Tensor& x, const Tensor& topk_idx, const Tensor& topk_w,
                          std::span<const ExpertWeights> experts, bool accumulate,
                          const ExpertWeights* shared = nullptr) override;
@@ -223,13 +224,23 @@ class CudaBackend final : public Backend {
   void grouped_matmul_bf16(Tensor& c, std::span<const GroupedTerm> terms,
                            const std::vector<size_t>& groups, std::span<const int64_t> begin,
                            bool trans_b, float beta);
+  // The same where every group's rows are a multiple of kBatchedRows (a padded dispatch plan):
+  // one batched GEMM per distinct group size and term.
+  void grouped_matmul_batched(Tensor& c, std::span<const GroupedTerm> terms,
+                              const std::vector<size_t>& groups, std::span<const int64_t> begin,
+                              bool trans_b, float beta);
 
   void* cublas_ = nullptr;  // cublasHandle_t, kept opaque so this header needs no CUDA include
   // Side streams for concurrent expert GEMMs (grouped_matmul's bf16 path), each with its own
   // cuBLAS handle (a handle's workspace must not be shared by concurrent GEMMs); created on
   // first use. cudaStream_t / cublasHandle_t / cudaEvent_t, opaque as above.
   static constexpr size_t kSideStreams = 4;
-  enum class ExpertGemm { Grouped, Streams } expert_gemm_ = ExpertGemm::Grouped;
+  // How the bf16 expert GEMMs run (MOEKIT_CUDA_EXPERT_GEMM): Batched (the default: expert blocks
+  // padded to kBatchedRows where it pays, batched GEMMs per block size), Grouped (cuBLAS's grouped
+  // GEMM, no padding) or Streams (one GEMM per expert on side streams, no padding).
+  enum class ExpertGemm { Batched, Grouped, Streams } expert_gemm_ = ExpertGemm::Batched;
+  // The row multiple of the Batched path's expert blocks: cuBLAS's Hopper kernels tile 128 rows.
+  static constexpr int64_t kBatchedRows = 128;
   std::vector<void*> side_streams_, side_cublas_, side_done_;
   void* side_fork_ = nullptr;
   void fork_side_streams(size_t n);        // the first n side streams wait for the default stream

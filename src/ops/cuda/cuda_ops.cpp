@@ -323,7 +323,7 @@ void CudaBackend::gather_rows(Tensor& out, const Tensor& x, const Tensor& rows_,
     expect_f32(*weights, op, "weights");
     expect_numel(*weights, N, op, "weights");
   }
-  const Tensor safe = check_indices(rows_, rows(x), op, "row");
+  const Tensor safe = check_indices(rows_, rows(x), op, "row", /*allow_negative=*/true);
   check(cuda::gather_rows(out.raw(), out.dtype(), x.f32(), safe.i32(),
                           weights ? weights->f32() : nullptr, N, C),
         op);
@@ -341,17 +341,17 @@ void CudaBackend::scatter_add_rows(Tensor& out, const Tensor& x, const Tensor& r
     expect_numel(*weights, N, op, "weights");
   }
   if (N == 0) return;
-  const Tensor safe = check_indices(rows_, R, op, "row");
+  const Tensor safe = check_indices(rows_, R, op, "row", /*allow_negative=*/true);
   // The plan: positions stably sorted by destination row, so each row adds its sources in order.
   const size_t temp_bytes = cuda::row_plan_temp_bytes(N, R);
   Tensor temp = scratch({int64_t((temp_bytes + 3) / 4) + 1}, DType::I32);
-  Tensor sorted = scratch({N}, DType::I32), iota = scratch({N}, DType::I32),
-         order = scratch({N}, DType::I32);
-  check(cuda::row_plan(temp.raw(), temp_bytes, safe.i32(), sorted.i32(), iota.i32(), order.i32(), N,
-                       R),
+  Tensor keys = scratch({N}, DType::I32), sorted = scratch({N}, DType::I32),
+         iota = scratch({N}, DType::I32), order = scratch({N}, DType::I32);
+  check(cuda::row_plan(temp.raw(), temp_bytes, safe.i32(), keys.i32(), sorted.i32(), iota.i32(),
+                       order.i32(), N, R),
         op);
   check(cuda::scatter_add_planned(out.f32(), x.raw(), x.dtype(), weights ? weights->f32() : nullptr,
-                                  sorted.i32(), order.i32(), N, C),
+                                  sorted.i32(), order.i32(), N, C, R),
         op);
 }
 
@@ -364,35 +364,52 @@ void CudaBackend::row_dot(Tensor& out, const Tensor& a, const Tensor& rows_, con
   expect_numel(out, N, op, "out");
   expect_numel(b, N * C, op, "b");
   MOEKIT_CHECK(cols(a) == C, "row_dot: a {} vs b {}", a.shape().str(), b.shape().str());
-  const Tensor safe = check_indices(rows_, rows(a), op, "row");
+  const Tensor safe = check_indices(rows_, rows(a), op, "row", /*allow_negative=*/true);
   check(cuda::row_dot(out.f32(), a.f32(), safe.i32(), b.raw(), b.dtype(), N, C), op);
 }
 
 void CudaBackend::moe_dispatch_plan(Tensor& slot_token, Tensor& slot_pair, Tensor& slot_weight,
-                                    Tensor& expert_begin, const Tensor& topk_idx,
-                                    const Tensor& topk_w, int64_t n_experts) {
+                                    Tensor& expert_begin, Tensor& expert_rows,
+                                    const Tensor& topk_idx, const Tensor& topk_w, int64_t n_experts,
+                                    int64_t align) {
   const char* op = "moe_dispatch_plan";
   const int64_t N = topk_idx.numel(), K = cols(topk_idx);
+  MOEKIT_CHECK(n_experts >= 1 && n_experts < (int64_t(1) << 30), "{}: {} experts", op, n_experts);
+  MOEKIT_CHECK(align >= 1 && align <= 4096, "{}: align {} (must be in [1, 4096])", op, align);
+  const int64_t S = dispatch_slots(N, n_experts, align);
+  MOEKIT_CHECK(S < (int64_t(1) << 31), "{}: {} slots exceed int32", op, S);
   expect(slot_token, DType::I32, op, "slot_token");
   expect(slot_pair, DType::I32, op, "slot_pair");
   expect(expert_begin, DType::I32, op, "expert_begin");
+  expect(expert_rows, DType::I32, op, "expert_rows");
   expect_f32(slot_weight, op, "slot_weight");
   expect_f32(topk_w, op, "topk_w");
   expect_numel(topk_w, N, op, "topk_w");
-  expect_numel(slot_token, N, op, "slot_token");
-  expect_numel(slot_pair, N, op, "slot_pair");
-  expect_numel(slot_weight, N, op, "slot_weight");
+  expect_numel(slot_token, S, op, "slot_token");
+  expect_numel(slot_pair, S, op, "slot_pair");
+  expect_numel(slot_weight, S, op, "slot_weight");
   expect_numel(expert_begin, n_experts + 1, op, "expert_begin");
-  MOEKIT_CHECK(n_experts >= 1 && n_experts < (int64_t(1) << 30), "{}: {} experts", op, n_experts);
+  expect_numel(expert_rows, n_experts, op, "expert_rows");
   const Tensor safe = check_indices(topk_idx, n_experts, op, "expert");
   const size_t temp_bytes = N > 0 ? cuda::row_plan_temp_bytes(N, n_experts) : 0;
   Tensor temp = scratch({int64_t((temp_bytes + 3) / 4) + 1}, DType::I32);
   const int64_t n_scratch = std::max<int64_t>(N, 1);
-  Tensor sorted = scratch({n_scratch}, DType::I32), iota = scratch({n_scratch}, DType::I32);
-  check(cuda::moe_dispatch_plan(temp.raw(), temp_bytes, sorted.i32(), iota.i32(), slot_token.i32(),
-                                slot_pair.i32(), slot_weight.f32(), expert_begin.i32(), safe.i32(),
-                                topk_w.f32(), N, K, n_experts),
-        op);
+  Tensor keys = scratch({n_scratch}, DType::I32), sorted = scratch({n_scratch}, DType::I32),
+         iota = scratch({n_scratch}, DType::I32), order = scratch({n_scratch}, DType::I32),
+         unpadded = scratch({n_experts + 1}, DType::I32);
+  const cuda::DispatchPlanBuffers b{.slot_token = slot_token.i32(),
+                                    .slot_pair = slot_pair.i32(),
+                                    .slot_weight = slot_weight.f32(),
+                                    .expert_begin = expert_begin.i32(),
+                                    .expert_rows = expert_rows.i32(),
+                                    .keys = keys.i32(),
+                                    .sorted_experts = sorted.i32(),
+                                    .iota = iota.i32(),
+                                    .order = order.i32(),
+                                    .unpadded_begin = unpadded.i32(),
+                                    .temp = temp.raw(),
+                                    .temp_bytes = temp_bytes};
+  check(cuda::moe_dispatch_plan(b, safe.i32(), topk_w.f32(), N, K, n_experts, align, S), op);
 }
 
 void CudaBackend::moe_experts_small(Tensor& y, const Tensor& x, const Tensor& topk_idx,

@@ -100,30 +100,50 @@ cudaError_t rmsnorm_backward_dw(float* dw, float* partial, const float* dout, co
                                 const float* rstd, int64_t rows, int64_t dim);
 
 // --- MoE dispatch/combine and gate (cuda_moe.cu)
-// out [n, dim] of out_dtype (F32, or BF16: rounded once) = x[rows[i]] * (weights ? weights[i] : 1).
+// out [n, dim] of out_dtype (F32, or BF16: rounded once) = x[rows[i]] * (weights ? weights[i] : 1);
+// zeros for a negative row (no row).
 cudaError_t gather_rows(void* out, DType out_dtype, const float* x, const int32_t* rows,
                         const float* weights, int64_t n, int64_t dim);
-// out[i] = dot(a[rows[i]], b[i]) with b [n, dim] of b_dtype (F32 or BF16), fp32 sums.
+// out[i] = dot(a[rows[i]], b[i]) with b [n, dim] of b_dtype (F32 or BF16), fp32 sums; 0 for a
+// negative row.
 cudaError_t row_dot(float* out, const float* a, const int32_t* rows, const void* b, DType b_dtype,
                     int64_t n, int64_t dim);
-// A scatter plan: the positions 0..n-1 stably sorted by destination row (cub radix sort).
+// A scatter plan: the positions 0..n-1 stably sorted by destination row (cub radix sort); a
+// negative row (no row) is keyed num_rows, so it sorts after every real one. keys: scratch of n.
 size_t row_plan_temp_bytes(int64_t n, int64_t num_rows);
-cudaError_t row_plan(void* temp, size_t temp_bytes, const int32_t* rows, int32_t* sorted_rows,
-                     int32_t* iota, int32_t* order, int64_t n, int64_t num_rows);
+cudaError_t row_plan(void* temp, size_t temp_bytes, const int32_t* rows, int32_t* keys,
+                     int32_t* sorted_rows, int32_t* iota, int32_t* order, int64_t n,
+                     int64_t num_rows);
 // out[rows[i]] += w[i] * x[i], every destination summing its sources in increasing i; x [n, dim]
-// of x_dtype (F32 or BF16), fp32 sums.
+// of x_dtype (F32 or BF16), fp32 sums; rows at or past num_rows (no row) add nothing.
 cudaError_t scatter_add_planned(float* out, const void* x, DType x_dtype, const float* weights,
                                 const int32_t* sorted_rows, const int32_t* order, int64_t n,
-                                int64_t dim);
+                                int64_t dim, int64_t num_rows);
+// The outputs and scratch of moe_dispatch_plan. Outputs: slot_token, slot_pair, slot_weight
+// [slots], expert_begin [n_experts+1], expert_rows [n_experts]. Scratch: keys, sorted_experts,
+// iota, order [n]; unpadded_begin [n_experts+1]; temp (row_plan_temp_bytes(n, n_experts)).
+struct DispatchPlanBuffers {
+  int32_t* slot_token = nullptr;
+  int32_t* slot_pair = nullptr;
+  float* slot_weight = nullptr;
+  int32_t* expert_begin = nullptr;
+  int32_t* expert_rows = nullptr;
+  int32_t* keys = nullptr;
+  int32_t* sorted_experts = nullptr;
+  int32_t* iota = nullptr;
+  int32_t* order = nullptr;
+  int32_t* unpadded_begin = nullptr;
+  void* temp = nullptr;
+  size_t temp_bytes = 0;
+};
 // The MoE permute plan (Backend::moe_dispatch_plan) of n = T*K pairs: the pairs stably sorted by
-// expert with the row plan above (sorted_experts, iota: scratch of n; temp: row_plan_temp_bytes(n,
-// n_experts)), then slot_token = pair / k, slot_weight = topk_w[pair] and expert_begin[e] = the
-// number of pairs with an expert < e (a binary search in the sorted experts, so empty experts
-// need no special case).
-cudaError_t moe_dispatch_plan(void* temp, size_t temp_bytes, int32_t* sorted_experts, int32_t* iota,
-                              int32_t* slot_token, int32_t* slot_pair, float* slot_weight,
-                              int32_t* expert_begin, const int32_t* topk_idx, const float* topk_w,
-                              int64_t n, int64_t k, int64_t n_experts);
+// expert with the row plan above; one block finds each expert's pairs and its padded begin (the
+// counts rounded up to `align`, summed); every slot is first made padding (-1, -1, 0), then each
+// sorted pair t*K+k lands at its expert's padded begin plus its rank: slot_pair = t*K+k,
+// slot_token = t, slot_weight = topk_w[t*K+k].
+cudaError_t moe_dispatch_plan(const DispatchPlanBuffers& b, const int32_t* topk_idx,
+                              const float* topk_w, int64_t n, int64_t k, int64_t n_experts,
+                              int64_t align, int64_t slots);
 // The shared experts of moe_experts_small: one dense SwiGLU (gate, up [inter, hidden], down
 // [hidden, inter], the routed experts' dtype) applied to every token with weight 1; h: scratch
 // [tokens, inter]. Absent when gate is null (or inter is 0).
