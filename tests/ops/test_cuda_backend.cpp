@@ -497,18 +497,21 @@ TEST_F(CudaBackendTest, RmsNormForwardRowKernels) {
   }
 }
 
+// {123, 45}: the kernels' one-element path; {96, 40}: their 8-wide path (16-byte accesses).
 TEST_F(CudaBackendTest, SwiGluForwardBackward) {
-  const Shape s{123, 45};
-  Tensor gate = randn(s, 2.0f), up = randn(s), dh = randn(s);
-  Tensor h = Tensor::empty(s), dgate = Tensor::empty(s), dup = Tensor::empty(s);
-  Tensor gh = poisoned(s), gdgate = poisoned(s), gdup = poisoned(s);
-  cpu().swiglu_forward(h, gate, up);
-  gpu().swiglu_forward(gh, dev(gate), dev(up));
-  EXPECT_CLOSE(gh, h, kF32Tol);
-  cpu().swiglu_backward(dgate, dup, dh, gate, up);
-  gpu().swiglu_backward(gdgate, gdup, dev(dh), dev(gate), dev(up));
-  EXPECT_CLOSE(gdgate, dgate, kF32Tol);
-  EXPECT_CLOSE(gdup, dup, kF32Tol);
+  for (const Shape& s : {Shape{123, 45}, Shape{96, 40}}) {
+    SCOPED_TRACE(s.str());
+    Tensor gate = randn(s, 2.0f), up = randn(s), dh = randn(s);
+    Tensor h = Tensor::empty(s), dgate = Tensor::empty(s), dup = Tensor::empty(s);
+    Tensor gh = poisoned(s), gdgate = poisoned(s), gdup = poisoned(s);
+    cpu().swiglu_forward(h, gate, up);
+    gpu().swiglu_forward(gh, dev(gate), dev(up));
+    EXPECT_CLOSE(gh, h, kF32Tol);
+    cpu().swiglu_backward(dgate, dup, dh, gate, up);
+    gpu().swiglu_backward(gdgate, gdup, dev(dh), dev(gate), dev(up));
+    EXPECT_CLOSE(gdgate, dgate, kF32Tol);
+    EXPECT_CLOSE(gdup, dup, kF32Tol);
+  }
 }
 
 // SwiGLU on bf16 activations (the MoE layer's path). Inputs hold bf16 values (exact in fp32), the
@@ -516,46 +519,51 @@ TEST_F(CudaBackendTest, SwiGluForwardBackward) {
 // rounded once, <= 2^-8 of the element: kF32Tol + 2^-8 against the CPU op's fp32 output on the
 // same values. Forward all BF16; backward every combination of the gate/up, dh and dgate/dup
 // dtypes (each F32 or BF16), outputs poisoned. A forward mixing dtypes is refused, naming the op.
+// Both shapes as above (one-element and 8-wide paths).
 TEST_F(CudaBackendTest, SwiGluBf16Activations) {
-  const Shape s{123, 45};
-  auto as = [](const Tensor& t, DType d) { return d == DType::BF16 ? t.to_dtype(DType::BF16) : t; };
-  // bf16 values, so each tensor means the same in either dtype.
-  const Tensor gate = randn(s, 2.0f).to_dtype(DType::BF16).to_f32();
-  const Tensor up = randn(s).to_dtype(DType::BF16).to_f32();
-  const Tensor dh = randn(s).to_dtype(DType::BF16).to_f32();
-  const double bf16_out = std::ldexp(1.0, -8);
-  Tensor h = Tensor::empty(s), gh = poisoned(s, DType::BF16);
-  cpu().swiglu_forward(h, gate, up);
-  gpu().swiglu_forward(gh, dev(as(gate, DType::BF16)), dev(as(up, DType::BF16)));
-  EXPECT_CLOSE(gh, h, kF32Tol + bf16_out);
-  Tensor dgate = Tensor::empty(s), dup = Tensor::empty(s);
-  cpu().swiglu_backward(dgate, dup, dh, gate, up);
-  for (DType in : {DType::F32, DType::BF16})
-    for (DType dd : {DType::F32, DType::BF16})
-      for (DType out : {DType::F32, DType::BF16}) {
-        SCOPED_TRACE(testing::Message() << "gate/up " << dtype_name(in) << " dh " << dtype_name(dd)
-                                        << " dgate/dup " << dtype_name(out));
-        Tensor gdgate = poisoned(s, out), gdup = poisoned(s, out);
-        gpu().swiglu_backward(gdgate, gdup, dev(as(dh, dd)), dev(as(gate, in)), dev(as(up, in)));
-        const double tol = kF32Tol + (out == DType::BF16 ? bf16_out : 0.0);
-        EXPECT_CLOSE(gdgate, dgate, tol);
-        EXPECT_CLOSE(gdup, dup, tol);
-      }
-  // F32 gate and up with a BF16 h (a dense MLP under Bf16): the F32 result rounded once, to the
-  // bit (what the down GEMM would have rounded it to).
-  {
-    const Tensor g32 = dev(randn(s, 2.0f)), u32 = dev(randn(s));
-    Tensor h32 = poisoned(s), h16 = poisoned(s, DType::BF16), r16 = poisoned(s, DType::BF16);
-    gpu().swiglu_forward(h32, g32, u32);
-    gpu().swiglu_forward(h16, g32, u32);
-    gpu().round_bf16(r16, h32);
-    EXPECT_TRUE(bit_equal(h16, r16)) << "F32 in, BF16 h";
-  }
-  try {
-    gpu().swiglu_forward(gh, dev(gate), dev(as(up, DType::BF16)));
-    FAIL() << "swiglu_forward took F32 gate with a BF16 up";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("swiglu_forward"), std::string::npos) << e.what();
+  for (const Shape& s : {Shape{123, 45}, Shape{96, 40}}) {
+    SCOPED_TRACE(s.str());
+    auto as = [](const Tensor& t, DType d) {
+      return d == DType::BF16 ? t.to_dtype(DType::BF16) : t;
+    };
+    // bf16 values, so each tensor means the same in either dtype.
+    const Tensor gate = randn(s, 2.0f).to_dtype(DType::BF16).to_f32();
+    const Tensor up = randn(s).to_dtype(DType::BF16).to_f32();
+    const Tensor dh = randn(s).to_dtype(DType::BF16).to_f32();
+    const double bf16_out = std::ldexp(1.0, -8);
+    Tensor h = Tensor::empty(s), gh = poisoned(s, DType::BF16);
+    cpu().swiglu_forward(h, gate, up);
+    gpu().swiglu_forward(gh, dev(as(gate, DType::BF16)), dev(as(up, DType::BF16)));
+    EXPECT_CLOSE(gh, h, kF32Tol + bf16_out);
+    Tensor dgate = Tensor::empty(s), dup = Tensor::empty(s);
+    cpu().swiglu_backward(dgate, dup, dh, gate, up);
+    for (DType in : {DType::F32, DType::BF16})
+      for (DType dd : {DType::F32, DType::BF16})
+        for (DType out : {DType::F32, DType::BF16}) {
+          SCOPED_TRACE(testing::Message() << "gate/up " << dtype_name(in) << " dh "
+                                          << dtype_name(dd) << " dgate/dup " << dtype_name(out));
+          Tensor gdgate = poisoned(s, out), gdup = poisoned(s, out);
+          gpu().swiglu_backward(gdgate, gdup, dev(as(dh, dd)), dev(as(gate, in)), dev(as(up, in)));
+          const double tol = kF32Tol + (out == DType::BF16 ? bf16_out : 0.0);
+          EXPECT_CLOSE(gdgate, dgate, tol);
+          EXPECT_CLOSE(gdup, dup, tol);
+        }
+    // F32 gate and up with a BF16 h (a dense MLP under Bf16): the F32 result rounded once, to the
+    // bit (what the down GEMM would have rounded it to).
+    {
+      const Tensor g32 = dev(randn(s, 2.0f)), u32 = dev(randn(s));
+      Tensor h32 = poisoned(s), h16 = poisoned(s, DType::BF16), r16 = poisoned(s, DType::BF16);
+      gpu().swiglu_forward(h32, g32, u32);
+      gpu().swiglu_forward(h16, g32, u32);
+      gpu().round_bf16(r16, h32);
+      EXPECT_TRUE(bit_equal(h16, r16)) << "F32 in, BF16 h";
+    }
+    try {
+      gpu().swiglu_forward(gh, dev(gate), dev(as(up, DType::BF16)));
+      FAIL() << "swiglu_forward took F32 gate with a BF16 up";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("swiglu_forward"), std::string::npos) << e.what();
+    }
   }
 }
 
@@ -863,10 +871,10 @@ TEST_F(CudaBackendTest, CrossEntropyWithIgnoredTargets) {
   }
 }
 
-// Every seventh row is -1 (a dispatch plan's padding slot: no row). C = 300 takes the gather's
-// 16-byte path, 301 its one-element path.
+// Every seventh row is -1 (a dispatch plan's padding slot: no row). C = 304 takes the gather's and
+// the scatter's 8-wide paths (16-byte accesses), 301 their one-element paths.
 TEST_F(CudaBackendTest, GatherScatterRowDot) {
-  for (const int64_t C : {300, 301}) {
+  for (const int64_t C : {304, 301}) {
     SCOPED_TRACE(testing::Message() << "C " << C);
     const int64_t R = 41, N = 157;  // N > R: destinations repeat
     Tensor x = randn({R, C}), rows = randint({N}, 0, int32_t(R)), w = randn({N});
@@ -898,7 +906,7 @@ TEST_F(CudaBackendTest, GatherScatterRowDot) {
 // nearest even once, as Tensor::to_dtype rounds, so the CPU gather's output rounded on the host is
 // the oracle at tolerance 0.
 TEST_F(CudaBackendTest, GatherRowsBf16Output) {
-  const int64_t R = 41, C = 300, N = 157;  // N > R: rows repeat
+  const int64_t R = 41, C = 304, N = 157;  // C: the 8-wide paths  // N > R: rows repeat
   Tensor x = randn({R, C}), rows = randint({N}, 0, int32_t(R)), w = randn({N});
   for (int64_t i = 3; i < N; i += 7) rows.i32()[i] = -1;  // padding slots: zero rows
   for (const Tensor* wp : std::initializer_list<const Tensor*>{nullptr, &w}) {
@@ -916,7 +924,7 @@ TEST_F(CudaBackendTest, GatherRowsBf16Output) {
 // BF16, widened exactly, sums in fp32: the CPU ops on the same values at kF32Tol; the scatter stays
 // deterministic (two runs bit-equal).
 TEST_F(CudaBackendTest, ScatterAddRowsAndRowDotBf16Inputs) {
-  const int64_t R = 41, C = 300, N = 157;
+  const int64_t R = 41, C = 304, N = 157;  // C: the 8-wide paths
   Tensor rows = randint({N}, 0, int32_t(R)), w = randn({N});
   for (int64_t i = 5; i < N; i += 7) rows.i32()[i] = -1;  // padding slots: skipped
   const Tensor src16 = randn({N, C}).to_dtype(DType::BF16), src = src16.to_f32();

@@ -878,9 +878,11 @@ void CudaBackend::grouped_matmul_batched(Tensor& c, std::span<const GroupedTerm>
 }
 
 int64_t CudaBackend::expert_row_alignment(int64_t pairs, int64_t n_experts) const {
-  // Padding costs up to 127 rows per expert: at V2-Lite's ~768 rows per expert 9 % more work for
-  // 2.5x the speed; at a few rows per expert it would multiply the work. Not tuned below 256.
-  constexpr int64_t kMinMeanRows = 256;
+  // Padding costs up to 127 rows per expert. Measured on the H200 (tools/expert_gemm_bench.cu,
+  // V2-Lite's expert GEMMs, top-6 of 64): at a mean of 768 rows per expert 9 % more work for 2.5x
+  // the speed of the grouped GEMM, at 192 rows 2.0x, at 96 rows 1.45x, at 48 rows (167 % padding)
+  // about equal. So pad from a mean of 64 rows.
+  constexpr int64_t kMinMeanRows = 64;
   if (expert_gemm_ != ExpertGemm::Batched || precision_ != Precision::Bf16 || n_experts <= 0)
     return 1;
   return pairs >= kMinMeanRows * n_experts ? kBatchedRows : 1;

@@ -76,12 +76,33 @@ cudaError_t check_indices(int32_t* safe, const int32_t* idx, int64_t n, const In
 namespace {
 
 // SwiGLU on fp32 or bf16 storage (device_util.cuh's to_f32 / from_f32): fp32 math, one rounding
-// per bf16 output. In: gate and up (G); out: h (T).
+// per bf16 output. Eight elements per thread where n and the buffers allow 16-byte accesses
+// (load8/store8): one element per thread ran the routed experts' bf16 SwiGLU at ~1.2 TB/s on the
+// H200 (368 us for 75.7M elements). The same expression per element either way.
+__device__ inline float silu_mul(float g, float u) {
+  return g / (1.0f + expf(-g)) * u;
+}
+// d(silu(g) u)/dg and /du times d: the gradients of one element.
+__device__ inline void silu_mul_backward(float d, float g, float u, float& dg, float& du) {
+  const float s = 1.0f / (1.0f + expf(-g));
+  du = d * g * s;
+  dg = d * u * s * (1.0f + g * (1.0f - s));
+}
+
+// In: gate and up (G); out: h (T).
 template <typename T, typename G>
 cudaError_t swiglu_forward_as(T* h, const G* gate, const G* up, int64_t n) {
+  if (n % 8 == 0 && all_aligned16(h, gate, up))
+    return for_each(n / 8, [=] __device__(int64_t i) {
+      float g[8], u[8], o[8];
+      load8(gate + 8 * i, g);
+      load8(up + 8 * i, u);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) o[j] = silu_mul(g[j], u[j]);
+      store8(h + 8 * i, o);
+    });
   return for_each(n, [=] __device__(int64_t i) {
-    const float g = to_f32(gate[i]);
-    h[i] = from_f32<T>(g / (1.0f + expf(-g)) * to_f32(up[i]));
+    h[i] = from_f32<T>(silu_mul(to_f32(gate[i]), to_f32(up[i])));
   });
 }
 
@@ -89,10 +110,22 @@ cudaError_t swiglu_forward_as(T* h, const G* gate, const G* up, int64_t n) {
 template <typename G, typename D, typename O>
 cudaError_t swiglu_backward_as(O* dgate, O* dup, const D* dh, const G* gate, const G* up,
                                int64_t n) {
+  if (n % 8 == 0 && all_aligned16(dgate, dup, dh, gate, up))
+    return for_each(n / 8, [=] __device__(int64_t i) {
+      float g[8], u[8], d[8], dg[8], du[8];
+      load8(gate + 8 * i, g);
+      load8(up + 8 * i, u);
+      load8(dh + 8 * i, d);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) silu_mul_backward(d[j], g[j], u[j], dg[j], du[j]);
+      store8(dup + 8 * i, du);
+      store8(dgate + 8 * i, dg);
+    });
   return for_each(n, [=] __device__(int64_t i) {
-    const float g = to_f32(gate[i]), s = 1.0f / (1.0f + expf(-g)), d = to_f32(dh[i]);
-    dup[i] = from_f32<O>(d * g * s);
-    dgate[i] = from_f32<O>(d * to_f32(up[i]) * s * (1.0f + g * (1.0f - s)));
+    float dg, du;
+    silu_mul_backward(to_f32(dh[i]), to_f32(gate[i]), to_f32(up[i]), dg, du);
+    dup[i] = from_f32<O>(du);
+    dgate[i] = from_f32<O>(dg);
   });
 }
 

@@ -21,25 +21,11 @@ namespace moekit::cuda {
 
 namespace {
 
-// Four consecutive outputs of one row, widened from fp32 registers in one store (16 bytes of
-// fp32, 8 of bf16: two rounded pairs).
-__device__ inline void store4(float* out, const float (&v)[4]) {
-  *reinterpret_cast<float4*>(out) = make_float4(v[0], v[1], v[2], v[3]);
-}
-__device__ inline void store4(bf16_t* out, const float (&v)[4]) {
-  const __nv_bfloat162 lo = __floats2bfloat162_rn(v[0], v[1]),
-                       hi = __floats2bfloat162_rn(v[2], v[3]);
-  uint2 bits;
-  bits.x = *reinterpret_cast<const uint32_t*>(&lo);
-  bits.y = *reinterpret_cast<const uint32_t*>(&hi);
-  *reinterpret_cast<uint2*>(out) = bits;
-}
-
 // The gather on fp32 or bf16 output storage (bf16: the weighted value rounded once); a negative
-// row (a padding slot) writes zeros. One thread per 4 consecutive columns where the row width and
-// the buffers allow 16-byte loads (the row index and weight read once per 4 outputs), else one per
-// element: one element per thread, with a division each, took 0.5 ms for V2-Lite's 49,152 x 2048
-// bf16 rows on the H200, a fifth of the bandwidth.
+// row (a padding slot) writes zeros. One thread per 8 consecutive columns where the row width and
+// the buffers allow 16-byte accesses (the row index and weight read once per 8 outputs), else one
+// per element: one element per thread, with a division each, took 0.5 ms for V2-Lite's 49,152 x
+// 2048 bf16 rows on the H200, a fifth of the bandwidth.
 template <typename T, int V>
 __global__ void gather_rows_kernel(T* out, const float* x, const int32_t* rows,
                                    const float* weights, int64_t n, int64_t dim) {
@@ -49,11 +35,12 @@ __global__ void gather_rows_kernel(T* out, const float* x, const int32_t* rows,
     const int64_t i = e / chunks, c = (e % chunks) * V;
     const int32_t row = rows[i];
     const float w = row < 0 ? 0.0f : (weights ? weights[i] : 1.0f);
-    if constexpr (V == 4) {
-      const float4 q = row < 0 ? make_float4(0.0f, 0.0f, 0.0f, 0.0f)
-                               : *reinterpret_cast<const float4*>(x + int64_t(row) * dim + c);
-      const float v[4] = {w * q.x, w * q.y, w * q.z, w * q.w};
-      store4(out + i * dim + c, v);
+    if constexpr (V == 8) {
+      float v[8] = {};
+      if (row >= 0) load8(x + int64_t(row) * dim + c, v);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[j] *= w;
+      store8(out + i * dim + c, v);
     } else {
       out[i * dim + c] = from_f32<T>(row < 0 ? 0.0f : w * x[int64_t(row) * dim + c]);
     }
@@ -72,9 +59,8 @@ cudaError_t gather_rows_as(T* out, const float* x, const int32_t* rows, const fl
 template <typename T>
 cudaError_t gather_rows_to(T* out, const float* x, const int32_t* rows, const float* weights,
                            int64_t n, int64_t dim) {
-  const bool wide = dim % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
-                    reinterpret_cast<uintptr_t>(out) % (4 * sizeof(T)) == 0;
-  return wide ? gather_rows_as<T, 4>(out, x, rows, weights, n, dim)
+  const bool wide = dim % 8 == 0 && all_aligned16(x, out);
+  return wide ? gather_rows_as<T, 8>(out, x, rows, weights, n, dim)
               : gather_rows_as<T, 1>(out, x, rows, weights, n, dim);
 }
 
@@ -102,10 +88,11 @@ int end_bit_for(int64_t num_rows) {
 }
 
 // Block p handles sorted position p if it starts a run of one destination row: the run's sources
-// are added in order (the sort is stable), column-parallel across the block's threads. x fp32 or
+// are added in order (the sort is stable), column-parallel across the block's threads, V columns
+// per thread (8: 16-byte loads of a bf16 x, where the width and buffers allow; else 1). x fp32 or
 // bf16 (widened exactly). Positions with no row (keyed num_rows by row_plan) sort last and add
 // nothing.
-template <typename X>
+template <typename X, int V>
 __global__ void scatter_add_planned_kernel(float* out, const X* x, const float* weights,
                                            const int32_t* sorted_rows, const int32_t* order,
                                            int64_t n, int64_t dim, int64_t num_rows) {
@@ -113,13 +100,27 @@ __global__ void scatter_add_planned_kernel(float* out, const X* x, const float* 
   const int32_t row = sorted_rows[p];
   if ((p > 0 && sorted_rows[p - 1] == row) || row >= num_rows) return;
   float* dst = out + int64_t(row) * dim;
-  for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) {
-    float acc = dst[c];
+  for (int64_t c = threadIdx.x * int64_t(V); c < dim; c += int64_t(blockDim.x) * V) {
+    float acc[V];
+    if constexpr (V == 8)
+      load8(dst + c, acc);
+    else
+      acc[0] = dst[c];
     for (int64_t q = p; q < n && sorted_rows[q] == row; ++q) {
       const int64_t src = order[q];
-      acc += (weights ? weights[src] : 1.0f) * to_f32(x[src * dim + c]);
+      const float w = weights ? weights[src] : 1.0f;
+      float v[V];
+      if constexpr (V == 8)
+        load8(x + src * dim + c, v);
+      else
+        v[0] = to_f32(x[src * dim + c]);
+#pragma unroll
+      for (int j = 0; j < V; ++j) acc[j] += w * v[j];
     }
-    dst[c] = acc;
+    if constexpr (V == 8)
+      store8(dst + c, acc);
+    else
+      dst[c] = acc[0];
   }
 }
 
@@ -130,14 +131,24 @@ cudaError_t row_dot_as(float* out, const float* a, const int32_t* rows, const B*
   return cudaGetLastError();
 }
 
-template <typename X>
+template <typename X, int V>
 cudaError_t scatter_add_planned_as(float* out, const X* x, const float* weights,
                                    const int32_t* sorted_rows, const int32_t* order, int64_t n,
                                    int64_t dim, int64_t num_rows) {
-  const int threads = dim >= 256 ? 256 : (dim >= 128 ? 128 : 64);
-  scatter_add_planned_kernel<X><<<unsigned(n), threads, 0, stream()>>>(out, x, weights, sorted_rows,
-                                                                       order, n, dim, num_rows);
+  const int64_t per_row = dim / V;
+  const int threads = per_row >= 256 ? 256 : (per_row >= 128 ? 128 : 64);
+  scatter_add_planned_kernel<X, V><<<unsigned(n), threads, 0, stream()>>>(
+      out, x, weights, sorted_rows, order, n, dim, num_rows);
   return cudaGetLastError();
+}
+
+template <typename X>
+cudaError_t scatter_add_planned_to(float* out, const X* x, const float* weights,
+                                   const int32_t* sorted_rows, const int32_t* order, int64_t n,
+                                   int64_t dim, int64_t num_rows) {
+  if (dim % 8 == 0 && all_aligned16(out, x))
+    return scatter_add_planned_as<X, 8>(out, x, weights, sorted_rows, order, n, dim, num_rows);
+  return scatter_add_planned_as<X, 1>(out, x, weights, sorted_rows, order, n, dim, num_rows);
 }
 
 }  // namespace
@@ -187,9 +198,9 @@ cudaError_t scatter_add_planned(float* out, const void* x, DType x_dtype, const 
                                 int64_t dim, int64_t num_rows) {
   if (n == 0 || dim == 0) return cudaSuccess;
   if (x_dtype == DType::BF16)
-    return scatter_add_planned_as(out, static_cast<const bf16_t*>(x), weights, sorted_rows, order,
+    return scatter_add_planned_to(out, static_cast<const bf16_t*>(x), weights, sorted_rows, order,
                                   n, dim, num_rows);
-  return scatter_add_planned_as(out, static_cast<const float*>(x), weights, sorted_rows, order, n,
+  return scatter_add_planned_to(out, static_cast<const float*>(x), weights, sorted_rows, order, n,
                                 dim, num_rows);
 }
 
