@@ -2,8 +2,6 @@
 #include "infer/generator.h"
 
 #include <algorithm>
-#include <cmath>
-#include <numeric>
 
 #include "core/error.h"
 #include "core/profile.h"
@@ -12,50 +10,11 @@
 
 namespace moekit {
 
-// Sampling costs one exp per candidate and orders only the tokens it must: top-k and the nucleus
-// take heap selections of the most likely few (std::partial_sort, O(vocab log n)), and without
-// either nothing is sorted (a 102,400 vocabulary fully sorted per token took 22-32 ms, ten GPU
-// decode steps).
 int32_t sample_token(const float* logits, int64_t vocab, const SamplingParams& p,
                      std::mt19937_64& rng) {
   if (p.temperature <= 0.0f) return int32_t(std::max_element(logits, logits + vocab) - logits);
-  // Most likely first; ties to the lower id (a strict total order, so the choice is reproducible).
-  auto before = [logits](int32_t a, int32_t b) {
-    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
-  };
-  std::vector<int32_t> cand(static_cast<size_t>(vocab));
-  std::iota(cand.begin(), cand.end(), 0);
-  if (p.top_k > 0 && p.top_k < vocab) {
-    std::partial_sort(cand.begin(), cand.begin() + p.top_k, cand.end(), before);
-    cand.resize(size_t(p.top_k));
-  }
-  const float m = logits[*std::min_element(cand.begin(), cand.end(), before)];
-  std::vector<float> w(
-      static_cast<size_t>(vocab));  // by token id, for the candidates (sums: double)
-  double z = 0.0;
-  const float inv_t = 1.0f / p.temperature;
-  for (int32_t i : cand) z += (w[size_t(i)] = std::exp((logits[i] - m) * inv_t));
-  // Nucleus: the smallest prefix (in probability order) whose mass reaches top_p, looked for among
-  // the n most likely candidates (n x4 until it is found there).
-  size_t keep = cand.size();
-  if (p.top_p < 1.0f) {
-    for (size_t n = std::min<size_t>(64, cand.size());; n = std::min(cand.size(), n * 4)) {
-      std::partial_sort(cand.begin(), cand.begin() + long(n), cand.end(), before);
-      double mass = 0.0;
-      size_t i = 0;
-      while (i < n && (mass += w[size_t(cand[i])] / z) < p.top_p) ++i;
-      if (i < n || n == cand.size()) {
-        keep = std::min(i + 1, n);
-        break;
-      }
-    }
-  }
-  double total = 0.0;
-  for (size_t i = 0; i < keep; ++i) total += w[size_t(cand[i])];
-  double u = std::uniform_real_distribution<double>(0.0, total)(rng);
-  for (size_t i = 0; i < keep; ++i)
-    if ((u -= w[size_t(cand[i])]) < 0.0) return cand[i];
-  return cand[keep - 1];  // u == total after rounding
+  const double u01 = std::uniform_real_distribution<double>(0.0, 1.0)(rng);
+  return sample_row(logits, vocab, {p.temperature, p.top_k, p.top_p}, u01);
 }
 
 Generator::Generator(DeepSeekModel& model, int64_t max_context)
@@ -185,14 +144,16 @@ std::vector<int32_t> Generator::generate(const std::vector<int32_t>& prompt,
   for (int64_t i = 0; i < p.max_tokens; ++i) {
     const int64_t vocab =
         p.allowed_vocab > 0 ? std::min(p.allowed_vocab, logits.dim(1)) : logits.dim(1);
-    int32_t next = 0;
-    if (p.temperature <= 0.0f) {  // greedy on the device: read back one id, not the logits
-      Tensor id = Tensor::empty({1}, DType::I32, logits.device());
+    // On the logits' device, greedy or sampled: read back one id, not the logits. The draw is
+    // made here, one per sampled token, as sample_token makes it (same seed, same choices).
+    Tensor id = Tensor::empty({1}, DType::I32, logits.device());
+    if (p.temperature <= 0.0f) {
       backend(logits.device()).argmax(id, logits, vocab);
-      next = id.to_host().i32()[0];
     } else {
-      next = sample_token(logits.to_host().f32(), vocab, p, rng);
+      const double u01 = std::uniform_real_distribution<double>(0.0, 1.0)(rng);
+      backend(logits.device()).sample(id, logits, vocab, {p.temperature, p.top_k, p.top_p}, u01);
     }
+    const int32_t next = id.to_host().i32()[0];
     if (std::find(p.stop_ids.begin(), p.stop_ids.end(), next) != p.stop_ids.end()) break;
     out.push_back(next);
     if (on_token && !on_token(next)) break;

@@ -27,7 +27,8 @@ struct SamplingParams {
   int64_t allowed_vocab = 0;
 };
 
-// Picks the next token from logits [vocab].
+// Picks the next token from host logits [vocab]: the largest at temperature 0, else sample_row's
+// rule (Backend::sample, ops/ops.h) with one uniform draw from rng, the draw generate makes.
 int32_t sample_token(const float* logits, int64_t vocab, const SamplingParams& p,
                      std::mt19937_64& rng);
 

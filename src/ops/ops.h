@@ -30,6 +30,7 @@ enum class Op : uint8_t {
   Attention,
   CausalSoftmax,
   Argmax,
+  Sample,
   SetRows,
   LatentAttention,
   MlaCacheWrite,
@@ -72,6 +73,16 @@ struct AdamWStep {
   float decay = 0.0f;      // lr * weight_decay; 0 for tensors without decay
   float inv_bc2 = 1.0f;    // 1 / (1 - beta2^t)
   float eps = 1e-8f;
+};
+
+// Sampling's knobs (Backend::sample; infer/generator.h fills them from the user's options):
+// logits are divided by the temperature (> 0) before the softmax; top_k > 0 keeps the k most likely
+// tokens (0, or k >= n: all); top_p < 1 keeps the shortest most-likely-first prefix of those whose
+// probability mass reaches top_p.
+struct SampleParams {
+  float temperature = 1.0f;
+  int64_t top_k = 0;
+  float top_p = 1.0f;
 };
 
 // How a backend runs F32 GEMMs and attention. Fp32: exact (the CPU always is; the default, which
@@ -250,6 +261,23 @@ class Backend {
   // idx I32 [R]: per row of x [R, L], the index of the largest of its first n entries (the first
   // one on ties); greedy decoding reads back this one id instead of the logits.
   virtual void argmax(Tensor& idx, const Tensor& x, int64_t n) = 0;
+  // id I32 [1]: one token drawn from row 0 of logits F32 [1, V] among its first n entries
+  // (n <= V), given the caller's uniform draw u01 in [0, 1) (made on the host, so every backend
+  // makes the same choice from the same draw). With w_i = exp((x_i - max x) / temperature) (fp32)
+  // and tokens ordered most likely first (larger logit, ties to the lower id):
+  //   candidates: the first top_k (all when top_k is 0 or >= n); z = their mass;
+  //   kept: with top_p < 1, the shortest prefix of the candidates whose mass reaches top_p * z,
+  //         else every candidate;
+  //   pick: the first kept token at which the running mass exceeds u01 * (mass of the kept),
+  //         walking most likely first; when nothing is cut (all candidates, top_p >= 1) the walk
+  //         goes in id order instead (the same distribution, and no ordering of the vocabulary).
+  // sample_row is the rule on a host row (the CPU backend's implementation). Logits must be finite
+  // or -inf (NaN gives an unspecified id). Sampling's temperature > 0; greedy decoding is argmax.
+  // The id stays on the logits' device, so a decode loop reads back 4 bytes; the GPU's op waits
+  // for nothing. A backend's masses may differ from the CPU's by rounding (~1e-7 relative), so its
+  // pick can differ only where u01 * kept mass or top_p * z lies that close to a boundary.
+  virtual void sample(Tensor& id, const Tensor& logits, int64_t n, const SampleParams& p,
+                      double u01) = 0;
 
   // Decode steps whose kernels read no host-side length (so a step can be replayed as a CUDA
   // graph while the cache grows; infer/mla_decode.h, mla_decode_step):
@@ -463,6 +491,15 @@ MoeExpertsSmallDims moe_experts_small_dims(const Tensor& y, const Tensor& x, con
                                            const Tensor& topk_w,
                                            std::span<const ExpertWeights> experts,
                                            const ExpertWeights* shared = nullptr);
+
+// Backend::sample's rule on a host row of n logits (ops/cpu/cpu_sample.cpp): the CPU backend's
+// implementation and every other backend's reference. It orders only the tokens it must (heap
+// selections of the most likely few), so it stays cheap on a 100k vocabulary.
+int32_t sample_row(const float* logits, int64_t n, const SampleParams& p, double u01);
+// Backend::sample's argument checks (one-line errors, alike on every backend): id [1] I32, logits
+// [1, V] F32, 0 < n <= V, temperature > 0, top_k >= 0, u01 in [0, 1].
+void check_sample(const Tensor& id, const Tensor& logits, int64_t n, const SampleParams& p,
+                  double u01);
 
 // The backend for a device; throws a clear Error when that backend is not built or no device.
 Backend& backend(Device device);

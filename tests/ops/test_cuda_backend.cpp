@@ -31,6 +31,7 @@
 #include <limits>
 #include <memory>
 #include <random>
+#include <set>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -38,6 +39,7 @@
 
 #include "core/error.h"
 #include "ops/ops.h"
+#include "sample_reference.h"
 
 namespace moekit {
 namespace {
@@ -1566,6 +1568,102 @@ TEST_F(CudaBackendTest, ArgmaxFirstMaximumOfThePrefix) {
     cpu().argmax(idx, x, n);
     gpu().argmax(gidx, dev(x), n);
     expect_equal_i32(gidx, idx);
+  }
+}
+
+// Backend::sample against the CPU's rule. The GPU sums integer masses (units of 2^-40 of the most
+// likely token's) of its own exp, the CPU double sums of glibc's expf: their picks may differ only
+// where u01 * kept mass or top_p * z lies within rounding (~1e-7 relative) of a boundary.
+// SampleReference (a full sort, in double) lists the ids allowed with a slack of 1e-6 of the mass:
+// where that is one id, the GPU and the CPU must both return it; elsewhere the GPU one of them.
+// Rows: DeepSeek-V2's vocabulary (all of it and a prefix), one with ties at every cut (logits on
+// a grid: the GPU finds the tied token of a rank by a scan), masked (-inf) entries, tiny rows.
+TEST_F(CudaBackendTest, SampleMatchesCpu) {
+  struct Row {
+    std::string name;
+    std::vector<float> x;
+    int64_t n;
+  };
+  std::vector<Row> rows;
+  auto add = [&](const std::string& name, int64_t V, int64_t n, float stddev, float grid) {
+    std::vector<float> x(size_t(V), 0.5f);  // stddev 0: all equal
+    if (stddev > 0.0f) {
+      const Tensor t = randn({V}, stddev);
+      x.assign(t.f32(), t.f32() + V);
+    }
+    if (grid > 0.0f)
+      for (float& v : x) v = std::round(v / grid) * grid;
+    rows.push_back({name, std::move(x), n});
+  };
+  add("vocab 102400", 102400, 102400, 2.5f, 0.0f);
+  add("prefix of 102400", 102400, 101000, 2.5f, 0.0f);
+  add("102400 on a 0.5 grid (ties)", 102400, 102400, 2.0f, 0.5f);
+  add("5000", 5000, 5000, 1.0f, 0.0f);
+  add("1000 on a 1.0 grid (ties)", 1000, 1000, 1.5f, 1.0f);
+  add("7", 7, 7, 1.0f, 0.0f);
+  add("2", 2, 2, 1.0f, 0.0f);
+  add("1", 1, 1, 1.0f, 0.0f);
+  add("300 equal", 300, 300, 0.0f, 0.0f);
+  rows.push_back(rows[3]);
+  rows.back().name = "5000 with masked entries";
+  for (size_t i = 0; i < rows.back().x.size(); i += 3)
+    rows.back().x[i] = -std::numeric_limits<float>::infinity();
+
+  const SampleParams params[] = {{1.0f, 0, 1.0f},    {0.7f, 50, 1.0f},  {1.0f, 0, 0.9f},
+                                 {0.8f, 50, 0.95f},  {1.0f, 1, 1.0f},   {1.0f, 0, 1e-6f},
+                                 {1.5f, 1000, 0.8f}, {1.0f, 0, 0.5f},   {2.0f, 5, 1.0f},
+                                 {0.6f, 0, 0.99f},   {1.0f, 4000, 1.0f}};
+  std::vector<double> draws = {0.0, 1e-7, 0.1, 0.25, 0.5, 0.75, 0.9, 0.999999};
+  std::uniform_real_distribution<double> uniform(0.0, 1.0);
+  for (int i = 0; i < 8; ++i) draws.push_back(uniform(rng_));
+  int exact = 0, cases = 0;
+  for (const Row& row : rows) {
+    const int64_t V = int64_t(row.x.size());
+    Tensor x = Tensor::empty({1, V});
+    std::copy(row.x.begin(), row.x.end(), x.f32());
+    const Tensor gx = dev(x);
+    const SampleReference ref(row.x.data(), row.n);
+    for (const SampleParams& p : params)
+      for (double u : draws) {
+        SCOPED_TRACE(testing::Message() << row.name << ", T " << p.temperature << " top_k "
+                                        << p.top_k << " top_p " << p.top_p << " u01 " << u);
+        Tensor id = Tensor::empty({1}, DType::I32), gid = poisoned({1}, DType::I32);
+        cpu().sample(id, x, row.n, p, u);
+        gpu().sample(gid, gx, row.n, p, u);
+        const int32_t c = id.i32()[0], g = gid.to_host().i32()[0];
+        gpu().sample(gid, gx, row.n, p, u);  // deterministic: the same id again
+        EXPECT_EQ(gid.to_host().i32()[0], g) << "a second call chose differently";
+        const std::set<int32_t> ok = ref.allowed(p, u, 1e-6);
+        ++cases;
+        if (ok.size() == 1) {
+          ++exact;
+          EXPECT_EQ(c, *ok.begin()) << "the CPU's rule";
+          EXPECT_EQ(g, c);
+        } else {
+          EXPECT_TRUE(ok.count(g)) << "GPU id " << g << " (CPU " << c << ")";
+        }
+      }
+  }
+  // Boundaries within 1e-6 are rare: most cases must have been compared exactly.
+  EXPECT_GE(exact, cases * 3 / 4) << exact << " of " << cases;
+}
+
+// The sampling kernels wait for nothing and read their parameters from launch arguments, so a
+// recorded call replays: the same id as the eager call, every time (its scratch is zero again
+// after each run).
+TEST_F(CudaBackendTest, SampleReplaysFromAGraph) {
+  const int64_t V = 102400;
+  const Tensor x = randn({1, V}, 2.0f), gx = dev(x);
+  const SampleParams p{0.9f, 40, 0.9f};
+  Tensor eager = poisoned({1}, DType::I32), replayed = poisoned({1}, DType::I32);
+  gpu().sample(eager, gx, V, p, 0.37);
+  const std::unique_ptr<CapturedWork> graph =
+      gpu().capture([&] { gpu().sample(replayed, gx, V, p, 0.37); });
+  ASSERT_NE(graph, nullptr) << "graphs are off (MOEKIT_CUDA_GRAPHS=0)";
+  for (int i = 0; i < 3; ++i) {
+    gpu().fill(replayed, -1.0f);
+    graph->replay();
+    EXPECT_EQ(replayed.to_host().i32()[0], eager.to_host().i32()[0]) << "replay " << i;
   }
 }
 

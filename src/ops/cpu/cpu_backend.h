@@ -3,7 +3,7 @@
 // Methods are spread over files by concept: cpu_backend.cpp (memory, GEMM, elementwise, norms),
 // cpu_attention.cpp (and decoding's softmax, argmax), cpu_moe.cpp (gate, dispatch/combine),
 // cpu_loss.cpp, cpu_optim.cpp (AdamW, sum of squares), cpu_mla_step.cpp (the fused ops of MLA's
-// decode step).
+// decode step), cpu_sample.cpp (sampling's rule).
 #pragma once
 
 #include "ops/ops.h"
@@ -48,6 +48,8 @@ class CpuBackend final : public Backend {
                           int64_t batch, int64_t seq, int64_t heads, float scale) override;
   void causal_softmax(Tensor& x, int64_t group, int64_t offset) override;
   void argmax(Tensor& idx, const Tensor& x, int64_t n) override;
+  void sample(Tensor& id, const Tensor& logits, int64_t n, const SampleParams& p,
+              double u01) override;
   void set_rows(Tensor& dst, const Tensor& src, const Tensor& rows) override;
   void latent_attention(Tensor& ctx, const Tensor& q_lat, const Tensor& q_rope,
                         const Tensor& kv_latent, const Tensor& k_rope, const Tensor& positions,

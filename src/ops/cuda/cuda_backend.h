@@ -8,8 +8,9 @@
 // on the bf16 tensor cores, the Bf16 precision's path). Kernels (nvcc), behind kernels.h:
 // cuda_elementwise.cu (fills, SwiGLU, RoPE, embedding, column copies, MLA split), cuda_norm.cu,
 // cuda_attention.cu, cuda_attention_tc.cu, cuda_decode.cu (causal softmax, argmax, the cache's
-// set_rows, split-K latent attention), cuda_moe.cu (gate, dispatch/combine, few-token expert
-// GEMVs), cuda_loss.cu, cuda_optim.cu (AdamW, sum of squares).
+// set_rows, split-K latent attention), cuda_sample.cu (sampling with a temperature), cuda_moe.cu
+// (gate, dispatch/combine, few-token expert GEMVs), cuda_loss.cu, cuda_optim.cu (AdamW, sum of
+// squares).
 #pragma once
 
 #include <cstddef>
@@ -117,6 +118,8 @@ class CudaBackend final : public Backend {
                           int64_t batch, int64_t seq, int64_t heads, float scale) override;
   void causal_softmax(Tensor& x, int64_t group, int64_t offset) override;
   void argmax(Tensor& idx, const Tensor& x, int64_t n) override;
+  void sample(Tensor& id, const Tensor& logits, int64_t n, const SampleParams& p,
+              double u01) override;
   void set_rows(Tensor& dst, const Tensor& src, const Tensor& rows) override;
   void latent_attention(Tensor& ctx, const Tensor& q_lat, const Tensor& q_rope,
                         const Tensor& kv_latent, const Tensor& k_rope, const Tensor& positions,
@@ -273,6 +276,9 @@ class CudaBackend final : public Backend {
   // argmax's per-row slots (best key as two I32s per row, then a block count per row), zero
   // between calls: the kernel's last block resets them.
   Tensor argmax_slots_;
+  // sample's scratch (cuda::kSampleScratchBytes: its search state and bucket histograms), zero
+  // between calls: the op's last kernel resets it.
+  Tensor sample_scratch_;
 };
 
 // The process-wide CUDA backend; null when no GPU is visible (or the driver reports an error).

@@ -188,6 +188,26 @@ void CudaBackend::argmax(Tensor& idx, const Tensor& x, int64_t n) {
   check(cuda::argmax(idx.i32(), best, done, x.f32(), R, cols(x), n), op);
 }
 
+void CudaBackend::sample(Tensor& id, const Tensor& logits, int64_t n, const SampleParams& p,
+                         double u01) {
+  const char* op = "sample";
+  expect(id, DType::I32, op, "id");
+  expect_f32(logits, op, "logits");
+  check_sample(id, logits, n, p, u01);
+  MOEKIT_CHECK(n <= cuda::kSampleMaxN, "sample: n {} above the GPU's {}", n, cuda::kSampleMaxN);
+  if (!sample_scratch_.defined()) {  // zeroed once; every call leaves it zero again
+    sample_scratch_ =
+        Tensor::empty({int64_t(cuda::kSampleScratchBytes / 4)}, DType::I32, Device::CUDA);
+    fill(sample_scratch_, 0.0f);  // all-zero bits
+  }
+  cuda::SampleLaunch s;
+  s.inv_temperature = 1.0f / p.temperature;  // as the CPU's rule computes it
+  s.top_k = p.top_k < n ? p.top_k : 0;
+  s.top_p = p.top_p;
+  s.u01 = u01;
+  check(cuda::sample(id.i32(), sample_scratch_.raw(), logits.f32(), n, s), op);
+}
+
 void CudaBackend::set_rows(Tensor& dst, const Tensor& src, const Tensor& rows_) {
   const char* op = "set_rows";
   expect_f32(dst, op, "dst");

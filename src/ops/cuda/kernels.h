@@ -182,6 +182,20 @@ cudaError_t causal_softmax(float* x, int64_t rows, int64_t cols, int64_t group, 
 cudaError_t argmax(int32_t* idx, unsigned long long* best, unsigned* done, const float* x,
                    int64_t rows, int64_t cols, int64_t n);
 
+// --- sampling (cuda_sample.cu): Backend::sample on the first n entries of the logits row x.
+// scratch: kSampleScratchBytes of device memory (8-byte aligned), zero before the call and zero
+// again after it (the last kernel resets it), so one zeroed buffer serves every call on the
+// stream. Nothing waits for the device; the id is written in device memory.
+struct SampleLaunch {
+  float inv_temperature = 1.0f;  // 1 / temperature, as the CPU computes it (fp32)
+  int64_t top_k = 0;             // 0: no cut by count (the host passes 0 for top_k >= n)
+  float top_p = 1.0f;            // >= 1: no nucleus
+  double u01 = 0.0;              // the caller's uniform draw in [0, 1]
+};
+constexpr int64_t kSampleMaxN = int64_t(1) << 21;
+constexpr size_t kSampleScratchBytes = 64 + 2048 * 16;
+cudaError_t sample(int32_t* id, void* scratch, const float* x, int64_t n, const SampleLaunch& s);
+
 // Backend::latent_attention as split-K ("flash decoding"): the cache rows are cut into splits of
 // latent_chunk(cap) rows; one block per (split, group of kLatentBlockHeads heads, token) writes a
 // partial (running max m, sum of exp l, unnormalised context) per head, and a second kernel merges
