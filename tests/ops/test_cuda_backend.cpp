@@ -710,7 +710,8 @@ TEST_F(CudaBackendTest, CausalAttentionBf16Precision) {
                              c.batch, c.seq, c.heads, scale);
 
     Tensor gq = dev(q), gk = dev(k), gv = dev(v);
-    // Forward through the flash kernel where it takes the shape, then through the GEMM path.
+    // Through the flash kernels (forward and backward) where they take the shape, then through
+    // the GEMM path.
     for (const char* flash : {"1", "0"}) {
       SCOPED_TRACE(testing::Message() << "MOEKIT_CUDA_FLASH=" << flash);
       EnvScope env("MOEKIT_CUDA_FLASH", flash);
@@ -793,6 +794,93 @@ TEST_F(CudaBackendTest, FlashAttentionForwardBf16) {
   }
 }
 
+// The fused flash-attention backward (ops/cuda/cuda_flash_attention_bwd.cu, the Bf16 backward
+// wherever dqk and dv are multiples of 16 up to 256) against the CPU op, against the cuBLAS path
+// (MOEKIT_CUDA_FLASH=0) and against itself (bit-identical reruns). Inputs as in
+// CausalAttentionBf16Precision: q, k, v, dO rounded to bf16, out and lse from the CPU forward, so
+// only the backward is checked. The kernels round what the GEMM path rounds, P and dS to bf16
+// (relative error <= u = 2^-8 per entry; P = exp2 of base-2 scaled scores differs from exp() of
+// the scaled scores by fp32 rounding only, far below u), so the tolerances are that test's:
+// - dv = P^T dO: (u + kF32Tol) max(P^T |dO|) / max|dv| (the CPU op's dv for |dO| bounds the
+//   error elementwise);
+// - dq = dS K, dk = dS^T Q: (u + kF32Tol) sqrt(seq) (errors of random sign over seq terms);
+// - seq 1: dq = dk = 0 exactly (P = 1, dP = delta); both sides hold only fp32 noise (|dP - delta|
+//   ~ a few ulp of a sum of 128 products, times scale and |k|: ~1e-6), so <= 1e-5 absolute.
+// The two GPU paths are each within those bounds of the CPU, so within twice them of each other.
+// Shapes: sequences that are not multiples of the 64-row tiles (1, 63, 65, 77, 130, 200) and two
+// full tiles (128), batch > 1, 3 heads; DeepSeek-V2's 192/128, 64/64 (the small instance), 48/32
+// and 16/32 (dims narrower than the 64-wide shared tiles: column halves partly or wholly past the
+// dim), 128/128, 256/256 (the largest instance), 96/160 (the 256/256 instance with both dims
+// partial).
+TEST_F(CudaBackendTest, FlashAttentionBackwardBf16) {
+  const double u = std::ldexp(1.0, -8);
+  auto rounded = [](const Tensor& t) { return t.to_dtype(DType::BF16).to_f32(); };
+  auto abs_of = [](const Tensor& t) {
+    Tensor a = t.clone();
+    for (int64_t i = 0; i < a.numel(); ++i) a.f32()[i] = std::abs(a.f32()[i]);
+    return a;
+  };
+  for (const AttnCase& c :
+       {AttnCase{2, 1, 3, 192, 128}, AttnCase{1, 63, 3, 192, 128}, AttnCase{2, 65, 3, 192, 128},
+        AttnCase{2, 200, 3, 192, 128}, AttnCase{2, 65, 3, 64, 64}, AttnCase{1, 200, 3, 64, 64},
+        AttnCase{2, 200, 3, 48, 32}, AttnCase{1, 63, 2, 48, 32}, AttnCase{1, 77, 2, 16, 32},
+        AttnCase{1, 128, 2, 128, 128}, AttnCase{1, 130, 2, 256, 256},
+        AttnCase{2, 77, 2, 96, 160}}) {
+    SCOPED_TRACE(testing::Message() << "batch " << c.batch << " seq " << c.seq << " heads "
+                                    << c.heads << " dqk " << c.dqk << " dv " << c.dv);
+    const int64_t T = c.batch * c.seq;
+    const float scale = 1.0f / std::sqrt(float(c.dqk));
+    Tensor q = rounded(randn({T, c.heads, c.dqk})), k = rounded(randn({T, c.heads, c.dqk}));
+    Tensor v = rounded(randn({T, c.heads, c.dv})), dout = rounded(randn({T, c.heads, c.dv}));
+    Tensor out = Tensor::empty({T, c.heads, c.dv}), lse = Tensor::empty({c.batch, c.heads, c.seq});
+    cpu().attention_forward(out, lse, q, k, v, c.batch, c.seq, c.heads, scale);
+    Tensor dq = Tensor::empty(q.shape()), dk = Tensor::empty(k.shape());
+    Tensor dv = Tensor::empty(v.shape()), dv_bound = Tensor::empty(v.shape());
+    Tensor scratch_q = Tensor::empty(q.shape()), scratch_k = Tensor::empty(k.shape());
+    cpu().attention_backward(dq, dk, dv, dout, out, lse, q, k, v, c.batch, c.seq, c.heads, scale);
+    cpu().attention_backward(scratch_q, scratch_k, dv_bound, abs_of(dout), out, lse, q, k, v,
+                             c.batch, c.seq, c.heads, scale);
+
+    const Tensor gq = dev(q), gk = dev(k), gv = dev(v), gdout = dev(dout), gout = dev(out),
+                 glse = dev(lse);
+    struct Grads {
+      Tensor dq, dk, dv;
+    };
+    auto run = [&](const char* flash) {
+      EnvScope env("MOEKIT_CUDA_FLASH", flash);
+      PrecisionScope bf16(gpu(), Precision::Bf16);
+      Grads r{poisoned(q.shape()), poisoned(k.shape()), poisoned(v.shape())};
+      gpu().attention_backward(r.dq, r.dk, r.dv, gdout, gout, glse, gq, gk, gv, c.batch, c.seq,
+                               c.heads, scale);
+      return r;
+    };
+    const Grads f = run("1"), f2 = run("1"), g = run("0");
+
+    const double dv_tol = (u + kF32Tol) * max_abs(dv_bound) / max_abs(dv);
+    EXPECT_CLOSE(f.dv, dv, dv_tol);
+    EXPECT_CLOSE(f.dv, g.dv.to_host(), 2 * dv_tol);
+    if (c.seq == 1) {  // dq = dk = 0 exactly: compare absolute noise
+      EXPECT_LE(max_abs(f.dq), 1e-5);
+      EXPECT_LE(max_abs(f.dk), 1e-5);
+    } else {
+      const double tol = (u + kF32Tol) * std::sqrt(double(c.seq));
+      EXPECT_CLOSE(f.dq, dq, tol);
+      EXPECT_CLOSE(f.dk, dk, tol);
+      EXPECT_CLOSE(f.dq, g.dq.to_host(), 2 * tol);
+      EXPECT_CLOSE(f.dk, g.dk.to_host(), 2 * tol);
+    }
+    EXPECT_TRUE(bit_equal(f.dq, f2.dq) && bit_equal(f.dk, f2.dk) && bit_equal(f.dv, f2.dv))
+        << "flash backward rerun differs";
+    // The paths compute P differently (exp2 of base-2 scores vs exp) and sum in other orders, so
+    // over a long sequence dq differs somewhere: equal bits would mean the flash kernels did not
+    // run.
+    if (c.seq >= 64) {
+      EXPECT_FALSE(bit_equal(f.dq, g.dq)) << "flash backward not taken?";
+    }
+  }
+  EXPECT_EQ(gpu().precision(), Precision::Fp32);
+}
+
 // Not a check of values: times the fused attention at a training-like MLA shape (seq 2048, 16
 // heads, q/k 192, v 128) so tools/cuda_check.sh reports a throughput; asserts only finite output.
 TEST_F(CudaBackendTest, AttentionThroughput) {
@@ -844,6 +932,10 @@ TEST_F(CudaBackendTest, AttentionThroughput) {
         time_ms([&] { gpu().attention_forward(out, lse, q, k, v, B, S, H, scale); });
     std::printf("    attention bf16 fwd, cuBLAS path %.3f ms (%.1f TFLOP/s)\n", gemm,
                 fwd_flop / gemm * 1e-9);
+    const double gemm_bwd = time_ms(
+        [&] { gpu().attention_backward(dq, dk, dv, dout, out, lse, q, k, v, B, S, H, scale); });
+    std::printf("    attention bf16 bwd, cuBLAS path %.3f ms (%.1f TFLOP/s)\n", gemm_bwd,
+                bwd_flop / gemm_bwd * 1e-9);
   }
   EXPECT_TRUE(std::isfinite(max_abs(out)));
 }

@@ -15,9 +15,11 @@
 //
 // Results are deterministic: dK and dV sum the query chunks in order through the GEMMs' beta = 1.
 //
-// Forward: where the head dims allow (multiples of 16 up to 256), the fused flash-attention kernel
-// of cuda_flash_attention.cu replaces the three steps (scores never leave the SM); same roundings,
-// same lse. MOEKIT_CUDA_FLASH=0 selects the GEMM path (read per call, so tests can compare both).
+// Where the head dims allow (multiples of 16 up to 256), fused flash-attention kernels replace the
+// GEMM steps (scores never leave the SM): the forward of cuda_flash_attention.cu (same roundings,
+// same lse) and the backward of cuda_flash_attention_bwd.cu (same roundings of P and dS, the same
+// delta kernel). MOEKIT_CUDA_FLASH=0 selects the GEMM path for both (read per call, so tests can
+// compare both).
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -111,6 +113,14 @@ void CudaBackend::attention_backward_tc(Tensor& dq, Tensor& dk, Tensor& dv, cons
   Tensor delta = scratch({n}, DType::F32);
   const cuda::AttentionShape shape{batch, seq, heads, dqk, dvd, scale};
   check(cuda::attention_delta(delta.f32(), dout.f32(), out.f32(), shape), op);
+  if (flash_enabled() &&
+      cuda::flash_attention_backward_supported(shape, dq.f32(), dk.f32(), dv.f32(), do16.raw(),
+                                               q16.raw(), k16.raw(), v16.raw())) {
+    check(cuda::flash_attention_backward(dq.f32(), dk.f32(), dv.f32(), do16.raw(), lse.f32(),
+                                         delta.f32(), q16.raw(), k16.raw(), v16.raw(), shape),
+          op);
+    return;
+  }
   // dK, dV sum over the query chunks (beta = 1); the op assigns them, so start from zero.
   fill(dk, 0.0f);
   fill(dv, 0.0f);

@@ -22,6 +22,7 @@
 
 #include "ops/cuda/device_util.cuh"
 #include "ops/cuda/kernels.h"
+#include "ops/cuda/mma_util.cuh"
 
 namespace moekit::cuda {
 
@@ -30,10 +31,7 @@ namespace {
 constexpr int kTile = 64;  // query rows per block and keys per tile
 constexpr int kWarps = 4;  // each owns 16 query rows
 constexpr int kFlashThreads = kWarps * 32;
-// bf16 elements of padding per shared row: a row stride of QK + 8 (QK a multiple of 64) is 4 mod
-// 32 banks, so the 8 rows of 16 bytes that one ldmatrix phase reads fall on distinct banks.
-constexpr int kPad = 8;
-constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+constexpr float kLn2 = 0.6931471805599453f;
 
 struct FlashArgs {
   float* out;
@@ -42,56 +40,6 @@ struct FlashArgs {
   int seq, heads, dqk, dv, chunks;
   float scale_log2;  // scale * log2(e)
 };
-
-__device__ inline uint32_t shared_address(const void* p) {
-  return uint32_t(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared, asynchronously; valid = false writes 16 zero bytes (src unread).
-__device__ inline void cp_async16(uint32_t dst, const void* src, bool valid) {
-  const int bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes)
-               : "memory");
-}
-__device__ inline void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-// Waits until at most one committed group (the newest) is still in flight.
-__device__ inline void cp_async_wait_one() {
-  asm volatile("cp.async.wait_group 1;\n" ::: "memory");
-}
-
-// Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, r[i] receives its
-// fragment: row lane/4, columns 2(lane%4), +1 (with .trans: column lane/4, rows 2(lane%4), +1).
-__device__ inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
-__device__ inline void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
-
-// d += A B, m16n8k16, A row-major 16x16 bf16, B column-major 16x8 bf16, fp32 accumulators.
-// With g = lane / 4, t = lane % 4 (each 32-bit register holds two bf16, lower column in the low
-// half):  a[0] = A[g][2t..2t+1], a[1] = A[g+8][2t..], a[2] = A[g][2t+8..], a[3] = A[g+8][2t+8..];
-// b0 = B[2t..2t+1][g], b1 = B[2t+8..2t+9][g];  d[0..1] = D[g][2t..2t+1], d[2..3] = D[g+8][2t..].
-__device__ inline void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ inline uint32_t pack_bf16(float lo, float hi) {
-  const __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);  // .x (low half) = lo
-  return *reinterpret_cast<const uint32_t*>(&p);
-}
 
 // Max and sum over the 4 lanes of a quad (lanes 4g..4g+3 hold the columns of rows g, g + 8).
 __device__ inline float quad_max(float x) {
@@ -165,13 +113,12 @@ __global__ void __launch_bounds__(kFlashThreads) flash_attention_kernel(const Fl
   // +0..7 (b0 of n-tile 2p), 1 = keys +0..7 x dims +8..15 (b1 of 2p), 2 = keys +8..15 x dims
   // +0..7 (b0 of 2p+1), 3 = keys +8..15 x dims +8..15 (b1 of 2p+1): the thread gets
   // K[key g][dim 2t..2t+1] = B[2t..][g] of B = K^T.
-  const int mi = lane / 8, mr = lane % 8;
-  const int k_lane = (mr + ((mi & 2) ? 8 : 0)) * kStride + ((mi & 1) ? 8 : 0);
+  const int k_lane = frag_cols_offset(lane, kStride);
   // V (transposed), for k-step kk (keys 16kk..) and v n-tiles 2p, 2p+1: matrix 0 = keys +0..7 x
   // cols +0..7 (b0 of n-tile 2p), 1 = keys +8..15 x cols +0..7 (b1 of 2p), 2 = keys +0..7 x cols
   // +8..15 (b0 of 2p+1), 3 = keys +8..15 x cols +8..15 (b1 of 2p+1): with .trans the thread gets
   // V[key 2t..2t+1][col g] = B[2t..][g] of B = V.
-  const int v_lane = (mr + ((mi & 1) ? 8 : 0)) * vStride + ((mi & 2) ? 8 : 0);
+  const int v_lane = frag_rows_offset(lane, vStride);
 
   float o[vTiles][4];
 #pragma unroll

@@ -305,6 +305,17 @@ bool flash_attention_supported(const AttentionShape& s, const float* out, const 
                                const void* k, const void* v);
 cudaError_t flash_attention_forward(float* out, float* lse, const void* q, const void* k,
                                     const void* v, const AttentionShape& s);
+// The backward as fused kernels (cuda_flash_attention_bwd.cu), for the same shapes: dout bf16
+// [.., dv], lse as the forward writes it, delta [batch, heads, seq] from attention_delta; dq, dk,
+// dv fp32, assigned. dS = P * (dP - delta) * scale, P and dS rounded to bf16 before the products
+// they feed, as attention_tc_dscores. Whether it takes the shape: as flash_attention_supported,
+// dq, dk, dv 8-byte and dout 16-byte aligned.
+bool flash_attention_backward_supported(const AttentionShape& s, const float* dq, const float* dk,
+                                        const float* dv, const void* dout, const void* q,
+                                        const void* k, const void* v);
+cudaError_t flash_attention_backward(float* dq, float* dk, float* dv, const void* dout,
+                                     const float* lse, const float* delta, const void* q,
+                                     const void* k, const void* v, const AttentionShape& s);
 
 // --- optimizer (cuda_optim.cu)
 cudaError_t adamw_step(float* w, float* m, float* v, const float* g, int64_t n, const AdamWStep& s);
