@@ -47,7 +47,8 @@ static double seconds_since(std::chrono::steady_clock::time_point t0) {
 }
 
 // Greedy decoding: one warm-up generation (allocator, cuBLAS heuristics), then the timed one.
-// Greedy sampling reads the logits back every token, so the clock covers the device's work.
+// Greedy (and sampled) decoding reads the chosen id back every token, so the clock covers the
+// device's work.
 static int decode_bench(DeepSeekModel& model, int64_t batch, int64_t prompt_len, int64_t new_tokens,
                         const std::string& dev_name, const std::string& dtype) {
   if (batch != 1) fail("decode: BATCH must be 1 (batch-1 decoding), got {}", batch);
@@ -57,6 +58,9 @@ static int decode_bench(DeepSeekModel& model, int64_t batch, int64_t prompt_len,
     prompt[size_t(i)] = int32_t((uint64_t(i) * 2654435761u) % uint64_t(c.vocab_size));
   Generator gen(model, prompt_len + new_tokens + 1);
   SamplingParams p;  // greedy, no stop tokens: exactly new_tokens tokens
+  // MOEKIT_BENCH_TEMPERATURE / MOEKIT_BENCH_TOP_P: sampled decoding instead (Backend::sample).
+  if (const char* t = std::getenv("MOEKIT_BENCH_TEMPERATURE")) p.temperature = std::stof(t);
+  if (const char* t = std::getenv("MOEKIT_BENCH_TOP_P")) p.top_p = std::stof(t);
   p.max_tokens = std::min<int64_t>(new_tokens, 16);
   (void)gen.generate(prompt, p);
   gen.reset();
@@ -72,9 +76,9 @@ static int decode_bench(DeepSeekModel& model, int64_t batch, int64_t prompt_len,
       "{{\"engine\": \"moekit\", \"device\": \"{}\", \"dtype\": \"{}\", \"mode\": \"decode\", "
       "\"decode_tok_s\": "
       "{:.1f}, \"prompt\": {}, \"new_tokens\": {}, \"seconds\": {:.3f}, \"peak_rss_mib\": {:.1f}, "
-      "\"threads\": {}, \"layers\": {}}}\n",
+      "\"threads\": {}, \"layers\": {}, \"temperature\": {}, \"top_p\": {}}}\n",
       dev_name, dtype, double(new_tokens) / t, prompt_len, new_tokens, t,
-      double(ru.ru_maxrss) / 1024.0, num_threads(), c.num_hidden_layers);
+      double(ru.ru_maxrss) / 1024.0, num_threads(), c.num_hidden_layers, p.temperature, p.top_p);
   return 0;
 }
 
