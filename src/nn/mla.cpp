@@ -62,6 +62,11 @@ Tensor MLA::forward(Backend& be, const Tensor& x, const Tensor& positions, const
     linear_forward(be, saved.q, saved.x, *q_proj);
   }
   be.rope(saved.q, heads, dqk, dn, dr, rope.cos, rope.sin, positions, false);
+  // Under Bf16 the attention reads q, k and v rounded to bf16 in both passes: round them once
+  // here (k and v as the split writes them) and save the BF16 copies (half the bytes).
+  const bool bf16_attention = bf16_gemm_inputs(be) && be.supports(Op::Attention, DType::BF16) &&
+                              be.supports(Op::MlaSplitKv, DType::BF16);
+  if (bf16_attention) saved.q = bf16_operand(be, saved.q);
 
   Tensor kv_a = empty({T, kv_lora_rank + dr});
   linear_forward(be, kv_a, saved.x, *kv_a_proj_with_mqa);
@@ -74,8 +79,9 @@ Tensor MLA::forward(Backend& be, const Tensor& x, const Tensor& positions, const
 
   Tensor kv_b = empty({T, heads * (dn + dv)});
   linear_forward(be, kv_b, saved.kv_latent, *kv_b_proj);
-  saved.k = empty({T, heads * dqk});
-  saved.v = empty({T, heads * dv});
+  const DType kv_dtype = bf16_attention ? DType::BF16 : DType::F32;
+  saved.k = Tensor::empty({T, heads * dqk}, kv_dtype, dev);
+  saved.v = Tensor::empty({T, heads * dv}, kv_dtype, dev);
   be.mla_split_kv(saved.k, saved.v, kv_b, saved.k_rope, heads, dn, dr, dv);
 
   prof.next("attn.fwd.attention");
@@ -105,7 +111,10 @@ void MLA::backward(Backend& be, Tensor& dx, const Tensor& dy, const RopeTable& r
                         saved.batch, saved.seq, heads, softmax_scale);
 
   prof.next("attn.bwd.projections");
-  Tensor dkv_b = empty({T, heads * (dn + dv)}), dk_rope = empty({T, dr});
+  // dkv_b feeds only kv_b's GEMMs: under Bf16 the split writes it rounded (what they would read).
+  const bool bf16_dkv_b = bf16_gemm_inputs(be) && be.supports(Op::MlaSplitKv, DType::BF16);
+  Tensor dkv_b = Tensor::empty({T, heads * (dn + dv)}, bf16_dkv_b ? DType::BF16 : DType::F32, dev);
+  Tensor dk_rope = empty({T, dr});
   be.mla_split_kv_backward(dkv_b, dk_rope, dk, dvv, heads, dn, dr, dv);
   Tensor dkv_latent = empty({T, kv_lora_rank});
   linear_backward(be, dkv_latent, *kv_b_proj, dkv_b, saved.kv_latent, false);

@@ -32,6 +32,7 @@ struct MLA {
   // x, q_a_normed and kv_latent are read by backward only as GEMM inputs: BF16 under Bf16 where
   // the layer rounds them once (nn/linear.h, gemm_input), F32 otherwise.
   struct Saved {
+    // q, k, v: BF16 under Bf16 (rounded once for both attention passes), else F32.
     Tensor x, q_a, q_a_normed, q, kv_latent, k_rope, k, v, o, lse, positions;
     int64_t batch = 0, seq = 0;
   } saved;

@@ -245,7 +245,9 @@ class Backend {
                     bool inverse) = 0;
 
   // Causal attention per sequence: q,k [B*S, H, Dqk], v [B*S, H, Dv] -> out [B*S, H, Dv];
-  // lse [B, H, S] (log-sum-exp of scaled scores) saved for backward.
+  // lse [B, H, S] (log-sum-exp of scaled scores) saved for backward. All F32; under
+  // Precision::Bf16, where supports(Attention, BF16), q, k and v may be BF16 (the values the bf16
+  // path would round them to, used as they are: a layer rounds them once for both passes).
   virtual void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,
                                  const Tensor& v, int64_t batch, int64_t seq, int64_t heads,
                                  float scale) = 0;
@@ -354,7 +356,9 @@ class Backend {
                             int64_t n, bool accumulate) = 0;
 
   // MLA: kv_b [T, H*(Dn+Dv)] per head [k_nope | v], k_rope [T, Dr] shared by heads ->
-  // k [T, H, Dn+Dr] = [k_nope | k_rope], v [T, H, Dv]. Backward assigns dkv_b and dk_rope.
+  // k [T, H, Dn+Dr] = [k_nope | k_rope], v [T, H, Dv]. Backward assigns dkv_b and dk_rope. F32;
+  // where supports(MlaSplitKv, BF16), k and v (forward) and dkv_b (backward) may be BF16: the
+  // values rounded once as they are written, for a bf16 attention and a bf16 GEMM to read.
   virtual void mla_split_kv(Tensor& k, Tensor& v, const Tensor& kv_b, const Tensor& k_rope,
                             int64_t heads, int64_t dn, int64_t dr, int64_t dv) = 0;
   virtual void mla_split_kv_backward(Tensor& dkv_b, Tensor& dk_rope, const Tensor& dk,

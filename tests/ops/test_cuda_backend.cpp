@@ -1071,6 +1071,46 @@ TEST_F(CudaBackendTest, CopyColumnsAndMlaSplit) {
   gpu().mla_split_kv_backward(gdkv_b, gdk_rope, dev(dk), dev(dvv), H, dn, dr, dv);
   EXPECT_CLOSE(gdkv_b, dkv_b, 0.0);
   EXPECT_CLOSE(gdk_rope, dk_rope, kF32Tol);
+  // BF16 outputs (MLA under Bf16): the F32 results rounded once, to the bit (host rounding is
+  // round-to-nearest-even as the kernels'); dk_rope stays F32 and unchanged.
+  Tensor bk = poisoned(k.shape(), DType::BF16), bv = poisoned(v.shape(), DType::BF16);
+  gpu().mla_split_kv(bk, bv, dev(kv_b), dev(k_rope), H, dn, dr, dv);
+  EXPECT_TRUE(bit_equal(bk.to_host(), k.to_dtype(DType::BF16))) << "k";
+  EXPECT_TRUE(bit_equal(bv.to_host(), v.to_dtype(DType::BF16))) << "v";
+  Tensor bdkv_b = poisoned(kv_b.shape(), DType::BF16), bdk_rope = poisoned(k_rope.shape());
+  gpu().mla_split_kv_backward(bdkv_b, bdk_rope, dev(dk), dev(dvv), H, dn, dr, dv);
+  EXPECT_TRUE(bit_equal(bdkv_b.to_host(), dkv_b.to_dtype(DType::BF16))) << "dkv_b";
+  EXPECT_TRUE(bit_equal(bdk_rope, gdk_rope)) << "dk_rope";
+}
+
+// Attention under Bf16 with q, k, v given as BF16 (a layer rounded them once) against the same
+// op on their F32 values: the bf16 path rounds F32 inputs to exactly those values, so out, lse and
+// every gradient are bit-identical (whichever kernels run). A BF16 input under Fp32 is refused.
+TEST_F(CudaBackendTest, AttentionTakesBf16InputsUnderBf16) {
+  const int64_t B = 2, S = 37, H = 3, dqk = 48, dv = 32;
+  const float scale = 0.2f;
+  const Tensor q = dev(randn({B * S, H, dqk})), k = dev(randn({B * S, H, dqk}));
+  const Tensor v = dev(randn({B * S, H, dv})), dout = dev(randn({B * S, H, dv}));
+  const Tensor q16 = q.to_host().to_dtype(DType::BF16).to_device(Device::CUDA);
+  const Tensor k16 = k.to_host().to_dtype(DType::BF16).to_device(Device::CUDA);
+  const Tensor v16 = v.to_host().to_dtype(DType::BF16).to_device(Device::CUDA);
+  struct Run {
+    Tensor out, lse, dq, dk, dv;
+  };
+  auto run = [&](const Tensor& qi, const Tensor& ki, const Tensor& vi) {
+    PrecisionScope bf16(gpu(), Precision::Bf16);
+    Run r{poisoned({B * S, H, dv}), poisoned({B, H, S}), poisoned({B * S, H, dqk}),
+          poisoned({B * S, H, dqk}), poisoned({B * S, H, dv})};
+    gpu().attention_forward(r.out, r.lse, qi, ki, vi, B, S, H, scale);
+    gpu().attention_backward(r.dq, r.dk, r.dv, dout, r.out, r.lse, qi, ki, vi, B, S, H, scale);
+    return r;
+  };
+  const Run a = run(q, k, v), b = run(q16, k16, v16);
+  EXPECT_TRUE(bit_equal(a.out, b.out) && bit_equal(a.lse, b.lse)) << "forward";
+  EXPECT_TRUE(bit_equal(a.dq, b.dq) && bit_equal(a.dk, b.dk) && bit_equal(a.dv, b.dv))
+      << "backward";
+  Tensor out = poisoned({B * S, H, dv}), lse = poisoned({B, H, S});
+  EXPECT_THROW(gpu().attention_forward(out, lse, q16, k16, v16, B, S, H, scale), Error);
 }
 
 struct GateCase {

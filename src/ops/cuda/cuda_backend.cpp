@@ -332,6 +332,8 @@ bool CudaBackend::supports(Op op, DType dtype) const {
     case Op::MlaValueHeads:
     case Op::RoundBf16:
     case Op::CrossEntropy:
+    case Op::Attention:   // q, k, v under Bf16
+    case Op::MlaSplitKv:  // k, v, dkv_b
       return true;
     default:
       return false;

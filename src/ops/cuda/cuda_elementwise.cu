@@ -192,27 +192,31 @@ cudaError_t copy_columns(float* dst, int64_t dst_ld, const float* src, int64_t s
   });
 }
 
-cudaError_t mla_split_kv(float* k, float* v, const float* kv_b, const float* k_rope, int64_t tokens,
-                         int64_t heads, int64_t dn, int64_t dr, int64_t dv) {
+namespace {
+
+template <typename T>
+cudaError_t mla_split_kv_as(T* k, T* v, const float* kv_b, const float* k_rope, int64_t tokens,
+                            int64_t heads, int64_t dn, int64_t dr, int64_t dv) {
   const int64_t dk = dn + dr;
   cudaError_t e = for_each(tokens * heads * dk, [=] __device__(int64_t i) {
     const int64_t j = i % dk, th = i / dk;
-    k[i] = j < dn ? kv_b[th * (dn + dv) + j] : k_rope[(th / heads) * dr + (j - dn)];
+    k[i] = from_f32<T>(j < dn ? kv_b[th * (dn + dv) + j] : k_rope[(th / heads) * dr + (j - dn)]);
   });
   if (e != cudaSuccess) return e;
   return for_each(tokens * heads * dv, [=] __device__(int64_t i) {
     const int64_t j = i % dv, th = i / dv;
-    v[i] = kv_b[th * (dn + dv) + dn + j];
+    v[i] = from_f32<T>(kv_b[th * (dn + dv) + dn + j]);
   });
 }
 
-cudaError_t mla_split_kv_backward(float* dkv_b, float* dk_rope, const float* dk, const float* dv,
-                                  int64_t tokens, int64_t heads, int64_t dn, int64_t dr,
-                                  int64_t dvd) {
+template <typename T>
+cudaError_t mla_split_kv_backward_as(T* dkv_b, float* dk_rope, const float* dk, const float* dv,
+                                     int64_t tokens, int64_t heads, int64_t dn, int64_t dr,
+                                     int64_t dvd) {
   const int64_t w = dn + dvd, dkw = dn + dr;
   cudaError_t e = for_each(tokens * heads * w, [=] __device__(int64_t i) {
     const int64_t j = i % w, th = i / w;
-    dkv_b[i] = j < dn ? dk[th * dkw + j] : dv[th * dvd + (j - dn)];
+    dkv_b[i] = from_f32<T>(j < dn ? dk[th * dkw + j] : dv[th * dvd + (j - dn)]);
   });
   if (e != cudaSuccess) return e;
   // The shared rope key gets the sum over heads, in head order (as the CPU backend).
@@ -222,6 +226,27 @@ cudaError_t mla_split_kv_backward(float* dkv_b, float* dk_rope, const float* dk,
     for (int64_t h = 0; h < heads; ++h) s += dk[(t * heads + h) * dkw + dn + j];
     dk_rope[i] = s;
   });
+}
+
+}  // namespace
+
+cudaError_t mla_split_kv(void* k, void* v, DType dtype, const float* kv_b, const float* k_rope,
+                         int64_t tokens, int64_t heads, int64_t dn, int64_t dr, int64_t dv) {
+  if (dtype == DType::BF16)
+    return mla_split_kv_as(static_cast<bf16_t*>(k), static_cast<bf16_t*>(v), kv_b, k_rope, tokens,
+                           heads, dn, dr, dv);
+  return mla_split_kv_as(static_cast<float*>(k), static_cast<float*>(v), kv_b, k_rope, tokens,
+                         heads, dn, dr, dv);
+}
+
+cudaError_t mla_split_kv_backward(void* dkv_b, DType dtype, float* dk_rope, const float* dk,
+                                  const float* dv, int64_t tokens, int64_t heads, int64_t dn,
+                                  int64_t dr, int64_t dvd) {
+  if (dtype == DType::BF16)
+    return mla_split_kv_backward_as(static_cast<bf16_t*>(dkv_b), dk_rope, dk, dv, tokens, heads, dn,
+                                    dr, dvd);
+  return mla_split_kv_backward_as(static_cast<float*>(dkv_b), dk_rope, dk, dv, tokens, heads, dn,
+                                  dr, dvd);
 }
 
 namespace {

@@ -126,11 +126,25 @@ void CudaBackend::rope(Tensor& x, int64_t heads, int64_t head_stride, int64_t of
         op);
 }
 
+// q, k, v of attention: F32, or BF16 under the Bf16 precision (its path rounds them anyway).
+void CudaBackend::expect_attention_inputs(const Tensor& q, const Tensor& k, const Tensor& v,
+                                          const char* op) const {
+  for (const auto& [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}}) {
+    if (t->dtype() == DType::BF16 && precision_ != Precision::Bf16)
+      fail("CUDA {}: BF16 {} needs the bf16 precision", op, name);
+    if (t->dtype() == DType::BF16)
+      expect(*t, DType::BF16, op, name);
+    else
+      expect_f32(*t, op, name);
+  }
+}
+
 void CudaBackend::attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,
                                     const Tensor& v, int64_t batch, int64_t seq, int64_t heads,
                                     float scale) {
   const char* op = "attention_forward";
-  expect_all_f32({&out, &lse, &q, &k, &v}, op);
+  expect_all_f32({&out, &lse}, op);
+  expect_attention_inputs(q, k, v, op);
   const int64_t n = batch * seq * heads;
   if (n == 0) return;
   cuda::AttentionShape s{batch, seq, heads, q.numel() / n, v.numel() / n, scale};
@@ -147,7 +161,8 @@ void CudaBackend::attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const T
                                      const Tensor& k, const Tensor& v, int64_t batch, int64_t seq,
                                      int64_t heads, float scale) {
   const char* op = "attention_backward";
-  expect_all_f32({&dq, &dk, &dv, &dout, &out, &lse, &q, &k, &v}, op);
+  expect_all_f32({&dq, &dk, &dv, &dout, &out, &lse}, op);
+  expect_attention_inputs(q, k, v, op);
   const int64_t n = batch * seq * heads;
   if (n == 0) return;
   cuda::AttentionShape s{batch, seq, heads, q.numel() / n, v.numel() / n, scale};
@@ -501,12 +516,16 @@ void CudaBackend::mla_split_kv(Tensor& k, Tensor& v, const Tensor& kv_b, const T
                                int64_t heads, int64_t dn, int64_t dr, int64_t dv) {
   const char* op = "mla_split_kv";
   const int64_t T = rows(kv_b);
-  expect_all_f32({&k, &v, &kv_b, &k_rope}, op);
+  expect_all_f32({&kv_b, &k_rope}, op);
+  expect_f32_or_bf16(k, op, "k");
+  expect(v, k.dtype(), op, "v");
   expect_numel(kv_b, T * heads * (dn + dv), op, "kv_b");
   expect_numel(k_rope, T * dr, op, "k_rope");
   expect_numel(k, T * heads * (dn + dr), op, "k");
   expect_numel(v, T * heads * dv, op, "v");
-  check(cuda::mla_split_kv(k.f32(), v.f32(), kv_b.f32(), k_rope.f32(), T, heads, dn, dr, dv), op);
+  check(cuda::mla_split_kv(k.raw(), v.raw(), k.dtype(), kv_b.f32(), k_rope.f32(), T, heads, dn, dr,
+                           dv),
+        op);
 }
 
 void CudaBackend::mla_split_kv_backward(Tensor& dkv_b, Tensor& dk_rope, const Tensor& dk,
@@ -514,13 +533,14 @@ void CudaBackend::mla_split_kv_backward(Tensor& dkv_b, Tensor& dk_rope, const Te
                                         int64_t dvd) {
   const char* op = "mla_split_kv_backward";
   const int64_t T = rows(dkv_b);
-  expect_all_f32({&dkv_b, &dk_rope, &dk, &dv}, op);
+  expect_all_f32({&dk_rope, &dk, &dv}, op);
+  expect_f32_or_bf16(dkv_b, op, "dkv_b");
   expect_numel(dkv_b, T * heads * (dn + dvd), op, "dkv_b");
   expect_numel(dk_rope, T * dr, op, "dk_rope");
   expect_numel(dk, T * heads * (dn + dr), op, "dk");
   expect_numel(dv, T * heads * dvd, op, "dv");
-  check(cuda::mla_split_kv_backward(dkv_b.f32(), dk_rope.f32(), dk.f32(), dv.f32(), T, heads, dn,
-                                    dr, dvd),
+  check(cuda::mla_split_kv_backward(dkv_b.raw(), dkv_b.dtype(), dk_rope.f32(), dk.f32(), dv.f32(),
+                                    T, heads, dn, dr, dvd),
         op);
 }
 

@@ -66,11 +66,12 @@ cudaError_t rope(float* x, int64_t tokens, int64_t heads, int64_t head_stride, i
 // dst/src point at the first copied column; ld = row length in elements.
 cudaError_t copy_columns(float* dst, int64_t dst_ld, const float* src, int64_t src_ld, int64_t rows,
                          int64_t n, bool accumulate);
-cudaError_t mla_split_kv(float* k, float* v, const float* kv_b, const float* k_rope, int64_t tokens,
-                         int64_t heads, int64_t dn, int64_t dr, int64_t dv);
-cudaError_t mla_split_kv_backward(float* dkv_b, float* dk_rope, const float* dk, const float* dv,
-                                  int64_t tokens, int64_t heads, int64_t dn, int64_t dr,
-                                  int64_t dvd);
+// k, v (forward) and dkv_b (backward) of `dtype`: F32, or BF16 (rounded once as written).
+cudaError_t mla_split_kv(void* k, void* v, DType dtype, const float* kv_b, const float* k_rope,
+                         int64_t tokens, int64_t heads, int64_t dn, int64_t dr, int64_t dv);
+cudaError_t mla_split_kv_backward(void* dkv_b, DType dtype, float* dk_rope, const float* dk,
+                                  const float* dv, int64_t tokens, int64_t heads, int64_t dn,
+                                  int64_t dr, int64_t dvd);
 // out[t, :] = table[ids[t], :] widened to fp32; the table is F32, or BF16 when table_bf16 (a frozen
 // embedding of a bf16 model). ids checked by `ids_check` (limit: the table's rows).
 cudaError_t embedding_forward(float* out, const void* table, bool table_bf16, const int32_t* ids,
