@@ -11,11 +11,29 @@
 // the end. lse is the natural-log log-sum-exp of the scaled scores, [batch, heads, seq], what the
 // backward recomputes P from. Deterministic: fixed loop orders and shuffle trees, no atomics.
 //
-// Block (query tile, head, sequence x v-column chunk), 4 warps, warp w owning query rows
+// Block (query tile, head, sequence x v-column chunk), `warps` warps, warp w owning query rows
 // [16w, 16w + 16) of the tile. The tiles are launched last-first (the last one has the most keys).
-// Key tiles 0..qt are visited (causal); only the diagonal one is masked. K and V tiles are double
-// buffered with cp.async (zero-filled past the sequence's end). v's columns are split into chunks
-// of VC (128; 64 for small heads) per block so the accumulator fits in registers at dv = 256 too.
+// Key tiles up to the block's last row are visited (causal); only tiles that reach past a warp's
+// first row are masked, and a warp skips tiles wholly past its rows. K and V tiles are staged with
+// cp.async (zero-filled past the sequence's end). v's columns are split into chunks of VC (128; 64
+// for small heads) per block so the accumulator fits in registers at dv = 256 too.
+//
+// Variants (MOEKIT_FLASH_FWD_VARIANT, read per call; kFwdVariants; 0 when unset or out of range).
+// Every variant computes the same thing within rounding (different key tiles rescale the running
+// sums at other points) and each is deterministic. What they trade, at 192/128 (ptxas, sm_90):
+//  0  4 warps (64 rows), 64-key tiles, Q in registers, 2 K/V buffers: the original kernel.
+//     198 registers, 86 KB shared: 2 blocks (8 warps) per SM.
+//  1  8 warps (128 rows), otherwise 0: each K/V tile staged once for twice the rows (half the
+//     L2 -> shared traffic and load-loop instructions per mma), 1 block of 8 warps per SM (196
+//     registers); at batch 1 half the blocks, so a worse tail.
+//  2  4 warps, 32-key tiles, Q in shared memory (one more ldmatrix per k-step), capped at 168
+//     registers for 3 blocks per SM (uses 126; 69 KB shared): 12 warps to hide latency.
+//  3  8 warps, 32-key tiles, Q in registers, 3 K/V buffers: the buffer refilled at tile kt was
+//     read at kt - 2, so one barrier per tile instead of two (178 registers, 65 KB).
+//  4  8 warps, 32-key tiles, Q in shared memory, 2 blocks per SM (150 registers -> capped 128;
+//     94 KB): 16 warps per SM.
+// Within a warp all variants use the same mma shapes: ldmatrix per mma is 1/2 with Q in
+// registers (K: 1 per 2 mma, V: 1 per 2) and a little more with Q in shared memory.
 #include <cuda_bf16.h>
 
 #include <cstdint>
@@ -94,7 +112,7 @@ __global__ void __launch_bounds__(kFwdVariants[V].warps * 32, kFwdVariants[V].mi
   const int c0 = chunk * VC, nv = min(VC, dv - c0);  // this block's v columns [c0, c0 + nv)
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
   const int g = lane / 4, t = lane % 4;
-  const int wrow = qt * BM + warp * 16;         // the warp's first row
+  const int wrow = qt * BM + warp * 16;        // the warp's first row
   const int row0 = wrow + g, row1 = row0 + 8;  // the rows this lane holds
   const int64_t tok0 = int64_t(b) * seq;       // first token of the sequence
   // Key tiles up to the block's last row (or the sequence's last key).
@@ -358,11 +376,16 @@ cudaError_t flash_attention_forward(float* out, float* lse, const void* q, const
                        int((s.dv + vc - 1) / vc),
                        s.scale * kLog2e};
   switch (flash_variant("MOEKIT_FLASH_FWD_VARIANT", kFwdVariantCount)) {
-    case 1: return launch_variant<1>(args, s.batch, small);
-    case 2: return launch_variant<2>(args, s.batch, small);
-    case 3: return launch_variant<3>(args, s.batch, small);
-    case 4: return launch_variant<4>(args, s.batch, small);
-    default: return launch_variant<0>(args, s.batch, small);
+    case 1:
+      return launch_variant<1>(args, s.batch, small);
+    case 2:
+      return launch_variant<2>(args, s.batch, small);
+    case 3:
+      return launch_variant<3>(args, s.batch, small);
+    case 4:
+      return launch_variant<4>(args, s.batch, small);
+    default:
+      return launch_variant<0>(args, s.batch, small);
   }
 }
 

@@ -39,6 +39,10 @@ __device__ inline void cp_async_commit() {
 __device__ inline void cp_async_wait_one() {
   asm volatile("cp.async.wait_group 1;\n" ::: "memory");
 }
+// Waits until every committed group has landed.
+__device__ inline void cp_async_wait_all() {
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
 
 // Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, r[i] receives its
 // fragment: row lane/4, columns 2(lane%4), +1 (with .trans: column lane/4, rows 2(lane%4), +1).
