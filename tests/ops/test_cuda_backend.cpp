@@ -714,11 +714,12 @@ TEST_F(CudaBackendTest, CausalAttentionBf16Precision) {
                              c.batch, c.seq, c.heads, scale);
 
     Tensor gq = dev(q), gk = dev(k), gv = dev(v);
-    // Through the flash kernels (forward and backward, variant v of each) where they take the
-    // shape, then (v = -1) through the GEMM path.
-    for (int v = 0; v < std::max(kFlashFwdVariants, kFlashBwdVariants) + 1; ++v) {
-      const bool flash = v < std::max(kFlashFwdVariants, kFlashBwdVariants);
-      const std::string id = std::to_string(flash ? v : -1);
+    // Through the flash kernels (forward and backward, variant `mode` of each) where they take
+    // the shape, then (mode = the variant count) through the GEMM path.
+    const int modes = std::max(kFlashFwdVariants, kFlashBwdVariants);
+    for (int mode = 0; mode <= modes; ++mode) {
+      const bool flash = mode < modes;
+      const std::string id = std::to_string(flash ? mode : 0);
       SCOPED_TRACE(testing::Message() << "MOEKIT_CUDA_FLASH=" << flash << " variant " << id);
       EnvScope env("MOEKIT_CUDA_FLASH", flash ? "1" : "0"), opt_in("MOEKIT_CUDA_FLASH_BWD", "1");
       EnvScope fv("MOEKIT_FLASH_FWD_VARIANT", id.c_str()),
@@ -750,16 +751,16 @@ TEST_F(CudaBackendTest, CausalAttentionBf16Precision) {
 
 // The fused flash-attention forward (ops/cuda/cuda_flash_attention.cu, the Bf16 forward wherever
 // dqk and dv are multiples of 16 up to 256) against the CPU op on the same bf16-rounded q, k, v,
-// against the cuBLAS path (MOEKIT_CUDA_FLASH=0), and against itself (bit-identical reruns).
-// Tolerances, as in CausalAttentionBf16Precision: the only rounding inside the op is P to bf16
-// before P V (relative error <= u = 2^-8 per entry; the kernel rounds exp(s - running max) rather
-// than the normalised P, the same relative bound), so |out error| <= u sum_j p_ij |v_j| <=
-// u max|v|: normwise tol (u + kF32Tol) max|v| / max|out|. lse comes from fp32 scores of exact
-// bf16 products: kF32Tol. The two GPU paths are each within those bounds of the CPU, so within
-// twice them of each other. A wrong fragment index, mask or tile offset shows up as O(1).
-// Shapes: DeepSeek-V2 (192/128, 16 heads, seq 2048, batch 2), a sequence not a multiple of the
-// 64-row tile (300), one token, 64/64 (the small instance), 256/256 (two v-column chunks), 96/160
-// (a partial second chunk, K tile wider than dqk), 16/32.
+// against the cuBLAS path (MOEKIT_CUDA_FLASH=0), and against itself (bit-identical reruns), each
+// tiling variant (MOEKIT_FLASH_FWD_VARIANT) alike. Tolerances, as in CausalAttentionBf16Precision:
+// the only rounding inside the op is P to bf16 before P V (relative error <= u = 2^-8 per entry;
+// the kernel rounds exp(s - running max) rather than the normalised P, the same relative bound), so
+// |out error| <= u sum_j p_ij |v_j| <= u max|v|: normwise tol (u + kF32Tol) max|v| / max|out|. lse
+// comes from fp32 scores of exact bf16 products: kF32Tol. The two GPU paths are each within those
+// bounds of the CPU, so within twice them of each other. A wrong fragment index, mask or tile
+// offset shows up as O(1). Shapes: DeepSeek-V2 (192/128, 16 heads, seq 2048, batch 2), a sequence
+// not a multiple of the 64-row tile (300), one token, 64/64 (the small instance), 256/256 (two
+// v-column chunks), 96/160 (a partial second chunk, K tile wider than dqk), 16/32.
 TEST_F(CudaBackendTest, FlashAttentionForwardBf16) {
   const double u = std::ldexp(1.0, -8);
   auto rounded = [](const Tensor& t) { return t.to_dtype(DType::BF16).to_f32(); };
@@ -807,7 +808,8 @@ TEST_F(CudaBackendTest, FlashAttentionForwardBf16) {
 
 // The fused flash-attention backward (ops/cuda/cuda_flash_attention_bwd.cu, the Bf16 backward
 // wherever dqk and dv are multiples of 16 up to 256) against the CPU op, against the cuBLAS path
-// (MOEKIT_CUDA_FLASH=0) and against itself (bit-identical reruns). Inputs as in
+// (MOEKIT_CUDA_FLASH=0) and against itself (bit-identical reruns), each tiling variant
+// (MOEKIT_FLASH_BWD_VARIANT) alike. Inputs as in
 // CausalAttentionBf16Precision: q, k, v, dO rounded to bf16, out and lse from the CPU forward, so
 // only the backward is checked. The kernels round what the GEMM path rounds, P and dS to bf16
 // (relative error <= u = 2^-8 per entry; P = exp2 of base-2 scaled scores differs from exp() of
