@@ -630,6 +630,10 @@ struct EnvScope {
   EnvScope& operator=(const EnvScope&) = delete;
 };
 
+// The flash kernels' tiling variants (MOEKIT_FLASH_FWD_VARIANT / MOEKIT_FLASH_BWD_VARIANT, see
+// the headers of ops/cuda/cuda_flash_attention.cu and _bwd.cu; an id out of range runs variant 0).
+constexpr int kFlashFwdVariants = 5, kFlashBwdVariants = 5;
+
 TEST_F(CudaBackendTest, CausalAttentionForwardBackward) {
   // Odd sequence lengths (partial tiles), one token, and an MLA shape (q/k 192, v 128).
   for (const AttnCase& c : {AttnCase{2, 45, 3, 24, 16}, AttnCase{1, 1, 2, 8, 8},
@@ -710,11 +714,16 @@ TEST_F(CudaBackendTest, CausalAttentionBf16Precision) {
                              c.batch, c.seq, c.heads, scale);
 
     Tensor gq = dev(q), gk = dev(k), gv = dev(v);
-    // Through the flash kernels (forward and backward) where they take the shape, then through
-    // the GEMM path.
-    for (const char* flash : {"1", "0"}) {
-      SCOPED_TRACE(testing::Message() << "MOEKIT_CUDA_FLASH=" << flash);
-      EnvScope env("MOEKIT_CUDA_FLASH", flash);
+    // Through the flash kernels (forward and backward, variant `mode` of each) where they take
+    // the shape, then (mode = the variant count) through the GEMM path.
+    const int modes = std::max(kFlashFwdVariants, kFlashBwdVariants);
+    for (int mode = 0; mode <= modes; ++mode) {
+      const bool flash = mode < modes;
+      const std::string id = std::to_string(flash ? mode : 0);
+      SCOPED_TRACE(testing::Message() << "MOEKIT_CUDA_FLASH=" << flash << " variant " << id);
+      EnvScope env("MOEKIT_CUDA_FLASH", flash ? "1" : "0"), opt_in("MOEKIT_CUDA_FLASH_BWD", "1");
+      EnvScope fv("MOEKIT_FLASH_FWD_VARIANT", id.c_str()),
+          bv("MOEKIT_FLASH_BWD_VARIANT", id.c_str());
       Tensor gout = poisoned(out.shape()), glse = poisoned(lse.shape());
       Tensor gdq = poisoned(q.shape()), gdk = poisoned(k.shape()), gdv = poisoned(v.shape());
       {
@@ -742,16 +751,16 @@ TEST_F(CudaBackendTest, CausalAttentionBf16Precision) {
 
 // The fused flash-attention forward (ops/cuda/cuda_flash_attention.cu, the Bf16 forward wherever
 // dqk and dv are multiples of 16 up to 256) against the CPU op on the same bf16-rounded q, k, v,
-// against the cuBLAS path (MOEKIT_CUDA_FLASH=0), and against itself (bit-identical reruns).
-// Tolerances, as in CausalAttentionBf16Precision: the only rounding inside the op is P to bf16
-// before P V (relative error <= u = 2^-8 per entry; the kernel rounds exp(s - running max) rather
-// than the normalised P, the same relative bound), so |out error| <= u sum_j p_ij |v_j| <=
-// u max|v|: normwise tol (u + kF32Tol) max|v| / max|out|. lse comes from fp32 scores of exact
-// bf16 products: kF32Tol. The two GPU paths are each within those bounds of the CPU, so within
-// twice them of each other. A wrong fragment index, mask or tile offset shows up as O(1).
-// Shapes: DeepSeek-V2 (192/128, 16 heads, seq 2048, batch 2), a sequence not a multiple of the
-// 64-row tile (300), one token, 64/64 (the small instance), 256/256 (two v-column chunks), 96/160
-// (a partial second chunk, K tile wider than dqk), 16/32.
+// against the cuBLAS path (MOEKIT_CUDA_FLASH=0), and against itself (bit-identical reruns), each
+// tiling variant (MOEKIT_FLASH_FWD_VARIANT) alike. Tolerances, as in CausalAttentionBf16Precision:
+// the only rounding inside the op is P to bf16 before P V (relative error <= u = 2^-8 per entry;
+// the kernel rounds exp(s - running max) rather than the normalised P, the same relative bound), so
+// |out error| <= u sum_j p_ij |v_j| <= u max|v|: normwise tol (u + kF32Tol) max|v| / max|out|. lse
+// comes from fp32 scores of exact bf16 products: kF32Tol. The two GPU paths are each within those
+// bounds of the CPU, so within twice them of each other. A wrong fragment index, mask or tile
+// offset shows up as O(1). Shapes: DeepSeek-V2 (192/128, 16 heads, seq 2048, batch 2), a sequence
+// not a multiple of the 64-row tile (300), one token, 64/64 (the small instance), 256/256 (two
+// v-column chunks), 96/160 (a partial second chunk, K tile wider than dqk), 16/32.
 TEST_F(CudaBackendTest, FlashAttentionForwardBf16) {
   const double u = std::ldexp(1.0, -8);
   auto rounded = [](const Tensor& t) { return t.to_dtype(DType::BF16).to_f32(); };
@@ -768,35 +777,39 @@ TEST_F(CudaBackendTest, FlashAttentionForwardBf16) {
     Tensor out = Tensor::empty({T, c.heads, c.dv}), lse = Tensor::empty({c.batch, c.heads, c.seq});
     cpu().attention_forward(out, lse, q, k, v, c.batch, c.seq, c.heads, scale);
     Tensor gq = dev(q), gk = dev(k), gv = dev(v);
-    auto run = [&](const char* flash, Tensor& o, Tensor& l) {
+    auto run = [&](const char* flash, int variant, Tensor& o, Tensor& l) {
       EnvScope env("MOEKIT_CUDA_FLASH", flash);
+      EnvScope fv("MOEKIT_FLASH_FWD_VARIANT", std::to_string(variant).c_str());
       PrecisionScope bf16(gpu(), Precision::Bf16);
       gpu().attention_forward(o, l, gq, gk, gv, c.batch, c.seq, c.heads, scale);
     };
-    Tensor fout = poisoned(out.shape()), flse = poisoned(lse.shape());
-    Tensor fout2 = poisoned(out.shape()), flse2 = poisoned(lse.shape());
     Tensor gout = poisoned(out.shape()), glse = poisoned(lse.shape());
-    run("1", fout, flse);
-    run("1", fout2, flse2);
-    run("0", gout, glse);
-
+    run("0", 0, gout, glse);
     const double out_tol = (u + kF32Tol) * max_abs(v) / max_abs(out);
-    EXPECT_CLOSE(fout, out, out_tol);
-    EXPECT_CLOSE(flse, lse, kF32Tol);
-    EXPECT_CLOSE(fout, gout.to_host(), 2 * out_tol);
-    EXPECT_CLOSE(flse, glse.to_host(), 2 * kF32Tol);
-    EXPECT_TRUE(bit_equal(fout, fout2) && bit_equal(flse, flse2)) << "flash rerun differs";
-    // The paths round different P (unnormalised vs normalised), so over a long sequence their
-    // outputs differ somewhere: equal bits would mean the flash kernel did not run.
-    if (c.seq >= 64) {
-      EXPECT_FALSE(bit_equal(fout, gout)) << "flash path not taken?";
+    for (int variant = 0; variant < kFlashFwdVariants; ++variant) {
+      SCOPED_TRACE(testing::Message() << "MOEKIT_FLASH_FWD_VARIANT=" << variant);
+      Tensor fout = poisoned(out.shape()), flse = poisoned(lse.shape());
+      Tensor fout2 = poisoned(out.shape()), flse2 = poisoned(lse.shape());
+      run("1", variant, fout, flse);
+      run("1", variant, fout2, flse2);
+      EXPECT_CLOSE(fout, out, out_tol);
+      EXPECT_CLOSE(flse, lse, kF32Tol);
+      EXPECT_CLOSE(fout, gout.to_host(), 2 * out_tol);
+      EXPECT_CLOSE(flse, glse.to_host(), 2 * kF32Tol);
+      EXPECT_TRUE(bit_equal(fout, fout2) && bit_equal(flse, flse2)) << "flash rerun differs";
+      // The paths round different P (unnormalised vs normalised), so over a long sequence their
+      // outputs differ somewhere: equal bits would mean the flash kernel did not run.
+      if (c.seq >= 64) {
+        EXPECT_FALSE(bit_equal(fout, gout)) << "flash path not taken?";
+      }
     }
   }
 }
 
 // The fused flash-attention backward (ops/cuda/cuda_flash_attention_bwd.cu, the Bf16 backward
 // wherever dqk and dv are multiples of 16 up to 256) against the CPU op, against the cuBLAS path
-// (MOEKIT_CUDA_FLASH=0) and against itself (bit-identical reruns). Inputs as in
+// (MOEKIT_CUDA_FLASH=0) and against itself (bit-identical reruns), each tiling variant
+// (MOEKIT_FLASH_BWD_VARIANT) alike. Inputs as in
 // CausalAttentionBf16Precision: q, k, v, dO rounded to bf16, out and lse from the CPU forward, so
 // only the backward is checked. The kernels round what the GEMM path rounds, P and dS to bf16
 // (relative error <= u = 2^-8 per entry; P = exp2 of base-2 scaled scores differs from exp() of
@@ -846,38 +859,43 @@ TEST_F(CudaBackendTest, FlashAttentionBackwardBf16) {
     struct Grads {
       Tensor dq, dk, dv;
     };
-    auto run = [&](const char* flash) {
+    auto run = [&](const char* flash, int variant) {
       EnvScope env("MOEKIT_CUDA_FLASH", flash), opt_in("MOEKIT_CUDA_FLASH_BWD", "1");
+      EnvScope bv("MOEKIT_FLASH_BWD_VARIANT", std::to_string(variant).c_str());
       PrecisionScope bf16(gpu(), Precision::Bf16);
       Grads r{poisoned(q.shape()), poisoned(k.shape()), poisoned(v.shape())};
       gpu().attention_backward(r.dq, r.dk, r.dv, gdout, gout, glse, gq, gk, gv, c.batch, c.seq,
                                c.heads, scale);
       return r;
     };
-    const Grads f = run("1"), f2 = run("1"), g = run("0");
+    const Grads g = run("0", 0);
+    for (int variant = 0; variant < kFlashBwdVariants; ++variant) {
+      SCOPED_TRACE(testing::Message() << "MOEKIT_FLASH_BWD_VARIANT=" << variant);
+      const Grads f = run("1", variant), f2 = run("1", variant);
 
-    const double dv_tol = (u + kF32Tol) * max_abs(dv_bound) / max_abs(dv);
-    EXPECT_CLOSE(f.dv, dv, dv_tol);
-    EXPECT_CLOSE(f.dv, g.dv.to_host(), 2 * dv_tol);
-    if (c.seq == 1) {  // dq = dk = 0 exactly: compare absolute noise
-      EXPECT_LE(max_abs(f.dq), 1e-5);
-      EXPECT_LE(max_abs(f.dk), 1e-5);
-    } else {
-      const double tol = (u + kF32Tol) * std::sqrt(double(c.seq));
-      EXPECT_CLOSE(f.dq, dq, tol);
-      EXPECT_CLOSE(f.dk, dk, tol);
-      EXPECT_CLOSE(f.dq, g.dq.to_host(), 2 * tol);
-      EXPECT_CLOSE(f.dk, g.dk.to_host(), 2 * tol);
-    }
-    EXPECT_TRUE(bit_equal(f.dq, f2.dq) && bit_equal(f.dk, f2.dk) && bit_equal(f.dv, f2.dv))
-        << "flash backward rerun differs";
-    // The paths compute P differently (exp2 of base-2 scores vs exp) and sum in other orders, so
-    // over a long sequence with dqk != dv the gradients differ somewhere (measured: every such
-    // case here): equal bits would mean the flash kernels did not run. At 128/128 they came out
-    // bit-equal on the H200, so that case is not asked.
-    if (c.seq >= 64 && c.dqk != c.dv) {
-      EXPECT_FALSE(bit_equal(f.dq, g.dq) && bit_equal(f.dk, g.dk) && bit_equal(f.dv, g.dv))
-          << "flash backward not taken?";
+      const double dv_tol = (u + kF32Tol) * max_abs(dv_bound) / max_abs(dv);
+      EXPECT_CLOSE(f.dv, dv, dv_tol);
+      EXPECT_CLOSE(f.dv, g.dv.to_host(), 2 * dv_tol);
+      if (c.seq == 1) {  // dq = dk = 0 exactly: compare absolute noise
+        EXPECT_LE(max_abs(f.dq), 1e-5);
+        EXPECT_LE(max_abs(f.dk), 1e-5);
+      } else {
+        const double tol = (u + kF32Tol) * std::sqrt(double(c.seq));
+        EXPECT_CLOSE(f.dq, dq, tol);
+        EXPECT_CLOSE(f.dk, dk, tol);
+        EXPECT_CLOSE(f.dq, g.dq.to_host(), 2 * tol);
+        EXPECT_CLOSE(f.dk, g.dk.to_host(), 2 * tol);
+      }
+      EXPECT_TRUE(bit_equal(f.dq, f2.dq) && bit_equal(f.dk, f2.dk) && bit_equal(f.dv, f2.dv))
+          << "flash backward rerun differs";
+      // The paths compute P differently (exp2 of base-2 scores vs exp) and sum in other orders, so
+      // over a long sequence with dqk != dv the gradients differ somewhere (measured: every such
+      // case here): equal bits would mean the flash kernels did not run. At 128/128 they came out
+      // bit-equal on the H200, so that case is not asked.
+      if (c.seq >= 64 && c.dqk != c.dv) {
+        EXPECT_FALSE(bit_equal(f.dq, g.dq) && bit_equal(f.dk, g.dk) && bit_equal(f.dv, g.dv))
+            << "flash backward not taken?";
+      }
     }
   }
   EXPECT_EQ(gpu().precision(), Precision::Fp32);
@@ -948,6 +966,40 @@ TEST_F(CudaBackendTest, AttentionThroughput) {
                 bwd_flop / flash_bwd * 1e-9);
   }
   EXPECT_TRUE(std::isfinite(max_abs(out)));
+
+  // Every tiling variant of the flash kernels (MOEKIT_FLASH_FWD_VARIANT / _BWD_VARIANT), at this
+  // shape and at batch 4 (the training shape), to choose the defaults from.
+  for (const int64_t batch : {int64_t(1), int64_t(4)}) {
+    const int64_t T = batch * S;
+    Tensor bq = dev(randn({T, H, DQK})), bk = dev(randn({T, H, DQK}));
+    Tensor bv = dev(randn({T, H, DV})), bdout = dev(randn({T, H, DV}));
+    Tensor bout = poisoned({T, H, DV}), blse = poisoned({batch, H, S});
+    Tensor bdq = poisoned(bq.shape()), bdk = poisoned(bk.shape()), bdv = poisoned(bv.shape());
+    const double scale_b = double(batch);
+    EnvScope opt_in("MOEKIT_CUDA_FLASH_BWD", "1");
+    PrecisionScope bf16(gpu(), Precision::Bf16);
+    for (int variant = 0; variant < kFlashFwdVariants; ++variant) {
+      EnvScope fv("MOEKIT_FLASH_FWD_VARIANT", std::to_string(variant).c_str());
+      const double ms =
+          time_ms([&] { gpu().attention_forward(bout, blse, bq, bk, bv, batch, S, H, scale); });
+      std::printf("    attention bf16 fwd variant %d: %.3f ms (%.1f TFLOP/s) [batch %lld x %lld]\n",
+                  variant, ms, scale_b * fwd_flop / ms * 1e-9, static_cast<long long>(batch),
+                  static_cast<long long>(S));
+      EXPECT_TRUE(std::isfinite(max_abs(bout)));
+    }
+    for (int variant = 0; variant < kFlashBwdVariants; ++variant) {
+      EnvScope bv_env("MOEKIT_FLASH_BWD_VARIANT", std::to_string(variant).c_str());
+      const double ms = time_ms([&] {
+        gpu().attention_backward(bdq, bdk, bdv, bdout, bout, blse, bq, bk, bv, batch, S, H, scale);
+      });
+      std::printf(
+          "    attention bf16 bwd variant %d (flash): %.3f ms (%.1f TFLOP/s) [batch %lld x %lld]\n",
+          variant, ms, scale_b * bwd_flop / ms * 1e-9, static_cast<long long>(batch),
+          static_cast<long long>(S));
+      EXPECT_TRUE(std::isfinite(max_abs(bdq)) && std::isfinite(max_abs(bdk)) &&
+                  std::isfinite(max_abs(bdv)));
+    }
+  }
 }
 
 TEST_F(CudaBackendTest, CrossEntropyWithIgnoredTargets) {

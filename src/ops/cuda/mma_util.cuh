@@ -7,6 +7,7 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 namespace moekit::cuda {
 
@@ -37,6 +38,10 @@ __device__ inline void cp_async_commit() {
 // Waits until at most one committed group (the newest) is still in flight.
 __device__ inline void cp_async_wait_one() {
   asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+}
+// Waits until every committed group has landed.
+__device__ inline void cp_async_wait_all() {
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
 }
 
 // Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, r[i] receives its
@@ -90,6 +95,16 @@ __device__ inline int frag_rows_offset(int lane, int stride) {
 __device__ inline int frag_cols_offset(int lane, int stride) {
   const int mi = lane / 8, mr = lane % 8;
   return (mr + ((mi & 2) ? 8 : 0)) * stride + ((mi & 1) ? 8 : 0);
+}
+
+// The kernel variant the environment variable `name` asks for (read per call, so tests and the
+// throughput measurement can switch): an integer in [0, count), else 0 (the default kernel).
+inline int flash_variant(const char* name, int count) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0') return 0;
+  char* end = nullptr;
+  const long v = std::strtol(env, &end, 10);
+  return *end == '\0' && v >= 0 && v < count ? int(v) : 0;
 }
 
 }  // namespace moekit::cuda
