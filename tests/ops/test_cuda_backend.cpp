@@ -631,7 +631,8 @@ struct EnvScope {
 };
 
 // The flash kernels' tiling variants (MOEKIT_FLASH_FWD_VARIANT / MOEKIT_FLASH_BWD_VARIANT, see
-// the headers of ops/cuda/cuda_flash_attention.cu and _bwd.cu; an id out of range runs variant 0).
+// the headers of ops/cuda/cuda_flash_attention.cu and _bwd.cu; an id out of range runs the
+// default).
 constexpr int kFlashFwdVariants = 5, kFlashBwdVariants = 5;
 
 TEST_F(CudaBackendTest, CausalAttentionForwardBackward) {
@@ -957,13 +958,13 @@ TEST_F(CudaBackendTest, AttentionThroughput) {
     std::printf("    attention bf16 bwd, cuBLAS path %.3f ms (%.1f TFLOP/s)\n", gemm_bwd,
                 bwd_flop / gemm_bwd * 1e-9);
   }
-  {  // the opt-in fused backward (MOEKIT_CUDA_FLASH_BWD=1)
-    EnvScope env("MOEKIT_CUDA_FLASH_BWD", "1");
+  {  // the cuBLAS backward after the flash forward (MOEKIT_CUDA_FLASH_BWD=0)
+    EnvScope env("MOEKIT_CUDA_FLASH_BWD", "0");
     PrecisionScope bf16(gpu(), Precision::Bf16);
-    const double flash_bwd = time_ms(
+    const double gemm_bwd = time_ms(
         [&] { gpu().attention_backward(dq, dk, dv, dout, out, lse, q, k, v, B, S, H, scale); });
-    std::printf("    attention bf16 bwd, flash (opt-in) %.3f ms (%.1f TFLOP/s)\n", flash_bwd,
-                bwd_flop / flash_bwd * 1e-9);
+    std::printf("    attention bf16 bwd, MOEKIT_CUDA_FLASH_BWD=0 %.3f ms (%.1f TFLOP/s)\n",
+                gemm_bwd, bwd_flop / gemm_bwd * 1e-9);
   }
   EXPECT_TRUE(std::isfinite(max_abs(out)));
 
@@ -986,6 +987,15 @@ TEST_F(CudaBackendTest, AttentionThroughput) {
                   variant, ms, scale_b * fwd_flop / ms * 1e-9, static_cast<long long>(batch),
                   static_cast<long long>(S));
       EXPECT_TRUE(std::isfinite(max_abs(bout)));
+    }
+    {  // the cuBLAS backward at this batch
+      EnvScope off("MOEKIT_CUDA_FLASH_BWD", "0");
+      const double ms = time_ms([&] {
+        gpu().attention_backward(bdq, bdk, bdv, bdout, bout, blse, bq, bk, bv, batch, S, H, scale);
+      });
+      std::printf("    attention bf16 bwd (cuBLAS): %.3f ms (%.1f TFLOP/s) [batch %lld x %lld]\n",
+                  ms, scale_b * bwd_flop / ms * 1e-9, static_cast<long long>(batch),
+                  static_cast<long long>(S));
     }
     for (int variant = 0; variant < kFlashBwdVariants; ++variant) {
       EnvScope bv_env("MOEKIT_FLASH_BWD_VARIANT", std::to_string(variant).c_str());

@@ -57,14 +57,13 @@ bool flash_enabled() {
   return env == nullptr || std::strcmp(env, "0") != 0;
 }
 
-// The fused backward is opt-in (MOEKIT_CUDA_FLASH_BWD=1, with the flash forward on): measured on
-// the H200 (batch 1 x 2048, 16 heads, 192/128) it ran 0.755 ms against the cuBLAS path's 0.709,
-// and a V2-Lite training step was no faster (134.4k vs 133.2k tok/s, within noise). It saves the
-// cuBLAS path's score scratch (at most kScratchBytes) and is kept, tested, for its next round
-// (K/V fragments in registers, 32 query rows per warp).
+// The fused backward (cuda_flash_attention_bwd.cu), on by default with the flash forward;
+// MOEKIT_CUDA_FLASH_BWD=0 keeps the cuBLAS path. Measured on the H200 (192/128, 16 heads):
+// its first version ran 0.758 ms against the cuBLAS path's 0.712 at batch 1 x 2048; its variant 1
+// (the default) 0.726 there and 2.249 ms at 4 x 2048 (114.6 TFLOP/s), the training shape.
 bool flash_backward_enabled() {
   const char* env = std::getenv("MOEKIT_CUDA_FLASH_BWD");
-  return flash_enabled() && env != nullptr && std::strcmp(env, "1") == 0;
+  return flash_enabled() && (env == nullptr || std::strcmp(env, "0") != 0);
 }
 
 const void* bf16_at(const Tensor& t, int64_t offset) {

@@ -98,13 +98,14 @@ __device__ inline int frag_cols_offset(int lane, int stride) {
 }
 
 // The kernel variant the environment variable `name` asks for (read per call, so tests and the
-// throughput measurement can switch): an integer in [0, count), else 0 (the default kernel).
-inline int flash_variant(const char* name, int count) {
+// throughput measurement can switch): an integer in [0, count), else `fallback` (the default,
+// the fastest measured).
+inline int flash_variant(const char* name, int count, int fallback) {
   const char* env = std::getenv(name);
-  if (env == nullptr || *env == '\0') return 0;
+  if (env == nullptr || *env == '\0') return fallback;
   char* end = nullptr;
   const long v = std::strtol(env, &end, 10);
-  return *end == '\0' && v >= 0 && v < count ? int(v) : 0;
+  return *end == '\0' && v >= 0 && v < count ? int(v) : fallback;
 }
 
 }  // namespace moekit::cuda
