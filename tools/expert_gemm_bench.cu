@@ -1,11 +1,12 @@
 // Which cuBLAS call should run the routed experts' GEMMs? A device-side microbenchmark for that
-// decision (issue "CUDA backend": the experts' grouped GEMM is ~40 % of a prefill). cuBLAS's
-// grouped GEMM (what grouped_matmul uses) runs warp-level MMA kernels (~280 TFLOP/s measured on
-// the H200 in a training trace), while its plain and batched GEMMs run Hopper's warpgroup kernels.
+// decision (issue "CUDA backend": the experts' grouped GEMM was ~40 % of a prefill). cuBLAS's
+// grouped GEMM (grouped_matmul's path before the padded plan) runs warp-level MMA kernels (~280
+// TFLOP/s in a training trace on the H200), while its plain and batched GEMMs run Hopper's
+// warpgroup kernels; its first run chose the padded batched path (bench/RESULTS.md).
 // Same work in every variant: the gate (or up) projection of E experts, C_e [M_e, N] = X_e [M_e,
 // K] W_e^T with W_e [N, K], bf16 in and out, fp32 accumulation, M_e drawn as the rows a random
 // top-k routing of T tokens gives each expert. Variants:
-//   grouped      cublasGemmGroupedBatchedEx, one group per expert (today's path)
+//   grouped      cublasGemmGroupedBatchedEx, one group per expert (unpadded plans)
 //   loop         one cublasGemmEx per expert, one stream
 //   classes      experts padded to a multiple of 128 rows, one cublasGemmBatchedEx per padded size
 //   padded-max   every expert padded to the largest M_e, one cublasGemmStridedBatchedEx (a bound)
