@@ -127,6 +127,13 @@ double max_abs(const Tensor& t) {
   return m;
 }
 
+// Row offsets of consecutive groups of the given sizes (grouped_matmul's `begin`).
+std::vector<int64_t> group_offsets(const std::vector<int64_t>& sizes) {
+  std::vector<int64_t> begin{0};
+  for (int64_t n : sizes) begin.push_back(begin.back() + n);
+  return begin;
+}
+
 bool bit_equal(const Tensor& a, const Tensor& b) {
   Tensor x = a.to_host(), y = b.to_host();
   return x.nbytes() == y.nbytes() && std::memcmp(x.raw(), y.raw(), x.nbytes()) == 0;
@@ -609,6 +616,38 @@ struct AttnCase {
   int64_t batch, seq, heads, dqk, dv;
 };
 
+// The CPU reference of a bf16 attention case: q, k, v and dO drawn (in that order) and rounded to
+// bf16, the CPU forward (out, lse) and backward (dq, dk, dv) on them, and dv_bound, the dv of |dO|
+// (it bounds dv's error from rounding P elementwise).
+struct AttnReference {
+  Tensor q, k, v, dout, out, lse, dq, dk, dv, dv_bound;
+};
+AttnReference attention_reference(Backend& cpu, const AttnCase& c, float scale,
+                                  const std::function<Tensor(const Shape&)>& randn) {
+  auto rounded = [](const Tensor& t) { return t.to_dtype(DType::BF16).to_f32(); };
+  const int64_t T = c.batch * c.seq;
+  AttnReference r;
+  r.q = rounded(randn({T, c.heads, c.dqk}));
+  r.k = rounded(randn({T, c.heads, c.dqk}));
+  r.v = rounded(randn({T, c.heads, c.dv}));
+  r.dout = rounded(randn({T, c.heads, c.dv}));
+  r.out = Tensor::empty({T, c.heads, c.dv});
+  r.lse = Tensor::empty({c.batch, c.heads, c.seq});
+  cpu.attention_forward(r.out, r.lse, r.q, r.k, r.v, c.batch, c.seq, c.heads, scale);
+  r.dq = Tensor::empty(r.q.shape());
+  r.dk = Tensor::empty(r.k.shape());
+  r.dv = Tensor::empty(r.v.shape());
+  cpu.attention_backward(r.dq, r.dk, r.dv, r.dout, r.out, r.lse, r.q, r.k, r.v, c.batch, c.seq,
+                         c.heads, scale);
+  Tensor abs_dout = r.dout.clone(), scratch_q = Tensor::empty(r.q.shape()),
+         scratch_k = Tensor::empty(r.k.shape());
+  for (int64_t i = 0; i < abs_dout.numel(); ++i) abs_dout.f32()[i] = std::abs(abs_dout.f32()[i]);
+  r.dv_bound = Tensor::empty(r.v.shape());
+  cpu.attention_backward(scratch_q, scratch_k, r.dv_bound, abs_dout, r.out, r.lse, r.q, r.k, r.v,
+                         c.batch, c.seq, c.heads, scale);
+  return r;
+}
+
 // Sets an environment variable for a scope (MOEKIT_CUDA_FLASH, read per call), then restores it.
 struct EnvScope {
   std::string name, old;
@@ -690,29 +729,17 @@ TEST_F(CudaBackendTest, CausalAttentionForwardBackward) {
 // give 2 and 3 chunks), one token, batch > 1, Dqk != Dv (MLA 192/128), odd head dims.
 TEST_F(CudaBackendTest, CausalAttentionBf16Precision) {
   const double u = std::ldexp(1.0, -8);
-  auto rounded = [](const Tensor& t) { return t.to_dtype(DType::BF16).to_f32(); };
-  auto abs_of = [](const Tensor& t) {
-    Tensor a = t.clone();
-    for (int64_t i = 0; i < a.numel(); ++i) a.f32()[i] = std::abs(a.f32()[i]);
-    return a;
-  };
   for (const AttnCase& c :
        {AttnCase{2, 45, 3, 24, 16}, AttnCase{1, 1, 2, 8, 8}, AttnCase{1, 100, 2, 192, 128},
         AttnCase{3, 33, 1, 5, 7}, AttnCase{2, 300, 2, 64, 48}, AttnCase{1, 600, 3, 192, 128}}) {
     SCOPED_TRACE(testing::Message() << "batch " << c.batch << " seq " << c.seq << " heads "
                                     << c.heads << " dqk " << c.dqk << " dv " << c.dv);
-    const int64_t T = c.batch * c.seq;
     const float scale = 1.0f / std::sqrt(float(c.dqk));
-    Tensor q = rounded(randn({T, c.heads, c.dqk})), k = rounded(randn({T, c.heads, c.dqk}));
-    Tensor v = rounded(randn({T, c.heads, c.dv})), dout = rounded(randn({T, c.heads, c.dv}));
-    Tensor out = Tensor::empty({T, c.heads, c.dv}), lse = Tensor::empty({c.batch, c.heads, c.seq});
-    cpu().attention_forward(out, lse, q, k, v, c.batch, c.seq, c.heads, scale);
-    Tensor dq = Tensor::empty(q.shape()), dk = Tensor::empty(k.shape());
-    Tensor dv = Tensor::empty(v.shape()), dv_bound = Tensor::empty(v.shape());
-    Tensor scratch_q = Tensor::empty(q.shape()), scratch_k = Tensor::empty(k.shape());
-    cpu().attention_backward(dq, dk, dv, dout, out, lse, q, k, v, c.batch, c.seq, c.heads, scale);
-    cpu().attention_backward(scratch_q, scratch_k, dv_bound, abs_of(dout), out, lse, q, k, v,
-                             c.batch, c.seq, c.heads, scale);
+    const AttnReference ref =
+        attention_reference(cpu(), c, scale, [&](const Shape& shape) { return randn(shape); });
+    const Tensor &q = ref.q, &k = ref.k, &v = ref.v, &dout = ref.dout, &out = ref.out,
+                 &lse = ref.lse;
+    const Tensor &dq = ref.dq, &dk = ref.dk, &dv = ref.dv, &dv_bound = ref.dv_bound;
 
     Tensor gq = dev(q), gk = dev(k), gv = dev(v);
     // Through the flash kernels (forward and backward, variant `mode` of each) where they take
@@ -828,12 +855,6 @@ TEST_F(CudaBackendTest, FlashAttentionForwardBf16) {
 // partial).
 TEST_F(CudaBackendTest, FlashAttentionBackwardBf16) {
   const double u = std::ldexp(1.0, -8);
-  auto rounded = [](const Tensor& t) { return t.to_dtype(DType::BF16).to_f32(); };
-  auto abs_of = [](const Tensor& t) {
-    Tensor a = t.clone();
-    for (int64_t i = 0; i < a.numel(); ++i) a.f32()[i] = std::abs(a.f32()[i]);
-    return a;
-  };
   for (const AttnCase& c :
        {AttnCase{2, 1, 3, 192, 128}, AttnCase{1, 63, 3, 192, 128}, AttnCase{2, 65, 3, 192, 128},
         AttnCase{2, 200, 3, 192, 128}, AttnCase{2, 65, 3, 64, 64}, AttnCase{1, 200, 3, 64, 64},
@@ -842,18 +863,12 @@ TEST_F(CudaBackendTest, FlashAttentionBackwardBf16) {
         AttnCase{2, 77, 2, 96, 160}}) {
     SCOPED_TRACE(testing::Message() << "batch " << c.batch << " seq " << c.seq << " heads "
                                     << c.heads << " dqk " << c.dqk << " dv " << c.dv);
-    const int64_t T = c.batch * c.seq;
     const float scale = 1.0f / std::sqrt(float(c.dqk));
-    Tensor q = rounded(randn({T, c.heads, c.dqk})), k = rounded(randn({T, c.heads, c.dqk}));
-    Tensor v = rounded(randn({T, c.heads, c.dv})), dout = rounded(randn({T, c.heads, c.dv}));
-    Tensor out = Tensor::empty({T, c.heads, c.dv}), lse = Tensor::empty({c.batch, c.heads, c.seq});
-    cpu().attention_forward(out, lse, q, k, v, c.batch, c.seq, c.heads, scale);
-    Tensor dq = Tensor::empty(q.shape()), dk = Tensor::empty(k.shape());
-    Tensor dv = Tensor::empty(v.shape()), dv_bound = Tensor::empty(v.shape());
-    Tensor scratch_q = Tensor::empty(q.shape()), scratch_k = Tensor::empty(k.shape());
-    cpu().attention_backward(dq, dk, dv, dout, out, lse, q, k, v, c.batch, c.seq, c.heads, scale);
-    cpu().attention_backward(scratch_q, scratch_k, dv_bound, abs_of(dout), out, lse, q, k, v,
-                             c.batch, c.seq, c.heads, scale);
+    const AttnReference ref =
+        attention_reference(cpu(), c, scale, [&](const Shape& shape) { return randn(shape); });
+    const Tensor &q = ref.q, &k = ref.k, &v = ref.v, &dout = ref.dout, &out = ref.out,
+                 &lse = ref.lse;
+    const Tensor &dq = ref.dq, &dk = ref.dk, &dv = ref.dv, &dv_bound = ref.dv_bound;
 
     const Tensor gq = dev(q), gk = dev(k), gv = dev(v), gdout = dev(dout), gout = dev(out),
                  glse = dev(lse);
@@ -1282,8 +1297,7 @@ TEST_F(CudaBackendTest, MoeDispatchPlanEqualsCpu) {
 
 TEST_F(CudaBackendTest, GroupedMatmulF32AndTf32) {
   const std::vector<int64_t> sizes{0, 13, 1, 40, 0, 7, 22, 0};
-  std::vector<int64_t> begin{0};
-  for (int64_t n : sizes) begin.push_back(begin.back() + n);
+  const std::vector<int64_t> begin = group_offsets(sizes);
   const int64_t R = begin.back();
   // (K, N) odd and multiples of 4 (where the FAST_TF32 grouped call needs 16-byte aligned row
   // blocks); `shifted`: a starts one float into its buffer, which sends the TF32 case with
@@ -1334,8 +1348,7 @@ TEST_F(CudaBackendTest, GroupedMatmulF32AndTf32) {
 // hence of max |c|; with beta = 1 the fp32 addition adds nothing measurable.
 TEST_F(CudaBackendTest, GroupedMatmulBf16WeightsAndBf16Precision) {
   const std::vector<int64_t> sizes{9, 0, 1, 31, 5, 0, 17};
-  std::vector<int64_t> begin{0};
-  for (int64_t n : sizes) begin.push_back(begin.back() + n);
+  const std::vector<int64_t> begin = group_offsets(sizes);
   const int64_t R = begin.back(), K = 45, N = 67;
   auto rounded = [](const Tensor& t) { return t.to_dtype(DType::BF16).to_f32(); };
   for (bool trans_b : {false, true})
@@ -1377,8 +1390,7 @@ TEST_F(CudaBackendTest, GroupedMatmulBf16WeightsAndBf16Precision) {
 // and N, both layouts of b; a BF16 c with beta != 0 is refused.
 TEST_F(CudaBackendTest, GroupedMatmulBf16ActivationsAndOutput) {
   const std::vector<int64_t> sizes{9, 0, 1, 31, 5, 0, 17};
-  std::vector<int64_t> begin{0};
-  for (int64_t n : sizes) begin.push_back(begin.back() + n);
+  const std::vector<int64_t> begin = group_offsets(sizes);
   const int64_t R = begin.back(), K = 45, N = 67;
   auto rounded = [](const Tensor& t) { return t.to_dtype(DType::BF16).to_f32(); };
   for (bool trans_b : {false, true}) {
@@ -1425,8 +1437,7 @@ TEST_F(CudaBackendTest, GroupedMatmulBf16ActivationsAndOutput) {
 // op (two grouped GEMMs) on the same values.
 TEST_F(CudaBackendTest, GroupedMatmulSumOfTwoTerms) {
   const std::vector<int64_t> sizes{12, 0, 3, 27, 1, 0, 19};
-  std::vector<int64_t> begin{0};
-  for (int64_t n : sizes) begin.push_back(begin.back() + n);
+  const std::vector<int64_t> begin = group_offsets(sizes);
   const int64_t R = begin.back(), K = 37, N = 53;
   auto rounded = [](const Tensor& t) { return t.to_dtype(DType::BF16).to_f32(); };
   for (bool bf16 : {true, false}) {
@@ -1470,8 +1481,7 @@ TEST_F(CudaBackendTest, GroupedMatmulSumOfTwoTerms) {
 // one rounding, <= 2^-8. K and N odd and even; F32 and BF16 weights mixed.
 TEST_F(CudaBackendTest, GroupedMatmulBatchedOnPaddedGroups) {
   const std::vector<int64_t> sizes{128, 0, 256, 128, 384, 0, 128};
-  std::vector<int64_t> begin{0};
-  for (int64_t n : sizes) begin.push_back(begin.back() + n);
+  const std::vector<int64_t> begin = group_offsets(sizes);
   const int64_t R = begin.back();
   const char* mode = std::getenv("MOEKIT_CUDA_EXPERT_GEMM");
   const double product_rounding =

@@ -41,8 +41,14 @@ __device__ inline void load8(const float* p, float (&v)[8]) {
   const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
   v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
 }
-__device__ inline void load8(const bf16_t* p, float (&v)[8]) {
-  const uint4 q = *reinterpret_cast<const uint4*>(p);
+// Two floats rounded to bf16 (nearest even) in one 32-bit word, lo in the low half (the lower
+// address).
+__device__ inline uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);  // .x (low half) = lo
+  return *reinterpret_cast<const uint32_t*>(&p);
+}
+// The eight bf16 values of a 16-byte chunk widened to fp32 (exact: a bf16 is an fp32's upper half).
+__device__ inline void widen_bf16x8(const uint4& q, float* v) {
   const uint32_t w[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -50,18 +56,16 @@ __device__ inline void load8(const bf16_t* p, float (&v)[8]) {
     v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
   }
 }
+__device__ inline void load8(const bf16_t* p, float (&v)[8]) {
+  widen_bf16x8(*reinterpret_cast<const uint4*>(p), v);
+}
 __device__ inline void store8(float* p, const float (&v)[8]) {
   reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
   reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
 }
 __device__ inline void store8(bf16_t* p, const float (&v)[8]) {
-  uint32_t w[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const __nv_bfloat162 pair = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
-    w[i] = *reinterpret_cast<const uint32_t*>(&pair);
-  }
-  *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+  *reinterpret_cast<uint4*>(p) = make_uint4(pack_bf16(v[0], v[1]), pack_bf16(v[2], v[3]),
+                                            pack_bf16(v[4], v[5]), pack_bf16(v[6], v[7]));
 }
 // Whether every pointer is 16-byte aligned (host side: picks the vector path).
 template <typename... P>

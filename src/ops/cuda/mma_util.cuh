@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <cstdlib>
 
+#include "ops/cuda/device_util.cuh"
+
 namespace moekit::cuda {
 
 // bf16 elements of padding per shared row: a row stride of D + 8 (D a multiple of 64) is 4 mod 32
@@ -69,11 +71,6 @@ __device__ inline void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t 
       "{%8, %9}, {%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ inline uint32_t pack_bf16(float lo, float hi) {
-  const __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);  // .x (low half) = lo
-  return *reinterpret_cast<const uint32_t*>(&p);
 }
 
 // Per-lane ldmatrix_x4 offsets (elements) into a row-major shared block with row stride `stride`,

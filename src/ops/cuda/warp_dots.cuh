@@ -38,14 +38,7 @@ struct Chunk<float> {
 template <>
 struct Chunk<uint16_t> {
   static constexpr int n = 8;
-  __device__ static void widen(const uint4& v, float* out) {
-    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      out[2 * i] = __uint_as_float(w[i] << 16);  // the lower address holds the lower half
-      out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-    }
-  }
+  __device__ static void widen(const uint4& v, float* out) { widen_bf16x8(v, out); }
   __device__ static void load(const uint16_t* p, float* out) {
     widen(*reinterpret_cast<const uint4*>(p), out);
   }
