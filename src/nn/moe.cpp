@@ -58,16 +58,17 @@ std::vector<const Tensor*> weights(const std::vector<MLP>& experts, Param* MLP::
   return w;
 }
 
-// W.grad += dy_e^T @ x_e for every expert whose W trains (frozen experts get no GEMM and no
-// gradient: ESFT keeps them bit-identical).
+// W.grad += dy_e^T @ x_e for every expert whose W trains, in one backend call (batched where the
+// backend can). Frozen experts pass no gradient: no GEMM, and ESFT keeps them bit-identical.
 void expert_weight_grads(Backend& be, std::vector<MLP>& experts, Param* MLP::*proj,
                          const Tensor& dy, const Tensor& x, const std::vector<int64_t>& begin) {
-  for (size_t e = 0; e < experts.size(); ++e) {
-    Param& w = *(experts[e].*proj);
-    if (!w.grad.defined() || begin[e] == begin[e + 1]) continue;
-    be.matmul(w.grad, dy.slice(begin[e], begin[e + 1]), x.slice(begin[e], begin[e + 1]), true,
-              false, 1.0f, 1.0f);
+  std::vector<Tensor*> dw;
+  dw.reserve(experts.size());
+  for (MLP& e : experts) {
+    Param& w = *(e.*proj);
+    dw.push_back(w.grad.defined() ? &w.grad : nullptr);
   }
+  be.grouped_weight_grad(dw, dy, x, begin);
 }
 
 // The routed experts' weights for moe_experts_small, or empty when the backend cannot run them

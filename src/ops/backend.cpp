@@ -36,6 +36,16 @@ void Backend::grouped_matmul_sum(Tensor& c, std::span<const GroupedTerm> terms,
   }
 }
 
+void Backend::grouped_weight_grad(std::span<Tensor* const> dw, const Tensor& dy, const Tensor& x,
+                                  std::span<const int64_t> begin) {
+  grouped_weight_grad_dims(dw, dy, x, begin);
+  for (size_t g = 0; g < dw.size(); ++g) {
+    if (!dw[g] || begin[g] == begin[g + 1]) continue;
+    matmul(*dw[g], dy.slice(begin[g], begin[g + 1]), x.slice(begin[g], begin[g + 1]), true, false,
+           1.0f, 1.0f);
+  }
+}
+
 MatmulDims matmul_dims(const Tensor& c, const Tensor& a, const Tensor& b, bool trans_a,
                        bool trans_b) {
   const MatmulDims d{rows(c), cols(c), trans_a ? rows(a) : cols(a)};
@@ -64,6 +74,29 @@ GroupedMatmulDims grouped_matmul_dims(const Tensor& c, const Tensor& a,
                      (trans_b ? cols(w) : rows(w)) == d.K,
                  "grouped_matmul: weight {} is {} vs a {} c {}", g, w.shape().str(),
                  a.shape().str(), c.shape().str());
+  }
+  return d;
+}
+
+GroupedMatmulDims grouped_weight_grad_dims(std::span<Tensor* const> dw, const Tensor& dy,
+                                           const Tensor& x, std::span<const int64_t> begin) {
+  MOEKIT_CHECK(begin.size() == dw.size() + 1, "grouped_weight_grad: {} offsets for {} groups",
+               begin.size(), dw.size());
+  MOEKIT_CHECK(dy.ndim() == 2 && x.ndim() == 2, "grouped_weight_grad: dy {} x {} (2-D expected)",
+               dy.shape().str(), x.shape().str());
+  MOEKIT_CHECK(begin.front() == 0 && begin.back() == rows(dy) && rows(x) == rows(dy),
+               "grouped_weight_grad: groups cover [{}, {}), dy {} x {}", begin.front(),
+               begin.back(), dy.shape().str(), x.shape().str());
+  const GroupedMatmulDims d{cols(dy), cols(x)};
+  for (size_t g = 0; g < dw.size(); ++g) {
+    MOEKIT_CHECK(begin[g] <= begin[g + 1], "grouped_weight_grad: offsets decrease at group {}", g);
+    // Every gradient given is checked, rows or not: a wrong one is a bug even when idle.
+    if (!dw[g]) continue;
+    MOEKIT_CHECK(
+        dw[g]->defined() && dw[g]->dtype() == DType::F32 && dw[g]->shape() == Shape({d.N, d.K}),
+        "grouped_weight_grad: dw {} is {} {} vs dy {} x {} (F32 [{}, {}] expected)", g,
+        dw[g]->defined() ? dtype_name(dw[g]->dtype()) : "undefined", dw[g]->shape().str(),
+        dy.shape().str(), x.shape().str(), d.N, d.K);
   }
   return d;
 }

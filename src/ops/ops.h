@@ -192,6 +192,18 @@ class Backend {
   // a backend may run all terms in one launch.
   virtual void grouped_matmul_sum(Tensor& c, std::span<const GroupedTerm> terms,
                                   std::span<const int64_t> begin, bool trans_b, float beta);
+  // The routed experts' weight gradients over the same row groups: for every group g whose
+  // dw[g] is not null and whose rows [begin[g], begin[g+1]) are not empty (begin as in
+  // grouped_matmul, R = begin.back()):
+  //   dw[g] += dy_g^T @ x_g,  dy [R,N], x [R,K], dw[g] [N,K].
+  // A null dw[g] (a frozen expert) gets no GEMM: its gradient does not exist. An empty group
+  // leaves dw[g] as it is. The dw[g] are distinct tensors (a backend may write them at once).
+  // Dtypes: dw F32; dy and x F32 on every backend, each F32 or BF16 where the backend
+  // supports(Matmul, BF16); a BF16 operand (or Precision::Bf16) runs in bf16, an F32 operand
+  // rounded, accumulating in fp32 (matmul's rules). The default is one matmul(dw[g], dy_g, x_g,
+  // true, false, 1, 1) per group; a backend may batch the groups.
+  virtual void grouped_weight_grad(std::span<Tensor* const> dw, const Tensor& dy, const Tensor& x,
+                                   std::span<const int64_t> begin);
   // For g < batch.count: C_g = alpha * op(A_g) @ op(B_g) + beta * C_g, where X_g is operand x's
   // block g (GemmBatch). Every block must lie inside its tensor; c must not overlap a or b.
   virtual void matmul_batched(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a,
@@ -482,6 +494,10 @@ struct GroupedMatmulDims {
 GroupedMatmulDims grouped_matmul_dims(const Tensor& c, const Tensor& a,
                                       std::span<const Tensor* const> b,
                                       std::span<const int64_t> begin, bool trans_b);
+// N, K of Backend::grouped_weight_grad (dw[g] [N, K] += dy_g^T [N, rows] @ x_g [rows, K]) after
+// checking that the groups tile the rows of dy and x and that every non-null dw[g] is F32 [N, K].
+GroupedMatmulDims grouped_weight_grad_dims(std::span<Tensor* const> dw, const Tensor& dy,
+                                           const Tensor& x, std::span<const int64_t> begin);
 
 // The sizes of Backend::moe_experts_small after checking the shapes of every argument (y and x
 // [T,H], topk_idx and topk_w [T,K], each expert's weights [I,H], [I,H], [H,I], the shared experts'

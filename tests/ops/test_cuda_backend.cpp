@@ -1536,6 +1536,78 @@ TEST_F(CudaBackendTest, GroupedMatmulBatchedOnPaddedGroups) {
   }
 }
 
+// grouped_weight_grad, the routed experts' dw_g += dy_g^T x_g, against the CPU op (one matmul per
+// group) on the same values; dw starts from random values (beta 1). Padded blocks (rows multiples
+// of 128) with bf16 in play (the Bf16 precision or a BF16 operand) take one batched GEMM per block
+// size: dy and x each F32 (rounded by the op) or BF16, against the CPU op on the bf16-rounded
+// values, whose products are exact in fp32 and summed in fp32 on both sides: kF32Tol (as for
+// grouped_matmul's batched path; the reductions here run over up to 384 rows). Unpadded blocks
+// take the per-group loop, same oracle and tolerance. Padded blocks with F32 operands under the
+// Fp32 precision stay in fp32: against the unrounded values at kF32Tol (a bf16 GEMM would be off
+// by ~2^-8). A null dw (frozen expert) is skipped, also with rows (and then the other blocks may
+// be unpadded: only the selected ones count); an empty group's dw stays bit for bit.
+TEST_F(CudaBackendTest, GroupedWeightGradBatchedOnPaddedGroups) {
+  auto rounded = [](const Tensor& t) { return t.to_dtype(DType::BF16).to_f32(); };
+  auto check = [&](const std::vector<int64_t>& sizes, const std::set<size_t>& frozen, int64_t N,
+                   int64_t K, DType dy_type, DType x_type, Precision precision) {
+    SCOPED_TRACE(testing::Message() << "rows " << testing::PrintToString(sizes) << " N " << N
+                                    << " K " << K << " dy " << dtype_name(dy_type) << " x "
+                                    << dtype_name(x_type) << " precision " << int(precision));
+    std::vector<int64_t> begin{0};
+    for (int64_t n : sizes) begin.push_back(begin.back() + n);
+    const int64_t R = begin.back();
+    const bool bf16 =
+        precision == Precision::Bf16 || dy_type == DType::BF16 || x_type == DType::BF16;
+    const Tensor dy = randn({R, N}), x = randn({R, K});
+    const Tensor dy_ref = bf16 ? rounded(dy) : dy, x_ref = bf16 ? rounded(x) : x;
+    std::vector<Tensor> dw0, ref, out;
+    for (size_t g = 0; g < sizes.size(); ++g) {
+      dw0.push_back(randn({N, K}));
+      ref.push_back(dw0.back().clone());
+      out.push_back(dev(dw0.back()));
+    }
+    std::vector<Tensor*> pc, pg;
+    for (size_t g = 0; g < sizes.size(); ++g) {
+      pc.push_back(frozen.count(g) ? nullptr : &ref[g]);
+      pg.push_back(frozen.count(g) ? nullptr : &out[g]);
+    }
+    cpu().grouped_weight_grad(pc, dy_ref, x_ref, begin);
+    gpu().set_precision(precision);
+    gpu().grouped_weight_grad(pg, dev(dy.to_dtype(dy_type)), dev(x.to_dtype(x_type)), begin);
+    gpu().set_precision(Precision::Fp32);
+    double worst = 0.0;
+    for (size_t g = 0; g < sizes.size(); ++g) {
+      if (!pg[g]) continue;
+      if (sizes[g] == 0)
+        EXPECT_TRUE(bit_equal(out[g], dw0[g])) << "empty group " << g << " changed";
+      else
+        worst = std::max(worst, rel_error(out[g], ref[g]));
+    }
+    EXPECT_LE(worst, kF32Tol);
+    std::printf("    %-44s rel err %.3g (tol %.3g)\n", "dw (worst group)", worst, kF32Tol);
+  };
+  const std::vector<int64_t> padded{128, 0, 256, 128, 384, 0, 128, 256};
+  const std::set<size_t> frozen{3, 5};  // one with rows, one without
+  const std::pair<DType, DType> operands[] = {{DType::F32, DType::F32},
+                                              {DType::BF16, DType::F32},
+                                              {DType::F32, DType::BF16},
+                                              {DType::BF16, DType::BF16}};
+  for (const auto& [N, K] : {std::pair<int64_t, int64_t>{56, 72}, {67, 45}}) {
+    for (const auto& [dy_type, x_type] : operands)
+      check(padded, frozen, N, K, dy_type, x_type, Precision::Bf16);
+    // A BF16 operand alone puts the op in bf16; F32 operands under Fp32 stay exact.
+    check(padded, frozen, N, K, DType::BF16, DType::BF16, Precision::Fp32);
+    check(padded, frozen, N, K, DType::F32, DType::F32, Precision::Fp32);
+    // Only the selected blocks must be padded: the frozen block of 100 rows does not count.
+    check({128, 0, 256, 100, 384}, {3}, N, K, DType::BF16, DType::BF16, Precision::Bf16);
+    // Unpadded blocks (a plan without padding): the per-group loop.
+    for (const auto& [dy_type, x_type] : operands)
+      check({9, 0, 1, 31, 17, 5}, {2}, N, K, dy_type, x_type, Precision::Bf16);
+    check({9, 0, 1, 31, 17, 5}, {2}, N, K, DType::F32, DType::F32, Precision::Fp32);
+  }
+  EXPECT_EQ(gpu().precision(), Precision::Fp32);
+}
+
 // The few-token experts (decode's GEMVs) against the CPU op, on random routing: distinct experts
 // within a token (as the gate picks them), shifted per token so that tokens share experts. Weights
 // all F32, or all BF16 against the CPU op on the same bf16-rounded weights in fp32: a bf16 weight

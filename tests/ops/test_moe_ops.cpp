@@ -1,7 +1,8 @@
 // The MoE ops of the CPU backend (the oracle the CUDA backend is checked against) against
 // references written here: the permute plan against a stable sort of the (token, k) pairs by
-// expert, the grouped GEMM against one plain matmul per expert on its row block, the few-token
-// experts (with and without the shared experts folded in) against the SwiGLU formula in double.
+// expert, the grouped GEMM and the experts' weight gradients against one plain matmul per expert on
+// its row block, the few-token experts (with and without the shared experts folded in) against the
+// SwiGLU formula in double.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -220,6 +221,73 @@ TEST(MoeOps, GroupedMatmulSumIsTheTermsInOrder) {
     cpu().grouped_matmul(ref, a2, w2, begin, true, 1.0f);
     EXPECT_TRUE(bit_equal(c, ref)) << "beta " << beta;
   }
+}
+
+// grouped_weight_grad (the routed experts' dW += dy_g^T x_g) on the CPU: the base class's loop,
+// bit for bit one matmul(dw[g], dy_g, x_g, true, false, 1, 1) per group with a gradient and rows,
+// and within 1e-4 of a scalar double loop (so the reference is not only the same calls). dw starts
+// from random values (the op adds). A null dw (a frozen expert) is skipped even with rows; an
+// empty group's dw is left bit for bit; empty groups lead, sit in the middle and trail.
+TEST(MoeOps, GroupedWeightGradEqualsOneMatmulPerGroup) {
+  std::mt19937_64 rng(17);
+  const int64_t N = 9, K = 13;
+  const std::vector<int64_t> sizes{0, 5, 0, 1, 12, 7, 0, 3, 0};
+  const std::vector<int64_t> begin = offsets(sizes);
+  const int64_t R = begin.back(), G = int64_t(sizes.size());
+  const Tensor dy = randn({R, N}, rng), x = randn({R, K}, rng);
+  std::vector<Tensor> dw0, dw, ref;
+  for (int64_t g = 0; g < G; ++g) {
+    dw0.push_back(randn({N, K}, rng));
+    dw.push_back(dw0.back().clone());
+    ref.push_back(dw0.back().clone());
+  }
+  std::vector<Tensor*> dwp;
+  for (Tensor& t : dw) dwp.push_back(&t);
+  dwp[5] = nullptr;  // frozen, with rows
+  dwp[6] = nullptr;  // frozen, empty
+  cpu().grouped_weight_grad(dwp, dy, x, begin);
+  for (int64_t g = 0; g < G; ++g) {
+    const size_t i = size_t(g);
+    if (!dwp[i]) continue;  // not passed to the op
+    if (sizes[i] > 0)
+      cpu().matmul(ref[i], dy.slice(begin[i], begin[i + 1]), x.slice(begin[i], begin[i + 1]), true,
+                   false, 1.0f, 1.0f);
+    EXPECT_TRUE(bit_equal(dw[i], ref[i])) << "group " << g;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k) {
+        double s = dw0[i].f32()[n * K + k];
+        for (int64_t r = begin[i]; r < begin[i + 1]; ++r)
+          s += double(dy.f32()[r * N + n]) * double(x.f32()[r * K + k]);
+        ASSERT_NEAR(dw[i].f32()[n * K + k], s, 1e-4)
+            << "group " << g << " (" << n << ", " << k << ")";
+      }
+  }
+}
+
+// Shape checks, alike on every backend: offsets must tile dy's rows (one more than the groups, no
+// decrease), x must have dy's rows, and every gradient given (rows or not) must be F32 [N, K].
+// The CPU takes no BF16 operand.
+TEST(MoeOps, GroupedWeightGradChecksArguments) {
+  const Tensor dy = Tensor::zeros({4, 2}), x = Tensor::zeros({4, 3});
+  Tensor w = Tensor::zeros({2, 3}), w2 = Tensor::zeros({2, 3}), wt = Tensor::zeros({3, 2});
+  Tensor w16 = Tensor::zeros({2, 3}, DType::BF16);
+  Tensor* ok[] = {&w, &w2};
+  const std::vector<int64_t> fine{0, 1, 4}, idle{0, 0, 4}, short_rows{0, 1, 3}, decreasing{0, 3, 2},
+      too_few{0, 4};
+  EXPECT_NO_THROW(cpu().grouped_weight_grad(ok, dy, x, fine));
+  EXPECT_THROW(cpu().grouped_weight_grad(ok, dy, x, short_rows), Error);
+  EXPECT_THROW(cpu().grouped_weight_grad(ok, dy, x, decreasing), Error);
+  EXPECT_THROW(cpu().grouped_weight_grad(ok, dy, x, too_few), Error);
+  EXPECT_THROW(cpu().grouped_weight_grad(ok, dy, Tensor::zeros({3, 3}), fine), Error);
+  Tensor* transposed[] = {&w, &wt};
+  EXPECT_THROW(cpu().grouped_weight_grad(transposed, dy, x, fine), Error);
+  Tensor* idle_transposed[] = {&wt, &w};  // group 0 has no rows, but its gradient is wrong
+  EXPECT_THROW(cpu().grouped_weight_grad(idle_transposed, dy, x, idle), Error);
+  Tensor* bf16_grad[] = {&w16, nullptr};
+  EXPECT_THROW(cpu().grouped_weight_grad(bf16_grad, dy, x, fine), Error);
+  Tensor* none[] = {nullptr, nullptr};
+  EXPECT_NO_THROW(cpu().grouped_weight_grad(none, dy, x, fine));
+  EXPECT_THROW(cpu().grouped_weight_grad(ok, Tensor::zeros({4, 2}, DType::BF16), x, fine), Error);
 }
 
 // The CPU backend computes in fp32 only (supports() says no to BF16): every op with a bf16

@@ -93,6 +93,8 @@ class CudaBackend final : public Backend {
                       std::span<const int64_t> begin, bool trans_b, float beta) override;
   void grouped_matmul_sum(Tensor& c, std::span<const GroupedTerm> terms,
                           std::span<const int64_t> begin, bool trans_b, float beta) override;
+  void grouped_weight_grad(std::span<Tensor* const> dw, const Tensor& dy, const Tensor& x,
+                           std::span<const int64_t> begin) override;
   void matmul_batched(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b,
                       float alpha, float beta, const GemmBatch& batch) override;
   void round_bf16(Tensor& out, const Tensor& x) override;
