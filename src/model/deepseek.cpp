@@ -163,14 +163,14 @@ float DeepSeekModel::loss_and_backward(const Tensor& ids, const Tensor& targets,
     Tensor logits = Tensor::empty({r1 - r0, V}, DType::F32, device_);
     linear_forward(be, logits, hc, *lm_head);
     Tensor losses = Tensor::empty({r1 - r0}, DType::F32, device_);
-    be.cross_entropy_forward(losses, logits, tc);
+    // Losses and dlogits in one op: a backend may read the [rows, vocab] logits once for both.
     Tensor dlogits = logits;  // in place, unless in bf16
     if (bf16_dlogits) {
       dlogits = Tensor::empty(logits.shape(), DType::BF16, device_);
-      be.cross_entropy_backward(dlogits, logits, tc, grad_scale / float(valid));
+      be.cross_entropy_fused(losses, dlogits, logits, tc, grad_scale / float(valid));
       logits = Tensor();  // free before the GEMMs (the allocator reuses it in stream order)
     } else {
-      be.cross_entropy_backward(dlogits, logits, tc, grad_scale / float(valid));
+      be.cross_entropy_fused(losses, dlogits, logits, tc, grad_scale / float(valid));
     }
     Tensor dhc = dh.slice(r0, r1);
     linear_backward(be, dhc, *lm_head, dlogits, hc, false);

@@ -46,6 +46,13 @@ void Backend::grouped_weight_grad(std::span<Tensor* const> dw, const Tensor& dy,
   }
 }
 
+void Backend::cross_entropy_fused(Tensor& losses, Tensor& dlogits, const Tensor& logits,
+                                  const Tensor& targets, float scale) {
+  // Forward first: in place, the backward overwrites the logits the forward reads.
+  cross_entropy_forward(losses, logits, targets);
+  cross_entropy_backward(dlogits, logits, targets, scale);
+}
+
 MatmulDims matmul_dims(const Tensor& c, const Tensor& a, const Tensor& b, bool trans_a,
                        bool trans_b) {
   const MatmulDims d{rows(c), cols(c), trans_a ? rows(a) : cols(a)};

@@ -349,6 +349,12 @@ class Backend {
   // gradient under Bf16, which only bf16 GEMMs read.
   virtual void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& targets,
                                       float scale) = 0;
+  // Both of the above on the same rows, in one call: losses as cross_entropy_forward, dlogits as
+  // cross_entropy_backward (same dtype rules; dlogits may be logits itself). The default runs the
+  // two ops in sequence; a backend may read each row once for both (the LM head's training
+  // step, where the two passes over [rows, vocab] fp32 logits are the loss's whole cost).
+  virtual void cross_entropy_fused(Tensor& losses, Tensor& dlogits, const Tensor& logits,
+                                   const Tensor& targets, float scale);
 
   // Token dispatch for MoE: out[i] = x[rows[i]] * (weights ? weights[i] : 1). x and weights F32;
   // out F32, or BF16 where supports(GatherRows, BF16) (the product in fp32, rounded once).

@@ -1052,6 +1052,120 @@ TEST_F(CudaBackendTest, CrossEntropyWithIgnoredTargets) {
   }
 }
 
+// The fused loss + gradient kernel. Against the two separate CUDA ops: bit equality (it shares
+// their row statistics, block size, loss and gradient expressions; only the order in which a
+// block writes its gradient row differs). Against the CPU: kF32Tol, as the separate ops. V up to
+// V2-Lite's 102,400 (the gradient pass walks a row from its last 256-wide chunk down, so V is
+// also chosen off multiples of 256), every fifth target ignored, both vocabulary ends targeted.
+TEST_F(CudaBackendTest, CrossEntropyFused) {
+  for (int64_t V : {1000, 50257, 102400}) {
+    SCOPED_TRACE(testing::Message() << "V " << V);
+    const int64_t T = 33;
+    const float scale = 1.0f / 27.0f;
+    Tensor logits = randn({T, V}, 3.0f), targets = randint({T}, 0, int32_t(V));
+    for (int64_t t = 0; t < T; t += 5) targets.i32()[t] = -1;  // ignored positions
+    targets.i32()[1] = 0;
+    targets.i32()[2] = int32_t(V) - 1;
+    const Tensor gl = dev(logits), gt = dev(targets);
+    Tensor losses = Tensor::empty({T}), d = Tensor::empty({T, V});
+    cpu().cross_entropy_forward(losses, logits, targets);
+    cpu().cross_entropy_backward(d, logits, targets, scale);
+    Tensor s_losses = poisoned({T}), s_d = poisoned({T, V}), s_d16 = poisoned({T, V}, DType::BF16);
+    gpu().cross_entropy_forward(s_losses, gl, gt);
+    gpu().cross_entropy_backward(s_d, gl, gt, scale);
+    gpu().cross_entropy_backward(s_d16, gl, gt, scale);
+
+    // F32 into a separate tensor.
+    Tensor f_losses = poisoned({T}), f_d = poisoned({T, V});
+    gpu().cross_entropy_fused(f_losses, f_d, gl, gt, scale);
+    EXPECT_CLOSE(f_losses, losses, kF32Tol);
+    EXPECT_CLOSE(f_d, d, kF32Tol);
+    EXPECT_TRUE(bit_equal(f_losses, s_losses)) << "losses vs cross_entropy_forward";
+    EXPECT_TRUE(bit_equal(f_d, s_d)) << "dlogits vs cross_entropy_backward";
+    const Tensor lh = f_losses.to_host(), dh = f_d.to_host();
+    for (int64_t t = 0; t < T; t += 5) {
+      EXPECT_EQ(lh.f32()[t], 0.0f) << "ignored row " << t;
+      EXPECT_EQ(max_abs(dh.slice(t, t + 1)), 0.0) << "ignored row " << t;
+    }
+
+    // F32 in place (the LM head's training step under Fp32): the loss reads the target logit
+    // before any thread of its block overwrites the row.
+    Tensor p_losses = poisoned({T}), in_place = gl.clone();
+    gpu().cross_entropy_fused(p_losses, in_place, in_place, gt, scale);
+    EXPECT_TRUE(bit_equal(p_losses, s_losses)) << "losses (in place)";
+    EXPECT_TRUE(bit_equal(in_place, s_d)) << "dlogits (in place)";
+
+    // BF16 dlogits (under Bf16): the separate backward's bits, i.e. the F32 gradient rounded once.
+    Tensor b_losses = poisoned({T}), b_d = poisoned({T, V}, DType::BF16);
+    gpu().cross_entropy_fused(b_losses, b_d, gl, gt, scale);
+    EXPECT_TRUE(bit_equal(b_losses, s_losses)) << "losses (BF16 dlogits)";
+    EXPECT_TRUE(bit_equal(b_d, s_d16)) << "BF16 dlogits";
+
+    // Deterministic: a second run gives the same bits.
+    Tensor r_losses = poisoned({T}), r_d = poisoned({T, V}), r_d16 = poisoned({T, V}, DType::BF16);
+    gpu().cross_entropy_fused(r_losses, r_d, gl, gt, scale);
+    EXPECT_TRUE(bit_equal(r_losses, f_losses) && bit_equal(r_d, f_d)) << "second run (F32)";
+    gpu().cross_entropy_fused(r_losses, r_d16, gl, gt, scale);
+    EXPECT_TRUE(bit_equal(r_losses, f_losses) && bit_equal(r_d16, b_d)) << "second run (BF16)";
+
+    Tensor bad = targets.clone();
+    bad.i32()[1] = int32_t(V);
+    expect_index_error([&] { gpu().cross_entropy_fused(r_losses, r_d, gl, dev(bad), scale); },
+                       r_losses, "cross_entropy_fused: target");
+  }
+}
+
+// Not a check of values: times the loss at the LM head's training chunk (2048 rows of V2-Lite's
+// 102,400-entry vocabulary, 840 MB of fp32 logits), the two separate ops against the fused one,
+// so that a GPU run reports what the fusion saves; asserts only finite output. GB/s counts the
+// DRAM traffic each would need without L2 reuse: separate 3 reads + 1 write of the logits, fused
+// 2 reads + 1 write (a figure above the H200's ~4.8 TB/s means re-reads hit L2).
+TEST_F(CudaBackendTest, CrossEntropyThroughput) {
+  const int64_t T = 2048, V = 102400;
+  const float scale = 1.0f / float(T);
+  Tensor logits = poisoned({T, V}), targets = dev(randint({T}, 0, int32_t(V)));
+  Tensor losses = poisoned({T}), d = poisoned({T, V}), d16 = poisoned({T, V}, DType::BF16);
+  auto sync = [&] { (void)losses.slice(0, 1).to_host(); };  // a device-to-host copy waits
+  auto time_ms = [&](const std::function<void()>& f) {
+    f();
+    sync();
+    const int reps = 5;
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < reps; ++i) f();
+    sync();
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0)
+               .count() /
+           reps;
+  };
+  // Logits of a realistic spread (not NaN): a copy of random values, tiled.
+  const Tensor block = dev(randn({64, V}, 3.0f));
+  for (int64_t r = 0; r < T; r += 64) {
+    Tensor dst = logits.slice(r, r + 64);
+    gpu().copy(dst, block);
+  }
+  const double row_gb = double(T) * double(V) * 4.0 * 1e-9;
+  auto report = [&](const char* what, double ms, double passes) {
+    std::printf("    %-40s %.3f ms (%.0f GB/s at %.1f passes) [%lld x %lld]\n", what, ms,
+                passes * row_gb / ms * 1e3, passes, static_cast<long long>(T),
+                static_cast<long long>(V));
+  };
+  report("cross entropy separate, F32 dlogits", time_ms([&] {
+           gpu().cross_entropy_forward(losses, logits, targets);
+           gpu().cross_entropy_backward(d, logits, targets, scale);
+         }),
+         4.0);
+  report("cross entropy fused, F32 dlogits",
+         time_ms([&] { gpu().cross_entropy_fused(losses, d, logits, targets, scale); }), 3.0);
+  report("cross entropy separate, BF16 dlogits", time_ms([&] {
+           gpu().cross_entropy_forward(losses, logits, targets);
+           gpu().cross_entropy_backward(d16, logits, targets, scale);
+         }),
+         3.5);
+  report("cross entropy fused, BF16 dlogits",
+         time_ms([&] { gpu().cross_entropy_fused(losses, d16, logits, targets, scale); }), 2.5);
+  EXPECT_TRUE(std::isfinite(max_abs(losses)) && std::isfinite(max_abs(d.slice(0, 8))));
+}
+
 // Every seventh row is -1 (a dispatch plan's padding slot: no row). C = 304 takes the gather's and
 // the scatter's 8-wide paths (16-byte accesses), 301 their one-element paths.
 TEST_F(CudaBackendTest, GatherScatterRowDot) {

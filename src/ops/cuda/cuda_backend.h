@@ -137,6 +137,8 @@ class CudaBackend final : public Backend {
   void cross_entropy_forward(Tensor& losses, const Tensor& logits, const Tensor& targets) override;
   void cross_entropy_backward(Tensor& dlogits, const Tensor& logits, const Tensor& targets,
                               float scale) override;
+  void cross_entropy_fused(Tensor& losses, Tensor& dlogits, const Tensor& logits,
+                           const Tensor& targets, float scale) override;
   void gather_rows(Tensor& out, const Tensor& x, const Tensor& rows,
                    const Tensor* weights) override;
   void scatter_add_rows(Tensor& out, const Tensor& x, const Tensor& rows,

@@ -347,6 +347,23 @@ void CudaBackend::cross_entropy_backward(Tensor& dlogits, const Tensor& logits,
         op);
 }
 
+void CudaBackend::cross_entropy_fused(Tensor& losses, Tensor& dlogits, const Tensor& logits,
+                                      const Tensor& targets, float scale) {
+  const char* op = "cross_entropy_fused";
+  const int64_t T = rows(logits), V = cols(logits);
+  expect_f32(losses, op, "losses");
+  expect_f32_or_bf16(dlogits, op, "dlogits");  // BF16: the LM head's dlogits under Bf16
+  expect_f32(logits, op, "logits");
+  expect(targets, DType::I32, op, "targets");
+  expect_numel(losses, T, op, "losses");
+  expect_numel(dlogits, T * V, op, "dlogits");
+  expect_numel(targets, T, op, "targets");
+  const Tensor safe = check_indices(targets, V, op, "target", /*allow_negative=*/true);
+  check(cuda::cross_entropy_fused(losses.f32(), dlogits.raw(), dlogits.dtype() == DType::BF16,
+                                  logits.f32(), safe.i32(), T, V, scale),
+        op);
+}
+
 void CudaBackend::gather_rows(Tensor& out, const Tensor& x, const Tensor& rows_,
                               const Tensor* weights) {
   const char* op = "gather_rows";

@@ -266,6 +266,11 @@ cudaError_t cross_entropy_forward(float* losses, const float* logits, const int3
 cudaError_t cross_entropy_backward(void* dlogits, bool dlogits_bf16, const float* logits,
                                    const int32_t* targets, int64_t rows, int64_t vocab,
                                    float scale);
+// Both in one kernel (Backend::cross_entropy_fused): the same losses and dlogits bits as the two
+// above; dlogits may be logits itself.
+cudaError_t cross_entropy_fused(float* losses, void* dlogits, bool dlogits_bf16,
+                                const float* logits, const int32_t* targets, int64_t rows,
+                                int64_t vocab, float scale);
 
 // --- causal attention (cuda_attention.cu)
 struct AttentionShape {
