@@ -150,6 +150,9 @@ int main(int argc, char** argv) {
     // Training may not fit where prefill does (a full-size model): report prefill regardless.
     double t = 0;
     std::string train_error;
+    // Training's own high-water mark (the peer's is reset before its training too): the prefill
+    // above materialises the whole [tokens, vocab] logits, which training never does.
+    be.open_memory_window();
     try {
       train();
       t0 = std::chrono::steady_clock::now();
@@ -158,6 +161,7 @@ int main(int argc, char** argv) {
     } catch (const Error& e) {
       train_error = e.what();
     }
+    const size_t train_peak = be.close_memory_window();
     rusage ru{};
     getrusage(RUSAGE_SELF, &ru);
     fmt::print(
@@ -165,12 +169,13 @@ int main(int argc, char** argv) {
         "{:.1f}, "
         "\"train_tok_s\": {:.1f}, \"trainable\": {}, \"first_loss\": {:.6f}, "
         "\"peak_rss_mib\": {:.1f}, \"threads\": {}, \"dtype\": \"{}\", \"weights_gib\": {:.2f}, "
-        "\"peak_device_gib\": {:.2f}, \"layers\": {}, \"init_s\": {:.1f}, \"checkpointing\": {}, "
+        "\"peak_device_gib\": {:.2f}, \"train_peak_device_gib\": {:.2f}, \"layers\": {}, \"init_s\": {:.1f}, \"checkpointing\": {}, "
         "\"train_error\": \"{}\"}}\n",
         dev_name, mode, double(B * S * iters) / f, t > 0 ? double(B * S * iters) / t : 0.0,
         model.params().trainable_numel(), first_loss, double(ru.ru_maxrss) / 1024.0, num_threads(),
         dtype, double(model.params().value_bytes()) / 1073741824.0,
-        double(be.peak_bytes()) / 1073741824.0, c.num_hidden_layers, init_s,
+        double(be.peak_bytes()) / 1073741824.0, double(train_peak) / 1073741824.0,
+        c.num_hidden_layers, init_s,
         model.activation_checkpointing(), json_escape(train_error));
     if (profiling())
       fmt::print(stderr, "profile (MOEKIT_PROFILE, all iterations):\n{}", profile_report());

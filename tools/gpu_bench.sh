@@ -97,7 +97,7 @@ print(f"{'':46} {'prefill tok/s':>14} {'ESFT train tok/s':>17} {'peak GiB':>9}")
 for m in ms:
     name = f"moekit {m.get('run')} {m['layers']}L (loss {m['first_loss']:.4f})"
     err = " (training: " + m["train_error"][:70] + ")" if m.get("train_error") else ""
-    print(f"{name:46} {m['forward_tok_s']:>14.0f} {m['train_tok_s']:>17.0f} {m.get('peak_device_gib', 0):>9.2f}{err}")
+    print(f"{name:46} {m['forward_tok_s']:>14.0f} {m['train_tok_s']:>17.0f} {m.get('train_peak_device_gib', m.get('peak_device_gib', 0)):>9.2f}{err}")
 for tag in sorted({k.rsplit('-', 1)[1] for k in t}):
     pre, esft, full = t.get(f"prefill-{tag}", {}), t.get(f"train-esft-{tag}", {}), t.get(f"train-all-{tag}", {})
     print(f"{'transformers ' + tag + ' (experts trainable)':46} {pre.get('tokens_per_s', 0):>14.0f} {esft.get('tokens_per_s') or 0:>17.0f} {esft.get('peak_gib', 0):>9.2f} {esft.get('error', '')}")
@@ -115,5 +115,5 @@ if pre.get("tokens_per_s") and esft.get("tokens_per_s"):
     for m in ms:
         if m["layers"] == L:
             print(f"ratio moekit {m.get('run')} / transformers ({L} layers): prefill {m['forward_tok_s']/pre['tokens_per_s']:.2f}x, "
-                  f"ESFT training {m['train_tok_s']/esft['tokens_per_s']:.2f}x, peak memory {m.get('peak_device_gib', 0)/esft['peak_gib']:.2f}x")
+                  f"ESFT training {m['train_tok_s']/esft['tokens_per_s']:.2f}x, peak memory {m.get('train_peak_device_gib', m.get('peak_device_gib', 0))/esft['peak_gib']:.2f}x")
 PY

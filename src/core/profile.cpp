@@ -20,7 +20,11 @@ struct Entry {
   double seconds = 0;
   int64_t calls = 0;
   size_t peak_bytes = 0;  // most device memory held during any call
+  int64_t roundings = 0;  // F32 -> BF16 conversion passes run inside the step
+  int64_t rounded = 0;    // their elements
 };
+
+thread_local const char* current_step = nullptr;  // innermost open step of this thread
 
 struct Table {
   std::mutex mu;
@@ -57,6 +61,9 @@ void ProfileSteps::next(const char* name) {
   be_->synchronize();
   be_->open_memory_window();
   name_ = name;
+  if (!opened_) outer_ = current_step;
+  opened_ = true;
+  current_step = name;
   unwinding_ = std::uncaught_exceptions();
   t0_ = std::chrono::steady_clock::now();
 }
@@ -65,10 +72,19 @@ void ProfileSteps::end() {
   if (!name_) return;
   const char* name = name_;
   name_ = nullptr;
+  current_step = outer_;
   const size_t peak = be_->close_memory_window();
   if (std::uncaught_exceptions() > unwinding_) return;
   be_->synchronize();
   record(name, t0_, peak);
+}
+
+void profile_count_rounding(int64_t n) {
+  if (!profiling()) return;
+  std::lock_guard<std::mutex> lock(table().mu);
+  Entry& e = table().entries[current_step ? current_step : "(outside any step)"];
+  ++e.roundings;
+  e.rounded += n;
 }
 
 void profile_reset() {
@@ -83,11 +99,14 @@ std::string profile_report() {
   std::sort(rows.begin(), rows.end(),
             [](const auto& a, const auto& b) { return a.second.seconds > b.second.seconds; });
   std::string out;
-  for (const auto& [name, e] : rows)
-    out += e.peak_bytes > 0
-               ? fmt::format("{}: {:.1f} ms ({} calls), peak {:.2f} GiB\n", name, e.seconds * 1e3,
-                             e.calls, double(e.peak_bytes) / double(1 << 30))
-               : fmt::format("{}: {:.1f} ms ({} calls)\n", name, e.seconds * 1e3, e.calls);
+  for (const auto& [name, e] : rows) {
+    out += fmt::format("{}: {:.1f} ms ({} calls)", name, e.seconds * 1e3, e.calls);
+    if (e.peak_bytes > 0) out += fmt::format(", peak {:.2f} GiB", double(e.peak_bytes) / (1 << 30));
+    if (e.roundings > 0)
+      out += fmt::format(", {} bf16 roundings of {:.1f} M elements", e.roundings,
+                         double(e.rounded) / 1e6);
+    out += "\n";
+  }
   return out;
 }
 

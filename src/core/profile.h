@@ -6,6 +6,7 @@
 #pragma once
 
 #include <chrono>
+#include <cstdint>
 #include <string>
 
 namespace moekit {
@@ -30,6 +31,8 @@ class ProfileSteps {
  private:
   Backend* be_;
   const char* name_ = nullptr;
+  const char* outer_ = nullptr;  // the step open around this object's first one (rounding counts)
+  bool opened_ = false;
   int unwinding_ = 0;
   std::chrono::steady_clock::time_point t0_;
 };
@@ -42,6 +45,10 @@ class ProfileScope {
  private:
   ProfileSteps steps_;
 };
+
+// Under MOEKIT_PROFILE: one F32 -> BF16 rounding pass of n elements (a backend's conversion of a
+// GEMM operand), counted against the innermost open step, so the report says where they run.
+void profile_count_rounding(int64_t n);
 
 void profile_reset();  // forget what was recorded (e.g. warm-up steps)
 

@@ -23,6 +23,7 @@
 #include <utility>
 #include <vector>
 
+#include "core/profile.h"
 #include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/cuda_util.h"
 #include "ops/cuda/kernels.h"
@@ -1024,6 +1025,7 @@ void CudaBackend::round_bf16(Tensor& out, const Tensor& x) {
   cuda::expect_f32(x, "round_bf16", "x");
   if (x.numel() == 0) return;
   check(cuda::convert_f32_bf16(out.raw(), x.f32(), x.numel()), "round_bf16");
+  profile_count_rounding(x.numel());
 }
 
 // matmul's GEMV path (few rows, F32 activations read as they are).
