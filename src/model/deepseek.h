@@ -60,7 +60,7 @@ class DeepSeekModel {
   // `chunk_rows` tokens, so the [tokens, vocab] logits (a step's largest tensor) never exist at
   // once. Returns the mean loss (0, with no backward, when no target is valid).
   float loss_and_backward(const Tensor& ids, const Tensor& targets, int64_t batch, int64_t seq,
-                          float grad_scale = 1.0f, int64_t chunk_rows = 2048);
+                          float grad_scale = 1.0f, int64_t chunk_rows = 1024);
 
   // Activation checkpointing: forward keeps only each layer's input and backward recomputes the
   // layer's forward before its backward (one extra forward per layer, for activation memory of

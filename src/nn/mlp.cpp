@@ -23,12 +23,15 @@ Tensor MLP::forward(Backend& be, const Tensor& x) {
   saved.gate = Tensor::empty({T, I}, DType::F32, x.device());
   saved.up = Tensor::empty({T, I}, DType::F32, x.device());
   const DType h_dtype = be.supports(Op::SwiGLU, DType::BF16) ? gemm_input_dtype(be, T) : DType::F32;
-  saved.h = Tensor::empty({T, I}, h_dtype, x.device());
+  Tensor h = Tensor::empty({T, I}, h_dtype, x.device());
   linear_forward(be, saved.gate, saved.x, *gate_proj);
   linear_forward(be, saved.up, saved.x, *up_proj);
-  be.swiglu_forward(saved.h, saved.gate, saved.up);
+  be.swiglu_forward(h, saved.gate, saved.up);
   Tensor y = Tensor::empty({T, H}, DType::F32, x.device());
-  linear_forward(be, y, saved.h, *down_proj);
+  linear_forward(be, y, h, *down_proj);
+  // h's one reader in backward is down_proj's weight gradient: kept only when that trains (not
+  // for ESFT's frozen shared experts and dense layers).
+  saved.h = down_proj->trainable ? h : Tensor();
   return y;
 }
 

@@ -12,7 +12,8 @@ struct MLP {
   Param* gate_proj = nullptr;  // [I, H]
   Param* up_proj = nullptr;    // [I, H]
   Param* down_proj = nullptr;  // [H, I]
-  // x and h are read by backward only as GEMM inputs: BF16 under Bf16 (nn/linear.h), else F32.
+  // x and h are read by backward only as GEMM inputs: BF16 under Bf16 (nn/linear.h), else F32;
+  // h only when down_proj trains (its weight gradient is h's one reader).
   struct Saved {
     Tensor x, gate, up, h;
   } saved;

@@ -58,19 +58,6 @@ std::vector<const Tensor*> weights(const std::vector<MLP>& experts, Param* MLP::
   return w;
 }
 
-// W.grad += dy_e^T @ x_e for every expert whose W trains, in one backend call (batched where the
-// backend can). Frozen experts pass no gradient: no GEMM, and ESFT keeps them bit-identical.
-void expert_weight_grads(Backend& be, std::vector<MLP>& experts, Param* MLP::*proj,
-                         const Tensor& dy, const Tensor& x, const std::vector<int64_t>& begin) {
-  std::vector<Tensor*> dw;
-  dw.reserve(experts.size());
-  for (MLP& e : experts) {
-    Param& w = *(e.*proj);
-    dw.push_back(w.grad.defined() ? &w.grad : nullptr);
-  }
-  be.grouped_weight_grad(dw, dy, x, begin);
-}
-
 // The routed experts' weights for moe_experts_small, or empty when the backend cannot run them
 // there: they must all share one dtype (frozen bf16 experts next to fp32 trainable ones take the
 // grouped path) that the backend supports for the op.
@@ -97,7 +84,7 @@ std::vector<ExpertWeights> small_path_weights(Backend& be, const std::vector<MLP
 bool bf16_activations(Backend& be) {
   if (be.precision() != Precision::Bf16) return false;
   for (Op op :
-       {Op::GatherRows, Op::GroupedMatmul, Op::SwiGLU, Op::Matmul, Op::ScatterAddRows, Op::RowDot})
+       {Op::GatherRows, Op::GroupedMatmul, Op::SwiGLU, Op::Matmul, Op::ScatterAddRows})
     if (!be.supports(op, DType::BF16)) return false;
   return true;
 }
@@ -135,16 +122,16 @@ bool small_path(Backend& be, MoE& m, const Tensor& x, const Routing& r, Tensor& 
 }
 
 // The grouped path from the routing r: permute, grouped GEMMs, combine; saves what backward needs.
-// xg: x as the GEMMs read it (gemm_input: under Bf16 rounded once, for the router and the shared
-// experts; the routed experts gather from the F32 x).
-Tensor grouped_path(Backend& be, MoE& m, const Tensor& x, const Tensor& xg, const Routing& r,
-                    ProfileSteps& prof) {
-  const int64_t T = x.dim(0), H = x.dim(1), E = int64_t(m.routed_experts.size());
+// xg: x as the GEMMs read it (gemm_input: under Bf16 rounded once, for the router, the shared
+// experts and the routed experts' gather, which then reads half the bytes for the same values).
+Tensor grouped_path(Backend& be, MoE& m, const Tensor& xg, const Routing& r, ProfileSteps& prof) {
+  const int64_t T = xg.dim(0), H = xg.dim(1), E = int64_t(m.routed_experts.size());
   const int64_t I = E > 0 ? m.routed_experts[0].intermediate() : 0;
-  const Device dev = x.device();
+  const Device dev = xg.device();
   MoE::Saved& saved = m.saved;
   prof.next("moe.fwd.plan");
   saved.plan = make_dispatch_plan(be, r, E);  // permute: plan
+  saved.x = xg;
   const std::vector<int64_t>& begin = saved.plan.expert_begin;
   const int64_t N = begin.back();
   m.expert_load = saved.plan.expert_rows;
@@ -152,31 +139,124 @@ Tensor grouped_path(Backend& be, MoE& m, const Tensor& x, const Tensor& xg, cons
   // The routed experts' activations: F32, or BF16 under the Bf16 precision (bf16_activations).
   const DType act = bf16_activations(be) ? DType::BF16 : DType::F32;
   prof.next("moe.fwd.gather");
-  saved.xs = Tensor::empty({N, H}, act, dev);
-  be.gather_rows(saved.xs, x, saved.plan.slot_token, nullptr);  // permute: move rows
-  prof.next("moe.fwd.gate_up");                                 // experts
+  Tensor xs = Tensor::empty({N, H}, act, dev);
+  be.gather_rows(xs, xg, saved.plan.slot_token, nullptr);  // permute: move rows
+  prof.next("moe.fwd.gate_up");                            // experts
   saved.gate = Tensor::empty({N, I}, act, dev);
   saved.up = Tensor::empty({N, I}, act, dev);
-  be.grouped_matmul(saved.gate, saved.xs, weights(m.routed_experts, &MLP::gate_proj), begin, true,
-                    0.0f);
-  be.grouped_matmul(saved.up, saved.xs, weights(m.routed_experts, &MLP::up_proj), begin, true,
-                    0.0f);
+  be.grouped_matmul(saved.gate, xs, weights(m.routed_experts, &MLP::gate_proj), begin, true, 0.0f);
+  be.grouped_matmul(saved.up, xs, weights(m.routed_experts, &MLP::up_proj), begin, true, 0.0f);
+  xs = Tensor();
   prof.next("moe.fwd.swiglu");
-  saved.h = Tensor::empty({N, I}, act, dev);
-  be.swiglu_forward(saved.h, saved.gate, saved.up);
+  Tensor h = Tensor::empty({N, I}, act, dev);
+  be.swiglu_forward(h, saved.gate, saved.up);
   prof.next("moe.fwd.down");
-  saved.expert_out = Tensor::empty({N, H}, act, dev);
-  be.grouped_matmul(saved.expert_out, saved.h, weights(m.routed_experts, &MLP::down_proj), begin,
-                    true, 0.0f);
+  Tensor expert_out = Tensor::empty({N, H}, act, dev);
+  be.grouped_matmul(expert_out, h, weights(m.routed_experts, &MLP::down_proj), begin, true, 0.0f);
+  h = Tensor();
 
   prof.next("moe.fwd.shared");
-  // The shared experts read x through GEMMs only: the copy rounded once for them and the router.
   Tensor y =
       m.has_shared ? m.shared_experts.forward(be, xg) : Tensor::zeros({T, H}, DType::F32, dev);
   prof.next("moe.fwd.combine");
-  be.scatter_add_rows(y, saved.expert_out, saved.plan.slot_token,
+  be.scatter_add_rows(y, expert_out, saved.plan.slot_token,
                       &saved.plan.slot_weight);  // combine (fp32 sums)
   return y;
+}
+
+// The slot rows of the routed experts whose weights train, as consecutive blocks: `experts` in
+// order, expert experts[i] at rows [begin[i], begin[i+1]) of the compacted tensors. When every
+// expert with slots trains (full fine-tuning), the plan's own layout is used (whole = true: no
+// copies, begin is the plan's).
+struct TrainableRows {
+  std::vector<size_t> experts;
+  std::vector<int64_t> begin{0};
+  bool whole = false;
+};
+
+TrainableRows trainable_rows(const std::vector<MLP>& experts, const DispatchPlan& plan) {
+  TrainableRows t;
+  const std::vector<int64_t>& b = plan.expert_begin;
+  bool all = true;
+  for (size_t e = 0; e < experts.size(); ++e) {
+    const MLP& x = experts[e];
+    const bool trains =
+        x.gate_proj->grad.defined() || x.up_proj->grad.defined() || x.down_proj->grad.defined();
+    if (b[e + 1] == b[e]) continue;
+    all = all && trains;
+    if (!trains) continue;
+    t.experts.push_back(e);
+    t.begin.push_back(t.begin.back() + b[e + 1] - b[e]);
+  }
+  t.whole = all && !t.experts.empty();
+  if (t.whole) t.begin = b;
+  return t;
+}
+
+// The rows of `full` (slot order, any dtype, 1-D or 2-D) that belong to the trainable experts,
+// compacted (one device copy per expert); `full` itself when the layout is whole.
+Tensor compact_rows(Backend& be, const Tensor& full, const TrainableRows& t,
+                    const std::vector<int64_t>& plan_begin) {
+  if (t.whole) return full;
+  Shape shape = full.shape();
+  shape.d[0] = t.begin.back();
+  Tensor out = Tensor::empty(shape, full.dtype(), full.device());
+  for (size_t i = 0; i < t.experts.size(); ++i) {
+    const size_t e = t.experts[i];
+    Tensor dst = out.slice(t.begin[i], t.begin[i + 1]);
+    be.copy(dst, full.slice(plan_begin[e], plan_begin[e + 1]));
+  }
+  return out;
+}
+
+// W.grad += dy_e^T @ x_e for every listed expert whose W trains, in one backend call (batched
+// where the backend can), over the blocks of t. Frozen experts pass no gradient: no GEMM, and
+// ESFT keeps them bit-identical.
+void expert_weight_grads(Backend& be, std::vector<MLP>& experts, const TrainableRows& t,
+                         Param* MLP::*proj, const Tensor& dy, const Tensor& x) {
+  std::vector<Tensor*> dw(t.whole ? experts.size() : t.experts.size(), nullptr);
+  for (size_t i = 0; i < t.experts.size(); ++i) {
+    Param& w = *(experts[t.experts[i]].*proj);
+    dw[t.whole ? t.experts[i] : i] = w.grad.defined() ? &w.grad : nullptr;
+  }
+  be.grouped_weight_grad(dw, dy, x, t.begin);
+}
+
+bool any_grad(const std::vector<MLP>& experts, const TrainableRows& t, Param* MLP::*proj) {
+  for (size_t e : t.experts)
+    if ((experts[e].*proj)->grad.defined()) return true;
+  return false;
+}
+
+// The trainable experts' weight gradients, from what the forward did not keep rebuilt for their
+// slots only: the permuted input rows (gathered again from the saved input), h (from the saved
+// gate and up), and dy weighted by each slot's combine weight (W_down's gradient is the sum of
+// (w dy)^T h over the expert's slots).
+void trainable_expert_grads(Backend& be, MoE& m, const Tensor& dy, const Tensor& dgate,
+                            const Tensor& dup) {
+  const DispatchPlan& plan = m.saved.plan;
+  const TrainableRows t = trainable_rows(m.routed_experts, plan);
+  if (t.experts.empty()) return;
+  const std::vector<int64_t>& pb = plan.expert_begin;
+  const int64_t N = t.begin.back(), H = dy.dim(1), I = m.saved.gate.dim(1);
+  const DType act = m.saved.gate.dtype();
+  const Device dev = dy.device();
+  const Tensor slots = compact_rows(be, plan.slot_token, t, pb);
+  if (any_grad(m.routed_experts, t, &MLP::down_proj)) {
+    Tensor dys = Tensor::empty({N, H}, act, dev), h = Tensor::empty({N, I}, act, dev);
+    const Tensor slot_weights = compact_rows(be, plan.slot_weight, t, pb);
+    be.gather_rows(dys, dy, slots, &slot_weights);
+    be.swiglu_forward(h, compact_rows(be, m.saved.gate, t, pb), compact_rows(be, m.saved.up, t, pb));
+    expert_weight_grads(be, m.routed_experts, t, &MLP::down_proj, dys, h);
+  }
+  if (any_grad(m.routed_experts, t, &MLP::gate_proj) ||
+      any_grad(m.routed_experts, t, &MLP::up_proj)) {
+    Tensor xs = Tensor::empty({N, H}, act, dev);
+    be.gather_rows(xs, m.saved.x, slots, nullptr);
+    expert_weight_grads(be, m.routed_experts, t, &MLP::gate_proj, compact_rows(be, dgate, t, pb),
+                        xs);
+    expert_weight_grads(be, m.routed_experts, t, &MLP::up_proj, compact_rows(be, dup, t, pb), xs);
+  }
 }
 
 }  // namespace
@@ -192,7 +272,7 @@ Tensor MoE::forward(Backend& be, const Tensor& x, bool backward_follows) {
   if (!backward_follows && x.dim(0) * gate.p.top_k <= kSmallMaxPairs &&
       small_path(be, *this, x, r, y, /*accumulate=*/false, prof))
     return y;
-  return grouped_path(be, *this, x, xg, r, prof);
+  return grouped_path(be, *this, xg, r, prof);
 }
 
 void MoE::forward_add(Backend& be, const Tensor& x, Tensor& y) {
@@ -206,7 +286,7 @@ void MoE::forward_add(Backend& be, const Tensor& x, Tensor& y) {
   if (x.dim(0) * gate.p.top_k <= kSmallMaxPairs &&
       small_path(be, *this, x, r, y, /*accumulate=*/true, prof))
     return;
-  const Tensor out = grouped_path(be, *this, x, xg, r, prof);
+  const Tensor out = grouped_path(be, *this, xg, r, prof);
   saved = {};  // inference only: nothing kept for a backward (which now refuses to run)
   prof.next("moe.fwd.add");
   be.add(y, out, 1.0f);
@@ -214,7 +294,7 @@ void MoE::forward_add(Backend& be, const Tensor& x, Tensor& y) {
 
 void MoE::backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate) {
   const int64_t T = dy.dim(0), H = dy.dim(1);
-  const int64_t K = gate.p.top_k, I = saved.h.dim(1);
+  const int64_t K = gate.p.top_k, I = saved.gate.dim(1);
   const Device dev = dy.device();
   const DispatchPlan& plan = saved.plan;
   const std::vector<int64_t>& begin = plan.expert_begin;
@@ -222,43 +302,41 @@ void MoE::backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate) {
                "MoE backward: the forward before it saved nothing (it was told "
                "no backward follows)");
   const int64_t N = begin.back();
-  // Activation gradients in the forward's activation dtype. Under bf16 activations: dys, dh, dgate
-  // and dup are BF16, since each feeds only bf16 GEMMs (which would round an F32 copy to the same
-  // values: half the bytes, no conversion pass per GEMM) or SwiGLU's backward (dh: the grouped
-  // GEMM's bf16 products written as they are, not widened into an F32 copy first). dxs, the sum of
-  // the gate and up products, stays F32 (the products are rounded, their sum is not), and so do dx
-  // and the weight gradients (fp32 accumulation).
-  const DType act = saved.xs.dtype();
+  // Activation gradients in the forward's activation dtype. Under bf16 activations: dys, dout,
+  // dgate and dup are BF16, since each feeds only bf16 GEMMs (which would round an F32 copy to the
+  // same values: half the bytes, no conversion pass per GEMM) or SwiGLU's backward (dout: the
+  // grouped GEMM's bf16 products written as they are). dxs, the sum of the gate and up products,
+  // stays F32 (the products are rounded, their sum is not), and so do dx and the weight gradients
+  // (fp32 accumulation).
+  const DType act = saved.gate.dtype();
 
-  // Combine weights: dL/dw of slot s = dy[token(s)] . expert_out[s], scattered back to [T, K]
-  // order by slot_pair (a permutation: every pair receives exactly one slot).
+  // Unpermute's backward without the combine weights: slot s of token t gets dy[t]. The down
+  // projection's backward then gives dout_s = W_down^T dy[t], the gradient of the slot's
+  // weighted h per unit weight, from which swiglu_scaled_backward takes both the combine weight's
+  // gradient (dout_s . h_s = dy[t] . expert_out_s) and dgate, dup (of w_s dout_s). Each
+  // intermediate, and each saved activation, is dropped once its last reader is queued (the next
+  // allocation may reuse it), which lowers the peak of a training step.
   ProfileSteps prof(be);
-  prof.next("moe.bwd.combine");
+  prof.next("moe.bwd.gather");
+  Tensor dys = Tensor::empty({N, H}, act, dev);
+  be.gather_rows(dys, dy, plan.slot_token, nullptr);
+  prof.next("moe.bwd.down");
+  Tensor dout = Tensor::empty({N, I}, act, dev);
+  be.grouped_matmul(dout, dys, weights(routed_experts, &MLP::down_proj), begin, false, 0.0f);
+  dys = Tensor();
+  prof.next("moe.bwd.swiglu");
+  Tensor dgate = Tensor::empty({N, I}, act, dev), dup = Tensor::empty({N, I}, act, dev);
   Tensor dw_slot = Tensor::empty({N}, DType::F32, dev);
-  be.row_dot(dw_slot, dy, plan.slot_token, saved.expert_out);
-  saved.expert_out = Tensor();
+  be.swiglu_scaled_backward(dgate, dup, dw_slot, dout, saved.gate, saved.up, plan.slot_weight);
+  dout = Tensor();
+  // Combine weights: dL/dw of slot s, scattered back to [T, K] order by slot_pair (a permutation:
+  // every pair receives exactly one slot; padding slots none).
+  prof.next("moe.bwd.combine");
   Tensor dtopk = Tensor::zeros({T, K}, DType::F32, dev);
   Tensor dtopk_rows = dtopk.reshape({T * K, 1});
   be.scatter_add_rows(dtopk_rows, dw_slot.reshape({N, 1}), plan.slot_pair, nullptr);
-
-  // Unpermute's backward is a weighted gather; then the experts' chain backwards, grouped. Each
-  // intermediate, and each saved activation, is dropped once its last reader is queued (the next
-  // allocation may reuse it): backward consumes what the forward saved, which lowers the peak
-  // of a training step (it falls in a MoE layer's backward).
-  prof.next("moe.bwd.gather");
-  Tensor dys = Tensor::empty({N, H}, act, dev);
-  be.gather_rows(dys, dy, plan.slot_token, &plan.slot_weight);
-  prof.next("moe.bwd.down");
-  Tensor dh = Tensor::empty({N, I}, act, dev);
-  be.grouped_matmul(dh, dys, weights(routed_experts, &MLP::down_proj), begin, false, 0.0f);
-  prof.next("moe.bwd.down_wgrad");
-  expert_weight_grads(be, routed_experts, &MLP::down_proj, dys, saved.h, begin);
-  dys = Tensor();
-  saved.h = Tensor();
-  prof.next("moe.bwd.swiglu");
-  Tensor dgate = Tensor::empty({N, I}, act, dev), dup = Tensor::empty({N, I}, act, dev);
-  be.swiglu_backward(dgate, dup, dh, saved.gate, saved.up);
-  dh = Tensor();
+  prof.next("moe.bwd.wgrad");
+  trainable_expert_grads(be, *this, dy, dgate, dup);
   saved.gate = Tensor();
   saved.up = Tensor();
   // dxs = dgate @ W_gate + dup @ W_up over the same groups: one call (one launch where the
@@ -269,12 +347,9 @@ void MoE::backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate) {
                                    w_up = weights(routed_experts, &MLP::up_proj);
   const GroupedTerm terms[] = {{&dgate, w_gate}, {&dup, w_up}};
   be.grouped_matmul_sum(dxs, terms, begin, false, 0.0f);
-  prof.next("moe.bwd.gate_up_wgrad");
-  expert_weight_grads(be, routed_experts, &MLP::gate_proj, dgate, saved.xs, begin);
-  expert_weight_grads(be, routed_experts, &MLP::up_proj, dup, saved.xs, begin);
   dgate = Tensor();
   dup = Tensor();
-  saved.xs = Tensor();
+  saved.x = Tensor();
 
   prof.next("moe.bwd.shared");
   if (has_shared) {

@@ -54,17 +54,20 @@ struct MoE {
   // the GEMV passes to at most 64 x I and T x H warps. Not tuned on hardware: measure to move it.
   static constexpr int64_t kSmallMaxPairs = 64;
 
-  // What backward needs, every [S, .] tensor in slot order (S = T*K rows and the plan's padding,
-  // expert by expert; padding rows are zeros).
-  // The activations are F32, or BF16 under Precision::Bf16 where the backend has the bf16
-  // variants of the layer's ops (the CUDA backend; the CPU stays fp32): every expert GEMM rounds
-  // them to bf16 then anyway, so bf16 storage keeps the same values in half the memory.
+  // What backward needs. Only the gate and up projections of every slot (N = T*K rows and the
+  // plan's padding, expert by expert; padding rows are zeros) and the layer's input: the combine
+  // weights' gradient comes from the down projection's backward (swiglu_scaled_backward), which
+  // needs neither the experts' outputs nor h, and the permuted input rows and h are rebuilt in
+  // backward for the slots of trainable experts only (ESFT trains a few per layer). Keeping
+  // xs, h and the outputs cost 2 [N, H] and one [N, I] tensor per layer: with top-6 of 64 experts
+  // about 6x the layer's input each, the largest part of a training step's activations.
+  // gate and up are F32, or BF16 under Precision::Bf16 where the backend has the bf16 variants
+  // of the layer's ops (the CUDA backend; the CPU stays fp32): every expert GEMM rounds them to
+  // bf16 then anyway, so bf16 storage keeps the same values in half the memory.
   struct Saved {
     DispatchPlan plan;
-    Tensor xs;          // [N, H] permuted input rows
-    Tensor gate, up;    // [N, I] gate and up projections
-    Tensor h;           // [N, I] silu(gate) * up
-    Tensor expert_out;  // [N, H] down projection, before the combine weight
+    Tensor x;         // [T, H] the input as the expert GEMMs read it (gemm_input)
+    Tensor gate, up;  // [N, I] gate and up projections
   } saved;
 
   static MoE create(ParamTable& params, const std::string& prefix, const ModelConfig& c,

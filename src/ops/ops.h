@@ -39,7 +39,6 @@ enum class Op : uint8_t {
   CrossEntropy,
   GatherRows,
   ScatterAddRows,
-  RowDot,
   CopyColumns,
   MlaSplitKv,
   MoeGate,
@@ -90,8 +89,8 @@ struct SampleParams {
 // rounded to bf16 and run on bf16 tensor cores with fp32 accumulation (a bf16 model's precision).
 // Whatever the mode, a GEMM with a BF16 operand (bf16 weights or activations) runs in bf16.
 // moe_experts_small ignores the mode (weights as stored, fp32 activations). Under Bf16, a backend
-// that supports the BF16 variants of gather_rows, grouped_matmul, swiglu_*, scatter_add_rows and
-// row_dot lets the MoE layer keep its routed experts' activations in bf16 (nn/moe.cpp).
+// that supports the BF16 variants of gather_rows, grouped_matmul, swiglu_* and scatter_add_rows
+// lets the MoE layer keep its routed experts' activations in bf16 (nn/moe.cpp).
 enum class Precision : uint8_t { Fp32, Tf32, Bf16 };
 
 // The layout of a strided batch of row-major GEMMs (per-head products of MLA's absorbed decode):
@@ -247,6 +246,15 @@ class Backend {
   // BF16 output rounded once.
   virtual void swiglu_backward(Tensor& dgate, Tensor& dup, const Tensor& dh, const Tensor& gate,
                                const Tensor& up) = 0;
+  // The backward of out[r, :] = scale[r] * silu(gate[r, :]) * up[r, :] over the rows of [R, I]
+  // tensors: dgate and dup as swiglu_backward of dh[r, :] = scale[r] * dout[r, :], and
+  // dscale[r] = sum_i dout[r, i] * h[r, i] with h recomputed from gate and up (fp32 sums). The MoE
+  // layer folds each slot's combine weight in here, so its backward needs neither the experts'
+  // outputs nor h saved. dout, gate, up, dgate and dup share one dtype: F32, or BF16 where
+  // supports(SwiGLU, BF16) (math in fp32, dgate and dup rounded once); scale and dscale F32 [R].
+  virtual void swiglu_scaled_backward(Tensor& dgate, Tensor& dup, Tensor& dscale,
+                                      const Tensor& dout, const Tensor& gate, const Tensor& up,
+                                      const Tensor& scale) = 0;
 
   // In place on x viewed as [T, heads, head_stride]: rotates the pairs (2j, 2j+1) of the dims
   // [offset, offset + rope_dim) of every head by angle pos*freq_j (the checkpoint's interleaved
@@ -356,19 +364,17 @@ class Backend {
   virtual void cross_entropy_fused(Tensor& losses, Tensor& dlogits, const Tensor& logits,
                                    const Tensor& targets, float scale);
 
-  // Token dispatch for MoE: out[i] = x[rows[i]] * (weights ? weights[i] : 1). x and weights F32;
-  // out F32, or BF16 where supports(GatherRows, BF16) (the product in fp32, rounded once).
-  // In these three ops a negative row is no row (a dispatch plan's padding slot): gather writes
-  // zeros, scatter_add_rows skips it, row_dot gives 0.
+  // Token dispatch for MoE: out[i] = x[rows[i]] * (weights ? weights[i] : 1). weights F32; x and
+  // out F32, or either BF16 where supports(GatherRows, BF16) (a BF16 x widened exactly, the
+  // product in fp32, a BF16 out rounded once).
+  // In both ops a negative row is no row (a dispatch plan's padding slot): gather writes zeros,
+  // scatter_add_rows skips it.
   virtual void gather_rows(Tensor& out, const Tensor& x, const Tensor& rows,
                            const Tensor* weights) = 0;
   // Combine: out[rows[i]] += x[i] * (weights ? weights[i] : 1). Deterministic order. out and
   // weights F32; x F32, or BF16 where supports(ScatterAddRows, BF16) (widened exactly, fp32 sums).
   virtual void scatter_add_rows(Tensor& out, const Tensor& x, const Tensor& rows,
                                 const Tensor* weights) = 0;
-  // out[i] = dot(a[rows[i]], b[i]) (the gradient of a combine weight). out and a F32; b F32, or
-  // BF16 where supports(RowDot, BF16) (widened exactly, fp32 sums).
-  virtual void row_dot(Tensor& out, const Tensor& a, const Tensor& rows, const Tensor& b) = 0;
   // dst[:, dst_col:dst_col+n] (+)= src[:, src_col:src_col+n] for 2-D tensors with equal rows.
   virtual void copy_columns(Tensor& dst, int64_t dst_col, const Tensor& src, int64_t src_col,
                             int64_t n, bool accumulate) = 0;

@@ -77,10 +77,11 @@ TEST(GradCheck, RMSNorm) {
   EXPECT_LT(res.worst_rel, kTol) << res.worst;
 }
 
-TEST(GradCheck, SwiGLUMLP) {
+void check_mlp(bool down_trains) {
   std::mt19937_64 rng(2);
   ParamTable params;
   MLP mlp = MLP::create(params, "mlp", 10, 14, Device::CPU);
+  params.set_trainable([&](const Param& p) { return down_trains || p.name != "mlp.down_proj.weight"; });
   randomize(params, rng, 0.4f);
   Tensor x = randn({6, 10}, rng), dx = Tensor::zeros({6, 10});
   Backend& be = backend(Device::CPU);
@@ -93,6 +94,17 @@ TEST(GradCheck, SwiGLUMLP) {
                         },
                         checked);
   EXPECT_LT(res.worst_rel, kTol) << res.worst;
+  // h is kept for down_proj's weight gradient only.
+  EXPECT_EQ(mlp.saved.h.defined(), down_trains);
+}
+
+TEST(GradCheck, SwiGLUMLP) {
+  check_mlp(true);
+}
+
+// A frozen down projection (ESFT's shared experts): h is not kept, the rest still trains.
+TEST(GradCheck, SwiGLUMLPFrozenDownProjection) {
+  check_mlp(false);
 }
 
 // The checker itself must fail on a wrong backward: drop up_proj's contribution to dx (a
@@ -164,10 +176,14 @@ TEST(GradCheck, MLAWithQLoraAndYarn) {
   check_mla(c, 5);
 }
 
-void check_moe(ModelConfig c, uint64_t seed, float aux_alpha = 0.0f) {
+// trains: which parameters train (all when empty): the layer rebuilds the inputs of the trainable
+// experts' weight gradients for their slots only, so a subset checks that bookkeeping.
+void check_moe(ModelConfig c, uint64_t seed, float aux_alpha = 0.0f,
+               const std::function<bool(const Param&)>& trains = {}) {
   std::mt19937_64 rng(seed);
   ParamTable params;
   MoE moe = MoE::create(params, "mlp", c, Device::CPU);
+  if (trains) params.set_trainable(trains);
   randomize(params, rng, 0.4f);
   Tensor bias = randn({c.n_routed_experts}, rng, 0.05f);
   moe.gate.balance_bias->value.copy_from(bias);
@@ -205,6 +221,17 @@ TEST(GradCheck, MoEAuxLossSigmoidNormalised) {
   c.topk_method = "noaux_tc";
   c.norm_topk_prob = true;
   check_moe(c, 16, 2.0f);
+}
+
+// ESFT's case: a few routed experts train (one only its down projection, one only gate and up),
+// the rest of the layer is frozen; x's gradient and the trained weights' are checked.
+TEST(GradCheck, MoESomeExpertsTrain) {
+  check_moe(tiny_config(), 17, 0.0f, [](const Param& p) {
+    const std::string& n = p.name;
+    return n.find("experts.1.") != std::string::npos ||
+           n.find("experts.4.down_proj") != std::string::npos ||
+           (n.find("experts.6.") != std::string::npos && n.find("down_proj") == std::string::npos);
+  });
 }
 
 TEST(GradCheck, MoESoftmaxNormTopk) {

@@ -1168,7 +1168,7 @@ TEST_F(CudaBackendTest, CrossEntropyThroughput) {
 
 // Every seventh row is -1 (a dispatch plan's padding slot: no row). C = 304 takes the gather's and
 // the scatter's 8-wide paths (16-byte accesses), 301 their one-element paths.
-TEST_F(CudaBackendTest, GatherScatterRowDot) {
+TEST_F(CudaBackendTest, GatherScatter) {
   for (const int64_t C : {304, 301}) {
     SCOPED_TRACE(testing::Message() << "C " << C);
     const int64_t R = 41, N = 157;  // N > R: destinations repeat
@@ -1189,10 +1189,6 @@ TEST_F(CudaBackendTest, GatherScatterRowDot) {
       gpu().scatter_add_rows(again2, dev(src), dev(rows), wp ? &gw : nullptr);
       EXPECT_TRUE(bit_equal(again, again2)) << "scatter is not deterministic";
     }
-    Tensor b = randn({N, C}), dots = Tensor::empty({N}), gdots = poisoned({N});
-    cpu().row_dot(dots, x, rows, b);
-    gpu().row_dot(gdots, dev(x), dev(rows), dev(b));
-    EXPECT_CLOSE(gdots, dots, kF32Tol);
   }
 }
 
@@ -1215,10 +1211,71 @@ TEST_F(CudaBackendTest, GatherRowsBf16Output) {
   }
 }
 
-// The combine and its weight gradient on BF16 expert outputs: x (scatter_add_rows) and b (row_dot)
-// BF16, widened exactly, sums in fp32: the CPU ops on the same values at kF32Tol; the scatter stays
-// deterministic (two runs bit-equal).
-TEST_F(CudaBackendTest, ScatterAddRowsAndRowDotBf16Inputs) {
+// The gather from a BF16 source (the MoE layer's input rounded once for its GEMMs; backward gathers
+// the trainable experts' rows from it again): widened exactly, so the CPU gather of the widened
+// values is the oracle at tolerance 0, into F32 and (rounded once) into BF16 rows.
+TEST_F(CudaBackendTest, GatherRowsFromBf16Source) {
+  for (const int64_t C : {304, 301}) {  // the 8-wide and the scalar paths
+    SCOPED_TRACE(testing::Message() << "C " << C);
+    const int64_t R = 41, N = 157;
+    const Tensor x16 = randn({R, C}).to_dtype(DType::BF16), x = x16.to_f32();
+    Tensor rows = randint({N}, 0, int32_t(R)), w = randn({N});
+    for (int64_t i = 2; i < N; i += 7) rows.i32()[i] = -1;  // padding slots: zero rows
+    for (const Tensor* wp : std::initializer_list<const Tensor*>{nullptr, &w}) {
+      SCOPED_TRACE(wp ? "weighted" : "plain");
+      Tensor out = Tensor::empty({N, C}), gw = dev(w);
+      cpu().gather_rows(out, x, rows, wp);
+      for (DType d : {DType::F32, DType::BF16}) {
+        Tensor gout = poisoned({N, C}, d);
+        gpu().gather_rows(gout, dev(x16), dev(rows), wp ? &gw : nullptr);
+        EXPECT_CLOSE(gout, d == DType::BF16 ? out.to_dtype(DType::BF16).to_f32() : out, 0.0);
+      }
+    }
+  }
+}
+
+// swiglu_scaled_backward (the MoE layer's combine weight folded into SwiGLU's backward) against
+// the CPU op on the same values (bf16 values, so F32 and BF16 operands mean the same numbers):
+// dgate and dup at kF32Tol, plus 2^-8 when written as BF16 (rounded once); dscale, a row's fp32
+// sum of dout * h, at kF32Tol in both dtypes. Rows with scale 0 and dout 0 (the plan's padding)
+// give exact zeros. Widths 1408 (V2-Lite's experts: the 8-wide path) and 45 (scalar).
+TEST_F(CudaBackendTest, SwiGluScaledBackward) {
+  for (const Shape& s : {Shape{53, 1408}, Shape{37, 45}}) {
+    SCOPED_TRACE(s.str());
+    const int64_t R = s[0], I = s[1];
+    auto as = [](const Tensor& t, DType d) {
+      return d == DType::BF16 ? t.to_dtype(DType::BF16) : t;
+    };
+    const Tensor gate = randn(s, 2.0f).to_dtype(DType::BF16).to_f32();
+    const Tensor up = randn(s).to_dtype(DType::BF16).to_f32();
+    Tensor dout = randn(s).to_dtype(DType::BF16).to_f32(), scale = randn({R});
+    for (int64_t r = 0; r < R; r += 5) {  // padding rows
+      scale.f32()[r] = 0.0f;
+      std::fill_n(dout.f32() + r * I, I, 0.0f);
+    }
+    Tensor dgate = Tensor::empty(s), dup = Tensor::empty(s), dscale = Tensor::empty({R});
+    cpu().swiglu_scaled_backward(dgate, dup, dscale, dout, gate, up, scale);
+    for (DType d : {DType::F32, DType::BF16}) {
+      SCOPED_TRACE(dtype_name(d));
+      Tensor gdg = poisoned(s, d), gdu = poisoned(s, d), gds = poisoned({R});
+      gpu().swiglu_scaled_backward(gdg, gdu, gds, dev(as(dout, d)), dev(as(gate, d)),
+                                   dev(as(up, d)), dev(scale));
+      const double tol = kF32Tol + (d == DType::BF16 ? std::ldexp(1.0, -8) : 0.0);
+      EXPECT_CLOSE(gdg, dgate, tol);
+      EXPECT_CLOSE(gdu, dup, tol);
+      EXPECT_CLOSE(gds, dscale, kF32Tol);
+      const Tensor hs = gds.to_host(), hg = gdg.to_host().to_f32();
+      for (int64_t r = 0; r < R; r += 5) {
+        EXPECT_EQ(hs.f32()[r], 0.0f) << "padding row " << r;
+        EXPECT_EQ(max_abs(hg.slice(r, r + 1)), 0.0) << "padding row " << r;
+      }
+    }
+  }
+}
+
+// The combine on BF16 expert outputs: x BF16, widened exactly, sums in fp32: the CPU op on the same
+// values at kF32Tol; the scatter stays deterministic (two runs bit-equal).
+TEST_F(CudaBackendTest, ScatterAddRowsBf16Inputs) {
   const int64_t R = 41, C = 304, N = 157;  // C: the 8-wide paths
   Tensor rows = randint({N}, 0, int32_t(R)), w = randn({N});
   for (int64_t i = 5; i < N; i += 7) rows.i32()[i] = -1;  // padding slots: skipped
@@ -1233,10 +1290,6 @@ TEST_F(CudaBackendTest, ScatterAddRowsAndRowDotBf16Inputs) {
     gpu().scatter_add_rows(again, dev(src16), dev(rows), wp ? &gw : nullptr);
     EXPECT_TRUE(bit_equal(gacc, again)) << "scatter is not deterministic";
   }
-  Tensor a = randn({R, C}), dots = Tensor::empty({N}), gdots = poisoned({N});
-  cpu().row_dot(dots, a, rows, src);
-  gpu().row_dot(gdots, dev(a), dev(rows), dev(src16));
-  EXPECT_CLOSE(gdots, dots, kF32Tol);
 }
 
 TEST_F(CudaBackendTest, CopyColumnsAndMlaSplit) {

@@ -104,8 +104,7 @@ TEST(MoeOps, DispatchPlanIsAStableSortByExpert) {
     }
 }
 
-// Padding slots (row -1) are no rows: gather writes zeros, the combine skips them, row_dot gives 0;
-// the real slots are unchanged by their presence.
+// Padding slots (row -1) are no rows: gather writes zeros, the combine skips them; the real slots are unchanged by their presence.
 TEST(MoeOps, NegativeRowsAreNoRows) {
   std::mt19937_64 rng(5);
   const int64_t R = 4, C = 6;
@@ -126,19 +125,10 @@ TEST(MoeOps, NegativeRowsAreNoRows) {
     EXPECT_EQ(acc.f32()[1 * C + c], x.f32()[1 * C + c]);  // untouched
     EXPECT_EQ(acc.f32()[3 * C + c], x.f32()[3 * C + c]);
   }
-  Tensor dots = Tensor::empty({5});
-  std::fill_n(dots.f32(), 5, 9.0f);
-  cpu().row_dot(dots, x, rows, src);
-  EXPECT_EQ(dots.f32()[1], 0.0f);
-  EXPECT_EQ(dots.f32()[3], 0.0f);
-  float d = 0.0f;
-  for (int64_t c = 0; c < C; ++c) d += x.f32()[c] * src.f32()[2 * C + c];
-  EXPECT_FLOAT_EQ(dots.f32()[2], d);
   // Past the end is still an error.
   rows.i32()[4] = int32_t(R);
   EXPECT_THROW(cpu().gather_rows(out, x, rows, nullptr), Error);
   EXPECT_THROW(cpu().scatter_add_rows(acc, src, rows, nullptr), Error);
-  EXPECT_THROW(cpu().row_dot(dots, x, rows, src), Error);
 }
 
 TEST(MoeOps, DispatchPlanRejectsAnOutOfRangeExpert) {
@@ -306,15 +296,14 @@ TEST(MoeOps, CpuRefusesBf16Activations) {
     }
   };
   for (Op op :
-       {Op::GatherRows, Op::GroupedMatmul, Op::SwiGLU, Op::Matmul, Op::ScatterAddRows, Op::RowDot})
+       {Op::GatherRows, Op::GroupedMatmul, Op::SwiGLU, Op::Matmul, Op::ScatterAddRows})
     EXPECT_FALSE(cpu().supports(op, DType::BF16));
   const Tensor x = Tensor::zeros({4, 3}), x16 = Tensor::zeros({4, 3}, DType::BF16);
   const Tensor rows = Tensor::zeros({4}, DType::I32);
   Tensor out16 = Tensor::zeros({4, 3}, DType::BF16), out = Tensor::zeros({4, 3});
   expect_refused("gather_rows", [&] { cpu().gather_rows(out16, x, rows, nullptr); });
   expect_refused("scatter_add_rows", [&] { cpu().scatter_add_rows(out, x16, rows, nullptr); });
-  Tensor dots = Tensor::zeros({4});
-  expect_refused("row_dot", [&] { cpu().row_dot(dots, x, rows, x16); });
+  expect_refused("gather_rows", [&] { cpu().gather_rows(out, x16, rows, nullptr); });
   expect_refused("swiglu_forward", [&] { cpu().swiglu_forward(out16, x16, x16); });
   Tensor d16 = Tensor::zeros({4, 3}, DType::BF16);
   expect_refused("swiglu_backward", [&] { cpu().swiglu_backward(d16, out16, x, x16, x16); });
@@ -398,6 +387,32 @@ std::vector<ExpertWeights> random_experts(std::vector<Tensor>& store, int64_t E,
 // One token (decode) and three tokens that share experts, K = 6 of 9 experts, odd H and I; with
 // and without accumulation into y. Tolerance: fp32 dot products of <= 37 terms against double,
 // ~1e-6 of the largest value; 1e-5 normwise leaves a margin, a wrong expert or weight is O(1).
+// swiglu_scaled_backward against its definition in double: dgate and dup are SwiGLU's gradients
+// of dh = scale[r] * dout (as swiglu_backward gives them), dscale[r] = sum_i dout * silu(g) * u.
+TEST(MoeOps, SwigluScaledBackwardIsTheScaledSwigluBackward) {
+  std::mt19937_64 rng(41);
+  const int64_t R = 9, I = 13;
+  const Tensor gate = randn({R, I}, rng), up = randn({R, I}, rng), dout = randn({R, I}, rng);
+  const Tensor scale = randn({R}, rng);
+  Tensor dgate = Tensor::empty({R, I}), dup = Tensor::empty({R, I}), dscale = Tensor::empty({R});
+  cpu().swiglu_scaled_backward(dgate, dup, dscale, dout, gate, up, scale);
+  Tensor dh = Tensor::empty({R, I}), eg = Tensor::empty({R, I}), eu = Tensor::empty({R, I});
+  for (int64_t i = 0; i < dh.numel(); ++i) dh.f32()[i] = scale.f32()[i / I] * dout.f32()[i];
+  cpu().swiglu_backward(eg, eu, dh, gate, up);
+  EXPECT_TRUE(bit_equal(dgate, eg));
+  EXPECT_TRUE(bit_equal(dup, eu));
+  for (int64_t r = 0; r < R; ++r) {
+    double want = 0.0;
+    for (int64_t i = r * I; i < (r + 1) * I; ++i) {
+      const double g = gate.f32()[i];
+      want += double(dout.f32()[i]) * g / (1.0 + std::exp(-g)) * double(up.f32()[i]);
+    }
+    EXPECT_NEAR(dscale.f32()[r], want, 1e-5 * (1.0 + std::abs(want))) << "row " << r;
+  }
+  Tensor bad = Tensor::empty({R + 1});
+  EXPECT_THROW(cpu().swiglu_scaled_backward(dgate, dup, bad, dout, gate, up, scale), Error);
+}
+
 TEST(MoeOps, ExpertsSmallEqualsTheSwigluFormula) {
   std::mt19937_64 rng(13);
   const int64_t E = 9, K = 6, H = 37, I = 23;

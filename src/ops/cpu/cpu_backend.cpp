@@ -233,6 +233,33 @@ void CpuBackend::swiglu_backward(Tensor& dgate, Tensor& dup, const Tensor& dh, c
       1 << 12);
 }
 
+void CpuBackend::swiglu_scaled_backward(Tensor& dgate, Tensor& dup, Tensor& dscale,
+                                        const Tensor& dout, const Tensor& gate, const Tensor& up,
+                                        const Tensor& scale) {
+  const char* op = "swiglu_scaled_backward";
+  expect_f32_on_cpu(op, {&dgate, &dup, &dscale, &dout, &gate, &up, &scale});
+  const int64_t R = scale.numel(), I = R > 0 ? dout.numel() / R : 0;
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&dgate, &dup, &gate, &up})
+    MOEKIT_CHECK(t->numel() == dout.numel(), "{}: operand {} vs dout {}", op, t->shape().str(),
+                 dout.shape().str());
+  MOEKIT_CHECK(dscale.numel() == R && R * I == dout.numel(), "{}: scale {} and dscale {} vs dout {}",
+               op, scale.shape().str(), dscale.shape().str(), dout.shape().str());
+  const float *g = gate.f32(), *u = up.f32(), *d = dout.f32(), *s = scale.f32();
+  float *dg = dgate.f32(), *du = dup.f32(), *ds = dscale.f32();
+  cpu_pool().parallel_for(R, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      float dot = 0.0f;
+      for (int64_t i = r * I; i < (r + 1) * I; ++i) {
+        const float sg = 1.0f / (1.0f + std::exp(-g[i])), dh = s[r] * d[i];
+        dot += d[i] * g[i] * sg * u[i];
+        du[i] = dh * g[i] * sg;
+        dg[i] = dh * u[i] * sg * (1.0f + g[i] * (1.0f - sg));
+      }
+      ds[r] = dot;
+    }
+  });
+}
+
 void CpuBackend::rope(Tensor& x, int64_t heads, int64_t head_stride, int64_t offset,
                       int64_t rope_dim, const Tensor& cos, const Tensor& sin,
                       const Tensor& positions, bool inverse) {

@@ -262,22 +262,4 @@ void CpuBackend::scatter_add_rows(Tensor& out, const Tensor& x, const Tensor& ro
       64);
 }
 
-void CpuBackend::row_dot(Tensor& out, const Tensor& a, const Tensor& rows_, const Tensor& b) {
-  expect_f32_on_cpu("row_dot", {&out, &a, &b});
-  expect_indices(rows_, rows(a), "row_dot", "row", /*allow_negative=*/true);
-  const int64_t N = rows_.numel(), C = cols(b);
-  cpu_pool().parallel_for(N, [&](int64_t bb, int64_t e) {
-    for (int64_t i = bb; i < e; ++i) {
-      const int32_t row = rows_.i32()[i];
-      float s = 0.0f;
-      if (row >= 0) {  // a padding slot's dot is 0
-        const float* pa = a.f32() + int64_t(row) * C;
-        const float* pb = b.f32() + i * C;
-        for (int64_t c = 0; c < C; ++c) s += pa[c] * pb[c];
-      }
-      out.f32()[i] = s;
-    }
-  });
-}
-
 }  // namespace moekit

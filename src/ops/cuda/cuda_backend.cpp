@@ -329,7 +329,6 @@ bool CudaBackend::supports(Op op, DType dtype) const {
     case Op::GatherRows:
     case Op::SwiGLU:
     case Op::ScatterAddRows:
-    case Op::RowDot:
     case Op::MlaAbsorbQuery:
     case Op::MlaValueHeads:
     case Op::RoundBf16:

@@ -110,6 +110,8 @@ class CudaBackend final : public Backend {
   void swiglu_forward(Tensor& h, const Tensor& gate, const Tensor& up) override;
   void swiglu_backward(Tensor& dgate, Tensor& dup, const Tensor& dh, const Tensor& gate,
                        const Tensor& up) override;
+  void swiglu_scaled_backward(Tensor& dgate, Tensor& dup, Tensor& dscale, const Tensor& dout,
+                              const Tensor& gate, const Tensor& up, const Tensor& scale) override;
   void rope(Tensor& x, int64_t heads, int64_t head_stride, int64_t offset, int64_t rope_dim,
             const Tensor& cos, const Tensor& sin, const Tensor& positions, bool inverse) override;
   void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,
@@ -143,7 +145,6 @@ class CudaBackend final : public Backend {
                    const Tensor* weights) override;
   void scatter_add_rows(Tensor& out, const Tensor& x, const Tensor& rows,
                         const Tensor* weights) override;
-  void row_dot(Tensor& out, const Tensor& a, const Tensor& rows, const Tensor& b) override;
   void copy_columns(Tensor& dst, int64_t dst_col, const Tensor& src, int64_t src_col, int64_t n,
                     bool accumulate) override;
   void mla_split_kv(Tensor& k, Tensor& v, const Tensor& kv_b, const Tensor& k_rope, int64_t heads,

@@ -147,7 +147,70 @@ cudaError_t swiglu_backward_dh(void* dgate, void* dup, DType out, const void* dh
   return swiglu_backward_out<G, float>(dgate, dup, out, dh, gate, up, n);
 }
 
+// One warp per row (the row's dscale is a sum over its elements: a fixed shuffle tree, so the result
+// does not depend on the launch), V elements per lane per step (8: 16-byte accesses where the
+// width and the buffers allow). Padding rows of the MoE plan (scale 0, dout 0) give zeros.
+template <typename T, int V>
+__global__ void swiglu_scaled_backward_kernel(T* dgate, T* dup, float* dscale, const T* dout,
+                                              const T* gate, const T* up, const float* scale,
+                                              int64_t rows, int64_t dim) {
+  const int64_t r = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (r >= rows) return;  // whole warps leave together
+  const float s = scale[r];
+  float dot = 0.0f;
+  for (int64_t c = r * dim + lane * V; c < (r + 1) * dim; c += 32 * V) {
+    float g[V], u[V], d[V], dg[V], du[V];
+    if constexpr (V == 8) {
+      load8(gate + c, g);
+      load8(up + c, u);
+      load8(dout + c, d);
+    } else {
+      g[0] = to_f32(gate[c]), u[0] = to_f32(up[c]), d[0] = to_f32(dout[c]);
+    }
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      dot += d[j] * silu_mul(g[j], u[j]);
+      silu_mul_backward(s * d[j], g[j], u[j], dg[j], du[j]);
+    }
+    if constexpr (V == 8) {
+      store8(dgate + c, dg);
+      store8(dup + c, du);
+    } else {
+      dgate[c] = from_f32<T>(dg[0]), dup[c] = from_f32<T>(du[0]);
+    }
+  }
+  dot = warp_reduce(dot, Sum{});
+  if (lane == 0) dscale[r] = dot;
+}
+
+template <typename T>
+cudaError_t swiglu_scaled_backward_as(void* dgate, void* dup, float* dscale, const void* dout,
+                                      const void* gate, const void* up, const float* scale,
+                                      int64_t rows, int64_t dim) {
+  T *dg = static_cast<T*>(dgate), *du = static_cast<T*>(dup);
+  const T *d = static_cast<const T*>(dout), *g = static_cast<const T*>(gate),
+          *u = static_cast<const T*>(up);
+  const unsigned blocks = blocks_for(rows * 32);
+  if (dim % 8 == 0 && all_aligned16(dg, du, d, g, u))
+    swiglu_scaled_backward_kernel<T, 8>
+        <<<blocks, kThreads, 0, stream()>>>(dg, du, dscale, d, g, u, scale, rows, dim);
+  else
+    swiglu_scaled_backward_kernel<T, 1>
+        <<<blocks, kThreads, 0, stream()>>>(dg, du, dscale, d, g, u, scale, rows, dim);
+  return cudaGetLastError();
+}
+
 }  // namespace
+
+cudaError_t swiglu_scaled_backward(void* dgate, void* dup, float* dscale, const void* dout,
+                                   const void* gate, const void* up, const float* scale,
+                                   DType dtype, int64_t rows, int64_t dim) {
+  if (rows == 0) return cudaSuccess;
+  if (dtype == DType::BF16)
+    return swiglu_scaled_backward_as<bf16_t>(dgate, dup, dscale, dout, gate, up, scale, rows, dim);
+  return swiglu_scaled_backward_as<float>(dgate, dup, dscale, dout, gate, up, scale, rows, dim);
+}
 
 cudaError_t swiglu_forward(void* h, DType h_dtype, const void* gate, const void* up, DType in_dtype,
                            int64_t n) {

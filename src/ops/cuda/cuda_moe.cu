@@ -1,5 +1,5 @@
 // CUDA kernels, part 4: MoE permute plan (pairs sorted by expert), token dispatch (gather), combine
-// (scatter-add through a sorted plan), the combine-weight gradient (row dot), the few-token
+// (scatter-add through a sorted plan), the few-token
 // experts' GEMVs (decode) and the gate (scores, group-limited / noaux_tc top-K with the balancing
 // bias, normalisation and scaling) with its backward. Why hand-written: the gate's selection
 // rules (DeepSeek-V2/V3 routing, CPU-identical tie breaking) are no library routine, and the
@@ -26,8 +26,8 @@ namespace {
 // the buffers allow 16-byte accesses (the row index and weight read once per 8 outputs), else one
 // per element: one element per thread, with a division each, took 0.5 ms for V2-Lite's 49,152 x
 // 2048 bf16 rows on the H200, a fifth of the bandwidth.
-template <typename T, int V>
-__global__ void gather_rows_kernel(T* out, const float* x, const int32_t* rows,
+template <typename T, typename X, int V>
+__global__ void gather_rows_kernel(T* out, const X* x, const int32_t* rows,
                                    const float* weights, int64_t n, int64_t dim) {
   const int64_t chunks = dim / V;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < n * chunks;
@@ -42,43 +42,34 @@ __global__ void gather_rows_kernel(T* out, const float* x, const int32_t* rows,
       for (int j = 0; j < 8; ++j) v[j] *= w;
       store8(out + i * dim + c, v);
     } else {
-      out[i * dim + c] = from_f32<T>(row < 0 ? 0.0f : w * x[int64_t(row) * dim + c]);
+      out[i * dim + c] = from_f32<T>(row < 0 ? 0.0f : w * to_f32(x[int64_t(row) * dim + c]));
     }
   }
 }
 
-template <typename T, int V>
-cudaError_t gather_rows_as(T* out, const float* x, const int32_t* rows, const float* weights,
+template <typename T, typename X, int V>
+cudaError_t gather_rows_as(T* out, const X* x, const int32_t* rows, const float* weights,
                            int64_t n, int64_t dim) {
   if (n * (dim / V) <= 0) return cudaSuccess;
-  gather_rows_kernel<T, V>
+  gather_rows_kernel<T, X, V>
       <<<blocks_for(n * (dim / V)), kThreads, 0, stream()>>>(out, x, rows, weights, n, dim);
   return cudaGetLastError();
 }
 
-template <typename T>
-cudaError_t gather_rows_to(T* out, const float* x, const int32_t* rows, const float* weights,
+template <typename T, typename X>
+cudaError_t gather_rows_to(T* out, const X* x, const int32_t* rows, const float* weights,
                            int64_t n, int64_t dim) {
   const bool wide = dim % 8 == 0 && all_aligned16(x, out);
-  return wide ? gather_rows_as<T, 8>(out, x, rows, weights, n, dim)
-              : gather_rows_as<T, 1>(out, x, rows, weights, n, dim);
+  return wide ? gather_rows_as<T, X, 8>(out, x, rows, weights, n, dim)
+              : gather_rows_as<T, X, 1>(out, x, rows, weights, n, dim);
 }
 
-// One warp per output: a strided partial sum per lane, then a fixed shuffle tree. b fp32 or bf16
-// (widened exactly).
-template <typename B>
-__global__ void row_dot_kernel(float* out, const float* a, const int32_t* rows, const B* b,
-                               int64_t n, int64_t dim) {
-  const int64_t i = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5;
-  const int lane = threadIdx.x & 31;
-  if (i >= n) return;  // whole warps leave together
-  const int32_t row = rows[i];
-  const B* pb = b + i * dim;
-  float s = 0.0f;
-  if (row >= 0)  // a padding slot's dot is 0 (uniform across the warp)
-    for (int64_t c = lane; c < dim; c += 32) s += a[int64_t(row) * dim + c] * to_f32(pb[c]);
-  s = warp_reduce(s, Sum{});
-  if (lane == 0) out[i] = s;
+template <typename T>
+cudaError_t gather_rows_from(T* out, const void* x, DType x_dtype, const int32_t* rows,
+                             const float* weights, int64_t n, int64_t dim) {
+  if (x_dtype == DType::BF16)
+    return gather_rows_to(out, static_cast<const bf16_t*>(x), rows, weights, n, dim);
+  return gather_rows_to(out, static_cast<const float*>(x), rows, weights, n, dim);
 }
 
 int end_bit_for(int64_t num_rows) {
@@ -124,13 +115,6 @@ __global__ void scatter_add_planned_kernel(float* out, const X* x, const float* 
   }
 }
 
-template <typename B>
-cudaError_t row_dot_as(float* out, const float* a, const int32_t* rows, const B* b, int64_t n,
-                       int64_t dim) {
-  row_dot_kernel<B><<<blocks_for(n * 32), kThreads, 0, stream()>>>(out, a, rows, b, n, dim);
-  return cudaGetLastError();
-}
-
 template <typename X, int V>
 cudaError_t scatter_add_planned_as(float* out, const X* x, const float* weights,
                                    const int32_t* sorted_rows, const int32_t* order, int64_t n,
@@ -153,19 +137,11 @@ cudaError_t scatter_add_planned_to(float* out, const X* x, const float* weights,
 
 }  // namespace
 
-cudaError_t gather_rows(void* out, DType out_dtype, const float* x, const int32_t* rows,
-                        const float* weights, int64_t n, int64_t dim) {
+cudaError_t gather_rows(void* out, DType out_dtype, const void* x, DType x_dtype,
+                        const int32_t* rows, const float* weights, int64_t n, int64_t dim) {
   if (out_dtype == DType::BF16)
-    return gather_rows_to(static_cast<bf16_t*>(out), x, rows, weights, n, dim);
-  return gather_rows_to(static_cast<float*>(out), x, rows, weights, n, dim);
-}
-
-cudaError_t row_dot(float* out, const float* a, const int32_t* rows, const void* b, DType b_dtype,
-                    int64_t n, int64_t dim) {
-  if (n == 0) return cudaSuccess;
-  if (b_dtype == DType::BF16)
-    return row_dot_as(out, a, rows, static_cast<const bf16_t*>(b), n, dim);
-  return row_dot_as(out, a, rows, static_cast<const float*>(b), n, dim);
+    return gather_rows_from(static_cast<bf16_t*>(out), x, x_dtype, rows, weights, n, dim);
+  return gather_rows_from(static_cast<float*>(out), x, x_dtype, rows, weights, n, dim);
 }
 
 // Keys of a row plan: the rows, with "no row" (negative) keyed num_rows so that it sorts last;

@@ -108,6 +108,26 @@ void CudaBackend::swiglu_backward(Tensor& dgate, Tensor& dup, const Tensor& dh, 
         op);
 }
 
+void CudaBackend::swiglu_scaled_backward(Tensor& dgate, Tensor& dup, Tensor& dscale,
+                                         const Tensor& dout, const Tensor& gate, const Tensor& up,
+                                         const Tensor& scale) {
+  const char* op = "swiglu_scaled_backward";
+  expect_f32_or_bf16(dout, op, "dout");
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&dgate, &dup, &gate, &up}) {
+    expect(*t, dout.dtype(), op, "operand");
+    expect_numel(*t, dout.numel(), op, "operand");
+  }
+  expect_f32(scale, op, "scale");
+  expect_f32(dscale, op, "dscale");
+  const int64_t R = scale.numel(), I = R > 0 ? dout.numel() / R : 0;
+  expect_numel(dscale, R, op, "dscale");
+  MOEKIT_CHECK(R * I == dout.numel(), "{}: scale {} vs dout {}", op, scale.shape().str(),
+               dout.shape().str());
+  check(cuda::swiglu_scaled_backward(dgate.raw(), dup.raw(), dscale.f32(), dout.raw(), gate.raw(),
+                                     up.raw(), scale.f32(), dout.dtype(), R, I),
+        op);
+}
+
 void CudaBackend::rope(Tensor& x, int64_t heads, int64_t head_stride, int64_t offset,
                        int64_t rope_dim, const Tensor& cos, const Tensor& sin,
                        const Tensor& positions, bool inverse) {
@@ -369,14 +389,14 @@ void CudaBackend::gather_rows(Tensor& out, const Tensor& x, const Tensor& rows_,
   const char* op = "gather_rows";
   const int64_t N = rows_.numel(), C = cols(x);
   expect_f32_or_bf16(out, op, "out");  // BF16: the MoE layer's bf16 activations
-  expect_f32(x, op, "x");
+  expect_f32_or_bf16(x, op, "x");      // BF16: the layer's input rounded once for its GEMMs
   expect_numel(out, N * C, op, "out");
   if (weights) {
     expect_f32(*weights, op, "weights");
     expect_numel(*weights, N, op, "weights");
   }
   const Tensor safe = check_indices(rows_, rows(x), op, "row", /*allow_negative=*/true);
-  check(cuda::gather_rows(out.raw(), out.dtype(), x.f32(), safe.i32(),
+  check(cuda::gather_rows(out.raw(), out.dtype(), x.raw(), x.dtype(), safe.i32(),
                           weights ? weights->f32() : nullptr, N, C),
         op);
 }
@@ -405,19 +425,6 @@ void CudaBackend::scatter_add_rows(Tensor& out, const Tensor& x, const Tensor& r
   check(cuda::scatter_add_planned(out.f32(), x.raw(), x.dtype(), weights ? weights->f32() : nullptr,
                                   sorted.i32(), order.i32(), N, C, R),
         op);
-}
-
-void CudaBackend::row_dot(Tensor& out, const Tensor& a, const Tensor& rows_, const Tensor& b) {
-  const char* op = "row_dot";
-  const int64_t N = rows_.numel(), C = cols(b);
-  expect_f32(out, op, "out");
-  expect_f32(a, op, "a");
-  expect_f32_or_bf16(b, op, "b");
-  expect_numel(out, N, op, "out");
-  expect_numel(b, N * C, op, "b");
-  MOEKIT_CHECK(cols(a) == C, "row_dot: a {} vs b {}", a.shape().str(), b.shape().str());
-  const Tensor safe = check_indices(rows_, rows(a), op, "row", /*allow_negative=*/true);
-  check(cuda::row_dot(out.f32(), a.f32(), safe.i32(), b.raw(), b.dtype(), N, C), op);
 }
 
 void CudaBackend::moe_dispatch_plan(Tensor& slot_token, Tensor& slot_pair, Tensor& slot_weight,

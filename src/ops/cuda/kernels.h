@@ -59,6 +59,12 @@ cudaError_t swiglu_forward(void* h, DType h_dtype, const void* gate, const void*
                            int64_t n);
 cudaError_t swiglu_backward(void* dgate, void* dup, DType out_dtype, const void* dh, DType dh_dtype,
                             const void* gate, const void* up, DType in_dtype, int64_t n);
+// The backward of out[r] = scale[r] * silu(gate[r]) * up[r] over rows of `dim` (ops.h,
+// swiglu_scaled_backward): every [rows, dim] operand of `dtype` (F32 or BF16), scale and dscale
+// fp32 [rows].
+cudaError_t swiglu_scaled_backward(void* dgate, void* dup, float* dscale, const void* dout,
+                                   const void* gate, const void* up, const float* scale,
+                                   DType dtype, int64_t rows, int64_t dim);
 // positions [tokens], checked by `positions_check` (limit: the table's rows).
 cudaError_t rope(float* x, int64_t tokens, int64_t heads, int64_t head_stride, int64_t offset,
                  int64_t half, const float* cos, const float* sin, const int32_t* positions,
@@ -101,14 +107,10 @@ cudaError_t rmsnorm_backward_dw(float* dw, float* partial, const float* dout, co
                                 const float* rstd, int64_t rows, int64_t dim);
 
 // --- MoE dispatch/combine and gate (cuda_moe.cu)
-// out [n, dim] of out_dtype (F32, or BF16: rounded once) = x[rows[i]] * (weights ? weights[i] : 1);
-// zeros for a negative row (no row).
-cudaError_t gather_rows(void* out, DType out_dtype, const float* x, const int32_t* rows,
-                        const float* weights, int64_t n, int64_t dim);
-// out[i] = dot(a[rows[i]], b[i]) with b [n, dim] of b_dtype (F32 or BF16), fp32 sums; 0 for a
-// negative row.
-cudaError_t row_dot(float* out, const float* a, const int32_t* rows, const void* b, DType b_dtype,
-                    int64_t n, int64_t dim);
+// out [n, dim] of out_dtype (F32, or BF16: rounded once) = x[rows[i]] * (weights ? weights[i] : 1)
+// with x of x_dtype (F32, or BF16: widened exactly); zeros for a negative row (no row).
+cudaError_t gather_rows(void* out, DType out_dtype, const void* x, DType x_dtype,
+                        const int32_t* rows, const float* weights, int64_t n, int64_t dim);
 // A scatter plan: the positions 0..n-1 stably sorted by destination row (cub radix sort); a
 // negative row (no row) is keyed num_rows, so it sorts after every real one. keys: scratch of n.
 size_t row_plan_temp_bytes(int64_t n, int64_t num_rows);
