@@ -455,11 +455,12 @@ TEST_F(CudaBackendTest, RmsNormForwardBackward) {
     EXPECT_CLOSE(drstd, rstd, kF32Tol);
     Tensor g = randn({T, C}), dx = Tensor::empty({T, C}), dw = randn({C});
     Tensor ddx = poisoned({T, C}), ddw = dev(dw);
-    cpu().rmsnorm_backward(dx, &dw, g, x, w, rstd);
-    gpu().rmsnorm_backward(ddx, &ddw, dev(g), dev(x), dev(w), dev(rstd));
+    cpu().rmsnorm_backward(dx, nullptr, &dw, g, x, w, rstd, false);
+    gpu().rmsnorm_backward(ddx, nullptr, &ddw, dev(g), dev(x), dev(w), dev(rstd), false);
     EXPECT_CLOSE(ddx, dx, kF32Tol);
     EXPECT_CLOSE(ddw, dw, kF32Tol);
-    gpu().rmsnorm_backward(ddx, nullptr, dev(g), dev(x), dev(w), dev(rstd));  // frozen weight
+    gpu().rmsnorm_backward(ddx, nullptr, nullptr, dev(g), dev(x), dev(w), dev(rstd),
+                           false);  // frozen weight
     EXPECT_CLOSE(ddx, dx, kF32Tol);
   }
 }
@@ -503,6 +504,91 @@ TEST_F(CudaBackendTest, RmsNormForwardRowKernels) {
     gpu().rmsnorm_forward(sout, srstd, shifted(dx), shifted(dw), 1e-6f);
     EXPECT_CLOSE(sout, out, kF32Tol);
     EXPECT_CLOSE(srstd, rstd, kF32Tol);
+  }
+}
+
+// rmsnorm_forward with a BF16 out (a norm read only by bf16 GEMMs writes its output rounded):
+// every element is the F32 out of the same op rounded to nearest even, bit for bit (the same fp32
+// arithmetic, rounded at the store), on every kernel path of the test above (registers with
+// 16-byte loads or single floats, the general loop); rstd is bit-identical. The F32 out is also
+// checked against the CPU at the fp32 tolerance, so the equality is not of two wrong values.
+TEST_F(CudaBackendTest, RmsNormForwardBf16OutIsTheRoundedF32Out) {
+  EXPECT_TRUE(gpu().supports(Op::RmsNorm, DType::BF16));
+  for (auto [T, C] : {std::pair<int64_t, int64_t>{67, 300},
+                      {1, 2048},
+                      {3, 2048},
+                      {4, 2052},
+                      {5, 1001},
+                      {2, 16384},
+                      {2, 16400},
+                      {3, 4097},
+                      {150, 33}}) {
+    SCOPED_TRACE(testing::Message() << "T " << T << " C " << C);
+    Tensor x = randn({T, C}), w = randn({C}, 0.3f);
+    for (int64_t i = 0; i < C; ++i) w.f32()[i] += 1.0f;
+    Tensor out = Tensor::empty({T, C}), rstd = Tensor::empty({T});
+    cpu().rmsnorm_forward(out, rstd, x, w, 1e-6f);
+    const Tensor dx = dev(x), dw = dev(w);
+    Tensor o32 = poisoned({T, C}), r32 = poisoned({T});
+    gpu().rmsnorm_forward(o32, r32, dx, dw, 1e-6f);
+    EXPECT_CLOSE(o32, out, kF32Tol);
+    Tensor o16 = poisoned({T, C}, DType::BF16), r16 = poisoned({T});
+    gpu().rmsnorm_forward(o16, r16, dx, dw, 1e-6f);
+    ASSERT_EQ(o16.dtype(), DType::BF16);
+    Tensor rounded = poisoned({T, C}, DType::BF16);
+    gpu().round_bf16(rounded, o32);
+    EXPECT_TRUE(bit_equal(o16, rounded)) << "bf16 out is not the f32 out rounded";
+    EXPECT_TRUE(bit_equal(o16, o32.to_host().to_dtype(DType::BF16))) << "vs the host rounding";
+    EXPECT_TRUE(bit_equal(r16, r32)) << "rstd";
+  }
+}
+
+// rmsnorm_backward's accumulate mode and its dx_bf16 copy. accumulate: dx += the gradient, against
+// the CPU op's accumulate (fp32 tolerance) and bit-identical to what it replaces on the GPU (the
+// plain op into a temporary, then add); dw accumulates as in the plain mode. dx_bf16: the final dx
+// (plain or accumulated) rounded to nearest even, bit for bit, with dx itself unchanged by asking
+// for the copy. A dx_bf16 that is not BF16 is refused by name.
+TEST_F(CudaBackendTest, RmsNormBackwardAccumulateAndBf16Copy) {
+  for (auto [T, C] : {std::pair<int64_t, int64_t>{67, 300}, {150, 33}, {1, 7}, {4, 2048}}) {
+    SCOPED_TRACE(testing::Message() << "T " << T << " C " << C);
+    Tensor x = randn({T, C}), w = randn({C}, 0.3f), g = randn({T, C}), old = randn({T, C});
+    for (int64_t i = 0; i < C; ++i) w.f32()[i] += 1.0f;
+    Tensor out = Tensor::empty({T, C}), rstd = Tensor::empty({T});
+    cpu().rmsnorm_forward(out, rstd, x, w, 1e-6f);
+    const Tensor gx = dev(x), gw = dev(w), gg = dev(g), grstd = dev(rstd);
+
+    Tensor dx = old.clone(), dw = randn({C});
+    Tensor ddx = dev(old), ddw = dev(dw);
+    cpu().rmsnorm_backward(dx, nullptr, &dw, g, x, w, rstd, true);
+    gpu().rmsnorm_backward(ddx, nullptr, &ddw, gg, gx, gw, grstd, true);
+    EXPECT_CLOSE(ddx, dx, kF32Tol);
+    EXPECT_CLOSE(ddw, dw, kF32Tol);
+    // The passes it replaces: the plain op into a temporary, then y += tmp.
+    Tensor tmp = poisoned({T, C}), two_pass = dev(old);
+    gpu().rmsnorm_backward(tmp, nullptr, nullptr, gg, gx, gw, grstd, false);
+    gpu().add(two_pass, tmp, 1.0f);
+    EXPECT_TRUE(bit_equal(ddx, two_pass)) << "accumulate differs from plain + add";
+
+    for (bool accumulate : {false, true}) {
+      SCOPED_TRACE(accumulate ? "accumulate" : "assign");
+      Tensor d32 = accumulate ? dev(old) : poisoned({T, C});
+      Tensor d16 = poisoned({T, C}, DType::BF16);
+      gpu().rmsnorm_backward(d32, &d16, nullptr, gg, gx, gw, grstd, accumulate);
+      EXPECT_TRUE(bit_equal(d32, accumulate ? ddx : tmp)) << "dx changed by the copy";
+      Tensor rounded = poisoned({T, C}, DType::BF16);
+      gpu().round_bf16(rounded, d32);
+      EXPECT_TRUE(bit_equal(d16, rounded)) << "dx_bf16 is not dx rounded";
+    }
+  }
+  Tensor x = dev(randn({3, 8})), w = dev(randn({8})), rstd = dev(randn({3}));
+  Tensor dx = poisoned({3, 8}), not_bf16 = poisoned({3, 8});
+  try {
+    gpu().rmsnorm_backward(dx, &not_bf16, nullptr, x, x, w, rstd, false);
+    ADD_FAILURE() << "an F32 dx_bf16 was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("rmsnorm_backward: tensor dx_bf16 is F32"),
+              std::string::npos)
+        << e.what();
   }
 }
 

@@ -90,10 +90,14 @@ cudaError_t gemv(float* c, const float* a, const void* w, bool w_bf16, int64_t M
                  int64_t K, int64_t lda, int64_t ldw, int64_t ldc, float alpha, float beta);
 
 // --- RMSNorm (cuda_norm.cu)
-cudaError_t rmsnorm_forward(float* out, float* rstd, const float* x, const float* w, int64_t rows,
-                            int64_t dim, float eps);
-cudaError_t rmsnorm_backward_dx(float* dx, const float* dout, const float* x, const float* w,
-                                const float* rstd, int64_t rows, int64_t dim);
+// out of out_dtype: F32, or BF16 (the fp32 value rounded to nearest even as it is stored).
+cudaError_t rmsnorm_forward(void* out, DType out_dtype, float* rstd, const float* x, const float* w,
+                            int64_t rows, int64_t dim, float eps);
+// dx = (or += when accumulate) the input gradient; dx_bf16 (bf16, may be null) gets the final dx
+// rounded to nearest even.
+cudaError_t rmsnorm_backward_dx(float* dx, void* dx_bf16, const float* dout, const float* x,
+                                const float* w, const float* rstd, int64_t rows, int64_t dim,
+                                bool accumulate);
 // dw += sum over rows of dout * x * rstd, in a fixed order: `partial` holds
 // rmsnorm_dw_chunks(rows) * dim floats.
 int64_t rmsnorm_dw_chunks(int64_t rows);
