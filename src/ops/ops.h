@@ -265,7 +265,10 @@ class Backend {
   // Causal attention per sequence: q,k [B*S, H, Dqk], v [B*S, H, Dv] -> out [B*S, H, Dv];
   // lse [B, H, S] (log-sum-exp of scaled scores) saved for backward. All F32; under
   // Precision::Bf16, where supports(Attention, BF16), q, k and v may be BF16 (the values the bf16
-  // path would round them to, used as they are: a layer rounds them once for both passes).
+  // path would round them to, used as they are: a layer rounds them once for both passes), and
+  // out may be BF16 (the F32 result rounded to nearest even as it is stored: an output that only
+  // bf16 GEMMs read besides the backward). The backward reads out only for delta =
+  // rowsum(dout * out), from a BF16 out widened exactly (so the gradients follow the rounded O).
   virtual void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,
                                  const Tensor& v, int64_t batch, int64_t seq, int64_t heads,
                                  float scale) = 0;

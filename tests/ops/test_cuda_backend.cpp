@@ -1003,6 +1003,111 @@ TEST_F(CudaBackendTest, FlashAttentionBackwardBf16) {
   EXPECT_EQ(gpu().precision(), Precision::Fp32);
 }
 
+// attention_forward with a BF16 out under Precision::Bf16 (MLA's o, which only o_proj's bf16 GEMMs
+// and the backward's delta read): bit for bit the F32 out of the same path rounded to nearest
+// even, with the same lse, through the flash kernel (each tiling variant) and through the GEMM path
+// (MOEKIT_CUDA_FLASH=0, and shapes the flash kernel does not take: dims not multiples of 16). The
+// F32 out itself is checked against the CPU at CausalAttentionBf16Precision's tolerance, so the
+// equality is not of two wrong values. A BF16 out outside the bf16 precision is refused.
+TEST_F(CudaBackendTest, AttentionForwardBf16OutIsTheRoundedF32Out) {
+  const double u = std::ldexp(1.0, -8);
+  auto rounded = [](const Tensor& t) { return t.to_dtype(DType::BF16).to_f32(); };
+  for (const AttnCase& c :
+       {AttnCase{2, 45, 3, 24, 16}, AttnCase{1, 100, 2, 192, 128}, AttnCase{2, 300, 2, 64, 64},
+        AttnCase{1, 130, 2, 256, 256}, AttnCase{2, 77, 2, 96, 160}, AttnCase{2, 1, 4, 192, 128}}) {
+    SCOPED_TRACE(testing::Message() << "batch " << c.batch << " seq " << c.seq << " heads "
+                                    << c.heads << " dqk " << c.dqk << " dv " << c.dv);
+    const int64_t T = c.batch * c.seq;
+    const float scale = 1.0f / std::sqrt(float(c.dqk));
+    Tensor q = rounded(randn({T, c.heads, c.dqk})), k = rounded(randn({T, c.heads, c.dqk}));
+    Tensor v = rounded(randn({T, c.heads, c.dv}));
+    Tensor out = Tensor::empty({T, c.heads, c.dv}), lse = Tensor::empty({c.batch, c.heads, c.seq});
+    cpu().attention_forward(out, lse, q, k, v, c.batch, c.seq, c.heads, scale);
+    const Tensor gq = dev(q), gk = dev(k), gv = dev(v);
+    const double out_tol = (u + kF32Tol) * max_abs(v) / max_abs(out);
+    for (int mode = 0; mode <= kFlashFwdVariants; ++mode) {
+      const bool flash = mode < kFlashFwdVariants;
+      SCOPED_TRACE(testing::Message() << "MOEKIT_CUDA_FLASH=" << flash << " variant " << mode);
+      EnvScope env("MOEKIT_CUDA_FLASH", flash ? "1" : "0");
+      EnvScope fv("MOEKIT_FLASH_FWD_VARIANT", std::to_string(flash ? mode : 0).c_str());
+      PrecisionScope bf16(gpu(), Precision::Bf16);
+      Tensor o32 = poisoned(out.shape()), l32 = poisoned(lse.shape());
+      Tensor o16 = poisoned(out.shape(), DType::BF16), l16 = poisoned(lse.shape());
+      gpu().attention_forward(o32, l32, gq, gk, gv, c.batch, c.seq, c.heads, scale);
+      gpu().attention_forward(o16, l16, gq, gk, gv, c.batch, c.seq, c.heads, scale);
+      EXPECT_CLOSE(o32, out, out_tol);
+      EXPECT_TRUE(bit_equal(o16, o32.to_host().to_dtype(DType::BF16)))
+          << "bf16 out is not the f32 out rounded";
+      EXPECT_TRUE(bit_equal(l16, l32)) << "lse";
+    }
+  }
+  const Tensor q = dev(randn({8, 2, 16})), v = dev(randn({8, 2, 16}));
+  Tensor o16 = poisoned({8, 2, 16}, DType::BF16), lse = poisoned({1, 2, 8});
+  try {
+    gpu().attention_forward(o16, lse, q, q, v, 1, 8, 2, 0.25f);
+    ADD_FAILURE() << "a BF16 out was accepted outside the bf16 precision";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("attention_forward: BF16 out needs the bf16 precision"),
+              std::string::npos)
+        << e.what();
+  }
+}
+
+// attention_backward with a BF16 O (the output the forward stored rounded): O is read only for
+// delta = rowsum(dO * O), widened exactly, so the gradients are bit-identical to those from an F32
+// O holding the same (rounded) values, on the flash and the GEMM path. Against the CPU op given
+// that rounded O (the reference of what the op computes), the tolerances of
+// CausalAttentionBf16Precision: dv (which does not read O) (u + kF32Tol) max(P^T |dO|) / max|dv|,
+// dq and dk (u + kF32Tol) sqrt(seq); seq 1: dq = dk = 0, fp32 noise <= 1e-5. And the rounded O
+// does move the gradients (delta from other values), so dq differs from the F32-O run's bits.
+TEST_F(CudaBackendTest, AttentionBackwardReadsABf16Out) {
+  const double u = std::ldexp(1.0, -8);
+  for (const AttnCase& c :
+       {AttnCase{2, 45, 3, 24, 16}, AttnCase{1, 100, 2, 192, 128}, AttnCase{2, 200, 3, 64, 64},
+        AttnCase{2, 1, 3, 192, 128}, AttnCase{2, 77, 2, 96, 160}}) {
+    SCOPED_TRACE(testing::Message() << "batch " << c.batch << " seq " << c.seq << " heads "
+                                    << c.heads << " dqk " << c.dqk << " dv " << c.dv);
+    const float scale = 1.0f / std::sqrt(float(c.dqk));
+    const AttnReference ref =
+        attention_reference(cpu(), c, scale, [&](const Shape& shape) { return randn(shape); });
+    // The CPU backward on O rounded to bf16 (held in fp32): the reference of the BF16-O op.
+    const Tensor out16 = ref.out.to_dtype(DType::BF16), out_r = out16.to_f32();
+    Tensor dq = Tensor::empty(ref.q.shape()), dk = Tensor::empty(ref.k.shape()),
+           dv = Tensor::empty(ref.v.shape());
+    cpu().attention_backward(dq, dk, dv, ref.dout, out_r, ref.lse, ref.q, ref.k, ref.v, c.batch,
+                             c.seq, c.heads, scale);
+    const Tensor gq = dev(ref.q), gk = dev(ref.k), gv = dev(ref.v), gdout = dev(ref.dout),
+                 glse = dev(ref.lse);
+    struct Grads {
+      Tensor dq, dk, dv;
+    };
+    auto run = [&](const Tensor& o) {
+      PrecisionScope bf16(gpu(), Precision::Bf16);
+      Grads r{poisoned(ref.q.shape()), poisoned(ref.k.shape()), poisoned(ref.v.shape())};
+      gpu().attention_backward(r.dq, r.dk, r.dv, gdout, o, glse, gq, gk, gv, c.batch, c.seq,
+                               c.heads, scale);
+      return r;
+    };
+    for (const char* flash : {"1", "0"}) {
+      SCOPED_TRACE(testing::Message() << "MOEKIT_CUDA_FLASH=" << flash);
+      EnvScope env("MOEKIT_CUDA_FLASH", flash), opt_in("MOEKIT_CUDA_FLASH_BWD", "1");
+      const Grads b = run(dev(out16)), f = run(dev(out_r)), unrounded = run(dev(ref.out));
+      EXPECT_TRUE(bit_equal(b.dq, f.dq) && bit_equal(b.dk, f.dk) && bit_equal(b.dv, f.dv))
+          << "a BF16 O is not read as its exact fp32 value";
+      EXPECT_CLOSE(b.dv, dv, (u + kF32Tol) * max_abs(ref.dv_bound) / max_abs(dv));
+      if (c.seq == 1) {  // dq = dk = 0 exactly: compare absolute noise
+        EXPECT_LE(max_abs(b.dq), 1e-5);
+        EXPECT_LE(max_abs(b.dk), 1e-5);
+      } else {
+        const double tol = (u + kF32Tol) * std::sqrt(double(c.seq));
+        EXPECT_CLOSE(b.dq, dq, tol);
+        EXPECT_CLOSE(b.dk, dk, tol);
+        EXPECT_FALSE(bit_equal(b.dq, unrounded.dq)) << "the rounded O changed nothing?";
+      }
+    }
+  }
+}
+
 // Not a check of values: times the fused attention at a training-like MLA shape (seq 2048, 16
 // heads, q/k 192, v 128) so tools/cuda_check.sh reports a throughput; asserts only finite output.
 TEST_F(CudaBackendTest, AttentionThroughput) {

@@ -1,7 +1,8 @@
 // RMSNorm's op contract on the CPU backend (the reference for the GPU's): the backward's
 // accumulate mode adds exactly the plain mode's dx to what dx held (the op's own add replaces the
 // temporary and the add pass RMSNorm::backward used to run), the layer's backward does the same,
-// and the bf16 outputs that only the CUDA backend has are refused by name.
+// and the bf16 outputs that only the CUDA backend has (the norm's, and attention's out, which the
+// same change gave the GPU) are refused by name.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -114,6 +115,33 @@ TEST(CpuRmsNorm, RefusesBf16Outputs) {
     ADD_FAILURE() << "a dx_bf16 copy was accepted";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("CPU rmsnorm_backward: a dx_bf16 copy"), std::string::npos)
+        << e.what();
+  }
+}
+
+// Attention's BF16 out (MLA's o under Bf16 on the GPU): not on the CPU, refused by name in both
+// passes.
+TEST(CpuAttention, RefusesBf16Out) {
+  Backend& be = backend(Device::CPU);
+  std::mt19937_64 rng(8);
+  const Tensor q = randn({6, 2, 4}, rng), v = randn({6, 2, 4}, rng);
+  Tensor o16 = Tensor::empty({6, 2, 4}, DType::BF16), lse = Tensor::empty({1, 2, 6});
+  try {
+    be.attention_forward(o16, lse, q, q, v, 1, 6, 2, 0.5f);
+    ADD_FAILURE() << "a BF16 out was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("CPU attention_forward: BF16 operand"), std::string::npos)
+        << e.what();
+  }
+  Tensor out = Tensor::empty({6, 2, 4});
+  be.attention_forward(out, lse, q, q, v, 1, 6, 2, 0.5f);
+  Tensor dq = Tensor::empty({6, 2, 4}), dk = Tensor::empty({6, 2, 4}),
+         dv = Tensor::empty({6, 2, 4});
+  try {
+    be.attention_backward(dq, dk, dv, v, out.to_dtype(DType::BF16), lse, q, q, v, 1, 6, 2, 0.5f);
+    ADD_FAILURE() << "a BF16 out was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("CPU attention_backward: BF16 operand"), std::string::npos)
         << e.what();
   }
 }

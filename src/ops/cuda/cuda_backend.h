@@ -215,6 +215,7 @@ class CudaBackend final : public Backend {
  private:
   void expect_attention_inputs(const Tensor& q, const Tensor& k, const Tensor& v,
                                const char* op) const;
+  void expect_attention_output(const Tensor& out, const char* op) const;
   // Attention under Precision::Bf16 (cuda_attention_tc.cpp): batched bf16 GEMMs on the tensor
   // cores around fp32 softmax kernels; arguments already checked by attention_forward/backward.
   void attention_forward_tc(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,

@@ -149,11 +149,19 @@ void CudaBackend::expect_attention_inputs(const Tensor& q, const Tensor& k, cons
   }
 }
 
+// out (O in backward): F32, or BF16 under the Bf16 precision (rounded as stored, ops.h).
+void CudaBackend::expect_attention_output(const Tensor& out, const char* op) const {
+  if (out.dtype() == DType::BF16 && precision_ != Precision::Bf16)
+    fail("CUDA {}: BF16 out needs the bf16 precision", op);
+  expect_f32_or_bf16(out, op, "out");
+}
+
 void CudaBackend::attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,
                                     const Tensor& v, int64_t batch, int64_t seq, int64_t heads,
                                     float scale) {
   const char* op = "attention_forward";
-  expect_all_f32({&out, &lse}, op);
+  expect_attention_output(out, op);
+  expect_f32(lse, op, "lse");
   expect_attention_inputs(q, k, v, op);
   const int64_t n = batch * seq * heads;
   if (n == 0) return;
@@ -171,7 +179,8 @@ void CudaBackend::attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const T
                                      const Tensor& k, const Tensor& v, int64_t batch, int64_t seq,
                                      int64_t heads, float scale) {
   const char* op = "attention_backward";
-  expect_all_f32({&dq, &dk, &dv, &dout, &out, &lse}, op);
+  expect_all_f32({&dq, &dk, &dv, &dout, &lse}, op);
+  expect_attention_output(out, op);
   expect_attention_inputs(q, k, v, op);
   const int64_t n = batch * seq * heads;
   if (n == 0) return;
