@@ -16,12 +16,16 @@ Tensor DecoderLayer::forward(Backend& be, const Tensor& x, const Tensor& positio
                              const RopeTable& rope, int64_t batch, int64_t seq) {
   ProfileSteps prof(be);
   prof.next("norms+residuals");
-  Tensor n0 = input_layernorm.forward(be, x);
+  // Both norms' outputs are read only by GEMMs (MLA's input projections; the FFN's router, shared
+  // and routed experts or dense MLP): under Bf16 they are written rounded, as those GEMMs would
+  // read them (nn/linear.h), with no conversion pass after.
+  const DType n_dtype = RMSNorm::gemm_output_dtype(be, x.dim(0));
+  Tensor n0 = input_layernorm.forward(be, x, n_dtype);
   prof.next("attn.fwd");
   Tensor h = self_attn.forward(be, n0, positions, rope, batch, seq);
   prof.next("norms+residuals");
   be.add(h, x, 1.0f);  // residual
-  Tensor n = post_attention_layernorm.forward(be, h);
+  Tensor n = post_attention_layernorm.forward(be, h, n_dtype);
   prof.next(mlp ? "mlp.fwd" : "moe.fwd");
   Tensor y = mlp ? mlp->forward(be, n) : moe->forward(be, n);
   prof.next("norms+residuals");
@@ -40,10 +44,15 @@ Tensor DecoderLayer::backward(Backend& be, const Tensor& dy, const RopeTable& ro
     moe->backward(be, dn, dy, false);
   prof.next("norms+residuals");
   Tensor dh = dy.clone();  // residual path
-  post_attention_layernorm.backward(be, dh, dn, true);
+  // dh feeds the attention backward, which reads it only through o_proj's GEMMs, and the input
+  // norm's accumulation below, which needs it in fp32: under Bf16 the norm's backward also writes
+  // the bf16 copy those GEMMs would round it to (no conversion pass inside o_proj's backward).
+  const bool bf16_dh = bf16_gemm_inputs(be) && be.supports(Op::RmsNorm, DType::BF16);
+  Tensor dh16 = bf16_dh ? Tensor::empty(dy.shape(), DType::BF16, dev) : Tensor();
+  post_attention_layernorm.backward(be, dh, dn, true, bf16_dh ? &dh16 : nullptr);
   prof.next("attn.bwd");
   Tensor da = Tensor::empty(dy.shape(), DType::F32, dev);
-  self_attn.backward(be, da, dh, rope, false);
+  self_attn.backward(be, da, bf16_dh ? dh16 : dh, rope, false);
   prof.next("norms+residuals");
   input_layernorm.backward(be, dh, da, true);  // dx = dh + norm'(da)
   return dh;
@@ -95,14 +104,15 @@ DeepSeekModel::DeepSeekModel(const ModelConfig& config, Device device, bool allo
 
 Tensor DeepSeekModel::forward(const Tensor& ids, int64_t batch, int64_t seq) {
   Backend& be = backend(device_);
-  const Tensor h = hidden(ids, batch, seq);
+  // The LM head's GEMM reads all rows at once: the final norm writes them as it would read them.
+  const Tensor h = hidden(ids, batch, seq, RMSNorm::gemm_output_dtype(be, batch * seq));
   ProfileScope prof(be, "lm_head.fwd");
   Tensor logits = Tensor::empty({h.dim(0), config_.vocab_size}, DType::F32, device_);
   linear_forward(be, logits, h, *lm_head);
   return logits;
 }
 
-Tensor DeepSeekModel::hidden(const Tensor& ids, int64_t batch, int64_t seq) {
+Tensor DeepSeekModel::hidden(const Tensor& ids, int64_t batch, int64_t seq, DType out_dtype) {
   Backend& be = backend(device_);
   MOEKIT_CHECK(ids.numel() == batch * seq, "ids {} vs batch {} x seq {}", ids.numel(), batch, seq);
   if (!rope_.cos.defined() || rope_.cos.dim(0) < seq)
@@ -124,7 +134,7 @@ Tensor DeepSeekModel::hidden(const Tensor& ids, int64_t batch, int64_t seq) {
     x = layers_[l].forward(be, x, positions, rope_, batch, seq);
     if (drop) layers_[l].release_saved();
   }
-  saved_.final_hidden = norm_.forward(be, x);
+  saved_.final_hidden = norm_.forward(be, x, out_dtype);
   return saved_.final_hidden;
 }
 
@@ -141,7 +151,12 @@ void DeepSeekModel::backward(const Tensor& dlogits) {
 float DeepSeekModel::loss_and_backward(const Tensor& ids, const Tensor& targets, int64_t batch,
                                        int64_t seq, float grad_scale, int64_t chunk_rows) {
   Backend& be = backend(device_);
-  const Tensor h = hidden(ids, batch, seq);
+  // The LM head reads the final hidden rows chunk by chunk, each chunk as gemm_input gives it: the
+  // final norm writes bf16 only when every chunk would be rounded (the smallest, the last, has
+  // more rows than the GEMV path's few); else F32, and the chunks are rounded one by one.
+  const int64_t step = std::max<int64_t>(1, chunk_rows), n = batch * seq;
+  const int64_t smallest_chunk = n % step != 0 ? n % step : step;
+  const Tensor h = hidden(ids, batch, seq, RMSNorm::gemm_output_dtype(be, smallest_chunk));
   const int64_t T = h.dim(0), V = config_.vocab_size;
   MOEKIT_CHECK(targets.numel() == T, "targets {} vs {} tokens", targets.numel(), T);
   const Tensor th = targets.to_host(), td = targets.to_device(device_);
@@ -154,11 +169,11 @@ float DeepSeekModel::loss_and_backward(const Tensor& ids, const Tensor& targets,
   // pass (per GEMM) after. The chunk's peak stays one fp32 and one bf16 [rows, vocab] tensor.
   const bool bf16_dlogits = bf16_gemm_inputs(be) && be.supports(Op::CrossEntropy, DType::BF16);
   double sum = 0.0;
-  for (int64_t r0 = 0; r0 < T; r0 += std::max<int64_t>(1, chunk_rows)) {
+  for (int64_t r0 = 0; r0 < T; r0 += step) {
     ProfileScope prof(be, "lm_head+loss (chunked)");
-    const int64_t r1 = std::min(T, r0 + std::max<int64_t>(1, chunk_rows));
+    const int64_t r1 = std::min(T, r0 + step);
     // The chunk's hidden rows feed the LM head GEMM and its weight gradient: rounded once under
-    // Bf16 (nn/linear.h).
+    // Bf16 (nn/linear.h), by the final norm or here.
     const Tensor hc = gemm_input(be, h.slice(r0, r1)), tc = td.slice(r0, r1);
     Tensor logits = Tensor::empty({r1 - r0, V}, DType::F32, device_);
     linear_forward(be, logits, hc, *lm_head);

@@ -81,9 +81,10 @@ class DeepSeekModel {
   RMSNorm norm_;
   Param* lm_head = nullptr;
   RopeTable rope_;
-  // The decoder without the LM head: final-norm hidden states [batch*seq, hidden] (saved), and
-  // the backward from their gradient.
-  Tensor hidden(const Tensor& ids, int64_t batch, int64_t seq);
+  // The decoder without the LM head: final-norm hidden states [batch*seq, hidden] (saved) of
+  // out_dtype (BF16 only where the LM head's GEMMs alone read them, as rounded: see
+  // RMSNorm::gemm_output_dtype), and the backward from their gradient.
+  Tensor hidden(const Tensor& ids, int64_t batch, int64_t seq, DType out_dtype);
   void backward_from_hidden(const Tensor& dhidden);
 
   bool checkpointing_ = false;

@@ -44,8 +44,10 @@ Tensor MLA::forward(Backend& be, const Tensor& x, const Tensor& positions, const
   auto empty = [&](Shape s) { return Tensor::empty(s, DType::F32, dev); };
   // The GEMM inputs x, q_a_normed and kv_latent, each read by a forward projection and by its
   // weight gradient (x by two of each), are rounded once under Bf16 (nn/linear.h) and saved
-  // rounded: backward reads them only there. o stays F32 (the attention backward reads it).
+  // rounded: backward reads them only there. x may come rounded already (the input norm writes
+  // bf16 where only GEMMs read it); q_a_normed and kv_latent are written so by their norms.
   saved.x = gemm_input(be, x);
+  const DType norm_dtype = RMSNorm::gemm_output_dtype(be, T);
   saved.positions = positions;
   saved.batch = batch;
   saved.seq = seq;
@@ -56,7 +58,7 @@ Tensor MLA::forward(Backend& be, const Tensor& x, const Tensor& positions, const
   if (q_lora_rank > 0) {
     saved.q_a = empty({T, q_lora_rank});
     linear_forward(be, saved.q_a, saved.x, *q_a_proj);
-    saved.q_a_normed = gemm_input(be, q_a_layernorm.forward(be, saved.q_a));
+    saved.q_a_normed = gemm_input(be, q_a_layernorm.forward(be, saved.q_a, norm_dtype));
     linear_forward(be, saved.q, saved.q_a_normed, *q_b_proj);
   } else {
     linear_forward(be, saved.q, saved.x, *q_proj);
@@ -75,7 +77,7 @@ Tensor MLA::forward(Backend& be, const Tensor& x, const Tensor& positions, const
   saved.k_rope = empty({T, dr});
   be.copy_columns(saved.k_rope, 0, kv_a, kv_lora_rank, dr, false);
   be.rope(saved.k_rope, 1, dr, 0, dr, rope.cos, rope.sin, positions, false);
-  saved.kv_latent = gemm_input(be, kv_a_layernorm.forward(be, c_kv));
+  saved.kv_latent = gemm_input(be, kv_a_layernorm.forward(be, c_kv, norm_dtype));
 
   Tensor kv_b = empty({T, heads * (dn + dv)});
   linear_forward(be, kv_b, saved.kv_latent, *kv_b_proj);
@@ -85,7 +87,12 @@ Tensor MLA::forward(Backend& be, const Tensor& x, const Tensor& positions, const
   be.mla_split_kv(saved.k, saved.v, kv_b, saved.k_rope, heads, dn, dr, dv);
 
   prof.next("attn.fwd.attention");
-  saved.o = empty({T, heads * dv});
+  // Under bf16 attention o feeds o_proj's GEMMs, which round it, and the attention backward, which
+  // reads it only for delta = rowsum(dO * O): the attention writes it rounded at once (no
+  // conversion pass, half the bytes saved), and delta comes from the rounded O (round_output).
+  // Few rows stay F32: o_proj's GEMV reads them unrounded (nn/linear.h).
+  const DType o_dtype = bf16_attention && round_output ? gemm_input_dtype(be, T) : DType::F32;
+  saved.o = Tensor::empty({T, heads * dv}, o_dtype, dev);
   saved.lse = empty({batch, heads, seq});
   be.attention_forward(saved.o, saved.lse, saved.q, saved.k, saved.v, batch, seq, heads,
                        softmax_scale);

@@ -28,11 +28,18 @@ struct MLA {
   RMSNorm kv_a_layernorm;
   Param* kv_b_proj = nullptr;  // [H*(dn+dv), kv_lora_rank]
   Param* o_proj = nullptr;     // [hidden, H*dv]
+  // Under Bf16, whether the attention output o is stored rounded to bf16 (what o_proj's GEMMs read
+  // anyway; forward's results do not change). The attention backward then takes delta =
+  // rowsum(dO * O) from the rounded O, which moves the gradients by bf16 rounding. false keeps o
+  // F32 (the gradients bit-identical to rounding in every GEMM: the test of the round-once
+  // mechanism, tests/model/test_gpu_bf16_inputs.cpp).
+  bool round_output = true;
 
   // x, q_a_normed and kv_latent are read by backward only as GEMM inputs: BF16 under Bf16 where
   // the layer rounds them once (nn/linear.h, gemm_input), F32 otherwise.
   struct Saved {
-    // q, k, v: BF16 under Bf16 (rounded once for both attention passes), else F32.
+    // q, k, v: BF16 under Bf16 (rounded once for both attention passes), else F32. o: BF16 under
+    // Bf16 with round_output (above) and more than a GEMV's few rows, else F32.
     Tensor x, q_a, q_a_normed, q, kv_latent, k_rope, k, v, o, lse, positions;
     int64_t batch = 0, seq = 0;
   } saved;

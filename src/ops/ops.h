@@ -230,12 +230,18 @@ class Backend {
   virtual void embedding_forward(Tensor& out, const Tensor& table, const Tensor& ids) = 0;
   virtual void embedding_backward(Tensor& dtable, const Tensor& dout, const Tensor& ids) = 0;
 
-  // out = x * rstd * w, rstd[T] = 1/sqrt(mean(x^2)+eps) saved for backward; dw may be null
-  // (frozen).
+  // out = x * rstd * w, rstd[T] = 1/sqrt(mean(x^2)+eps) saved for backward. x, w, rstd F32; out
+  // F32, or BF16 where supports(RmsNorm, BF16): the F32 result rounded to the nearest bf16 (ties to
+  // even, as round_bf16) as it is stored, for a norm whose output only bf16 GEMMs read.
   virtual void rmsnorm_forward(Tensor& out, Tensor& rstd, const Tensor& x, const Tensor& w,
                                float eps) = 0;
-  virtual void rmsnorm_backward(Tensor& dx, Tensor* dw, const Tensor& dout, const Tensor& x,
-                                const Tensor& w, const Tensor& rstd) = 0;
+  // dx = (or, when accumulate, dx +=) the input gradient; dw += the weight gradient, dw null for a
+  // frozen weight. All F32. dx_bf16 (may be null; where supports(RmsNorm, BF16)): a BF16 tensor
+  // that also receives the final dx rounded as round_bf16 would (a residual gradient that bf16
+  // GEMMs read besides fp32 code).
+  virtual void rmsnorm_backward(Tensor& dx, Tensor* dx_bf16, Tensor* dw, const Tensor& dout,
+                                const Tensor& x, const Tensor& w, const Tensor& rstd,
+                                bool accumulate) = 0;
 
   // h = silu(gate) * up, all [T,I]. Dtypes: all F32, or, where supports(SwiGLU, BF16), all BF16
   // or F32 gate and up with a BF16 h (math in fp32, h rounded once: a dense MLP's h under Bf16,
@@ -267,7 +273,10 @@ class Backend {
   // Causal attention per sequence: q,k [B*S, H, Dqk], v [B*S, H, Dv] -> out [B*S, H, Dv];
   // lse [B, H, S] (log-sum-exp of scaled scores) saved for backward. All F32; under
   // Precision::Bf16, where supports(Attention, BF16), q, k and v may be BF16 (the values the bf16
-  // path would round them to, used as they are: a layer rounds them once for both passes).
+  // path would round them to, used as they are: a layer rounds them once for both passes), and
+  // out may be BF16 (the F32 result rounded to nearest even as it is stored: an output that only
+  // bf16 GEMMs read besides the backward). The backward reads out only for delta =
+  // rowsum(dout * out), from a BF16 out widened exactly (so the gradients follow the rounded O).
   virtual void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,
                                  const Tensor& v, int64_t batch, int64_t seq, int64_t heads,
                                  float scale) = 0;

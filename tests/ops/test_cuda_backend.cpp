@@ -455,11 +455,12 @@ TEST_F(CudaBackendTest, RmsNormForwardBackward) {
     EXPECT_CLOSE(drstd, rstd, kF32Tol);
     Tensor g = randn({T, C}), dx = Tensor::empty({T, C}), dw = randn({C});
     Tensor ddx = poisoned({T, C}), ddw = dev(dw);
-    cpu().rmsnorm_backward(dx, &dw, g, x, w, rstd);
-    gpu().rmsnorm_backward(ddx, &ddw, dev(g), dev(x), dev(w), dev(rstd));
+    cpu().rmsnorm_backward(dx, nullptr, &dw, g, x, w, rstd, false);
+    gpu().rmsnorm_backward(ddx, nullptr, &ddw, dev(g), dev(x), dev(w), dev(rstd), false);
     EXPECT_CLOSE(ddx, dx, kF32Tol);
     EXPECT_CLOSE(ddw, dw, kF32Tol);
-    gpu().rmsnorm_backward(ddx, nullptr, dev(g), dev(x), dev(w), dev(rstd));  // frozen weight
+    gpu().rmsnorm_backward(ddx, nullptr, nullptr, dev(g), dev(x), dev(w), dev(rstd),
+                           false);  // frozen weight
     EXPECT_CLOSE(ddx, dx, kF32Tol);
   }
 }
@@ -503,6 +504,91 @@ TEST_F(CudaBackendTest, RmsNormForwardRowKernels) {
     gpu().rmsnorm_forward(sout, srstd, shifted(dx), shifted(dw), 1e-6f);
     EXPECT_CLOSE(sout, out, kF32Tol);
     EXPECT_CLOSE(srstd, rstd, kF32Tol);
+  }
+}
+
+// rmsnorm_forward with a BF16 out (a norm read only by bf16 GEMMs writes its output rounded):
+// every element is the F32 out of the same op rounded to nearest even, bit for bit (the same fp32
+// arithmetic, rounded at the store), on every kernel path of the test above (registers with
+// 16-byte loads or single floats, the general loop); rstd is bit-identical. The F32 out is also
+// checked against the CPU at the fp32 tolerance, so the equality is not of two wrong values.
+TEST_F(CudaBackendTest, RmsNormForwardBf16OutIsTheRoundedF32Out) {
+  EXPECT_TRUE(gpu().supports(Op::RmsNorm, DType::BF16));
+  for (auto [T, C] : {std::pair<int64_t, int64_t>{67, 300},
+                      {1, 2048},
+                      {3, 2048},
+                      {4, 2052},
+                      {5, 1001},
+                      {2, 16384},
+                      {2, 16400},
+                      {3, 4097},
+                      {150, 33}}) {
+    SCOPED_TRACE(testing::Message() << "T " << T << " C " << C);
+    Tensor x = randn({T, C}), w = randn({C}, 0.3f);
+    for (int64_t i = 0; i < C; ++i) w.f32()[i] += 1.0f;
+    Tensor out = Tensor::empty({T, C}), rstd = Tensor::empty({T});
+    cpu().rmsnorm_forward(out, rstd, x, w, 1e-6f);
+    const Tensor dx = dev(x), dw = dev(w);
+    Tensor o32 = poisoned({T, C}), r32 = poisoned({T});
+    gpu().rmsnorm_forward(o32, r32, dx, dw, 1e-6f);
+    EXPECT_CLOSE(o32, out, kF32Tol);
+    Tensor o16 = poisoned({T, C}, DType::BF16), r16 = poisoned({T});
+    gpu().rmsnorm_forward(o16, r16, dx, dw, 1e-6f);
+    ASSERT_EQ(o16.dtype(), DType::BF16);
+    Tensor rounded = poisoned({T, C}, DType::BF16);
+    gpu().round_bf16(rounded, o32);
+    EXPECT_TRUE(bit_equal(o16, rounded)) << "bf16 out is not the f32 out rounded";
+    EXPECT_TRUE(bit_equal(o16, o32.to_host().to_dtype(DType::BF16))) << "vs the host rounding";
+    EXPECT_TRUE(bit_equal(r16, r32)) << "rstd";
+  }
+}
+
+// rmsnorm_backward's accumulate mode and its dx_bf16 copy. accumulate: dx += the gradient, against
+// the CPU op's accumulate (fp32 tolerance) and bit-identical to what it replaces on the GPU (the
+// plain op into a temporary, then add); dw accumulates as in the plain mode. dx_bf16: the final dx
+// (plain or accumulated) rounded to nearest even, bit for bit, with dx itself unchanged by asking
+// for the copy. A dx_bf16 that is not BF16 is refused by name.
+TEST_F(CudaBackendTest, RmsNormBackwardAccumulateAndBf16Copy) {
+  for (auto [T, C] : {std::pair<int64_t, int64_t>{67, 300}, {150, 33}, {1, 7}, {4, 2048}}) {
+    SCOPED_TRACE(testing::Message() << "T " << T << " C " << C);
+    Tensor x = randn({T, C}), w = randn({C}, 0.3f), g = randn({T, C}), old = randn({T, C});
+    for (int64_t i = 0; i < C; ++i) w.f32()[i] += 1.0f;
+    Tensor out = Tensor::empty({T, C}), rstd = Tensor::empty({T});
+    cpu().rmsnorm_forward(out, rstd, x, w, 1e-6f);
+    const Tensor gx = dev(x), gw = dev(w), gg = dev(g), grstd = dev(rstd);
+
+    Tensor dx = old.clone(), dw = randn({C});
+    Tensor ddx = dev(old), ddw = dev(dw);
+    cpu().rmsnorm_backward(dx, nullptr, &dw, g, x, w, rstd, true);
+    gpu().rmsnorm_backward(ddx, nullptr, &ddw, gg, gx, gw, grstd, true);
+    EXPECT_CLOSE(ddx, dx, kF32Tol);
+    EXPECT_CLOSE(ddw, dw, kF32Tol);
+    // The passes it replaces: the plain op into a temporary, then y += tmp.
+    Tensor tmp = poisoned({T, C}), two_pass = dev(old);
+    gpu().rmsnorm_backward(tmp, nullptr, nullptr, gg, gx, gw, grstd, false);
+    gpu().add(two_pass, tmp, 1.0f);
+    EXPECT_TRUE(bit_equal(ddx, two_pass)) << "accumulate differs from plain + add";
+
+    for (bool accumulate : {false, true}) {
+      SCOPED_TRACE(accumulate ? "accumulate" : "assign");
+      Tensor d32 = accumulate ? dev(old) : poisoned({T, C});
+      Tensor d16 = poisoned({T, C}, DType::BF16);
+      gpu().rmsnorm_backward(d32, &d16, nullptr, gg, gx, gw, grstd, accumulate);
+      EXPECT_TRUE(bit_equal(d32, accumulate ? ddx : tmp)) << "dx changed by the copy";
+      Tensor rounded = poisoned({T, C}, DType::BF16);
+      gpu().round_bf16(rounded, d32);
+      EXPECT_TRUE(bit_equal(d16, rounded)) << "dx_bf16 is not dx rounded";
+    }
+  }
+  Tensor x = dev(randn({3, 8})), w = dev(randn({8})), rstd = dev(randn({3}));
+  Tensor dx = poisoned({3, 8}), not_bf16 = poisoned({3, 8});
+  try {
+    gpu().rmsnorm_backward(dx, &not_bf16, nullptr, x, x, w, rstd, false);
+    ADD_FAILURE() << "an F32 dx_bf16 was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("rmsnorm_backward: tensor dx_bf16 is F32"),
+              std::string::npos)
+        << e.what();
   }
 }
 
@@ -915,6 +1001,111 @@ TEST_F(CudaBackendTest, FlashAttentionBackwardBf16) {
     }
   }
   EXPECT_EQ(gpu().precision(), Precision::Fp32);
+}
+
+// attention_forward with a BF16 out under Precision::Bf16 (MLA's o, which only o_proj's bf16 GEMMs
+// and the backward's delta read): bit for bit the F32 out of the same path rounded to nearest
+// even, with the same lse, through the flash kernel (each tiling variant) and through the GEMM path
+// (MOEKIT_CUDA_FLASH=0, and shapes the flash kernel does not take: dims not multiples of 16). The
+// F32 out itself is checked against the CPU at CausalAttentionBf16Precision's tolerance, so the
+// equality is not of two wrong values. A BF16 out outside the bf16 precision is refused.
+TEST_F(CudaBackendTest, AttentionForwardBf16OutIsTheRoundedF32Out) {
+  const double u = std::ldexp(1.0, -8);
+  auto rounded = [](const Tensor& t) { return t.to_dtype(DType::BF16).to_f32(); };
+  for (const AttnCase& c :
+       {AttnCase{2, 45, 3, 24, 16}, AttnCase{1, 100, 2, 192, 128}, AttnCase{2, 300, 2, 64, 64},
+        AttnCase{1, 130, 2, 256, 256}, AttnCase{2, 77, 2, 96, 160}, AttnCase{2, 1, 4, 192, 128}}) {
+    SCOPED_TRACE(testing::Message() << "batch " << c.batch << " seq " << c.seq << " heads "
+                                    << c.heads << " dqk " << c.dqk << " dv " << c.dv);
+    const int64_t T = c.batch * c.seq;
+    const float scale = 1.0f / std::sqrt(float(c.dqk));
+    Tensor q = rounded(randn({T, c.heads, c.dqk})), k = rounded(randn({T, c.heads, c.dqk}));
+    Tensor v = rounded(randn({T, c.heads, c.dv}));
+    Tensor out = Tensor::empty({T, c.heads, c.dv}), lse = Tensor::empty({c.batch, c.heads, c.seq});
+    cpu().attention_forward(out, lse, q, k, v, c.batch, c.seq, c.heads, scale);
+    const Tensor gq = dev(q), gk = dev(k), gv = dev(v);
+    const double out_tol = (u + kF32Tol) * max_abs(v) / max_abs(out);
+    for (int mode = 0; mode <= kFlashFwdVariants; ++mode) {
+      const bool flash = mode < kFlashFwdVariants;
+      SCOPED_TRACE(testing::Message() << "MOEKIT_CUDA_FLASH=" << flash << " variant " << mode);
+      EnvScope env("MOEKIT_CUDA_FLASH", flash ? "1" : "0");
+      EnvScope fv("MOEKIT_FLASH_FWD_VARIANT", std::to_string(flash ? mode : 0).c_str());
+      PrecisionScope bf16(gpu(), Precision::Bf16);
+      Tensor o32 = poisoned(out.shape()), l32 = poisoned(lse.shape());
+      Tensor o16 = poisoned(out.shape(), DType::BF16), l16 = poisoned(lse.shape());
+      gpu().attention_forward(o32, l32, gq, gk, gv, c.batch, c.seq, c.heads, scale);
+      gpu().attention_forward(o16, l16, gq, gk, gv, c.batch, c.seq, c.heads, scale);
+      EXPECT_CLOSE(o32, out, out_tol);
+      EXPECT_TRUE(bit_equal(o16, o32.to_host().to_dtype(DType::BF16)))
+          << "bf16 out is not the f32 out rounded";
+      EXPECT_TRUE(bit_equal(l16, l32)) << "lse";
+    }
+  }
+  const Tensor q = dev(randn({8, 2, 16})), v = dev(randn({8, 2, 16}));
+  Tensor o16 = poisoned({8, 2, 16}, DType::BF16), lse = poisoned({1, 2, 8});
+  try {
+    gpu().attention_forward(o16, lse, q, q, v, 1, 8, 2, 0.25f);
+    ADD_FAILURE() << "a BF16 out was accepted outside the bf16 precision";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("attention_forward: BF16 out needs the bf16 precision"),
+              std::string::npos)
+        << e.what();
+  }
+}
+
+// attention_backward with a BF16 O (the output the forward stored rounded): O is read only for
+// delta = rowsum(dO * O), widened exactly, so the gradients are bit-identical to those from an F32
+// O holding the same (rounded) values, on the flash and the GEMM path. Against the CPU op given
+// that rounded O (the reference of what the op computes), the tolerances of
+// CausalAttentionBf16Precision: dv (which does not read O) (u + kF32Tol) max(P^T |dO|) / max|dv|,
+// dq and dk (u + kF32Tol) sqrt(seq); seq 1: dq = dk = 0, fp32 noise <= 1e-5. And the rounded O
+// does move the gradients (delta from other values), so dq differs from the F32-O run's bits.
+TEST_F(CudaBackendTest, AttentionBackwardReadsABf16Out) {
+  const double u = std::ldexp(1.0, -8);
+  for (const AttnCase& c :
+       {AttnCase{2, 45, 3, 24, 16}, AttnCase{1, 100, 2, 192, 128}, AttnCase{2, 200, 3, 64, 64},
+        AttnCase{2, 1, 3, 192, 128}, AttnCase{2, 77, 2, 96, 160}}) {
+    SCOPED_TRACE(testing::Message() << "batch " << c.batch << " seq " << c.seq << " heads "
+                                    << c.heads << " dqk " << c.dqk << " dv " << c.dv);
+    const float scale = 1.0f / std::sqrt(float(c.dqk));
+    const AttnReference ref =
+        attention_reference(cpu(), c, scale, [&](const Shape& shape) { return randn(shape); });
+    // The CPU backward on O rounded to bf16 (held in fp32): the reference of the BF16-O op.
+    const Tensor out16 = ref.out.to_dtype(DType::BF16), out_r = out16.to_f32();
+    Tensor dq = Tensor::empty(ref.q.shape()), dk = Tensor::empty(ref.k.shape()),
+           dv = Tensor::empty(ref.v.shape());
+    cpu().attention_backward(dq, dk, dv, ref.dout, out_r, ref.lse, ref.q, ref.k, ref.v, c.batch,
+                             c.seq, c.heads, scale);
+    const Tensor gq = dev(ref.q), gk = dev(ref.k), gv = dev(ref.v), gdout = dev(ref.dout),
+                 glse = dev(ref.lse);
+    struct Grads {
+      Tensor dq, dk, dv;
+    };
+    auto run = [&](const Tensor& o) {
+      PrecisionScope bf16(gpu(), Precision::Bf16);
+      Grads r{poisoned(ref.q.shape()), poisoned(ref.k.shape()), poisoned(ref.v.shape())};
+      gpu().attention_backward(r.dq, r.dk, r.dv, gdout, o, glse, gq, gk, gv, c.batch, c.seq,
+                               c.heads, scale);
+      return r;
+    };
+    for (const char* flash : {"1", "0"}) {
+      SCOPED_TRACE(testing::Message() << "MOEKIT_CUDA_FLASH=" << flash);
+      EnvScope env("MOEKIT_CUDA_FLASH", flash), opt_in("MOEKIT_CUDA_FLASH_BWD", "1");
+      const Grads b = run(dev(out16)), f = run(dev(out_r)), unrounded = run(dev(ref.out));
+      EXPECT_TRUE(bit_equal(b.dq, f.dq) && bit_equal(b.dk, f.dk) && bit_equal(b.dv, f.dv))
+          << "a BF16 O is not read as its exact fp32 value";
+      EXPECT_CLOSE(b.dv, dv, (u + kF32Tol) * max_abs(ref.dv_bound) / max_abs(dv));
+      if (c.seq == 1) {  // dq = dk = 0 exactly: compare absolute noise
+        EXPECT_LE(max_abs(b.dq), 1e-5);
+        EXPECT_LE(max_abs(b.dk), 1e-5);
+      } else {
+        const double tol = (u + kF32Tol) * std::sqrt(double(c.seq));
+        EXPECT_CLOSE(b.dq, dq, tol);
+        EXPECT_CLOSE(b.dk, dk, tol);
+        EXPECT_FALSE(bit_equal(b.dq, unrounded.dq)) << "the rounded O changed nothing?";
+      }
+    }
+  }
 }
 
 // Not a check of values: times the fused attention at a training-like MLA shape (seq 2048, 16

@@ -97,6 +97,7 @@ void CpuBackend::latent_attention(Tensor& ctx, const Tensor& q_lat, const Tensor
 void CpuBackend::attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,
                                    const Tensor& v, int64_t batch, int64_t seq, int64_t heads,
                                    float scale) {
+  expect_f32_on_cpu("attention_forward", {&out, &lse, &q, &k, &v});  // no BF16 out here
   const int64_t dqk = q.numel() / (batch * seq * heads), dv = v.numel() / (batch * seq * heads);
   const int ldqk = int(heads * dqk), ldv = int(heads * dv), S = int(seq);
   std::vector<float> p(static_cast<size_t>(seq * seq));
@@ -118,6 +119,7 @@ void CpuBackend::attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const Te
                                     const Tensor& out, const Tensor& lse, const Tensor& q,
                                     const Tensor& k, const Tensor& v, int64_t batch, int64_t seq,
                                     int64_t heads, float scale) {
+  expect_f32_on_cpu("attention_backward", {&dq, &dk, &dv, &dout, &out, &lse, &q, &k, &v});
   const int64_t dqk = q.numel() / (batch * seq * heads), dvd = v.numel() / (batch * seq * heads);
   const int ldqk = int(heads * dqk), ldv = int(heads * dvd), S = int(seq);
   std::vector<float> p(static_cast<size_t>(seq * seq)), dp(static_cast<size_t>(seq * seq));

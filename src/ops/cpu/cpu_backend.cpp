@@ -158,6 +158,7 @@ void CpuBackend::embedding_backward(Tensor& dtable, const Tensor& dout, const Te
 
 void CpuBackend::rmsnorm_forward(Tensor& out, Tensor& rstd, const Tensor& x, const Tensor& w,
                                  float eps) {
+  expect_f32_on_cpu("rmsnorm_forward", {&out, &rstd, &x, &w});  // no BF16 out here
   const int64_t T = rows(x), C = cols(x);
   cpu_pool().parallel_for(T, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
@@ -172,8 +173,14 @@ void CpuBackend::rmsnorm_forward(Tensor& out, Tensor& rstd, const Tensor& x, con
   });
 }
 
-void CpuBackend::rmsnorm_backward(Tensor& dx, Tensor* dw, const Tensor& dout, const Tensor& x,
-                                  const Tensor& w, const Tensor& rstd) {
+void CpuBackend::rmsnorm_backward(Tensor& dx, Tensor* dx_bf16, Tensor* dw, const Tensor& dout,
+                                  const Tensor& x, const Tensor& w, const Tensor& rstd,
+                                  bool accumulate) {
+  if (dx_bf16 && dx_bf16->defined())
+    fail(
+        "CPU rmsnorm_backward: a dx_bf16 copy was asked for (the CPU backend computes in fp32 "
+        "only; bf16 activations need the CUDA backend)");
+  expect_f32_on_cpu("rmsnorm_backward", {&dx, dw, &dout, &x, &w, &rstd});
   // y = w * x * r, r = (mean x^2 + eps)^-1/2:  dx = r * (w*dy) - x * r^3 / C * sum(w*dy*x).
   const int64_t T = rows(x), C = cols(x);
   cpu_pool().parallel_for(T, [&](int64_t b, int64_t e) {
@@ -184,7 +191,10 @@ void CpuBackend::rmsnorm_backward(Tensor& dx, Tensor* dw, const Tensor& dout, co
       for (int64_t c = 0; c < C; ++c) dot += w.f32()[c] * g[c] * xr[c];
       float k = dot * r * r * r / float(C);
       float* d = dx.f32() + t * C;
-      for (int64_t c = 0; c < C; ++c) d[c] = r * w.f32()[c] * g[c] - k * xr[c];
+      for (int64_t c = 0; c < C; ++c) {
+        const float v = r * w.f32()[c] * g[c] - k * xr[c];
+        d[c] = accumulate ? d[c] + v : v;
+      }
     }
   });
   if (dw) {

@@ -33,8 +33,9 @@ class CpuBackend final : public Backend {
   void embedding_backward(Tensor& dtable, const Tensor& dout, const Tensor& ids) override;
   void rmsnorm_forward(Tensor& out, Tensor& rstd, const Tensor& x, const Tensor& w,
                        float eps) override;
-  void rmsnorm_backward(Tensor& dx, Tensor* dw, const Tensor& dout, const Tensor& x,
-                        const Tensor& w, const Tensor& rstd) override;
+  void rmsnorm_backward(Tensor& dx, Tensor* dx_bf16, Tensor* dw, const Tensor& dout,
+                        const Tensor& x, const Tensor& w, const Tensor& rstd,
+                        bool accumulate) override;
   void swiglu_forward(Tensor& h, const Tensor& gate, const Tensor& up) override;
   void swiglu_backward(Tensor& dgate, Tensor& dup, const Tensor& dh, const Tensor& gate,
                        const Tensor& up) override;

@@ -137,15 +137,17 @@ __global__ void __launch_bounds__(kAttnThreads)
   store_tile<B>(out + int64_t(h) * t.dv, Os, base, i0, seq, heads, t.dv);
 }
 
-// delta[b, h, i] = dot(dO[i], O[i]) = rowsum(P * dP): the softmax-backward correction term.
-__global__ void attention_delta_kernel(float* delta, const float* dout, const float* out,
+// delta[b, h, i] = dot(dO[i], O[i]) = rowsum(P * dP): the softmax-backward correction term. O
+// fp32, or bf16 (the output a bf16 attention stored rounded), widened exactly.
+template <typename OT>
+__global__ void attention_delta_kernel(float* delta, const float* dout, const OT* out,
                                        AttentionShape s) {
   const int64_t rowh = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5;  // (token, head)
   const int lane = threadIdx.x & 31;
   if (rowh >= s.batch * s.seq * s.heads) return;
   const int64_t dv = s.dv;
   float acc = 0.0f;
-  for (int64_t c = lane; c < dv; c += 32) acc += dout[rowh * dv + c] * out[rowh * dv + c];
+  for (int64_t c = lane; c < dv; c += 32) acc += dout[rowh * dv + c] * to_f32(out[rowh * dv + c]);
   acc = warp_reduce(acc, Sum{});
   const int64_t h = rowh % s.heads, token = rowh / s.heads, b = token / s.seq, i = token % s.seq;
   if (lane == 0) delta[(b * s.heads + h) * s.seq + i] = acc;
@@ -333,11 +335,16 @@ cudaError_t backward_with(float* dq, float* dk, float* dv, const float* delta, c
 
 }  // namespace
 
-cudaError_t attention_delta(float* delta, const float* dout, const float* out,
+cudaError_t attention_delta(float* delta, const float* dout, const void* out, bool out_bf16,
                             const AttentionShape& s) {
   const int64_t rows = s.batch * s.seq * s.heads;
   if (rows == 0) return cudaSuccess;
-  attention_delta_kernel<<<blocks_for(rows * 32), kThreads, 0, stream()>>>(delta, dout, out, s);
+  if (out_bf16)
+    attention_delta_kernel<<<blocks_for(rows * 32), kThreads, 0, stream()>>>(
+        delta, dout, static_cast<const bf16_t*>(out), s);
+  else
+    attention_delta_kernel<<<blocks_for(rows * 32), kThreads, 0, stream()>>>(
+        delta, dout, static_cast<const float*>(out), s);
   return cudaGetLastError();
 }
 
@@ -355,7 +362,7 @@ cudaError_t attention_backward(float* dq, float* dk, float* dv, float* delta, co
                                const float* out, const float* lse, const float* q, const float* k,
                                const float* v, const AttentionShape& s) {
   if (s.batch * s.seq * s.heads == 0) return cudaSuccess;
-  cudaError_t e = attention_delta(delta, dout, out, s);
+  cudaError_t e = attention_delta(delta, dout, out, false, s);
   if (e != cudaSuccess) return e;
   const Tiles t{int(s.dqk), int(s.dv)};
   if (dkdv_smem<32>(t) <= size_t(shared_limit()))

@@ -15,6 +15,10 @@
 //
 // Results are deterministic: dK and dV sum the query chunks in order through the GEMMs' beta = 1.
 //
+// out may be BF16 (a layer whose output only bf16 GEMMs read): the flash kernel rounds it as it
+// stores; the GEMM path writes fp32 into scratch and rounds that, the same values. The backward
+// reads O only for delta = rowsum(dO * O), from whichever dtype it was stored in.
+//
 // Where the head dims allow (multiples of 16 up to 256), fused flash-attention kernels replace the
 // GEMM steps (scores never leave the SM): the forward of cuda_flash_attention.cu (same roundings,
 // same lse) and the backward of cuda_flash_attention_bwd.cu (same roundings of P and dS, the same
@@ -80,13 +84,16 @@ void CudaBackend::attention_forward_tc(Tensor& out, Tensor& lse, const Tensor& q
   const int64_t ldqk = heads * dqk, ldv = heads * dvd;
   const Tensor q16 = as_bf16(q), k16 = as_bf16(k), v16 = as_bf16(v);
   const cuda::AttentionShape shape{batch, seq, heads, dqk, dvd, scale};
-  if (flash_enabled() &&
-      cuda::flash_attention_supported(shape, out.f32(), q16.raw(), k16.raw(), v16.raw())) {
-    check(
-        cuda::flash_attention_forward(out.f32(), lse.f32(), q16.raw(), k16.raw(), v16.raw(), shape),
-        op);
+  const bool out_bf16 = out.dtype() == DType::BF16;
+  if (flash_enabled() && cuda::flash_attention_supported(shape, out.raw(), out_bf16, q16.raw(),
+                                                         k16.raw(), v16.raw())) {
+    check(cuda::flash_attention_forward(out.raw(), out_bf16, lse.f32(), q16.raw(), k16.raw(),
+                                        v16.raw(), shape),
+          op);
     return;
   }
+  // The GEMMs below write fp32: a BF16 out gets them rounded after.
+  Tensor out32 = out_bf16 ? scratch(out.shape(), DType::F32) : out;
   const Chunking c = chunking(seq, heads, /*S*/ 4 + /*P*/ 2);
   Tensor s = scratch({c.heads * c.rows * seq}, DType::F32);
   Tensor p = scratch({c.heads * c.rows * seq}, DType::BF16);
@@ -103,11 +110,12 @@ void CudaBackend::attention_forward_tc(Tensor& out, Tensor& lse, const Tensor& q
         check(cuda::attention_tc_softmax(p.raw(), lse.f32() + bh * seq, s.f32(), hc, rows, i0, seq),
               op);
         // O[i0:i1] = P V[0:i1], written into out's rows of these heads.
-        gemm_batched(out.f32() + ((tok + i0) * heads + h0) * dvd, DType::F32, ldv, dvd,
+        gemm_batched(out32.f32() + ((tok + i0) * heads + h0) * dvd, DType::F32, ldv, dvd,
                      {p.raw(), DType::BF16, keys, rows * keys, false},
                      {bf16_at(v16, (tok * heads + h0) * dvd), DType::BF16, ldv, dvd, false}, rows,
                      dvd, keys, hc, 1.0f, 0.0f);
       }
+  if (out_bf16) round_bf16(out, out32);
 }
 
 void CudaBackend::attention_backward_tc(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout,
@@ -118,10 +126,13 @@ void CudaBackend::attention_backward_tc(Tensor& dq, Tensor& dk, Tensor& dv, cons
   const int64_t n = batch * seq * heads, dqk = q.numel() / n, dvd = v.numel() / n;
   const int64_t ldqk = heads * dqk, ldv = heads * dvd;
   const Tensor q16 = as_bf16(q), k16 = as_bf16(k), v16 = as_bf16(v), do16 = as_bf16(dout);
-  // delta = rowsum(dO * O) in fp32 from the unrounded tensors, as the fp32 path.
+  // delta = rowsum(dO * O) in fp32 from the unrounded dO and O as stored (an F32 O as the fp32
+  // path; a BF16 O widened exactly).
   Tensor delta = scratch({n}, DType::F32);
   const cuda::AttentionShape shape{batch, seq, heads, dqk, dvd, scale};
-  check(cuda::attention_delta(delta.f32(), dout.f32(), out.f32(), shape), op);
+  check(
+      cuda::attention_delta(delta.f32(), dout.f32(), out.raw(), out.dtype() == DType::BF16, shape),
+      op);
   if (flash_backward_enabled() &&
       cuda::flash_attention_backward_supported(shape, dq.f32(), dk.f32(), dv.f32(), do16.raw(),
                                                q16.raw(), k16.raw(), v16.raw())) {

@@ -316,8 +316,9 @@ void CudaBackend::memory_info(size_t& free_bytes, size_t& total_bytes) {
 }
 
 // BF16: GEMM operands (weights; the experts' activations), the embedding table, MLA's kv_b weight
-// in the decode step's fused ops, and the bf16 activation variants of the MoE layer's dispatch,
-// SwiGLU and combine (ops.h gives each op's dtype rules).
+// in the decode step's fused ops, the bf16 activation variants of the MoE layer's dispatch,
+// SwiGLU and combine, and the bf16 outputs of RMSNorm and attention (ops.h gives each op's dtype
+// rules).
 bool CudaBackend::supports(Op op, DType dtype) const {
   if (dtype == DType::F32) return true;
   if (dtype != DType::BF16) return false;
@@ -333,8 +334,9 @@ bool CudaBackend::supports(Op op, DType dtype) const {
     case Op::MlaValueHeads:
     case Op::RoundBf16:
     case Op::CrossEntropy:
-    case Op::Attention:   // q, k, v under Bf16
+    case Op::Attention:   // q, k, v and out (O in backward) under Bf16
     case Op::MlaSplitKv:  // k, v, dkv_b
+    case Op::RmsNorm:     // out; the backward's dx_bf16 copy
       return true;
     default:
       return false;

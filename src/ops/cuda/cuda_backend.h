@@ -105,8 +105,9 @@ class CudaBackend final : public Backend {
   void embedding_backward(Tensor& dtable, const Tensor& dout, const Tensor& ids) override;
   void rmsnorm_forward(Tensor& out, Tensor& rstd, const Tensor& x, const Tensor& w,
                        float eps) override;
-  void rmsnorm_backward(Tensor& dx, Tensor* dw, const Tensor& dout, const Tensor& x,
-                        const Tensor& w, const Tensor& rstd) override;
+  void rmsnorm_backward(Tensor& dx, Tensor* dx_bf16, Tensor* dw, const Tensor& dout,
+                        const Tensor& x, const Tensor& w, const Tensor& rstd,
+                        bool accumulate) override;
   void swiglu_forward(Tensor& h, const Tensor& gate, const Tensor& up) override;
   void swiglu_backward(Tensor& dgate, Tensor& dup, const Tensor& dh, const Tensor& gate,
                        const Tensor& up) override;
@@ -215,6 +216,7 @@ class CudaBackend final : public Backend {
  private:
   void expect_attention_inputs(const Tensor& q, const Tensor& k, const Tensor& v,
                                const char* op) const;
+  void expect_attention_output(const Tensor& out, const char* op) const;
   // Attention under Precision::Bf16 (cuda_attention_tc.cpp): batched bf16 GEMMs on the tensor
   // cores around fp32 softmax kernels; arguments already checked by attention_forward/backward.
   void attention_forward_tc(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,

@@ -9,7 +9,9 @@
 // accumulation, an online softmax in fp32 (base 2: scores pre-scaled by scale * log2(e)), P
 // rounded to bf16 as the A operand of P V, fp32 accumulation of O, one division by the row sum at
 // the end. lse is the natural-log log-sum-exp of the scaled scores, [batch, heads, seq], what the
-// backward recomputes P from. Deterministic: fixed loop orders and shuffle trees, no atomics.
+// backward recomputes P from. out is fp32, or bf16 (out_bf16: the same fp32 values rounded to
+// nearest even as they are stored, for an output that only bf16 GEMMs and the backward's delta
+// read). Deterministic: fixed loop orders and shuffle trees, no atomics.
 //
 // Block (query tile, head, sequence x v-column chunk), `warps` warps, warp w owning query rows
 // [16w, 16w + 16) of the tile. The tiles are launched last-first (the last one has the most keys).
@@ -67,7 +69,8 @@ constexpr FwdCfg kFwdVariants[] = {
 constexpr int kFwdVariantCount = int(sizeof(kFwdVariants) / sizeof(kFwdVariants[0]));
 
 struct FlashArgs {
-  float* out;
+  void* out;  // fp32, or bf16 when out_bf16
+  bool out_bf16;
   float* lse;
   const uint16_t *q, *k, *v;  // bf16 bits
   int seq, heads, dqk, dv, chunks;
@@ -300,16 +303,21 @@ __global__ void __launch_bounds__(kFwdVariants[V].warps * 32, kFwdVariants[V].mi
   l0 = quad_sum(l0);
   l1 = quad_sum(l1);
   const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
+  // A pair of adjacent columns per row: one 8-byte store (fp32) or one 4-byte store of the pair
+  // rounded (bf16).
+  auto store_pair = [&](int row, int col, float lo, float hi) {
+    const int64_t i = ((tok0 + row) * H + h) * dv + col;
+    if (a.out_bf16)
+      *reinterpret_cast<uint32_t*>(static_cast<bf16_t*>(a.out) + i) = pack_bf16(lo, hi);
+    else
+      *reinterpret_cast<float2*>(static_cast<float*>(a.out) + i) = make_float2(lo, hi);
+  };
 #pragma unroll
   for (int n = 0; n < vTiles; ++n) {
     if (n * 8 >= nv) continue;
     const int col = c0 + n * 8 + 2 * t;
-    if (row0 < seq)
-      *reinterpret_cast<float2*>(a.out + ((tok0 + row0) * H + h) * dv + col) =
-          make_float2(o[n][0] * inv0, o[n][1] * inv0);
-    if (row1 < seq)
-      *reinterpret_cast<float2*>(a.out + ((tok0 + row1) * H + h) * dv + col) =
-          make_float2(o[n][2] * inv1, o[n][3] * inv1);
+    if (row0 < seq) store_pair(row0, col, o[n][0] * inv0, o[n][1] * inv0);
+    if (row1 < seq) store_pair(row1, col, o[n][2] * inv1, o[n][3] * inv1);
   }
   if (chunk == 0 && t == 0) {
     float* lse = a.lse + (int64_t(b) * H + h) * seq;
@@ -350,22 +358,24 @@ bool aligned16(const void* p) {
 
 }  // namespace
 
-bool flash_attention_supported(const AttentionShape& s, const float* out, const void* q,
-                               const void* k, const void* v) {
+bool flash_attention_supported(const AttentionShape& s, const void* out, bool out_bf16,
+                               const void* q, const void* k, const void* v) {
   auto dim_ok = [](int64_t d) { return d >= 16 && d <= 256 && d % 16 == 0; };
   const int64_t chunks = s.dv <= 64 && s.dqk <= 64 ? 1 : (s.dv + 127) / 128;
   return dim_ok(s.dqk) && dim_ok(s.dv) && s.seq >= 1 && s.seq <= (int64_t(1) << 30) &&
          s.heads >= 1 && s.heads <= 65535 && s.batch >= 1 && s.batch * chunks <= 65535 &&
-         reinterpret_cast<uintptr_t>(out) % 8 == 0 && aligned16(q) && aligned16(k) && aligned16(v);
+         reinterpret_cast<uintptr_t>(out) % (out_bf16 ? 4 : 8) == 0 && aligned16(q) &&
+         aligned16(k) && aligned16(v);
 }
 
-cudaError_t flash_attention_forward(float* out, float* lse, const void* q, const void* k,
-                                    const void* v, const AttentionShape& s) {
+cudaError_t flash_attention_forward(void* out, bool out_bf16, float* lse, const void* q,
+                                    const void* k, const void* v, const AttentionShape& s) {
   if (s.batch * s.seq * s.heads == 0) return cudaSuccess;
-  if (!flash_attention_supported(s, out, q, k, v)) return cudaErrorInvalidValue;
+  if (!flash_attention_supported(s, out, out_bf16, q, k, v)) return cudaErrorInvalidValue;
   const bool small = s.dqk <= 64 && s.dv <= 64;
   const int vc = small ? 64 : 128;
   const FlashArgs args{out,
+                       out_bf16,
                        lse,
                        static_cast<const uint16_t*>(q),
                        static_cast<const uint16_t*>(k),

@@ -7,8 +7,8 @@
 // Numerics, as the GEMM path: q, k, v, dO bf16 (rounded once by the caller), S = Q K^T and
 // dP = dO V^T with fp32 accumulation, P = exp(scale S - lse) in fp32 (as exp2 of scores scaled by
 // scale * log2(e), the forward's base), dS = P * (dP - delta) * scale with delta = rowsum(dO * O)
-// from attention_delta (fp32, unrounded dO and O); P and dS rounded to bf16 as the A operands of
-// dV = P^T dO, dK = dS^T Q and dQ = dS K, accumulated in fp32.
+// from attention_delta (fp32, unrounded dO, O as stored); P and dS rounded to bf16 as the A
+// operands of dV = P^T dO, dK = dS^T Q and dQ = dS K, accumulated in fp32.
 //
 // Deterministic without atomics: dK and dV are owned by the block of their key tile, which sums
 // the query tiles in order; dQ is owned by a second kernel's block of its query tile, which sums

@@ -44,22 +44,24 @@ void CudaBackend::embedding_backward(Tensor& dtable, const Tensor& dout, const T
   scatter_add_rows(dtable, flat, ids, nullptr);
 }
 
+// out F32, or BF16 (rounded as stored: a norm read only by bf16 GEMMs).
 void CudaBackend::rmsnorm_forward(Tensor& out, Tensor& rstd, const Tensor& x, const Tensor& w,
                                   float eps) {
   const int64_t T = rows(x), C = cols(x);
-  expect_f32(out, "rmsnorm_forward", "out");
+  expect_f32_or_bf16(out, "rmsnorm_forward", "out");
   expect_f32(rstd, "rmsnorm_forward", "rstd");
   expect_f32(x, "rmsnorm_forward", "x");
   expect_f32(w, "rmsnorm_forward", "w");
   expect_numel(out, T * C, "rmsnorm_forward", "out");
   expect_numel(rstd, T, "rmsnorm_forward", "rstd");
   expect_numel(w, C, "rmsnorm_forward", "w");
-  check(cuda::rmsnorm_forward(out.f32(), rstd.f32(), x.f32(), w.f32(), T, C, eps),
+  check(cuda::rmsnorm_forward(out.raw(), out.dtype(), rstd.f32(), x.f32(), w.f32(), T, C, eps),
         "rmsnorm_forward");
 }
 
-void CudaBackend::rmsnorm_backward(Tensor& dx, Tensor* dw, const Tensor& dout, const Tensor& x,
-                                   const Tensor& w, const Tensor& rstd) {
+void CudaBackend::rmsnorm_backward(Tensor& dx, Tensor* dx_bf16, Tensor* dw, const Tensor& dout,
+                                   const Tensor& x, const Tensor& w, const Tensor& rstd,
+                                   bool accumulate) {
   const int64_t T = rows(x), C = cols(x);
   const char* op = "rmsnorm_backward";
   expect_f32(dx, op, "dx");
@@ -69,7 +71,15 @@ void CudaBackend::rmsnorm_backward(Tensor& dx, Tensor* dw, const Tensor& dout, c
   expect_f32(rstd, op, "rstd");
   expect_numel(dx, T * C, op, "dx");
   expect_numel(dout, T * C, op, "dout");
-  check(cuda::rmsnorm_backward_dx(dx.f32(), dout.f32(), x.f32(), w.f32(), rstd.f32(), T, C), op);
+  void* d16 = nullptr;
+  if (dx_bf16 && dx_bf16->defined()) {
+    expect(*dx_bf16, DType::BF16, op, "dx_bf16");
+    expect_numel(*dx_bf16, T * C, op, "dx_bf16");
+    d16 = dx_bf16->raw();
+  }
+  check(cuda::rmsnorm_backward_dx(dx.f32(), d16, dout.f32(), x.f32(), w.f32(), rstd.f32(), T, C,
+                                  accumulate),
+        op);
   if (dw && dw->defined()) {
     expect_f32(*dw, op, "dw");
     expect_numel(*dw, C, op, "dw");
@@ -159,11 +169,19 @@ void CudaBackend::expect_attention_inputs(const Tensor& q, const Tensor& k, cons
   }
 }
 
+// out (O in backward): F32, or BF16 under the Bf16 precision (rounded as stored, ops.h).
+void CudaBackend::expect_attention_output(const Tensor& out, const char* op) const {
+  if (out.dtype() == DType::BF16 && precision_ != Precision::Bf16)
+    fail("CUDA {}: BF16 out needs the bf16 precision", op);
+  expect_f32_or_bf16(out, op, "out");
+}
+
 void CudaBackend::attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,
                                     const Tensor& v, int64_t batch, int64_t seq, int64_t heads,
                                     float scale) {
   const char* op = "attention_forward";
-  expect_all_f32({&out, &lse}, op);
+  expect_attention_output(out, op);
+  expect_f32(lse, op, "lse");
   expect_attention_inputs(q, k, v, op);
   const int64_t n = batch * seq * heads;
   if (n == 0) return;
@@ -181,7 +199,8 @@ void CudaBackend::attention_backward(Tensor& dq, Tensor& dk, Tensor& dv, const T
                                      const Tensor& k, const Tensor& v, int64_t batch, int64_t seq,
                                      int64_t heads, float scale) {
   const char* op = "attention_backward";
-  expect_all_f32({&dq, &dk, &dv, &dout, &out, &lse}, op);
+  expect_all_f32({&dq, &dk, &dv, &dout, &lse}, op);
+  expect_attention_output(out, op);
   expect_attention_inputs(q, k, v, op);
   const int64_t n = batch * seq * heads;
   if (n == 0) return;

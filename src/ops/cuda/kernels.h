@@ -96,10 +96,14 @@ cudaError_t gemv(float* c, const float* a, const void* w, bool w_bf16, int64_t M
                  int64_t K, int64_t lda, int64_t ldw, int64_t ldc, float alpha, float beta);
 
 // --- RMSNorm (cuda_norm.cu)
-cudaError_t rmsnorm_forward(float* out, float* rstd, const float* x, const float* w, int64_t rows,
-                            int64_t dim, float eps);
-cudaError_t rmsnorm_backward_dx(float* dx, const float* dout, const float* x, const float* w,
-                                const float* rstd, int64_t rows, int64_t dim);
+// out of out_dtype: F32, or BF16 (the fp32 value rounded to nearest even as it is stored).
+cudaError_t rmsnorm_forward(void* out, DType out_dtype, float* rstd, const float* x, const float* w,
+                            int64_t rows, int64_t dim, float eps);
+// dx = (or += when accumulate) the input gradient; dx_bf16 (bf16, may be null) gets the final dx
+// rounded to nearest even.
+cudaError_t rmsnorm_backward_dx(float* dx, void* dx_bf16, const float* dout, const float* x,
+                                const float* w, const float* rstd, int64_t rows, int64_t dim,
+                                bool accumulate);
 // dw += sum over rows of dout * x * rstd, in a fixed order: `partial` holds
 // rmsnorm_dw_chunks(rows) * dim floats.
 int64_t rmsnorm_dw_chunks(int64_t rows);
@@ -287,7 +291,8 @@ cudaError_t attention_backward(float* dq, float* dk, float* dv, float* delta, co
                                const float* out, const float* lse, const float* q, const float* k,
                                const float* v, const AttentionShape& s);
 // delta[b, h, i] = dot(dO[b*seq + i, h], O[b*seq + i, h]) (the softmax-backward correction).
-cudaError_t attention_delta(float* delta, const float* dout, const float* out,
+// out fp32, or bf16 when out_bf16 (widened exactly); fp32 products and sums either way.
+cudaError_t attention_delta(float* delta, const float* dout, const void* out, bool out_bf16,
                             const AttentionShape& s);
 
 // --- causal attention on the bf16 tensor cores, the kernels between the GEMMs
@@ -306,13 +311,14 @@ cudaError_t attention_tc_dscores(void* p, void* ds, const float* s, const float*
 
 // --- causal attention forward on the bf16 tensor cores as one fused flash-attention kernel
 // (cuda_flash_attention.cu): q, k bf16 [batch * seq, heads, dqk], v bf16 [.., dv], out fp32
-// [.., dv], lse [batch, heads, seq] (natural log of the scaled scores' sum of exponentials).
-// Whether it takes the shape: dqk and dv multiples of 16 in [16, 256], q, k, v 16-byte and out
-// 8-byte aligned, the grid within limits.
-bool flash_attention_supported(const AttentionShape& s, const float* out, const void* q,
-                               const void* k, const void* v);
-cudaError_t flash_attention_forward(float* out, float* lse, const void* q, const void* k,
-                                    const void* v, const AttentionShape& s);
+// [.., dv] (or bf16 when out_bf16: the fp32 values rounded to nearest even as stored), lse
+// [batch, heads, seq] (natural log of the scaled scores' sum of exponentials). Whether it takes
+// the shape: dqk and dv multiples of 16 in [16, 256], q, k, v 16-byte and out 8-byte (bf16:
+// 4-byte) aligned, the grid within limits.
+bool flash_attention_supported(const AttentionShape& s, const void* out, bool out_bf16,
+                               const void* q, const void* k, const void* v);
+cudaError_t flash_attention_forward(void* out, bool out_bf16, float* lse, const void* q,
+                                    const void* k, const void* v, const AttentionShape& s);
 // The backward as fused kernels (cuda_flash_attention_bwd.cu), for the same shapes: dout bf16
 // [.., dv], lse as the forward writes it, delta [batch, heads, seq] from attention_delta; dq, dk,
 // dv fp32, assigned. dS = P * (dP - delta) * scale, P and dS rounded to bf16 before the products
