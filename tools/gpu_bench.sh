@@ -13,8 +13,8 @@
 #                 --dtype bf16; bf16 + activation checkpointing)
 #   FULL_ONLY=1   the full model alone (with FULL=1)
 #   PROFILE=1     also one profiled moekit bf16 run: time per model step (MOEKIT_PROFILE)
-#   FULL=1        also the full 27-layer V2-Lite: moekit bf16-ckpt prefill + ESFT training and
-#                 bf16 decode; transformers prefill, training attempts and decode
+#   FULL=1        also the full 27-layer V2-Lite: moekit prefill + ESFT training (FULL_RUNS, default
+#                 bf16-ckpt) and bf16 decode; transformers prefill, training attempts and decode
 #   MOEKIT_LIB_PATH  LD_LIBRARY_PATH for moekit alone (carried Debian libraries that must not
 #                 reach the Python peer)
 #
@@ -74,7 +74,7 @@ moekit_decode() {  # CONFIG DTYPE
     MOEKIT_PROFILE=1 moekit profile "$CFG" "$B" "$S" 1 16 cuda esft10 bf16 >/dev/null
   fi
   if [ -n "${FULL:-}" ]; then
-    moekit_train "$FULL_CFG" bf16-ckpt
+    for run in ${FULL_RUNS:-bf16-ckpt}; do moekit_train "$FULL_CFG" "$run"; done
     moekit_decode "$FULL_CFG" bf16
   fi
   echo "# transformers"
