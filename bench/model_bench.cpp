@@ -10,7 +10,8 @@
 //           new tokens (BATCH must be 1); decode_tok_s = ITERS / time of the whole generate call
 //           (prefill included, as the transformers peer's generate)
 //   bf16    (cuda) frozen GEMM weights in bf16, GEMMs and attention on the bf16 tensor cores
-// MOEKIT_BENCH_CHECKPOINT=1 turns on activation checkpointing; MOEKIT_PROFILE=1 prints the time
+// MOEKIT_BENCH_CHECKPOINT=1 turns on activation checkpointing, MOEKIT_BENCH_RECOMPUTE_EXPERTS=1 the
+// recomputation of the MoE experts' gate/up in backward; MOEKIT_PROFILE=1 prints the time
 // per model step to stderr (each step waits for the device: slower, for proportions only).
 // Weights: the values `moekit init` writes for the config (seed 1), generated in memory.
 #include <fmt/format.h>
@@ -100,11 +101,22 @@ int main(int argc, char** argv) {
     const Device dev = dev_name == "cuda" ? Device::CUDA : Device::CPU;
     const DType weights = dtype == "bf16" ? DType::BF16 : DType::F32;
     if (weights == DType::BF16) backend(dev).set_precision(Precision::Bf16);
+    // MOEKIT_BENCH_RESERVE_GIB=G (cuda): G GiB of device memory held from the start, so the run
+    // sees a smaller card (an 80 GB H100 on the 141 GB H200: the difference of their totals,
+    // 140.4 - 79.6 GiB). The peaks printed leave the reserve out.
+    const char* reserve_env = std::getenv("MOEKIT_BENCH_RESERVE_GIB");
+    const double reserve_gib = reserve_env && dev == Device::CUDA ? std::atof(reserve_env) : 0.0;
+    const Tensor reserve =
+        reserve_gib > 0 ? Tensor::empty({int64_t(reserve_gib * 268435456.0)}, DType::F32, dev)
+                        : Tensor();
+    const size_t reserved = reserve.defined() ? reserve.nbytes() : 0;
     const auto t_init = std::chrono::steady_clock::now();
     DeepSeekModel model(c, dev, true, weights);
     init_weights(model, 1);
     const char* ckpt = std::getenv("MOEKIT_BENCH_CHECKPOINT");
     model.set_activation_checkpointing(ckpt && *ckpt && std::string(ckpt) != "0");
+    const char* recompute = std::getenv("MOEKIT_BENCH_RECOMPUTE_EXPERTS");
+    model.set_expert_recompute(recompute && *recompute && std::string(recompute) != "0");
     const double init_s = seconds_since(t_init);
     if (mode == "decode") {  // inference: every weight frozen (bf16 ones stay bf16)
       model.params().set_trainable([](const Param&) { return false; });
@@ -169,14 +181,16 @@ int main(int argc, char** argv) {
         "{:.1f}, "
         "\"train_tok_s\": {:.1f}, \"trainable\": {}, \"first_loss\": {:.6f}, "
         "\"peak_rss_mib\": {:.1f}, \"threads\": {}, \"dtype\": \"{}\", \"weights_gib\": {:.2f}, "
-        "\"peak_device_gib\": {:.2f}, \"train_peak_device_gib\": {:.2f}, \"layers\": {}, \"init_s\": {:.1f}, \"checkpointing\": {}, "
-        "\"train_error\": \"{}\"}}\n",
+        "\"peak_device_gib\": {:.2f}, \"train_peak_device_gib\": {:.2f}, \"layers\": {}, "
+        "\"init_s\": {:.1f}, \"checkpointing\": {}, \"recompute_experts\": {}, "
+        "\"reserved_gib\": {:.2f}, \"train_error\": \"{}\"}}\n",
         dev_name, mode, double(B * S * iters) / f, t > 0 ? double(B * S * iters) / t : 0.0,
         model.params().trainable_numel(), first_loss, double(ru.ru_maxrss) / 1024.0, num_threads(),
         dtype, double(model.params().value_bytes()) / 1073741824.0,
-        double(be.peak_bytes()) / 1073741824.0, double(train_peak) / 1073741824.0,
-        c.num_hidden_layers, init_s,
-        model.activation_checkpointing(), json_escape(train_error));
+        double(be.peak_bytes() - reserved) / 1073741824.0,
+        double(train_peak - reserved) / 1073741824.0, c.num_hidden_layers, init_s,
+        model.activation_checkpointing(), recompute && *recompute && std::string(recompute) != "0",
+        double(reserved) / 1073741824.0, json_escape(train_error));
     if (profiling())
       fmt::print(stderr, "profile (MOEKIT_PROFILE, all iterations):\n{}", profile_report());
   } catch (const std::exception& e) {

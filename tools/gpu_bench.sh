@@ -51,10 +51,12 @@ moekit() {  # RUN-NAME ARGS...: one moekit_model_bench line, tagged with the run
   env LD_LIBRARY_PATH="${MOEKIT_LIB_PATH:-${LD_LIBRARY_PATH:-}}" "$BIN" "$@" |
     sed "s/^{\"engine\": \"moekit\"/{\"engine\": \"moekit\", \"run\": \"$run\"/"
 }
-# RUN is fp32, bf16 or bf16-ckpt (bf16 + activation checkpointing).
+# RUN is fp32, bf16, bf16-ckpt (bf16 + activation checkpointing) or bf16-rx (bf16, the MoE
+# experts' gate/up recomputed in backward).
 moekit_train() {  # CONFIG RUN
   local dtype=${2%%-*}
   if [ "$2" != "${2%-ckpt}" ]; then export MOEKIT_BENCH_CHECKPOINT=1; else unset MOEKIT_BENCH_CHECKPOINT; fi
+  if [ "$2" != "${2%-rx}" ]; then export MOEKIT_BENCH_RECOMPUTE_EXPERTS=1; else unset MOEKIT_BENCH_RECOMPUTE_EXPERTS; fi
   echo "# moekit $2, $(basename "$1"): prefill, then esft10 training"
   with_peak moekit "$2" "$1" "$B" "$S" "$ITERS" 16 cuda esft10 "$dtype"
 }

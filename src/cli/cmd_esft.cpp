@@ -53,6 +53,9 @@ void add_esft_commands(CLI::App& app) {
   ft->add_flag("--checkpoint-activations", fo->activation_checkpointing,
                "keep only each layer's input and recompute the layer in backward (less memory, "
                "one more forward)");
+  ft->add_flag("--recompute-experts", fo->recompute_experts,
+               "recompute the MoE experts' gate and up projections in backward instead of keeping "
+               "them (less memory, two more grouped GEMMs per MoE layer)");
   ft->callback([fo, fs_args, device] {
     fo->model = (*fs_args)[0];
     fo->data = (*fs_args)[1];

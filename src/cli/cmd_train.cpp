@@ -49,6 +49,9 @@ void add_train_commands(CLI::App& app) {
   cmd->add_flag("--checkpoint-activations", a->opt.activation_checkpointing,
                 "keep only each layer's input and recompute the layer in backward (less memory, "
                 "one more forward)");
+  cmd->add_flag("--recompute-experts", a->opt.recompute_experts,
+                "recompute the MoE experts' gate and up projections in backward instead of keeping "
+                "them (less memory, two more grouped GEMMs per MoE layer)");
   cmd->callback([a] {
     a->opt.config_file = a->config;
     a->opt.data_dir = a->data;

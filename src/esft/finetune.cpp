@@ -192,14 +192,16 @@ FinetuneResult finetune(const FinetuneOptions& opt) {
     DeepSeekModel layout(c, Device::CPU, /*allocate=*/false);
     if (opt.method == "esft")
       apply_expert_config(layout, read_expert_config(opt.experts), opt.experts.string());
-    check_device_memory(estimate_memory(c, opt.batch * opt.seq, layout.params().trainable_numel(),
-                                        opt.weights, opt.activation_checkpointing),
-                        opt.device,
-                        fmt::format("{}: {} fine-tuning (batch {} x seq {})", opt.model.string(),
-                                    opt.method, opt.batch, opt.seq));
+    check_device_memory(
+        estimate_memory(c, opt.batch * opt.seq, layout.params().trainable_numel(), opt.weights,
+                        opt.activation_checkpointing, opt.recompute_experts),
+        opt.device,
+        fmt::format("{}: {} fine-tuning (batch {} x seq {})", opt.model.string(), opt.method,
+                    opt.batch, opt.seq));
   }
   auto model = load_model(opt.model, opt.device, opt.weights);
   model->set_activation_checkpointing(opt.activation_checkpointing);
+  model->set_expert_recompute(opt.recompute_experts);
   // Of the base, before any update; also of its values rounded to bf16, so a bf16 model of an
   // fp32 checkpoint accepts the adapter (apply_adapter).
   const std::string fingerprint = base_fingerprint(*model),

@@ -26,6 +26,7 @@ struct FinetuneOptions {
   Device device = Device::CPU;            // where the model, gradients and AdamW state live
   DType weights = DType::F32;             // BF16: frozen matrices in bf16 (CUDA; ParamTable)
   bool activation_checkpointing = false;  // recompute each layer in backward (DeepSeekModel)
+  bool recompute_experts = false;         // recompute the MoE experts' gate/up in backward
 };
 
 struct FinetuneResult {

@@ -68,6 +68,13 @@ class DeepSeekModel {
   // deterministic, and nothing (balance bias, weights) changes between forward and backward.
   void set_activation_checkpointing(bool on) { checkpointing_ = on; }
   bool activation_checkpointing() const { return checkpointing_; }
+  // Selective recomputation of the MoE layers' routed experts (MoE::recompute_experts): their
+  // gate and up projections, the largest per-layer activations left, are recomputed in backward
+  // instead of kept (one more gather and two grouped GEMMs per MoE layer). Exact, as above.
+  void set_expert_recompute(bool on) {
+    for (DecoderLayer& l : layers_)
+      if (l.moe) l.moe->recompute_experts = on;
+  }
 
   // Fills parameters with N(0, std) (norm weights 1, biases 0), deterministic in `seed`.
   void init_random(uint64_t seed, float std = 0.02f);

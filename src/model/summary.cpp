@@ -64,7 +64,7 @@ std::string human_bytes(double n) {
 }
 
 MemoryEstimate estimate_memory(const ModelConfig& c, int64_t tokens, int64_t trainable_params,
-                               DType weights, bool checkpointing) {
+                               DType weights, bool checkpointing, bool recompute_experts) {
   MemoryEstimate m;
   const double total = double(summarize(c).total);
   m.weights = total * 4.0;
@@ -77,13 +77,13 @@ MemoryEstimate estimate_memory(const ModelConfig& c, int64_t tokens, int64_t tra
   // Per token and layer about 40 hidden-sized fp32 vectors (norms, MLA projections, attention,
   // residuals, gradients in flight), the routed experts' rows (gate, up, h of K experts) and
   // three vocabulary-sized rows (logits, their gradient, the loss pass).
-  const double per_layer = 40.0 * double(c.hidden_size) +
-                           3.0 * double(c.num_experts_per_tok) * double(c.moe_intermediate_size);
+  const double experts = 3.0 * double(c.num_experts_per_tok) * double(c.moe_intermediate_size);
+  const double per_layer = 40.0 * double(c.hidden_size) + experts;
   const double layers = double(c.num_hidden_layers);
-  const double kept =
-      checkpointing ? per_layer + layers * double(c.hidden_size) : per_layer * layers;
+  double kept = checkpointing ? per_layer + layers * double(c.hidden_size) : per_layer * layers;
+  if (recompute_experts && !checkpointing) kept -= (layers - 1.0) * experts;
   const double logit_rows =
-      trainable_params > 0 ? double(std::min<int64_t>(tokens, 2048)) : double(tokens);
+      trainable_params > 0 ? double(std::min<int64_t>(tokens, 1024)) : double(tokens);
   m.activations = (double(tokens) * kept + logit_rows * 3.0 * double(c.vocab_size)) * 4.0;
   return m;
 }

@@ -36,10 +36,12 @@ struct MemoryEstimate {
 // `weights` BF16: frozen weights in bf16 (ParamTable's matrix dtype: the GEMM weights, the
 // embedding and the LM head; the few frozen norm and router values, fp32 in fact, are counted at
 // 2 bytes too), trainable ones in fp32.
-// Training (trainable_params > 0) runs the LM head and loss over chunks of 2048 tokens;
-// `checkpointing` keeps each layer's input and one layer's activations.
+// Training (trainable_params > 0) runs the LM head and loss over chunks of 1024 tokens;
+// `checkpointing` keeps each layer's input and one layer's activations; `recompute_experts` keeps
+// the routed experts' rows of one layer only (DeepSeekModel::set_expert_recompute).
 MemoryEstimate estimate_memory(const ModelConfig& c, int64_t tokens, int64_t trainable_params,
-                               DType weights = DType::F32, bool checkpointing = false);
+                               DType weights = DType::F32, bool checkpointing = false,
+                               bool recompute_experts = false);
 
 // Before allocating: fails with one line naming `what` when `device` lacks the memory (the GPU:
 // free memory from the driver; the host: physical memory). Asking for a CUDA device without one

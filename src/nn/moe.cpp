@@ -83,8 +83,7 @@ std::vector<ExpertWeights> small_path_weights(Backend& be, const std::vector<MLP
 // stays exact fp32).
 bool bf16_activations(Backend& be) {
   if (be.precision() != Precision::Bf16) return false;
-  for (Op op :
-       {Op::GatherRows, Op::GroupedMatmul, Op::SwiGLU, Op::Matmul, Op::ScatterAddRows})
+  for (Op op : {Op::GatherRows, Op::GroupedMatmul, Op::SwiGLU, Op::Matmul, Op::ScatterAddRows})
     if (!be.supports(op, DType::BF16)) return false;
   return true;
 }
@@ -121,6 +120,23 @@ bool small_path(Backend& be, MoE& m, const Tensor& x, const Routing& r, Tensor& 
   return true;
 }
 
+// The experts' gate and up projections of every slot into m.saved (act: their dtype): the
+// layer's saved input rows gathered in plan order (permute), then one grouped GEMM per projection.
+// Forward runs it, and backward again under recompute_experts.
+void expert_gate_up(Backend& be, MoE& m, DType act) {
+  MoE::Saved& saved = m.saved;
+  const std::vector<int64_t>& begin = saved.plan.expert_begin;
+  const int64_t N = begin.back(), H = saved.x.dim(1);
+  const int64_t I = m.routed_experts.empty() ? 0 : m.routed_experts[0].intermediate();
+  const Device dev = saved.x.device();
+  Tensor xs = Tensor::empty({N, H}, act, dev);
+  be.gather_rows(xs, saved.x, saved.plan.slot_token, nullptr);
+  saved.gate = Tensor::empty({N, I}, act, dev);
+  saved.up = Tensor::empty({N, I}, act, dev);
+  be.grouped_matmul(saved.gate, xs, weights(m.routed_experts, &MLP::gate_proj), begin, true, 0.0f);
+  be.grouped_matmul(saved.up, xs, weights(m.routed_experts, &MLP::up_proj), begin, true, 0.0f);
+}
+
 // The grouped path from the routing r: permute, grouped GEMMs, combine; saves what backward needs.
 // xg: x as the GEMMs read it (gemm_input: under Bf16 rounded once, for the router, the shared
 // experts and the routed experts' gather, which then reads half the bytes for the same values).
@@ -138,15 +154,8 @@ Tensor grouped_path(Backend& be, MoE& m, const Tensor& xg, const Routing& r, Pro
 
   // The routed experts' activations: F32, or BF16 under the Bf16 precision (bf16_activations).
   const DType act = bf16_activations(be) ? DType::BF16 : DType::F32;
-  prof.next("moe.fwd.gather");
-  Tensor xs = Tensor::empty({N, H}, act, dev);
-  be.gather_rows(xs, xg, saved.plan.slot_token, nullptr);  // permute: move rows
-  prof.next("moe.fwd.gate_up");                            // experts
-  saved.gate = Tensor::empty({N, I}, act, dev);
-  saved.up = Tensor::empty({N, I}, act, dev);
-  be.grouped_matmul(saved.gate, xs, weights(m.routed_experts, &MLP::gate_proj), begin, true, 0.0f);
-  be.grouped_matmul(saved.up, xs, weights(m.routed_experts, &MLP::up_proj), begin, true, 0.0f);
-  xs = Tensor();
+  prof.next("moe.fwd.gate_up");  // permute (move rows), experts
+  expert_gate_up(be, m, act);
   prof.next("moe.fwd.swiglu");
   Tensor h = Tensor::empty({N, I}, act, dev);
   be.swiglu_forward(h, saved.gate, saved.up);
@@ -154,6 +163,10 @@ Tensor grouped_path(Backend& be, MoE& m, const Tensor& xg, const Routing& r, Pro
   Tensor expert_out = Tensor::empty({N, H}, act, dev);
   be.grouped_matmul(expert_out, h, weights(m.routed_experts, &MLP::down_proj), begin, true, 0.0f);
   h = Tensor();
+  if (m.recompute_experts) {  // backward runs expert_gate_up again
+    saved.gate = Tensor();
+    saved.up = Tensor();
+  }
 
   prof.next("moe.fwd.shared");
   Tensor y =
@@ -246,7 +259,8 @@ void trainable_expert_grads(Backend& be, MoE& m, const Tensor& dy, const Tensor&
     Tensor dys = Tensor::empty({N, H}, act, dev), h = Tensor::empty({N, I}, act, dev);
     const Tensor slot_weights = compact_rows(be, plan.slot_weight, t, pb);
     be.gather_rows(dys, dy, slots, &slot_weights);
-    be.swiglu_forward(h, compact_rows(be, m.saved.gate, t, pb), compact_rows(be, m.saved.up, t, pb));
+    be.swiglu_forward(h, compact_rows(be, m.saved.gate, t, pb),
+                      compact_rows(be, m.saved.up, t, pb));
     expert_weight_grads(be, m.routed_experts, t, &MLP::down_proj, dys, h);
   }
   if (any_grad(m.routed_experts, t, &MLP::gate_proj) ||
@@ -294,7 +308,7 @@ void MoE::forward_add(Backend& be, const Tensor& x, Tensor& y) {
 
 void MoE::backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate) {
   const int64_t T = dy.dim(0), H = dy.dim(1);
-  const int64_t K = gate.p.top_k, I = saved.gate.dim(1);
+  const int64_t K = gate.p.top_k, I = routed_experts.empty() ? 0 : routed_experts[0].intermediate();
   const Device dev = dy.device();
   const DispatchPlan& plan = saved.plan;
   const std::vector<int64_t>& begin = plan.expert_begin;
@@ -302,6 +316,11 @@ void MoE::backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate) {
                "MoE backward: the forward before it saved nothing (it was told "
                "no backward follows)");
   const int64_t N = begin.back();
+  ProfileSteps prof(be);
+  if (!saved.gate.defined()) {  // recompute_experts: what forward dropped
+    prof.next("moe.bwd.recompute");
+    expert_gate_up(be, *this, bf16_activations(be) ? DType::BF16 : DType::F32);
+  }
   // Activation gradients in the forward's activation dtype. Under bf16 activations: dys, dout,
   // dgate and dup are BF16, since each feeds only bf16 GEMMs (which would round an F32 copy to the
   // same values: half the bytes, no conversion pass per GEMM) or SwiGLU's backward (dout: the
@@ -316,7 +335,6 @@ void MoE::backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate) {
   // gradient (dout_s . h_s = dy[t] . expert_out_s) and dgate, dup (of w_s dout_s). Each
   // intermediate, and each saved activation, is dropped once its last reader is queued (the next
   // allocation may reuse it), which lowers the peak of a training step.
-  ProfileSteps prof(be);
   prof.next("moe.bwd.gather");
   Tensor dys = Tensor::empty({N, H}, act, dev);
   be.gather_rows(dys, dy, plan.slot_token, nullptr);

@@ -39,6 +39,10 @@ struct MoE {
   std::vector<MLP> routed_experts;
   MLP shared_experts;  // one SwiGLU of width n_shared * moe_intermediate; absent if n_shared = 0
   bool has_shared = false;
+  // Selective recomputation: forward keeps only the input and the plan, and backward gathers the
+  // rows and runs the experts' gate and up GEMMs again (a third of the layer's expert FLOPs) for
+  // the two [N, I] tensors it would otherwise hold per layer (DeepSeekModel::set_expert_recompute).
+  bool recompute_experts = false;
   // Tokens per expert in the last forward (balance stats, the training report). Empty after a
   // forward on the few-token path, which never brings the routing to the host; what reads it
   // (train/balance.cpp, the trainer) runs training forwards only. Route logging reads

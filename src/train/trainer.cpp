@@ -35,11 +35,11 @@ namespace {
 // free memory).
 void check_fits_in_memory(const ModelConfig& cfg, const TrainOptions& opt) {
   const int64_t params = summarize(cfg).total;
-  check_device_memory(
-      estimate_memory(cfg, opt.batch * opt.seq, params, DType::F32, opt.activation_checkpointing),
-      opt.device,
-      fmt::format("{}: training this model (batch {} x seq {})", opt.config_file.string(),
-                  opt.batch, opt.seq));
+  check_device_memory(estimate_memory(cfg, opt.batch * opt.seq, params, DType::F32,
+                                      opt.activation_checkpointing, opt.recompute_experts),
+                      opt.device,
+                      fmt::format("{}: training this model (batch {} x seq {})",
+                                  opt.config_file.string(), opt.batch, opt.seq));
 }
 
 std::vector<int32_t> cached_tokens(const fs::path& cache, const fs::path& jsonl,
@@ -120,6 +120,7 @@ TrainResult train(const TrainOptions& opt) {
 
   DeepSeekModel model(cfg, opt.device);
   model.set_activation_checkpointing(opt.activation_checkpointing);
+  model.set_expert_recompute(opt.recompute_experts);
   model.init_random(opt.seed);
   // The aux loss of each micro-batch is averaged like the main loss.
   for (auto& l : model.layers())

@@ -36,6 +36,7 @@ struct TrainOptions {
   int64_t keep_checkpoints = 3;
   bool resume = false;
   bool activation_checkpointing = false;  // recompute each layer in backward (DeepSeekModel)
+  bool recompute_experts = false;         // recompute the MoE experts' gate/up in backward
   bool quiet = false;
   Device device = Device::CPU;  // where weights, gradients, AdamW state and activations live
 };

@@ -617,9 +617,9 @@ struct PrecisionScope {
 // (fp32 masters). Every weight and x hold bf16 values, so no GEMM operand is changed by rounding
 // and the router's logits agree as in fp32 (routing is checked); what remains is the path's own
 // rounding: gate/up, h and expert_out (and the shared expert's h) each rounded once, <= 2^-8 of
-// the element, and backward's dys, dout, dgate, dup and the dx products likewise. A CPU emulation of
-// exactly these roundings (these shapes with seeds 5..17, and H 256 / I 96) put y within 3.3e-3 of
-// fp32 (normwise) and dx within 3.8e-3 (this seed: 1.2e-3 and 2.1e-3): tolerance 1e-2 (2.5 x
+// the element, and backward's dys, dout, dgate, dup and the dx products likewise. A CPU emulation
+// of exactly these roundings (these shapes with seeds 5..17, and H 256 / I 96) put y within 3.3e-3
+// of fp32 (normwise) and dx within 3.8e-3 (this seed: 1.2e-3 and 2.1e-3): tolerance 1e-2 (2.5 x
 // 2^-8). A weight gradient sums the few rows of one expert (T*K/E ~ 9) of products of two rounded
 // factors (2 x 2^-8 = 7.8e-3 per element): measured up to 9.2e-3 (this seed 5.6e-3), tolerance
 // 2e-2. y must differ (bf16 in effect). At T = 1100 (4400 pairs, ~275 rows per expert) the
@@ -710,6 +710,69 @@ TEST(GpuMoE, Bf16ActivationsForwardBackwardTrackCpu) {
     for (ParamTable* t : {&cp, &gp})
       for (const auto& p : t->all())
         if (p->grad.defined()) backend(p->grad.device()).fill(p->grad, 0.0f);
+  }
+}
+
+// MoE::recompute_experts on the GPU under Bf16, at T = 1100 (padded blocks, batched GEMMs) with
+// two experts training: forward keeps no gate/up, and backward's recomputation runs the same
+// gather and GEMMs on the same values, so y, dx and every weight gradient are bit-identical to
+// keeping them.
+TEST(GpuMoE, RecomputeExpertsIsBitIdentical) {
+  SKIP_WITHOUT_GPU();
+  ModelConfig c;
+  c.hidden_size = 48;
+  c.moe_intermediate_size = 20;
+  c.n_routed_experts = 16;
+  c.num_experts_per_tok = 4;
+  c.n_shared_experts = 1;
+  ParamTable gp(true, DType::BF16);
+  MoE gpu = MoE::create(gp, "mlp", c, Device::CUDA);
+  gp.set_trainable([](const Param& p) {
+    return p.name.find(".experts.2.") != std::string::npos ||
+           p.name.find(".experts.5.") != std::string::npos;
+  });
+  std::mt19937_64 rng(7);
+  std::normal_distribution<float> normal(0.0f, 0.3f);
+  auto randn = [&](Shape s) {
+    Tensor t = Tensor::empty(s);
+    for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = normal(rng);
+    return t;
+  };
+  // The balance bias stays zero: a random one outweighs softmax scores of ~1/16 and sends every
+  // token to the same few experts (the two trained ones would get no rows).
+  for (const auto& p : gp.all())
+    set_value(*p, p->buffer ? Tensor::zeros(p->value.shape()) : randn(p->value.shape()));
+  gp.allocate_grads();
+  Backend& bg = backend(Device::CUDA);
+  const PrecisionScope bf16(bg, Precision::Bf16);
+  const int64_t T = 1100;
+  const Tensor x = randn({T, c.hidden_size}).to_device(Device::CUDA);
+  const Tensor dy = randn({T, c.hidden_size}).to_device(Device::CUDA);
+  auto run = [&](bool recompute) {
+    gpu.recompute_experts = recompute;
+    for (const auto& p : gp.all())
+      if (p->grad.defined()) bg.fill(p->grad, 0.0f);
+    std::vector<Tensor> out{gpu.forward(bg, x).to_host()};
+    EXPECT_EQ(gpu.saved.gate.defined(), !recompute);
+    EXPECT_GT(gpu.expert_load.at(2), 0);
+    EXPECT_GT(gpu.expert_load.at(5), 0);
+    Tensor dx = Tensor::empty(x.shape(), DType::F32, Device::CUDA);
+    gpu.backward(bg, dx, dy, false);
+    out.push_back(dx.to_host());
+    for (const auto& p : gp.all())
+      if (p->grad.defined()) out.push_back(p->grad.to_host());
+    return out;
+  };
+  const std::vector<Tensor> kept = run(false), recomputed = run(true);
+  ASSERT_EQ(kept.size(), recomputed.size());
+  EXPECT_EQ(kept.size(), 2u + 6u);  // y, dx, two experts' three matrices
+  for (size_t i = 0; i < kept.size(); ++i) {
+    double m = 0.0;
+    for (int64_t j = 0; j < kept[i].numel(); ++j)
+      m = std::max(m, double(std::abs(kept[i].f32()[j])));
+    EXPECT_GT(m, 0.0) << "output " << i << " is all zeros";
+    EXPECT_EQ(std::memcmp(kept[i].raw(), recomputed[i].raw(), kept[i].nbytes()), 0)
+        << "output " << i << " differs";
   }
 }
 

@@ -81,7 +81,8 @@ void check_mlp(bool down_trains) {
   std::mt19937_64 rng(2);
   ParamTable params;
   MLP mlp = MLP::create(params, "mlp", 10, 14, Device::CPU);
-  params.set_trainable([&](const Param& p) { return down_trains || p.name != "mlp.down_proj.weight"; });
+  params.set_trainable(
+      [&](const Param& p) { return down_trains || p.name != "mlp.down_proj.weight"; });
   randomize(params, rng, 0.4f);
   Tensor x = randn({6, 10}, rng), dx = Tensor::zeros({6, 10});
   Backend& be = backend(Device::CPU);
@@ -178,11 +179,13 @@ TEST(GradCheck, MLAWithQLoraAndYarn) {
 
 // trains: which parameters train (all when empty): the layer rebuilds the inputs of the trainable
 // experts' weight gradients for their slots only, so a subset checks that bookkeeping.
+// recompute: the experts' gate and up projections recomputed in backward (MoE::recompute_experts).
 void check_moe(ModelConfig c, uint64_t seed, float aux_alpha = 0.0f,
-               const std::function<bool(const Param&)>& trains = {}) {
+               const std::function<bool(const Param&)>& trains = {}, bool recompute = false) {
   std::mt19937_64 rng(seed);
   ParamTable params;
   MoE moe = MoE::create(params, "mlp", c, Device::CPU);
+  moe.recompute_experts = recompute;
   if (trains) params.set_trainable(trains);
   randomize(params, rng, 0.4f);
   Tensor bias = randn({c.n_routed_experts}, rng, 0.05f);
@@ -200,6 +203,8 @@ void check_moe(ModelConfig c, uint64_t seed, float aux_alpha = 0.0f,
                         checked, seed, 1e-3f, 3, 3,
                         [&] { return aux_alpha > 0 ? moe.gate.aux_loss : 0.0; });
   EXPECT_LT(res.worst_rel, kTol) << res.worst;
+  (void)moe.forward(be, x);
+  EXPECT_EQ(moe.saved.gate.defined(), !recompute) << "gate/up kept under recompute_experts";
   if (aux_alpha > 0) {
     EXPECT_GT(moe.gate.aux_loss, 0.0);
   }
@@ -232,6 +237,14 @@ TEST(GradCheck, MoESomeExpertsTrain) {
            n.find("experts.4.down_proj") != std::string::npos ||
            (n.find("experts.6.") != std::string::npos && n.find("down_proj") == std::string::npos);
   });
+}
+
+// Recomputing the experts' gate/up in backward: forward keeps neither, backward rebuilds them.
+TEST(GradCheck, MoERecomputeExperts) {
+  check_moe(tiny_config(), 18, 0.0f, {}, true);
+  check_moe(
+      tiny_config(), 19, 0.0f,
+      [](const Param& p) { return p.name.find("experts.3.") != std::string::npos; }, true);
 }
 
 TEST(GradCheck, MoESoftmaxNormTopk) {
