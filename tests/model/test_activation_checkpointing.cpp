@@ -27,7 +27,8 @@ struct RunResult {
   std::vector<std::vector<int64_t>> load;
 };
 
-RunResult run(Device dev, bool checkpointing, bool esft) {
+// recompute: the MoE layers' expert gate/up recomputed in backward (set_expert_recompute).
+RunResult run(Device dev, bool checkpointing, bool esft, bool recompute = false) {
   DeepSeekModel m(tiny(), dev);
   m.init_random(3, 0.2f);
   if (esft) {
@@ -36,6 +37,7 @@ RunResult run(Device dev, bool checkpointing, bool esft) {
     apply_expert_config(m, ec, "cfg");
   }
   m.set_activation_checkpointing(checkpointing);
+  m.set_expert_recompute(recompute);
   m.params().allocate_grads();
   const int64_t B = 2, S = 16;
   Tensor ids = Tensor::empty({B * S}, DType::I32);
@@ -45,6 +47,11 @@ RunResult run(Device dev, bool checkpointing, bool esft) {
   Tensor d = Tensor::empty(logits.shape(), DType::F32, dev);
   // Checkpointed, the first layer kept nothing for backward; plain, it kept its activations.
   EXPECT_EQ(m.layers()[0].self_attn.saved.q.defined(), !checkpointing);
+  // The last layer keeps its activations even checkpointed (its backward comes first).
+  EXPECT_TRUE(m.layers().back().moe.has_value());
+  if (m.layers().back().moe) {
+    EXPECT_EQ(m.layers().back().moe->saved.gate.defined(), !recompute);
+  }
   RunResult r;
   r.loss = cross_entropy(backend(dev), logits, shifted_targets(ids, B, S), &d);
   for (auto& l : m.layers())
@@ -72,6 +79,8 @@ TEST(ActivationCheckpointing, GradientsBitIdentical) {
     EXPECT_EQ(plain.grads.size() == 6u, esft);
     EXPECT_FALSE(plain.grads.empty());
     expect_identical(plain, ckpt);
+    expect_identical(plain, run(Device::CPU, false, esft, true));  // --recompute-experts
+    expect_identical(plain, run(Device::CPU, true, esft, true));
   }
 }
 
@@ -99,9 +108,10 @@ TEST(CrossEntropy, InPlaceGradientEqualsOutOfPlace) {
 }
 
 // The memory check before a GPU run follows the options: checkpointing keeps one layer's
-// activations (plus every layer's input), bf16 halves the frozen weights, and training's chunked
-// LM head keeps at most 2048 rows of logits. Full DeepSeek-V2-Lite, ESFT with ~10% of the experts,
-// batch 4 x 2048: measured 63.5 GiB of tensors on an H200 with bf16 + checkpointing.
+// activations (plus every layer's input), recomputing the experts keeps their rows of one layer,
+// bf16 halves the frozen weights, and training's chunked LM head keeps at most 1024 rows of logits.
+// Full DeepSeek-V2-Lite, ESFT with ~10% of the experts, batch 4 x 2048: measured 63.5 GiB of
+// tensors on an H200 with bf16 + checkpointing.
 TEST(MemoryEstimate, FollowsCheckpointingDtypeAndChunkedLoss) {
   const ModelConfig c =
       load_config(std::string(MOEKIT_SOURCE_DIR) + "/configs/deepseek-v2-lite.json");
@@ -117,6 +127,9 @@ TEST(MemoryEstimate, FollowsCheckpointingDtypeAndChunkedLoss) {
   EXPECT_DOUBLE_EQ(estimate_memory(c, tokens, 0, DType::BF16).weights, 2.0 * total);
   EXPECT_EQ(bf16.activations, plain.activations);
   EXPECT_LT(both.activations, 0.15 * bf16.activations);
+  const MemoryEstimate rx = estimate_memory(c, tokens, trainable, DType::BF16, false, true);
+  EXPECT_LT(rx.activations, bf16.activations);
+  EXPECT_GT(rx.activations, both.activations);
   const double gib = 1024.0 * 1024 * 1024;
   EXPECT_GT(both.total() / gib, 45.0);
   EXPECT_LT(both.total() / gib, 70.0);  // fits an 80 GB H100, as measured
