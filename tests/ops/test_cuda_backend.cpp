@@ -38,11 +38,14 @@
 #include <vector>
 
 #include "core/error.h"
+#include "expect_error.h"
 #include "ops/ops.h"
 #include "sample_reference.h"
 
 namespace moekit {
 namespace {
+
+using test::expect_error_containing;
 
 constexpr double kF32Tol = 1e-5;
 
@@ -144,13 +147,12 @@ bool bit_equal(const Tensor& a, const Tensor& b) {
 // the backend must work normally afterwards.
 void expect_index_error(const std::function<void()>& op, const Tensor& result,
                         const std::string& message) {
-  try {
-    op();
-    (void)result.to_host();
-    ADD_FAILURE() << "no error for an out-of-range index (expected \"" << message << "\")";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(message), std::string::npos) << e.what();
-  }
+  expect_error_containing(
+      [&] {
+        op();
+        (void)result.to_host();
+      },
+      message);
   EXPECT_NO_THROW((void)result.to_host()) << "the error was raised twice";
 }
 
@@ -269,13 +271,12 @@ TEST_F(CudaBackendTest, RoundBf16EqualsCpuAndTheGemmsOwnRounding) {
   gpu().matmul(c_once, a16, b, false, true, 1.0f, 0.0f);
   gpu().set_precision(Precision::Fp32);
   EXPECT_TRUE(bit_equal(c_once, c_self));
-  try {
-    Tensor wrong = poisoned({M, K});
-    gpu().round_bf16(wrong, dev(x));
-    FAIL() << "round_bf16 wrote an F32 out";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("round_bf16"), std::string::npos) << e.what();
-  }
+  expect_error_containing(
+      [&] {
+        Tensor wrong = poisoned({M, K});
+        gpu().round_bf16(wrong, dev(x));
+      },
+      "round_bf16");
 }
 
 // The routed experts' weight gradients under bf16 activations: W.grad [N, K] += dy_e^T @ x_e, the
@@ -433,14 +434,9 @@ TEST_F(CudaBackendTest, EmbeddingForwardBf16Table) {
                      "embedding_forward: token id -1 at position 17 out of range [0, 50)");
   // Other table dtypes are refused by name.
   Tensor out2 = poisoned({T, C});
-  try {
-    gpu().embedding_forward(out2, dev(table.to_dtype(DType::F16)), dev(ids));
-    ADD_FAILURE() << "an F16 table was accepted";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("embedding_forward: tensor table is F16"),
-              std::string::npos)
-        << e.what();
-  }
+  expect_error_containing(
+      [&] { gpu().embedding_forward(out2, dev(table.to_dtype(DType::F16)), dev(ids)); },
+      "embedding_forward: tensor table is F16");
 }
 
 TEST_F(CudaBackendTest, RmsNormForwardBackward) {
@@ -559,14 +555,9 @@ TEST_F(CudaBackendTest, RmsNormBackwardAccumulateAndBf16Copy) {
   }
   Tensor x = dev(randn({3, 8})), w = dev(randn({8})), rstd = dev(randn({3}));
   Tensor dx = poisoned({3, 8}), not_bf16 = poisoned({3, 8});
-  try {
-    gpu().rmsnorm_backward(dx, &not_bf16, nullptr, x, x, w, rstd, false);
-    ADD_FAILURE() << "an F32 dx_bf16 was accepted";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("rmsnorm_backward: tensor dx_bf16 is F32"),
-              std::string::npos)
-        << e.what();
-  }
+  expect_error_containing(
+      [&] { gpu().rmsnorm_backward(dx, &not_bf16, nullptr, x, x, w, rstd, false); },
+      "rmsnorm_backward: tensor dx_bf16 is F32");
 }
 
 // {123, 45}: the kernels' one-element path; {96, 40}: their 8-wide path (16-byte accesses).
@@ -630,12 +621,8 @@ TEST_F(CudaBackendTest, SwiGluBf16Activations) {
       gpu().round_bf16(r16, h32);
       EXPECT_TRUE(bit_equal(h16, r16)) << "F32 in, BF16 h";
     }
-    try {
-      gpu().swiglu_forward(gh, dev(gate), dev(as(up, DType::BF16)));
-      FAIL() << "swiglu_forward took F32 gate with a BF16 up";
-    } catch (const Error& e) {
-      EXPECT_NE(std::string(e.what()).find("swiglu_forward"), std::string::npos) << e.what();
-    }
+    expect_error_containing([&] { gpu().swiglu_forward(gh, dev(gate), dev(as(up, DType::BF16))); },
+                            "swiglu_forward");
   }
 }
 
@@ -1020,14 +1007,8 @@ TEST_F(CudaBackendTest, AttentionForwardBf16OutIsTheRoundedF32Out) {
   }
   const Tensor q = dev(randn({8, 2, 16})), v = dev(randn({8, 2, 16}));
   Tensor o16 = poisoned({8, 2, 16}, DType::BF16), lse = poisoned({1, 2, 8});
-  try {
-    gpu().attention_forward(o16, lse, q, q, v, 1, 8, 2, 0.25f);
-    ADD_FAILURE() << "a BF16 out was accepted outside the bf16 precision";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("attention_forward: BF16 out needs the bf16 precision"),
-              std::string::npos)
-        << e.what();
-  }
+  expect_error_containing([&] { gpu().attention_forward(o16, lse, q, q, v, 1, 8, 2, 0.25f); },
+                          "attention_forward: BF16 out needs the bf16 precision");
 }
 
 // attention_backward with a BF16 O (the output the forward stored rounded): O is read only for
@@ -1753,12 +1734,8 @@ TEST_F(CudaBackendTest, GroupedMatmulBf16ActivationsAndOutput) {
         EXPECT_CLOSE(gc, ref, kF32Tol + std::ldexp(1.0, -8));
       }
     Tensor gc = poisoned({R, N}, DType::BF16);
-    try {
-      gpu().grouped_matmul(gc, dev(a16), wg, begin, trans_b, 1.0f);
-      ADD_FAILURE() << "a BF16 c took beta 1";
-    } catch (const Error& e) {
-      EXPECT_NE(std::string(e.what()).find("beta"), std::string::npos) << e.what();
-    }
+    expect_error_containing([&] { gpu().grouped_matmul(gc, dev(a16), wg, begin, trans_b, 1.0f); },
+                            "beta");
   }
   EXPECT_EQ(gpu().precision(), Precision::Fp32);
 }
@@ -2086,12 +2063,8 @@ TEST_F(CudaBackendTest, MoeExpertsSmallWithSharedExperts) {
   const ExpertWeights ok{&sg, &sg, &sd}, bf16_gate{&sg16, &sg, &sd}, bad_down{&sg, &sg, &sd_bad};
   EXPECT_NO_THROW(gpu().moe_experts_small(y, x, idx, w, one, false, &ok));
   for (const ExpertWeights* bad : {&bf16_gate, &bad_down}) {
-    try {
-      gpu().moe_experts_small(y, x, idx, w, one, false, bad);
-      ADD_FAILURE() << "mismatched shared experts accepted";
-    } catch (const Error& e) {
-      EXPECT_NE(std::string(e.what()).find("shared experts"), std::string::npos) << e.what();
-    }
+    expect_error_containing([&] { gpu().moe_experts_small(y, x, idx, w, one, false, bad); },
+                            "shared experts");
   }
 }
 
@@ -2419,13 +2392,9 @@ TEST_F(CudaBackendTest, LatentAttentionErrors) {
   // Beyond the kernel's register tiles (r <= 512): a clear error, not a wrong result.
   Tensor kv_big = dev(randn({cap, 640})), q_big = dev(randn({n * H, 640}));
   Tensor ctx_big = poisoned({n * H, 640});
-  try {
-    gpu().latent_attention(ctx_big, q_big, q_rope, kv_big, kr, dev(pos), H, scale);
-    ADD_FAILURE() << "no error for r = 640";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("beyond the kernel's limits"), std::string::npos)
-        << e.what();
-  }
+  expect_error_containing(
+      [&] { gpu().latent_attention(ctx_big, q_big, q_rope, kv_big, kr, dev(pos), H, scale); },
+      "beyond the kernel's limits");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2623,14 +2592,8 @@ TEST_F(CudaBackendTest, IndexErrorsReportTheFirstBadOpAndReset) {
   // memory_info and sum_squares wait for the device too, and report as well.
   gpu().embedding_forward(out, table, dev(bad2));
   size_t free_bytes = 0, total_bytes = 0;
-  try {
-    gpu().memory_info(free_bytes, total_bytes);
-    ADD_FAILURE() << "memory_info did not report the bad index";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("embedding_forward: token id 17 at position 0"),
-              std::string::npos)
-        << e.what();
-  }
+  expect_error_containing([&] { gpu().memory_info(free_bytes, total_bytes); },
+                          "embedding_forward: token id 17 at position 0");
   // Afterwards good indices give exact results.
   Tensor ref = Tensor::empty({T, C});
   cpu().embedding_forward(ref, table.to_host(), ok);
@@ -2641,12 +2604,7 @@ TEST_F(CudaBackendTest, IndexErrorsReportTheFirstBadOpAndReset) {
 TEST_F(CudaBackendTest, ErrorsNameTheOp) {
   Tensor host = randn({4, 4});
   Tensor d = Tensor::empty({4, 4}, DType::F32, Device::CUDA);
-  try {
-    gpu().swiglu_forward(d, host, d);
-    FAIL() << "no error for a host tensor";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("swiglu_forward"), std::string::npos) << e.what();
-  }
+  expect_error_containing([&] { gpu().swiglu_forward(d, host, d); }, "swiglu_forward");
 }
 
 }  // namespace

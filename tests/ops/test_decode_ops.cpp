@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "expect_error.h"
 #include "ops/ops.h"
 
 namespace moekit {
@@ -299,14 +300,7 @@ void reference_rotate(double* out, const float* in, int64_t dr, const RopeTab& t
   }
 }
 
-void expect_error_containing(const std::function<void()>& f, const std::string& want) {
-  try {
-    f();
-    ADD_FAILURE() << "no error (expected \"" << want << "\")";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(want), std::string::npos) << e.what();
-  }
-}
+using test::expect_error_containing;
 
 TEST(DecodeOps, MlaCacheWriteMatchesLoops) {
   std::mt19937_64 rng(10);
