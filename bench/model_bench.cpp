@@ -113,10 +113,14 @@ int main(int argc, char** argv) {
     const auto t_init = std::chrono::steady_clock::now();
     DeepSeekModel model(c, dev, true, weights);
     init_weights(model, 1);
-    const char* ckpt = std::getenv("MOEKIT_BENCH_CHECKPOINT");
-    model.set_activation_checkpointing(ckpt && *ckpt && std::string(ckpt) != "0");
-    const char* recompute = std::getenv("MOEKIT_BENCH_RECOMPUTE_EXPERTS");
-    model.set_expert_recompute(recompute && *recompute && std::string(recompute) != "0");
+    // A switch of the environment: set, non-empty and not "0".
+    auto env_on = [](const char* name) {
+      const char* v = std::getenv(name);
+      return v && *v && std::string(v) != "0";
+    };
+    model.set_activation_checkpointing(env_on("MOEKIT_BENCH_CHECKPOINT"));
+    const bool recompute_experts = env_on("MOEKIT_BENCH_RECOMPUTE_EXPERTS");
+    model.set_expert_recompute(recompute_experts);
     const double init_s = seconds_since(t_init);
     if (mode == "decode") {  // inference: every weight frozen (bf16 ones stay bf16)
       model.params().set_trainable([](const Param&) { return false; });
@@ -189,8 +193,8 @@ int main(int argc, char** argv) {
         dtype, double(model.params().value_bytes()) / 1073741824.0,
         double(be.peak_bytes() - reserved) / 1073741824.0,
         double(train_peak - reserved) / 1073741824.0, c.num_hidden_layers, init_s,
-        model.activation_checkpointing(), recompute && *recompute && std::string(recompute) != "0",
-        double(reserved) / 1073741824.0, json_escape(train_error));
+        model.activation_checkpointing(), recompute_experts, double(reserved) / 1073741824.0,
+        json_escape(train_error));
     if (profiling())
       fmt::print(stderr, "profile (MOEKIT_PROFILE, all iterations):\n{}", profile_report());
   } catch (const std::exception& e) {

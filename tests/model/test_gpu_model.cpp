@@ -536,28 +536,41 @@ TEST(GpuBf16, CpuRefusesBf16Weights) {
 
 // --- one MoE layer
 
-// The MoE layer alone, forward and backward, with every third routed expert frozen (ESFT): the
-// device dispatch plan, the grouped expert GEMMs, the dtopk scatter and the skipped weight GEMMs.
-// 16 experts, top-4 of 37 tokens (148 pairs: not a multiple of a warp); tolerances as the model's
-// (each op ~1e-6 of its largest value, backward chains a few more). Routing is checked first.
-TEST(GpuMoE, LayerWithFrozenExpertsMatchesCpu) {
-  SKIP_WITHOUT_GPU();
+// The small MoE layer of the GpuMoE tests: 16 routed experts of width 20 at hidden 48, top-4, one
+// shared expert.
+ModelConfig small_moe_config() {
   ModelConfig c;
   c.hidden_size = 48;
   c.moe_intermediate_size = 20;
   c.n_routed_experts = 16;
   c.num_experts_per_tok = 4;
   c.n_shared_experts = 1;
-  const int64_t T = 37;
-  ParamTable cp, gp;
-  MoE cpu = MoE::create(cp, "mlp", c, Device::CPU), gpu = MoE::create(gp, "mlp", c, Device::CUDA);
-  std::mt19937_64 rng(5);
-  std::normal_distribution<float> normal(0.0f, 0.3f);
-  auto randn = [&](Shape s) {
+  return c;
+}
+
+// Host tensors of N(0, 0.3) values from one seeded stream.
+struct NormalTensors {
+  explicit NormalTensors(uint64_t seed) : rng(seed) {}
+  Tensor operator()(Shape s) {
     Tensor t = Tensor::empty(s);
     for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = normal(rng);
     return t;
-  };
+  }
+  std::mt19937_64 rng;
+  std::normal_distribution<float> normal{0.0f, 0.3f};
+};
+
+// The MoE layer alone, forward and backward, with every third routed expert frozen (ESFT): the
+// device dispatch plan, the grouped expert GEMMs, the dtopk scatter and the skipped weight GEMMs.
+// 16 experts, top-4 of 37 tokens (148 pairs: not a multiple of a warp); tolerances as the model's
+// (each op ~1e-6 of its largest value, backward chains a few more). Routing is checked first.
+TEST(GpuMoE, LayerWithFrozenExpertsMatchesCpu) {
+  SKIP_WITHOUT_GPU();
+  const ModelConfig c = small_moe_config();
+  const int64_t T = 37;
+  ParamTable cp, gp;
+  MoE cpu = MoE::create(cp, "mlp", c, Device::CPU), gpu = MoE::create(gp, "mlp", c, Device::CUDA);
+  NormalTensors randn(5);
   for (const auto& p : cp.all()) {
     p->value.copy_from(randn(p->value.shape()));
     gp.at(p->name).value.copy_from(p->value);
@@ -627,12 +640,7 @@ struct PrecisionScope {
 // batched expert GEMMs: the same checks hold, and the saved rows include the padding.
 TEST(GpuMoE, Bf16ActivationsForwardBackwardTrackCpu) {
   SKIP_WITHOUT_GPU();
-  ModelConfig c;
-  c.hidden_size = 48;
-  c.moe_intermediate_size = 20;
-  c.n_routed_experts = 16;
-  c.num_experts_per_tok = 4;
-  c.n_shared_experts = 1;
+  const ModelConfig c = small_moe_config();
   ParamTable cp, gp(true, DType::BF16);
   MoE cpu = MoE::create(cp, "mlp", c, Device::CPU), gpu = MoE::create(gp, "mlp", c, Device::CUDA);
   std::mt19937_64 rng(5);
@@ -719,25 +727,14 @@ TEST(GpuMoE, Bf16ActivationsForwardBackwardTrackCpu) {
 // keeping them.
 TEST(GpuMoE, RecomputeExpertsIsBitIdentical) {
   SKIP_WITHOUT_GPU();
-  ModelConfig c;
-  c.hidden_size = 48;
-  c.moe_intermediate_size = 20;
-  c.n_routed_experts = 16;
-  c.num_experts_per_tok = 4;
-  c.n_shared_experts = 1;
+  const ModelConfig c = small_moe_config();
   ParamTable gp(true, DType::BF16);
   MoE gpu = MoE::create(gp, "mlp", c, Device::CUDA);
   gp.set_trainable([](const Param& p) {
     return p.name.find(".experts.2.") != std::string::npos ||
            p.name.find(".experts.5.") != std::string::npos;
   });
-  std::mt19937_64 rng(7);
-  std::normal_distribution<float> normal(0.0f, 0.3f);
-  auto randn = [&](Shape s) {
-    Tensor t = Tensor::empty(s);
-    for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = normal(rng);
-    return t;
-  };
+  NormalTensors randn(7);
   // The balance bias stays zero: a random one outweighs softmax scores of ~1/16 and sends every
   // token to the same few experts (the two trained ones would get no rows).
   for (const auto& p : gp.all())

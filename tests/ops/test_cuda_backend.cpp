@@ -666,6 +666,11 @@ struct AttnCase {
   int64_t batch, seq, heads, dqk, dv;
 };
 
+std::ostream& operator<<(std::ostream& os, const AttnCase& c) {
+  return os << "batch " << c.batch << " seq " << c.seq << " heads " << c.heads << " dqk " << c.dqk
+            << " dv " << c.dv;
+}
+
 // The CPU reference of a bf16 attention case: q, k, v and dO drawn (in that order) and rounded to
 // bf16, the CPU forward (out, lse) and backward (dq, dk, dv) on them, and dv_bound, the dv of |dO|
 // (it bounds dv's error from rounding P elementwise).
@@ -728,8 +733,7 @@ TEST_F(CudaBackendTest, CausalAttentionForwardBackward) {
   // Odd sequence lengths (partial tiles), one token, and an MLA shape (q/k 192, v 128).
   for (const AttnCase& c : {AttnCase{2, 45, 3, 24, 16}, AttnCase{1, 1, 2, 8, 8},
                             AttnCase{1, 100, 2, 192, 128}, AttnCase{3, 33, 1, 5, 7}}) {
-    SCOPED_TRACE(testing::Message() << "batch " << c.batch << " seq " << c.seq << " heads "
-                                    << c.heads << " dqk " << c.dqk << " dv " << c.dv);
+    SCOPED_TRACE(testing::Message() << c);
     const int64_t T = c.batch * c.seq;
     const float scale = 1.0f / std::sqrt(float(c.dqk));
     Tensor q = randn({T, c.heads, c.dqk}), k = randn({T, c.heads, c.dqk});
@@ -782,8 +786,7 @@ TEST_F(CudaBackendTest, CausalAttentionBf16Precision) {
   for (const AttnCase& c :
        {AttnCase{2, 45, 3, 24, 16}, AttnCase{1, 1, 2, 8, 8}, AttnCase{1, 100, 2, 192, 128},
         AttnCase{3, 33, 1, 5, 7}, AttnCase{2, 300, 2, 64, 48}, AttnCase{1, 600, 3, 192, 128}}) {
-    SCOPED_TRACE(testing::Message() << "batch " << c.batch << " seq " << c.seq << " heads "
-                                    << c.heads << " dqk " << c.dqk << " dv " << c.dv);
+    SCOPED_TRACE(testing::Message() << c);
     const float scale = 1.0f / std::sqrt(float(c.dqk));
     const AttnReference ref =
         attention_reference(cpu(), c, scale, [&](const Shape& shape) { return randn(shape); });
@@ -846,8 +849,7 @@ TEST_F(CudaBackendTest, FlashAttentionForwardBf16) {
        {AttnCase{2, 2048, 16, 192, 128}, AttnCase{1, 300, 3, 192, 128}, AttnCase{2, 1, 4, 192, 128},
         AttnCase{2, 300, 2, 64, 64}, AttnCase{1, 130, 2, 256, 256}, AttnCase{2, 200, 2, 96, 160},
         AttnCase{1, 77, 2, 16, 32}}) {
-    SCOPED_TRACE(testing::Message() << "batch " << c.batch << " seq " << c.seq << " heads "
-                                    << c.heads << " dqk " << c.dqk << " dv " << c.dv);
+    SCOPED_TRACE(testing::Message() << c);
     const int64_t T = c.batch * c.seq;
     const float scale = 1.0f / std::sqrt(float(c.dqk));
     Tensor q = rounded(randn({T, c.heads, c.dqk})), k = rounded(randn({T, c.heads, c.dqk}));
@@ -911,8 +913,7 @@ TEST_F(CudaBackendTest, FlashAttentionBackwardBf16) {
         AttnCase{2, 200, 3, 48, 32}, AttnCase{1, 63, 2, 48, 32}, AttnCase{1, 77, 2, 16, 32},
         AttnCase{1, 128, 2, 128, 128}, AttnCase{1, 130, 2, 256, 256},
         AttnCase{2, 77, 2, 96, 160}}) {
-    SCOPED_TRACE(testing::Message() << "batch " << c.batch << " seq " << c.seq << " heads "
-                                    << c.heads << " dqk " << c.dqk << " dv " << c.dv);
+    SCOPED_TRACE(testing::Message() << c);
     const float scale = 1.0f / std::sqrt(float(c.dqk));
     const AttnReference ref =
         attention_reference(cpu(), c, scale, [&](const Shape& shape) { return randn(shape); });
@@ -979,8 +980,7 @@ TEST_F(CudaBackendTest, AttentionForwardBf16OutIsTheRoundedF32Out) {
   for (const AttnCase& c :
        {AttnCase{2, 45, 3, 24, 16}, AttnCase{1, 100, 2, 192, 128}, AttnCase{2, 300, 2, 64, 64},
         AttnCase{1, 130, 2, 256, 256}, AttnCase{2, 77, 2, 96, 160}, AttnCase{2, 1, 4, 192, 128}}) {
-    SCOPED_TRACE(testing::Message() << "batch " << c.batch << " seq " << c.seq << " heads "
-                                    << c.heads << " dqk " << c.dqk << " dv " << c.dv);
+    SCOPED_TRACE(testing::Message() << c);
     const int64_t T = c.batch * c.seq;
     const float scale = 1.0f / std::sqrt(float(c.dqk));
     Tensor q = rounded(randn({T, c.heads, c.dqk})), k = rounded(randn({T, c.heads, c.dqk}));
@@ -1023,8 +1023,7 @@ TEST_F(CudaBackendTest, AttentionBackwardReadsABf16Out) {
   for (const AttnCase& c :
        {AttnCase{2, 45, 3, 24, 16}, AttnCase{1, 100, 2, 192, 128}, AttnCase{2, 200, 3, 64, 64},
         AttnCase{2, 1, 3, 192, 128}, AttnCase{2, 77, 2, 96, 160}}) {
-    SCOPED_TRACE(testing::Message() << "batch " << c.batch << " seq " << c.seq << " heads "
-                                    << c.heads << " dqk " << c.dqk << " dv " << c.dv);
+    SCOPED_TRACE(testing::Message() << c);
     const float scale = 1.0f / std::sqrt(float(c.dqk));
     const AttnReference ref =
         attention_reference(cpu(), c, scale, [&](const Shape& shape) { return randn(shape); });
