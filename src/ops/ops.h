@@ -375,7 +375,9 @@ class Backend {
 
   // Token dispatch for MoE: out[i] = x[rows[i]] * (weights ? weights[i] : 1). weights F32; x and
   // out F32, or either BF16 where supports(GatherRows, BF16) (a BF16 x widened exactly, the
-  // product in fp32, a BF16 out rounded once).
+  // product in fp32, a BF16 out rounded once). x and out both I32, without weights, where
+  // supports(GatherRows, I32): index tensors (a dispatch plan's slot tokens, compacted to the
+  // trainable experts' slots) copied bit for bit.
   // In both ops a negative row is no row (a dispatch plan's padding slot): gather writes zeros,
   // scatter_add_rows skips it.
   virtual void gather_rows(Tensor& out, const Tensor& x, const Tensor& rows,

@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -1380,6 +1381,34 @@ TEST_F(CudaBackendTest, GatherRowsFromBf16Source) {
       }
     }
   }
+}
+
+// I32 rows (the MoE backward's slot tokens, compacted to the trainable experts' slots; 1-D, so
+// 1-wide rows) against the CPU op at equality: a bit copy, including values that are NaN,
+// infinity or denormal as floats (which a pass through fp32 could change); padding rows give 0.
+// The poison, -1, is no input value. Weights and mixed dtypes are refused.
+TEST_F(CudaBackendTest, GatherRowsI32IsABitCopy) {
+  EXPECT_TRUE(gpu().supports(Op::GatherRows, DType::I32));
+  const int32_t special[] = {INT32_MIN, INT32_MAX, 0x7fc00001, 0x7f800001, 0x7f800000, 1};
+  for (const int64_t C : {1, 3}) {
+    SCOPED_TRACE(testing::Message() << "C " << C);
+    const int64_t R = 41, N = 157;
+    Tensor x = randint({R, C}, 0, 1 << 30), rows = randint({N}, 0, int32_t(R));
+    std::copy(std::begin(special), std::end(special), x.i32());
+    for (int32_t i = 1; i <= 6; ++i) rows.i32()[i] = i - 1;  // the rows holding them
+    for (int64_t i = 0; i < N; i += 7) rows.i32()[i] = -1;
+    Tensor out = Tensor::empty({N, C}, DType::I32), gout = poisoned({N, C}, DType::I32);
+    cpu().gather_rows(out, x, rows, nullptr);
+    gpu().gather_rows(gout, dev(x), dev(rows), nullptr);
+    expect_equal_i32(gout, out);
+  }
+  const Tensor x = dev(Tensor::zeros({4, 1}, DType::I32)),
+               rows = dev(Tensor::zeros({5}, DType::I32));
+  const Tensor w = dev(Tensor::zeros({5})), xf = dev(Tensor::zeros({4, 1}));
+  Tensor out = poisoned({5, 1}, DType::I32), outf = poisoned({5, 1});
+  expect_error_containing([&] { gpu().gather_rows(out, x, rows, &w); }, "gather_rows");
+  expect_error_containing([&] { gpu().gather_rows(outf, x, rows, nullptr); }, "gather_rows");
+  expect_error_containing([&] { gpu().gather_rows(out, xf, rows, nullptr); }, "gather_rows");
 }
 
 // swiglu_scaled_backward (the MoE layer's combine weight folded into SwiGLU's backward) against

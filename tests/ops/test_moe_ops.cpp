@@ -7,8 +7,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <functional>
+#include <iterator>
 #include <numeric>
 #include <random>
 #include <string>
@@ -104,7 +106,8 @@ TEST(MoeOps, DispatchPlanIsAStableSortByExpert) {
     }
 }
 
-// Padding slots (row -1) are no rows: gather writes zeros, the combine skips them; the real slots are unchanged by their presence.
+// Padding slots (row -1) are no rows: gather writes zeros, the combine skips them; the real slots
+// are unchanged by their presence.
 TEST(MoeOps, NegativeRowsAreNoRows) {
   std::mt19937_64 rng(5);
   const int64_t R = 4, C = 6;
@@ -129,6 +132,37 @@ TEST(MoeOps, NegativeRowsAreNoRows) {
   rows.i32()[4] = int32_t(R);
   EXPECT_THROW(cpu().gather_rows(out, x, rows, nullptr), Error);
   EXPECT_THROW(cpu().scatter_add_rows(acc, src, rows, nullptr), Error);
+}
+
+// I32 rows (index tensors: the MoE backward's slot tokens compacted to the trainable experts'
+// slots) against the definition: out[i] = x[rows[i]] bit for bit, 0 for a padding row, whatever
+// the bits would mean as floats (NaN, infinity, denormal); 1-wide rows (a 1-D index as a column)
+// and wider ones. Weights and mixed dtypes are refused.
+TEST(MoeOps, GatherRowsCopiesI32Rows) {
+  EXPECT_TRUE(cpu().supports(Op::GatherRows, DType::I32));
+  const int32_t values[] = {INT32_MIN, INT32_MAX, 0x7fc00001, 0x7f800001, 0x7f800000, 1,
+                            -2,        0,         42,         -123456789, 0x00400000, 7};
+  const int32_t r[] = {4, -1, 0, 2, 4, 1, -1, 3, 5};
+  const int64_t N = int64_t(std::size(r));
+  Tensor rows = Tensor::empty({N}, DType::I32);
+  std::copy(r, r + N, rows.i32());
+  for (const int64_t C : {1, 2}) {
+    SCOPED_TRACE(C);
+    const int64_t R = int64_t(std::size(values)) / C;
+    Tensor x = Tensor::empty({R, C}, DType::I32);
+    std::copy(values, values + R * C, x.i32());
+    Tensor out = Tensor::empty({N, C}, DType::I32);
+    std::fill_n(out.i32(), out.numel(), 0x5a5a5a5a);  // poison
+    cpu().gather_rows(out, x, rows, nullptr);
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t c = 0; c < C; ++c)
+        EXPECT_EQ(out.i32()[i * C + c], r[i] < 0 ? 0 : x.i32()[r[i] * C + c]) << i << "," << c;
+  }
+  Tensor x = Tensor::zeros({6, 1}, DType::I32), out = Tensor::empty({N, 1}, DType::I32);
+  Tensor w = Tensor::zeros({N}), xf = Tensor::zeros({6, 1}), outf = Tensor::empty({N, 1});
+  EXPECT_THROW(cpu().gather_rows(out, x, rows, &w), Error);
+  EXPECT_THROW(cpu().gather_rows(outf, x, rows, nullptr), Error);
+  EXPECT_THROW(cpu().gather_rows(out, xf, rows, nullptr), Error);
 }
 
 TEST(MoeOps, DispatchPlanRejectsAnOutOfRangeExpert) {
@@ -295,8 +329,7 @@ TEST(MoeOps, CpuRefusesBf16Activations) {
       EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
     }
   };
-  for (Op op :
-       {Op::GatherRows, Op::GroupedMatmul, Op::SwiGLU, Op::Matmul, Op::ScatterAddRows})
+  for (Op op : {Op::GatherRows, Op::GroupedMatmul, Op::SwiGLU, Op::Matmul, Op::ScatterAddRows})
     EXPECT_FALSE(cpu().supports(op, DType::BF16));
   const Tensor x = Tensor::zeros({4, 3}), x16 = Tensor::zeros({4, 3}, DType::BF16);
   const Tensor rows = Tensor::zeros({4}, DType::I32);

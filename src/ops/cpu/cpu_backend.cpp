@@ -17,8 +17,10 @@
 namespace moekit {
 
 bool CpuBackend::supports(Op op, DType dtype) const {
-  // round_bf16 is the one op with a BF16 result here: exact, the reference for the GPU's.
-  return dtype == DType::F32 || (op == Op::RoundBf16 && dtype == DType::BF16);
+  // round_bf16 is the one op with a BF16 result here: exact, the reference for the GPU's. I32:
+  // gather_rows moves index tensors too (no arithmetic).
+  return dtype == DType::F32 || (op == Op::RoundBf16 && dtype == DType::BF16) ||
+         (op == Op::GatherRows && dtype == DType::I32);
 }
 
 std::shared_ptr<Storage> CpuBackend::allocate(size_t bytes) {
@@ -252,8 +254,9 @@ void CpuBackend::swiglu_scaled_backward(Tensor& dgate, Tensor& dup, Tensor& dsca
   for (const Tensor* t : std::initializer_list<const Tensor*>{&dgate, &dup, &gate, &up})
     MOEKIT_CHECK(t->numel() == dout.numel(), "{}: operand {} vs dout {}", op, t->shape().str(),
                  dout.shape().str());
-  MOEKIT_CHECK(dscale.numel() == R && R * I == dout.numel(), "{}: scale {} and dscale {} vs dout {}",
-               op, scale.shape().str(), dscale.shape().str(), dout.shape().str());
+  MOEKIT_CHECK(dscale.numel() == R && R * I == dout.numel(),
+               "{}: scale {} and dscale {} vs dout {}", op, scale.shape().str(),
+               dscale.shape().str(), dout.shape().str());
   const float *g = gate.f32(), *u = up.f32(), *d = dout.f32(), *s = scale.f32();
   float *dg = dgate.f32(), *du = dup.f32(), *ds = dscale.f32();
   cpu_pool().parallel_for(R, [&](int64_t b, int64_t e) {

@@ -219,23 +219,30 @@ void CpuBackend::moe_experts_small(Tensor& y, const Tensor& x, const Tensor& top
 
 void CpuBackend::gather_rows(Tensor& out, const Tensor& x, const Tensor& rows_,
                              const Tensor* weights) {
-  expect_f32_on_cpu("gather_rows", {&out, &x, weights});
+  // I32 rows are index tensors, moved as they are; F32 and I32 elements are both 4 bytes, and
+  // 0.0f and 0 both all-zero bits, so one loop of byte copies serves both.
+  if (x.dtype() == DType::I32 || out.dtype() == DType::I32)
+    MOEKIT_CHECK(x.dtype() == DType::I32 && out.dtype() == DType::I32 && !weights,
+                 "CPU gather_rows: x {}, out {}{} (I32 rows go to an I32 out, unweighted)",
+                 dtype_name(x.dtype()), dtype_name(out.dtype()), weights ? ", weighted" : "");
+  else
+    expect_f32_on_cpu("gather_rows", {&out, &x, weights});
   expect_indices(rows_, rows(x), "gather_rows", "row", /*allow_negative=*/true);
   const int64_t N = rows_.numel(), C = cols(x);
+  const size_t row_bytes = size_t(C) * 4;
   cpu_pool().parallel_for(N, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      float* dst = out.f32() + i * C;
+      char* dst = out.data<char>() + size_t(i) * row_bytes;
       const int32_t row = rows_.i32()[i];
       if (row < 0) {  // a padding slot
-        std::fill(dst, dst + C, 0.0f);
-        continue;
-      }
-      const float* src = x.f32() + int64_t(row) * C;
-      if (weights) {
-        float w = weights->f32()[i];
-        for (int64_t c = 0; c < C; ++c) dst[c] = w * src[c];
+        std::memset(dst, 0, row_bytes);
+      } else if (weights) {
+        const float w = weights->f32()[i];
+        const float* src = x.f32() + int64_t(row) * C;
+        float* d = out.f32() + i * C;
+        for (int64_t c = 0; c < C; ++c) d[c] = w * src[c];
       } else {
-        std::memcpy(dst, src, size_t(C) * 4);
+        std::memcpy(dst, x.data<char>() + size_t(row) * row_bytes, row_bytes);
       }
     }
   });

@@ -318,9 +318,10 @@ void CudaBackend::memory_info(size_t& free_bytes, size_t& total_bytes) {
 // BF16: GEMM operands (weights; the experts' activations), the embedding table, MLA's kv_b weight
 // in the decode step's fused ops, the bf16 activation variants of the MoE layer's dispatch,
 // SwiGLU and combine, and the bf16 outputs of RMSNorm and attention (ops.h gives each op's dtype
-// rules).
+// rules). I32: gather_rows moves index tensors too.
 bool CudaBackend::supports(Op op, DType dtype) const {
   if (dtype == DType::F32) return true;
+  if (dtype == DType::I32) return op == Op::GatherRows;
   if (dtype != DType::BF16) return false;
   switch (op) {
     case Op::Matmul:

@@ -407,8 +407,15 @@ void CudaBackend::gather_rows(Tensor& out, const Tensor& x, const Tensor& rows_,
                               const Tensor* weights) {
   const char* op = "gather_rows";
   const int64_t N = rows_.numel(), C = cols(x);
-  expect_f32_or_bf16(out, op, "out");  // BF16: the MoE layer's bf16 activations
-  expect_f32_or_bf16(x, op, "x");      // BF16: the layer's input rounded once for its GEMMs
+  if (x.dtype() == DType::I32 || out.dtype() == DType::I32) {
+    // Index tensors (the MoE layer's slot tokens, compacted to the trainable experts' slots).
+    expect(x, DType::I32, op, "x");
+    expect(out, DType::I32, op, "out");
+    if (weights) fail("CUDA {}: I32 rows take no weights", op);
+  } else {
+    expect_f32_or_bf16(out, op, "out");  // BF16: the MoE layer's bf16 activations
+    expect_f32_or_bf16(x, op, "x");      // BF16: the layer's input rounded once for its GEMMs
+  }
   expect_numel(out, N * C, op, "out");
   if (weights) {
     expect_f32(*weights, op, "weights");
