@@ -71,7 +71,7 @@ LatentQuery latent_query(Backend& be, MLA& a, const Tensor& x, const Tensor& pos
   const int64_t n = x.dim(0), H = a.heads, dn = a.dn, dr = a.dr, dv = a.dv, r = a.kv_lora_rank;
   const int64_t dqk = dn + dr;
   Tensor q = query(be, a, x);
-  be.rope(q, H, dqk, dn, dr, rope.cos, rope.sin, positions, false);
+  be.rope(q, q, H, dqk, dn, dr, rope.cos, rope.sin, positions, false);
   // Only W_kb differs per head: a batched GEMM over the head blocks of q and W_kv_b
   // ([H*(dn+dv), r], per head [W_kb (dn rows) | W_vb (dv rows)]).
   LatentQuery out{empty_on({n * H, r}, x), empty_on({n * H, dr}, x)};
@@ -101,7 +101,7 @@ void latent_kv(Backend& be, MLA& a, const Tensor& x, const Tensor& positions, co
   Tensor c_kv = empty_on({n, r}, x), rstd = empty_on({n}, x);
   be.copy_columns(c_kv, 0, kv_a, 0, r, false);
   be.copy_columns(k_rope, 0, kv_a, r, dr, false);
-  be.rope(k_rope, 1, dr, 0, dr, rope.cos, rope.sin, positions, false);
+  be.rope(k_rope, k_rope, 1, dr, 0, dr, rope.cos, rope.sin, positions, false);
   be.rmsnorm_forward(latent, rstd, c_kv, a.kv_a_layernorm.weight->value, a.kv_a_layernorm.eps);
 }
 

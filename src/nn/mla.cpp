@@ -6,6 +6,26 @@
 
 namespace moekit {
 
+namespace {
+
+// q (forward) or dq (backward: inverse) [T, heads * (dn + dr)] with RoPE on each head's last dr
+// dims. rounded: every reader rounds it to bf16 (the bf16 attention reads q, the bf16 GEMMs of
+// q's projection read dq), so where the backend can, the rotation writes a BF16 tensor in the same
+// pass, holding the values those readers would round to (Backend::rope); else x is rotated in
+// place and returned.
+Tensor apply_rope(Backend& be, Tensor& x, bool rounded, int64_t heads, int64_t dn, int64_t dr,
+                  const RopeTable& rope, const Tensor& positions, bool inverse) {
+  if (rounded && be.supports(Op::Rope, DType::BF16)) {
+    Tensor out = Tensor::empty(x.shape(), DType::BF16, x.device());
+    be.rope(out, x, heads, dn + dr, dn, dr, rope.cos, rope.sin, positions, inverse);
+    return out;
+  }
+  be.rope(x, x, heads, dn + dr, dn, dr, rope.cos, rope.sin, positions, inverse);
+  return x;
+}
+
+}  // namespace
+
 MLA MLA::create(ParamTable& params, const std::string& prefix, const ModelConfig& c,
                 Device device) {
   MLA a;
@@ -63,11 +83,12 @@ Tensor MLA::forward(Backend& be, const Tensor& x, const Tensor& positions, const
   } else {
     linear_forward(be, saved.q, saved.x, *q_proj);
   }
-  be.rope(saved.q, heads, dqk, dn, dr, rope.cos, rope.sin, positions, false);
   // Under Bf16 the attention reads q, k and v rounded to bf16 in both passes: round them once
-  // here (k and v as the split writes them) and save the BF16 copies (half the bytes).
+  // here (q as the rotation writes it, k and v as the split writes them) and save the BF16 copies
+  // (half the bytes). bf16_operand rounds q only where the rotation could not.
   const bool bf16_attention = bf16_gemm_inputs(be) && be.supports(Op::Attention, DType::BF16) &&
                               be.supports(Op::MlaSplitKv, DType::BF16);
+  saved.q = apply_rope(be, saved.q, bf16_attention, heads, dn, dr, rope, positions, false);
   if (bf16_attention) saved.q = bf16_operand(be, saved.q);
 
   Tensor kv_a = empty({T, kv_lora_rank + dr});
@@ -76,7 +97,7 @@ Tensor MLA::forward(Backend& be, const Tensor& x, const Tensor& positions, const
   be.copy_columns(c_kv, 0, kv_a, 0, kv_lora_rank, false);
   saved.k_rope = empty({T, dr});
   be.copy_columns(saved.k_rope, 0, kv_a, kv_lora_rank, dr, false);
-  be.rope(saved.k_rope, 1, dr, 0, dr, rope.cos, rope.sin, positions, false);
+  be.rope(saved.k_rope, saved.k_rope, 1, dr, 0, dr, rope.cos, rope.sin, positions, false);
   saved.kv_latent = gemm_input(be, kv_a_layernorm.forward(be, c_kv, norm_dtype));
 
   Tensor kv_b = empty({T, heads * (dn + dv)});
@@ -130,18 +151,21 @@ void MLA::backward(Backend& be, Tensor& dx, const Tensor& dy, const RopeTable& r
   kv_a_layernorm.backward(be, dc_kv, dkv_latent, false);
   be.copy_columns(dkv_a, 0, dc_kv, 0, kv_lora_rank, false);
   // RoPE is a rotation: its backward rotates the gradient back.
-  be.rope(dk_rope, 1, dr, 0, dr, rope.cos, rope.sin, saved.positions, true);
+  be.rope(dk_rope, dk_rope, 1, dr, 0, dr, rope.cos, rope.sin, saved.positions, true);
   be.copy_columns(dkv_a, kv_lora_rank, dk_rope, 0, dr, false);
   linear_backward(be, dx, *kv_a_proj_with_mqa, dkv_a, saved.x, accumulate);
 
-  be.rope(dq, heads, dqk, dn, dr, rope.cos, rope.sin, saved.positions, true);
+  // dq feeds only the backward GEMMs of q's projection, which round it under Bf16 (a gradient:
+  // bf16_operand's rule): the inverse rotation writes it rounded, as the split writes dkv_b.
+  const Tensor dq_in =
+      apply_rope(be, dq, bf16_gemm_inputs(be), heads, dn, dr, rope, saved.positions, true);
   if (q_lora_rank > 0) {
     Tensor dq_a_normed = empty({T, q_lora_rank}), dq_a = empty({T, q_lora_rank});
-    linear_backward(be, dq_a_normed, *q_b_proj, dq, saved.q_a_normed, false);
+    linear_backward(be, dq_a_normed, *q_b_proj, dq_in, saved.q_a_normed, false);
     q_a_layernorm.backward(be, dq_a, dq_a_normed, false);
     linear_backward(be, dx, *q_a_proj, dq_a, saved.x, true);
   } else {
-    linear_backward(be, dx, *q_proj, dq, saved.x, true);
+    linear_backward(be, dx, *q_proj, dq_in, saved.x, true);
   }
 }
 

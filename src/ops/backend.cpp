@@ -215,6 +215,31 @@ LatentAttentionDims latent_attention_dims(const Tensor& ctx, const Tensor& q_lat
   return d;
 }
 
+bool rope_in_place(const Tensor& out, const Tensor& x, int64_t heads, int64_t head_stride,
+                   int64_t offset, int64_t rope_dim, const Tensor& cos, const Tensor& sin,
+                   const Tensor& positions) {
+  const int64_t T = positions.numel(), half = rope_dim / 2;
+  MOEKIT_CHECK(positions.dtype() == DType::I32 && x.numel() == T * heads * head_stride &&
+                   out.numel() == x.numel(),
+               "rope: x {}, out {}, positions {} ({}): expected {} x {} heads x {} elements each, "
+               "positions I32",
+               x.shape().str(), out.shape().str(), positions.shape().str(),
+               dtype_name(positions.dtype()), T, heads, head_stride);
+  MOEKIT_CHECK(offset >= 0 && rope_dim >= 0 && rope_dim % 2 == 0 &&
+                   offset + rope_dim <= head_stride && cols(cos) == half && cols(sin) == half &&
+                   rows(sin) == rows(cos),
+               "rope: offset {} + rope_dim {} vs head_stride {}, table {} / {}", offset, rope_dim,
+               head_stride, cos.shape().str(), sin.shape().str());
+  // Same memory: the in-place rotation, which writes only the pairs, so out must be x (F32). A
+  // BF16 out is a tensor of its own.
+  const bool in_place = out.defined() && out.numel() > 0 && out.raw() == x.raw();
+  MOEKIT_CHECK(!in_place || out.dtype() == x.dtype(),
+               "rope: out is x's memory as {} (in place keeps x's dtype; a BF16 out is a tensor of "
+               "its own)",
+               dtype_name(out.dtype()));
+  return in_place;
+}
+
 int64_t set_rows_dims(const Tensor& dst, const Tensor& src, const Tensor& rows_) {
   const int64_t D = cols(dst);
   MOEKIT_CHECK(dst.ndim() == 2 && rows_.dtype() == DType::I32 && cols(src) == D &&

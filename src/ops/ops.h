@@ -262,13 +262,18 @@ class Backend {
                                       const Tensor& dout, const Tensor& gate, const Tensor& up,
                                       const Tensor& scale) = 0;
 
-  // In place on x viewed as [T, heads, head_stride]: rotates the pairs (2j, 2j+1) of the dims
-  // [offset, offset + rope_dim) of every head by angle pos*freq_j (the checkpoint's interleaved
-  // layout; equal in q.k to the reference's de-interleave + rotate-half). cos/sin: [max_pos,
-  // rope_dim/2]; positions: I32 [T]. inverse rotates by -angle (the backward pass).
-  virtual void rope(Tensor& x, int64_t heads, int64_t head_stride, int64_t offset, int64_t rope_dim,
-                    const Tensor& cos, const Tensor& sin, const Tensor& positions,
-                    bool inverse) = 0;
+  // out = x, both viewed as [T, heads, head_stride], with the pairs (2j, 2j+1) of the dims
+  // [offset, offset + rope_dim) of every head rotated by angle pos*freq_j (the checkpoint's
+  // interleaved layout; equal in q.k to the reference's de-interleave + rotate-half). cos/sin:
+  // [max_pos, rope_dim/2]; positions: I32 [T]. inverse rotates by -angle (the backward pass).
+  // x F32. out is x itself (in place: only the pairs are written), or a separate tensor of equal
+  // numel that receives every element: F32, or BF16 where supports(Rope, BF16), each value (the
+  // rotated ones and the copied rest) rounded to the nearest bf16 as round_bf16 would round the
+  // in-place result. That is one pass where rotation then round_bf16 were two: q under the bf16
+  // attention, and dq for the bf16 GEMMs of q's projection (nn/mla.cpp).
+  virtual void rope(Tensor& out, const Tensor& x, int64_t heads, int64_t head_stride,
+                    int64_t offset, int64_t rope_dim, const Tensor& cos, const Tensor& sin,
+                    const Tensor& positions, bool inverse) = 0;
 
   // Causal attention per sequence: q,k [B*S, H, Dqk], v [B*S, H, Dv] -> out [B*S, H, Dv];
   // lse [B, H, S] (log-sum-exp of scaled scores) saved for backward. All F32; under
@@ -488,6 +493,13 @@ LatentAttentionDims latent_attention_dims(const Tensor& ctx, const Tensor& q_lat
                                           const Tensor& q_rope, const Tensor& kv_latent,
                                           const Tensor& k_rope, const Tensor& positions,
                                           int64_t heads);
+// Whether Backend::rope runs in place (out is x itself), after checking what every backend checks
+// alike: x of T * heads * head_stride elements (T = positions' count), out as many, the rope dims
+// [offset, offset + rope_dim) inside a head (rope_dim even), cos and sin [max_pos, rope_dim / 2],
+// positions I32, and an in-place out F32 (x's dtype). Dtypes beyond that: each backend's own.
+bool rope_in_place(const Tensor& out, const Tensor& x, int64_t heads, int64_t head_stride,
+                   int64_t offset, int64_t rope_dim, const Tensor& cos, const Tensor& sin,
+                   const Tensor& positions);
 // The row width D of Backend::set_rows after checking dst [R, D], src [n, D], rows I32 [n].
 int64_t set_rows_dims(const Tensor& dst, const Tensor& src, const Tensor& rows);
 

@@ -1,7 +1,8 @@
 // Rounding GEMM inputs once under Precision::Bf16 (nn/linear.h): a layer rounds an activation to
 // bf16 once for every GEMM that reads it and saves the bf16 copy for backward, SwiGLU, the norms
-// (outputs, and the post-attention norm's backward) and the loss backward write bf16 where only
-// GEMMs read their output. The claim is that this changes no bit: each GEMM multiplies exactly the
+// (outputs, and the post-attention norm's backward), MLA's RoPE (q for the bf16 attention, dq for
+// q's projection) and the loss backward write bf16 where only bf16 readers read their output.
+// The claim is that this changes no bit: each GEMM (and the attention) multiplies exactly the
 // values it used to round itself. So these tests run the same forward and backward with the
 // mechanism off (round_gemm_inputs_once() = false: every GEMM rounds its own F32 operands, as
 // before) and on, and compare outputs and gradients bit for bit; they also check that the
@@ -148,7 +149,7 @@ std::unique_ptr<DeepSeekModel> variant_model(const Variant& v) {
 }
 
 // What the mechanism saved in the last forward: BF16 GEMM inputs when on (and the rows above the
-// GEMV path's), else F32; o BF16 only with round_output as well.
+// GEMV path's), else F32; o BF16 only with round_output as well; q BF16 when on.
 void expect_saved_dtypes(DeepSeekModel& m, const Variant& v, bool once, bool round_o) {
   const bool bf16 = once && v.batch * v.seq > backend(Device::CUDA).unrounded_gemv_rows();
   const DType want = bf16 ? DType::BF16 : DType::F32;
@@ -159,6 +160,8 @@ void expect_saved_dtypes(DeepSeekModel& m, const Variant& v, bool once, bool rou
     EXPECT_EQ(dense.self_attn.saved.q_a_normed.dtype(), want);
   }
   EXPECT_EQ(dense.self_attn.saved.o.dtype(), bf16 && round_o ? DType::BF16 : DType::F32) << "o";
+  // q: rounded for the bf16 attention (by the rotation itself) whatever the rows.
+  EXPECT_EQ(dense.self_attn.saved.q.dtype(), once ? DType::BF16 : DType::F32) << "q";
   ASSERT_TRUE(dense.mlp.has_value());
   EXPECT_EQ(dense.mlp->saved.x.dtype(), want) << "dense MLP input";
   if (dense.mlp->down_proj->trainable) {

@@ -627,33 +627,117 @@ TEST_F(CudaBackendTest, SwiGluBf16Activations) {
   }
 }
 
+// A RoPE table as RopeTable builds one (theta 10000): cos and sin [max_pos, rope_dim / 2].
+struct RopeTab {
+  Tensor cos, sin;
+};
+RopeTab rope_table(int64_t max_pos, int64_t rope_dim) {
+  const int64_t half = rope_dim / 2;
+  RopeTab t{Tensor::empty({max_pos, half}), Tensor::empty({max_pos, half})};
+  for (int64_t p = 0; p < max_pos; ++p)
+    for (int64_t j = 0; j < half; ++j) {
+      const double a = double(p) * std::pow(10000.0, -2.0 * double(j) / double(rope_dim));
+      t.cos.f32()[p * half + j] = float(std::cos(a));
+      t.sin.f32()[p * half + j] = float(std::sin(a));
+    }
+  return t;
+}
+
 TEST_F(CudaBackendTest, RopeForwardAndInverse) {
   const int64_t T = 29, H = 3, stride = 40, offset = 24, rope_dim = 16, max_pos = 64;
-  Tensor cos = Tensor::empty({max_pos, rope_dim / 2}), sin = Tensor::empty({max_pos, rope_dim / 2});
-  for (int64_t p = 0; p < max_pos; ++p)
-    for (int64_t j = 0; j < rope_dim / 2; ++j) {
-      const double a = double(p) * std::pow(10000.0, -2.0 * double(j) / double(rope_dim));
-      cos.f32()[p * rope_dim / 2 + j] = float(std::cos(a));
-      sin.f32()[p * rope_dim / 2 + j] = float(std::sin(a));
-    }
+  const RopeTab tab = rope_table(max_pos, rope_dim);
+  const Tensor &cos = tab.cos, &sin = tab.sin;
   Tensor pos = randint({T}, 0, int32_t(max_pos));
   for (bool inverse : {false, true}) {
     Tensor x = randn({T, H, stride}), dx = dev(x);
-    cpu().rope(x, H, stride, offset, rope_dim, cos, sin, pos, inverse);
-    gpu().rope(dx, H, stride, offset, rope_dim, dev(cos), dev(sin), dev(pos), inverse);
+    cpu().rope(x, x, H, stride, offset, rope_dim, cos, sin, pos, inverse);
+    gpu().rope(dx, dx, H, stride, offset, rope_dim, dev(cos), dev(sin), dev(pos), inverse);
     EXPECT_CLOSE(dx, x, kF32Tol);
   }
   Tensor bad = pos.clone();
   bad.i32()[3] = int32_t(max_pos);
   Tensor x = randn({T, H, stride}), dx = dev(x);
   expect_index_error(
-      [&] { gpu().rope(dx, H, stride, offset, rope_dim, dev(cos), dev(sin), dev(bad), false); }, dx,
-      "rope: position 64 at position 3 out of range [0, 64)");
+      [&] { gpu().rope(dx, dx, H, stride, offset, rope_dim, dev(cos), dev(sin), dev(bad), false); },
+      dx, "rope: position 64 at position 3 out of range [0, 64)");
   // The kernel checks the positions itself: a bad one rotates by position 0.
   Tensor fixed = pos.clone();
   fixed.i32()[3] = 0;
-  cpu().rope(x, H, stride, offset, rope_dim, cos, sin, fixed, false);
+  cpu().rope(x, x, H, stride, offset, rope_dim, cos, sin, fixed, false);
   EXPECT_CLOSE(dx, x, kF32Tol);
+}
+
+// RoPE into a separate output (MLA's q under the bf16 attention, dq for q_b_proj's bf16 GEMMs):
+// F32 out equals the GPU's own in-place rotation and BF16 out that rotation rounded by round_bf16,
+// both to the bit (the one kernel computes a pair by one expression for either output; the model's
+// bf16 gradients are compared bit for bit with the path that rotates in place and rounds after,
+// tests/model/test_gpu_bf16_inputs.cpp). x is not written. Against the CPU op: within fp32
+// tolerance in place (the GPU may fuse a product and a sum), and the BF16 out within that plus a
+// bf16 rounding (<= 2^-8 of an element); the elements outside the rope dims are copies, rounded
+// alike on both sides, so there the BF16 outs agree to the bit. Layouts: q's (nope dims, then the
+// pairs), odd sizes with elements on both sides of the pairs, k_rope's (one head of pairs). A bad
+// position is reported as in place.
+TEST_F(CudaBackendTest, RopeIntoSeparateOutputF32AndBf16) {
+  EXPECT_TRUE(gpu().supports(Op::Rope, DType::BF16));
+  const int64_t T = 29, max_pos = 64;
+  struct Layout {
+    int64_t heads, stride, offset, rope_dim;
+  };
+  for (const Layout& l : {Layout{3, 40, 24, 16}, Layout{5, 37, 5, 12}, Layout{1, 16, 0, 16}}) {
+    const RopeTab tab = rope_table(max_pos, l.rope_dim);
+    const Tensor &cos = tab.cos, &sin = tab.sin;
+    const Tensor pos = randint({T}, 0, int32_t(max_pos));
+    const Tensor dcos = dev(cos), dsin = dev(sin), dpos = dev(pos);
+    for (bool inverse : {false, true}) {
+      SCOPED_TRACE(testing::Message()
+                   << "heads " << l.heads << " stride " << l.stride << " offset " << l.offset
+                   << " rope_dim " << l.rope_dim << " inverse " << inverse);
+      const Shape s{T, l.heads * l.stride};
+      const Tensor x = randn(s, 3.0f), dx = dev(x);
+      auto gpu_rope = [&](Tensor& out, const Tensor& in) {
+        gpu().rope(out, in, l.heads, l.stride, l.offset, l.rope_dim, dcos, dsin, dpos, inverse);
+      };
+      Tensor ref = x.clone(), ref16 = Tensor::empty(s, DType::BF16);
+      cpu().rope(ref, ref, l.heads, l.stride, l.offset, l.rope_dim, cos, sin, pos, inverse);
+      cpu().rope(ref16, x, l.heads, l.stride, l.offset, l.rope_dim, cos, sin, pos, inverse);
+
+      Tensor in_place = dx.clone();
+      gpu_rope(in_place, in_place);
+      Tensor rounded = poisoned(s, DType::BF16);
+      gpu().round_bf16(rounded, in_place);
+      Tensor f32 = poisoned(s), bf16 = poisoned(s, DType::BF16);
+      gpu_rope(f32, dx);
+      gpu_rope(bf16, dx);
+      EXPECT_TRUE(bit_equal(f32, in_place)) << "F32 out vs in place";
+      EXPECT_TRUE(bit_equal(bf16, rounded)) << "BF16 out vs in place + round_bf16";
+      EXPECT_TRUE(bit_equal(dx, x)) << "x written";
+      EXPECT_CLOSE(in_place, ref, kF32Tol);
+      EXPECT_CLOSE(bf16, ref, kF32Tol + std::ldexp(1.0, -8));
+      const Tensor got16 = bf16.to_host();
+      const auto *g = static_cast<const uint16_t*>(got16.raw()),
+                 *r = static_cast<const uint16_t*>(ref16.raw());
+      int64_t bad_copies = 0;
+      for (int64_t i = 0; i < x.numel(); ++i) {
+        const int64_t c = i % l.stride;
+        bad_copies += (c < l.offset || c >= l.offset + l.rope_dim) && g[i] != r[i];
+      }
+      EXPECT_EQ(bad_copies, 0) << "elements outside the rope dims";
+    }
+    Tensor bad = pos.clone();
+    bad.i32()[3] = int32_t(max_pos);
+    Tensor out = poisoned({T, l.heads * l.stride}, DType::BF16);
+    expect_index_error(
+        [&] {
+          gpu().rope(out, dev(randn({T, l.heads * l.stride})), l.heads, l.stride, l.offset,
+                     l.rope_dim, dcos, dsin, dev(bad), false);
+        },
+        out, "rope: position 64 at position 3 out of range [0, 64)");
+  }
+  Tensor x = dev(randn({T, 8})), small = poisoned({T, 7}, DType::BF16);
+  const RopeTab tab = rope_table(max_pos, 4);
+  const Tensor dcos = dev(tab.cos), dsin = dev(tab.sin), dpos = dev(randint({T}, 0, 4));
+  expect_error_containing([&] { gpu().rope(small, x, 2, 4, 0, 4, dcos, dsin, dpos, false); },
+                          "rope: x [29, 8]");
 }
 
 // Sets a backend's precision for a scope and restores Fp32 after it, even when an op throws.

@@ -343,7 +343,7 @@ TEST(DecodeOps, MlaCacheWriteMatchesLoops) {
   Tensor rstd = Tensor::empty({n});
   cpu.copy_columns(c_kv, 0, kv_a, 0, r, false);
   cpu.copy_columns(kr, 0, kv_a, r, dr, false);
-  cpu.rope(kr, 1, dr, 0, dr, rope.cos, rope.sin, positions_of(pos), false);
+  cpu.rope(kr, kr, 1, dr, 0, dr, rope.cos, rope.sin, positions_of(pos), false);
   cpu.rmsnorm_forward(normed, rstd, c_kv, w, eps);
   cpu.set_rows(lat2, normed, positions_of(pos));
   cpu.set_rows(rope2, kr, positions_of(pos));

@@ -17,9 +17,10 @@
 namespace moekit {
 
 bool CpuBackend::supports(Op op, DType dtype) const {
-  // round_bf16 is the one op with a BF16 result here: exact, the reference for the GPU's. I32:
-  // gather_rows moves index tensors too (no arithmetic).
-  return dtype == DType::F32 || (op == Op::RoundBf16 && dtype == DType::BF16) ||
+  // round_bf16 and rope's BF16 out are the only BF16 results here: exact, the references for the
+  // GPU's (no layer asks for them on the CPU, whose precision is always Fp32). I32: gather_rows
+  // moves index tensors too (no arithmetic).
+  return dtype == DType::F32 || ((op == Op::RoundBf16 || op == Op::Rope) && dtype == DType::BF16) ||
          (op == Op::GatherRows && dtype == DType::I32);
 }
 
@@ -273,22 +274,50 @@ void CpuBackend::swiglu_scaled_backward(Tensor& dgate, Tensor& dup, Tensor& dsca
   });
 }
 
-void CpuBackend::rope(Tensor& x, int64_t heads, int64_t head_stride, int64_t offset,
-                      int64_t rope_dim, const Tensor& cos, const Tensor& sin,
-                      const Tensor& positions, bool inverse) {
-  const int64_t T = positions.numel(), half = rope_dim / 2, max_pos = rows(cos);
-  const float sign = inverse ? -1.0f : 1.0f;
+namespace {
+
+// Backend::rope into out of O (float, or uint16_t bf16 bits): per head, the pairs rotated and, out
+// of place, the other elements copied, every one stored as O (store_elem). In place (out == x)
+// only the pairs are written.
+template <typename O>
+void rope_rows(O* out, const float* x, const int32_t* positions, int64_t T, int64_t heads,
+               int64_t head_stride, int64_t offset, int64_t half, const float* cos,
+               const float* sin, int64_t max_pos, float sign) {
+  const bool in_place = static_cast<const void*>(out) == static_cast<const void*>(x);
+  const int64_t end = offset + 2 * half;
   cpu_pool().parallel_for(T, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
-      int64_t pos = positions.i32()[t];
+      const int64_t pos = positions[t];
       MOEKIT_CHECK(pos >= 0 && pos < max_pos, "position {} beyond the rope table ({})", pos,
                    max_pos);
       for (int64_t h = 0; h < heads; ++h) {
-        float* p = x.f32() + (t * heads + h) * head_stride + offset;
-        rotate_pairs(p, p, half, cos.f32() + pos * half, sin.f32() + pos * half, sign);
+        const float* xh = x + (t * heads + h) * head_stride;
+        O* oh = out + (t * heads + h) * head_stride;
+        rotate_pairs(oh + offset, xh + offset, half, cos + pos * half, sin + pos * half, sign);
+        if (in_place) continue;
+        for (int64_t i = 0; i < offset; ++i) store_elem(oh + i, xh[i]);
+        for (int64_t i = end; i < head_stride; ++i) store_elem(oh + i, xh[i]);
       }
     }
   });
+}
+
+}  // namespace
+
+void CpuBackend::rope(Tensor& out, const Tensor& x, int64_t heads, int64_t head_stride,
+                      int64_t offset, int64_t rope_dim, const Tensor& cos, const Tensor& sin,
+                      const Tensor& positions, bool inverse) {
+  rope_in_place(out, x, heads, head_stride, offset, rope_dim, cos, sin, positions);
+  expect_f32_on_cpu("rope", {&x, &cos, &sin});
+  const int64_t T = positions.numel(), half = rope_dim / 2, max_pos = rows(cos);
+  const float sign = inverse ? -1.0f : 1.0f;
+  // A BF16 out (the reference for the GPU's): the F32 result rounded as round_bf16 rounds.
+  if (out.dtype() == DType::BF16)
+    return rope_rows(static_cast<uint16_t*>(out.raw()), x.f32(), positions.i32(), T, heads,
+                     head_stride, offset, half, cos.f32(), sin.f32(), max_pos, sign);
+  expect_f32_on_cpu("rope", {&out});
+  rope_rows(out.f32(), x.f32(), positions.i32(), T, heads, head_stride, offset, half, cos.f32(),
+            sin.f32(), max_pos, sign);
 }
 
 void CpuBackend::copy_columns(Tensor& dst, int64_t dst_col, const Tensor& src, int64_t src_col,

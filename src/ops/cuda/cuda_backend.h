@@ -113,8 +113,9 @@ class CudaBackend final : public Backend {
                        const Tensor& up) override;
   void swiglu_scaled_backward(Tensor& dgate, Tensor& dup, Tensor& dscale, const Tensor& dout,
                               const Tensor& gate, const Tensor& up, const Tensor& scale) override;
-  void rope(Tensor& x, int64_t heads, int64_t head_stride, int64_t offset, int64_t rope_dim,
-            const Tensor& cos, const Tensor& sin, const Tensor& positions, bool inverse) override;
+  void rope(Tensor& out, const Tensor& x, int64_t heads, int64_t head_stride, int64_t offset,
+            int64_t rope_dim, const Tensor& cos, const Tensor& sin, const Tensor& positions,
+            bool inverse) override;
   void attention_forward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,
                          const Tensor& v, int64_t batch, int64_t seq, int64_t heads,
                          float scale) override;

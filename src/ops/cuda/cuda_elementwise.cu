@@ -147,9 +147,9 @@ cudaError_t swiglu_backward_dh(void* dgate, void* dup, DType out, const void* dh
   return swiglu_backward_out<G, float>(dgate, dup, out, dh, gate, up, n);
 }
 
-// One warp per row (the row's dscale is a sum over its elements: a fixed shuffle tree, so the result
-// does not depend on the launch), V elements per lane per step (8: 16-byte accesses where the
-// width and the buffers allow). Padding rows of the MoE plan (scale 0, dout 0) give zeros.
+// One warp per row (the row's dscale is a sum over its elements: a fixed shuffle tree, so the
+// result does not depend on the launch), V elements per lane per step (8: 16-byte accesses where
+// the width and the buffers allow). Padding rows of the MoE plan (scale 0, dout 0) give zeros.
 template <typename T, int V>
 __global__ void swiglu_scaled_backward_kernel(T* dgate, T* dup, float* dscale, const T* dout,
                                               const T* gate, const T* up, const float* scale,
@@ -230,19 +230,49 @@ cudaError_t swiglu_backward(void* dgate, void* dup, DType out_dtype, const void*
   return swiglu_backward_dh<float>(dgate, dup, out_dtype, dh, dh_dtype, gate, up, n);
 }
 
-cudaError_t rope(float* x, int64_t tokens, int64_t heads, int64_t head_stride, int64_t offset,
-                 int64_t half, const float* cos, const float* sin, const int32_t* positions,
-                 const IndexCheck& positions_check, bool inverse) {
+namespace {
+
+// One thread per unit of a head. In place a head's units are its rope pairs (half of them); into a
+// separate out they are the `offset` elements before the pairs, the pairs, then the elements after
+// them (head_stride - half units), so every element of out is written in the one pass. A pair is
+// rotated in fp32 by the same expression for either O, so a BF16 out holds exactly the F32 result
+// rounded (from_f32: nearest even, as round_bf16).
+template <typename O>
+cudaError_t rope_as(O* out, const float* x, int64_t tokens, int64_t heads, int64_t head_stride,
+                    int64_t offset, int64_t half, const float* cos, const float* sin,
+                    const int32_t* positions, const IndexCheck& positions_check, bool inverse) {
   const float sign = inverse ? -1.0f : 1.0f;
   const IndexCheck pc = positions_check;
-  return for_each_checked(tokens * heads * half, pc, positions, tokens, [=] __device__(int64_t e) {
-    const int64_t j = e % half, th = e / half, t = th / heads;
-    const int64_t pos = checked_index(pc, positions[t]);
-    float* p = x + th * head_stride + offset + 2 * j;
-    const float a = p[0], b = p[1], c = cos[pos * half + j], s = sign * sin[pos * half + j];
-    p[0] = a * c - b * s;
-    p[1] = b * c + a * s;
+  const bool in_place = static_cast<const void*>(out) == static_cast<const void*>(x);
+  const int64_t units = in_place ? half : head_stride - half, first = in_place ? 0 : offset;
+  return for_each_checked(tokens * heads * units, pc, positions, tokens, [=] __device__(int64_t e) {
+    const int64_t u = e % units, th = e / units, j = u - first;
+    const float* xh = x + th * head_stride;
+    O* oh = out + th * head_stride;
+    if (j < 0 || j >= half) {  // outside the rope dims: copied
+      const int64_t col = j < 0 ? u : u + half;
+      oh[col] = from_f32<O>(xh[col]);
+      return;
+    }
+    const int64_t pos = checked_index(pc, positions[th / heads]);
+    const int64_t p = offset + 2 * j;
+    const float a = xh[p], b = xh[p + 1], c = cos[pos * half + j], s = sign * sin[pos * half + j];
+    oh[p] = from_f32<O>(a * c - b * s);
+    oh[p + 1] = from_f32<O>(b * c + a * s);
   });
+}
+
+}  // namespace
+
+cudaError_t rope(void* out, DType out_dtype, const float* x, int64_t tokens, int64_t heads,
+                 int64_t head_stride, int64_t offset, int64_t half, const float* cos,
+                 const float* sin, const int32_t* positions, const IndexCheck& positions_check,
+                 bool inverse) {
+  if (out_dtype == DType::BF16)
+    return rope_as(static_cast<bf16_t*>(out), x, tokens, heads, head_stride, offset, half, cos, sin,
+                   positions, positions_check, inverse);
+  return rope_as(static_cast<float*>(out), x, tokens, heads, head_stride, offset, half, cos, sin,
+                 positions, positions_check, inverse);
 }
 
 cudaError_t copy_columns(float* dst, int64_t dst_ld, const float* src, int64_t src_ld, int64_t rows,

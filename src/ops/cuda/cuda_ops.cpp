@@ -138,21 +138,21 @@ void CudaBackend::swiglu_scaled_backward(Tensor& dgate, Tensor& dup, Tensor& dsc
         op);
 }
 
-void CudaBackend::rope(Tensor& x, int64_t heads, int64_t head_stride, int64_t offset,
-                       int64_t rope_dim, const Tensor& cos, const Tensor& sin,
+// out F32 (x itself: in place), or BF16 (a tensor of its own; the rotated values rounded as
+// stored, ops.h).
+void CudaBackend::rope(Tensor& out, const Tensor& x, int64_t heads, int64_t head_stride,
+                       int64_t offset, int64_t rope_dim, const Tensor& cos, const Tensor& sin,
                        const Tensor& positions, bool inverse) {
   const char* op = "rope";
-  const int64_t T = positions.numel(), half = rope_dim / 2;
   expect_f32(x, op, "x");
+  expect_f32_or_bf16(out, op, "out");
   expect_f32(cos, op, "cos");
   expect_f32(sin, op, "sin");
-  expect_numel(x, T * heads * head_stride, op, "x");
-  MOEKIT_CHECK(offset + rope_dim <= head_stride && cols(cos) == half && cols(sin) == half,
-               "rope: offset {} + rope_dim {} vs head_stride {}, table {}", offset, rope_dim,
-               head_stride, cos.shape().str());
+  rope_in_place(out, x, heads, head_stride, offset, rope_dim, cos, sin, positions);
+  const int64_t T = positions.numel();
   const cuda::IndexCheck ic = index_check(positions, rows(cos), op, "position");
-  check(cuda::rope(x.f32(), T, heads, head_stride, offset, half, cos.f32(), sin.f32(),
-                   positions.i32(), ic, inverse),
+  check(cuda::rope(out.raw(), out.dtype(), x.f32(), T, heads, head_stride, offset, rope_dim / 2,
+                   cos.f32(), sin.f32(), positions.i32(), ic, inverse),
         op);
 }
 

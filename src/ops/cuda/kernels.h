@@ -65,10 +65,13 @@ cudaError_t swiglu_backward(void* dgate, void* dup, DType out_dtype, const void*
 cudaError_t swiglu_scaled_backward(void* dgate, void* dup, float* dscale, const void* dout,
                                    const void* gate, const void* up, const float* scale,
                                    DType dtype, int64_t rows, int64_t dim);
-// positions [tokens], checked by `positions_check` (limit: the table's rows).
-cudaError_t rope(float* x, int64_t tokens, int64_t heads, int64_t head_stride, int64_t offset,
-                 int64_t half, const float* cos, const float* sin, const int32_t* positions,
-                 const IndexCheck& positions_check, bool inverse);
+// out (of `out_dtype`: F32, or BF16 rounded as stored) = x with the pairs rotated; out == x (F32)
+// rotates in place, writing only the pairs. positions [tokens], checked by `positions_check`
+// (limit: the table's rows).
+cudaError_t rope(void* out, DType out_dtype, const float* x, int64_t tokens, int64_t heads,
+                 int64_t head_stride, int64_t offset, int64_t half, const float* cos,
+                 const float* sin, const int32_t* positions, const IndexCheck& positions_check,
+                 bool inverse);
 // dst/src point at the first copied column; ld = row length in elements.
 cudaError_t copy_columns(float* dst, int64_t dst_ld, const float* src, int64_t src_ld, int64_t rows,
                          int64_t n, bool accumulate);
