@@ -3,7 +3,7 @@
 # binaries where their compiled-in paths expect them, then runs the GPU tests (tools/cuda_check.sh
 # on the prebuilt moekit_tests: Cuda*, Gpu*, DeviceCli*) and/or the benchmark against transformers
 # (tools/gpu_bench.sh). Results go to $OUT.
-#   bash tools/device_run.sh [tests|streams|bench|all|profile|quick|decode|trace|ncu|gemmbench][,...]   (e.g. tests,decode)
+#   bash tools/device_run.sh [tests|streams|bench|all|profile|quick|decode|trace|ncu|ncuattn|sass|gemmbench][,...]   (e.g. tests,decode)
 set -uo pipefail
 WHAT=${1:-all}
 want() { [[ ",$WHAT," == *",$1,"* ]]; }
@@ -71,6 +71,20 @@ if want trace; then  # GPU time per kernel (tools/kernel_trace.cpp, CUPTI): deco
       KERNEL_TRACE_OUT=$OUT/trace-$tag.txt build/bench/moekit_model_bench "$@"
     head -${TRACE_LINES:-45} "$OUT/trace-$tag.txt"
   done
+fi
+if want sass; then  # SASS of the Hopper attention kernels (carry the object file: SASS_OBJ)
+  O=${SASS_OBJ:-build/CMakeFiles/moekit_core.dir/src/ops/cuda/cuda_flash_attention_hopper.cu.o}
+  cuobjdump -sass "$O" >"$OUT/sass.txt" 2>&1 || nvdisasm --help >/dev/null 2>&1
+  echo "sass rc=$? $(wc -l <"$OUT/sass.txt") lines"
+fi
+if want ncuattn; then  # Nsight Compute sections of one attention kernel launch (NCU_KERNEL, NCU_SKIP)
+  LD_LIBRARY_PATH=$LIBS timeout 300 ncu --kernel-name "regex:${NCU_KERNEL:-flash_attention_hopper}" \
+    --launch-skip "${NCU_SKIP:-0}" --launch-count 1 --section SpeedOfLight --section WarpStateStats \
+    --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section Occupancy \
+    --section LaunchStats --section SchedulerStats --section InstructionStats \
+    --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active" \
+    build/moekit_tests --gtest_filter=CudaBackendTest.AttentionThroughput >"$OUT/ncu_attn.txt" 2>&1
+  echo "ncu rc=$?"
 fi
 if want ncu; then  # hardware counters of the decode step's kernels (Nsight Compute), op by op
   python3 -c 'import json; c = json.load(open("configs/deepseek-v2-lite.json")); c["num_hidden_layers"] = 4; json.dump(c, open("/tmp/v2-lite-4l.json", "w"))'

@@ -20,8 +20,9 @@
 // cp.async (zero-filled past the sequence's end). v's columns are split into chunks of VC (128; 64
 // for small heads) per block so the accumulator fits in registers at dv = 256 too.
 //
-// Variants (MOEKIT_FLASH_FWD_VARIANT, read per call; kFwdVariants; 1, the fastest measured, when
-// unset or out of range).
+// Variants (MOEKIT_FLASH_FWD_VARIANT, read per call): 0-4 are this kernel's (kFwdVariants), 5-7
+// the wgmma kernel of cuda_flash_attention_hopper.cu (its tilings 0-2). Unset or out of range: 5
+// where the build and the device have the Hopper kernel, else 1 (the fastest here).
 // Every variant computes the same thing within rounding (different key tiles rescale the running
 // sums at other points) and each is deterministic. What they trade, at 192/128 (ptxas, sm_90):
 //  0  4 warps (64 rows), 64-key tiles, Q in registers, 2 K/V buffers: the original kernel.
@@ -76,16 +77,6 @@ struct FlashArgs {
   int seq, heads, dqk, dv, chunks;
   float scale_log2;  // scale * log2(e)
 };
-
-// Max and sum over the 4 lanes of a quad (lanes 4g..4g+3 hold the columns of rows g, g + 8).
-__device__ inline float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-}
-__device__ inline float quad_sum(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 1);
-  return x + __shfl_xor_sync(0xffffffffu, x, 2);
-}
 
 template <int QK, int VC, int V>
 constexpr size_t flash_smem_bytes() {
@@ -389,7 +380,15 @@ cudaError_t flash_attention_forward(void* out, bool out_bf16, float* lse, const 
   // Default: variant 1 (8 warps, 128 query rows per block), the fastest on the H200 at both
   // measured shapes (192/128, 16 heads: 0.261 vs 0.268 ms at batch 1 x 2048, 0.755 vs 0.806 at
   // 4 x 2048; variants 2-4: 0.283-0.293 and 0.767-0.856).
-  switch (flash_variant("MOEKIT_FLASH_FWD_VARIANT", kFwdVariantCount, 1)) {
+  // Variants 5, 6, 7: the wgmma kernel (cuda_flash_attention_hopper.cu), tilings 0, 1, 2; the
+  // default where the build and the device have it (else variant 1 runs).
+  const bool hopper = flash_attention_hopper_available();
+  const int variant =
+      flash_variant("MOEKIT_FLASH_FWD_VARIANT", kFwdVariantCount + kHopperTilings, hopper ? 5 : 1);
+  if (variant >= kFwdVariantCount && hopper)
+    return flash_attention_forward_hopper(out, out_bf16, lse, q, k, v, s,
+                                          variant - kFwdVariantCount);
+  switch (variant) {
     case 1:
       return launch_variant<1>(args, s.batch, small);
     case 2:
@@ -398,8 +397,10 @@ cudaError_t flash_attention_forward(void* out, bool out_bf16, float* lse, const 
       return launch_variant<3>(args, s.batch, small);
     case 4:
       return launch_variant<4>(args, s.batch, small);
-    default:
+    case 0:
       return launch_variant<0>(args, s.batch, small);
+    default:  // a Hopper variant without the Hopper kernel
+      return launch_variant<1>(args, s.batch, small);
   }
 }
 

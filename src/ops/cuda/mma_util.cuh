@@ -73,6 +73,26 @@ __device__ inline void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Max and sum over the 4 lanes of a quad (lanes 4g..4g+3 hold the columns of rows g,
+// g + 8 of an mma accumulator).
+__device__ inline float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ inline float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// 2^x on the special-function unit alone (ex2.approx.ftz: relative error ~2^-22, subnormal results
+// flushed to zero), one instruction where exp2f adds range handling around it; for softmax
+// weights that are rounded to bf16 (8 bits) next.
+__device__ inline float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Per-lane ldmatrix_x4 offsets (elements) into a row-major shared block with row stride `stride`,
 // matrix i = lane / 8 and its row lane % 8.
 //

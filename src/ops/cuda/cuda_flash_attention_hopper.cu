@@ -1,0 +1,496 @@
+// CUDA kernels, part 5e: the causal flash-attention forward on Hopper's warpgroup MMA (wgmma,
+// sm_90a), the default forward of Precision::Bf16 on an H100/H200 (cuda_flash_attention.cu picks
+// it: variants 5 and 6 of MOEKIT_FLASH_FWD_VARIANT). Same contract and numerics as the mma.sync
+// kernel there: q, k, v bf16, S = Q K^T with fp32 accumulation, an online base-2 softmax in fp32,
+// P rounded to bf16 as the A operand of P V, fp32 accumulation of O, one division by the row sum
+// at the end, lse in natural log; deterministic (fixed orders, no atomics).
+//
+// Why a second kernel: on Hopper mma.sync runs at about two thirds of the tensor cores' rate and
+// every B fragment passes through registers by ldmatrix (shared-memory bandwidth bounds it at
+// ~115-150 TFLOP/s for 192/128 heads). wgmma reads K and V straight from shared memory, takes P
+// from registers (the S accumulator layout is the A fragment layout: no exchange), and runs
+// asynchronously, so while one warpgroup computes its softmax the other keeps the tensor cores
+// busy.
+//
+// Block (query tile of 128 rows, head, sequence x v-column chunk of 128), 2 warpgroups; warpgroup
+// w owns rows [64w, 64w + 64) of the tile (one m64 wgmma), warp i of it rows 16i.. as in the
+// mma.sync kernel. Q is staged once; K and V tiles of BN keys are double-buffered with cp.async
+// (all 256 threads load, zero-filled past the sequence), in the 128-byte-swizzled layout of
+// wgmma_util.cuh. Per key tile a warpgroup issues dqk / 16 wgmmas for S (m64 x BN x 16), waits,
+// runs the softmax on its registers, then BN / 16 wgmmas for O += P V (V MN-major) and waits.
+// A warpgroup skips tiles wholly past its rows; only tiles reaching past a row are masked.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "ops/cuda/device_util.cuh"
+#include "ops/cuda/kernels.h"
+#include "ops/cuda/mma_util.cuh"
+#include "ops/cuda/wgmma_util.cuh"
+
+namespace moekit::cuda {
+
+namespace {
+
+constexpr float kLn2 = 0.6931471805599453f;
+
+struct HopperArgs {
+  void* out;  // fp32, or bf16 when out_bf16
+  bool out_bf16;
+  float* lse;
+  const uint16_t *q, *k, *v;  // bf16 bits
+  int seq, heads, dqk, dv, chunks;
+  float scale_log2;  // scale * log2(e)
+};
+
+// Dynamic shared memory: 1024 bytes of slack to align the tiles to the swizzle's period, the Q
+// tile (64 rows per warpgroup), STAGES K and V buffers (each a row of 64-column blocks).
+template <int QK, int VC, int BN, int WGS, int STAGES>
+constexpr size_t hopper_smem_bytes() {
+  return 1024 + (size_t(64 * WGS) * QK + STAGES * size_t(BN) * (QK + VC)) * sizeof(uint16_t);
+}
+
+// Copies rows [row0, row0 + R) of a [rows, stride] bf16 matrix (`head` at row 0, `valid` rows,
+// `pieces` 16-byte pieces per row holding data) into a swizzled shared tile of R rows and P pieces
+// per row (P / 8 blocks of 64 columns, `block_bytes` apart), zeros past either. Thread tid takes
+// piece tid % 8 of each 64-column block in rows tid / 8 + k * (Threads / 8): eight threads read
+// one row's 128 contiguous bytes, and the row's swizzle (row % 8) is the same in every pass, so
+// all addresses are the thread's base plus compile-time offsets (a cp.async costs a few
+// instructions instead of the ~30 a general index split took; the loads were most of the
+// kernel's instructions).
+template <int R, int P, int Threads>
+__device__ inline void load_swizzled(uint32_t dst, uint32_t block_bytes, const uint16_t* head,
+                                     int64_t stride, int row0, int valid, int pieces, int tid) {
+  static_assert(Threads % 64 == 0 && P % 8 == 0);
+  constexpr int kRowsPerPass = Threads / 8;  // a multiple of 8: the swizzle repeats
+  const int c = tid % 8, rq = tid / 8;
+  const uint32_t sm = dst + uint32_t(rq * 128) + (uint32_t(c ^ (rq & 7)) << 4);
+  const uint16_t* const src = head + int64_t(row0 + rq) * stride + c * 8;
+  const int64_t pass_stride = int64_t(kRowsPerPass) * stride;
+#pragma unroll
+  for (int pass = 0; pass < (R + kRowsPerPass - 1) / kRowsPerPass; ++pass) {
+    const int r = rq + pass * kRowsPerPass;
+    if (R % kRowsPerPass != 0 && r >= R) break;
+    const bool row_in = row0 + r < valid;
+#pragma unroll
+    for (int blk = 0; blk < P / 8; ++blk) {
+      const bool in = row_in && blk * 8 + c < pieces;
+      cp_async16(sm + blk * block_bytes + pass * kRowsPerPass * 128,
+                 in ? src + pass * pass_stride + blk * 64 : head, in);
+    }
+  }
+}
+
+// What a block works on and where its tiles live; the same for both kernels below. Warpgroup wg
+// owns query rows [wg_row, wg_row + 64), warp `warp` of it 16 of them, and the lane rows row0 and
+// row1 = row0 + 8 (the accumulator layout of wgmma_util.cuh).
+template <int QK, int VC, int BN, int WGS, int STAGES>
+struct HopperBlock {
+  static constexpr int kBM = 64 * WGS, kThreads = 128 * WGS;  // query rows, threads per block
+  static constexpr uint32_t kQBlockBytes = kBM * 128, kTileBlockBytes = BN * 128;  // 64 columns
+  static constexpr uint32_t kKBytes = QK / 64 * kTileBlockBytes,
+                            kVBytes = VC / 64 * kTileBlockBytes;
+  static_assert(QK % 64 == 0 && QK <= 256 && (VC == 64 || VC == 128) && (BN == 64 || BN == 128));
+  static_assert(hopper_smem_bytes<QK, VC, BN, WGS, STAGES>() <= 227 * 1024);
+
+  const HopperArgs& a;
+  uint32_t q_s, k_s, v_s;  // shared addresses: Q tile, K buffers, V buffers
+  int qt, h, b, chunk, c0, nv, tid, wg, t, wg_row, wrow, row0, row1, tiles, wg_tiles;
+  int64_t tok0;
+  // Q, K and V of this sequence and head at token 0 (rows H * d apart). Pieces of 16 bytes per
+  // q/k row: dqk / 8 hold data, the rest up to QK / 8 are zero, so that the S loop runs QK / 16
+  // k-steps with no condition (a data-dependent skip there makes ptxas fence every wgmma) and the
+  // zero columns add nothing; likewise v's nv / 8 of VC / 8.
+  const uint16_t *q_head, *k_head, *v_head;
+  int64_t qk_stride, v_stride;
+
+  __device__ HopperBlock(const HopperArgs& args, uint32_t smem) : a(args) {
+    q_s = (smem + 1023u) & ~1023u;
+    k_s = q_s + QK / 64 * kQBlockBytes;
+    v_s = k_s + STAGES * kKBytes;
+    qt = int(gridDim.x) - 1 - int(blockIdx.x);  // the longest tiles first
+    h = int(blockIdx.y);
+    b = int(blockIdx.z) / a.chunks;
+    chunk = int(blockIdx.z) % a.chunks;
+    c0 = chunk * VC;
+    nv = min(VC, a.dv - c0);  // this block's v columns [c0, c0 + nv)
+    tid = int(threadIdx.x);
+    wg = tid / 128;
+    const int warp = (tid % 128) / 32, lane = tid % 32;
+    t = lane % 4;
+    wg_row = qt * kBM + wg * 64;
+    wrow = wg_row + warp * 16;
+    row0 = wrow + lane / 4;
+    row1 = row0 + 8;
+    tok0 = int64_t(b) * a.seq;
+    // Key tiles up to the block's last row; the warpgroup's own end (a warpgroup skips tiles
+    // wholly past its rows; tiles are visited in order, so these are the last ones).
+    tiles = min(((qt + 1) * kBM + BN - 1) / BN, (a.seq + BN - 1) / BN);
+    wg_tiles = min(tiles, (wg_row + 63) / BN + 1);
+    q_head = a.q + (tok0 * a.heads + h) * a.dqk;
+    k_head = a.k + (tok0 * a.heads + h) * a.dqk;
+    v_head = a.v + (tok0 * a.heads + h) * a.dv + c0;
+    qk_stride = int64_t(a.heads) * a.dqk;
+    v_stride = int64_t(a.heads) * a.dv;
+  }
+  // The Q tile, rows past the sequence zero.
+  __device__ void load_q() const {
+    load_swizzled<kBM, QK / 8, kThreads>(q_s, kQBlockBytes, q_head, qk_stride, qt * kBM, a.seq,
+                                         a.dqk / 8, tid);
+  }
+  // Stages key tile kt into its buffer: rows past the sequence are zero (their scores are masked
+  // for every real row; zero V keeps 0 * garbage out of the padding rows).
+  __device__ void load_tile(int kt) const {
+    const int buf = kt % STAGES;
+    load_swizzled<BN, QK / 8, kThreads>(k_s + buf * kKBytes, kTileBlockBytes, k_head, qk_stride,
+                                        kt * BN, a.seq, a.dqk / 8, tid);
+    load_swizzled<BN, VC / 8, kThreads>(v_s + buf * kVBytes, kTileBlockBytes, v_head, v_stride,
+                                        kt * BN, a.seq, nv / 8, tid);
+  }
+
+  // Issues S = Q K^T of key tile kt for the warpgroup's 64 rows x BN keys (one commit group):
+  // columns 8j + 2t (+1) of s[4j..4j+3] are keys kt * BN + 8j + 2t (+1), rows row0 (s[4j],
+  // s[4j + 1]) and row1 (+2, +3).
+  __device__ void issue_scores(float (&s)[BN / 2], int kt) const {
+    const uint32_t q_wg = q_s + wg * 64 * 128, kb = k_s + (kt % STAGES) * kKBytes;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < QK / 16; ++kk) {
+      const uint32_t col = kk / 4, in_row = (kk % 4) * 32;  // 64-column block; bytes into it
+      wgmma_ss<BN>(s, wgmma_desc(q_wg + col * kQBlockBytes + in_row, 16, 1024),
+                   wgmma_desc(kb + col * kTileBlockBytes + in_row, 16, 1024), kk > 0);
+    }
+    wgmma_commit();
+  }
+  // Issues O += P V of key tile kt (one commit group). V's tile is MN-major for this product
+  // (rows = keys = k, 64 columns per 128-byte row): a k-step is 16 rows (2048 bytes) on, the next
+  // 64 columns a whole block (BN rows) on.
+  __device__ void issue_pv(float (&o)[VC / 2], const uint32_t (&p)[BN / 16][4], int kt) const {
+    const uint32_t vb = v_s + (kt % STAGES) * kVBytes;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk)
+      wgmma_rs_tb<VC>(o, p[kk], wgmma_desc(vb + kk * 16 * 128, kTileBlockBytes, 1024));
+    wgmma_commit();
+  }
+};
+
+// The lane's online-softmax state for rows row0, row1: running max of the base-2 scaled scores
+// and this lane's part of the running sums.
+struct SoftmaxRows {
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+};
+
+// One key tile (first key key0) of the online softmax: masks keys past the row where the tile
+// reaches past the warp's first row (uniform over the warp: only diagonal tiles pay for it),
+// updates the running max and sums, rescales o, and writes P as the A fragments of P V. The scale
+// is positive, so the max of the raw scores is taken and scaled once; each weight is then one
+// fused multiply-add and one ex2 (instruction count is what bounds this loop). Tile 0 holds key
+// 0, which no row precedes, so the running max is finite from the first tile on (a fully masked
+// row of a later tile gets exp2(-inf) = 0).
+// P as A fragments: k-step kk covers keys 16kk..16kk+15 = S columns 8(2kk) and 8(2kk + 1), so
+// p[kk][i] packs s[8kk + 2i], s[8kk + 2i + 1] (rows g, g + 8, g, g + 8; keys +0, +0, +8, +8).
+template <int BN, int VC>
+__device__ inline void online_softmax(float (&s)[BN / 2], float (&o)[VC / 2],
+                                      uint32_t (&p)[BN / 16][4], SoftmaxRows& r, int key0, int wrow,
+                                      int row0, int row1, int t, float sl2) {
+  if (key0 + BN - 1 > wrow) {
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int key = key0 + 8 * j + 2 * t + e;
+        if (key > row0) s[4 * j + e] = -INFINITY;
+        if (key > row1) s[4 * j + 2 + e] = -INFINITY;
+      }
+  }
+  float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j) {
+    mx0 = fmaxf(mx0, fmaxf(s[4 * j], s[4 * j + 1]));
+    mx1 = fmaxf(mx1, fmaxf(s[4 * j + 2], s[4 * j + 3]));
+  }
+  const float mn0 = fmaxf(r.m0, quad_max(mx0) * sl2), mn1 = fmaxf(r.m1, quad_max(mx1) * sl2);
+  const float alpha0 = fast_exp2(r.m0 - mn0), alpha1 = fast_exp2(r.m1 - mn1);
+  r.m0 = mn0;
+  r.m1 = mn1;
+  float sum0 = 0.0f, sum1 = 0.0f;
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      s[4 * j + e] = fast_exp2(fmaf(s[4 * j + e], sl2, -mn0));
+      s[4 * j + 2 + e] = fast_exp2(fmaf(s[4 * j + 2 + e], sl2, -mn1));
+      sum0 += s[4 * j + e];
+      sum1 += s[4 * j + 2 + e];
+    }
+  r.l0 = r.l0 * alpha0 + sum0;
+  r.l1 = r.l1 * alpha1 + sum1;
+  // Once the running max settles most tiles leave it unchanged (alpha = 1) for every row of the
+  // warp; skipping the multiply by 1 then is exact and saves VC / 2 instructions.
+  if (__any_sync(0xffffffffu, alpha0 != 1.0f || alpha1 != 1.0f)) {
+#pragma unroll
+    for (int j = 0; j < VC / 8; ++j) {
+      o[4 * j] *= alpha0;
+      o[4 * j + 1] *= alpha0;
+      o[4 * j + 2] *= alpha1;
+      o[4 * j + 3] *= alpha1;
+    }
+  }
+#pragma unroll
+  for (int kk = 0; kk < BN / 16; ++kk)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) p[kk][i] = pack_bf16(s[8 * kk + 2 * i], s[8 * kk + 2 * i + 1]);
+}
+
+// out = O / l (the quad's partial sums added in a fixed tree); lse = ln 2 * (m + log2 l).
+template <class Block, int VC>
+__device__ inline void store_output(const Block& k, const float (&o)[VC / 2], SoftmaxRows r) {
+  const HopperArgs& a = k.a;
+  const float l0 = quad_sum(r.l0), l1 = quad_sum(r.l1);
+  const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
+  auto store_pair = [&](int row, int col, float lo, float hi) {
+    const int64_t i = ((k.tok0 + row) * a.heads + k.h) * a.dv + col;
+    if (a.out_bf16)
+      *reinterpret_cast<uint32_t*>(static_cast<bf16_t*>(a.out) + i) = pack_bf16(lo, hi);
+    else
+      *reinterpret_cast<float2*>(static_cast<float*>(a.out) + i) = make_float2(lo, hi);
+  };
+#pragma unroll
+  for (int j = 0; j < VC / 8; ++j) {
+    if (j * 8 >= k.nv) continue;
+    const int col = k.c0 + j * 8 + 2 * k.t;
+    if (k.row0 < a.seq) store_pair(k.row0, col, o[4 * j] * inv0, o[4 * j + 1] * inv0);
+    if (k.row1 < a.seq) store_pair(k.row1, col, o[4 * j + 2] * inv1, o[4 * j + 3] * inv1);
+  }
+  if (k.chunk == 0 && k.t == 0) {
+    float* lse = a.lse + (int64_t(k.b) * a.heads + k.h) * a.seq;
+    if (k.row0 < a.seq) lse[k.row0] = (r.m0 + log2f(l0)) * kLn2;
+    if (k.row1 < a.seq) lse[k.row1] = (r.m1 + log2f(l1)) * kLn2;
+  }
+}
+
+// QK: dqk rounded up to a multiple of 64; VC: v columns per block, the N of the P V wgmma (64 or
+// 128; columns past the chunk's nv computed from unused shared memory and not stored); BN: keys
+// per tile, the N of the S wgmma (64 or 128); WGS: warpgroups.
+//
+// The plain schedule: K/V double-buffered; per tile a warpgroup issues S, waits, runs the softmax,
+// issues P V, waits; two barriers per tile (tile landed; buffer free for the next prefetch). The
+// tensor cores idle while both warpgroups run their softmax at the same time.
+template <int QK, int VC, int BN, int WGS>
+__global__ void __launch_bounds__(128 * WGS, 1) flash_attention_hopper_kernel(const HopperArgs a) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ uint8_t smem_raw[];
+  const HopperBlock<QK, VC, BN, WGS, 2> k(a, shared_address(smem_raw));
+  float o[VC / 2], s[BN / 2];
+  uint32_t p[BN / 16][4];
+#pragma unroll
+  for (int i = 0; i < VC / 2; ++i) o[i] = 0.0f;
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) s[i] = 0.0f;
+  SoftmaxRows r;
+
+  k.load_q();
+  k.load_tile(0);
+  cp_async_commit();
+  for (int kt = 0; kt < k.tiles; ++kt) {
+    // Prefetch the next tile into the other buffer (always commit, so that "all but the newest
+    // group done" means tile kt has landed); that buffer was last read one tile ago, before the
+    // barrier at the end of the previous iteration.
+    if (kt + 1 < k.tiles) k.load_tile(kt + 1);
+    cp_async_commit();
+    cp_async_wait_one();
+    fence_proxy_async();  // the copies are read by wgmma's async proxy
+    __syncthreads();
+    if (kt < k.wg_tiles) {  // uniform over the warpgroup (wgmma is warpgroup-collective)
+      k.issue_scores(s, kt);
+      wgmma_wait_all();
+      wgmma_fence_operands(s);
+      online_softmax<BN, VC>(s, o, p, r, kt * BN, k.wrow, k.row0, k.row1, k.t, a.scale_log2);
+      k.issue_pv(o, p, kt);
+      wgmma_wait_all();
+      wgmma_fence_operands(o);
+      wgmma_fence_operands(p);
+    }
+    __syncthreads();  // the next prefetch overwrites this buffer
+  }
+  store_output<decltype(k), VC>(k, o, r);
+#else
+  __trap();  // built without sm_90a: flash_attention_hopper_available() is false
+#endif
+}
+
+// The pipelined schedule (as FlashAttention-3's intra-warpgroup overlap): a warpgroup issues S
+// of tile kt + 1 before it runs the softmax of tile kt, and P V of tile kt is still running when
+// it moves on, so the tensor cores have work while the softmax runs. Two S accumulators
+// alternate (the loop is unrolled by two so they stay in fixed registers). Four K/V buffers and
+// one barrier per tile: tile kt + 2 is loaded into the buffer of tile kt - 2, whose last reader
+// (P V of kt - 2) every warpgroup waited for before the barrier. Every warpgroup runs every tile
+// of the block (the first warpgroup's last 64-key tile is all masked: its weights are exp2(-inf)
+// = 0, its rescale 1): no branch may separate a wgmma from its wait, or ptxas serializes them all.
+template <int QK, int VC, int BN>
+__global__ void __launch_bounds__(256, 1)
+    flash_attention_hopper_pipelined_kernel(const HopperArgs a) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ uint8_t smem_raw[];
+  const HopperBlock<QK, VC, BN, 2, 4> k(a, shared_address(smem_raw));
+  float o[VC / 2], sa[BN / 2], sb[BN / 2];
+  uint32_t p[BN / 16][4];
+#pragma unroll
+  for (int i = 0; i < VC / 2; ++i) o[i] = 0.0f;
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) sa[i] = sb[i] = 0.0f;
+  SoftmaxRows r;
+
+  k.load_q();
+  k.load_tile(0);
+  cp_async_commit();
+  if (k.tiles > 1) k.load_tile(1);
+  cp_async_commit();
+  cp_async_wait_one();  // Q and tile 0
+  fence_proxy_async();
+  __syncthreads();
+  k.issue_scores(sa, 0);
+
+  // Tile kt lands in the buffers: wait for this thread's copies, make them visible to wgmma,
+  // then prefetch tile kt + 2 over tile kt - 2.
+  auto arrive = [&](int kt) {
+    cp_async_wait_all();
+    fence_proxy_async();
+    __syncthreads();
+    if (kt + 2 < k.tiles) k.load_tile(kt + 2);
+    cp_async_commit();
+  };
+  // Tile kt whose scores are in `cur`, with a next tile (its scores issued into `nxt`).
+  auto step = [&](int kt, float(&cur)[BN / 2], float(&nxt)[BN / 2]) {
+    arrive(kt);
+    k.issue_scores(nxt, kt + 1);
+    wgmma_wait<1>();  // S of kt and P V of kt - 1; S of kt + 1 runs on
+    wgmma_fence_operands(cur);
+    wgmma_fence_operands(o);
+    wgmma_fence_operands(p);
+    online_softmax<BN, VC>(cur, o, p, r, kt * BN, k.wrow, k.row0, k.row1, k.t, a.scale_log2);
+    k.issue_pv(o, p, kt);
+  };
+  // The last tile: nothing left to overlap.
+  auto last = [&](int kt, float(&cur)[BN / 2]) {
+    arrive(kt);
+    wgmma_wait_all();
+    wgmma_fence_operands(cur);
+    wgmma_fence_operands(o);
+    wgmma_fence_operands(p);
+    online_softmax<BN, VC>(cur, o, p, r, kt * BN, k.wrow, k.row0, k.row1, k.t, a.scale_log2);
+    k.issue_pv(o, p, kt);
+    wgmma_wait_all();
+    wgmma_fence_operands(o);
+    wgmma_fence_operands(p);
+  };
+  int kt = 0;
+  for (; kt + 2 < k.tiles; kt += 2) {
+    step(kt, sa, sb);
+    step(kt + 1, sb, sa);
+  }
+  if (kt + 1 < k.tiles) {
+    step(kt, sa, sb);
+    last(kt + 1, sb);
+  } else {
+    last(kt, sa);
+  }
+  store_output<decltype(k), VC>(k, o, r);
+#else
+  __trap();  // built without sm_90a: flash_attention_hopper_available() is false
+#endif
+}
+
+// Sets the kernel's shared-memory allowance once and launches it: grid (query tiles, heads,
+// sequences x v-column chunks).
+template <int QK, int VC, int BN, int WGS, int STAGES>
+cudaError_t launch_hopper_kernel(const void* kernel,
+                                 void (*launch)(dim3, size_t, const HopperArgs&),
+                                 const HopperArgs& args, int64_t batch) {
+  constexpr size_t smem = hopper_smem_bytes<QK, VC, BN, WGS, STAGES>();
+  static_assert(smem <= 227 * 1024, "over the opt-in shared memory of sm_90");
+  static const cudaError_t attr =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  if (attr != cudaSuccess) return attr;
+  const dim3 grid(unsigned((args.seq + 64 * WGS - 1) / (64 * WGS)), unsigned(args.heads),
+                  unsigned(batch * args.chunks));
+  launch(grid, smem, args);
+  return cudaGetLastError();
+}
+
+template <int QK, int VC, int BN, int WGS>
+cudaError_t launch_hopper(const HopperArgs& args, int64_t batch) {
+  return launch_hopper_kernel<QK, VC, BN, WGS, 2>(
+      reinterpret_cast<const void*>(&flash_attention_hopper_kernel<QK, VC, BN, WGS>),
+      [](dim3 grid, size_t smem, const HopperArgs& x) {
+        flash_attention_hopper_kernel<QK, VC, BN, WGS><<<grid, 128 * WGS, smem, stream()>>>(x);
+      },
+      args, batch);
+}
+
+template <int QK, int VC, int BN>
+cudaError_t launch_hopper_pipelined(const HopperArgs& args, int64_t batch) {
+  return launch_hopper_kernel<QK, VC, BN, 2, 4>(
+      reinterpret_cast<const void*>(&flash_attention_hopper_pipelined_kernel<QK, VC, BN>),
+      [](dim3 grid, size_t smem, const HopperArgs& x) {
+        flash_attention_hopper_pipelined_kernel<QK, VC, BN><<<grid, 256, smem, stream()>>>(x);
+      },
+      args, batch);
+}
+
+}  // namespace
+
+bool flash_attention_hopper_available() {
+#if defined(MOEKIT_CUDA_WGMMA)
+  // sm_90a code runs on compute capability 9.0 only; asked once per process (one device).
+  static const bool hopper = [] {
+    int dev = 0, major = 0, minor = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return false;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess)
+      return false;
+    return major == 9 && minor == 0;
+  }();
+  return hopper;
+#else
+  return false;
+#endif
+}
+
+cudaError_t flash_attention_forward_hopper(void* out, bool out_bf16, float* lse, const void* q,
+                                           const void* k, const void* v, const AttentionShape& s,
+                                           int tiling) {
+  if (s.batch * s.seq * s.heads == 0) return cudaSuccess;
+  if (!flash_attention_hopper_available() ||
+      !flash_attention_supported(s, out, out_bf16, q, k, v) || tiling < 0 ||
+      tiling >= kHopperTilings)
+    return cudaErrorInvalidValue;
+  const bool small = s.dqk <= 64 && s.dv <= 64;
+  const int vc = small ? 64 : 128;
+  const HopperArgs args{out,
+                        out_bf16,
+                        lse,
+                        static_cast<const uint16_t*>(q),
+                        static_cast<const uint16_t*>(k),
+                        static_cast<const uint16_t*>(v),
+                        int(s.seq),
+                        int(s.heads),
+                        int(s.dqk),
+                        int(s.dv),
+                        int((s.dv + vc - 1) / vc),
+                        s.scale * kLog2e};
+  // Tilings: 0 = pipelined, 2 warpgroups, 64-key tiles; 1 = plain, 2 warpgroups, 128 keys; 2 =
+  // plain, 3 warpgroups (192 query rows per K/V tile, 12 warps to hide latency), 64 keys.
+  if (small) return launch_hopper_pipelined<64, 64, 64>(args, s.batch);
+  if (s.dqk <= 128) return launch_hopper_pipelined<128, 128, 64>(args, s.batch);
+  if (s.dqk <= 192) {
+    if (tiling == 0) return launch_hopper_pipelined<192, 128, 64>(args, s.batch);
+    if (tiling == 1) return launch_hopper<192, 128, 128, 2>(args, s.batch);
+    return launch_hopper<192, 128, 64, 3>(args, s.batch);
+  }
+  return launch_hopper<256, 128, 64, 2>(args, s.batch);  // 4 stages would not fit
+}
+
+}  // namespace moekit::cuda
