@@ -88,17 +88,30 @@ struct BwdArgs {
 
 // Stages rows r0..r0+Rows-1 of head h of a bf16 [tokens, heads, dim] tensor (token tok0 + row)
 // into shared memory at dst (row stride `stride` elements): rows past `seq` are zero (their src
-// is never read), columns past dim are left alone (no k-step or n-tile reads them).
+// is never read), columns past dim are left alone (no k-step or n-tile reads them). Thread tid
+// takes piece tid % 8 of each 64-column block in rows tid / 8 + k * (threads / 8): eight threads
+// read one row's 128 contiguous bytes, and every address is the thread's base plus compile-time
+// offsets (a general split of the piece index divided by the runtime piece count per copy, ~30
+// integer instructions, as many as the copy's share of the math).
 template <int Stride, int Rows = kTile>
 __device__ inline void stage_rows(uint16_t* dst, const uint16_t* src, int64_t tok0, int r0, int seq,
                                   int heads, int h, int dim) {
-  const int pieces = dim / 8;  // 16-byte pieces per row
-  const uint32_t d = shared_address(dst);
-  for (int i = int(threadIdx.x); i < Rows * pieces; i += kBwdThreads) {
-    const int r = i / pieces, c = i % pieces, j = r0 + r;
-    const int64_t tok = tok0 + (j < seq ? j : 0);
-    cp_async16(d + uint32_t((r * Stride + c * 8) * 2), src + (tok * heads + h) * dim + c * 8,
-               j < seq);
+  constexpr int kRowsPerPass = kBwdThreads / 8, kBlocks = (Stride - kPad) / 64;
+  static_assert(kBwdThreads % 8 == 0 && Rows % kRowsPerPass == 0 && (Stride - kPad) % 64 == 0);
+  const int pieces = dim / 8;  // 16-byte pieces per row holding data
+  const int c = int(threadIdx.x) % 8, rq = int(threadIdx.x) / 8;
+  const uint32_t d = shared_address(dst) + uint32_t((rq * Stride + c * 8) * 2);
+  const int64_t row_stride = int64_t(heads) * dim;
+  const uint16_t* const s0 = src + ((tok0 + r0 + rq) * heads + h) * dim + c * 8;
+#pragma unroll
+  for (int pass = 0; pass < Rows / kRowsPerPass; ++pass) {
+    const bool row_in = r0 + rq + pass * kRowsPerPass < seq;
+#pragma unroll
+    for (int blk = 0; blk < kBlocks; ++blk) {
+      if (blk * 8 + c >= pieces) continue;
+      cp_async16(d + uint32_t((pass * kRowsPerPass * Stride + blk * 64) * 2),
+                 row_in ? s0 + pass * kRowsPerPass * row_stride + blk * 64 : src, row_in);
+    }
   }
 }
 
