@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <regex>
 #include <string>
@@ -101,23 +102,34 @@ int main(int argc, char** argv) {
     const Device dev = dev_name == "cuda" ? Device::CUDA : Device::CPU;
     const DType weights = dtype == "bf16" ? DType::BF16 : DType::F32;
     if (weights == DType::BF16) backend(dev).set_precision(Precision::Bf16);
-    // MOEKIT_BENCH_RESERVE_GIB=G (cuda): G GiB of device memory held from the start, so the run
-    // sees a smaller card (an 80 GB H100 on the 141 GB H200: the difference of their totals,
-    // 140.4 - 79.6 GiB). The peaks printed leave the reserve out.
-    const char* reserve_env = std::getenv("MOEKIT_BENCH_RESERVE_GIB");
-    const double reserve_gib = reserve_env && dev == Device::CUDA ? std::atof(reserve_env) : 0.0;
-    const Tensor reserve =
-        reserve_gib > 0 ? Tensor::empty({int64_t(reserve_gib * 268435456.0)}, DType::F32, dev)
-                        : Tensor();
-    const size_t reserved = reserve.defined() ? reserve.nbytes() : 0;
-    const auto t_init = std::chrono::steady_clock::now();
-    DeepSeekModel model(c, dev, true, weights);
-    init_weights(model, 1);
     // A switch of the environment: set, non-empty and not "0".
     auto env_on = [](const char* name) {
       const char* v = std::getenv(name);
       return v && *v && std::string(v) != "0";
     };
+    // A non-negative number of the environment, 0 where unset or empty. Anything else fails, so a
+    // typo does not run the bench quietly without the setting.
+    auto env_number = [](const char* name) {
+      const char* v = std::getenv(name);
+      if (v == nullptr || *v == '\0') return 0.0;
+      char* end = nullptr;
+      const double x = std::strtod(v, &end);
+      if (end == v || *end != '\0' || !std::isfinite(x) || x < 0)
+        fail("{} must be a non-negative number, got \"{}\"", name, v);
+      return x;
+    };
+    // MOEKIT_BENCH_RESERVE_GIB=G (cuda): G GiB of device memory held from the start, so the run
+    // sees a smaller card (an 80 GB H100 on the 141 GB H200: the difference of their totals,
+    // 140.4 - 79.6 GiB). The peaks printed leave the reserve out. Checked on either device.
+    const double reserve_gib = env_number("MOEKIT_BENCH_RESERVE_GIB");
+    const Tensor reserve =
+        reserve_gib > 0 && dev == Device::CUDA
+            ? Tensor::empty({int64_t(reserve_gib * 268435456.0)}, DType::F32, dev)
+            : Tensor();
+    const size_t reserved = reserve.defined() ? reserve.nbytes() : 0;
+    const auto t_init = std::chrono::steady_clock::now();
+    DeepSeekModel model(c, dev, true, weights);
+    init_weights(model, 1);
     model.set_activation_checkpointing(env_on("MOEKIT_BENCH_CHECKPOINT"));
     const bool recompute_experts = env_on("MOEKIT_BENCH_RECOMPUTE_EXPERTS");
     model.set_expert_recompute(recompute_experts);

@@ -1,7 +1,8 @@
 // The CUDA backend against the CPU backend (the oracle), op by op, on fresh random inputs with
 // odd sizes (not multiples of the kernels' 32-row tiles, 256-thread blocks or 64-row chunks).
 // Outputs are poisoned with NaN before each GPU op, so an unwritten element fails the check.
-// Built always; without a CUDA build or a visible GPU every test skips with the reason.
+// Built always; without a CUDA build or a visible GPU every test skips with the reason (but
+// CudaFlashVariant, a check of host code, which runs in any CUDA build).
 //
 // Error measure: max |gpu - cpu| / max |cpu| over the tensor (normwise relative). Tolerances:
 // - fp32 ops: 1e-5. Both sides round every operation to fp32 (unit roundoff 2^-24 ~ 6e-8) but
@@ -17,6 +18,7 @@
 // - Degenerate cases where the exact result is 0 (attention's dq/dk at sequence length 1, where
 //   dS = dP - rowsum(dO * O) cancels) are checked in absolute terms: both sides hold rounding
 //   noise.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -42,6 +44,9 @@
 #include "expect_error.h"
 #include "ops/ops.h"
 #include "sample_reference.h"
+#if defined(MOEKIT_HAVE_CUDA)
+#include "ops/cuda/kernels.h"
+#endif
 
 namespace moekit {
 namespace {
@@ -49,6 +54,11 @@ namespace {
 using test::expect_error_containing;
 
 constexpr double kF32Tol = 1e-5;
+
+// Attention cases and their inputs (defined with the attention tests below).
+struct AttnCase;
+struct AttnDraw;
+struct AttnInputs;
 
 class CudaBackendTest : public ::testing::Test {
  protected:
@@ -86,6 +96,8 @@ class CudaBackendTest : public ::testing::Test {
   };
   // shared_inter > 0: with shared experts of that width (moe_experts_small's `shared`).
   void check_experts_small(const SmallCase& c, DType dtype, bool shifted, int64_t shared_inter = 0);
+  // An attention case's inputs, drawn from rng_ (defined with the attention tests below).
+  AttnInputs attn_inputs(const AttnCase& c, AttnDraw draw);
 
   std::mt19937_64 rng_{20261201};
 };
@@ -756,35 +768,63 @@ std::ostream& operator<<(std::ostream& os, const AttnCase& c) {
             << " dv " << c.dv;
 }
 
-// The CPU reference of a bf16 attention case: q, k, v and dO drawn (in that order) and rounded to
-// bf16, the CPU forward (out, lse) and backward (dq, dk, dv) on them, and dv_bound, the dv of |dO|
-// (it bounds dv's error from rounding P elementwise).
-struct AttnReference {
-  Tensor q, k, v, dout, out, lse, dq, dk, dv, dv_bound;
+// What an attention test draws: q, k, v always; dO too where the test runs a backward. bf16:
+// each rounded to bf16 (held in F32), the inputs of the Bf16 precision's checks.
+struct AttnDraw {
+  bool bf16 = false, dout = false;
 };
-AttnReference attention_reference(Backend& cpu, const AttnCase& c, float scale,
-                                  const std::function<Tensor(const Shape&)>& randn) {
-  auto rounded = [](const Tensor& t) { return t.to_dtype(DType::BF16).to_f32(); };
+
+// An attention case's inputs on both sides and its softmax scale, 1/sqrt(dqk). They are drawn in
+// one order, q, k, v, then dO: the tolerances were measured on these draws, and a test that skips
+// dO leaves the generator where the next case expects it.
+struct AttnInputs {
+  float scale = 0;
+  Tensor q, k, v, dout;      // host, F32 [T, heads, dqk or dv]; dout undefined unless drawn
+  Tensor gq, gk, gv, gdout;  // their device copies
+};
+
+AttnInputs CudaBackendTest::attn_inputs(const AttnCase& c, AttnDraw draw) {
+  auto next = [&](int64_t d) {
+    const Tensor t = randn({c.batch * c.seq, c.heads, d});
+    return draw.bf16 ? t.to_dtype(DType::BF16).to_f32() : t;
+  };
+  AttnInputs in;
+  in.scale = 1.0f / std::sqrt(float(c.dqk));
+  in.q = next(c.dqk);
+  in.k = next(c.dqk);
+  in.v = next(c.dv);
+  if (draw.dout) in.dout = next(c.dv);
+  in.gq = dev(in.q);
+  in.gk = dev(in.k);
+  in.gv = dev(in.v);
+  if (draw.dout) in.gdout = dev(in.dout);
+  return in;
+}
+
+// The CPU reference of an attention case: the forward (out, lse) on its inputs and, where dO was
+// drawn, the backward (dq, dk, dv) and dv_bound, the dv of |dO| (it bounds dv's error from
+// rounding P elementwise).
+struct AttnReference {
+  Tensor out, lse, dq, dk, dv, dv_bound;
+};
+AttnReference attention_reference(Backend& cpu, const AttnCase& c, const AttnInputs& in) {
   const int64_t T = c.batch * c.seq;
   AttnReference r;
-  r.q = rounded(randn({T, c.heads, c.dqk}));
-  r.k = rounded(randn({T, c.heads, c.dqk}));
-  r.v = rounded(randn({T, c.heads, c.dv}));
-  r.dout = rounded(randn({T, c.heads, c.dv}));
   r.out = Tensor::empty({T, c.heads, c.dv});
   r.lse = Tensor::empty({c.batch, c.heads, c.seq});
-  cpu.attention_forward(r.out, r.lse, r.q, r.k, r.v, c.batch, c.seq, c.heads, scale);
-  r.dq = Tensor::empty(r.q.shape());
-  r.dk = Tensor::empty(r.k.shape());
-  r.dv = Tensor::empty(r.v.shape());
-  cpu.attention_backward(r.dq, r.dk, r.dv, r.dout, r.out, r.lse, r.q, r.k, r.v, c.batch, c.seq,
-                         c.heads, scale);
-  Tensor abs_dout = r.dout.clone(), scratch_q = Tensor::empty(r.q.shape()),
-         scratch_k = Tensor::empty(r.k.shape());
+  cpu.attention_forward(r.out, r.lse, in.q, in.k, in.v, c.batch, c.seq, c.heads, in.scale);
+  if (!in.dout.defined()) return r;
+  r.dq = Tensor::empty(in.q.shape());
+  r.dk = Tensor::empty(in.k.shape());
+  r.dv = Tensor::empty(in.v.shape());
+  cpu.attention_backward(r.dq, r.dk, r.dv, in.dout, r.out, r.lse, in.q, in.k, in.v, c.batch, c.seq,
+                         c.heads, in.scale);
+  Tensor abs_dout = in.dout.clone(), scratch_q = Tensor::empty(in.q.shape()),
+         scratch_k = Tensor::empty(in.k.shape());
   for (int64_t i = 0; i < abs_dout.numel(); ++i) abs_dout.f32()[i] = std::abs(abs_dout.f32()[i]);
-  r.dv_bound = Tensor::empty(r.v.shape());
-  cpu.attention_backward(scratch_q, scratch_k, r.dv_bound, abs_dout, r.out, r.lse, r.q, r.k, r.v,
-                         c.batch, c.seq, c.heads, scale);
+  r.dv_bound = Tensor::empty(in.v.shape());
+  cpu.attention_backward(scratch_q, scratch_k, r.dv_bound, abs_dout, r.out, r.lse, in.q, in.k, in.v,
+                         c.batch, c.seq, c.heads, in.scale);
   return r;
 }
 
@@ -815,37 +855,51 @@ struct EnvScope {
 // cuda_flash_attention_hopper.cu) where the build and the device have it (else variant 1).
 constexpr int kFlashFwdVariants = 8, kFlashBwdVariants = 5;
 
+#if defined(MOEKIT_HAVE_CUDA)
+// The switch itself (cuda::flash_variant, host code: no GPU needed, so no fixture): an id in
+// range is taken, an integer out of range or an empty value runs the default, and a value that is
+// not an integer is an error naming the variable and the value.
+TEST(CudaFlashVariant, IntegersSelectOrFallBackOtherValuesAreErrors) {
+  const char* name = "MOEKIT_FLASH_FWD_VARIANT";
+  auto variant = [&](const char* value) {
+    EnvScope env(name, value);
+    return cuda::flash_variant(name, 5, 1);
+  };
+  EXPECT_EQ(variant("3"), 3);
+  EXPECT_EQ(variant("0"), 0);
+  EXPECT_EQ(variant("5"), 1);
+  EXPECT_EQ(variant("-1"), 1);
+  EXPECT_EQ(variant(""), 1);
+  for (const char* value : {"abc", "2x", "1.5", " ", "3 "})
+    expect_error_containing(
+        [&] { (void)variant(value); },
+        fmt::format("{} must be an integer (a flash-attention kernel variant), got \"{}\"", name,
+                    value));
+}
+#endif
+
 TEST_F(CudaBackendTest, CausalAttentionForwardBackward) {
   // Odd sequence lengths (partial tiles), one token, and an MLA shape (q/k 192, v 128).
   for (const AttnCase& c : {AttnCase{2, 45, 3, 24, 16}, AttnCase{1, 1, 2, 8, 8},
                             AttnCase{1, 100, 2, 192, 128}, AttnCase{3, 33, 1, 5, 7}}) {
     SCOPED_TRACE(testing::Message() << c);
-    const int64_t T = c.batch * c.seq;
-    const float scale = 1.0f / std::sqrt(float(c.dqk));
-    Tensor q = randn({T, c.heads, c.dqk}), k = randn({T, c.heads, c.dqk});
-    Tensor v = randn({T, c.heads, c.dv});
-    Tensor out = Tensor::empty({T, c.heads, c.dv}), lse = Tensor::empty({c.batch, c.heads, c.seq});
-    Tensor gout = poisoned(out.shape()), glse = poisoned(lse.shape());
-    Tensor gq = dev(q), gk = dev(k), gv = dev(v);
-    cpu().attention_forward(out, lse, q, k, v, c.batch, c.seq, c.heads, scale);
-    gpu().attention_forward(gout, glse, gq, gk, gv, c.batch, c.seq, c.heads, scale);
-    EXPECT_CLOSE(gout, out, kF32Tol);
-    EXPECT_CLOSE(glse, lse, kF32Tol);
-    Tensor dout = randn(out.shape());
-    Tensor dq = Tensor::empty(q.shape()), dk = Tensor::empty(k.shape()),
-           dv = Tensor::empty(v.shape());
-    Tensor gdq = poisoned(q.shape()), gdk = poisoned(k.shape()), gdv = poisoned(v.shape());
-    cpu().attention_backward(dq, dk, dv, dout, out, lse, q, k, v, c.batch, c.seq, c.heads, scale);
-    gpu().attention_backward(gdq, gdk, gdv, dev(dout), gout, glse, gq, gk, gv, c.batch, c.seq,
-                             c.heads, scale);
+    const AttnInputs in = attn_inputs(c, {.dout = true});
+    const AttnReference ref = attention_reference(cpu(), c, in);
+    Tensor gout = poisoned(ref.out.shape()), glse = poisoned(ref.lse.shape());
+    gpu().attention_forward(gout, glse, in.gq, in.gk, in.gv, c.batch, c.seq, c.heads, in.scale);
+    EXPECT_CLOSE(gout, ref.out, kF32Tol);
+    EXPECT_CLOSE(glse, ref.lse, kF32Tol);
+    Tensor gdq = poisoned(in.q.shape()), gdk = poisoned(in.k.shape()), gdv = poisoned(in.v.shape());
+    gpu().attention_backward(gdq, gdk, gdv, in.gdout, gout, glse, in.gq, in.gk, in.gv, c.batch,
+                             c.seq, c.heads, in.scale);
     if (c.seq == 1) {  // dq = dk = 0 exactly: compare absolute noise
       EXPECT_LE(max_abs(gdq), 1e-5);
       EXPECT_LE(max_abs(gdk), 1e-5);
     } else {
-      EXPECT_CLOSE(gdq, dq, kF32Tol);
-      EXPECT_CLOSE(gdk, dk, kF32Tol);
+      EXPECT_CLOSE(gdq, ref.dq, kF32Tol);
+      EXPECT_CLOSE(gdk, ref.dk, kF32Tol);
     }
-    EXPECT_CLOSE(gdv, dv, kF32Tol);
+    EXPECT_CLOSE(gdv, ref.dv, kF32Tol);
   }
 }
 
@@ -873,14 +927,8 @@ TEST_F(CudaBackendTest, CausalAttentionBf16Precision) {
        {AttnCase{2, 45, 3, 24, 16}, AttnCase{1, 1, 2, 8, 8}, AttnCase{1, 100, 2, 192, 128},
         AttnCase{3, 33, 1, 5, 7}, AttnCase{2, 300, 2, 64, 48}, AttnCase{1, 600, 3, 192, 128}}) {
     SCOPED_TRACE(testing::Message() << c);
-    const float scale = 1.0f / std::sqrt(float(c.dqk));
-    const AttnReference ref =
-        attention_reference(cpu(), c, scale, [&](const Shape& shape) { return randn(shape); });
-    const Tensor &q = ref.q, &k = ref.k, &v = ref.v, &dout = ref.dout, &out = ref.out,
-                 &lse = ref.lse;
-    const Tensor &dq = ref.dq, &dk = ref.dk, &dv = ref.dv, &dv_bound = ref.dv_bound;
-
-    Tensor gq = dev(q), gk = dev(k), gv = dev(v);
+    const AttnInputs in = attn_inputs(c, {.bf16 = true, .dout = true});
+    const AttnReference ref = attention_reference(cpu(), c, in);
     // Through the flash kernels (forward and backward, variant `mode` of each) where they take
     // the shape, then (mode = the variant count) through the GEMM path.
     const int modes = std::max(kFlashFwdVariants, kFlashBwdVariants);
@@ -891,25 +939,26 @@ TEST_F(CudaBackendTest, CausalAttentionBf16Precision) {
       EnvScope env("MOEKIT_CUDA_FLASH", flash ? "1" : "0"), opt_in("MOEKIT_CUDA_FLASH_BWD", "1");
       EnvScope fv("MOEKIT_FLASH_FWD_VARIANT", id.c_str()),
           bv("MOEKIT_FLASH_BWD_VARIANT", id.c_str());
-      Tensor gout = poisoned(out.shape()), glse = poisoned(lse.shape());
-      Tensor gdq = poisoned(q.shape()), gdk = poisoned(k.shape()), gdv = poisoned(v.shape());
+      Tensor gout = poisoned(ref.out.shape()), glse = poisoned(ref.lse.shape());
+      Tensor gdq = poisoned(in.q.shape()), gdk = poisoned(in.k.shape()),
+             gdv = poisoned(in.v.shape());
       {
         PrecisionScope bf16(gpu(), Precision::Bf16);
-        gpu().attention_forward(gout, glse, gq, gk, gv, c.batch, c.seq, c.heads, scale);
-        gpu().attention_backward(gdq, gdk, gdv, dev(dout), dev(out), dev(lse), gq, gk, gv, c.batch,
-                                 c.seq, c.heads, scale);
+        gpu().attention_forward(gout, glse, in.gq, in.gk, in.gv, c.batch, c.seq, c.heads, in.scale);
+        gpu().attention_backward(gdq, gdk, gdv, in.gdout, dev(ref.out), dev(ref.lse), in.gq, in.gk,
+                                 in.gv, c.batch, c.seq, c.heads, in.scale);
       }
 
-      EXPECT_CLOSE(gout, out, (u + kF32Tol) * max_abs(v) / max_abs(out));
-      EXPECT_CLOSE(glse, lse, kF32Tol);
-      EXPECT_CLOSE(gdv, dv, (u + kF32Tol) * max_abs(dv_bound) / max_abs(dv));
+      EXPECT_CLOSE(gout, ref.out, (u + kF32Tol) * max_abs(in.v) / max_abs(ref.out));
+      EXPECT_CLOSE(glse, ref.lse, kF32Tol);
+      EXPECT_CLOSE(gdv, ref.dv, (u + kF32Tol) * max_abs(ref.dv_bound) / max_abs(ref.dv));
       if (c.seq == 1) {  // dq = dk = 0 exactly: compare absolute noise
         EXPECT_LE(max_abs(gdq), 1e-5);
         EXPECT_LE(max_abs(gdk), 1e-5);
       } else {
         const double tol = (u + kF32Tol) * std::sqrt(double(c.seq));
-        EXPECT_CLOSE(gdq, dq, tol);
-        EXPECT_CLOSE(gdk, dk, tol);
+        EXPECT_CLOSE(gdq, ref.dq, tol);
+        EXPECT_CLOSE(gdk, ref.dk, tol);
       }
     }
   }
@@ -930,37 +979,31 @@ TEST_F(CudaBackendTest, CausalAttentionBf16Precision) {
 // v-column chunks), 96/160 (a partial second chunk, K tile wider than dqk), 16/32.
 TEST_F(CudaBackendTest, FlashAttentionForwardBf16) {
   const double u = std::ldexp(1.0, -8);
-  auto rounded = [](const Tensor& t) { return t.to_dtype(DType::BF16).to_f32(); };
   for (const AttnCase& c :
        {AttnCase{2, 2048, 16, 192, 128}, AttnCase{1, 300, 3, 192, 128}, AttnCase{2, 1, 4, 192, 128},
         AttnCase{2, 300, 2, 64, 64}, AttnCase{1, 130, 2, 256, 256}, AttnCase{2, 200, 2, 96, 160},
         AttnCase{1, 77, 2, 16, 32}}) {
     SCOPED_TRACE(testing::Message() << c);
-    const int64_t T = c.batch * c.seq;
-    const float scale = 1.0f / std::sqrt(float(c.dqk));
-    Tensor q = rounded(randn({T, c.heads, c.dqk})), k = rounded(randn({T, c.heads, c.dqk}));
-    Tensor v = rounded(randn({T, c.heads, c.dv}));
-    Tensor out = Tensor::empty({T, c.heads, c.dv}), lse = Tensor::empty({c.batch, c.heads, c.seq});
-    cpu().attention_forward(out, lse, q, k, v, c.batch, c.seq, c.heads, scale);
-    Tensor gq = dev(q), gk = dev(k), gv = dev(v);
+    const AttnInputs in = attn_inputs(c, {.bf16 = true});
+    const AttnReference ref = attention_reference(cpu(), c, in);
     auto run = [&](const char* flash, int variant, Tensor& o, Tensor& l) {
       EnvScope env("MOEKIT_CUDA_FLASH", flash);
       EnvScope fv("MOEKIT_FLASH_FWD_VARIANT", std::to_string(variant).c_str());
       PrecisionScope bf16(gpu(), Precision::Bf16);
-      gpu().attention_forward(o, l, gq, gk, gv, c.batch, c.seq, c.heads, scale);
+      gpu().attention_forward(o, l, in.gq, in.gk, in.gv, c.batch, c.seq, c.heads, in.scale);
     };
-    Tensor gout = poisoned(out.shape()), glse = poisoned(lse.shape());
+    Tensor gout = poisoned(ref.out.shape()), glse = poisoned(ref.lse.shape());
     run("0", 0, gout, glse);
-    const double out_tol = (u + kF32Tol) * max_abs(v) / max_abs(out);
+    const double out_tol = (u + kF32Tol) * max_abs(in.v) / max_abs(ref.out);
     Tensor variant1_out;  // to tell the Hopper kernel's result from variant 1's
     for (int variant = 0; variant < kFlashFwdVariants; ++variant) {
       SCOPED_TRACE(testing::Message() << "MOEKIT_FLASH_FWD_VARIANT=" << variant);
-      Tensor fout = poisoned(out.shape()), flse = poisoned(lse.shape());
-      Tensor fout2 = poisoned(out.shape()), flse2 = poisoned(lse.shape());
+      Tensor fout = poisoned(ref.out.shape()), flse = poisoned(ref.lse.shape());
+      Tensor fout2 = poisoned(ref.out.shape()), flse2 = poisoned(ref.lse.shape());
       run("1", variant, fout, flse);
       run("1", variant, fout2, flse2);
-      EXPECT_CLOSE(fout, out, out_tol);
-      EXPECT_CLOSE(flse, lse, kF32Tol);
+      EXPECT_CLOSE(fout, ref.out, out_tol);
+      EXPECT_CLOSE(flse, ref.lse, kF32Tol);
       EXPECT_CLOSE(fout, gout.to_host(), 2 * out_tol);
       EXPECT_CLOSE(flse, glse.to_host(), 2 * kF32Tol);
       EXPECT_TRUE(bit_equal(fout, fout2) && bit_equal(flse, flse2)) << "flash rerun differs";
@@ -1010,15 +1053,9 @@ TEST_F(CudaBackendTest, FlashAttentionBackwardBf16) {
         AttnCase{1, 128, 2, 128, 128}, AttnCase{1, 130, 2, 256, 256},
         AttnCase{2, 77, 2, 96, 160}}) {
     SCOPED_TRACE(testing::Message() << c);
-    const float scale = 1.0f / std::sqrt(float(c.dqk));
-    const AttnReference ref =
-        attention_reference(cpu(), c, scale, [&](const Shape& shape) { return randn(shape); });
-    const Tensor &q = ref.q, &k = ref.k, &v = ref.v, &dout = ref.dout, &out = ref.out,
-                 &lse = ref.lse;
-    const Tensor &dq = ref.dq, &dk = ref.dk, &dv = ref.dv, &dv_bound = ref.dv_bound;
-
-    const Tensor gq = dev(q), gk = dev(k), gv = dev(v), gdout = dev(dout), gout = dev(out),
-                 glse = dev(lse);
+    const AttnInputs in = attn_inputs(c, {.bf16 = true, .dout = true});
+    const AttnReference ref = attention_reference(cpu(), c, in);
+    const Tensor gout = dev(ref.out), glse = dev(ref.lse);
     struct Grads {
       Tensor dq, dk, dv;
     };
@@ -1026,9 +1063,9 @@ TEST_F(CudaBackendTest, FlashAttentionBackwardBf16) {
       EnvScope env("MOEKIT_CUDA_FLASH", flash), opt_in("MOEKIT_CUDA_FLASH_BWD", "1");
       EnvScope bv("MOEKIT_FLASH_BWD_VARIANT", std::to_string(variant).c_str());
       PrecisionScope bf16(gpu(), Precision::Bf16);
-      Grads r{poisoned(q.shape()), poisoned(k.shape()), poisoned(v.shape())};
-      gpu().attention_backward(r.dq, r.dk, r.dv, gdout, gout, glse, gq, gk, gv, c.batch, c.seq,
-                               c.heads, scale);
+      Grads r{poisoned(in.q.shape()), poisoned(in.k.shape()), poisoned(in.v.shape())};
+      gpu().attention_backward(r.dq, r.dk, r.dv, in.gdout, gout, glse, in.gq, in.gk, in.gv, c.batch,
+                               c.seq, c.heads, in.scale);
       return r;
     };
     const Grads g = run("0", 0);
@@ -1036,16 +1073,16 @@ TEST_F(CudaBackendTest, FlashAttentionBackwardBf16) {
       SCOPED_TRACE(testing::Message() << "MOEKIT_FLASH_BWD_VARIANT=" << variant);
       const Grads f = run("1", variant), f2 = run("1", variant);
 
-      const double dv_tol = (u + kF32Tol) * max_abs(dv_bound) / max_abs(dv);
-      EXPECT_CLOSE(f.dv, dv, dv_tol);
+      const double dv_tol = (u + kF32Tol) * max_abs(ref.dv_bound) / max_abs(ref.dv);
+      EXPECT_CLOSE(f.dv, ref.dv, dv_tol);
       EXPECT_CLOSE(f.dv, g.dv.to_host(), 2 * dv_tol);
       if (c.seq == 1) {  // dq = dk = 0 exactly: compare absolute noise
         EXPECT_LE(max_abs(f.dq), 1e-5);
         EXPECT_LE(max_abs(f.dk), 1e-5);
       } else {
         const double tol = (u + kF32Tol) * std::sqrt(double(c.seq));
-        EXPECT_CLOSE(f.dq, dq, tol);
-        EXPECT_CLOSE(f.dk, dk, tol);
+        EXPECT_CLOSE(f.dq, ref.dq, tol);
+        EXPECT_CLOSE(f.dk, ref.dk, tol);
         EXPECT_CLOSE(f.dq, g.dq.to_host(), 2 * tol);
         EXPECT_CLOSE(f.dk, g.dk.to_host(), 2 * tol);
       }
@@ -1072,30 +1109,24 @@ TEST_F(CudaBackendTest, FlashAttentionBackwardBf16) {
 // equality is not of two wrong values. A BF16 out outside the bf16 precision is refused.
 TEST_F(CudaBackendTest, AttentionForwardBf16OutIsTheRoundedF32Out) {
   const double u = std::ldexp(1.0, -8);
-  auto rounded = [](const Tensor& t) { return t.to_dtype(DType::BF16).to_f32(); };
   for (const AttnCase& c :
        {AttnCase{2, 45, 3, 24, 16}, AttnCase{1, 100, 2, 192, 128}, AttnCase{2, 300, 2, 64, 64},
         AttnCase{1, 130, 2, 256, 256}, AttnCase{2, 77, 2, 96, 160}, AttnCase{2, 1, 4, 192, 128}}) {
     SCOPED_TRACE(testing::Message() << c);
-    const int64_t T = c.batch * c.seq;
-    const float scale = 1.0f / std::sqrt(float(c.dqk));
-    Tensor q = rounded(randn({T, c.heads, c.dqk})), k = rounded(randn({T, c.heads, c.dqk}));
-    Tensor v = rounded(randn({T, c.heads, c.dv}));
-    Tensor out = Tensor::empty({T, c.heads, c.dv}), lse = Tensor::empty({c.batch, c.heads, c.seq});
-    cpu().attention_forward(out, lse, q, k, v, c.batch, c.seq, c.heads, scale);
-    const Tensor gq = dev(q), gk = dev(k), gv = dev(v);
-    const double out_tol = (u + kF32Tol) * max_abs(v) / max_abs(out);
+    const AttnInputs in = attn_inputs(c, {.bf16 = true});
+    const AttnReference ref = attention_reference(cpu(), c, in);
+    const double out_tol = (u + kF32Tol) * max_abs(in.v) / max_abs(ref.out);
     for (int mode = 0; mode <= kFlashFwdVariants; ++mode) {
       const bool flash = mode < kFlashFwdVariants;
       SCOPED_TRACE(testing::Message() << "MOEKIT_CUDA_FLASH=" << flash << " variant " << mode);
       EnvScope env("MOEKIT_CUDA_FLASH", flash ? "1" : "0");
       EnvScope fv("MOEKIT_FLASH_FWD_VARIANT", std::to_string(flash ? mode : 0).c_str());
       PrecisionScope bf16(gpu(), Precision::Bf16);
-      Tensor o32 = poisoned(out.shape()), l32 = poisoned(lse.shape());
-      Tensor o16 = poisoned(out.shape(), DType::BF16), l16 = poisoned(lse.shape());
-      gpu().attention_forward(o32, l32, gq, gk, gv, c.batch, c.seq, c.heads, scale);
-      gpu().attention_forward(o16, l16, gq, gk, gv, c.batch, c.seq, c.heads, scale);
-      EXPECT_CLOSE(o32, out, out_tol);
+      Tensor o32 = poisoned(ref.out.shape()), l32 = poisoned(ref.lse.shape());
+      Tensor o16 = poisoned(ref.out.shape(), DType::BF16), l16 = poisoned(ref.lse.shape());
+      gpu().attention_forward(o32, l32, in.gq, in.gk, in.gv, c.batch, c.seq, c.heads, in.scale);
+      gpu().attention_forward(o16, l16, in.gq, in.gk, in.gv, c.batch, c.seq, c.heads, in.scale);
+      EXPECT_CLOSE(o32, ref.out, out_tol);
       EXPECT_TRUE(bit_equal(o16, o32.to_host().to_dtype(DType::BF16)))
           << "bf16 out is not the f32 out rounded";
       EXPECT_TRUE(bit_equal(l16, l32)) << "lse";
@@ -1120,25 +1151,23 @@ TEST_F(CudaBackendTest, AttentionBackwardReadsABf16Out) {
        {AttnCase{2, 45, 3, 24, 16}, AttnCase{1, 100, 2, 192, 128}, AttnCase{2, 200, 3, 64, 64},
         AttnCase{2, 1, 3, 192, 128}, AttnCase{2, 77, 2, 96, 160}}) {
     SCOPED_TRACE(testing::Message() << c);
-    const float scale = 1.0f / std::sqrt(float(c.dqk));
-    const AttnReference ref =
-        attention_reference(cpu(), c, scale, [&](const Shape& shape) { return randn(shape); });
+    const AttnInputs in = attn_inputs(c, {.bf16 = true, .dout = true});
+    const AttnReference ref = attention_reference(cpu(), c, in);
     // The CPU backward on O rounded to bf16 (held in fp32): the reference of the BF16-O op.
     const Tensor out16 = ref.out.to_dtype(DType::BF16), out_r = out16.to_f32();
-    Tensor dq = Tensor::empty(ref.q.shape()), dk = Tensor::empty(ref.k.shape()),
-           dv = Tensor::empty(ref.v.shape());
-    cpu().attention_backward(dq, dk, dv, ref.dout, out_r, ref.lse, ref.q, ref.k, ref.v, c.batch,
-                             c.seq, c.heads, scale);
-    const Tensor gq = dev(ref.q), gk = dev(ref.k), gv = dev(ref.v), gdout = dev(ref.dout),
-                 glse = dev(ref.lse);
+    Tensor dq = Tensor::empty(in.q.shape()), dk = Tensor::empty(in.k.shape()),
+           dv = Tensor::empty(in.v.shape());
+    cpu().attention_backward(dq, dk, dv, in.dout, out_r, ref.lse, in.q, in.k, in.v, c.batch, c.seq,
+                             c.heads, in.scale);
+    const Tensor glse = dev(ref.lse);
     struct Grads {
       Tensor dq, dk, dv;
     };
     auto run = [&](const Tensor& o) {
       PrecisionScope bf16(gpu(), Precision::Bf16);
-      Grads r{poisoned(ref.q.shape()), poisoned(ref.k.shape()), poisoned(ref.v.shape())};
-      gpu().attention_backward(r.dq, r.dk, r.dv, gdout, o, glse, gq, gk, gv, c.batch, c.seq,
-                               c.heads, scale);
+      Grads r{poisoned(in.q.shape()), poisoned(in.k.shape()), poisoned(in.v.shape())};
+      gpu().attention_backward(r.dq, r.dk, r.dv, in.gdout, o, glse, in.gq, in.gk, in.gv, c.batch,
+                               c.seq, c.heads, in.scale);
       return r;
     };
     for (const char* flash : {"1", "0"}) {

@@ -76,6 +76,16 @@ const void* bf16_at(const Tensor& t, int64_t offset) {
 
 }  // namespace
 
+int cuda::flash_variant(const char* name, int count, int fallback) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0') return fallback;
+  char* end = nullptr;
+  const long v = std::strtol(env, &end, 10);
+  if (end == env || *end != '\0')
+    fail("{} must be an integer (a flash-attention kernel variant), got \"{}\"", name, env);
+  return v >= 0 && v < count ? int(v) : fallback;
+}
+
 void CudaBackend::attention_forward_tc(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,
                                        const Tensor& v, int64_t batch, int64_t seq, int64_t heads,
                                        float scale) {

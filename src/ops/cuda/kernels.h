@@ -345,6 +345,13 @@ bool flash_attention_backward_supported(const AttentionShape& s, const float* dq
 cudaError_t flash_attention_backward(float* dq, float* dk, float* dv, const void* dout,
                                      const float* lse, const float* delta, const void* q,
                                      const void* k, const void* v, const AttentionShape& s);
+// The tiling variant the environment variable `name` asks for (MOEKIT_FLASH_FWD_VARIANT,
+// MOEKIT_FLASH_BWD_VARIANT; read per call, so tests and the throughput measurement can switch):
+// an integer in [0, count), else `fallback` (the default, the fastest measured). An integer out of
+// range runs the default, so a test can sweep one id over the forward and backward variants
+// together; a value that is no integer at all is a typo, an Error naming the variable. Defined on
+// the host side (cuda_attention_tc.cpp), where Error lives; the launchers above call it.
+int flash_variant(const char* name, int count, int fallback);
 
 // --- optimizer (cuda_optim.cu)
 cudaError_t adamw_step(float* w, float* m, float* v, const float* g, int64_t n, const AdamWStep& s);

@@ -7,7 +7,6 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
-#include <cstdlib>
 
 #include "ops/cuda/device_util.cuh"
 
@@ -112,17 +111,6 @@ __device__ inline int frag_rows_offset(int lane, int stride) {
 __device__ inline int frag_cols_offset(int lane, int stride) {
   const int mi = lane / 8, mr = lane % 8;
   return (mr + ((mi & 2) ? 8 : 0)) * stride + ((mi & 1) ? 8 : 0);
-}
-
-// The kernel variant the environment variable `name` asks for (read per call, so tests and the
-// throughput measurement can switch): an integer in [0, count), else `fallback` (the default,
-// the fastest measured).
-inline int flash_variant(const char* name, int count, int fallback) {
-  const char* env = std::getenv(name);
-  if (env == nullptr || *env == '\0') return fallback;
-  char* end = nullptr;
-  const long v = std::strtol(env, &end, 10);
-  return *end == '\0' && v >= 0 && v < count ? int(v) : fallback;
 }
 
 }  // namespace moekit::cuda
