@@ -43,6 +43,7 @@
 #include <cstdint>
 
 #include "ops/cuda/device_util.cuh"
+#include "ops/cuda/flash_args.cuh"
 #include "ops/cuda/kernels.h"
 #include "ops/cuda/mma_util.cuh"
 
@@ -68,15 +69,6 @@ constexpr FwdCfg kFwdVariants[] = {
     {8, 32, false, 2, 2},  // 4: 128 query rows, Q in shared memory, 32-key tiles, 2 blocks/SM
 };
 constexpr int kFwdVariantCount = int(sizeof(kFwdVariants) / sizeof(kFwdVariants[0]));
-
-struct FlashArgs {
-  void* out;  // fp32, or bf16 when out_bf16
-  bool out_bf16;
-  float* lse;
-  const uint16_t *q, *k, *v;  // bf16 bits
-  int seq, heads, dqk, dv, chunks;
-  float scale_log2;  // scale * log2(e)
-};
 
 template <int QK, int VC, int V>
 constexpr size_t flash_smem_bytes() {
@@ -386,8 +378,7 @@ cudaError_t flash_attention_forward(void* out, bool out_bf16, float* lse, const 
   const int variant =
       flash_variant("MOEKIT_FLASH_FWD_VARIANT", kFwdVariantCount + kHopperTilings, hopper ? 5 : 1);
   if (variant >= kFwdVariantCount && hopper)
-    return flash_attention_forward_hopper(out, out_bf16, lse, q, k, v, s,
-                                          variant - kFwdVariantCount);
+    return flash_attention_forward_hopper(args, s.batch, variant - kFwdVariantCount);
   switch (variant) {
     case 1:
       return launch_variant<1>(args, s.batch, small);

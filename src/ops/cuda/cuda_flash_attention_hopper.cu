@@ -1,30 +1,32 @@
 // CUDA kernels, part 5e: the causal flash-attention forward on Hopper's warpgroup MMA (wgmma,
 // sm_90a), the default forward of Precision::Bf16 on an H100/H200 (cuda_flash_attention.cu picks
-// it: variants 5 and 6 of MOEKIT_FLASH_FWD_VARIANT). Same contract and numerics as the mma.sync
-// kernel there: q, k, v bf16, S = Q K^T with fp32 accumulation, an online base-2 softmax in fp32,
-// P rounded to bf16 as the A operand of P V, fp32 accumulation of O, one division by the row sum
-// at the end, lse in natural log; deterministic (fixed orders, no atomics).
+// it: variants 5-7 of MOEKIT_FLASH_FWD_VARIANT, tilings 0-2 here). Same contract and numerics as
+// the mma.sync kernel there: q, k, v bf16, S = Q K^T with fp32 accumulation, an online base-2
+// softmax in fp32, P rounded to bf16 as the A operand of P V, fp32 accumulation of O, one
+// division by the row sum at the end, lse in natural log; deterministic (fixed orders, no
+// atomics). The weights round differently from that kernel's (one FMA per score here).
 //
 // Why a second kernel: on Hopper mma.sync runs at about two thirds of the tensor cores' rate and
 // every B fragment passes through registers by ldmatrix (shared-memory bandwidth bounds it at
 // ~115-150 TFLOP/s for 192/128 heads). wgmma reads K and V straight from shared memory, takes P
 // from registers (the S accumulator layout is the A fragment layout: no exchange), and runs
-// asynchronously, so while one warpgroup computes its softmax the other keeps the tensor cores
-// busy.
+// asynchronously, so the tensor cores can work while the softmax runs.
 //
-// Block (query tile of 128 rows, head, sequence x v-column chunk of 128), 2 warpgroups; warpgroup
+// Block (query tile of 64 rows per warpgroup, head, sequence x v-column chunk of 128); warpgroup
 // w owns rows [64w, 64w + 64) of the tile (one m64 wgmma), warp i of it rows 16i.. as in the
-// mma.sync kernel. Q is staged once; K and V tiles of BN keys are double-buffered with cp.async
-// (all 256 threads load, zero-filled past the sequence), in the 128-byte-swizzled layout of
-// wgmma_util.cuh. Per key tile a warpgroup issues dqk / 16 wgmmas for S (m64 x BN x 16), waits,
-// runs the softmax on its registers, then BN / 16 wgmmas for O += P V (V MN-major) and waits.
-// A warpgroup skips tiles wholly past its rows; only tiles reaching past a row are masked.
+// mma.sync kernel. Q is staged once; K and V tiles of BN keys stream through cp.async buffers
+// (all threads load, zero-filled past the sequence) in the 128-byte-swizzled layout of
+// wgmma_util.cuh. Per key tile a warpgroup issues dqk / 16 wgmmas for S (m64 x BN x 16), runs the
+// softmax on its registers, then issues BN / 16 wgmmas for O += P V (V MN-major). Two schedules
+// (see each kernel): plain (wait after each product) and pipelined (the default: S of the next
+// tile in flight during this tile's softmax). Only tiles reaching past a row are masked.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
 #include "ops/cuda/device_util.cuh"
+#include "ops/cuda/flash_args.cuh"
 #include "ops/cuda/kernels.h"
 #include "ops/cuda/mma_util.cuh"
 #include "ops/cuda/wgmma_util.cuh"
@@ -34,15 +36,6 @@ namespace moekit::cuda {
 namespace {
 
 constexpr float kLn2 = 0.6931471805599453f;
-
-struct HopperArgs {
-  void* out;  // fp32, or bf16 when out_bf16
-  bool out_bf16;
-  float* lse;
-  const uint16_t *q, *k, *v;  // bf16 bits
-  int seq, heads, dqk, dv, chunks;
-  float scale_log2;  // scale * log2(e)
-};
 
 // Dynamic shared memory: 1024 bytes of slack to align the tiles to the swizzle's period, the Q
 // tile (64 rows per warpgroup), STAGES K and V buffers (each a row of 64-column blocks).
@@ -94,7 +87,7 @@ struct HopperBlock {
   static_assert(QK % 64 == 0 && QK <= 256 && (VC == 64 || VC == 128) && (BN == 64 || BN == 128));
   static_assert(hopper_smem_bytes<QK, VC, BN, WGS, STAGES>() <= 227 * 1024);
 
-  const HopperArgs& a;
+  const FlashArgs& a;
   uint32_t q_s, k_s, v_s;  // shared addresses: Q tile, K buffers, V buffers
   int qt, h, b, chunk, c0, nv, tid, wg, t, wg_row, wrow, row0, row1, tiles, wg_tiles;
   int64_t tok0;
@@ -105,7 +98,7 @@ struct HopperBlock {
   const uint16_t *q_head, *k_head, *v_head;
   int64_t qk_stride, v_stride;
 
-  __device__ HopperBlock(const HopperArgs& args, uint32_t smem) : a(args) {
+  __device__ HopperBlock(const FlashArgs& args, uint32_t smem) : a(args) {
     q_s = (smem + 1023u) & ~1023u;
     k_s = q_s + QK / 64 * kQBlockBytes;
     v_s = k_s + STAGES * kKBytes;
@@ -247,7 +240,7 @@ __device__ inline void online_softmax(float (&s)[BN / 2], float (&o)[VC / 2],
 // out = O / l (the quad's partial sums added in a fixed tree); lse = ln 2 * (m + log2 l).
 template <class Block, int VC>
 __device__ inline void store_output(const Block& k, const float (&o)[VC / 2], SoftmaxRows r) {
-  const HopperArgs& a = k.a;
+  const FlashArgs& a = k.a;
   const float l0 = quad_sum(r.l0), l1 = quad_sum(r.l1);
   const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
   auto store_pair = [&](int row, int col, float lo, float hi) {
@@ -279,7 +272,7 @@ __device__ inline void store_output(const Block& k, const float (&o)[VC / 2], So
 // issues P V, waits; two barriers per tile (tile landed; buffer free for the next prefetch). The
 // tensor cores idle while both warpgroups run their softmax at the same time.
 template <int QK, int VC, int BN, int WGS>
-__global__ void __launch_bounds__(128 * WGS, 1) flash_attention_hopper_kernel(const HopperArgs a) {
+__global__ void __launch_bounds__(128 * WGS, 1) flash_attention_hopper_kernel(const FlashArgs a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ uint8_t smem_raw[];
   const HopperBlock<QK, VC, BN, WGS, 2> k(a, shared_address(smem_raw));
@@ -331,7 +324,7 @@ __global__ void __launch_bounds__(128 * WGS, 1) flash_attention_hopper_kernel(co
 // = 0, its rescale 1): no branch may separate a wgmma from its wait, or ptxas serializes them all.
 template <int QK, int VC, int BN>
 __global__ void __launch_bounds__(256, 1)
-    flash_attention_hopper_pipelined_kernel(const HopperArgs a) {
+    flash_attention_hopper_pipelined_kernel(const FlashArgs a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ uint8_t smem_raw[];
   const HopperBlock<QK, VC, BN, 2, 4> k(a, shared_address(smem_raw));
@@ -362,26 +355,26 @@ __global__ void __launch_bounds__(256, 1)
     if (kt + 2 < k.tiles) k.load_tile(kt + 2);
     cp_async_commit();
   };
-  // Tile kt whose scores are in `cur`, with a next tile (its scores issued into `nxt`).
-  auto step = [&](int kt, float(&cur)[BN / 2], float(&nxt)[BN / 2]) {
-    arrive(kt);
-    k.issue_scores(nxt, kt + 1);
-    wgmma_wait<1>();  // S of kt and P V of kt - 1; S of kt + 1 runs on
+  // The softmax of tile kt (its scores in `cur`, waited for) and the issue of its P V.
+  auto consume = [&](int kt, float(&cur)[BN / 2]) {
     wgmma_fence_operands(cur);
     wgmma_fence_operands(o);
     wgmma_fence_operands(p);
     online_softmax<BN, VC>(cur, o, p, r, kt * BN, k.wrow, k.row0, k.row1, k.t, a.scale_log2);
     k.issue_pv(o, p, kt);
   };
+  // Tile kt whose scores are in `cur`, with a next tile (its scores issued into `nxt`).
+  auto step = [&](int kt, float(&cur)[BN / 2], float(&nxt)[BN / 2]) {
+    arrive(kt);
+    k.issue_scores(nxt, kt + 1);
+    wgmma_wait<1>();  // S of kt and P V of kt - 1; S of kt + 1 runs on
+    consume(kt, cur);
+  };
   // The last tile: nothing left to overlap.
   auto last = [&](int kt, float(&cur)[BN / 2]) {
     arrive(kt);
     wgmma_wait_all();
-    wgmma_fence_operands(cur);
-    wgmma_fence_operands(o);
-    wgmma_fence_operands(p);
-    online_softmax<BN, VC>(cur, o, p, r, kt * BN, k.wrow, k.row0, k.row1, k.t, a.scale_log2);
-    k.issue_pv(o, p, kt);
+    consume(kt, cur);
     wgmma_wait_all();
     wgmma_fence_operands(o);
     wgmma_fence_operands(p);
@@ -406,9 +399,8 @@ __global__ void __launch_bounds__(256, 1)
 // Sets the kernel's shared-memory allowance once and launches it: grid (query tiles, heads,
 // sequences x v-column chunks).
 template <int QK, int VC, int BN, int WGS, int STAGES>
-cudaError_t launch_hopper_kernel(const void* kernel,
-                                 void (*launch)(dim3, size_t, const HopperArgs&),
-                                 const HopperArgs& args, int64_t batch) {
+cudaError_t launch_hopper_kernel(const void* kernel, void (*launch)(dim3, size_t, const FlashArgs&),
+                                 const FlashArgs& args, int64_t batch) {
   constexpr size_t smem = hopper_smem_bytes<QK, VC, BN, WGS, STAGES>();
   static_assert(smem <= 227 * 1024, "over the opt-in shared memory of sm_90");
   static const cudaError_t attr =
@@ -421,20 +413,20 @@ cudaError_t launch_hopper_kernel(const void* kernel,
 }
 
 template <int QK, int VC, int BN, int WGS>
-cudaError_t launch_hopper(const HopperArgs& args, int64_t batch) {
+cudaError_t launch_hopper(const FlashArgs& args, int64_t batch) {
   return launch_hopper_kernel<QK, VC, BN, WGS, 2>(
       reinterpret_cast<const void*>(&flash_attention_hopper_kernel<QK, VC, BN, WGS>),
-      [](dim3 grid, size_t smem, const HopperArgs& x) {
+      [](dim3 grid, size_t smem, const FlashArgs& x) {
         flash_attention_hopper_kernel<QK, VC, BN, WGS><<<grid, 128 * WGS, smem, stream()>>>(x);
       },
       args, batch);
 }
 
 template <int QK, int VC, int BN>
-cudaError_t launch_hopper_pipelined(const HopperArgs& args, int64_t batch) {
+cudaError_t launch_hopper_pipelined(const FlashArgs& args, int64_t batch) {
   return launch_hopper_kernel<QK, VC, BN, 2, 4>(
       reinterpret_cast<const void*>(&flash_attention_hopper_pipelined_kernel<QK, VC, BN>),
-      [](dim3 grid, size_t smem, const HopperArgs& x) {
+      [](dim3 grid, size_t smem, const FlashArgs& x) {
         flash_attention_hopper_pipelined_kernel<QK, VC, BN><<<grid, 256, smem, stream()>>>(x);
       },
       args, batch);
@@ -459,38 +451,21 @@ bool flash_attention_hopper_available() {
 #endif
 }
 
-cudaError_t flash_attention_forward_hopper(void* out, bool out_bf16, float* lse, const void* q,
-                                           const void* k, const void* v, const AttentionShape& s,
-                                           int tiling) {
-  if (s.batch * s.seq * s.heads == 0) return cudaSuccess;
-  if (!flash_attention_hopper_available() ||
-      !flash_attention_supported(s, out, out_bf16, q, k, v) || tiling < 0 ||
-      tiling >= kHopperTilings)
+cudaError_t flash_attention_forward_hopper(const FlashArgs& args, int64_t batch, int tiling) {
+  if (batch * args.seq * args.heads == 0) return cudaSuccess;
+  if (!flash_attention_hopper_available() || tiling < 0 || tiling >= kHopperTilings)
     return cudaErrorInvalidValue;
-  const bool small = s.dqk <= 64 && s.dv <= 64;
-  const int vc = small ? 64 : 128;
-  const HopperArgs args{out,
-                        out_bf16,
-                        lse,
-                        static_cast<const uint16_t*>(q),
-                        static_cast<const uint16_t*>(k),
-                        static_cast<const uint16_t*>(v),
-                        int(s.seq),
-                        int(s.heads),
-                        int(s.dqk),
-                        int(s.dv),
-                        int((s.dv + vc - 1) / vc),
-                        s.scale * kLog2e};
+  const bool small = args.dqk <= 64 && args.dv <= 64;
   // Tilings: 0 = pipelined, 2 warpgroups, 64-key tiles; 1 = plain, 2 warpgroups, 128 keys; 2 =
   // plain, 3 warpgroups (192 query rows per K/V tile, 12 warps to hide latency), 64 keys.
-  if (small) return launch_hopper_pipelined<64, 64, 64>(args, s.batch);
-  if (s.dqk <= 128) return launch_hopper_pipelined<128, 128, 64>(args, s.batch);
-  if (s.dqk <= 192) {
-    if (tiling == 0) return launch_hopper_pipelined<192, 128, 64>(args, s.batch);
-    if (tiling == 1) return launch_hopper<192, 128, 128, 2>(args, s.batch);
-    return launch_hopper<192, 128, 64, 3>(args, s.batch);
+  if (small) return launch_hopper_pipelined<64, 64, 64>(args, batch);
+  if (args.dqk <= 128) return launch_hopper_pipelined<128, 128, 64>(args, batch);
+  if (args.dqk <= 192) {
+    if (tiling == 0) return launch_hopper_pipelined<192, 128, 64>(args, batch);
+    if (tiling == 1) return launch_hopper<192, 128, 128, 2>(args, batch);
+    return launch_hopper<192, 128, 64, 3>(args, batch);
   }
-  return launch_hopper<256, 128, 64, 2>(args, s.batch);  // 4 stages would not fit
+  return launch_hopper<256, 128, 64, 2>(args, batch);  // 4 stages would not fit
 }
 
 }  // namespace moekit::cuda

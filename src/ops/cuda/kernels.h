@@ -323,17 +323,6 @@ bool flash_attention_supported(const AttentionShape& s, const void* out, bool ou
                                const void* q, const void* k, const void* v);
 cudaError_t flash_attention_forward(void* out, bool out_bf16, float* lse, const void* q,
                                     const void* k, const void* v, const AttentionShape& s);
-// The same forward on Hopper's warpgroup MMA (cuda_flash_attention_hopper.cu), for the shapes
-// flash_attention_supported takes; `tiling` in [0, kHopperTilings) picks the block shape at
-// dqk 129..192 (0: 2 warpgroups, 128-key tiles; 1: 2 warpgroups, 64 keys; 2: 3 warpgroups, 64
-// keys), other head sizes have one. Available when the build includes sm_90a code
-// (MOEKIT_CUDA_WGMMA: "90a" in CMAKE_CUDA_ARCHITECTURES, the default) and the device is compute
-// capability 9.0.
-constexpr int kHopperTilings = 3;
-bool flash_attention_hopper_available();
-cudaError_t flash_attention_forward_hopper(void* out, bool out_bf16, float* lse, const void* q,
-                                           const void* k, const void* v, const AttentionShape& s,
-                                           int tiling);
 // The backward as fused kernels (cuda_flash_attention_bwd.cu), for the same shapes: dout bf16
 // [.., dv], lse as the forward writes it, delta [batch, heads, seq] from attention_delta; dq, dk,
 // dv fp32, assigned. dS = P * (dP - delta) * scale, P and dS rounded to bf16 before the products
