@@ -48,6 +48,18 @@ static double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
+// A non-negative number of the environment, `unset` where unset or empty. Anything else fails, so
+// a typo does not run the bench quietly without the setting.
+static double env_number(const char* name, double unset) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return unset;
+  char* end = nullptr;
+  const double x = std::strtod(v, &end);
+  if (end == v || *end != '\0' || !std::isfinite(x) || x < 0)
+    fail("{} must be a non-negative number, got \"{}\"", name, v);
+  return x;
+}
+
 // Greedy decoding: one warm-up generation (allocator, cuBLAS heuristics), then the timed one.
 // Greedy (and sampled) decoding reads the chosen id back every token, so the clock covers the
 // device's work.
@@ -61,8 +73,8 @@ static int decode_bench(DeepSeekModel& model, int64_t batch, int64_t prompt_len,
   Generator gen(model, prompt_len + new_tokens + 1);
   SamplingParams p;  // greedy, no stop tokens: exactly new_tokens tokens
   // MOEKIT_BENCH_TEMPERATURE / MOEKIT_BENCH_TOP_P: sampled decoding instead (Backend::sample).
-  if (const char* t = std::getenv("MOEKIT_BENCH_TEMPERATURE")) p.temperature = std::stof(t);
-  if (const char* t = std::getenv("MOEKIT_BENCH_TOP_P")) p.top_p = std::stof(t);
+  p.temperature = float(env_number("MOEKIT_BENCH_TEMPERATURE", p.temperature));
+  p.top_p = float(env_number("MOEKIT_BENCH_TOP_P", p.top_p));
   p.max_tokens = std::min<int64_t>(new_tokens, 16);
   (void)gen.generate(prompt, p);
   gen.reset();
@@ -107,21 +119,10 @@ int main(int argc, char** argv) {
       const char* v = std::getenv(name);
       return v && *v && std::string(v) != "0";
     };
-    // A non-negative number of the environment, 0 where unset or empty. Anything else fails, so a
-    // typo does not run the bench quietly without the setting.
-    auto env_number = [](const char* name) {
-      const char* v = std::getenv(name);
-      if (v == nullptr || *v == '\0') return 0.0;
-      char* end = nullptr;
-      const double x = std::strtod(v, &end);
-      if (end == v || *end != '\0' || !std::isfinite(x) || x < 0)
-        fail("{} must be a non-negative number, got \"{}\"", name, v);
-      return x;
-    };
     // MOEKIT_BENCH_RESERVE_GIB=G (cuda): G GiB of device memory held from the start, so the run
     // sees a smaller card (an 80 GB H100 on the 141 GB H200: the difference of their totals,
     // 140.4 - 79.6 GiB). The peaks printed leave the reserve out. Checked on either device.
-    const double reserve_gib = env_number("MOEKIT_BENCH_RESERVE_GIB");
+    const double reserve_gib = env_number("MOEKIT_BENCH_RESERVE_GIB", 0.0);
     const Tensor reserve =
         reserve_gib > 0 && dev == Device::CUDA
             ? Tensor::empty({int64_t(reserve_gib * 268435456.0)}, DType::F32, dev)
