@@ -51,8 +51,6 @@ namespace moekit::cuda {
 
 namespace {
 
-constexpr float kLn2 = 0.6931471805599453f;
-
 // A tiling/scheduling choice of the kernel (the variants of the header).
 struct FwdCfg {
   int warps;       // each owns 16 query rows: 16 * warps rows per block

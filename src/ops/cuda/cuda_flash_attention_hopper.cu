@@ -35,8 +35,6 @@ namespace moekit::cuda {
 
 namespace {
 
-constexpr float kLn2 = 0.6931471805599453f;
-
 // Dynamic shared memory: 1024 bytes of slack to align the tiles to the swizzle's period, the Q
 // tile (64 rows per warpgroup), STAGES K and V buffers (each a row of 64-column blocks).
 template <int QK, int VC, int BN, int WGS, int STAGES>

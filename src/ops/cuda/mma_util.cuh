@@ -16,6 +16,7 @@ namespace moekit::cuda {
 // banks, so the 8 rows of 16 bytes that one ldmatrix phase reads fall on distinct banks.
 constexpr int kPad = 8;
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
 
 __device__ inline uint32_t shared_address(const void* p) {
   return uint32_t(__cvta_generic_to_shared(p));
