@@ -7,17 +7,13 @@
 #include <cmath>
 #include <random>
 
+#include "../tensor_testing.h"
 #include "nn/mlp.h"
 
 namespace moekit {
 namespace {
 
-Tensor randn(Shape s, std::mt19937_64& rng, float std = 1.0f) {
-  std::normal_distribution<float> n(0.0f, std);
-  Tensor t = Tensor::empty(s);
-  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = n(rng);
-  return t;
-}
+using test::randn;
 
 // Odd sizes (H 37, I 23), one token and five. The matmul with beta = 1 adds each product sum to y
 // in its own order (y may enter the sum first rather than last), so the two sides may differ by

@@ -10,11 +10,14 @@
 #include <cstring>
 #include <random>
 
+#include "../tensor_testing.h"
 #include "core/error.h"
 #include "nn/moe.h"
 
 namespace moekit {
 namespace {
+
+using test::randn;
 
 ModelConfig moe_config(bool shared) {
   ModelConfig c;
@@ -31,14 +34,6 @@ void randomize(ParamTable& params, uint64_t seed) {
   std::normal_distribution<float> n(0.0f, 0.3f);
   for (const auto& p : params.all())
     for (int64_t i = 0; i < p->value.numel(); ++i) p->value.f32()[i] = n(rng);
-}
-
-Tensor randn(Shape s, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> n(0.0f, 1.0f);
-  Tensor t = Tensor::empty(s);
-  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = n(rng);
-  return t;
 }
 
 // max |a - b| / max |b|.

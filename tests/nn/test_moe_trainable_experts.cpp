@@ -11,10 +11,14 @@
 #include <random>
 #include <string>
 
+#include "../tensor_testing.h"
 #include "nn/moe.h"
 
 namespace moekit {
 namespace {
+
+using test::bit_equal;
+using test::randn;
 
 // 29 tokens over 11 experts, 6 each: every expert gets slots, so ESFT's layer has frozen experts
 // with slots (compaction, not the whole layout).
@@ -28,18 +32,6 @@ ModelConfig moe_config() {
   c.num_experts_per_tok = 6;
   c.n_shared_experts = 1;
   return c;
-}
-
-Tensor randn(Shape s, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> n(0.0f, 1.0f);
-  Tensor t = Tensor::empty(s);
-  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = n(rng);
-  return t;
-}
-
-bool bit_equal(const Tensor& a, const Tensor& b) {
-  return a.nbytes() == b.nbytes() && std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
 }
 
 // One layer (same values for every `trains`), one forward and backward on the same x and dy.

@@ -8,14 +8,13 @@
 #include <cstring>
 #include <random>
 
+#include "../tensor_testing.h"
 #include "ops/ops.h"
 
 namespace moekit {
 namespace {
 
-bool bit_equal(const Tensor& a, const Tensor& b) {
-  return a.nbytes() == b.nbytes() && std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
-}
+using test::bit_equal;
 
 TEST(CpuCrossEntropyFused, EqualsForwardThenBackward) {
   Backend& be = backend(Device::CPU);

@@ -40,8 +40,10 @@
 #include <utility>
 #include <vector>
 
+#include "../tensor_testing.h"
 #include "core/error.h"
 #include "expect_error.h"
+#include "nn/rope.h"
 #include "ops/ops.h"
 #include "sample_reference.h"
 #if defined(MOEKIT_HAVE_CUDA)
@@ -50,6 +52,8 @@
 
 namespace moekit {
 namespace {
+
+using test::bit_equal;
 
 using test::expect_error_containing;
 
@@ -148,11 +152,6 @@ std::vector<int64_t> group_offsets(const std::vector<int64_t>& sizes) {
   std::vector<int64_t> begin{0};
   for (int64_t n : sizes) begin.push_back(begin.back() + n);
   return begin;
-}
-
-bool bit_equal(const Tensor& a, const Tensor& b) {
-  Tensor x = a.to_host(), y = b.to_host();
-  return x.nbytes() == y.nbytes() && std::memcmp(x.raw(), y.raw(), x.nbytes()) == 0;
 }
 
 // Runs `op` (which passes an out-of-range index), then reads `result` back: the read must fail
@@ -639,25 +638,16 @@ TEST_F(CudaBackendTest, SwiGluBf16Activations) {
   }
 }
 
-// A RoPE table as RopeTable builds one (theta 10000): cos and sin [max_pos, rope_dim / 2].
-struct RopeTab {
-  Tensor cos, sin;
-};
-RopeTab rope_table(int64_t max_pos, int64_t rope_dim) {
-  const int64_t half = rope_dim / 2;
-  RopeTab t{Tensor::empty({max_pos, half}), Tensor::empty({max_pos, half})};
-  for (int64_t p = 0; p < max_pos; ++p)
-    for (int64_t j = 0; j < half; ++j) {
-      const double a = double(p) * std::pow(10000.0, -2.0 * double(j) / double(rope_dim));
-      t.cos.f32()[p * half + j] = float(std::cos(a));
-      t.sin.f32()[p * half + j] = float(std::sin(a));
-    }
-  return t;
+// The model's own RoPE table (theta 10000, no scaling): cos and sin [max_pos, rope_dim / 2].
+RopeTable rope_table(int64_t max_pos, int64_t rope_dim) {
+  ModelConfig c;
+  c.qk_rope_head_dim = rope_dim;
+  return RopeTable::build(c, max_pos, Device::CPU);
 }
 
 TEST_F(CudaBackendTest, RopeForwardAndInverse) {
   const int64_t T = 29, H = 3, stride = 40, offset = 24, rope_dim = 16, max_pos = 64;
-  const RopeTab tab = rope_table(max_pos, rope_dim);
+  const RopeTable tab = rope_table(max_pos, rope_dim);
   const Tensor &cos = tab.cos, &sin = tab.sin;
   Tensor pos = randint({T}, 0, int32_t(max_pos));
   for (bool inverse : {false, true}) {
@@ -696,7 +686,7 @@ TEST_F(CudaBackendTest, RopeIntoSeparateOutputF32AndBf16) {
     int64_t heads, stride, offset, rope_dim;
   };
   for (const Layout& l : {Layout{3, 40, 24, 16}, Layout{5, 37, 5, 12}, Layout{1, 16, 0, 16}}) {
-    const RopeTab tab = rope_table(max_pos, l.rope_dim);
+    const RopeTable tab = rope_table(max_pos, l.rope_dim);
     const Tensor &cos = tab.cos, &sin = tab.sin;
     const Tensor pos = randint({T}, 0, int32_t(max_pos));
     const Tensor dcos = dev(cos), dsin = dev(sin), dpos = dev(pos);
@@ -746,7 +736,7 @@ TEST_F(CudaBackendTest, RopeIntoSeparateOutputF32AndBf16) {
         out, "rope: position 64 at position 3 out of range [0, 64)");
   }
   Tensor x = dev(randn({T, 8})), small = poisoned({T, 7}, DType::BF16);
-  const RopeTab tab = rope_table(max_pos, 4);
+  const RopeTable tab = rope_table(max_pos, 4);
   const Tensor dcos = dev(tab.cos), dsin = dev(tab.sin), dpos = dev(randint({T}, 0, 4));
   expect_error_containing([&] { gpu().rope(small, x, 2, 4, 0, 4, dcos, dsin, dpos, false); },
                           "rope: x [29, 8]");

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "../tensor_testing.h"
 #include "core/error.h"
 #include "expect_error.h"
 #include "ops/ops.h"
@@ -19,12 +20,7 @@
 namespace moekit {
 namespace {
 
-Tensor randn(Shape s, std::mt19937_64& rng) {
-  Tensor t = Tensor::empty(s);
-  std::normal_distribution<float> n(0.0f, 1.0f);
-  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = n(rng);
-  return t;
-}
+using test::randn;
 
 // C_g[i, j] = alpha * sum_k A_g[i, k] B_g[k, j] + beta * C_g[i, j], blocks as GemmBatch says.
 void reference_batched(Tensor& c, const Tensor& a, const Tensor& b, bool ta, bool tb, float alpha,

@@ -16,25 +16,18 @@
 #include <string>
 #include <vector>
 
+#include "../tensor_testing.h"
 #include "core/error.h"
 #include "ops/ops.h"
 
 namespace moekit {
 namespace {
 
+using test::bit_equal;
+using test::randn;
+
 Backend& cpu() {
   return backend(Device::CPU);
-}
-
-Tensor randn(Shape s, std::mt19937_64& rng) {
-  Tensor t = Tensor::empty(s);
-  std::normal_distribution<float> n(0.0f, 1.0f);
-  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = n(rng);
-  return t;
-}
-
-bool bit_equal(const Tensor& a, const Tensor& b) {
-  return a.nbytes() == b.nbytes() && std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
 }
 
 struct Plan {

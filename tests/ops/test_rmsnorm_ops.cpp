@@ -10,6 +10,7 @@
 #include <random>
 #include <string>
 
+#include "../tensor_testing.h"
 #include "core/error.h"
 #include "nn/rmsnorm.h"
 #include "ops/ops.h"
@@ -17,16 +18,8 @@
 namespace moekit {
 namespace {
 
-Tensor randn(Shape s, std::mt19937_64& rng, float std = 1.0f) {
-  Tensor t = Tensor::empty(s);
-  std::normal_distribution<float> n(0.0f, std);
-  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = n(rng);
-  return t;
-}
-
-bool bit_equal(const Tensor& a, const Tensor& b) {
-  return a.nbytes() == b.nbytes() && std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
-}
+using test::bit_equal;
+using test::randn;
 
 // dx += norm'(dy) equals, bit for bit, the old value plus the plain op's dx (one fp32 add per
 // element, as the add pass did), and dw accumulates the same in both modes. Rows of 1, 33 and 300

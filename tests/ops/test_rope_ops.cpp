@@ -12,40 +12,25 @@
 #include <cstring>
 #include <random>
 
+#include "../tensor_testing.h"
 #include "core/dtype.h"
 #include "expect_error.h"
+#include "nn/rope.h"
 #include "ops/ops.h"
 
 namespace moekit {
 namespace {
 
+using test::bit_equal;
+using test::randn;
+
 using test::expect_error_containing;
 
-Tensor randn(Shape s, std::mt19937_64& rng, float std = 1.0f) {
-  Tensor t = Tensor::empty(s);
-  std::normal_distribution<float> n(0.0f, std);
-  for (int64_t i = 0; i < t.numel(); ++i) t.f32()[i] = n(rng);
-  return t;
-}
-
-bool bit_equal(const Tensor& a, const Tensor& b) {
-  return a.nbytes() == b.nbytes() && std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
-}
-
-// A table as RopeTable builds one (theta 10000), [max_pos, rope_dim / 2].
-struct Table {
-  Tensor cos, sin;
-};
-Table rope_table(int64_t max_pos, int64_t rope_dim) {
-  const int64_t half = rope_dim / 2;
-  Table t{Tensor::empty({max_pos, half}), Tensor::empty({max_pos, half})};
-  for (int64_t p = 0; p < max_pos; ++p)
-    for (int64_t j = 0; j < half; ++j) {
-      const double a = double(p) * std::pow(10000.0, -2.0 * double(j) / double(rope_dim));
-      t.cos.f32()[p * half + j] = float(std::cos(a));
-      t.sin.f32()[p * half + j] = float(std::sin(a));
-    }
-  return t;
+// The model's own table (theta 10000, no scaling), [max_pos, rope_dim / 2] on the CPU.
+RopeTable rope_table(int64_t max_pos, int64_t rope_dim) {
+  ModelConfig c;
+  c.qk_rope_head_dim = rope_dim;
+  return RopeTable::build(c, max_pos, Device::CPU);
 }
 
 struct Layout {
@@ -58,7 +43,7 @@ TEST(CpuRope, SeparateOutputEqualsInPlaceThenRounding) {
   std::mt19937_64 rng(41);
   const int64_t T = 23, max_pos = 40;
   for (const Layout& l : {Layout{3, 24, 16, 8}, Layout{2, 37, 5, 12}, Layout{1, 8, 0, 8}}) {
-    const Table tab = rope_table(max_pos, l.rope_dim);
+    const RopeTable tab = rope_table(max_pos, l.rope_dim);
     Tensor pos = Tensor::empty({T}, DType::I32);
     std::uniform_int_distribution<int32_t> u(0, int32_t(max_pos - 1));
     for (int64_t i = 0; i < T; ++i) pos.i32()[i] = u(rng);
@@ -104,7 +89,7 @@ TEST(CpuRope, SeparateOutputEqualsInPlaceThenRounding) {
 TEST(CpuRope, RefusesBadOutputs) {
   Backend& be = backend(Device::CPU);
   std::mt19937_64 rng(42);
-  const Table tab = rope_table(8, 4);
+  const RopeTable tab = rope_table(8, 4);
   Tensor pos = Tensor::zeros({3}, DType::I32);
   Tensor x = randn({3, 2 * 6}, rng);
   Tensor small = Tensor::empty({3, 11}, DType::BF16);
