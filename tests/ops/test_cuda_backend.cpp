@@ -47,6 +47,7 @@
 #include "ops/ops.h"
 #include "sample_reference.h"
 #if defined(MOEKIT_HAVE_CUDA)
+#include "ops/cuda/flash_args.cuh"
 #include "ops/cuda/kernels.h"
 #endif
 
@@ -842,8 +843,9 @@ struct EnvScope {
 // The flash kernels' tiling variants (MOEKIT_FLASH_FWD_VARIANT / MOEKIT_FLASH_BWD_VARIANT, see
 // the headers of ops/cuda/cuda_flash_attention.cu and _bwd.cu; an id out of range runs the
 // default). Forward variants 5-7 are the Hopper (wgmma) kernel in its three tilings (see
-// cuda_flash_attention_hopper.cu) where the build and the device have it (else variant 1).
-constexpr int kFlashFwdVariants = 8, kFlashBwdVariants = 5;
+// cuda_flash_attention_hopper.cu), backward variants 5-8 the Hopper kernels in their four (see
+// cuda_flash_attention_hopper_bwd.cu), where the build and the device have them (else variant 1).
+constexpr int kFlashFwdVariants = 8, kFlashBwdVariants = 9;
 
 #if defined(MOEKIT_HAVE_CUDA)
 // The switch itself (cuda::flash_variant, host code: no GPU needed, so no fixture): an id in
@@ -1022,7 +1024,8 @@ TEST_F(CudaBackendTest, FlashAttentionForwardBf16) {
 // CausalAttentionBf16Precision: q, k, v, dO rounded to bf16, out and lse from the CPU forward, so
 // only the backward is checked. The kernels round what the GEMM path rounds, P and dS to bf16
 // (relative error <= u = 2^-8 per entry; P = exp2 of base-2 scaled scores differs from exp() of
-// the scaled scores by fp32 rounding only, far below u), so the tolerances are that test's:
+// the scaled scores by fp32 rounding only (ex2.approx in the Hopper kernels: ~2^-22), far below
+// u), so the tolerances are that test's:
 // - dv = P^T dO: (u + kF32Tol) max(P^T |dO|) / max|dv| (the CPU op's dv for |dO| bounds the
 //   error elementwise);
 // - dq = dS K, dk = dS^T Q: (u + kF32Tol) sqrt(seq) (errors of random sign over seq terms);
@@ -1033,15 +1036,15 @@ TEST_F(CudaBackendTest, FlashAttentionForwardBf16) {
 // full tiles (128), batch > 1, 3 heads; DeepSeek-V2's 192/128, 64/64 (the small instance), 48/32
 // and 16/32 (dims narrower than the 64-wide shared tiles: column halves partly or wholly past the
 // dim), 128/128, 256/256 (the largest instance), 96/160 (the 256/256 instance with both dims
-// partial).
+// partial); several of the Hopper kernels' 128-row blocks with a partial last one (300, 520).
 TEST_F(CudaBackendTest, FlashAttentionBackwardBf16) {
   const double u = std::ldexp(1.0, -8);
   for (const AttnCase& c :
        {AttnCase{2, 1, 3, 192, 128}, AttnCase{1, 63, 3, 192, 128}, AttnCase{2, 65, 3, 192, 128},
         AttnCase{2, 200, 3, 192, 128}, AttnCase{2, 65, 3, 64, 64}, AttnCase{1, 200, 3, 64, 64},
         AttnCase{2, 200, 3, 48, 32}, AttnCase{1, 63, 2, 48, 32}, AttnCase{1, 77, 2, 16, 32},
-        AttnCase{1, 128, 2, 128, 128}, AttnCase{1, 130, 2, 256, 256},
-        AttnCase{2, 77, 2, 96, 160}}) {
+        AttnCase{1, 128, 2, 128, 128}, AttnCase{1, 130, 2, 256, 256}, AttnCase{2, 77, 2, 96, 160},
+        AttnCase{2, 300, 2, 192, 128}, AttnCase{1, 520, 2, 128, 128}}) {
     SCOPED_TRACE(testing::Message() << c);
     const AttnInputs in = attn_inputs(c, {.bf16 = true, .dout = true});
     const AttnReference ref = attention_reference(cpu(), c, in);
@@ -1059,6 +1062,7 @@ TEST_F(CudaBackendTest, FlashAttentionBackwardBf16) {
       return r;
     };
     const Grads g = run("0", 0);
+    Grads variant1;  // to tell the Hopper kernels' result from variant 1's
     for (int variant = 0; variant < kFlashBwdVariants; ++variant) {
       SCOPED_TRACE(testing::Message() << "MOEKIT_FLASH_BWD_VARIANT=" << variant);
       const Grads f = run("1", variant), f2 = run("1", variant);
@@ -1086,10 +1090,88 @@ TEST_F(CudaBackendTest, FlashAttentionBackwardBf16) {
         EXPECT_FALSE(bit_equal(f.dq, g.dq) && bit_equal(f.dk, g.dk) && bit_equal(f.dv, g.dv))
             << "flash backward not taken?";
       }
+      if (variant == 1) variant1 = f;
+      // Variants 5-8 (the wgmma kernels where the build, device and dims have them, else variant
+      // 1) give variant 1's bits: see FlashAttentionBackwardHopperGivesVariant1Bits.
+      if (variant >= 5) {
+        EXPECT_TRUE(bit_equal(f.dq, variant1.dq) && bit_equal(f.dk, variant1.dk) &&
+                    bit_equal(f.dv, variant1.dv))
+            << "the Hopper backward's bits differ from variant 1's";
+      }
     }
   }
   EXPECT_EQ(gpu().precision(), Precision::Fp32);
 }
+
+#if defined(MOEKIT_CUDA_WGMMA)
+// The wgmma backward (ops/cuda/cuda_flash_attention_hopper_bwd.cu, each tiling) called directly,
+// so that no fallback can answer for it: it returns success, overwrites every poisoned element of
+// dq, dk and dv, and gives the mma.sync kernels' (variant 1's) bits. It computes the same fp32 P
+// (variant 1's multiply-subtract contracts to the same FMA, and exp2f is the same ex2 away from
+// subnormals) and dS, rounds them alike, and each gradient element adds the same bf16 products in
+// the same k order (query or key tiles in order, 16 at a time), so equal bits are expected; a
+// wrong fragment, mask or offset breaks them (the tolerance checks are
+// FlashAttentionBackwardBf16's). Shapes: the three instances (64/64, 128/128, 192/128), dims
+// narrower than the instance (48/32), 128-row blocks with a partial last one.
+TEST_F(CudaBackendTest, FlashAttentionBackwardHopperGivesVariant1Bits) {
+  if (!cuda::flash_attention_hopper_available()) GTEST_SKIP() << "not a Hopper (sm_90) device";
+  for (const AttnCase& c :
+       {AttnCase{2, 300, 2, 192, 128}, AttnCase{1, 200, 3, 64, 64}, AttnCase{1, 520, 2, 128, 128},
+        AttnCase{2, 77, 2, 48, 32}, AttnCase{1, 1, 2, 192, 128}}) {
+    SCOPED_TRACE(testing::Message() << c);
+    const AttnInputs in = attn_inputs(c, {.bf16 = true, .dout = true});
+    const AttnReference ref = attention_reference(cpu(), c, in);
+    auto bf16 = [&](const Tensor& t) { return dev(t.to_dtype(DType::BF16)); };
+    const Tensor q = bf16(in.q), k = bf16(in.k), v = bf16(in.v), dout = bf16(in.dout);
+    const Tensor out = dev(ref.out), lse = dev(ref.lse);
+    Tensor delta = poisoned({c.batch, c.heads, c.seq});
+    const cuda::AttentionShape shape{c.batch, c.seq, c.heads, c.dqk, c.dv, in.scale};
+    ASSERT_EQ(cuda::attention_delta(delta.f32(), in.gdout.f32(), out.raw(), false, shape),
+              cudaSuccess);
+    struct Grads {
+      Tensor dq, dk, dv;
+    };
+    auto grads = [&] {
+      return Grads{poisoned(in.q.shape()), poisoned(in.k.shape()), poisoned(in.v.shape())};
+    };
+    Grads want = grads();
+    {
+      EnvScope bv("MOEKIT_FLASH_BWD_VARIANT", "1");
+      ASSERT_EQ(
+          cuda::flash_attention_backward(want.dq.f32(), want.dk.f32(), want.dv.f32(), dout.raw(),
+                                         lse.f32(), delta.f32(), q.raw(), k.raw(), v.raw(), shape),
+          cudaSuccess);
+    }
+    ASSERT_TRUE(cuda::flash_attention_backward_hopper_supported(int(c.dqk), int(c.dv)));
+    for (int tiling = 0; tiling < cuda::kHopperBwdTilings; ++tiling) {
+      SCOPED_TRACE(testing::Message() << "tiling " << tiling);
+      Grads got = grads();
+      const cuda::FlashBwdArgs args{got.dq.f32(),
+                                    got.dk.f32(),
+                                    got.dv.f32(),
+                                    static_cast<const uint16_t*>(q.raw()),
+                                    static_cast<const uint16_t*>(k.raw()),
+                                    static_cast<const uint16_t*>(v.raw()),
+                                    static_cast<const uint16_t*>(dout.raw()),
+                                    lse.f32(),
+                                    delta.f32(),
+                                    int(c.seq),
+                                    int(c.heads),
+                                    int(c.dqk),
+                                    int(c.dv),
+                                    in.scale,
+                                    in.scale * 1.4426950408889634f};
+      ASSERT_EQ(cuda::flash_attention_backward_hopper(args, c.batch, tiling), cudaSuccess);
+      EXPECT_TRUE(std::isfinite(max_abs(got.dq)) && std::isfinite(max_abs(got.dk)) &&
+                  std::isfinite(max_abs(got.dv)))
+          << "an element was not written";
+      EXPECT_TRUE(bit_equal(got.dq, want.dq)) << "dq";
+      EXPECT_TRUE(bit_equal(got.dk, want.dk)) << "dk";
+      EXPECT_TRUE(bit_equal(got.dv, want.dv)) << "dv";
+    }
+  }
+}
+#endif
 
 // attention_forward with a BF16 out under Precision::Bf16 (MLA's o, which only o_proj's bf16 GEMMs
 // and the backward's delta read): bit for bit the F32 out of the same path rounded to nearest

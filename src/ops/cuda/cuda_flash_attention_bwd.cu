@@ -29,11 +29,13 @@
 // Only tiles that reach past the block's first query are masked; rows past the sequence's end are
 // staged as zeros (cp.async zero fill) and their P and dS set to zero, so they add nothing.
 //
-// Variants (MOEKIT_FLASH_BWD_VARIANT, read per call; kBwdVariants; 1 (the fastest measured) when
-// unset or out of range),
-// each deterministic. Every variant adds the same products in the same order for each gradient
-// element (m-tiles and register-held fragments change who loads what, not the sums), so they are
-// expected to give variant 0's bits (not asserted: the compiler may contract differently).
+// Variants (MOEKIT_FLASH_BWD_VARIANT, read per call): 0-4 are these kernels' (kBwdVariants), 5-6
+// the wgmma kernels of cuda_flash_attention_hopper_bwd.cu (its tilings 0-1). Unset or out of
+// range: 5 where the build, the device and the head dims have the Hopper kernels, else 1 (the
+// fastest of these). Each is deterministic. Variants 0-4 add the same products in the same order
+// for each gradient element (m-tiles and register-held fragments change who loads what, not the
+// sums), so they are expected to give variant 0's bits (not asserted: the compiler may contract
+// differently).
 // Registers at 192/128 (ptxas, sm_90), dK/dV kernel / dQ kernel:
 //  0  the original kernels: 168 / 134 registers, 148 / 138 KB shared, 8 warps per SM each.
 //  1  dQ kernel with 32 query rows per warp (128 per block): one ldmatrix of K or V feeds two
@@ -50,6 +52,7 @@
 #include <cstdint>
 
 #include "ops/cuda/device_util.cuh"
+#include "ops/cuda/flash_args.cuh"
 #include "ops/cuda/kernels.h"
 #include "ops/cuda/mma_util.cuh"
 
@@ -77,14 +80,6 @@ constexpr BwdCfg kBwdVariants[] = {
     {0, false, 1, 1},  // 4: dQ kernel single-buffered, 2 blocks per SM
 };
 constexpr int kBwdVariantCount = int(sizeof(kBwdVariants) / sizeof(kBwdVariants[0]));
-
-struct BwdArgs {
-  float *dq, *dk, *dv;
-  const uint16_t *q, *k, *v, *dout;  // bf16 bits
-  const float *lse, *delta;          // [batch, heads, seq]
-  int seq, heads, dqk, dvd;          // dvd: v's head dim
-  float scale, scale_log2;           // scale, scale * log2(e)
-};
 
 // Stages rows r0..r0+Rows-1 of head h of a bf16 [tokens, heads, dim] tensor (token tok0 + row)
 // into shared memory at dst (row stride `stride` elements): rows past `seq` are zero (their src
@@ -295,7 +290,7 @@ constexpr BwdCfg bwd_cfg() {
 }
 
 template <int QK, int VD, int V>
-__global__ void __launch_bounds__(kBwdThreads, 1) flash_dkdv_kernel(const BwdArgs a) {
+__global__ void __launch_bounds__(kBwdThreads, 1) flash_dkdv_kernel(const FlashBwdArgs a) {
   constexpr BwdCfg C = bwd_cfg<QK, VD, V>();
   constexpr int qStride = QK + kPad, vStride = VD + kPad;
   extern __shared__ __align__(16) uint16_t smem[];
@@ -412,7 +407,7 @@ __global__ void __launch_bounds__(kBwdThreads, 1) flash_dkdv_kernel(const BwdArg
 // [16 MT (w % 4), +16 MT) and, for the scores, key columns [32 (w / 4), +32) of each key tile.
 template <int QK, int VD, int V>
 __global__ void __launch_bounds__(kBwdThreads, bwd_cfg<QK, VD, V>().dq_stages == 1 ? 2 : 1)
-    flash_dq_kernel(const BwdArgs a) {
+    flash_dq_kernel(const FlashBwdArgs a) {
   constexpr BwdCfg C = bwd_cfg<QK, VD, V>();
   constexpr int MT = C.dq_mt, BM = kTile * MT, S = C.dq_stages;
   static_assert((MT == 1 || MT == 2) && (S == 1 || S == 2) && (!C.qdo_regs || MT == 1));
@@ -537,7 +532,7 @@ __global__ void __launch_bounds__(kBwdThreads, bwd_cfg<QK, VD, V>().dq_stages ==
 }
 
 template <int QK, int VD, int V>
-cudaError_t launch_backward(const BwdArgs& args, int64_t batch) {
+cudaError_t launch_backward(const FlashBwdArgs& args, int64_t batch) {
   constexpr BwdCfg C = bwd_cfg<QK, VD, V>();
   constexpr size_t dkdv_smem = dkdv_smem_bytes<QK, VD>();
   constexpr size_t dq_smem = dq_smem_bytes<QK, VD, C.dq_mt, C.dq_stages>();
@@ -564,7 +559,7 @@ cudaError_t launch_backward(const BwdArgs& args, int64_t batch) {
 
 // The smallest instance that holds both dims (shared memory 217 KB at 256/256), variant V.
 template <int V>
-cudaError_t launch_variant(const BwdArgs& args, int64_t batch) {
+cudaError_t launch_variant(const FlashBwdArgs& args, int64_t batch) {
   if (args.dqk <= 64 && args.dvd <= 64) return launch_backward<64, 64, V>(args, batch);
   if (args.dqk <= 128 && args.dvd <= 128) return launch_backward<128, 128, V>(args, batch);
   if (args.dqk <= 192 && args.dvd <= 128) return launch_backward<192, 128, V>(args, batch);
@@ -593,35 +588,44 @@ cudaError_t flash_attention_backward(float* dq, float* dk, float* dv, const void
   if (s.batch * s.seq * s.heads == 0) return cudaSuccess;
   if (!flash_attention_backward_supported(s, dq, dk, dv, dout, q, k, v))
     return cudaErrorInvalidValue;
-  const BwdArgs args{dq,
-                     dk,
-                     dv,
-                     static_cast<const uint16_t*>(q),
-                     static_cast<const uint16_t*>(k),
-                     static_cast<const uint16_t*>(v),
-                     static_cast<const uint16_t*>(dout),
-                     lse,
-                     delta,
-                     int(s.seq),
-                     int(s.heads),
-                     int(s.dqk),
-                     int(s.dv),
-                     s.scale,
-                     s.scale * kLog2e};
+  const FlashBwdArgs args{dq,
+                          dk,
+                          dv,
+                          static_cast<const uint16_t*>(q),
+                          static_cast<const uint16_t*>(k),
+                          static_cast<const uint16_t*>(v),
+                          static_cast<const uint16_t*>(dout),
+                          lse,
+                          delta,
+                          int(s.seq),
+                          int(s.heads),
+                          int(s.dqk),
+                          int(s.dv),
+                          s.scale,
+                          s.scale * kLog2e};
   // Default: variant 1 (the dQ kernel with 32 query rows per warp), the fastest on the H200
   // (192/128, 16 heads: 2.249 ms at batch 4 x 2048 against 2.524 for variant 0 and 2.28 for 3
   // and 4; 0.726 vs 0.763 at batch 1).
-  switch (flash_variant("MOEKIT_FLASH_BWD_VARIANT", kBwdVariantCount, 1)) {
-    case 1:
-      return launch_variant<1>(args, s.batch);
+  // Variants 5 and 6: the wgmma kernels (cuda_flash_attention_hopper_bwd.cu), tilings 0 and 1,
+  // the default where the build, the device and the head dims have them (192/128, 16 heads, batch
+  // 4 x 2048 on the H200: see bench/RESULTS.md).
+  const bool hopper = flash_attention_backward_hopper_supported(int(s.dqk), int(s.dv));
+  const int variant =
+      flash_variant("MOEKIT_FLASH_BWD_VARIANT", kBwdVariantCount + kHopperBwdTilings,
+                    hopper ? kBwdVariantCount : 1);
+  if (variant >= kBwdVariantCount && hopper)
+    return flash_attention_backward_hopper(args, s.batch, variant - kBwdVariantCount);
+  switch (variant) {
+    case 0:
+      return launch_variant<0>(args, s.batch);
     case 2:
       return launch_variant<2>(args, s.batch);
     case 3:
       return launch_variant<3>(args, s.batch);
     case 4:
       return launch_variant<4>(args, s.batch);
-    default:
-      return launch_variant<0>(args, s.batch);
+    default:  // 1, or a Hopper variant where the wgmma kernels do not run
+      return launch_variant<1>(args, s.batch);
   }
 }
 

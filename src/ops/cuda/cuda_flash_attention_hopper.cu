@@ -42,37 +42,6 @@ constexpr size_t hopper_smem_bytes() {
   return 1024 + (size_t(64 * WGS) * QK + STAGES * size_t(BN) * (QK + VC)) * sizeof(uint16_t);
 }
 
-// Copies rows [row0, row0 + R) of a [rows, stride] bf16 matrix (`head` at row 0, `valid` rows,
-// `pieces` 16-byte pieces per row holding data) into a swizzled shared tile of R rows and P pieces
-// per row (P / 8 blocks of 64 columns, `block_bytes` apart), zeros past either. Thread tid takes
-// piece tid % 8 of each 64-column block in rows tid / 8 + k * (Threads / 8): eight threads read
-// one row's 128 contiguous bytes, and the row's swizzle (row % 8) is the same in every pass, so
-// all addresses are the thread's base plus compile-time offsets (a cp.async costs a few
-// instructions instead of the ~30 a general index split took; the loads were most of the
-// kernel's instructions).
-template <int R, int P, int Threads>
-__device__ inline void load_swizzled(uint32_t dst, uint32_t block_bytes, const uint16_t* head,
-                                     int64_t stride, int row0, int valid, int pieces, int tid) {
-  static_assert(Threads % 64 == 0 && P % 8 == 0);
-  constexpr int kRowsPerPass = Threads / 8;  // a multiple of 8: the swizzle repeats
-  const int c = tid % 8, rq = tid / 8;
-  const uint32_t sm = dst + uint32_t(rq * 128) + (uint32_t(c ^ (rq & 7)) << 4);
-  const uint16_t* const src = head + int64_t(row0 + rq) * stride + c * 8;
-  const int64_t pass_stride = int64_t(kRowsPerPass) * stride;
-#pragma unroll
-  for (int pass = 0; pass < (R + kRowsPerPass - 1) / kRowsPerPass; ++pass) {
-    const int r = rq + pass * kRowsPerPass;
-    if (R % kRowsPerPass != 0 && r >= R) break;
-    const bool row_in = row0 + r < valid;
-#pragma unroll
-    for (int blk = 0; blk < P / 8; ++blk) {
-      const bool in = row_in && blk * 8 + c < pieces;
-      cp_async16(sm + blk * block_bytes + pass * kRowsPerPass * 128,
-                 in ? src + pass * pass_stride + blk * 64 : head, in);
-    }
-  }
-}
-
 // What a block works on and where its tiles live; the same for both kernels below. Warpgroup wg
 // owns query rows [wg_row, wg_row + 64), warp `warp` of it 16 of them, and the lane rows row0 and
 // row1 = row0 + 8 (the accumulator layout of wgmma_util.cuh).
@@ -144,25 +113,17 @@ struct HopperBlock {
   // columns 8j + 2t (+1) of s[4j..4j+3] are keys kt * BN + 8j + 2t (+1), rows row0 (s[4j],
   // s[4j + 1]) and row1 (+2, +3).
   __device__ void issue_scores(float (&s)[BN / 2], int kt) const {
-    const uint32_t q_wg = q_s + wg * 64 * 128, kb = k_s + (kt % STAGES) * kKBytes;
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < QK / 16; ++kk) {
-      const uint32_t col = kk / 4, in_row = (kk % 4) * 32;  // 64-column block; bytes into it
-      wgmma_ss<BN>(s, wgmma_desc(q_wg + col * kQBlockBytes + in_row, 16, 1024),
-                   wgmma_desc(kb + col * kTileBlockBytes + in_row, 16, 1024), kk > 0);
-    }
+    wgmma_tiles<BN, QK>(s, q_s + wg * 64 * 128, kQBlockBytes, k_s + (kt % STAGES) * kKBytes,
+                        kTileBlockBytes);
     wgmma_commit();
   }
   // Issues O += P V of key tile kt (one commit group). V's tile is MN-major for this product
   // (rows = keys = k, 64 columns per 128-byte row): a k-step is 16 rows (2048 bytes) on, the next
   // 64 columns a whole block (BN rows) on.
   __device__ void issue_pv(float (&o)[VC / 2], const uint32_t (&p)[BN / 16][4], int kt) const {
-    const uint32_t vb = v_s + (kt % STAGES) * kVBytes;
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk)
-      wgmma_rs_tb<VC>(o, p[kk], wgmma_desc(vb + kk * 16 * 128, kTileBlockBytes, 1024));
+    wgmma_regs_mn<VC, BN>(o, p, v_s + (kt % STAGES) * kVBytes, kTileBlockBytes);
     wgmma_commit();
   }
 };

@@ -1,7 +1,7 @@
-// The arguments of the flash-attention forward kernels, shared by the mma.sync kernel
-// (cuda_flash_attention.cu, which builds them once in flash_attention_forward) and the Hopper wgmma
-// kernel (cuda_flash_attention_hopper.cu, which that function hands them to), so both kernels
-// read one struct and the shape checks stay in one place.
+// The arguments of the flash-attention kernels, shared by the mma.sync kernels (forward:
+// cuda_flash_attention.cu, backward: cuda_flash_attention_bwd.cu, which build them once) and the
+// Hopper wgmma kernels (cuda_flash_attention_hopper.cu, _hopper_bwd.cu, which those functions hand
+// them to), so each pair reads one struct and the shape checks stay in one place.
 #pragma once
 
 #include <cstdint>
@@ -28,5 +28,23 @@ struct FlashArgs {
 constexpr int kHopperTilings = 3;
 bool flash_attention_hopper_available();
 cudaError_t flash_attention_forward_hopper(const FlashArgs& args, int64_t batch, int tiling);
+
+// The backward's: dq, dk, dv fp32 [tokens, heads, dim]; q, k, v and dO bf16; lse and delta =
+// rowsum(dO * O) fp32 [batch, heads, seq].
+struct FlashBwdArgs {
+  float *dq, *dk, *dv;
+  const uint16_t *q, *k, *v, *dout;  // bf16 bits
+  const float *lse, *delta;          // [batch, heads, seq]
+  int seq, heads, dqk, dvd;          // dvd: v's head dim
+  float scale, scale_log2;           // scale, scale * log2(e)
+};
+
+// The wgmma backward (cuda_flash_attention_hopper_bwd.cu): where flash_attention_hopper_available()
+// and the head dims fit one of its instances (dqk <= 64 and dv <= 64, both <= 128, or dqk <= 192
+// and dv <= 128); cudaErrorInvalidValue elsewhere (the caller runs the mma.sync kernels).
+// `tiling` in [0, kHopperBwdTilings) picks the schedule.
+constexpr int kHopperBwdTilings = 4;
+bool flash_attention_backward_hopper_supported(int dqk, int dv);
+cudaError_t flash_attention_backward_hopper(const FlashBwdArgs& args, int64_t batch, int tiling);
 
 }  // namespace moekit::cuda

@@ -45,6 +45,11 @@ __device__ inline void cp_async_wait_one() {
 __device__ inline void cp_async_wait_all() {
   asm volatile("cp.async.wait_group 0;\n" ::: "memory");
 }
+// Waits until at most N committed groups (the newest N) are still in flight.
+template <int N>
+__device__ inline void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
 
 // Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, r[i] receives its
 // fragment: row lane/4, columns 2(lane%4), +1 (with .trans: column lane/4, rows 2(lane%4), +1).

@@ -11,6 +11,8 @@
 
 #include <cstdint>
 
+#include "ops/cuda/mma_util.cuh"
+
 namespace moekit::cuda {
 
 // Shared-memory tiles for wgmma use the 128-byte swizzle: a tile is stored as blocks of 64 bf16
@@ -75,6 +77,18 @@ __device__ inline void wgmma_fence_operands(uint32_t (&a)[N][4]) {
 // Register layout of a m64nNk16 fp32 accumulator d[N / 2]: warp w of the warpgroup holds rows
 // 16w + g (d[4j], d[4j + 1]) and 16w + g + 8 (d[4j + 2], d[4j + 3]) at columns 8j + 2t, +1, with
 // g = lane / 4, t = lane % 4: per 8 columns the m16n8 accumulator of mma.sync.
+
+// d (+)= A B, m64n32k16: A and B from shared memory (descriptors), both K-major.
+__device__ inline void wgmma_ss_n32(float (&d)[16], uint64_t a, uint64_t b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, "
+      "%9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15])
+      : "l"(a), "l"(b), "r"(accumulate));
+}
 
 // d (+)= A B, m64n64k16: A and B from shared memory (descriptors), both K-major.
 __device__ inline void wgmma_ss_n64(float (&d)[32], uint64_t a, uint64_t b, int accumulate) {
@@ -152,11 +166,13 @@ __device__ inline void wgmma_rs_n128_tb(float (&d)[64], const uint32_t (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
 }
 
-// The instruction for N columns (64 or 128).
+// The instruction for N columns (32, 64 or 128; 64 or 128 from registers).
 template <int N>
 __device__ inline void wgmma_ss(float (&d)[N / 2], uint64_t a, uint64_t b, int accumulate) {
-  static_assert(N == 64 || N == 128);
-  if constexpr (N == 64)
+  static_assert(N == 32 || N == 64 || N == 128);
+  if constexpr (N == 32)
+    wgmma_ss_n32(d, a, b, accumulate);
+  else if constexpr (N == 64)
     wgmma_ss_n64(d, a, b, accumulate);
   else
     wgmma_ss_n128(d, a, b, accumulate);
@@ -168,6 +184,74 @@ __device__ inline void wgmma_rs_tb(float (&d)[N / 2], const uint32_t (&a)[4], ui
     wgmma_rs_n64_tb(d, a, b);
   else
     wgmma_rs_n128_tb(d, a, b);
+}
+
+// acc (+)= A B^T over K / 16 k-steps, A and B K-major 128-byte-swizzled tiles in shared memory:
+// A of 64 rows (a: its first row; a_block: bytes between its 64-column blocks, 128 x its rows),
+// B of N rows likewise. The first k-step overwrites acc. A k-step of 16 columns is 32 bytes into
+// a 128-byte row, four k-steps per block.
+template <int N, int K>
+__device__ inline void wgmma_tiles(float (&acc)[N / 2], uint32_t a, uint32_t a_block, uint32_t b,
+                                   uint32_t b_block) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    const uint32_t col = kk / 4, in_row = (kk % 4) * 32;  // 64-column block; bytes into it
+    wgmma_ss<N>(acc, wgmma_desc(a + col * a_block + in_row, 16, 1024),
+                wgmma_desc(b + col * b_block + in_row, 16, 1024), kk > 0);
+  }
+}
+
+// acc += P B over K / 16 k-steps: P the A fragments in registers (acc's 64 rows x K; fragment kk
+// covers k = 16kk..16kk + 15), B a [K rows][N columns] MN-major swizzled tile (b: its first row;
+// b_block: bytes between its 64-column blocks along N, 128 x its rows). A k-step is 16 rows
+// (2048 bytes) on. N = 192 runs as n128 then n64: the first 64 and the last 32 registers of a
+// m64n192 accumulator are those two instructions' layouts (8-column groups 0-15 and 16-23).
+template <int N, int K>
+__device__ inline void wgmma_regs_mn(float (&acc)[N / 2], const uint32_t (&p)[K / 16][4],
+                                     uint32_t b, uint32_t b_block) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    const uint32_t bk = b + kk * 16 * 128;
+    if constexpr (N == 192) {
+      wgmma_rs_tb<128>(reinterpret_cast<float(&)[64]>(acc[0]), p[kk],
+                       wgmma_desc(bk, b_block, 1024));
+      wgmma_rs_tb<64>(reinterpret_cast<float(&)[32]>(acc[64]), p[kk],
+                      wgmma_desc(bk + 2 * b_block, b_block, 1024));
+    } else {
+      wgmma_rs_tb<N>(acc, p[kk], wgmma_desc(bk, b_block, 1024));
+    }
+  }
+}
+
+// Copies rows [row0, row0 + R) of a [rows, stride] bf16 matrix (`head` at row 0, `valid` rows,
+// `pieces` 16-byte pieces per row holding data) into a swizzled shared tile of R rows and P pieces
+// per row (P / 8 blocks of 64 columns, `block_bytes` apart), zeros past either (cp.async, one
+// commit group is the caller's). Thread tid takes piece tid % 8 of each 64-column block in rows
+// tid / 8 + k * (Threads / 8): eight threads read one row's 128 contiguous bytes, and the row's
+// swizzle (row % 8) is the same in every pass, so all addresses are the thread's base plus
+// compile-time offsets (a cp.async costs a few instructions instead of the ~30 a general index
+// split took; the loads were most of the forward kernel's instructions).
+template <int R, int P, int Threads>
+__device__ inline void load_swizzled(uint32_t dst, uint32_t block_bytes, const uint16_t* head,
+                                     int64_t stride, int row0, int valid, int pieces, int tid) {
+  static_assert(Threads % 64 == 0 && P % 8 == 0);
+  constexpr int kRowsPerPass = Threads / 8;  // a multiple of 8: the swizzle repeats
+  const int c = tid % 8, rq = tid / 8;
+  const uint32_t sm = dst + uint32_t(rq * 128) + (uint32_t(c ^ (rq & 7)) << 4);
+  const uint16_t* const src = head + int64_t(row0 + rq) * stride + c * 8;
+  const int64_t pass_stride = int64_t(kRowsPerPass) * stride;
+#pragma unroll
+  for (int pass = 0; pass < (R + kRowsPerPass - 1) / kRowsPerPass; ++pass) {
+    const int r = rq + pass * kRowsPerPass;
+    if (R % kRowsPerPass != 0 && r >= R) break;
+    const bool row_in = row0 + r < valid;
+#pragma unroll
+    for (int blk = 0; blk < P / 8; ++blk) {
+      const bool in = row_in && blk * 8 + c < pieces;
+      cp_async16(sm + blk * block_bytes + pass * kRowsPerPass * 128,
+                 in ? src + pass * pass_stride + blk * 64 : head, in);
+    }
+  }
 }
 
 }  // namespace moekit::cuda
