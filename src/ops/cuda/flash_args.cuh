@@ -42,7 +42,7 @@ struct FlashBwdArgs {
 // The wgmma backward (cuda_flash_attention_hopper_bwd.cu): where flash_attention_hopper_available()
 // and the head dims fit one of its instances (dqk <= 64 and dv <= 64, both <= 128, or dqk <= 192
 // and dv <= 128); cudaErrorInvalidValue elsewhere (the caller runs the mma.sync kernels).
-// `tiling` in [0, kHopperBwdTilings) picks the schedule.
+// `tiling` in [0, kHopperBwdTilings) picks the query tile and buffer count (see that file).
 constexpr int kHopperBwdTilings = 4;
 bool flash_attention_backward_hopper_supported(int dqk, int dv);
 cudaError_t flash_attention_backward_hopper(const FlashBwdArgs& args, int64_t batch, int tiling);
