@@ -164,10 +164,16 @@ float DeepSeekModel::loss_and_backward(const Tensor& ids, const Tensor& targets,
   for (int64_t t = 0; t < T; ++t) valid += th.i32()[t] >= 0;
   if (valid == 0) return 0.0f;
   Tensor dh = Tensor::empty({T, config_.hidden_size}, DType::F32, device_);
-  // Under Bf16 the LM head's dlogits feed only its bf16 GEMMs (dh, and dW when it trains): the loss
-  // backward writes them rounded, into a bf16 buffer, instead of fp32 in place and a conversion
-  // pass (per GEMM) after. The chunk's peak stays one fp32 and one bf16 [rows, vocab] tensor.
-  const bool bf16_dlogits = bf16_gemm_inputs(be) && be.supports(Op::CrossEntropy, DType::BF16);
+  // Under Bf16 (where the backend's loss takes BF16 logits) the LM head writes the chunk's logits
+  // in bf16, as a bf16 model's training computes them (transformers: bf16 logits, upcast in the
+  // loss); the loss reads each row once and writes the bf16 dlogits, which only the LM head's bf16
+  // GEMMs read, over it. Half the bytes of fp32 logits, moved once, and one bf16 [rows, vocab]
+  // tensor per chunk instead of an fp32 and a bf16 one. Unlike rounding GEMM inputs once, this
+  // changes values (the loss sees rounded logits), so it follows the precision, not
+  // round_gemm_inputs_once(). Else (the CPU, Fp32, Tf32): fp32 logits, the gradient in place.
+  const bool bf16_logits = be.precision() == Precision::Bf16 &&
+                           be.supports(Op::Matmul, DType::BF16) &&
+                           be.supports(Op::CrossEntropy, DType::BF16);
   double sum = 0.0;
   for (int64_t r0 = 0; r0 < T; r0 += step) {
     ProfileScope prof(be, "lm_head+loss (chunked)");
@@ -175,18 +181,12 @@ float DeepSeekModel::loss_and_backward(const Tensor& ids, const Tensor& targets,
     // The chunk's hidden rows feed the LM head GEMM and its weight gradient: rounded once under
     // Bf16 (nn/linear.h), by the final norm or here.
     const Tensor hc = gemm_input(be, h.slice(r0, r1)), tc = td.slice(r0, r1);
-    Tensor logits = Tensor::empty({r1 - r0, V}, DType::F32, device_);
+    Tensor logits = Tensor::empty({r1 - r0, V}, bf16_logits ? DType::BF16 : DType::F32, device_);
     linear_forward(be, logits, hc, *lm_head);
     Tensor losses = Tensor::empty({r1 - r0}, DType::F32, device_);
-    // Losses and dlogits in one op: a backend may read the [rows, vocab] logits once for both.
-    Tensor dlogits = logits;  // in place, unless in bf16
-    if (bf16_dlogits) {
-      dlogits = Tensor::empty(logits.shape(), DType::BF16, device_);
-      be.cross_entropy_fused(losses, dlogits, logits, tc, grad_scale / float(valid));
-      logits = Tensor();  // free before the GEMMs (the allocator reuses it in stream order)
-    } else {
-      be.cross_entropy_fused(losses, dlogits, logits, tc, grad_scale / float(valid));
-    }
+    // Losses and dlogits in one op, the gradient in place: a backend may read each row once.
+    Tensor& dlogits = logits;
+    be.cross_entropy_fused(losses, dlogits, logits, tc, grad_scale / float(valid));
     Tensor dhc = dh.slice(r0, r1);
     linear_backward(be, dhc, *lm_head, dlogits, hc, false);
     const Tensor lh = losses.to_host();  // ignored targets have loss 0

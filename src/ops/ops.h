@@ -374,7 +374,11 @@ class Backend {
   // Both of the above on the same rows, in one call: losses as cross_entropy_forward, dlogits as
   // cross_entropy_backward (same dtype rules; dlogits may be logits itself). The default runs the
   // two ops in sequence; a backend may read each row once for both (the LM head's training
-  // step, where the two passes over [rows, vocab] fp32 logits are the loss's whole cost).
+  // step, where the passes over [rows, vocab] logits are the loss's whole cost). Where
+  // supports(CrossEntropy, BF16), logits may also be BF16 (widened exactly; the LM head's
+  // training logits under Bf16, as a bf16 model computes them), with BF16 dlogits, which may be
+  // logits itself; a backend that accepts them overrides this op (the default's two ops take F32
+  // logits only).
   virtual void cross_entropy_fused(Tensor& losses, Tensor& dlogits, const Tensor& logits,
                                    const Tensor& targets, float scale);
 

@@ -1,7 +1,7 @@
 // Rounding GEMM inputs once under Precision::Bf16 (nn/linear.h): a layer rounds an activation to
-// bf16 once for every GEMM that reads it and saves the bf16 copy for backward, SwiGLU, the norms
-// (outputs, and the post-attention norm's backward), MLA's RoPE (q for the bf16 attention, dq for
-// q's projection) and the loss backward write bf16 where only bf16 readers read their output.
+// bf16 once for every GEMM that reads it and saves the bf16 copy for backward, and SwiGLU, the
+// norms (outputs, and the post-attention norm's backward) and MLA's RoPE (q for the bf16 attention,
+// dq for q's projection) write bf16 where only bf16 readers read their output.
 // The claim is that this changes no bit: each GEMM (and the attention) multiplies exactly the
 // values it used to round itself. So these tests run the same forward and backward with the
 // mechanism off (round_gemm_inputs_once() = false: every GEMM rounds its own F32 operands, as
@@ -11,6 +11,8 @@
 // (MLA::round_output): the attention backward reads it for delta = rowsum(dO * O), so the
 // gradients upstream of it move by bf16 rounding; the bit-for-bit test turns it off, and a test of
 // its own bounds what it changes.
+// The training step's bf16 LM-head logits and dlogits (DeepSeekModel::loss_and_backward) change
+// values too, but they follow the precision, not the switch: both runs of each test have them.
 // Every test skips with the reason when no GPU is visible; names start with "Gpu".
 #include <gtest/gtest.h>
 

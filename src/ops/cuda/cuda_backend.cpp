@@ -317,8 +317,8 @@ void CudaBackend::memory_info(size_t& free_bytes, size_t& total_bytes) {
 
 // BF16: GEMM operands (weights; the experts' activations), the embedding table, MLA's kv_b weight
 // in the decode step's fused ops, the bf16 activation variants of the MoE layer's dispatch,
-// SwiGLU and combine, and the bf16 outputs of RMSNorm and attention (ops.h gives each op's dtype
-// rules). I32: gather_rows moves index tensors too.
+// SwiGLU and combine, the bf16 outputs of RMSNorm and attention, and the loss's bf16 logits and
+// gradient (ops.h gives each op's dtype rules). I32: gather_rows moves index tensors too.
 bool CudaBackend::supports(Op op, DType dtype) const {
   if (dtype == DType::F32) return true;
   if (dtype == DType::I32) return op == Op::GatherRows;
@@ -334,11 +334,11 @@ bool CudaBackend::supports(Op op, DType dtype) const {
     case Op::MlaAbsorbQuery:
     case Op::MlaValueHeads:
     case Op::RoundBf16:
-    case Op::CrossEntropy:
-    case Op::Attention:   // q, k, v and out (O in backward) under Bf16
-    case Op::MlaSplitKv:  // k, v, dkv_b
-    case Op::RmsNorm:     // out; the backward's dx_bf16 copy
-    case Op::Rope:        // out (a tensor of its own)
+    case Op::CrossEntropy:  // dlogits; the fused op's logits (the LM head's under Bf16)
+    case Op::Attention:     // q, k, v and out (O in backward) under Bf16
+    case Op::MlaSplitKv:    // k, v, dkv_b
+    case Op::RmsNorm:       // out; the backward's dx_bf16 copy
+    case Op::Rope:          // out (a tensor of its own)
       return true;
     default:
       return false;

@@ -392,14 +392,17 @@ void CudaBackend::cross_entropy_fused(Tensor& losses, Tensor& dlogits, const Ten
   const int64_t T = rows(logits), V = cols(logits);
   expect_f32(losses, op, "losses");
   expect_f32_or_bf16(dlogits, op, "dlogits");  // BF16: the LM head's dlogits under Bf16
-  expect_f32(logits, op, "logits");
+  expect_f32_or_bf16(logits, op, "logits");    // BF16: the LM head's training logits under Bf16
+  if (logits.dtype() == DType::BF16 && dlogits.dtype() != DType::BF16)
+    fail("CUDA {}: BF16 logits take BF16 dlogits, got {}", op, dtype_name(dlogits.dtype()));
   expect(targets, DType::I32, op, "targets");
   expect_numel(losses, T, op, "losses");
   expect_numel(dlogits, T * V, op, "dlogits");
   expect_numel(targets, T, op, "targets");
   const Tensor safe = check_indices(targets, V, op, "target", /*allow_negative=*/true);
   check(cuda::cross_entropy_fused(losses.f32(), dlogits.raw(), dlogits.dtype() == DType::BF16,
-                                  logits.f32(), safe.i32(), T, V, scale),
+                                  logits.raw(), logits.dtype() == DType::BF16, safe.i32(), T, V,
+                                  scale),
         op);
 }
 

@@ -276,11 +276,16 @@ cudaError_t cross_entropy_forward(float* losses, const float* logits, const int3
 cudaError_t cross_entropy_backward(void* dlogits, bool dlogits_bf16, const float* logits,
                                    const int32_t* targets, int64_t rows, int64_t vocab,
                                    float scale);
-// Both in one kernel (Backend::cross_entropy_fused): the same losses and dlogits bits as the two
-// above; dlogits may be logits itself.
-cudaError_t cross_entropy_fused(float* losses, void* dlogits, bool dlogits_bf16,
-                                const float* logits, const int32_t* targets, int64_t rows,
+// Both in one kernel (Backend::cross_entropy_fused); dlogits may be logits itself. fp32 logits:
+// the same losses and dlogits bits as the two above. bf16 logits (logits_bf16, with bf16
+// dlogits): each row read from HBM once where it fits a block's shared memory, else twice; the
+// same values to rounding (fixed orders: deterministic).
+cudaError_t cross_entropy_fused(float* losses, void* dlogits, bool dlogits_bf16, const void* logits,
+                                bool logits_bf16, const int32_t* targets, int64_t rows,
                                 int64_t vocab, float scale);
+// Whether cross_entropy_fused reads bf16 rows of `vocab` entries once, staged in shared memory, on
+// the current device (else twice: a row longer than a block's shared memory holds).
+bool cross_entropy_stages_rows(int64_t vocab);
 
 // --- causal attention (cuda_attention.cu)
 struct AttentionShape {

@@ -1,7 +1,8 @@
 // Warp-level tensor-core helpers shared by the fused flash-attention kernels (forward:
 // cuda_flash_attention.cu, backward: cuda_flash_attention_bwd.cu): asynchronous global -> shared
-// copies, ldmatrix, the bf16 mma.sync m16n8k16 and the lane offsets that make ldmatrix deliver
-// mma fragments. Inline PTX, sm_80 and later (Hopper runs these at mma.sync rates, not wgmma's).
+// copies (also the loss's row staging, cuda_loss.cu), ldmatrix, the bf16 mma.sync m16n8k16 and the
+// lane offsets that make ldmatrix deliver mma fragments. Inline PTX, sm_80 and later (Hopper runs
+// these at mma.sync rates, not wgmma's).
 #pragma once
 
 #include <cuda_bf16.h>
