@@ -29,8 +29,8 @@
 // Only tiles that reach past the block's first query are masked; rows past the sequence's end are
 // staged as zeros (cp.async zero fill) and their P and dS set to zero, so they add nothing.
 //
-// Variants (MOEKIT_FLASH_BWD_VARIANT, read per call): 0-4 are these kernels' (kBwdVariants), 5-6
-// the wgmma kernels of cuda_flash_attention_hopper_bwd.cu (its tilings 0-1). Unset or out of
+// Variants (MOEKIT_FLASH_BWD_VARIANT, read per call): 0-4 are these kernels' (kBwdVariants), 5-7
+// the wgmma kernels of cuda_flash_attention_hopper_bwd.cu (its tilings 0-2). Unset or out of
 // range: 5 where the build, the device and the head dims have the Hopper kernels, else 1 (the
 // fastest of these). Each is deterministic. Variants 0-4 add the same products in the same order
 // for each gradient element (m-tiles and register-held fragments change who loads what, not the
@@ -606,7 +606,7 @@ cudaError_t flash_attention_backward(float* dq, float* dk, float* dv, const void
   // Default: variant 1 (the dQ kernel with 32 query rows per warp), the fastest on the H200
   // (192/128, 16 heads: 2.249 ms at batch 4 x 2048 against 2.524 for variant 0 and 2.28 for 3
   // and 4; 0.726 vs 0.763 at batch 1).
-  // Variants 5 and 6: the wgmma kernels (cuda_flash_attention_hopper_bwd.cu), tilings 0 and 1,
+  // Variants 5-7: the wgmma kernels (cuda_flash_attention_hopper_bwd.cu), tilings 0-2,
   // the default where the build, the device and the head dims have them (192/128, 16 heads, batch
   // 4 x 2048 on the H200: see bench/RESULTS.md).
   const bool hopper = flash_attention_backward_hopper_supported(int(s.dqk), int(s.dv));

@@ -1,7 +1,7 @@
 // CUDA kernels, part 5f: the causal flash-attention backward on Hopper's warpgroup MMA (wgmma,
 // sm_90a), the default backward of Precision::Bf16 on an H100/H200 where the head dims fit
-// (cuda_flash_attention_bwd.cu picks it: variants 5 and 6 of MOEKIT_FLASH_BWD_VARIANT, tilings 0
-// and 1 here). Same contract, numerics and split as the mma.sync kernels there: q, k, v, dO bf16;
+// (cuda_flash_attention_bwd.cu picks it: variants 5-7 of MOEKIT_FLASH_BWD_VARIANT, tilings 0-2
+// here). Same contract, numerics and split as the mma.sync kernels there: q, k, v, dO bf16;
 // S = Q K^T and dP = dO V^T with fp32 accumulation; P = exp2(S scale log2(e) - lse log2(e)) in
 // fp32 (one FMA and one ex2 per score, as the Hopper forward); dS = P (dP - delta) scale; P and dS
 // rounded to bf16 as the A operands of dV = P^T dO, dK = dS^T Q and dQ = dS K, accumulated in
@@ -18,18 +18,21 @@
 //    dK += dS^T Q (B = dO and Q tiles read MN-major, the same tiles the scores read K-major).
 //  - dQ kernel: the rows are queries: S = Q K^T and dP = dO V^T, dS is the A fragment of
 //    dQ += dS K (B = the K tile, MN-major).
-// No product goes through shared memory. A warpgroup owns 64 rows (one m64 wgmma); two
-// warpgroups per block share the streamed tiles. Every warpgroup runs every tile of its block (a
+// No product goes through shared memory. A warpgroup owns 64 rows (one m64 wgmma); the
+// warpgroups of a block share the streamed tiles. Every warpgroup runs every tile of its block (a
 // branch between a wgmma and its wait makes ptxas serialize all of them): a warpgroup's tiles
 // wholly on the masked side compute zeros.
 //
-// Tilings (`tiling`; measured on the H200 at 4 x 2048, 16 heads, 192/128, against 1.993 ms for
-// the mma.sync kernels' variant 1):
-//  0  query tiles of 64 in the dK/dV kernel, K/V (dQ kernel) and Q/dO (dK/dV kernel) double-
-//     buffered: 1.201 ms, the default. The dK/dV kernel holds (dqk + dv) / 2 = 160 accumulator
-//     registers per lane at 192/128 plus 64 for S^T and dP^T: 255 registers, 96 bytes spilled.
-//  1  query tiles of 32 (half the score registers: 253, no spill): 1.277 ms.
-//  2, 3  0 and 1 with three buffers: 1.242 and 1.265 ms (two hide the loads already).
+// Tilings (`tiling`, kTilings; measured on the H200 at 4 x 2048, 16 heads, 192/128, against
+// 1.993-2.018 ms for the mma.sync kernels' variant 1):
+//  0  two warpgroups per block (128 keys or queries), query tiles of 64 in the dK/dV kernel, key
+//     tiles of 64 in the dQ kernel, two buffers each: 1.201-1.223 ms, the default. The dK/dV
+//     kernel holds (dqk + dv) / 2 = 160 accumulator registers per lane at 192/128 plus 64 for
+//     S^T and dP^T: 255 registers, 96 bytes spilled.
+//  1  query tiles of 32 (half the score registers: 253, no spill): 1.277-1.297 ms.
+//  2  one warpgroup per block and two blocks per SM, which share no barrier (one's softmax can
+//     run under the other's products), tiles of 32: 1.296 ms; the loads shared by two warpgroups
+//     matter more. (Three buffers instead of two: 1.242 and 1.265 ms for tilings 0 and 1.)
 // The results are bit-identical to the mma.sync kernels' (the same P, dS and k order).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -46,10 +49,30 @@ namespace moekit::cuda {
 
 namespace {
 
-constexpr int kWarpgroups = 2, kThreads = 128 * kWarpgroups;
-constexpr int kRows = 64 * kWarpgroups;  // a block's keys (dK/dV) or queries (dQ)
-constexpr int kKeyTile = 64;             // the dQ kernel's streamed key tile
 constexpr size_t kMaxSmem = 227 * 1024;  // sm_90's opt-in shared memory per block
+
+// A block shape and buffering of both kernels (the tilings of the header).
+struct Tiling {
+  int wgs;        // warpgroups per block, 64 rows (keys or queries) each
+  int bm;         // dK/dV kernel: queries per streamed tile (32 or 64)
+  int kv_stages;  // its Q / dO buffers
+  int bn;         // dQ kernel: keys per streamed tile (32 or 64)
+  int dq_stages;  // its K / V buffers
+};
+constexpr Tiling kTilings[] = {
+    {2, 64, 2, 64, 2},  // 0
+    {2, 32, 2, 64, 2},  // 1
+    {1, 32, 2, 32, 2},  // 2
+};
+static_assert(sizeof(kTilings) / sizeof(kTilings[0]) == kHopperBwdTilings);
+template <int V>
+constexpr int block_threads = 128 * kTilings[V].wgs;
+template <int V>
+constexpr int block_rows = 64 * kTilings[V].wgs;  // a block's keys (dK/dV) or queries (dQ)
+// One warpgroup per block: two blocks per SM, which share no barrier (one's softmax can run
+// while the other's products do); two: one block, both warpgroups reading each streamed tile.
+template <int V>
+constexpr int blocks_per_sm = kTilings[V].wgs == 1 ? 2 : 1;
 
 // P = exp2(s sl2 - l2) and dS = P (dp - d) scale of one score, both as stored for the products.
 [[maybe_unused]] __device__ inline void weights(float& s, float& dp, float l2, float d, float sl2,
@@ -116,9 +139,10 @@ struct Lane {
 // Block (key tile of 128, head, sequence), the first key tile (the most query tiles) first. K
 // and V of the block's keys stay in shared memory; query tiles of BM stream through STAGES
 // buffers of Q, dO, lse and delta (cp.async, zero past the sequence), one barrier per tile.
-template <int QK, int VD, int BM, int STAGES>
+template <int QK, int VD, int V>
 struct DkdvTiles {
-  static constexpr uint32_t kKeyBlock = kRows * 128, kQBlock = BM * 128;  // per 64 columns
+  static constexpr int BM = kTilings[V].bm, STAGES = kTilings[V].kv_stages;
+  static constexpr uint32_t kKeyBlock = block_rows<V> * 128, kQBlock = BM * 128;  // per 64 columns
   static constexpr uint32_t kKBytes = QK / 64 * kKeyBlock, kVBytes = VD / 64 * kKeyBlock;
   static constexpr uint32_t kQBytes = QK / 64 * kQBlock, kDoBytes = VD / 64 * kQBlock;
   static constexpr uint32_t kStageBytes = kQBytes + kDoBytes;
@@ -126,13 +150,16 @@ struct DkdvTiles {
     return 1024 + kKBytes + kVBytes + size_t(STAGES) * (kStageBytes + 2 * BM * sizeof(float));
   }
   static_assert(QK % 64 == 0 && VD % 64 == 0 && QK <= 192 && VD <= 128 && QK + VD <= 320);
-  static_assert((BM == 32 || BM == 64) && STAGES >= 2 && bytes() <= kMaxSmem);
+  static_assert((BM == 32 || BM == 64) && STAGES >= 2 &&
+                blocks_per_sm<V> * (bytes() + 1024) <= kMaxSmem + 1024);
 };
 
-template <int QK, int VD, int BM, int STAGES>
-__global__ void __launch_bounds__(kThreads, 1) flash_dkdv_hopper_kernel(const FlashBwdArgs a) {
+template <int QK, int VD, int V>
+__global__ void __launch_bounds__(block_threads<V>, blocks_per_sm<V>)
+    flash_dkdv_hopper_kernel(const FlashBwdArgs a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using T = DkdvTiles<QK, VD, BM, STAGES>;
+  using T = DkdvTiles<QK, VD, V>;
+  constexpr int BM = T::BM, STAGES = T::STAGES, kThreads = block_threads<V>, kRows = block_rows<V>;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t k_s = (shared_address(smem_raw) + 1023u) & ~1023u;
   const uint32_t v_s = k_s + T::kKBytes, stage0 = v_s + T::kVBytes;
@@ -245,9 +272,10 @@ __global__ void __launch_bounds__(kThreads, 1) flash_dkdv_hopper_kernel(const Fl
 // Block (query tile of 128, head, sequence), the last tile (the most key tiles) first. Q and dO
 // of the block's queries stay in shared memory and their lse and delta in registers; key tiles of
 // 64 stream through STAGES buffers of K and V, one barrier per tile.
-template <int QK, int VD, int STAGES>
+template <int QK, int VD, int V>
 struct DqTiles {
-  static constexpr uint32_t kQBlock = kRows * 128, kKBlock = kKeyTile * 128;  // per 64 columns
+  static constexpr int BN = kTilings[V].bn, STAGES = kTilings[V].dq_stages;
+  static constexpr uint32_t kQBlock = block_rows<V> * 128, kKBlock = BN * 128;  // per 64 columns
   static constexpr uint32_t kQBytes = QK / 64 * kQBlock, kDoBytes = VD / 64 * kQBlock;
   static constexpr uint32_t kKBytes = QK / 64 * kKBlock, kVBytes = VD / 64 * kKBlock;
   static constexpr uint32_t kStageBytes = kKBytes + kVBytes;
@@ -255,13 +283,17 @@ struct DqTiles {
     return 1024 + kQBytes + kDoBytes + size_t(STAGES) * kStageBytes;
   }
   static_assert(QK % 64 == 0 && VD % 64 == 0 && QK <= 192 && VD <= 128);
-  static_assert(STAGES >= 2 && bytes() <= kMaxSmem);
+  static_assert((BN == 32 || BN == 64) && STAGES >= 2 &&
+                blocks_per_sm<V> * (bytes() + 1024) <= kMaxSmem + 1024);
 };
 
-template <int QK, int VD, int STAGES>
-__global__ void __launch_bounds__(kThreads, 1) flash_dq_hopper_kernel(const FlashBwdArgs a) {
+template <int QK, int VD, int V>
+__global__ void __launch_bounds__(block_threads<V>, blocks_per_sm<V>)
+    flash_dq_hopper_kernel(const FlashBwdArgs a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using T = DqTiles<QK, VD, STAGES>;
+  using T = DqTiles<QK, VD, V>;
+  constexpr int kKeyTile = T::BN, STAGES = T::STAGES, kThreads = block_threads<V>,
+                kRows = block_rows<V>;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t q_s = (shared_address(smem_raw) + 1023u) & ~1023u;
   const uint32_t do_s = q_s + T::kQBytes, stage0 = do_s + T::kDoBytes;
@@ -352,33 +384,33 @@ __global__ void __launch_bounds__(kThreads, 1) flash_dq_hopper_kernel(const Flas
 #endif
 }
 
-template <int QK, int VD, int BM, int kStages>
+template <int QK, int VD, int V>
 cudaError_t launch(const FlashBwdArgs& args, int64_t batch) {
-  using KV = DkdvTiles<QK, VD, BM, kStages>;
-  using Q = DqTiles<QK, VD, kStages>;
+  using KV = DkdvTiles<QK, VD, V>;
+  using Q = DqTiles<QK, VD, V>;
   static const cudaError_t attr = [] {
-    const cudaError_t e = cudaFuncSetAttribute(
-        reinterpret_cast<const void*>(&flash_dkdv_hopper_kernel<QK, VD, BM, kStages>),
-        cudaFuncAttributeMaxDynamicSharedMemorySize, int(KV::bytes()));
+    const cudaError_t e =
+        cudaFuncSetAttribute(reinterpret_cast<const void*>(&flash_dkdv_hopper_kernel<QK, VD, V>),
+                             cudaFuncAttributeMaxDynamicSharedMemorySize, int(KV::bytes()));
     if (e != cudaSuccess) return e;
-    return cudaFuncSetAttribute(
-        reinterpret_cast<const void*>(&flash_dq_hopper_kernel<QK, VD, kStages>),
-        cudaFuncAttributeMaxDynamicSharedMemorySize, int(Q::bytes()));
+    return cudaFuncSetAttribute(reinterpret_cast<const void*>(&flash_dq_hopper_kernel<QK, VD, V>),
+                                cudaFuncAttributeMaxDynamicSharedMemorySize, int(Q::bytes()));
   }();
   if (attr != cudaSuccess) return attr;
-  const dim3 grid(unsigned((args.seq + kRows - 1) / kRows), unsigned(args.heads), unsigned(batch));
-  flash_dkdv_hopper_kernel<QK, VD, BM, kStages><<<grid, kThreads, KV::bytes(), stream()>>>(args);
+  const dim3 grid(unsigned((args.seq + block_rows<V> - 1) / block_rows<V>), unsigned(args.heads),
+                  unsigned(batch));
+  flash_dkdv_hopper_kernel<QK, VD, V><<<grid, block_threads<V>, KV::bytes(), stream()>>>(args);
   const cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
-  flash_dq_hopper_kernel<QK, VD, kStages><<<grid, kThreads, Q::bytes(), stream()>>>(args);
+  flash_dq_hopper_kernel<QK, VD, V><<<grid, block_threads<V>, Q::bytes(), stream()>>>(args);
   return cudaGetLastError();
 }
 
-template <int BM, int STAGES>
+template <int V>
 cudaError_t launch_dims(const FlashBwdArgs& args, int64_t batch) {
-  if (args.dqk <= 64 && args.dvd <= 64) return launch<64, 64, BM, STAGES>(args, batch);
-  if (args.dqk <= 128 && args.dvd <= 128) return launch<128, 128, BM, STAGES>(args, batch);
-  return launch<192, 128, BM, STAGES>(args, batch);
+  if (args.dqk <= 64 && args.dvd <= 64) return launch<64, 64, V>(args, batch);
+  if (args.dqk <= 128 && args.dvd <= 128) return launch<128, 128, V>(args, batch);
+  return launch<192, 128, V>(args, batch);
 }
 
 }  // namespace
@@ -395,13 +427,11 @@ cudaError_t flash_attention_backward_hopper(const FlashBwdArgs& args, int64_t ba
     return cudaErrorInvalidValue;
   switch (tiling) {
     case 0:
-      return launch_dims<64, 2>(args, batch);
+      return launch_dims<0>(args, batch);
     case 1:
-      return launch_dims<32, 2>(args, batch);
-    case 2:
-      return launch_dims<64, 3>(args, batch);
+      return launch_dims<1>(args, batch);
     default:
-      return launch_dims<32, 3>(args, batch);
+      return launch_dims<2>(args, batch);
   }
 }
 

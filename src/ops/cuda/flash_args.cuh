@@ -43,7 +43,7 @@ struct FlashBwdArgs {
 // and the head dims fit one of its instances (dqk <= 64 and dv <= 64, both <= 128, or dqk <= 192
 // and dv <= 128); cudaErrorInvalidValue elsewhere (the caller runs the mma.sync kernels).
 // `tiling` in [0, kHopperBwdTilings) picks the query tile and buffer count (see that file).
-constexpr int kHopperBwdTilings = 4;
+constexpr int kHopperBwdTilings = 3;
 bool flash_attention_backward_hopper_supported(int dqk, int dv);
 cudaError_t flash_attention_backward_hopper(const FlashBwdArgs& args, int64_t batch, int tiling);
 
