@@ -174,7 +174,10 @@ float DeepSeekModel::loss_and_backward(const Tensor& ids, const Tensor& targets,
   const bool bf16_logits = be.precision() == Precision::Bf16 &&
                            be.supports(Op::Matmul, DType::BF16) &&
                            be.supports(Op::CrossEntropy, DType::BF16);
-  double sum = 0.0;
+  // The per-token losses stay on the device until the backward is queued: one copy (one wait
+  // for the GPU) per step instead of one per chunk, each of which drained the queue and left the
+  // GPU idle while the next chunk's launches caught up.
+  Tensor losses = Tensor::empty({T}, DType::F32, device_);
   for (int64_t r0 = 0; r0 < T; r0 += step) {
     ProfileScope prof(be, "lm_head+loss (chunked)");
     const int64_t r1 = std::min(T, r0 + step);
@@ -183,16 +186,17 @@ float DeepSeekModel::loss_and_backward(const Tensor& ids, const Tensor& targets,
     const Tensor hc = gemm_input(be, h.slice(r0, r1)), tc = td.slice(r0, r1);
     Tensor logits = Tensor::empty({r1 - r0, V}, bf16_logits ? DType::BF16 : DType::F32, device_);
     linear_forward(be, logits, hc, *lm_head);
-    Tensor losses = Tensor::empty({r1 - r0}, DType::F32, device_);
+    Tensor lc = losses.slice(r0, r1);
     // Losses and dlogits in one op, the gradient in place: a backend may read each row once.
     Tensor& dlogits = logits;
-    be.cross_entropy_fused(losses, dlogits, logits, tc, grad_scale / float(valid));
+    be.cross_entropy_fused(lc, dlogits, logits, tc, grad_scale / float(valid));
     Tensor dhc = dh.slice(r0, r1);
     linear_backward(be, dhc, *lm_head, dlogits, hc, false);
-    const Tensor lh = losses.to_host();  // ignored targets have loss 0
-    for (int64_t i = 0; i < lh.numel(); ++i) sum += lh.f32()[i];
   }
   backward_from_hidden(dh);
+  const Tensor lh = losses.to_host();  // ignored targets have loss 0
+  double sum = 0.0;
+  for (int64_t i = 0; i < T; ++i) sum += lh.f32()[i];
   return float(sum / double(valid));
 }
 
