@@ -68,8 +68,9 @@ if want trace; then  # GPU time per kernel (tools/kernel_trace.cpp, CUPTI): deco
   for run in "${runs[@]}"; do
     set -- $run
     tag=$(basename "$1" .json)-$8
-    LD_LIBRARY_PATH=$LIBS:/tmp:$(dirname "$CUPTI") CUDA_INJECTION64_PATH=/tmp/libkernel_trace.so \
-      KERNEL_TRACE_OUT=$OUT/trace-$tag.txt build/bench/moekit_model_bench "$@"
+    env LD_LIBRARY_PATH=$LIBS:/tmp:$(dirname "$CUPTI") CUDA_INJECTION64_PATH=/tmp/libkernel_trace.so \
+      KERNEL_TRACE_OUT=$OUT/trace-$tag.txt ${TRACE_TIMELINE:+KERNEL_TRACE_TIMELINE=$OUT/timeline-$tag.txt} \
+      build/bench/moekit_model_bench "$@"
     head -${TRACE_LINES:-45} "$OUT/trace-$tag.txt"
   done
 fi

@@ -3,7 +3,9 @@
 // At exit it prints, per kernel name (demangled, template arguments kept), the GPU time, the
 // launch count and the mean, largest first, plus memcpy/memset totals; to stderr or to the file
 // named by KERNEL_TRACE_OUT. KERNEL_TRACE_SKIP_US=N ignores activity in the first N microseconds
-// after the first kernel (warm-up).
+// after the first kernel (warm-up). KERNEL_TRACE_TIMELINE=PATH also writes every record (start
+// and end in microseconds after the first, kind, name) in timeline order, to find the GPU's idle
+// gaps and the kernels of one step.
 //   nvcc -O2 -shared -Xcompiler -fPIC tools/kernel_trace.cpp -o /tmp/libkernel_trace.so -lcupti
 //   CUDA_INJECTION64_PATH=/tmp/libkernel_trace.so ./build/bench/moekit_model_bench ...
 // A diagnostic tool run on the device (tools/device_run.sh trace), not part of moekit.
@@ -29,6 +31,12 @@ std::mutex mu;
 std::map<std::string, Stat> kernels;
 Stat memcpys, memsets;
 uint64_t first_start = 0, skip_ns = 0, window_start = UINT64_MAX, window_end = 0;
+struct Event {
+  uint64_t start, end;
+  std::string what;
+};
+std::vector<Event> timeline;
+bool keep_timeline = false;
 
 std::string demangle(const char* name) {
   int status = 0;
@@ -60,14 +68,20 @@ void CUPTIAPI buffer_completed(CUcontext, uint32_t, uint8_t* buffer, size_t, siz
         record->kind == CUPTI_ACTIVITY_KIND_KERNEL) {
       const auto* k = reinterpret_cast<const CUpti_ActivityKernel10*>(record);
       if (!counted(k->start, k->end)) continue;
-      Stat& s = kernels[demangle(k->name)];
+      const std::string name = demangle(k->name);
+      Stat& s = kernels[name];
       s.ns += k->end - k->start;
       ++s.count;
+      if (keep_timeline) timeline.push_back({k->start, k->end, "K " + name.substr(0, 110)});
     } else if (record->kind == CUPTI_ACTIVITY_KIND_MEMCPY) {
       const auto* m = reinterpret_cast<const CUpti_ActivityMemcpy6*>(record);
       if (!counted(m->start, m->end)) continue;
       memcpys.ns += m->end - m->start;
       ++memcpys.count;
+      if (keep_timeline)
+        timeline.push_back(
+            {m->start, m->end,
+             "C kind " + std::to_string(m->copyKind) + " " + std::to_string(m->bytes) + " bytes"});
     } else if (record->kind == CUPTI_ACTIVITY_KIND_MEMSET) {
       const auto* m = reinterpret_cast<const CUpti_ActivityMemset4*>(record);
       if (!counted(m->start, m->end)) continue;
@@ -108,6 +122,17 @@ void report() {
                  double(s.ns) / double(s.count) / 1e3, n.c_str());
   }
   if (out != stderr) std::fclose(out);
+  if (const char* tpath = std::getenv("KERNEL_TRACE_TIMELINE"); tpath && !timeline.empty()) {
+    std::sort(timeline.begin(), timeline.end(),
+              [](const Event& a, const Event& b) { return a.start < b.start; });
+    if (FILE* t = std::fopen(tpath, "w")) {
+      const uint64_t t0 = timeline.front().start;
+      for (const Event& e : timeline)
+        std::fprintf(t, "%.1f %.1f %s\n", double(e.start - t0) / 1e3, double(e.end - t0) / 1e3,
+                     e.what.c_str());
+      std::fclose(t);
+    }
+  }
 }
 
 }  // namespace
@@ -115,6 +140,7 @@ void report() {
 extern "C" int InitializeInjection() {
   if (const char* skip = std::getenv("KERNEL_TRACE_SKIP_US"))
     skip_ns = std::strtoull(skip, nullptr, 10) * 1000;
+  keep_timeline = std::getenv("KERNEL_TRACE_TIMELINE") != nullptr;
   cuptiActivityRegisterCallbacks(buffer_requested, buffer_completed);
   cuptiActivityEnable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL);
   cuptiActivityEnable(CUPTI_ACTIVITY_KIND_MEMCPY);

@@ -270,6 +270,20 @@ TEST_F(CudaBackendTest, RoundBf16EqualsCpuAndTheGemmsOwnRounding) {
   cpu().round_bf16(ref, x);
   gpu().round_bf16(got, dev(x));
   EXPECT_TRUE(bit_equal(got, ref));
+  // The eight-per-thread path (n a multiple of 8, aligned: 64 x 72 holds the specials too) and
+  // a view starting one element in (unaligned: the per-element path).
+  {
+    Tensor x8 = randn({64, 72});
+    for (size_t i = 0; i < std::size(specials); ++i) x8.f32()[i * 9] = specials[i];
+    Tensor ref8 = Tensor::empty({64, 72}, DType::BF16), got8 = poisoned({64, 72}, DType::BF16);
+    cpu().round_bf16(ref8, x8);
+    gpu().round_bf16(got8, dev(x8));
+    EXPECT_TRUE(bit_equal(got8, ref8));
+    const Tensor flat = dev(x8).reshape({64 * 72}).slice(1, 64 * 72 - 7);
+    Tensor got_view = poisoned({64 * 72 - 8}, DType::BF16);
+    gpu().round_bf16(got_view, flat);
+    EXPECT_TRUE(bit_equal(got_view, ref8.reshape({64 * 72}).slice(1, 64 * 72 - 7)));
+  }
   EXPECT_TRUE(gpu().supports(Op::RoundBf16, DType::BF16));
   EXPECT_GE(gpu().unrounded_gemv_rows(), 1);
   EXPECT_LT(gpu().unrounded_gemv_rows(), M);
@@ -347,14 +361,34 @@ TEST_F(CudaBackendTest, FewRowMatmulGemvPath) {
       }
 }
 
+// 3000 elements take the kernels' eight-per-thread path, 2997 the per-element one (n % 8 != 0);
+// both compute fma(alpha, x, y) and alpha * y per element, so they agree to the bit with each
+// other on the same values.
 TEST_F(CudaBackendTest, AddAndScale) {
+  for (int64_t rows : {1000, 999}) {
+    SCOPED_TRACE(testing::Message() << rows << " x 3");
+    Tensor y = randn({rows, 3}), x = randn({rows, 3});
+    Tensor dy = dev(y);
+    cpu().add(y, x, -0.75f);
+    gpu().add(dy, dev(x), -0.75f);
+    cpu().scale(y, 1.5f);
+    gpu().scale(dy, 1.5f);
+    EXPECT_CLOSE(dy, y, kF32Tol);
+  }
+  // The two paths on the same 3000 values: the whole tensor (vector path) and its elements one
+  // by one through an odd-sized view's per-element path (the first 2997 and the last 3).
   Tensor y = randn({1000, 3}), x = randn({1000, 3});
-  Tensor dy = dev(y);
-  cpu().add(y, x, -0.75f);
-  gpu().add(dy, dev(x), -0.75f);
-  cpu().scale(y, 1.5f);
-  gpu().scale(dy, 1.5f);
-  EXPECT_CLOSE(dy, y, kF32Tol);
+  Tensor whole = dev(y), parts = dev(y);
+  const Tensor gx = dev(x);
+  gpu().add(whole, gx, 0.3f);
+  gpu().scale(whole, -1.25f);
+  Tensor flat = parts.reshape({3000}), flat_x = gx.reshape({3000});
+  for (auto [b, e] : {std::pair<int64_t, int64_t>{0, 2997}, {2997, 3000}}) {
+    Tensor part = flat.slice(b, e);
+    gpu().add(part, flat_x.slice(b, e), 0.3f);
+    gpu().scale(part, -1.25f);
+  }
+  EXPECT_TRUE(bit_equal(whole, parts));
 }
 
 TEST_F(CudaBackendTest, AdamWStepAndSumSquares) {

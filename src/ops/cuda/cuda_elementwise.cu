@@ -28,14 +28,20 @@ cudaError_t fill_bits(void* p, int64_t n, int elem_bytes, uint32_t bits) {
   return cudaErrorInvalidValue;
 }
 
+// The conversion (to nearest even, as from_f32) and the axpy/scale run eight elements per
+// thread where they can (for_each8): the routed experts' fp32 weights, rounded for each GEMM that
+// reads them, took ~13 us per 2048 x 1408 matrix one element per thread (~1.9 ms per 4-layer ESFT
+// step on the H200).
 cudaError_t convert_f32_bf16(void* out, const float* in, int64_t n) {
-  auto* o = static_cast<__nv_bfloat16*>(out);
-  return for_each(n, [=] __device__(int64_t i) { o[i] = __float2bfloat16_rn(in[i]); });
-}
-
-cudaError_t convert_bf16_f32(float* out, const void* in, int64_t n) {
-  const auto* x = static_cast<const __nv_bfloat16*>(in);
-  return for_each(n, [=] __device__(int64_t i) { out[i] = __bfloat162float(x[i]); });
+  auto* o = static_cast<bf16_t*>(out);
+  return for_each8(
+      n,
+      [=] __device__(int64_t c) {
+        float v[8];
+        load8(in + 8 * c, v);
+        store8(o + 8 * c, v);
+      },
+      [=] __device__(int64_t i) { o[i] = from_f32<bf16_t>(in[i]); }, in, o);
 }
 
 cudaError_t add_bf16(float* y, const void* x, int64_t n, int64_t terms, float beta) {
@@ -51,11 +57,30 @@ cudaError_t add_bf16(float* y, const void* x, int64_t n, int64_t terms, float be
 }
 
 cudaError_t add(float* y, const float* x, int64_t n, float alpha) {
-  return for_each(n, [=] __device__(int64_t i) { y[i] += alpha * x[i]; });
+  return for_each8(
+      n,
+      [=] __device__(int64_t c) {
+        float v[8], w[8];
+        load8(y + 8 * c, v);
+        load8(x + 8 * c, w);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[j] = fmaf(alpha, w[j], v[j]);
+        store8(y + 8 * c, v);
+      },
+      [=] __device__(int64_t i) { y[i] = fmaf(alpha, x[i], y[i]); }, y, x);
 }
 
 cudaError_t scale(float* y, int64_t n, float alpha) {
-  return for_each(n, [=] __device__(int64_t i) { y[i] *= alpha; });
+  return for_each8(
+      n,
+      [=] __device__(int64_t c) {
+        float v[8];
+        load8(y + 8 * c, v);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[j] *= alpha;
+        store8(y + 8 * c, v);
+      },
+      [=] __device__(int64_t i) { y[i] *= alpha; }, y);
 }
 
 namespace {

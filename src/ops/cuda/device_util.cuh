@@ -94,6 +94,17 @@ cudaError_t for_each(int64_t n, F f) {
   return cudaGetLastError();
 }
 
+// The same over chunks of eight: f8(c) for the elements 8c..8c + 7 where n is a multiple of 8 and
+// every pointer in `aligned` is 16-byte aligned (load8 / store8: one or two 16-byte accesses per
+// operand), else f1(i) per element. f8 must compute each element as f1 does, so both paths give
+// the same bits. One element per thread ran the H200's conversions and axpys at ~1.3-2.6 TB/s
+// (one 4-byte load in flight per thread), eight at close to the HBM's rate.
+template <typename F8, typename F1, typename... P>
+cudaError_t for_each8(int64_t n, F8 f8, F1 f1, const P*... aligned) {
+  if (n % 8 == 0 && all_aligned16(aligned...)) return for_each(n / 8, f8);
+  return for_each(n, f1);
+}
+
 template <typename T, typename Combine>
 __device__ inline T warp_reduce(T v, Combine combine) {
   for (int o = 16; o > 0; o >>= 1) v = combine(v, __shfl_xor_sync(0xffffffffu, v, o));

@@ -16,9 +16,8 @@ namespace moekit::cuda {
 
 // --- elementwise and layout (cuda_elementwise.cu)
 cudaError_t fill_bits(void* p, int64_t n, int elem_bytes, uint32_t bits);
-// bf16 <-> f32 (round to nearest even on the way down), n elements.
+// f32 -> bf16 (round to nearest even), n elements.
 cudaError_t convert_f32_bf16(void* out, const float* in, int64_t n);
-cudaError_t convert_bf16_f32(float* out, const void* in, int64_t n);
 cudaError_t add(float* y, const float* x, int64_t n, float alpha);
 // y = beta * y + sum_{t < terms} float(x[t * n + i]) with x bf16 [terms, n], terms >= 1, added in
 // order after beta * y; beta = 0 overwrites (NaN in y included).
