@@ -392,20 +392,36 @@ TEST_F(CudaBackendTest, AddAndScale) {
 }
 
 TEST_F(CudaBackendTest, AdamWStepAndSumSquares) {
-  // Odd size (not a multiple of 256 threads), moments already non-zero as after a few steps.
-  Tensor w = randn({301, 67}, 0.02f), m = randn({301, 67}, 1e-3f), g = randn({301, 67}, 1e-2f);
-  Tensor v = randn({301, 67}, 1e-3f);
-  for (int64_t i = 0; i < v.numel(); ++i) v.f32()[i] = v.f32()[i] * v.f32()[i];
+  // Odd sizes (not a multiple of 256 threads), moments already non-zero as after a few steps:
+  // 301 x 67 takes the per-element path, 304 x 67 (a multiple of 8) the eight-per-thread one.
   AdamWStep s;
   s.step_size = 1e-3f / 0.271f;  // lr / (1 - 0.9^3)
   s.decay = 1e-4f;
   s.inv_bc2 = 1.0f / 0.142625f;  // 1 / (1 - 0.95^3)
-  Tensor wd = dev(w), md = dev(m), vd = dev(v), gd = dev(g);
-  gpu().adamw_step(wd, md, vd, gd, s);
-  cpu().adamw_step(w, m, v, g, s);
-  EXPECT_CLOSE(wd, w, kF32Tol);
-  EXPECT_CLOSE(md, m, kF32Tol);
-  EXPECT_CLOSE(vd, v, kF32Tol);
+  for (int64_t rows : {301, 304}) {
+    SCOPED_TRACE(testing::Message() << rows << " x 67");
+    Tensor w = randn({rows, 67}, 0.02f), m = randn({rows, 67}, 1e-3f);
+    Tensor g = randn({rows, 67}, 1e-2f), v = randn({rows, 67}, 1e-3f);
+    for (int64_t i = 0; i < v.numel(); ++i) v.f32()[i] = v.f32()[i] * v.f32()[i];
+    Tensor wd = dev(w), md = dev(m), vd = dev(v), gd = dev(g);
+    // The same update through the per-element path: views of 7 and 1 rows' worth of elements
+    // (n % 8 != 0) over copies; both paths compute each element alike, so to the bit.
+    Tensor w1 = dev(w).reshape({w.numel()}), m1 = dev(m).reshape({w.numel()});
+    Tensor v1 = dev(v).reshape({w.numel()});
+    const Tensor g1 = gd.reshape({w.numel()});
+    for (auto [b, e] :
+         {std::pair<int64_t, int64_t>{0, w.numel() - 1}, {w.numel() - 1, w.numel()}}) {
+      Tensor wp = w1.slice(b, e), mp = m1.slice(b, e), vp = v1.slice(b, e);
+      gpu().adamw_step(wp, mp, vp, g1.slice(b, e), s);
+    }
+    gpu().adamw_step(wd, md, vd, gd, s);
+    cpu().adamw_step(w, m, v, g, s);
+    EXPECT_CLOSE(wd, w, kF32Tol);
+    EXPECT_CLOSE(md, m, kF32Tol);
+    EXPECT_CLOSE(vd, v, kF32Tol);
+    EXPECT_TRUE(bit_equal(wd.reshape({w.numel()}), w1) && bit_equal(md.reshape({w.numel()}), m1) &&
+                bit_equal(vd.reshape({w.numel()}), v1));
+  }
 
   for (int64_t n : {int64_t(0), int64_t(1), int64_t(255), int64_t(70001), int64_t(3000017)}) {
     Tensor x = randn({n});

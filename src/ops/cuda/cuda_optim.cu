@@ -31,19 +31,37 @@ __global__ void sum_partials_kernel(double* out, const double* partial, int64_t 
 
 }  // namespace
 
+namespace {
+
+// One element's update (w, m, v in place), the same expression on both paths of adamw_step.
+__device__ inline void adamw_update(float& w, float& m, float& v, float g, const AdamWStep& s) {
+  m = s.beta1 * m + (1.0f - s.beta1) * g;
+  v = s.beta2 * v + (1.0f - s.beta2) * g * g;
+  w -= s.decay * w;  // decoupled decay
+  w -= s.step_size * m / (sqrtf(v * s.inv_bc2) + s.eps);
+}
+
+}  // namespace
+
+// Eight elements per thread where n and the buffers allow (for_each8): four streams read and
+// three written, 28 bytes per parameter, at ~3 TB/s one element per thread on the H200.
 cudaError_t adamw_step(float* w, float* m, float* v, const float* g, int64_t n,
                        const AdamWStep& s) {
-  return for_each(n, [=] __device__(int64_t i) {
-    const float gi = g[i];
-    const float mi = s.beta1 * m[i] + (1.0f - s.beta1) * gi;
-    const float vi = s.beta2 * v[i] + (1.0f - s.beta2) * gi * gi;
-    m[i] = mi;
-    v[i] = vi;
-    float wi = w[i];
-    wi -= s.decay * wi;  // decoupled decay
-    wi -= s.step_size * mi / (sqrtf(vi * s.inv_bc2) + s.eps);
-    w[i] = wi;
-  });
+  return for_each8(
+      n,
+      [=] __device__(int64_t c) {
+        float wc[8], mc[8], vc[8], gc[8];
+        load8(w + 8 * c, wc);
+        load8(m + 8 * c, mc);
+        load8(v + 8 * c, vc);
+        load8(g + 8 * c, gc);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) adamw_update(wc[j], mc[j], vc[j], gc[j], s);
+        store8(w + 8 * c, wc);
+        store8(m + 8 * c, mc);
+        store8(v + 8 * c, vc);
+      },
+      [=] __device__(int64_t i) { adamw_update(w[i], m[i], v[i], g[i], s); }, w, m, v, g);
 }
 
 int64_t sum_squares_blocks(int64_t n) {
