@@ -14,14 +14,33 @@ MLP MLP::create(ParamTable& params, const std::string& prefix, int64_t hidden, i
   return m;
 }
 
+namespace {
+
+// The dtype of gate, up and dh (SwiGLU's operands): BF16 under the Bf16 precision, as the routed
+// experts keep theirs (nn/moe.cpp's bf16_activations), for as many rows as the GEMMs round their
+// inputs: the GEMMs write their products rounded once, and SwiGLU (fp32 math) reads half the
+// bytes, which also halves what forward saves for backward (at V2-Lite's dense layer, 2 x 179 MB
+// instead of 2 x 358 MB per 8192 tokens). It changes values (SwiGLU sees rounded products), so it
+// follows the precision, not round_gemm_inputs_once (nn/linear.h), like the bf16 logits. F32 for
+// few rows (decoding: the GEMV path reads F32) and where the backend lacks the BF16 variants.
+DType swiglu_operand_dtype(Backend& be, int64_t rows) {
+  return be.precision() == Precision::Bf16 && be.supports(Op::Matmul, DType::BF16) &&
+                 be.supports(Op::SwiGLU, DType::BF16) && rows > be.unrounded_gemv_rows()
+             ? DType::BF16
+             : DType::F32;
+}
+
+}  // namespace
+
 Tensor MLP::forward(Backend& be, const Tensor& x) {
   const int64_t T = x.dim(0), I = intermediate(), H = x.dim(1);
   // Under Bf16 the input is rounded once for the gate and up GEMMs and their weight gradients
   // (nn/linear.h), and SwiGLU writes h in bf16 at once, since only the down GEMMs read it; gate
-  // and up stay F32 for SwiGLU's backward, whose fp32 math reads them.
+  // and up, which SwiGLU's backward reads too, in swiglu_operand_dtype.
   saved.x = gemm_input(be, x);
-  saved.gate = Tensor::empty({T, I}, DType::F32, x.device());
-  saved.up = Tensor::empty({T, I}, DType::F32, x.device());
+  const DType act = swiglu_operand_dtype(be, T);
+  saved.gate = Tensor::empty({T, I}, act, x.device());
+  saved.up = Tensor::empty({T, I}, act, x.device());
   const DType h_dtype = be.supports(Op::SwiGLU, DType::BF16) ? gemm_input_dtype(be, T) : DType::F32;
   Tensor h = Tensor::empty({T, I}, h_dtype, x.device());
   linear_forward(be, saved.gate, saved.x, *gate_proj);
@@ -48,7 +67,8 @@ void MLP::forward_add(Backend& be, const Tensor& x, Tensor& y) {
 
 void MLP::backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate) {
   const int64_t T = dy.dim(0), I = intermediate();
-  Tensor dh = Tensor::empty({T, I}, DType::F32, dy.device());
+  // dh feeds only SwiGLU's backward: the down GEMM's product in the forward's operand dtype.
+  Tensor dh = Tensor::empty({T, I}, saved.gate.dtype(), dy.device());
   linear_backward(be, dh, *down_proj, dy, saved.h, false);
   // dgate and dup feed only GEMMs (dx and the weight gradients), which round them under Bf16:
   // SwiGLU's backward writes them rounded, with no F32 copy and no conversion pass.

@@ -13,7 +13,8 @@ struct MLP {
   Param* up_proj = nullptr;    // [I, H]
   Param* down_proj = nullptr;  // [H, I]
   // x and h are read by backward only as GEMM inputs: BF16 under Bf16 (nn/linear.h), else F32;
-  // h only when down_proj trains (its weight gradient is h's one reader).
+  // h only when down_proj trains (its weight gradient is h's one reader). gate and up: BF16 under
+  // the Bf16 precision (the GEMMs' rounded products), else F32.
   struct Saved {
     Tensor x, gate, up, h;
   } saved;

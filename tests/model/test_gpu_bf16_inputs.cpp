@@ -171,7 +171,11 @@ void expect_saved_dtypes(DeepSeekModel& m, const Variant& v, bool once, bool rou
   } else {
     EXPECT_FALSE(dense.mlp->saved.h.defined()) << "h kept for a frozen down projection";
   }
-  EXPECT_EQ(dense.mlp->saved.gate.dtype(), DType::F32);
+  // gate and up follow the Bf16 precision (nn/mlp.cpp), not the mechanism: BF16 either way
+  // above the GEMV path's rows.
+  const bool rows_bf16 = v.batch * v.seq > backend(Device::CUDA).unrounded_gemv_rows();
+  EXPECT_EQ(dense.mlp->saved.gate.dtype(), rows_bf16 ? DType::BF16 : DType::F32);
+  EXPECT_EQ(dense.mlp->saved.up.dtype(), rows_bf16 ? DType::BF16 : DType::F32);
   const DecoderLayer& moe = m.layers().back();
   ASSERT_TRUE(moe.moe.has_value());
   EXPECT_EQ(moe.moe->gate.saved.x.dtype(), want) << "router input";
