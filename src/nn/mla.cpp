@@ -100,7 +100,16 @@ Tensor MLA::forward(Backend& be, const Tensor& x, const Tensor& positions, const
   be.rope(saved.k_rope, saved.k_rope, 1, dr, 0, dr, rope.cos, rope.sin, positions, false);
   saved.kv_latent = gemm_input(be, kv_a_layernorm.forward(be, c_kv, norm_dtype));
 
-  Tensor kv_b = empty({T, heads * (dn + dv)});
+  // Under the bf16 attention the kv_b GEMM writes its output in bf16 (fp32 accumulation, rounded
+  // to nearest even as stored, as the split rounds an F32 kv_b): the GEMM writes and the split
+  // reads half the bytes, and the split only copies. k and v are expected to keep their bits: the
+  // GEMM multiplies the same bf16 operands with fp32 accumulation either way, and only the final
+  // conversion moves from the split into the GEMM's epilogue; that holds while cuBLAS picks the
+  // same algorithm for both output types (the bit-for-bit tests of round_gemm_inputs_once in
+  // tests/model/test_gpu_bf16_inputs.cpp compare the two). Few rows stay F32: the GEMV path
+  // (nn/linear.h) writes F32 only.
+  const DType kv_b_dtype = bf16_attention && rounds_gemm_input(be, T) ? DType::BF16 : DType::F32;
+  Tensor kv_b = Tensor::empty({T, heads * (dn + dv)}, kv_b_dtype, dev);
   linear_forward(be, kv_b, saved.kv_latent, *kv_b_proj);
   const DType kv_dtype = bf16_attention ? DType::BF16 : DType::F32;
   saved.k = Tensor::empty({T, heads * dqk}, kv_dtype, dev);
