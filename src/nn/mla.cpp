@@ -100,7 +100,18 @@ Tensor MLA::forward(Backend& be, const Tensor& x, const Tensor& positions, const
   be.rope(saved.k_rope, saved.k_rope, 1, dr, 0, dr, rope.cos, rope.sin, positions, false);
   saved.kv_latent = gemm_input(be, kv_a_layernorm.forward(be, c_kv, norm_dtype));
 
-  Tensor kv_b = empty({T, heads * (dn + dv)});
+  // Under the Bf16 precision the kv_b GEMM writes its output in bf16 (fp32 accumulation, rounded
+  // to nearest even as stored, as the split or the attention would round an F32 kv_b): the GEMM
+  // writes and the split reads half the bytes, and the split only copies. It follows the
+  // precision, not round_gemm_inputs_once (nn/linear.h): whether cuBLAS's accumulation for a bf16
+  // output is the one for an fp32 output is not promised, so the switch must not choose between
+  // them (its tests compare the two settings bit for bit). Few rows stay F32: the GEMV path
+  // (nn/linear.h) writes F32 only.
+  const bool bf16_kv_b = be.precision() == Precision::Bf16 &&
+                         be.supports(Op::Matmul, DType::BF16) &&
+                         be.supports(Op::MlaSplitKv, DType::BF16) && T > be.unrounded_gemv_rows();
+  const DType kv_b_dtype = bf16_kv_b ? DType::BF16 : DType::F32;
+  Tensor kv_b = Tensor::empty({T, heads * (dn + dv)}, kv_b_dtype, dev);
   linear_forward(be, kv_b, saved.kv_latent, *kv_b_proj);
   const DType kv_dtype = bf16_attention ? DType::BF16 : DType::F32;
   saved.k = Tensor::empty({T, heads * dqk}, kv_dtype, dev);

@@ -41,7 +41,11 @@ Tensor MLP::forward(Backend& be, const Tensor& x) {
   const DType act = swiglu_operand_dtype(be, T);
   saved.gate = Tensor::empty({T, I}, act, x.device());
   saved.up = Tensor::empty({T, I}, act, x.device());
-  const DType h_dtype = be.supports(Op::SwiGLU, DType::BF16) ? gemm_input_dtype(be, T) : DType::F32;
+  // h BF16 also when gate and up are (SwiGLU takes bf16 operands with a bf16 h): the down GEMMs
+  // would round an F32 h to the same values.
+  const DType h_dtype = act == DType::BF16                     ? DType::BF16
+                        : be.supports(Op::SwiGLU, DType::BF16) ? gemm_input_dtype(be, T)
+                                                               : DType::F32;
   Tensor h = Tensor::empty({T, I}, h_dtype, x.device());
   linear_forward(be, saved.gate, saved.x, *gate_proj);
   linear_forward(be, saved.up, saved.x, *up_proj);

@@ -402,7 +402,8 @@ class Backend {
   // MLA: kv_b [T, H*(Dn+Dv)] per head [k_nope | v], k_rope [T, Dr] shared by heads ->
   // k [T, H, Dn+Dr] = [k_nope | k_rope], v [T, H, Dv]. Backward assigns dkv_b and dk_rope. F32;
   // where supports(MlaSplitKv, BF16), k and v (forward) and dkv_b (backward) may be BF16: the
-  // values rounded once as they are written, for a bf16 attention and a bf16 GEMM to read.
+  // values rounded once as they are written, for a bf16 attention and a bf16 GEMM to read; and
+  // kv_b may be BF16 (a bf16 GEMM's output, widened exactly: into BF16 k and v the split copies).
   virtual void mla_split_kv(Tensor& k, Tensor& v, const Tensor& kv_b, const Tensor& k_rope,
                             int64_t heads, int64_t dn, int64_t dr, int64_t dv) = 0;
   virtual void mla_split_kv_backward(Tensor& dkv_b, Tensor& dk_rope, const Tensor& dk,

@@ -19,6 +19,7 @@
 #include <cstring>
 #include <map>
 #include <random>
+#include <set>
 #include <string>
 
 #include "core/error.h"
@@ -61,17 +62,56 @@ double rel_diff(const Tensor& a_any, const Tensor& b) {
   return m > 0.0 ? d / m : d;
 }
 
-// Every MoE layer chose the same experts on both sides in the last forward.
-void expect_same_routing(DeepSeekModel& gpu, DeepSeekModel& cpu) {
+// Every MoE layer chose the same experts on both sides in the last forward, except, with tie > 0,
+// where the CPU's own scores put a token's choice within that relative distance of a tie (its
+// K-th chosen expert's score within tie of the best unchosen one's). Under the Bf16 precision the
+// GPU's activations are rounded (relative error 2^-8 each, compounding over layers), which can
+// flip such a choice; the two experts' gradients then differ by O(1), so the experts of every
+// flipped choice are returned ("model.layers.L.mlp.experts.E.") for the caller to leave out of
+// its gradient comparison. A flip away from a near-tie fails.
+std::set<std::string> expect_same_routing(DeepSeekModel& gpu, DeepSeekModel& cpu,
+                                          double tie = 0.0) {
+  std::set<std::string> flipped;
   for (size_t l = 0; l < cpu.layers().size(); ++l) {
     if (!cpu.layers()[l].moe) continue;
+    const Routing& rc = cpu.layers()[l].moe->gate.saved.routing;
     const Tensor g = gpu.layers()[l].moe->gate.saved.routing.topk_idx.to_host();
-    const Tensor c = cpu.layers()[l].moe->gate.saved.routing.topk_idx;
-    ASSERT_EQ(g.numel(), c.numel());
+    const Tensor& c = rc.topk_idx;
+    EXPECT_EQ(g.numel(), c.numel());
+    if (g.numel() != c.numel()) return flipped;
+    const int64_t T = rc.scores.dim(0), E = rc.scores.dim(1), K = c.numel() / T;
     int64_t differ = 0;
-    for (int64_t i = 0; i < c.numel(); ++i) differ += g.i32()[i] != c.i32()[i];
+    for (int64_t t = 0; t < T; ++t) {
+      std::set<int32_t> gs(g.i32() + t * K, g.i32() + (t + 1) * K);
+      std::set<int32_t> cs(c.i32() + t * K, c.i32() + (t + 1) * K);
+      if (gs == cs) continue;
+      const float* sc = rc.scores.f32() + t * E;
+      float kth = INFINITY, best_out = -INFINITY;
+      for (int32_t e = 0; e < int32_t(E); ++e) {
+        if (cs.count(e))
+          kth = std::min(kth, sc[e]);
+        else
+          best_out = std::max(best_out, sc[e]);
+      }
+      if (kth - best_out > tie * kth) {
+        ++differ;
+        continue;
+      }
+      for (const std::set<int32_t>* side : {&gs, &cs})
+        for (int32_t e : *side)
+          if (!gs.count(e) || !cs.count(e))
+            flipped.insert("model.layers." + std::to_string(l) + ".mlp.experts." +
+                           std::to_string(e) + ".");
+    }
     EXPECT_EQ(differ, 0) << "layer " << l << ": " << differ << " routing choices differ";
   }
+  return flipped;
+}
+
+bool in_flipped(const std::set<std::string>& flipped, const std::string& name) {
+  for (const std::string& prefix : flipped)
+    if (name.rfind(prefix, 0) == 0) return true;
+  return false;
 }
 
 class GpuParity : public ::testing::TestWithParam<std::string> {
@@ -449,6 +489,11 @@ TEST(GpuBf16, EmbeddingAndLmHeadAreBf16WhileFrozen) {
       d_logits, d_decode, double(loss_g), double(loss_c), d_grad, double(table_bf16_bytes) / 1024);
 }
 
+// How close to a tie (relative score gap) a routing choice may be and still flip between the CPU
+// and the Bf16 GPU model: a few times the compounded bf16 rounding of the activations that reach
+// the router (2^-8 per rounding, several per layer).
+constexpr double kBf16RoutingTie = 0.03;
+
 // ESFT with the embedding and the LM head frozen in bf16: the chunked loss's dx runs through the
 // bf16 LM head (16-row chunks), the chosen experts train, the tables stay bf16 and bit-identical,
 // with no gradient. Loss and expert gradients against the rounded CPU model at the tolerances of
@@ -488,7 +533,8 @@ TEST(GpuBf16, EsftStepWithFrozenBf16Tables) {
     }
     const float loss_c = cpu.loss_and_backward(ids, targets, batch, seq, 1.0f, 16);
     const float loss_g = gpu.loss_and_backward(ids, targets, batch, seq, 1.0f, 16);
-    expect_same_routing(gpu, cpu);
+    // Near-ties may flip (bf16 activations: expect_same_routing), at most a few of 48 tokens.
+    const std::set<std::string> flipped = expect_same_routing(gpu, cpu, kBf16RoutingTie);
     EXPECT_LE(std::abs(double(loss_g) - double(loss_c)) / double(loss_c), 2e-2) << step;
     int trained = 0;
     for (const auto& p : cpu.params().all()) {
@@ -497,9 +543,12 @@ TEST(GpuBf16, EsftStepWithFrozenBf16Tables) {
       const Param& q = gpu.params().at(p->name);
       ASSERT_TRUE(q.grad.defined()) << p->name;
       EXPECT_EQ(q.value.dtype(), DType::F32) << p->name;
-      if (step == 0) {
+      if (step == 0 && !in_flipped(flipped, p->name)) {
         EXPECT_LE(rel_diff(q.grad, p->grad), 1e-1) << p->name;
       }
+    }
+    if (step == 0) {
+      EXPECT_LE(flipped.size(), size_t(2)) << "more than one routing choice flipped";
     }
     EXPECT_EQ(trained, 6);
     adam_c.step(cpu.params(), 1e-3);

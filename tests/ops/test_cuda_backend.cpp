@@ -502,6 +502,28 @@ TEST_F(CudaBackendTest, EmbeddingForwardBf16Table) {
       "embedding_forward: tensor table is F16");
 }
 
+// The lookup's 8-wide row kernel (C a multiple of 8; the tests above take the one-element
+// fallback, C = 77): F32 and BF16 tables against the CPU lookup of the same values, bit for bit.
+// Of two bad ids the lower position is reported, though its row comes later in the launch.
+TEST_F(CudaBackendTest, EmbeddingForwardVectorRows) {
+  const int64_t V = 50, C = 96, T = 301;
+  const Tensor table = randn({V, C}), ids = randint({T}, 0, int32_t(V));
+  const Tensor table16 = table.to_dtype(DType::BF16);
+  for (const Tensor* t : {&table, &table16}) {
+    SCOPED_TRACE(dtype_name(t->dtype()));
+    Tensor ref = Tensor::empty({T, C}), out = poisoned({T, C});
+    cpu().embedding_forward(ref, t->to_f32(), ids);
+    gpu().embedding_forward(out, dev(*t), dev(ids));
+    EXPECT_TRUE(bit_equal(out, ref));
+  }
+  Tensor two = ids.clone();
+  two.i32()[290] = -3;
+  two.i32()[141] = int32_t(V) + 2;
+  Tensor out = poisoned({T, C});
+  expect_index_error([&] { gpu().embedding_forward(out, dev(table), dev(two)); }, out,
+                     "embedding_forward: token id 52 at position 141 out of range [0, 50)");
+}
+
 TEST_F(CudaBackendTest, RmsNormForwardBackward) {
   for (auto [T, C] : {std::pair<int64_t, int64_t>{67, 300}, {150, 33}, {1, 7}}) {
     Tensor x = randn({T, C}), w = randn({C}, 0.3f);
@@ -696,17 +718,33 @@ RopeTable rope_table(int64_t max_pos, int64_t rope_dim) {
   return RopeTable::build(c, max_pos, Device::CPU);
 }
 
+// In place (F32), against the CPU op within fp32 tolerance. Layouts: the 8-wide row kernel (stride,
+// offset and rope_dim multiples of 8; MLA's q at 301 tokens: several row batches and blocks), and
+// the pair-at-a-time fallback (odd stride and offset).
 TEST_F(CudaBackendTest, RopeForwardAndInverse) {
-  const int64_t T = 29, H = 3, stride = 40, offset = 24, rope_dim = 16, max_pos = 64;
+  struct Layout {
+    int64_t T, heads, stride, offset, rope_dim;
+  };
+  const int64_t max_pos = 64;
+  for (const Layout& l :
+       {Layout{29, 3, 40, 24, 16}, Layout{301, 2, 192, 128, 64}, Layout{301, 5, 37, 5, 12}}) {
+    SCOPED_TRACE(testing::Message() << "T " << l.T << " heads " << l.heads << " stride " << l.stride
+                                    << " offset " << l.offset << " rope_dim " << l.rope_dim);
+    const RopeTable tab = rope_table(max_pos, l.rope_dim);
+    const Tensor &cos = tab.cos, &sin = tab.sin;
+    const Tensor pos = randint({l.T}, 0, int32_t(max_pos));
+    for (bool inverse : {false, true}) {
+      Tensor x = randn({l.T, l.heads, l.stride}), dx = dev(x);
+      cpu().rope(x, x, l.heads, l.stride, l.offset, l.rope_dim, cos, sin, pos, inverse);
+      gpu().rope(dx, dx, l.heads, l.stride, l.offset, l.rope_dim, dev(cos), dev(sin), dev(pos),
+                 inverse);
+      EXPECT_CLOSE(dx, x, kF32Tol);
+    }
+  }
+  const int64_t T = 29, H = 3, stride = 40, offset = 24, rope_dim = 16;
   const RopeTable tab = rope_table(max_pos, rope_dim);
   const Tensor &cos = tab.cos, &sin = tab.sin;
   Tensor pos = randint({T}, 0, int32_t(max_pos));
-  for (bool inverse : {false, true}) {
-    Tensor x = randn({T, H, stride}), dx = dev(x);
-    cpu().rope(x, x, H, stride, offset, rope_dim, cos, sin, pos, inverse);
-    gpu().rope(dx, dx, H, stride, offset, rope_dim, dev(cos), dev(sin), dev(pos), inverse);
-    EXPECT_CLOSE(dx, x, kF32Tol);
-  }
   Tensor bad = pos.clone();
   bad.i32()[3] = int32_t(max_pos);
   Tensor x = randn({T, H, stride}), dx = dev(x);
@@ -728,15 +766,18 @@ TEST_F(CudaBackendTest, RopeForwardAndInverse) {
 // tolerance in place (the GPU may fuse a product and a sum), and the BF16 out within that plus a
 // bf16 rounding (<= 2^-8 of an element); the elements outside the rope dims are copies, rounded
 // alike on both sides, so there the BF16 outs agree to the bit. Layouts: q's (nope dims, then the
-// pairs), odd sizes with elements on both sides of the pairs, k_rope's (one head of pairs). A bad
-// position is reported as in place.
+// pairs; MLA's q of V2-Lite, the 8-wide row kernel), odd sizes with elements on both sides of the
+// pairs (the pair-at-a-time fallback), k_rope's (one head of pairs), and a stride that is a
+// multiple of 8 around rope dims that are not (rope_dim 12: the fallback). 301 tokens: several
+// row batches and blocks. A bad position is reported as in place.
 TEST_F(CudaBackendTest, RopeIntoSeparateOutputF32AndBf16) {
   EXPECT_TRUE(gpu().supports(Op::Rope, DType::BF16));
-  const int64_t T = 29, max_pos = 64;
+  const int64_t T = 301, max_pos = 64;
   struct Layout {
     int64_t heads, stride, offset, rope_dim;
   };
-  for (const Layout& l : {Layout{3, 40, 24, 16}, Layout{5, 37, 5, 12}, Layout{1, 16, 0, 16}}) {
+  for (const Layout& l : {Layout{3, 40, 24, 16}, Layout{2, 192, 128, 64}, Layout{5, 37, 5, 12},
+                          Layout{1, 16, 0, 16}, Layout{2, 24, 8, 12}}) {
     const RopeTable tab = rope_table(max_pos, l.rope_dim);
     const Tensor &cos = tab.cos, &sin = tab.sin;
     const Tensor pos = randint({T}, 0, int32_t(max_pos));
@@ -790,7 +831,7 @@ TEST_F(CudaBackendTest, RopeIntoSeparateOutputF32AndBf16) {
   const RopeTable tab = rope_table(max_pos, 4);
   const Tensor dcos = dev(tab.cos), dsin = dev(tab.sin), dpos = dev(randint({T}, 0, 4));
   expect_error_containing([&] { gpu().rope(small, x, 2, 4, 0, 4, dcos, dsin, dpos, false); },
-                          "rope: x [29, 8]");
+                          "rope: x [301, 8]");
 }
 
 // Sets a backend's precision for a scope and restores Fp32 after it, even when an op throws.
@@ -1808,39 +1849,80 @@ TEST_F(CudaBackendTest, ScatterAddRowsBf16Inputs) {
   }
 }
 
+// copy_columns and the MLA k/v split move values (accumulate adds one fp32 term per element on
+// both sides; dk_rope sums the heads in head order from 0 on both sides), so the CPU op is the
+// oracle to the bit. Shapes that take the 8-wide row kernels (widths and column offsets multiples
+// of 8, rows 16-byte aligned) and shapes that take the one-element fallback (an odd width, a
+// leading dimension or offset that breaks the alignment); 301 rows span several row batches and
+// blocks, and 5 heads leave a partial batch in dk_rope's sum over heads.
 TEST_F(CudaBackendTest, CopyColumnsAndMlaSplit) {
-  Tensor dst = randn({19, 40}), src = randn({19, 23});
-  for (bool acc : {false, true}) {
-    Tensor d = dst.clone(), gd = dev(dst);
-    cpu().copy_columns(d, 7, src, 3, 17, acc);
-    gpu().copy_columns(gd, 7, dev(src), 3, 17, acc);
-    EXPECT_CLOSE(gd, d, kF32Tol);
+  struct CopyCase {
+    int64_t rows, dst_cols, dst_col, src_cols, src_col, n;
+  };
+  for (const CopyCase& c : {CopyCase{19, 40, 7, 23, 3, 17}, CopyCase{301, 40, 8, 24, 16, 8},
+                            CopyCase{301, 64, 0, 576, 512, 64}, CopyCase{37, 41, 8, 24, 0, 16},
+                            CopyCase{37, 40, 4, 24, 0, 16}}) {
+    SCOPED_TRACE(testing::Message()
+                 << "copy " << c.rows << " x " << c.n << " from col " << c.src_col << " of "
+                 << c.src_cols << " to col " << c.dst_col << " of " << c.dst_cols);
+    const Tensor dst = randn({c.rows, c.dst_cols}), src = randn({c.rows, c.src_cols});
+    for (bool acc : {false, true}) {
+      Tensor d = dst.clone(), gd = dev(dst);
+      cpu().copy_columns(d, c.dst_col, src, c.src_col, c.n, acc);
+      gpu().copy_columns(gd, c.dst_col, dev(src), c.src_col, c.n, acc);
+      EXPECT_TRUE(bit_equal(gd, d)) << "accumulate " << acc;
+    }
   }
-  const int64_t T = 21, H = 3, dn = 16, dr = 8, dv = 12;
-  Tensor kv_b = randn({T, H * (dn + dv)}), k_rope = randn({T, dr});
-  Tensor k = Tensor::empty({T, H, dn + dr}), v = Tensor::empty({T, H, dv});
-  Tensor gk = poisoned(k.shape()), gv = poisoned(v.shape());
-  cpu().mla_split_kv(k, v, kv_b, k_rope, H, dn, dr, dv);
-  gpu().mla_split_kv(gk, gv, dev(kv_b), dev(k_rope), H, dn, dr, dv);
-  EXPECT_CLOSE(gk, k, 0.0);
-  EXPECT_CLOSE(gv, v, 0.0);
-  Tensor dk = randn(k.shape()), dvv = randn(v.shape());
-  Tensor dkv_b = Tensor::empty(kv_b.shape()), dk_rope = Tensor::empty(k_rope.shape());
-  Tensor gdkv_b = poisoned(kv_b.shape()), gdk_rope = poisoned(k_rope.shape());
-  cpu().mla_split_kv_backward(dkv_b, dk_rope, dk, dvv, H, dn, dr, dv);
-  gpu().mla_split_kv_backward(gdkv_b, gdk_rope, dev(dk), dev(dvv), H, dn, dr, dv);
-  EXPECT_CLOSE(gdkv_b, dkv_b, 0.0);
-  EXPECT_CLOSE(gdk_rope, dk_rope, kF32Tol);
-  // BF16 outputs (MLA under Bf16): the F32 results rounded once, to the bit (host rounding is
-  // round-to-nearest-even as the kernels'); dk_rope stays F32 and unchanged.
-  Tensor bk = poisoned(k.shape(), DType::BF16), bv = poisoned(v.shape(), DType::BF16);
-  gpu().mla_split_kv(bk, bv, dev(kv_b), dev(k_rope), H, dn, dr, dv);
-  EXPECT_TRUE(bit_equal(bk.to_host(), k.to_dtype(DType::BF16))) << "k";
-  EXPECT_TRUE(bit_equal(bv.to_host(), v.to_dtype(DType::BF16))) << "v";
-  Tensor bdkv_b = poisoned(kv_b.shape(), DType::BF16), bdk_rope = poisoned(k_rope.shape());
-  gpu().mla_split_kv_backward(bdkv_b, bdk_rope, dev(dk), dev(dvv), H, dn, dr, dv);
-  EXPECT_TRUE(bit_equal(bdkv_b.to_host(), dkv_b.to_dtype(DType::BF16))) << "dkv_b";
-  EXPECT_TRUE(bit_equal(bdk_rope, gdk_rope)) << "dk_rope";
+  struct SplitCase {
+    int64_t T, H, dn, dr, dv;
+  };
+  for (const SplitCase& c : {SplitCase{21, 3, 16, 8, 12}, SplitCase{301, 5, 32, 16, 24},
+                             SplitCase{23, 4, 128, 64, 128}}) {
+    const int64_t T = c.T, H = c.H, dn = c.dn, dr = c.dr, dv = c.dv;
+    SCOPED_TRACE(testing::Message()
+                 << "split T " << T << " H " << H << " dn " << dn << " dr " << dr << " dv " << dv);
+    Tensor kv_b = randn({T, H * (dn + dv)}), k_rope = randn({T, dr});
+    Tensor k = Tensor::empty({T, H, dn + dr}), v = Tensor::empty({T, H, dv});
+    Tensor gk = poisoned(k.shape()), gv = poisoned(v.shape());
+    cpu().mla_split_kv(k, v, kv_b, k_rope, H, dn, dr, dv);
+    gpu().mla_split_kv(gk, gv, dev(kv_b), dev(k_rope), H, dn, dr, dv);
+    EXPECT_TRUE(bit_equal(gk, k)) << "k";
+    EXPECT_TRUE(bit_equal(gv, v)) << "v";
+    Tensor dk = randn(k.shape()), dvv = randn(v.shape());
+    Tensor dkv_b = Tensor::empty(kv_b.shape()), dk_rope = Tensor::empty(k_rope.shape());
+    Tensor gdkv_b = poisoned(kv_b.shape()), gdk_rope = poisoned(k_rope.shape());
+    cpu().mla_split_kv_backward(dkv_b, dk_rope, dk, dvv, H, dn, dr, dv);
+    gpu().mla_split_kv_backward(gdkv_b, gdk_rope, dev(dk), dev(dvv), H, dn, dr, dv);
+    EXPECT_TRUE(bit_equal(gdkv_b, dkv_b)) << "dkv_b";
+    EXPECT_TRUE(bit_equal(gdk_rope, dk_rope)) << "dk_rope";
+    // BF16 outputs (MLA under Bf16): the F32 results rounded once, to the bit (host rounding is
+    // round-to-nearest-even as the kernels'); dk_rope stays F32 and unchanged.
+    const Tensor k16 = k.to_dtype(DType::BF16), v16 = v.to_dtype(DType::BF16);
+    Tensor bk = poisoned(k.shape(), DType::BF16), bv = poisoned(v.shape(), DType::BF16);
+    gpu().mla_split_kv(bk, bv, dev(kv_b), dev(k_rope), H, dn, dr, dv);
+    EXPECT_TRUE(bit_equal(bk.to_host(), k16)) << "k";
+    EXPECT_TRUE(bit_equal(bv.to_host(), v16)) << "v";
+    Tensor bdkv_b = poisoned(kv_b.shape(), DType::BF16), bdk_rope = poisoned(k_rope.shape());
+    gpu().mla_split_kv_backward(bdkv_b, bdk_rope, dev(dk), dev(dvv), H, dn, dr, dv);
+    EXPECT_TRUE(bit_equal(bdkv_b.to_host(), dkv_b.to_dtype(DType::BF16))) << "dkv_b";
+    EXPECT_TRUE(bit_equal(bdk_rope, gdk_rope)) << "dk_rope";
+    // A BF16 kv_b (the kv_b GEMM's output under the bf16 attention): into BF16 k and v the
+    // split copies, giving exactly the F32 kv_b's split rounded; into F32 k and v it widens,
+    // giving the CPU split of the rounded kv_b.
+    const Tensor kv_b16 = kv_b.to_dtype(DType::BF16);
+    Tensor ck = poisoned(k.shape(), DType::BF16), cv = poisoned(v.shape(), DType::BF16);
+    gpu().mla_split_kv(ck, cv, dev(kv_b16), dev(k_rope), H, dn, dr, dv);
+    EXPECT_TRUE(bit_equal(ck.to_host(), k16)) << "k from BF16 kv_b";
+    EXPECT_TRUE(bit_equal(cv.to_host(), v16)) << "v from BF16 kv_b";
+    Tensor wk = Tensor::empty(k.shape()), wv = Tensor::empty(v.shape());
+    cpu().mla_split_kv(wk, wv, kv_b16.to_f32(), k_rope, H, dn, dr, dv);
+    Tensor fk = poisoned(k.shape()), fv = poisoned(v.shape());
+    gpu().mla_split_kv(fk, fv, dev(kv_b16), dev(k_rope), H, dn, dr, dv);
+    EXPECT_TRUE(bit_equal(fk, wk)) << "F32 k from BF16 kv_b";
+    EXPECT_TRUE(bit_equal(fv, wv)) << "F32 v from BF16 kv_b";
+  }
+  EXPECT_TRUE(gpu().supports(Op::MlaSplitKv, DType::BF16));
+  EXPECT_FALSE(cpu().supports(Op::MlaSplitKv, DType::BF16));
 }
 
 // Attention under Bf16 with q, k, v given as BF16 (a layer rounded them once) against the same
@@ -2966,6 +3048,53 @@ TEST_F(CudaBackendTest, IndexErrorsReportTheFirstBadOpAndReset) {
   cpu().embedding_forward(ref, table.to_host(), ok);
   gpu().embedding_forward(out, table, dev(ok));
   EXPECT_CLOSE(out, ref, 0.0);
+}
+
+// check_indices over many blocks (gather_rows checks its rows with it): ~100,000 rows with bad
+// entries in two different blocks of the copy; the lower position is reported, and the safe copy
+// replaces both with row 0 (so the gather equals the CPU's on the repaired rows). The scan reads
+// the rows 16 bytes at a time when they are aligned: a view at an odd entry takes the one-entry
+// scan, and a count that is not a multiple of 4 leaves entries to the scan's tail. Of two failing
+// launches of the same check before a read back, the first is reported.
+TEST_F(CudaBackendTest, CheckIndicesReportsTheLowestBadPositionOfALargeTensor) {
+  const int64_t R = 50, C = 3, N = 100003;
+  const Tensor x = randn({R, C}), dx = dev(x);
+  struct Case {
+    int64_t begin;                                 // the view's first entry of the uploaded tensor
+    std::vector<std::pair<int64_t, int32_t>> bad;  // (position in the view, value)
+    const char* message;
+  };
+  const Case cases[] = {
+      {0, {{70001, 57}, {30002, 53}}, "gather_rows: row 53 at position 30002 out of range [0, 50)"},
+      {1, {{99999, 61}, {45000, 50}}, "gather_rows: row 50 at position 45000 out of range [0, 50)"},
+      {0, {{100002, 99}}, "gather_rows: row 99 at position 100002 out of range [0, 50)"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.message);
+    Tensor all = randint({N + 1}, 0, int32_t(R));
+    for (int64_t i = 5; i < N + 1; i += 97) all.i32()[i] = -1;  // no row: valid
+    Tensor fixed = all.slice(c.begin, c.begin + N).clone();
+    for (const auto& [p, value] : c.bad) {
+      all.i32()[c.begin + p] = value;
+      fixed.i32()[p] = 0;
+    }
+    const Tensor rows = dev(all).slice(c.begin, c.begin + N);
+    Tensor out = poisoned({N, C});
+    expect_index_error([&] { gpu().gather_rows(out, dx, rows, nullptr); }, out, c.message);
+    Tensor ref = Tensor::empty({N, C});
+    cpu().gather_rows(ref, x, fixed, nullptr);
+    EXPECT_TRUE(bit_equal(out, ref)) << "bad rows not replaced by row 0";
+  }
+  Tensor first = randint({N}, 0, int32_t(R)), second = first.clone();
+  first.i32()[30002] = 53;
+  second.i32()[7] = 60;
+  Tensor out = poisoned({N, C});
+  expect_index_error(
+      [&] {
+        gpu().gather_rows(out, dx, dev(first), nullptr);
+        gpu().gather_rows(out, dx, dev(second), nullptr);
+      },
+      out, "gather_rows: row 53 at position 30002 out of range [0, 50)");
 }
 
 TEST_F(CudaBackendTest, ErrorsNameTheOp) {

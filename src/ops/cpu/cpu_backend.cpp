@@ -345,6 +345,7 @@ void CpuBackend::set_rows(Tensor& dst, const Tensor& src, const Tensor& rows_) {
 
 void CpuBackend::mla_split_kv(Tensor& k, Tensor& v, const Tensor& kv_b, const Tensor& k_rope,
                               int64_t heads, int64_t dn, int64_t dr, int64_t dv) {
+  expect_f32_on_cpu("mla_split_kv", {&k, &v, &kv_b, &k_rope});  // BF16: CUDA only (ops.h)
   const int64_t T = rows(kv_b);
   cpu_pool().parallel_for(T, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t)
@@ -361,6 +362,7 @@ void CpuBackend::mla_split_kv(Tensor& k, Tensor& v, const Tensor& kv_b, const Te
 void CpuBackend::mla_split_kv_backward(Tensor& dkv_b, Tensor& dk_rope, const Tensor& dk,
                                        const Tensor& dv, int64_t heads, int64_t dn, int64_t dr,
                                        int64_t dvd) {
+  expect_f32_on_cpu("mla_split_kv_backward", {&dkv_b, &dk_rope, &dk, &dv});
   const int64_t T = rows(dkv_b);
   cpu_pool().parallel_for(T, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {

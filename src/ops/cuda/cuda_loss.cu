@@ -44,11 +44,6 @@ __device__ void block_softmax_stats(float& m, double& z) {
     merge_stats(m, z, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, z, o));
 }
 
-// Loads each thread issues before it uses the first: with one, a thread waits a DRAM latency per
-// element, and 2048 threads per SM keep 8 KB in flight, under 2 TB/s over 132 SMs at a ~600 ns
-// latency (Little's law); eight keep 40-64 KB per SM in flight, enough for the HBM's ~4.8 TB/s.
-constexpr int kLoadBatch = 8;
-
 // Row max and sum of exp(l - max) in one read of the row (an online softmax: each thread keeps
 // its running max and rescales its sum when the max grows), then block_softmax_stats. The sum is
 // in double, as on the CPU (100k float terms in a float sum lose the 1e-5 loss parity). Thread t

@@ -569,15 +569,16 @@ void CudaBackend::mla_split_kv(Tensor& k, Tensor& v, const Tensor& kv_b, const T
                                int64_t heads, int64_t dn, int64_t dr, int64_t dv) {
   const char* op = "mla_split_kv";
   const int64_t T = rows(kv_b);
-  expect_all_f32({&kv_b, &k_rope}, op);
+  expect_f32(k_rope, op, "k_rope");
+  expect_f32_or_bf16(kv_b, op, "kv_b");
   expect_f32_or_bf16(k, op, "k");
   expect(v, k.dtype(), op, "v");
   expect_numel(kv_b, T * heads * (dn + dv), op, "kv_b");
   expect_numel(k_rope, T * dr, op, "k_rope");
   expect_numel(k, T * heads * (dn + dr), op, "k");
   expect_numel(v, T * heads * dv, op, "v");
-  check(cuda::mla_split_kv(k.raw(), v.raw(), k.dtype(), kv_b.f32(), k_rope.f32(), T, heads, dn, dr,
-                           dv),
+  check(cuda::mla_split_kv(k.raw(), v.raw(), k.dtype(), kv_b.raw(), kv_b.dtype(), k_rope.f32(), T,
+                           heads, dn, dr, dv),
         op);
 }
 

@@ -46,7 +46,7 @@ struct IndexCheck {
   bool allow_negative = false;
 };
 // safe[i] = idx[i] when valid under `c`, else c.replacement; the first bad entry recorded as
-// above. One block: index tensors are small (tokens, or tokens x top-k). The ops on the decode
+// above (the copy spread over blocks, the record by the first). The ops on the decode
 // path (rope, set_rows, embedding_forward, moe_experts_small, latent_attention, the fused MLA step
 // ops) take an IndexCheck instead and check inside their own kernel: no launch and no scratch copy
 // for the check.
@@ -74,9 +74,11 @@ cudaError_t rope(void* out, DType out_dtype, const float* x, int64_t tokens, int
 // dst/src point at the first copied column; ld = row length in elements.
 cudaError_t copy_columns(float* dst, int64_t dst_ld, const float* src, int64_t src_ld, int64_t rows,
                          int64_t n, bool accumulate);
-// k, v (forward) and dkv_b (backward) of `dtype`: F32, or BF16 (rounded once as written).
-cudaError_t mla_split_kv(void* k, void* v, DType dtype, const float* kv_b, const float* k_rope,
-                         int64_t tokens, int64_t heads, int64_t dn, int64_t dr, int64_t dv);
+// k, v (forward) and dkv_b (backward) of `dtype`: F32, or BF16 (rounded once as written). kv_b of
+// kv_b_dtype: F32, or BF16 (widened exactly, so into BF16 k and v the split is a copy).
+cudaError_t mla_split_kv(void* k, void* v, DType dtype, const void* kv_b, DType kv_b_dtype,
+                         const float* k_rope, int64_t tokens, int64_t heads, int64_t dn, int64_t dr,
+                         int64_t dv);
 cudaError_t mla_split_kv_backward(void* dkv_b, DType dtype, float* dk_rope, const float* dk,
                                   const float* dv, int64_t tokens, int64_t heads, int64_t dn,
                                   int64_t dr, int64_t dvd);
