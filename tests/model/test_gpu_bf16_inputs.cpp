@@ -166,14 +166,14 @@ void expect_saved_dtypes(DeepSeekModel& m, const Variant& v, bool once, bool rou
   EXPECT_EQ(dense.self_attn.saved.q.dtype(), once ? DType::BF16 : DType::F32) << "q";
   ASSERT_TRUE(dense.mlp.has_value());
   EXPECT_EQ(dense.mlp->saved.x.dtype(), want) << "dense MLP input";
+  // gate and up follow the Bf16 precision (nn/mlp.cpp), not the mechanism: BF16 either way
+  // above the GEMV path's rows; h with them (the down GEMMs read it rounded either way).
+  const bool rows_bf16 = v.batch * v.seq > backend(Device::CUDA).unrounded_gemv_rows();
   if (dense.mlp->down_proj->trainable) {
-    EXPECT_EQ(dense.mlp->saved.h.dtype(), want) << "dense MLP h";
+    EXPECT_EQ(dense.mlp->saved.h.dtype(), rows_bf16 ? DType::BF16 : want) << "dense MLP h";
   } else {
     EXPECT_FALSE(dense.mlp->saved.h.defined()) << "h kept for a frozen down projection";
   }
-  // gate and up follow the Bf16 precision (nn/mlp.cpp), not the mechanism: BF16 either way
-  // above the GEMV path's rows.
-  const bool rows_bf16 = v.batch * v.seq > backend(Device::CUDA).unrounded_gemv_rows();
   EXPECT_EQ(dense.mlp->saved.gate.dtype(), rows_bf16 ? DType::BF16 : DType::F32);
   EXPECT_EQ(dense.mlp->saved.up.dtype(), rows_bf16 ? DType::BF16 : DType::F32);
   const DecoderLayer& moe = m.layers().back();
