@@ -44,6 +44,25 @@ static std::string json_escape(const std::string& s) {
   return o;
 }
 
+// The median of `iters` timed runs of fn after two untimed ones: the peer's method
+// (tools/bench_gpu_peer.py's timed()), so that both sides warm up alike (allocations, cuBLAS's
+// first heuristics and lazily loaded kernels for each new expert block size) and a step that
+// meets a new shape does not weigh on one side only.
+template <typename F>
+static double median_seconds(F fn, int64_t iters) {
+  fn();
+  fn();
+  std::vector<double> t;
+  for (int64_t i = 0; i < iters; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    fn();
+    t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(t.begin(), t.end());
+  const size_t n = t.size();
+  return n == 0 ? 0.0 : n % 2 ? t[n / 2] : 0.5 * (t[n / 2 - 1] + t[n / 2]);
+}
+
 static double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
@@ -168,14 +187,12 @@ int main(int argc, char** argv) {
       }
       be.synchronize();  // the clock covers the queued optimizer work
     };
-    fwd();              // warm-up: allocations, thread start
-    if (profiling()) {  // steady state only: a training warm-up too, then forget both
+    if (profiling()) {  // steady state only: warm-ups of both, then forget them
+      fwd();
       train();
       profile_reset();
     }
-    auto t0 = std::chrono::steady_clock::now();
-    for (int64_t i = 0; i < iters; ++i) fwd();
-    double f = seconds_since(t0);
+    const double f = median_seconds(fwd, iters);  // per prefill
     // Training may not fit where prefill does (a full-size model): report prefill regardless.
     double t = 0;
     std::string train_error;
@@ -183,10 +200,7 @@ int main(int argc, char** argv) {
     // above materialises the whole [tokens, vocab] logits, which training never does.
     be.open_memory_window();
     try {
-      train();
-      t0 = std::chrono::steady_clock::now();
-      for (int64_t i = 0; i < iters; ++i) train();
-      t = seconds_since(t0);
+      t = median_seconds(train, iters);  // per step
     } catch (const Error& e) {
       train_error = e.what();
     }
@@ -201,7 +215,7 @@ int main(int argc, char** argv) {
         "\"peak_device_gib\": {:.2f}, \"train_peak_device_gib\": {:.2f}, \"layers\": {}, "
         "\"init_s\": {:.1f}, \"checkpointing\": {}, \"recompute_experts\": {}, "
         "\"reserved_gib\": {:.2f}, \"train_error\": \"{}\"}}\n",
-        dev_name, mode, double(B * S * iters) / f, t > 0 ? double(B * S * iters) / t : 0.0,
+        dev_name, mode, double(B * S) / f, t > 0 ? double(B * S) / t : 0.0,
         model.params().trainable_numel(), first_loss, double(ru.ru_maxrss) / 1024.0, num_threads(),
         dtype, double(model.params().value_bytes()) / 1073741824.0,
         double(be.peak_bytes() - reserved) / 1073741824.0,

@@ -6,6 +6,7 @@ Usage: peer_torch_model.py CONFIG.json BATCH SEQ ITERS THREADS"""
 import json
 import math
 import sys
+import statistics
 import time
 import resource
 
@@ -132,12 +133,20 @@ def main():
     gflops = 2 * 1024 ** 3 * 10 / (time.perf_counter() - t) / 1e9
     model = Model(c)
     ids = torch.randint(0, c["vocab_size"], (B, S))
-    with torch.no_grad():
-        model(ids)
-        t = time.perf_counter()
+
+    def median_seconds(fn):
+        # Two untimed runs, then the median of `iters` (moekit_model_bench's method too).
+        fn()
+        fn()
+        times = []
         for _ in range(iters):
-            model(ids)
-        fwd = time.perf_counter() - t
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    with torch.no_grad():
+        fwd = median_seconds(lambda: model(ids))
 
     def step():
         logits = model(ids)
@@ -145,14 +154,10 @@ def main():
         model.zero_grad(set_to_none=False)
         loss.backward()
 
-    step()
-    t = time.perf_counter()
-    for _ in range(iters):
-        step()
-    train = time.perf_counter() - t
+    train = median_seconds(step)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"engine": f"pytorch {torch.__version__}", "forward_tok_s": round(B * S * iters / fwd, 1),
-                      "train_tok_s": round(B * S * iters / train, 1), "peak_rss_mib": round(rss, 1),
+    print(json.dumps({"engine": f"pytorch {torch.__version__}", "forward_tok_s": round(B * S / fwd, 1),
+                      "train_tok_s": round(B * S / train, 1), "peak_rss_mib": round(rss, 1),
                       "threads": torch.get_num_threads(), "gemm_gflops": round(gflops, 1)}))
 
 
