@@ -6,7 +6,8 @@
 # all-trainable; batch-1 greedy decode tokens/s (a 32-token prompt, then 256 new tokens; the whole
 # generate call is timed on both sides); peak GPU memory (moekit: its allocator's high-water mark
 # of live tensors; transformers: torch.cuda.max_memory_allocated; nvidia-smi whole-process peaks
-# are printed too).
+# are printed too). Prefill and training are timed alike on both sides: two untimed runs, then
+# the median of ITERS (default 3).
 #
 #   MOEKIT_BENCH_BIN=path/to/moekit_model_bench bash tools/gpu_bench.sh [LAYERS] [BATCH] [SEQ]
 #   MOEKIT_RUNS   moekit's prefill/training runs (default "fp32 bf16 bf16-ckpt": exact fp32;
