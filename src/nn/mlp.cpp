@@ -17,8 +17,8 @@ MLP MLP::create(ParamTable& params, const std::string& prefix, int64_t hidden, i
 namespace {
 
 // The dtype of gate, up and dh (SwiGLU's operands): BF16 under the Bf16 precision, as the routed
-// experts keep theirs (nn/moe.cpp's bf16_activations), for as many rows as the GEMMs round their
-// inputs: the GEMMs write their products rounded once, and SwiGLU (fp32 math) reads half the
+// experts keep theirs (nn/moe.cpp's bf16_activations), above the few rows that the GEMV path
+// serves: the GEMMs write their products rounded once, and SwiGLU (fp32 math) reads half the
 // bytes, which also halves what forward saves for backward (at V2-Lite's dense layer, 2 x 179 MB
 // instead of 2 x 358 MB per 8192 tokens). It changes values (SwiGLU sees rounded products), so it
 // follows the precision, not round_gemm_inputs_once (nn/linear.h), like the bf16 logits. F32 for
