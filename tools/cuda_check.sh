@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds moekit with the CUDA backend on a GPU machine and runs the GPU tests: every op against the
-# CPU backend (tests/ops/test_cuda_backend.cpp, Cuda*), the whole model on the GPU against the CPU
+# CPU backend (tests/ops/test_cuda_*.cpp, Cuda*), the whole model on the GPU against the CPU
 # (tests/model/test_gpu_model.cpp, Gpu*) and `--device cuda` on the CLI (tests/cli/
 # test_device_cli.cpp, GpuCli* and DeviceCli*). Writes nvidia-smi's report, the build and test logs
 # and a timing summary to $OUT (default ./cuda-check-out).

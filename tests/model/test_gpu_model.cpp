@@ -5,7 +5,7 @@
 // Every test skips with the reason when no GPU is visible (or the build has no CUDA). Every test's
 // full name starts with "Gpu" (tools/cuda_check.sh selects them with the filter Gpu*).
 //
-// Error measure, as in tests/ops/test_cuda_backend.cpp: max |gpu - cpu| / max |cpu| over a tensor
+// Error measure, as in tests/ops/cuda_backend_testing.h: max |gpu - cpu| / max |cpu| over a tensor
 // (normwise relative). Each op agrees to ~1e-6 of its largest value (fp32 sums in another order);
 // a model chains a few dozen of them, and backward multiplies small differences by the weights
 // again, so the tolerances are: logits 1e-5, loss 1e-5 (relative), gradients 1e-4, weights after

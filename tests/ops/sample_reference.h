@@ -1,5 +1,5 @@
 // Backend::sample's rule by brute force, for the tests of the CPU op
-// (tests/ops/test_sample_ops.cpp) and of the GPU op (tests/ops/test_cuda_backend.cpp): the row
+// (tests/ops/test_sample_ops.cpp) and of the GPU op (tests/ops/test_cuda_decode.cpp): the row
 // fully sorted, masses in double, and the set of ids an implementation may return when its masses
 // carry a relative rounding error up to `tol` (the exact choice, plus the neighbours of a boundary
 // that u01 * kept mass or top_p * z lies within tol of).

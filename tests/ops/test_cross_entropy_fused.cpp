@@ -1,7 +1,7 @@
 // Backend::cross_entropy_fused on the CPU: the base class's default (the CPU backend does not
 // override it), which must be exactly cross_entropy_forward then cross_entropy_backward, in a
 // separate gradient tensor and in place, with ignored targets. The CPU is the reference the GPU's
-// fused kernel is checked against (tests/ops/test_cuda_backend.cpp), so this is bit equality.
+// fused kernel is checked against (tests/ops/test_cuda_loss.cpp), so this is bit equality.
 #include <gtest/gtest.h>
 
 #include <cstdint>
