@@ -169,6 +169,20 @@ inline void expect_index_error(const std::function<void()>& op, const Tensor& re
   EXPECT_NO_THROW((void)result.to_host()) << "the error was raised twice";
 }
 
+// The mean time of `reps` runs of f in milliseconds, after one untimed run, for the throughput
+// tests' printouts: reading one element of `probe` (a device tensor) back waits for the queued
+// work before and after.
+inline double mean_ms(const std::function<void()>& f, const Tensor& probe, int reps = 5) {
+  auto sync = [&] { (void)probe.reshape({probe.numel()}).slice(0, 1).to_host(); };
+  f();
+  sync();
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < reps; ++i) f();
+  sync();
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() /
+         reps;
+}
+
 // Sets a backend's precision for a scope and restores Fp32 after it, even when an op throws.
 struct PrecisionScope {
   Backend& b;

@@ -513,18 +513,7 @@ TEST_F(CudaBackendTest, AttentionThroughput) {
   Tensor v = dev(randn({B * S, H, DV})), dout = dev(randn({B * S, H, DV}));
   Tensor out = poisoned({B * S, H, DV}), lse = poisoned({B, H, S});
   Tensor dq = poisoned(q.shape()), dk = poisoned(k.shape()), dv = poisoned(v.shape());
-  auto sync = [&] { (void)lse.slice(0, 1).to_host(); };  // a device-to-host copy waits
-  auto time_ms = [&](const std::function<void()>& f) {
-    f();
-    sync();
-    const int reps = 5;
-    const auto t0 = std::chrono::steady_clock::now();
-    for (int i = 0; i < reps; ++i) f();
-    sync();
-    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0)
-               .count() /
-           reps;
-  };
+  auto time_ms = [&](const std::function<void()>& f) { return mean_ms(f, lse); };
   const double fwd = time_ms([&] { gpu().attention_forward(out, lse, q, k, v, B, S, H, scale); });
   const double bwd = time_ms(
       [&] { gpu().attention_backward(dq, dk, dv, dout, out, lse, q, k, v, B, S, H, scale); });
