@@ -18,9 +18,11 @@
 #include <sys/resource.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
+#include <initializer_list>
 #include <regex>
 #include <string>
 #include <vector>
@@ -79,6 +81,26 @@ static double env_number(const char* name, double unset) {
   return x;
 }
 
+// A positive integer argument (BATCH, SEQ, ITERS, THREADS), else a one-line error naming it.
+static int64_t positive_arg(const char* name, const char* text) {
+  char* end = nullptr;
+  errno = 0;
+  const long long x = std::strtoll(text, &end, 10);
+  if (end == text || *end != '\0' || errno != 0 || x < 1)
+    fail("{} must be a positive integer, got \"{}\"", name, text);
+  return int64_t(x);
+}
+
+// One of `allowed`, else a one-line error naming the argument.
+static std::string choice_arg(const char* name, const char* text,
+                              std::initializer_list<const char*> allowed) {
+  for (const char* a : allowed)
+    if (std::string(text) == a) return text;
+  std::string list;
+  for (const char* a : allowed) list += std::string(list.empty() ? "" : ", ") + a;
+  fail("{} must be one of {}, got \"{}\"", name, list, text);
+}
+
 // Greedy decoding: one warm-up generation (allocator, cuBLAS heuristics), then the timed one.
 // Greedy (and sampled) decoding reads the chosen id back every token, so the clock covers the
 // device's work.
@@ -125,11 +147,13 @@ int main(int argc, char** argv) {
   }
   try {
     ModelConfig c = load_config(argv[1]);
-    const int64_t B = std::atoll(argv[2]), S = std::atoll(argv[3]), iters = std::atoll(argv[4]);
-    set_num_threads(std::atoi(argv[5]));
-    const std::string dev_name = argc > 6 ? argv[6] : "cpu";
-    const std::string mode = argc > 7 ? argv[7] : "grad";
-    const std::string dtype = argc > 8 ? argv[8] : "fp32";
+    const int64_t B = positive_arg("BATCH", argv[2]), S = positive_arg("SEQ", argv[3]);
+    const int64_t iters = positive_arg("ITERS", argv[4]);
+    set_num_threads(int(positive_arg("THREADS", argv[5])));
+    const std::string dev_name = choice_arg("device", argc > 6 ? argv[6] : "cpu", {"cpu", "cuda"});
+    const std::string mode =
+        choice_arg("mode", argc > 7 ? argv[7] : "grad", {"grad", "all", "esft10", "decode"});
+    const std::string dtype = choice_arg("dtype", argc > 8 ? argv[8] : "fp32", {"fp32", "bf16"});
     const Device dev = dev_name == "cuda" ? Device::CUDA : Device::CPU;
     const DType weights = dtype == "bf16" ? DType::BF16 : DType::F32;
     if (weights == DType::BF16) backend(dev).set_precision(Precision::Bf16);
