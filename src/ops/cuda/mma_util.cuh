@@ -38,18 +38,17 @@ __device__ inline void cp_async4(uint32_t dst, const void* src, bool valid) {
 __device__ inline void cp_async_commit() {
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
-// Waits until at most one committed group (the newest) is still in flight.
-__device__ inline void cp_async_wait_one() {
-  asm volatile("cp.async.wait_group 1;\n" ::: "memory");
-}
-// Waits until every committed group has landed.
-__device__ inline void cp_async_wait_all() {
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-}
 // Waits until at most N committed groups (the newest N) are still in flight.
 template <int N>
 __device__ inline void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+// The two counts most loops use: the newest group may still be in flight; every group landed.
+__device__ inline void cp_async_wait_one() {
+  cp_async_wait<1>();
+}
+__device__ inline void cp_async_wait_all() {
+  cp_async_wait<0>();
 }
 
 // Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, r[i] receives its
