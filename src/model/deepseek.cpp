@@ -33,15 +33,21 @@ Tensor DecoderLayer::forward(Backend& be, const Tensor& x, const Tensor& positio
   return y;
 }
 
-Tensor DecoderLayer::backward(Backend& be, const Tensor& dy, const RopeTable& rope) {
+Tensor DecoderLayer::backward(Backend& be, const Tensor& dy, const RopeTable& rope, bool need_dx) {
   const Device dev = dy.device();
   ProfileSteps prof(be);
+  // Each half runs its input gradient only for a gradient below it, as autograd prunes a graph
+  // (the lowest layer that trains in ESFT runs its trainable experts' backward and nothing else).
+  const bool attn_dx = need_dx || input_layernorm.trains();
+  const bool attn_half = attn_dx || self_attn.trains();
+  const bool ffn_dx = attn_half || post_attention_layernorm.trains();
   prof.next(mlp ? "mlp.bwd" : "moe.bwd");
-  Tensor dn = Tensor::empty(dy.shape(), DType::F32, dev);
+  Tensor dn = ffn_dx ? Tensor::empty(dy.shape(), DType::F32, dev) : Tensor();
   if (mlp)
     mlp->backward(be, dn, dy, false);
   else
     moe->backward(be, dn, dy, false);
+  if (!ffn_dx) return {};
   prof.next("norms+residuals");
   Tensor dh = dy.clone();  // residual path
   // dh feeds the attention backward, which reads it only through o_proj's GEMMs, and the input
@@ -50,12 +56,19 @@ Tensor DecoderLayer::backward(Backend& be, const Tensor& dy, const RopeTable& ro
   const bool bf16_dh = bf16_gemm_inputs(be) && be.supports(Op::RmsNorm, DType::BF16);
   Tensor dh16 = bf16_dh ? Tensor::empty(dy.shape(), DType::BF16, dev) : Tensor();
   post_attention_layernorm.backward(be, dh, dn, true, bf16_dh ? &dh16 : nullptr);
+  if (!attn_half) return {};
   prof.next("attn.bwd");
-  Tensor da = Tensor::empty(dy.shape(), DType::F32, dev);
+  Tensor da = attn_dx ? Tensor::empty(dy.shape(), DType::F32, dev) : Tensor();
   self_attn.backward(be, da, bf16_dh ? dh16 : dh, rope, false);
+  if (!attn_dx) return {};
   prof.next("norms+residuals");
   input_layernorm.backward(be, dh, da, true);  // dx = dh + norm'(da)
   return dh;
+}
+
+bool DecoderLayer::trains() const {
+  return input_layernorm.trains() || self_attn.trains() || post_attention_layernorm.trains() ||
+         (mlp && mlp->trains()) || (moe && moe->trains());
 }
 
 void DecoderLayer::release_saved() {
@@ -163,7 +176,8 @@ float DeepSeekModel::loss_and_backward(const Tensor& ids, const Tensor& targets,
   int64_t valid = 0;
   for (int64_t t = 0; t < T; ++t) valid += th.i32()[t] >= 0;
   if (valid == 0) return 0.0f;
-  Tensor dh = Tensor::empty({T, config_.hidden_size}, DType::F32, device_);
+  const bool decoder = decoder_trains();  // else the LM head's input gradient is not needed
+  Tensor dh = decoder ? Tensor::empty({T, config_.hidden_size}, DType::F32, device_) : Tensor();
   // Under Bf16 (where the backend's loss takes BF16 logits) the LM head writes the chunk's logits
   // in bf16, as a bf16 model's training computes them (transformers: bf16 logits, upcast in the
   // loss); the loss reads each row once and writes the bf16 dlogits, which only the LM head's bf16
@@ -190,7 +204,7 @@ float DeepSeekModel::loss_and_backward(const Tensor& ids, const Tensor& targets,
     // Losses and dlogits in one op, the gradient in place: a backend may read each row once.
     Tensor& dlogits = logits;
     be.cross_entropy_fused(lc, dlogits, logits, tc, grad_scale / float(valid));
-    Tensor dhc = dh.slice(r0, r1);
+    Tensor dhc = decoder ? dh.slice(r0, r1) : Tensor();
     linear_backward(be, dhc, *lm_head, dlogits, hc, false);
   }
   backward_from_hidden(dh);
@@ -200,24 +214,45 @@ float DeepSeekModel::loss_and_backward(const Tensor& ids, const Tensor& targets,
   return float(sum / double(valid));
 }
 
+bool DeepSeekModel::decoder_trains() const {
+  if (norm_.trains() || has_grad(embed_tokens)) return true;
+  for (const DecoderLayer& l : layers_)
+    if (l.trains()) return true;
+  return false;
+}
+
 void DeepSeekModel::backward_from_hidden(const Tensor& dh) {
   Backend& be = backend(device_);
+  // The backward stops at the lowest layer that trains, which computes no input gradient, unless
+  // the embedding trains: the layers below it would change no gradient (autograd's pruning; for
+  // ESFT, where the layers' first trainable expert sits in layer 1 or higher, the whole dense
+  // layer and the attention half below it).
+  const bool embed = has_grad(embed_tokens);
+  size_t lowest = layers_.size();
+  for (size_t l = 0; l < layers_.size() && lowest == layers_.size(); ++l)
+    if (layers_[l].trains()) lowest = l;
+  const size_t stop = embed ? 0 : lowest;  // layers [stop, size) run their backward
+  for (size_t l = 0; l < stop; ++l) {      // what they saved for it goes now
+    layers_[l].release_saved();
+    if (l < saved_.layer_inputs.size()) saved_.layer_inputs[l] = Tensor();
+  }
+  if (stop == layers_.size() && !norm_.trains()) return;
   Tensor dx = Tensor::empty(dh.shape(), DType::F32, device_);
   norm_.backward(be, dx, dh, false);
-  for (size_t l = layers_.size(); l-- > 0;) {
+  for (size_t l = layers_.size(); l-- > stop;) {
     DecoderLayer& layer = layers_[l];
     if (l < saved_.layer_inputs.size()) {  // checkpointed: recompute what forward dropped
       ProfileScope prof(be, "recompute (checkpointing)");
       (void)layer.forward(be, saved_.layer_inputs[l], saved_.positions, rope_, saved_.batch,
                           saved_.seq);
     }
-    dx = layer.backward(be, dx, rope_);
+    dx = layer.backward(be, dx, rope_, /*need_dx=*/embed || l > lowest);
     if (l < saved_.layer_inputs.size()) {
       layer.release_saved();
       saved_.layer_inputs[l] = Tensor();
     }
   }
-  if (embed_tokens->grad.defined()) be.embedding_backward(embed_tokens->grad, dx, saved_.ids);
+  if (embed) be.embedding_backward(embed_tokens->grad, dx, saved_.ids);
 }
 
 void DeepSeekModel::init_random(uint64_t seed, float std) {

@@ -27,8 +27,10 @@ struct DecoderLayer {
   // x [T,H] -> x + attn(norm(x)) -> h + ffn(norm(h)).
   Tensor forward(Backend& be, const Tensor& x, const Tensor& positions, const RopeTable& rope,
                  int64_t batch, int64_t seq);
-  // dx from dy (assigns).
-  Tensor backward(Backend& be, const Tensor& dy, const RopeTable& rope);
+  // dx from dy (assigns). need_dx false (nothing below the layer trains): only what this layer's
+  // weight gradients need runs, and the result is undefined.
+  Tensor backward(Backend& be, const Tensor& dy, const RopeTable& rope, bool need_dx = true);
+  bool trains() const;
   // Drops every tensor the sublayers saved for backward (activation checkpointing).
   void release_saved();
 };
@@ -93,6 +95,9 @@ class DeepSeekModel {
   // RMSNorm::gemm_output_dtype), and the backward from their gradient.
   Tensor hidden(const Tensor& ids, int64_t batch, int64_t seq, DType out_dtype);
   void backward_from_hidden(const Tensor& dhidden);
+  // Whether anything below the LM head trains (the final norm, a layer, the embedding): else the
+  // LM head's backward computes no input gradient.
+  bool decoder_trains() const;
 
   bool checkpointing_ = false;
   struct Saved {

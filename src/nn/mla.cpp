@@ -134,6 +134,11 @@ Tensor MLA::forward(Backend& be, const Tensor& x, const Tensor& positions, const
   return y;
 }
 
+bool MLA::trains_below_output() const {
+  return has_grad(q_proj) || has_grad(q_a_proj) || q_a_layernorm.trains() || has_grad(q_b_proj) ||
+         has_grad(kv_a_proj_with_mqa) || kv_a_layernorm.trains() || has_grad(kv_b_proj);
+}
+
 void MLA::backward(Backend& be, Tensor& dx, const Tensor& dy, const RopeTable& rope,
                    bool accumulate) {
   const int64_t T = dy.dim(0), dqk = dn + dr;
@@ -142,8 +147,11 @@ void MLA::backward(Backend& be, Tensor& dx, const Tensor& dy, const RopeTable& r
 
   ProfileSteps prof(be);
   prof.next("attn.bwd.projections");
-  Tensor d_o = empty({T, heads * dv});
+  // The attention's own backward runs only for a gradient below o_proj: dx, or a weight there.
+  const bool inner = dx.defined() || trains_below_output();
+  Tensor d_o = inner ? empty({T, heads * dv}) : Tensor();
   linear_backward(be, d_o, *o_proj, dy, saved.o, false);
+  if (!inner) return;
   prof.next("attn.bwd.attention");
   Tensor dq = empty({T, heads * dqk}), dk = empty({T, heads * dqk}), dvv = empty({T, heads * dv});
   be.attention_backward(dq, dk, dvv, d_o, saved.o, saved.lse, saved.q, saved.k, saved.v,

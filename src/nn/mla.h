@@ -50,8 +50,11 @@ struct MLA {
   // x [B*S, hidden] -> y [B*S, hidden]; positions I32 [B*S].
   Tensor forward(Backend& be, const Tensor& x, const Tensor& positions, const RopeTable& rope,
                  int64_t batch, int64_t seq);
-  // dx (= or +=) from dy.
+  // dx (= or +=) from dy; an undefined dx: no input gradient (only the weight gradients).
   void backward(Backend& be, Tensor& dx, const Tensor& dy, const RopeTable& rope, bool accumulate);
+  // Whether any weight but o_proj's trains (o_proj's gradient needs no attention backward).
+  bool trains_below_output() const;
+  bool trains() const { return has_grad(o_proj) || trains_below_output(); }
 };
 
 }  // namespace moekit

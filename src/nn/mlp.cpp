@@ -71,9 +71,12 @@ void MLP::forward_add(Backend& be, const Tensor& x, Tensor& y) {
 
 void MLP::backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate) {
   const int64_t T = dy.dim(0), I = intermediate();
-  // dh feeds only SwiGLU's backward: the down GEMM's product in the forward's operand dtype.
-  Tensor dh = Tensor::empty({T, I}, saved.gate.dtype(), dy.device());
+  // dh feeds only SwiGLU's backward: the down GEMM's product in the forward's operand dtype. Not
+  // needed when neither dx nor the gate and up weights' gradients are.
+  const bool need_dh = dx.defined() || has_grad(gate_proj) || has_grad(up_proj);
+  Tensor dh = need_dh ? Tensor::empty({T, I}, saved.gate.dtype(), dy.device()) : Tensor();
   linear_backward(be, dh, *down_proj, dy, saved.h, false);
+  if (!need_dh) return;
   // dgate and dup feed only GEMMs (dx and the weight gradients), which round them under Bf16:
   // SwiGLU's backward writes them rounded, with no F32 copy and no conversion pass.
   const DType d_dtype =

@@ -28,8 +28,10 @@ struct MLP {
   // Inference only: y [T,H] += down(silu(gate x) * up x), the down projection accumulating into y
   // itself (beta = 1: no output tensor, no add kernel). Saves nothing for backward.
   void forward_add(Backend& be, const Tensor& x, Tensor& y);
-  // dx (= or +=) from dy; parameter grads accumulate for the ones that train.
+  // dx (= or +=) from dy; parameter grads accumulate for the ones that train. An undefined dx:
+  // the caller needs no input gradient (only the weight gradients run).
   void backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate);
+  bool trains() const { return has_grad(gate_proj) || has_grad(up_proj) || has_grad(down_proj); }
 };
 
 }  // namespace moekit

@@ -261,37 +261,99 @@ bool any_grad(const std::vector<MLP>& experts, const TrainableRows& t, Param* ML
   return false;
 }
 
-// The trainable experts' weight gradients, from what the forward did not keep rebuilt for their
-// slots only: the permuted input rows (gathered again from the saved input), h (from the saved
-// gate and up), and dy weighted by each slot's combine weight (W_down's gradient is the sum of
-// (w dy)^T h over the expert's slots).
-void trainable_expert_grads(Backend& be, MoE& m, const Tensor& dy, const Tensor& dgate,
-                            const Tensor& dup) {
+// The trainable experts' slots, compacted (trainable_rows, compaction_index): their layout, the
+// gather index (undefined when whole) and each compacted row's token.
+struct Compaction {
+  TrainableRows t;
+  Tensor index, slots;
+};
+
+Compaction compaction(Backend& be, const MoE& m, Device dev) {
+  Compaction c;
   const DispatchPlan& plan = m.saved.plan;
-  const TrainableRows t = trainable_rows(m.routed_experts, plan);
+  c.t = trainable_rows(m.routed_experts, plan);
+  if (c.t.experts.empty()) return c;
+  c.index = c.t.whole ? Tensor() : compaction_index(c.t, plan.expert_begin, dev);
+  c.slots = compact_rows(be, plan.slot_token, c.index, c.t);
+  return c;
+}
+
+// One projection's weights for the compacted blocks of t (all experts' when whole).
+std::vector<const Tensor*> weights(const std::vector<MLP>& experts, const TrainableRows& t,
+                                   Param* MLP::*proj) {
+  if (t.whole) return weights(experts, proj);
+  std::vector<const Tensor*> w;
+  for (size_t e : t.experts) w.push_back(&(experts[e].*proj)->value);
+  return w;
+}
+
+// The saved gate and up projections and their gradients, of the compacted slots only.
+struct CompactedSwiGLU {
+  Tensor gate, up, dgate, dup;
+};
+
+// The trainable experts' weight gradients from the compacted slots' (c) projections, with what
+// the forward did not keep rebuilt for those slots only: the permuted input rows (gathered again
+// from the saved input), h (from gate and up), and dy weighted by each slot's combine weight
+// (W_down's gradient is the sum of (w dy)^T h over the expert's slots).
+void trainable_expert_grads(Backend& be, MoE& m, const Tensor& dy, const Compaction& c,
+                            const CompactedSwiGLU& s) {
+  const DispatchPlan& plan = m.saved.plan;
+  const TrainableRows& t = c.t;
   if (t.experts.empty()) return;
   const int64_t N = t.begin.back(), H = dy.dim(1), I = m.saved.gate.dim(1);
   const DType act = m.saved.gate.dtype();
   const Device dev = dy.device();
-  const Tensor index = t.whole ? Tensor() : compaction_index(t, plan.expert_begin, dev);
-  const Tensor slots = compact_rows(be, plan.slot_token, index, t);
   if (any_grad(m.routed_experts, t, &MLP::down_proj)) {
     Tensor dys = Tensor::empty({N, H}, act, dev), h = Tensor::empty({N, I}, act, dev);
-    const Tensor slot_weights = compact_rows(be, plan.slot_weight, index, t);
-    be.gather_rows(dys, dy, slots, &slot_weights);
-    be.swiglu_forward(h, compact_rows(be, m.saved.gate, index, t),
-                      compact_rows(be, m.saved.up, index, t));
+    const Tensor slot_weights = compact_rows(be, plan.slot_weight, c.index, t);
+    be.gather_rows(dys, dy, c.slots, &slot_weights);
+    be.swiglu_forward(h, s.gate, s.up);
     expert_weight_grads(be, m.routed_experts, t, &MLP::down_proj, dys, h);
   }
   if (any_grad(m.routed_experts, t, &MLP::gate_proj) ||
       any_grad(m.routed_experts, t, &MLP::up_proj)) {
     Tensor xs = Tensor::empty({N, H}, act, dev);
-    be.gather_rows(xs, m.saved.x, slots, nullptr);
-    expert_weight_grads(be, m.routed_experts, t, &MLP::gate_proj, compact_rows(be, dgate, index, t),
-                        xs);
-    expert_weight_grads(be, m.routed_experts, t, &MLP::up_proj, compact_rows(be, dup, index, t),
-                        xs);
+    be.gather_rows(xs, m.saved.x, c.slots, nullptr);
+    expert_weight_grads(be, m.routed_experts, t, &MLP::gate_proj, s.dgate, xs);
+    expert_weight_grads(be, m.routed_experts, t, &MLP::up_proj, s.dup, xs);
   }
+}
+
+// The backward of a layer whose input gradient nobody needs and whose router is frozen (in ESFT,
+// the lowest layer that trains): no combine-weight gradient, so the frozen experts' slots need
+// nothing at all, and the shared experts only their own weight gradients. The down projection's
+// backward and SwiGLU's run for the trainable experts' compacted slots alone (~7 of 64 experts in
+// ESFT), by the same ops on the same rows as the full backward, which then drops the rest.
+void trainable_experts_backward(Backend& be, MoE& m, const Tensor& dy) {
+  ProfileSteps prof(be);
+  prof.next("moe.bwd.trainable");
+  const Device dev = dy.device();
+  const Compaction c = compaction(be, m, dev);
+  if (!c.t.experts.empty()) {
+    const int64_t N = c.t.begin.back(), H = dy.dim(1), I = m.saved.gate.dim(1);
+    const DType act = m.saved.gate.dtype();
+    Tensor dys = Tensor::empty({N, H}, act, dev);
+    be.gather_rows(dys, dy, c.slots, nullptr);
+    Tensor dout = Tensor::empty({N, I}, act, dev);
+    be.grouped_matmul(dout, dys, weights(m.routed_experts, c.t, &MLP::down_proj), c.t.begin, false,
+                      0.0f);
+    dys = Tensor();
+    CompactedSwiGLU s{compact_rows(be, m.saved.gate, c.index, c.t),
+                      compact_rows(be, m.saved.up, c.index, c.t), Tensor::empty({N, I}, act, dev),
+                      Tensor::empty({N, I}, act, dev)};
+    Tensor dw_slot = Tensor::empty({N}, DType::F32, dev);  // the router's, which is frozen
+    be.swiglu_scaled_backward(s.dgate, s.dup, dw_slot, dout, s.gate, s.up,
+                              compact_rows(be, m.saved.plan.slot_weight, c.index, c.t));
+    dout = Tensor();
+    trainable_expert_grads(be, m, dy, c, s);
+  }
+  m.saved.gate = Tensor();
+  m.saved.up = Tensor();
+  m.saved.x = Tensor();
+  prof.next("moe.bwd.shared");
+  Tensor no_dx;
+  if (m.has_shared) m.shared_experts.backward(be, no_dx, dy, false);
 }
 
 }  // namespace
@@ -342,6 +404,7 @@ void MoE::backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate) {
     prof.next("moe.bwd.recompute");
     expert_gate_up(be, *this, bf16_activations(be) ? DType::BF16 : DType::F32);
   }
+  if (!dx.defined() && !gate.trains()) return trainable_experts_backward(be, *this, dy);
   // Activation gradients in the forward's activation dtype. Under bf16 activations: dys, dout,
   // dgate and dup are BF16, since each feeds only bf16 GEMMs (which would round an F32 copy to the
   // same values: half the bytes, no conversion pass per GEMM) or SwiGLU's backward (dout: the
@@ -375,9 +438,21 @@ void MoE::backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate) {
   Tensor dtopk_rows = dtopk.reshape({T * K, 1});
   be.scatter_add_rows(dtopk_rows, dw_slot.reshape({N, 1}), plan.slot_pair, nullptr);
   prof.next("moe.bwd.wgrad");
-  trainable_expert_grads(be, *this, dy, dgate, dup);
+  if (const Compaction c = compaction(be, *this, dev); !c.t.experts.empty())
+    trainable_expert_grads(
+        be, *this, dy, c,
+        {compact_rows(be, saved.gate, c.index, c.t), compact_rows(be, saved.up, c.index, c.t),
+         compact_rows(be, dgate, c.index, c.t), compact_rows(be, dup, c.index, c.t)});
   saved.gate = Tensor();
   saved.up = Tensor();
+  if (!dx.defined()) {  // the router trains, nothing below does: its weight gradient alone
+    saved.x = Tensor();
+    prof.next("moe.bwd.shared");
+    if (has_shared) shared_experts.backward(be, dx, dy, false);
+    prof.next("moe.bwd.route");
+    gate.backward(be, dx, dtopk);
+    return;
+  }
   // dxs = dgate @ W_gate + dup @ W_up over the same groups: one call (one launch where the
   // backend can, and one pass writing dxs instead of two).
   prof.next("moe.bwd.gate_up");
@@ -400,6 +475,13 @@ void MoE::backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate) {
   be.scatter_add_rows(dx, dxs, plan.slot_token, nullptr);
   prof.next("moe.bwd.route");
   gate.backward(be, dx, dtopk);
+}
+
+bool MoE::trains() const {
+  if (gate.trains() || (has_shared && shared_experts.trains())) return true;
+  for (const MLP& e : routed_experts)
+    if (e.trains()) return true;
+  return false;
 }
 
 }  // namespace moekit

@@ -87,8 +87,10 @@ struct MoE {
   // backward_follows = false).
   void forward_add(Backend& be, const Tensor& x, Tensor& y);
   // Consumes the saved activations (each is released once used; the routing plan stays): one
-  // backward per forward.
+  // backward per forward. An undefined dx: the caller needs no input gradient (the lowest layer
+  // that trains); with the router frozen too, only the trainable experts' slots then run.
   void backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate);
+  bool trains() const;
 };
 
 }  // namespace moekit

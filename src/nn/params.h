@@ -31,6 +31,13 @@ struct Param {
   bool matrix = false;
 };
 
+// Whether p trains now: it has a gradient to accumulate into (ParamTable::allocate_grads). Every
+// backward decides from this what to compute, as autograd prunes a graph: a weight gradient only
+// for a parameter that has one, an input gradient only where something below trains.
+inline bool has_grad(const Param* p) {
+  return p != nullptr && p->grad.defined();
+}
+
 // Whether `whole` still holds the values of `ps` as consecutive row blocks (place_together).
 bool rows_of(const Tensor& whole, const std::vector<const Param*>& ps);
 

@@ -25,6 +25,7 @@ struct RMSNorm {
   // null; where supports(RmsNorm, BF16)) also receives the final dx rounded to bf16.
   void backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate,
                 Tensor* dx_bf16 = nullptr);
+  bool trains() const { return has_grad(weight); }
 };
 
 }  // namespace moekit

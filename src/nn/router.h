@@ -34,8 +34,9 @@ struct Router {
   static Router create(ParamTable& params, const std::string& prefix, const ModelConfig& c,
                        Device device);
   Routing forward(Backend& be, const Tensor& x);
-  // dx += dL/dx through the gate; weight.grad += when it trains.
+  // dx += dL/dx through the gate (none for an undefined dx); weight.grad += when it trains.
   void backward(Backend& be, Tensor& dx, const Tensor& dtopk_w);
+  bool trains() const { return has_grad(weight); }
 
  private:
   void compute_aux_loss(int64_t T);

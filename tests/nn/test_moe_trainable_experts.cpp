@@ -40,7 +40,9 @@ struct LayerStep {
   MoE moe;
   Tensor dx;
 
-  LayerStep(const std::function<bool(const Param&)>& trains, bool recompute) {
+  // input_grad false: backward gets an undefined dx (nothing below the layer trains).
+  LayerStep(const std::function<bool(const Param&)>& trains, bool recompute,
+            bool input_grad = true) {
     moe = MoE::create(params, "mlp", moe_config(), Device::CPU);
     moe.recompute_experts = recompute;
     std::mt19937_64 rng(41);
@@ -55,7 +57,7 @@ struct LayerStep {
     const int64_t H = moe_config().hidden_size;
     const Tensor x = randn({kTokens, H}, 42), dy = randn({kTokens, H}, 43);
     (void)moe.forward(be, x);
-    dx = Tensor::empty(x.shape());
+    if (input_grad) dx = Tensor::empty(x.shape());
     moe.backward(be, dx, dy, /*accumulate=*/false);
   }
 };
@@ -84,6 +86,33 @@ TEST(MoETrainableExperts, GradientsAreBitIdenticalToFullTraining) {
     }
     EXPECT_EQ(trained, 3 + 3 + 1 + 2);
     EXPECT_TRUE(bit_equal(esft.dx, full.dx));
+  }
+}
+
+// Without an input gradient and with the router frozen, backward runs the down projection's and
+// SwiGLU's backward for the trainable experts' compacted slots only, and the shared experts' weight
+// gradients alone: the same ops on the same rows, so the same bits. With the router training too,
+// the full backward runs without its dx GEMMs: the router's gradient must not move either.
+TEST(MoETrainableExperts, WithoutInputGradientTheGradientsAreBitIdentical) {
+  using Trains = std::function<bool(const Param&)>;
+  const Trains with_router = [](const Param& p) {
+    return esft_trains(p) || p.name == "mlp.gate.weight" ||
+           p.name.find("shared_experts.up_proj") != std::string::npos;
+  };
+  for (bool recompute : {false, true}) {
+    for (const Trains& trains : {Trains(esft_trains), with_router}) {
+      SCOPED_TRACE(recompute ? "recompute_experts" : "saved gate/up");
+      const LayerStep full([](const Param&) { return true; }, recompute);
+      const LayerStep pruned(trains, recompute, /*input_grad=*/false);
+      EXPECT_FALSE(pruned.dx.defined());
+      int trained = 0;
+      for (const auto& p : pruned.params.all()) {
+        if (!p->grad.defined()) continue;
+        ++trained;
+        EXPECT_TRUE(bit_equal(p->grad, full.params.at(p->name).grad)) << p->name;
+      }
+      EXPECT_GE(trained, 9);
+    }
   }
 }
 
