@@ -70,7 +70,8 @@ MemoryEstimate estimate_memory(const ModelConfig& c, int64_t tokens, int64_t tra
   m.weights = total * 4.0;
   if (weights == DType::BF16) {  // the frozen rest in bf16, embedding and LM head included
     const double frozen = std::max(0.0, total - double(trainable_params));
-    m.weights = (total - frozen) * 4.0 + frozen * 2.0;
+    // A trainable matrix: its fp32 master and its bf16 GEMM copy (Param::gemm_copy).
+    m.weights = (total - frozen) * 6.0 + frozen * 2.0;
   }
   m.grads = double(trainable_params) * 4.0;
   m.optimizer = double(trainable_params) * 8.0;

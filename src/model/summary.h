@@ -35,7 +35,8 @@ struct MemoryEstimate {
 };
 // `weights` BF16: frozen weights in bf16 (ParamTable's matrix dtype: the GEMM weights, the
 // embedding and the LM head; the few frozen norm and router values, fp32 in fact, are counted at
-// 2 bytes too), trainable ones in fp32.
+// 2 bytes too), trainable ones in fp32 with a bf16 GEMM copy (6 bytes; the trainable norms have
+// no copy but are few).
 // Training (trainable_params > 0) runs the LM head and loss over chunks of 1024 tokens;
 // `checkpointing` keeps each layer's input and one layer's activations; `recompute_experts` keeps
 // the routed experts' rows of one layer only (DeepSeekModel::set_expert_recompute).

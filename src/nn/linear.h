@@ -62,8 +62,15 @@ inline DType gemm_input_dtype(Backend& be, int64_t rows) {
   return rounds_gemm_input(be, rows) ? DType::BF16 : DType::F32;
 }
 
+// What a GEMM of `rows` rows reads for weight w: its bf16 copy (Param::gemm_copy) where that GEMM
+// would round an F32 weight to the same values anyway (rounds_gemm_input), else the value (the
+// GEMV path of few rows reads an fp32 master unrounded).
+inline const Tensor& gemm_weight(Backend& be, const Param& w, int64_t rows) {
+  return w.gemm_copy.defined() && rounds_gemm_input(be, rows) ? w.gemm_copy : w.value;
+}
+
 inline void linear_forward(Backend& be, Tensor& y, const Tensor& x, const Param& w) {
-  be.matmul(y, x, w.value, false, true, 1.0f, 0.0f);
+  be.matmul(y, x, gemm_weight(be, w, x.dim(0)), false, true, 1.0f, 0.0f);
 }
 
 // dx = (or +=, when accumulate) dy @ W; W.grad += dy^T @ x when W trains. x may be the BF16 copy
@@ -72,7 +79,8 @@ inline void linear_backward(Backend& be, Tensor& dx, Param& w, const Tensor& dy,
                             bool accumulate) {
   const bool both = dx.defined() && w.grad.defined();
   const Tensor g = both ? bf16_operand(be, dy) : dy;
-  if (dx.defined()) be.matmul(dx, g, w.value, false, false, 1.0f, accumulate ? 1.0f : 0.0f);
+  if (dx.defined())
+    be.matmul(dx, g, gemm_weight(be, w, dy.dim(0)), false, false, 1.0f, accumulate ? 1.0f : 0.0f);
   if (w.grad.defined()) be.matmul(w.grad, g, x, true, false, 1.0f, 1.0f);
 }
 

@@ -50,11 +50,13 @@ MoE MoE::create(ParamTable& params, const std::string& prefix, const ModelConfig
 
 namespace {
 
-// The value tensors of one projection of every routed expert (grouped GEMM operands).
-std::vector<const Tensor*> weights(const std::vector<MLP>& experts, Param* MLP::*proj) {
+// One projection of every routed expert as a grouped GEMM of `rows` rows reads it (gemm_weight:
+// the bf16 copy of a trainable master where that GEMM rounds it anyway).
+std::vector<const Tensor*> weights(Backend& be, const std::vector<MLP>& experts, Param* MLP::*proj,
+                                   int64_t rows) {
   std::vector<const Tensor*> w;
   w.reserve(experts.size());
-  for (const MLP& e : experts) w.push_back(&(e.*proj)->value);
+  for (const MLP& e : experts) w.push_back(&gemm_weight(be, *(e.*proj), rows));
   return w;
 }
 
@@ -133,8 +135,10 @@ void expert_gate_up(Backend& be, MoE& m, DType act) {
   be.gather_rows(xs, saved.x, saved.plan.slot_token, nullptr);
   saved.gate = Tensor::empty({N, I}, act, dev);
   saved.up = Tensor::empty({N, I}, act, dev);
-  be.grouped_matmul(saved.gate, xs, weights(m.routed_experts, &MLP::gate_proj), begin, true, 0.0f);
-  be.grouped_matmul(saved.up, xs, weights(m.routed_experts, &MLP::up_proj), begin, true, 0.0f);
+  be.grouped_matmul(saved.gate, xs, weights(be, m.routed_experts, &MLP::gate_proj, N), begin, true,
+                    0.0f);
+  be.grouped_matmul(saved.up, xs, weights(be, m.routed_experts, &MLP::up_proj, N), begin, true,
+                    0.0f);
 }
 
 // The grouped path from the routing r: permute, grouped GEMMs, combine; saves what backward needs.
@@ -161,7 +165,8 @@ Tensor grouped_path(Backend& be, MoE& m, const Tensor& xg, const Routing& r, Pro
   be.swiglu_forward(h, saved.gate, saved.up);
   prof.next("moe.fwd.down");
   Tensor expert_out = Tensor::empty({N, H}, act, dev);
-  be.grouped_matmul(expert_out, h, weights(m.routed_experts, &MLP::down_proj), begin, true, 0.0f);
+  be.grouped_matmul(expert_out, h, weights(be, m.routed_experts, &MLP::down_proj, N), begin, true,
+                    0.0f);
   h = Tensor();
   if (m.recompute_experts) {  // backward runs expert_gate_up again
     saved.gate = Tensor();
@@ -279,11 +284,12 @@ Compaction compaction(Backend& be, const MoE& m, Device dev) {
 }
 
 // One projection's weights for the compacted blocks of t (all experts' when whole).
-std::vector<const Tensor*> weights(const std::vector<MLP>& experts, const TrainableRows& t,
-                                   Param* MLP::*proj) {
-  if (t.whole) return weights(experts, proj);
+std::vector<const Tensor*> weights(Backend& be, const std::vector<MLP>& experts,
+                                   const TrainableRows& t, Param* MLP::*proj) {
+  const int64_t rows = t.begin.back();
+  if (t.whole) return weights(be, experts, proj, rows);
   std::vector<const Tensor*> w;
-  for (size_t e : t.experts) w.push_back(&(experts[e].*proj)->value);
+  for (size_t e : t.experts) w.push_back(&gemm_weight(be, *(experts[e].*proj), rows));
   return w;
 }
 
@@ -336,8 +342,8 @@ void trainable_experts_backward(Backend& be, MoE& m, const Tensor& dy) {
     Tensor dys = Tensor::empty({N, H}, act, dev);
     be.gather_rows(dys, dy, c.slots, nullptr);
     Tensor dout = Tensor::empty({N, I}, act, dev);
-    be.grouped_matmul(dout, dys, weights(m.routed_experts, c.t, &MLP::down_proj), c.t.begin, false,
-                      0.0f);
+    be.grouped_matmul(dout, dys, weights(be, m.routed_experts, c.t, &MLP::down_proj), c.t.begin,
+                      false, 0.0f);
     dys = Tensor();
     CompactedSwiGLU s{compact_rows(be, m.saved.gate, c.index, c.t),
                       compact_rows(be, m.saved.up, c.index, c.t), Tensor::empty({N, I}, act, dev),
@@ -424,7 +430,7 @@ void MoE::backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate) {
   be.gather_rows(dys, dy, plan.slot_token, nullptr);
   prof.next("moe.bwd.down");
   Tensor dout = Tensor::empty({N, I}, act, dev);
-  be.grouped_matmul(dout, dys, weights(routed_experts, &MLP::down_proj), begin, false, 0.0f);
+  be.grouped_matmul(dout, dys, weights(be, routed_experts, &MLP::down_proj, N), begin, false, 0.0f);
   dys = Tensor();
   prof.next("moe.bwd.swiglu");
   Tensor dgate = Tensor::empty({N, I}, act, dev), dup = Tensor::empty({N, I}, act, dev);
@@ -457,8 +463,8 @@ void MoE::backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate) {
   // backend can, and one pass writing dxs instead of two).
   prof.next("moe.bwd.gate_up");
   Tensor dxs = Tensor::empty({N, H}, DType::F32, dev);
-  const std::vector<const Tensor*> w_gate = weights(routed_experts, &MLP::gate_proj),
-                                   w_up = weights(routed_experts, &MLP::up_proj);
+  const std::vector<const Tensor*> w_gate = weights(be, routed_experts, &MLP::gate_proj, N),
+                                   w_up = weights(be, routed_experts, &MLP::up_proj, N);
   const GroupedTerm terms[] = {{&dgate, w_gate}, {&dup, w_up}};
   be.grouped_matmul_sum(dxs, terms, begin, false, 0.0f);
   dgate = Tensor();

@@ -38,10 +38,11 @@ Param* ParamTable::add_matrix(const std::string& name, Shape shape, Device devic
 void set_value(Param& p, const Tensor& src) {
   if (src.dtype() == p.value.dtype()) {
     p.value.copy_from(src);  // either side may be device memory
-    return;
+  } else {
+    const Tensor f = src.to_host().to_f32();
+    p.value.copy_from(p.value.dtype() == DType::F32 ? f : f.to_dtype(p.value.dtype()));
   }
-  const Tensor f = src.to_host().to_f32();
-  p.value.copy_from(p.value.dtype() == DType::F32 ? f : f.to_dtype(p.value.dtype()));
+  if (p.gemm_copy.defined()) backend(p.value.device()).round_bf16(p.gemm_copy, p.value);
 }
 
 Param* ParamTable::find(const std::string& name) const {
@@ -97,7 +98,11 @@ void ParamTable::set_trainable(const std::function<bool(const Param&)>& pred) {
     if (p->value.dtype() == want) continue;
     Tensor converted = Tensor::empty(p->value.shape(), want, p->value.device());
     std::swap(converted, p->value);  // `converted` now holds the old values
+    p->gemm_copy = Tensor();
     set_value(*p, converted);
+    // A new master keeps its bf16 values as its GEMM copy (the exact rounding of the master made
+    // from them); a frozen matrix, back in bf16, needs none.
+    if (p->trainable && matrix_dtype_ == DType::BF16) p->gemm_copy = converted;
   }
 }
 

@@ -29,6 +29,13 @@ struct Param {
   // A GEMM weight or the embedding table (read only by matmul or the embedding lookup, which
   // accept BF16 where the backend supports it): may be stored in bf16 while frozen.
   bool matrix = false;
+  // A trainable matrix of a bf16 table: its fp32 master's values rounded to bf16, which the GEMMs
+  // that round their operands read instead (nn/linear.h, gemm_weight). Each of them would round
+  // the master to these values itself, once per call (a trainable routed expert's weights six
+  // times per step); the optimizer writes the copy in its update pass instead (Backend::
+  // adamw_step's w_bf16) and set_value refreshes it, so it always equals the rounded master and
+  // no result changes. Undefined otherwise.
+  Tensor gemm_copy;
 };
 
 // Whether p trains now: it has a gradient to accumulate into (ParamTable::allocate_grads). Every
@@ -41,8 +48,9 @@ inline bool has_grad(const Param* p) {
 // Whether `whole` still holds the values of `ps` as consecutive row blocks (place_together).
 bool rows_of(const Tensor& whole, const std::vector<const Param*>& ps);
 
-// Copies `src` (any float dtype, any device) into p.value, converting to the value's dtype; the
-// shapes must agree (checked by the caller, which knows the file to name).
+// Copies `src` (any float dtype, any device) into p.value, converting to the value's dtype, and
+// refreshes p.gemm_copy; the shapes must agree (checked by the caller, which knows the file to
+// name). The one way to overwrite a parameter that may have a GEMM copy.
 void set_value(Param& p, const Tensor& src);
 
 class ParamTable {

@@ -464,8 +464,11 @@ class Backend {
                                  bool accumulate, const ExpertWeights* shared = nullptr) = 0;
 
   // Optimizer. One AdamW update of parameter w with its moments m, v from gradient g (all F32,
-  // same numel, same device), in place.
-  virtual void adamw_step(Tensor& w, Tensor& m, Tensor& v, const Tensor& g, const AdamWStep& s) = 0;
+  // same numel, same device), in place. w_bf16 (BF16, same numel; may be null) also receives the
+  // updated w rounded to bf16 (to nearest even, as round_bf16): a master weight's GEMM copy
+  // (Param::gemm_copy), written in the same pass instead of by a rounding before every GEMM.
+  virtual void adamw_step(Tensor& w, Tensor& m, Tensor& v, const Tensor& g, const AdamWStep& s,
+                          Tensor* w_bf16) = 0;
   // Sum of squares of every element of an F32 tensor, accumulated in double (the global gradient
   // norm of clipping); a host value, so the caller waits for the device.
   virtual double sum_squares(const Tensor& x) = 0;

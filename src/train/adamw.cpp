@@ -41,7 +41,8 @@ void AdamW::step(ParamTable& params, double lr) {
     s.decay = decay ? float(lr * cfg_.weight_decay) : 0.0f;
     s.inv_bc2 = float(1.0 / bc2);
     s.eps = float(cfg_.eps);
-    backend(dev).adamw_step(p->value, mo.m, mo.v, p->grad, s);
+    backend(dev).adamw_step(p->value, mo.m, mo.v, p->grad, s,
+                            p->gemm_copy.defined() ? &p->gemm_copy : nullptr);
   }
 }
 

@@ -119,11 +119,12 @@ TEST(MemoryEstimate, FollowsCheckpointingDtypeAndChunkedLoss) {
   const MemoryEstimate plain = estimate_memory(c, tokens, trainable);
   const MemoryEstimate bf16 = estimate_memory(c, tokens, trainable, DType::BF16);
   const MemoryEstimate both = estimate_memory(c, tokens, trainable, DType::BF16, true);
-  EXPECT_LT(bf16.weights, 0.6 * plain.weights);
+  EXPECT_LT(bf16.weights, 0.65 * plain.weights);  // 10 % at 6 bytes, 90 % at 2, against 4
   // bf16: every frozen value at 2 bytes, the embedding and the LM head included (1.68 GB of fp32
-  // for V2-Lite), the trainable ones at 4.
+  // for V2-Lite), the trainable ones at 4 + 2.
   const double total = double(summarize(c).total);
-  EXPECT_DOUBLE_EQ(bf16.weights, 4.0 * double(trainable) + 2.0 * (total - double(trainable)));
+  // A trainable weight: the fp32 master and its bf16 GEMM copy.
+  EXPECT_DOUBLE_EQ(bf16.weights, 6.0 * double(trainable) + 2.0 * (total - double(trainable)));
   EXPECT_DOUBLE_EQ(estimate_memory(c, tokens, 0, DType::BF16).weights, 2.0 * total);
   EXPECT_EQ(bf16.activations, plain.activations);
   EXPECT_LT(both.activations, 0.15 * bf16.activations);

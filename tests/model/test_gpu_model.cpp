@@ -22,6 +22,7 @@
 #include <set>
 #include <string>
 
+#include "../tensor_testing.h"
 #include "core/error.h"
 #include "esft/adapter.h"
 #include "esft/finetune.h"
@@ -675,6 +676,66 @@ struct PrecisionScope {
   Backend& be;
   Precision before;
 };
+
+// A bf16 table's trainable matrices keep a bf16 GEMM copy of their fp32 masters (Param::gemm_copy):
+// made by set_trainable, written by every AdamW step, refreshed by set_value, absent for frozen
+// matrices. The GEMMs that read it would round the master to the same values, so a step with the
+// copies dropped (every GEMM rounding the masters itself) must give the same loss and gradients to
+// the bit.
+TEST(GpuBf16, GemmCopiesTrackTheMastersAndChangeNothing) {
+  SKIP_WITHOUT_GPU();
+  const PrecisionScope bf16(backend(Device::CUDA), Precision::Bf16);
+  const ModelConfig c = tiny_config();
+  DeepSeekModel m(c, Device::CUDA, true, DType::BF16);
+  m.init_random(9, 0.2f);
+  ExpertConfig ec;
+  ec.experts[1] = {1, 6};
+  apply_expert_config(m, ec, "cfg");
+  int copies = 0;
+  auto expect_copies_round_masters = [&](const char* when) {
+    copies = 0;
+    for (const auto& p : m.params().all()) {
+      const bool master = p->matrix && p->trainable;
+      EXPECT_EQ(p->gemm_copy.defined(), master) << p->name << " " << when;
+      if (!master || !p->gemm_copy.defined()) continue;
+      ++copies;
+      Tensor rounded = Tensor::empty(p->value.shape(), DType::BF16, Device::CUDA);
+      backend(Device::CUDA).round_bf16(rounded, p->value);
+      EXPECT_TRUE(test::bit_equal(p->gemm_copy, rounded)) << p->name << " " << when;
+    }
+  };
+  expect_copies_round_masters("after set_trainable");
+  EXPECT_EQ(copies, 6);  // two experts' three projections
+  const int64_t batch = 2, seq = 24;
+  const Tensor ids = random_ids(batch * seq, c.vocab_size, 12);
+  const Tensor targets = shifted_targets(ids, batch, seq);
+  AdamW adam;
+  m.params().allocate_grads();
+  for (int step = 0; step < 2; ++step) {
+    m.params().zero_grads();
+    (void)m.loss_and_backward(ids, targets, batch, seq, 1.0f, 16);
+    adam.step(m.params(), 1e-2);
+  }
+  expect_copies_round_masters("after two AdamW steps");
+  Param& w = m.params().at("model.layers.1.mlp.experts.6.up_proj.weight");
+  set_value(w, w.value.to_host().to_dtype(DType::BF16).to_f32());  // a reload
+  expect_copies_round_masters("after set_value");
+
+  auto step_grads = [&](std::map<std::string, Tensor>& grads) {
+    m.params().zero_grads();
+    const float loss = m.loss_and_backward(ids, targets, batch, seq, 1.0f, 16);
+    for (const auto& p : m.params().all())
+      if (p->grad.defined()) grads[p->name] = p->grad.to_host();
+    return loss;
+  };
+  std::map<std::string, Tensor> with, without;
+  const float loss_with = step_grads(with);
+  for (const auto& p : m.params().all()) p->gemm_copy = Tensor();
+  const float loss_without = step_grads(without);
+  EXPECT_EQ(loss_with, loss_without);
+  ASSERT_EQ(with.size(), 6u);
+  for (const auto& [name, g] : with) EXPECT_TRUE(test::bit_equal(g, without.at(name))) << name;
+}
 
 // The MoE layer under Precision::Bf16 on its bf16 activation path (the input, gate and up saved as
 // BF16; xs, h, the expert outputs and backward's dys, dout, dgate, dup in bf16; the combine

@@ -243,22 +243,33 @@ TEST_F(CudaBackendTest, AdamWStepAndSumSquares) {
     for (int64_t i = 0; i < v.numel(); ++i) v.f32()[i] = v.f32()[i] * v.f32()[i];
     Tensor wd = dev(w), md = dev(m), vd = dev(v), gd = dev(g);
     // The same update through the per-element path: views of 7 and 1 rows' worth of elements
-    // (n % 8 != 0) over copies; both paths compute each element alike, so to the bit.
+    // (n % 8 != 0) over copies; both paths compute each element alike, so to the bit. Each also
+    // writes the bf16 copy of w (a master weight's GEMM copy).
     Tensor w1 = dev(w).reshape({w.numel()}), m1 = dev(m).reshape({w.numel()});
     Tensor v1 = dev(v).reshape({w.numel()});
+    Tensor w16 = Tensor::empty(w.shape(), DType::BF16, Device::CUDA);
+    Tensor w16_1 = Tensor::empty({w.numel()}, DType::BF16, Device::CUDA);
     const Tensor g1 = gd.reshape({w.numel()});
     for (auto [b, e] :
          {std::pair<int64_t, int64_t>{0, w.numel() - 1}, {w.numel() - 1, w.numel()}}) {
       Tensor wp = w1.slice(b, e), mp = m1.slice(b, e), vp = v1.slice(b, e);
-      gpu().adamw_step(wp, mp, vp, g1.slice(b, e), s);
+      Tensor w16p = w16_1.slice(b, e);
+      gpu().adamw_step(wp, mp, vp, g1.slice(b, e), s, &w16p);
     }
-    gpu().adamw_step(wd, md, vd, gd, s);
-    cpu().adamw_step(w, m, v, g, s);
+    gpu().adamw_step(wd, md, vd, gd, s, &w16);
+    Tensor w16_cpu = Tensor::empty(w.shape(), DType::BF16);
+    cpu().adamw_step(w, m, v, g, s, &w16_cpu);
     EXPECT_CLOSE(wd, w, kF32Tol);
     EXPECT_CLOSE(md, m, kF32Tol);
     EXPECT_CLOSE(vd, v, kF32Tol);
     EXPECT_TRUE(bit_equal(wd.reshape({w.numel()}), w1) && bit_equal(md.reshape({w.numel()}), m1) &&
                 bit_equal(vd.reshape({w.numel()}), v1));
+    // The copies are the updated weights rounded as round_bf16 (and the host conversion) rounds.
+    Tensor rounded = Tensor::empty(w.shape(), DType::BF16, Device::CUDA);
+    gpu().round_bf16(rounded, wd);
+    EXPECT_TRUE(bit_equal(w16, rounded));
+    EXPECT_TRUE(bit_equal(w16_1, rounded.reshape({w.numel()})));
+    EXPECT_TRUE(bit_equal(w16_cpu, w.to_dtype(DType::BF16)));
   }
 
   for (int64_t n : {int64_t(0), int64_t(1), int64_t(255), int64_t(70001), int64_t(3000017)}) {

@@ -8,12 +8,16 @@
 
 namespace moekit {
 
-void CpuBackend::adamw_step(Tensor& w, Tensor& m, Tensor& v, const Tensor& g, const AdamWStep& s) {
+void CpuBackend::adamw_step(Tensor& w, Tensor& m, Tensor& v, const Tensor& g, const AdamWStep& s,
+                            Tensor* w_bf16) {
   const int64_t n = w.numel();
   MOEKIT_CHECK(m.numel() == n && v.numel() == n && g.numel() == n,
                "adamw_step: w {} m {} v {} g {}", w.shape().str(), m.shape().str(), v.shape().str(),
                g.shape().str());
+  MOEKIT_CHECK(!w_bf16 || (w_bf16->dtype() == DType::BF16 && w_bf16->numel() == n),
+               "adamw_step: the bf16 copy of w {} must be BF16 of {} elements", w.shape().str(), n);
   float *pw = w.f32(), *pm = m.f32(), *pv = v.f32();
+  uint16_t* pw16 = w_bf16 ? static_cast<uint16_t*>(w_bf16->raw()) : nullptr;
   const float* pg = g.f32();
   cpu_pool().parallel_for(
       n,
@@ -23,6 +27,7 @@ void CpuBackend::adamw_step(Tensor& w, Tensor& m, Tensor& v, const Tensor& g, co
           pv[i] = s.beta2 * pv[i] + (1.0f - s.beta2) * pg[i] * pg[i];
           pw[i] -= s.decay * pw[i];  // decoupled decay
           pw[i] -= s.step_size * pm[i] / (std::sqrt(pv[i] * s.inv_bc2) + s.eps);
+          if (pw16) pw16[i] = f32_to_bf16(pw[i]);
         }
       },
       1 << 14);

@@ -164,7 +164,8 @@ class CudaBackend final : public Backend {
   void moe_experts_small(Tensor& y, const Tensor& x, const Tensor& topk_idx, const Tensor& topk_w,
                          std::span<const ExpertWeights> experts, bool accumulate,
                          const ExpertWeights* shared = nullptr) override;
-  void adamw_step(Tensor& w, Tensor& m, Tensor& v, const Tensor& g, const AdamWStep& s) override;
+  void adamw_step(Tensor& w, Tensor& m, Tensor& v, const Tensor& g, const AdamWStep& s,
+                  Tensor* w_bf16) override;
   double sum_squares(const Tensor& x) override;
 
   // Range check of an I32 index tensor that an op's kernel dereferences, without waiting for the

@@ -658,14 +658,21 @@ void CudaBackend::moe_gate_backward(Tensor& dlogits, const Tensor& dtopk_w, cons
         op);
 }
 
-void CudaBackend::adamw_step(Tensor& w, Tensor& m, Tensor& v, const Tensor& g, const AdamWStep& s) {
+void CudaBackend::adamw_step(Tensor& w, Tensor& m, Tensor& v, const Tensor& g, const AdamWStep& s,
+                             Tensor* w_bf16) {
   const char* op = "adamw_step";
   expect_all_f32({&w, &m, &v, &g}, op);
   const int64_t n = w.numel();
   expect_numel(m, n, op, "m");
   expect_numel(v, n, op, "v");
   expect_numel(g, n, op, "g");
-  check(cuda::adamw_step(w.f32(), m.f32(), v.f32(), g.f32(), n, s), op);
+  if (w_bf16) {
+    cuda::expect(*w_bf16, DType::BF16, op, "w_bf16");
+    expect_numel(*w_bf16, n, op, "w_bf16");
+  }
+  check(
+      cuda::adamw_step(w.f32(), m.f32(), v.f32(), g.f32(), w_bf16 ? w_bf16->raw() : nullptr, n, s),
+      op);
 }
 
 double CudaBackend::sum_squares(const Tensor& x) {

@@ -44,9 +44,12 @@ __device__ inline void adamw_update(float& w, float& m, float& v, float g, const
 }  // namespace
 
 // Eight elements per thread where n and the buffers allow (for_each8): four streams read and
-// three written, 28 bytes per parameter, at ~3 TB/s one element per thread on the H200.
-cudaError_t adamw_step(float* w, float* m, float* v, const float* g, int64_t n,
+// three written, 28 bytes per parameter (30 with the bf16 copy), at ~3 TB/s one element per
+// thread on the H200. The copy is rounded as convert_f32_bf16 rounds (store8, from_f32), so a
+// GEMM reading it multiplies the values it would have rounded itself.
+cudaError_t adamw_step(float* w, float* m, float* v, const float* g, void* w_bf16, int64_t n,
                        const AdamWStep& s) {
+  auto* w16 = static_cast<bf16_t*>(w_bf16);
   return for_each8(
       n,
       [=] __device__(int64_t c) {
@@ -60,8 +63,13 @@ cudaError_t adamw_step(float* w, float* m, float* v, const float* g, int64_t n,
         store8(w + 8 * c, wc);
         store8(m + 8 * c, mc);
         store8(v + 8 * c, vc);
+        if (w16) store8(w16 + 8 * c, wc);
       },
-      [=] __device__(int64_t i) { adamw_update(w[i], m[i], v[i], g[i], s); }, w, m, v, g);
+      [=] __device__(int64_t i) {
+        adamw_update(w[i], m[i], v[i], g[i], s);
+        if (w16) w16[i] = from_f32<bf16_t>(w[i]);
+      },
+      w, m, v, g, w16 ? w16 : reinterpret_cast<bf16_t*>(w));
 }
 
 int64_t sum_squares_blocks(int64_t n) {

@@ -349,7 +349,9 @@ cudaError_t flash_attention_backward(float* dq, float* dk, float* dv, const void
 int flash_variant(const char* name, int count, int fallback);
 
 // --- optimizer (cuda_optim.cu)
-cudaError_t adamw_step(float* w, float* m, float* v, const float* g, int64_t n, const AdamWStep& s);
+// w_bf16 (may be null): also the updated w rounded to bf16 (a master weight's GEMM copy).
+cudaError_t adamw_step(float* w, float* m, float* v, const float* g, void* w_bf16, int64_t n,
+                       const AdamWStep& s);
 // *out = sum of x[i]^2 in double; `partial` holds sum_squares_blocks(n) doubles.
 int64_t sum_squares_blocks(int64_t n);
 cudaError_t sum_squares(double* out, double* partial, const float* x, int64_t n);
