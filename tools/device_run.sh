@@ -64,7 +64,7 @@ if want trace; then  # GPU time per kernel (tools/kernel_trace.cpp, CUPTI): deco
   nvcc -O2 -shared -Xcompiler -fPIC tools/kernel_trace.cpp -o /tmp/libkernel_trace.so -L/tmp -lcupti
   runs=()  # TRACE_DECODE= or TRACE_TRAIN= (empty) leaves that run out
   [ -n "${TRACE_DECODE-1}" ] && runs+=("${TRACE_DECODE_CFG:-configs/deepseek-v2-lite.json} 1 32 256 16 cuda decode bf16")
-  [ -n "${TRACE_TRAIN-1}" ] && runs+=("/tmp/v2-lite-4l.json 4 2048 2 16 cuda esft10 bf16")
+  [ -n "${TRACE_TRAIN-1}" ] && runs+=("${TRACE_TRAIN_CFG:-/tmp/v2-lite-4l.json} 4 2048 ${TRACE_ITERS:-2} 16 cuda esft10 bf16")
   for run in "${runs[@]}"; do
     set -- $run
     tag=$(basename "$1" .json)-$8

@@ -940,12 +940,13 @@ TEST_F(CudaBackendTest, IndexErrorsReportTheFirstBadOpAndReset) {
   EXPECT_CLOSE(out, ref, 0.0);
 }
 
-// check_indices over many blocks (gather_rows checks its rows with it): ~100,000 rows with bad
-// entries in two different blocks of the copy; the lower position is reported, and the safe copy
-// replaces both with row 0 (so the gather equals the CPU's on the repaired rows). The scan reads
-// the rows 16 bytes at a time when they are aligned: a view at an odd entry takes the one-entry
-// scan, and a count that is not a multiple of 4 leaves entries to the scan's tail. Of two failing
-// launches of the same check before a read back, the first is reported.
+// The range checks over ~100,000 rows with bad entries far apart: gather_rows checks its rows in
+// its own kernel (block 0 records, every thread replaces), scatter_add_rows through check_indices
+// (a copy over many blocks). The lower position is reported, and both bad entries are replaced by
+// row 0 (so the results equal the CPU's on the repaired rows). The scans read the rows 16 bytes at
+// a time when they are aligned: a view at an odd entry takes the one-entry scan, and a count that
+// is not a multiple of 4 leaves entries to the scan's tail. Of two failing launches of the same
+// check before a read back, the first is reported.
 TEST_F(CudaBackendTest, CheckIndicesReportsTheLowestBadPositionOfALargeTensor) {
   const int64_t R = 50, C = 3, N = 100003;
   const Tensor x = randn({R, C}), dx = dev(x);
@@ -974,6 +975,15 @@ TEST_F(CudaBackendTest, CheckIndicesReportsTheLowestBadPositionOfALargeTensor) {
     Tensor ref = Tensor::empty({N, C});
     cpu().gather_rows(ref, x, fixed, nullptr);
     EXPECT_TRUE(bit_equal(out, ref)) << "bad rows not replaced by row 0";
+    // The same rows as scatter_add_rows' destinations.
+    const Tensor src = randn({N, C});
+    Tensor sums = dev(Tensor::zeros({R, C})), sums_ref = Tensor::zeros({R, C});
+    std::string scatter_message = c.message;
+    scatter_message.replace(0, std::string("gather_rows").size(), "scatter_add_rows");
+    expect_index_error([&] { gpu().scatter_add_rows(sums, dev(src), rows, nullptr); }, sums,
+                       scatter_message);
+    cpu().scatter_add_rows(sums_ref, src, fixed, nullptr);
+    EXPECT_CLOSE(sums, sums_ref, kF32Tol);
   }
   Tensor first = randint({N}, 0, int32_t(R)), second = first.clone();
   first.i32()[30002] = 53;

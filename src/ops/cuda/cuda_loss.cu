@@ -6,6 +6,10 @@
 // Under Bf16 the LM head's training logits are bf16: the fused op then stages each row in shared
 // memory (200 KB at V2-Lite's vocabulary), reads it from HBM once and writes the bf16 gradient
 // over it; a row too long for a block's shared memory takes the two-pass kernel on bf16 logits.
+#include <map>
+#include <mutex>
+#include <utility>
+
 #include "ops/cuda/device_util.cuh"
 #include "ops/cuda/kernels.h"
 #include "ops/cuda/mma_util.cuh"
@@ -285,21 +289,36 @@ __global__ void __launch_bounds__(kStagedThreads, 1)
 
 // Whether a row of `vocab` bf16 logits fits the staged kernel's shared memory on this device
 // (227 KB on Hopper: rows up to ~116k entries; less on other GPUs), raising the kernel's limit
-// past the 48 KB default when it does.
+// past the 48 KB default when it does. Asked once per device and vocabulary (four runtime calls
+// otherwise, on every 1024-row chunk of the loss).
 cudaError_t staged_row_fits(int64_t vocab, bool& fits) {
+  static std::mutex mu;
+  static std::map<std::pair<int, int64_t>, bool> known;
   fits = false;
   int dev = 0, optin = 0;
-  cudaFuncAttributes attr{};
   cudaError_t e = cudaGetDevice(&dev);
-  if (e == cudaSuccess)
-    e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (e != cudaSuccess) return e;
+  std::lock_guard<std::mutex> lock(mu);
+  if (auto it = known.find({dev, vocab}); it != known.end()) {
+    fits = it->second;
+    return cudaSuccess;
+  }
+  cudaFuncAttributes attr{};
+  e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (e == cudaSuccess) e = cudaFuncGetAttributes(&attr, cross_entropy_staged_kernel);
   if (e != cudaSuccess) return e;
   const size_t bytes = staged_row_bytes(vocab);
-  if (bytes + attr.sharedSizeBytes > size_t(optin)) return cudaSuccess;
-  fits = true;
-  return cudaFuncSetAttribute(cross_entropy_staged_kernel,
-                              cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+  if (bytes + attr.sharedSizeBytes <= size_t(optin)) {
+    // The device's whole limit (not this row's bytes), so that no vocabulary's setting can lower
+    // the limit below a row that an earlier call found fitting.
+    e = cudaFuncSetAttribute(cross_entropy_staged_kernel,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             optin - int(attr.sharedSizeBytes));
+    if (e != cudaSuccess) return e;
+    fits = true;
+  }
+  known[{dev, vocab}] = fits;
+  return cudaSuccess;
 }
 
 }  // namespace

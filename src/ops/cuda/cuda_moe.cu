@@ -25,15 +25,18 @@ namespace {
 // row (a padding slot) writes zeros. One thread per 8 consecutive columns where the row width and
 // the buffers allow 16-byte accesses (the row index and weight read once per 8 outputs), else one
 // per element: one element per thread, with a division each, took 0.5 ms for V2-Lite's 49,152 x
-// 2048 bf16 rows on the H200, a fifth of the bandwidth.
+// 2048 bf16 rows on the H200, a fifth of the bandwidth. The rows are range-checked here (block 0
+// records the first bad one, index_check.cuh) rather than by a check kernel and a checked copy
+// first: a 4-layer ESFT step gathers ~26 times, each check a launch of its own.
 template <typename T, typename X, int V>
 __global__ void gather_rows_kernel(T* out, const X* x, const int32_t* rows, const float* weights,
-                                   int64_t n, int64_t dim) {
+                                   int64_t n, int64_t dim, IndexCheck check) {
+  if (blockIdx.x == 0) record_first_bad_index(check, rows, n);
   const int64_t chunks = dim / V;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < n * chunks;
        e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t i = e / chunks, c = (e % chunks) * V;
-    const int32_t row = rows[i];
+    const int32_t row = checked_index(check, rows[i]);
     const float w = row < 0 ? 0.0f : (weights ? weights[i] : 1.0f);
     if constexpr (V == 8) {
       float v[8] = {};
@@ -49,27 +52,28 @@ __global__ void gather_rows_kernel(T* out, const X* x, const int32_t* rows, cons
 
 template <typename T, typename X, int V>
 cudaError_t gather_rows_as(T* out, const X* x, const int32_t* rows, const float* weights, int64_t n,
-                           int64_t dim) {
-  if (n * (dim / V) <= 0) return cudaSuccess;
+                           int64_t dim, const IndexCheck& check) {
+  if (n * (dim / V) <= 0) return cudaSuccess;  // no row is read
   gather_rows_kernel<T, X, V>
-      <<<blocks_for(n * (dim / V)), kThreads, 0, stream()>>>(out, x, rows, weights, n, dim);
+      <<<blocks_for(n * (dim / V)), kThreads, 0, stream()>>>(out, x, rows, weights, n, dim, check);
   return cudaGetLastError();
 }
 
 template <typename T, typename X>
 cudaError_t gather_rows_to(T* out, const X* x, const int32_t* rows, const float* weights, int64_t n,
-                           int64_t dim) {
+                           int64_t dim, const IndexCheck& check) {
   const bool wide = dim % 8 == 0 && all_aligned16(x, out);
-  return wide ? gather_rows_as<T, X, 8>(out, x, rows, weights, n, dim)
-              : gather_rows_as<T, X, 1>(out, x, rows, weights, n, dim);
+  return wide ? gather_rows_as<T, X, 8>(out, x, rows, weights, n, dim, check)
+              : gather_rows_as<T, X, 1>(out, x, rows, weights, n, dim, check);
 }
 
 template <typename T>
 cudaError_t gather_rows_from(T* out, const void* x, DType x_dtype, const int32_t* rows,
-                             const float* weights, int64_t n, int64_t dim) {
+                             const float* weights, int64_t n, int64_t dim,
+                             const IndexCheck& check) {
   if (x_dtype == DType::BF16)
-    return gather_rows_to(out, static_cast<const bf16_t*>(x), rows, weights, n, dim);
-  return gather_rows_to(out, static_cast<const float*>(x), rows, weights, n, dim);
+    return gather_rows_to(out, static_cast<const bf16_t*>(x), rows, weights, n, dim, check);
+  return gather_rows_to(out, static_cast<const float*>(x), rows, weights, n, dim, check);
 }
 
 int end_bit_for(int64_t num_rows) {
@@ -138,20 +142,21 @@ cudaError_t scatter_add_planned_to(float* out, const X* x, const float* weights,
 }  // namespace
 
 cudaError_t gather_rows(void* out, DType out_dtype, const void* x, DType x_dtype,
-                        const int32_t* rows, const float* weights, int64_t n, int64_t dim) {
+                        const int32_t* rows, const float* weights, int64_t n, int64_t dim,
+                        const IndexCheck& check) {
   if (out_dtype == DType::I32) {
     // Index tensors of a few thousand entries (1-D, dim 1): one element per thread is plenty, and
     // a plain int copy (no pass through fp32) keeps every value.
     int32_t* o = static_cast<int32_t*>(out);
     const int32_t* xi = static_cast<const int32_t*>(x);
-    return for_each(n * dim, [=] __device__(int64_t e) {
-      const int32_t row = rows[e / dim];
+    return for_each_checked(n * dim, check, rows, n, [=] __device__(int64_t e) {
+      const int32_t row = checked_index(check, rows[e / dim]);
       o[e] = row < 0 ? 0 : xi[int64_t(row) * dim + e % dim];
     });
   }
   if (out_dtype == DType::BF16)
-    return gather_rows_from(static_cast<bf16_t*>(out), x, x_dtype, rows, weights, n, dim);
-  return gather_rows_from(static_cast<float*>(out), x, x_dtype, rows, weights, n, dim);
+    return gather_rows_from(static_cast<bf16_t*>(out), x, x_dtype, rows, weights, n, dim, check);
+  return gather_rows_from(static_cast<float*>(out), x, x_dtype, rows, weights, n, dim, check);
 }
 
 // Keys of a row plan: the rows, with "no row" (negative) keyed num_rows so that it sorts last;

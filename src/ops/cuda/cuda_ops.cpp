@@ -424,9 +424,9 @@ void CudaBackend::gather_rows(Tensor& out, const Tensor& x, const Tensor& rows_,
     expect_f32(*weights, op, "weights");
     expect_numel(*weights, N, op, "weights");
   }
-  const Tensor safe = check_indices(rows_, rows(x), op, "row", /*allow_negative=*/true);
-  check(cuda::gather_rows(out.raw(), out.dtype(), x.raw(), x.dtype(), safe.i32(),
-                          weights ? weights->f32() : nullptr, N, C),
+  const cuda::IndexCheck ic = index_check(rows_, rows(x), op, "row", /*allow_negative=*/true);
+  check(cuda::gather_rows(out.raw(), out.dtype(), x.raw(), x.dtype(), rows_.i32(),
+                          weights ? weights->f32() : nullptr, N, C, ic),
         op);
 }
 

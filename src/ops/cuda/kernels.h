@@ -117,9 +117,11 @@ cudaError_t rmsnorm_backward_dw(float* dw, float* partial, const float* dout, co
 // --- MoE dispatch/combine and gate (cuda_moe.cu)
 // out [n, dim] of out_dtype (F32, or BF16: rounded once) = x[rows[i]] * (weights ? weights[i] : 1)
 // with x of x_dtype (F32, or BF16: widened exactly); zeros for a negative row (no row). Or out and
-// x both I32 (index tensors), weights null: copied bit for bit.
+// x both I32 (index tensors), weights null: copied bit for bit. The rows are checked under `check`
+// inside the kernel.
 cudaError_t gather_rows(void* out, DType out_dtype, const void* x, DType x_dtype,
-                        const int32_t* rows, const float* weights, int64_t n, int64_t dim);
+                        const int32_t* rows, const float* weights, int64_t n, int64_t dim,
+                        const IndexCheck& check);
 // A scatter plan: the positions 0..n-1 stably sorted by destination row (cub radix sort); a
 // negative row (no row) is keyed num_rows, so it sorts after every real one. keys: scratch of n.
 size_t row_plan_temp_bytes(int64_t n, int64_t num_rows);
