@@ -107,6 +107,10 @@ void add_generate_commands(CLI::App& app) {
       return true;
     });
     stream.finish();
+    if (!gen.unrecorded_reason().empty())
+      fmt::print(stderr,
+                 "moekit generate: the decode steps ran op by op, not as a CUDA graph ({})\n",
+                 gen.unrecorded_reason());
   });
 }
 

@@ -122,8 +122,9 @@ const Tensor& Generator::step(int32_t id) {
     if (!profiling()) {
       try {
         step_graph_ = be.capture([this] { step_body(); });
-      } catch (const Error&) {
+      } catch (const Error& e) {
         step_graph_ = nullptr;
+        unrecorded_reason_ = e.what();
       }
     }
   }

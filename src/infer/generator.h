@@ -8,6 +8,7 @@
 #include <functional>
 #include <memory>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "infer/kv_cache.h"
@@ -48,6 +49,9 @@ class Generator {
   // Whether decode steps replay a recorded graph (false on the CPU, with MOEKIT_CUDA_GRAPHS=0 or
   // while profiling); known after the first step.
   bool replays_steps() const { return step_graph_ != nullptr; }
+  // Why the decode step could not be recorded (the recording's error), when it was tried and
+  // failed: the steps then run op by op (slower, same result). Empty otherwise.
+  const std::string& unrecorded_reason() const { return unrecorded_reason_; }
 
  private:
   // The decoder layers over x [n, hidden] with `attend(layer, normed x, x)` as attention, which
@@ -68,6 +72,7 @@ class Generator {
   Tensor step_input_;   // device I32 [2]: the step's token id and position
   Tensor step_logits_;  // [1, vocab]
   std::unique_ptr<CapturedWork> step_graph_;
+  std::string unrecorded_reason_;
   bool step_recorded_ = false;  // a record was attempted (null graph: run steps eagerly)
 };
 

@@ -1085,6 +1085,8 @@ TEST(GpuModel, GreedyGenerationMatchesCpu) {
   EXPECT_EQ(gg.generate(prompt, p), gc.generate(prompt, p));
   EXPECT_TRUE(gg.replays_steps()) << "the decode step was not recorded as a CUDA graph";
   EXPECT_FALSE(gc.replays_steps());
+  EXPECT_EQ(gg.unrecorded_reason(), "");
+  EXPECT_EQ(gc.unrecorded_reason(), "");  // the CPU records nothing, and that is no failure
   // The same after a prompt too long for the few-token path: the prefill takes the grouped path
   // (expert_load filled), the decode steps the GEMVs; the GPU must still choose the CPU's tokens.
   // (GpuMoE.FewTokenPathMatchesCpuGroupedPath compares the two paths directly.)
@@ -1102,6 +1104,33 @@ TEST(GpuModel, GreedyGenerationMatchesCpu) {
   gc.reset();
   gg.reset();
   EXPECT_EQ(gg.generate(long_prompt, p), gc.generate(long_prompt, p));
+}
+
+// A decode step that cannot be recorded runs op by op and says why: with one routed expert
+// training (an fp32 master beside the frozen bf16 ones) the experts take the host-planned grouped
+// path, whose host copy a recording cannot hold. It still generates every token.
+TEST(GpuModel, UnrecordedDecodeSaysWhy) {
+  SKIP_WITHOUT_GPU();
+  const PrecisionScope bf16(backend(Device::CUDA), Precision::Bf16);
+  const ModelConfig c = tiny_config();
+  DeepSeekModel mixed(c, Device::CUDA, true, DType::BF16),
+      frozen(c, Device::CUDA, true, DType::BF16);
+  mixed.init_random(11, 0.2f);
+  frozen.init_random(11, 0.2f);
+  mixed.params().set_trainable(
+      [](const Param& p) { return p.name.find("mlp.experts.3.") != std::string::npos; });
+  frozen.params().set_trainable([](const Param&) { return false; });
+  Generator gm(mixed, 64), gf(frozen, 64);
+  SamplingParams p;
+  p.max_tokens = 8;
+  const std::vector<int32_t> prompt = {1, 17, 42, 99, 5};
+  const std::vector<int32_t> tm = gm.generate(prompt, p), tf = gf.generate(prompt, p);
+  EXPECT_FALSE(gm.replays_steps());
+  EXPECT_NE(gm.unrecorded_reason(), "") << "the step fell back without a reason";
+  EXPECT_TRUE(gf.replays_steps());
+  EXPECT_EQ(gf.unrecorded_reason(), "");
+  EXPECT_EQ(tm.size(), size_t(8));
+  EXPECT_EQ(tf.size(), size_t(8));
 }
 
 TEST(GpuModel, DecodeStepMatchesCpu) {
