@@ -214,11 +214,14 @@ float DeepSeekModel::loss_and_backward(const Tensor& ids, const Tensor& targets,
   return float(sum / double(valid));
 }
 
+size_t DeepSeekModel::lowest_trained_layer() const {
+  size_t l = 0;
+  while (l < layers_.size() && !layers_[l].trains()) ++l;
+  return l;
+}
+
 bool DeepSeekModel::decoder_trains() const {
-  if (norm_.trains() || has_grad(embed_tokens)) return true;
-  for (const DecoderLayer& l : layers_)
-    if (l.trains()) return true;
-  return false;
+  return norm_.trains() || has_grad(embed_tokens) || lowest_trained_layer() < layers_.size();
 }
 
 void DeepSeekModel::backward_from_hidden(const Tensor& dh) {
@@ -228,9 +231,7 @@ void DeepSeekModel::backward_from_hidden(const Tensor& dh) {
   // ESFT, where the layers' first trainable expert sits in layer 1 or higher, the whole dense
   // layer and the attention half below it).
   const bool embed = has_grad(embed_tokens);
-  size_t lowest = layers_.size();
-  for (size_t l = 0; l < layers_.size() && lowest == layers_.size(); ++l)
-    if (layers_[l].trains()) lowest = l;
+  const size_t lowest = lowest_trained_layer();
   const size_t stop = embed ? 0 : lowest;  // layers [stop, size) run their backward
   for (size_t l = 0; l < stop; ++l) {      // what they saved for it goes now
     layers_[l].release_saved();

@@ -95,6 +95,8 @@ class DeepSeekModel {
   // RMSNorm::gemm_output_dtype), and the backward from their gradient.
   Tensor hidden(const Tensor& ids, int64_t batch, int64_t seq, DType out_dtype);
   void backward_from_hidden(const Tensor& dhidden);
+  // The lowest layer with a parameter that trains (layers_.size() when none has one).
+  size_t lowest_trained_layer() const;
   // Whether anything below the LM head trains (the final norm, a layer, the embedding): else the
   // LM head's backward computes no input gradient.
   bool decoder_trains() const;

@@ -7,13 +7,12 @@
 // cuBLAS may pick another kernel for a grouped GEMM over fewer experts.
 #include <gtest/gtest.h>
 
-#include <cmath>
-#include <cstring>
 #include <functional>
 #include <map>
 #include <random>
 #include <string>
 
+#include "../tensor_testing.h"
 #include "model/checkpoint.h"
 #include "model/deepseek.h"
 
@@ -99,15 +98,6 @@ std::vector<Case> cases() {
   };
 }
 
-double max_rel_diff(const Tensor& a, const Tensor& b) {
-  double diff = 0.0, scale = 0.0;
-  for (int64_t i = 0; i < a.numel(); ++i) {
-    diff = std::max(diff, double(std::fabs(a.f32()[i] - b.f32()[i])));
-    scale = std::max(scale, double(std::fabs(b.f32()[i])));
-  }
-  return scale > 0 ? diff / scale : diff;
-}
-
 void check(Device dev) {
   for (const Case& c : cases()) {
     SCOPED_TRACE(c.what);
@@ -124,9 +114,9 @@ void check(Device dev) {
       for (int64_t i = 0; i < g.numel(); ++i) norm += double(g.f32()[i]) * g.f32()[i];
       EXPECT_GT(norm, 0.0) << name << ": no gradient reached it";
       if (dev == Device::CPU)
-        EXPECT_EQ(std::memcmp(g.raw(), f.raw(), g.nbytes()), 0) << name;
+        EXPECT_TRUE(test::bit_equal(g, f)) << name;
       else  // fp32 GPU GEMMs over other groupings: rounding-level differences at most
-        EXPECT_LT(max_rel_diff(g, f), 1e-5) << name;
+        EXPECT_LT(test::rel_diff(g, f), 1e-5) << name;
     }
   }
 }

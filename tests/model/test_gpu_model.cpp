@@ -51,17 +51,7 @@ bool have_gpu() {
   if (!have_gpu())         \
   GTEST_SKIP() << "CUDA backend not available (built without CUDA, or no GPU visible)"
 
-// max |a - b| / max |b|, a on any device, b on the host (0 when both are all zero).
-double rel_diff(const Tensor& a_any, const Tensor& b) {
-  const Tensor a = a_any.to_host();
-  EXPECT_EQ(a.numel(), b.numel());
-  double d = 0.0, m = 0.0;
-  for (int64_t i = 0; i < b.numel(); ++i) {
-    d = std::max(d, double(std::abs(a.f32()[i] - b.f32()[i])));
-    m = std::max(m, double(std::abs(b.f32()[i])));
-  }
-  return m > 0.0 ? d / m : d;
-}
+using test::rel_diff;
 
 // Every MoE layer chose the same experts on both sides in the last forward, except, with tie > 0,
 // where the CPU's own scores put a token's choice within that relative distance of a tie (its

@@ -155,6 +155,16 @@ inline std::vector<int64_t> group_offsets(const std::vector<int64_t>& sizes) {
   return begin;
 }
 
+// Pointers to v[first], ..., v[first + n - 1]: the per-group weight lists the grouped ops take.
+inline std::vector<const Tensor*> pointers(const std::vector<Tensor>& v, size_t first, size_t n) {
+  std::vector<const Tensor*> out;
+  for (size_t g = first; g < first + n; ++g) out.push_back(&v[g]);
+  return out;
+}
+inline std::vector<const Tensor*> pointers(const std::vector<Tensor>& v) {
+  return pointers(v, 0, v.size());
+}
+
 // Runs `op` (which passes an out-of-range index), then reads `result` back: the read must fail
 // with a message containing `message` (index checks report at the next synchronising call), and
 // the backend must work normally afterwards.

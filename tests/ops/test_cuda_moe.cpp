@@ -205,15 +205,11 @@ TEST_F(CudaBackendTest, GroupedMatmulF32AndTf32) {
                                           << " beta " << beta << " shifted " << shifted);
           Tensor a = randn({R, K});
           std::vector<Tensor> w, wd;
-          std::vector<const Tensor*> wc, wg;
           for (size_t g = 0; g < sizes.size(); ++g) {
             w.push_back(randn(trans_b ? Shape{N, K} : Shape{K, N}));
             wd.push_back(dev(w.back()));
           }
-          for (size_t g = 0; g < sizes.size(); ++g) {
-            wc.push_back(&w[g]);
-            wg.push_back(&wd[g]);
-          }
+          const std::vector<const Tensor*> wc = pointers(w), wg = pointers(wd);
           Tensor c = randn({R, N}), ref = c.clone();
           cpu().grouped_matmul(ref, a, wc, begin, trans_b, beta);
           Tensor ga = dev(a);
@@ -258,11 +254,7 @@ TEST_F(CudaBackendTest, GroupedMatmulBf16WeightsAndBf16Precision) {
         // Mixed: every other group's weight is stored in BF16; otherwise all stay F32.
         w_gpu.push_back(mixed && g % 2 == 0 ? dev(w.to_dtype(DType::BF16)) : dev(w));
       }
-      std::vector<const Tensor*> wc, wg;
-      for (size_t g = 0; g < sizes.size(); ++g) {
-        wc.push_back(&w_ref[g]);
-        wg.push_back(&w_gpu[g]);
-      }
+      const std::vector<const Tensor*> wc = pointers(w_ref), wg = pointers(w_gpu);
       for (float beta : {0.0f, 1.0f}) {
         Tensor c = randn({R, N}), ref = c.clone();
         cpu().grouped_matmul(ref, rounded(a), wc, begin, trans_b, beta);
@@ -295,11 +287,7 @@ TEST_F(CudaBackendTest, GroupedMatmulBf16ActivationsAndOutput) {
       w_ref.push_back(rounded(randn(trans_b ? Shape{N, K} : Shape{K, N})));
       w_gpu.push_back(g % 2 == 0 ? dev(w_ref.back().to_dtype(DType::BF16)) : dev(w_ref.back()));
     }
-    std::vector<const Tensor*> wc, wg;
-    for (size_t g = 0; g < sizes.size(); ++g) {
-      wc.push_back(&w_ref[g]);
-      wg.push_back(&w_gpu[g]);
-    }
+    const std::vector<const Tensor*> wc = pointers(w_ref), wg = pointers(w_gpu);
     for (DType out : {DType::BF16, DType::F32})
       for (float beta : {0.0f, 1.0f}) {
         if (out == DType::BF16 && beta != 0.0f) continue;
@@ -339,13 +327,9 @@ TEST_F(CudaBackendTest, GroupedMatmulSumOfTwoTerms) {
       w_gpu.push_back(bf16 && g % 3 == 0 ? dev(w_ref.back().to_dtype(DType::BF16))
                                          : dev(w_ref.back()));
     }
-    std::vector<const Tensor*> w1c, w2c, w1g, w2g;
-    for (size_t g = 0; g < sizes.size(); ++g) {
-      w1c.push_back(&w_ref[g]);
-      w2c.push_back(&w_ref[sizes.size() + g]);
-      w1g.push_back(&w_gpu[g]);
-      w2g.push_back(&w_gpu[sizes.size() + g]);
-    }
+    const size_t G = sizes.size();
+    const std::vector<const Tensor*> w1c = pointers(w_ref, 0, G), w2c = pointers(w_ref, G, G),
+                                     w1g = pointers(w_gpu, 0, G), w2g = pointers(w_gpu, G, G);
     const DType act = bf16 ? DType::BF16 : DType::F32;
     const Tensor g1 = dev(bf16 ? a1.to_dtype(DType::BF16) : a1);
     const Tensor g2 = dev(bf16 ? a2.to_dtype(DType::BF16) : a2);
@@ -385,13 +369,9 @@ TEST_F(CudaBackendTest, GroupedMatmulBatchedOnPaddedGroups) {
         w_ref.push_back(rounded(randn(trans_b ? Shape{N, K} : Shape{K, N})));
         w_gpu.push_back(g % 2 == 0 ? dev(w_ref.back().to_dtype(DType::BF16)) : dev(w_ref.back()));
       }
-      std::vector<const Tensor*> w1c, w2c, w1g, w2g;
-      for (size_t g = 0; g < sizes.size(); ++g) {
-        w1c.push_back(&w_ref[g]);
-        w2c.push_back(&w_ref[sizes.size() + g]);
-        w1g.push_back(&w_gpu[g]);
-        w2g.push_back(&w_gpu[sizes.size() + g]);
-      }
+      const size_t G = sizes.size();
+      const std::vector<const Tensor*> w1c = pointers(w_ref, 0, G), w2c = pointers(w_ref, G, G),
+                                       w1g = pointers(w_gpu, 0, G), w2g = pointers(w_gpu, G, G);
       const Tensor a1 = randn({R, K}), a2 = randn({R, K}).to_dtype(DType::BF16);
       const Tensor g1 = dev(a1), g2 = dev(a2), r1 = rounded(a1), r2 = a2.to_f32();
       gpu().set_precision(Precision::Bf16);

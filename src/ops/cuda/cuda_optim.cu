@@ -69,7 +69,7 @@ cudaError_t adamw_step(float* w, float* m, float* v, const float* g, void* w_bf1
         adamw_update(w[i], m[i], v[i], g[i], s);
         if (w16) w16[i] = from_f32<bf16_t>(w[i]);
       },
-      w, m, v, g, w16 ? w16 : reinterpret_cast<bf16_t*>(w));
+      w, m, v, g, w16 ? w16 : reinterpret_cast<bf16_t*>(w));  // (w again when there is no copy)
 }
 
 int64_t sum_squares_blocks(int64_t n) {
