@@ -200,7 +200,8 @@ int main(int argc, char** argv) {
     AdamW adam(AdamWConfig{0.9, 0.95, 1e-8, 0.1});
     // Reading one value back waits for the device, so the clock covers the queued work.
     auto sync = [](const Tensor& t) { (void)t.reshape({t.numel()}).slice(0, 1).to_host(); };
-    auto fwd = [&] { sync(model.forward(ids, B, S)); };
+    // Prefill as inference (the peer's runs under torch.no_grad): nothing kept for a backward.
+    auto fwd = [&] { sync(model.forward(ids, B, S, /*backward_follows=*/false)); };
     double first_loss = -1;  // precision check across GEMM modes: same weights, same batch
     auto train = [&] {       // as the trainer: chunked LM head + loss, then backward
       const double loss = model.loss_and_backward(ids, targets, B, S);  // reads the loss back

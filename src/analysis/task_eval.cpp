@@ -59,7 +59,7 @@ double corpus_loss(DeepSeekModel& model, const Tokenizer& tok, const std::filesy
     std::vector<int64_t> which;
     for (int64_t i = w; i < std::min(windows.windows(), w + per_batch); ++i) which.push_back(i);
     Batch b = windows.windows_batch(which);
-    Tensor logits = model.forward(b.ids, b.batch, b.seq);
+    Tensor logits = model.forward(b.ids, b.batch, b.seq, /*backward_follows=*/false);
     total += cross_entropy(backend(Device::CPU), logits, b.targets, nullptr) * double(b.batch);
   }
   return total / double(windows.windows());

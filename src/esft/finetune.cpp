@@ -90,7 +90,8 @@ double loss_on(DeepSeekModel& model, const Packed& p, int64_t first, int64_t cou
   std::copy(p.labels.begin() + long(first * seq), p.labels.begin() + long((first + count) * seq),
             labels.i32());
   if (backward) return model.loss_and_backward(ids, labels, count, seq);
-  return cross_entropy(backend(model.device()), model.forward(ids, count, seq), labels);
+  return cross_entropy(backend(model.device()),
+                       model.forward(ids, count, seq, /*backward_follows=*/false), labels);
 }
 
 // This process's resident-memory high-water mark (VmHWM: of this program's own address space,

@@ -32,7 +32,7 @@ RouteLogStats log_routing(DeepSeekModel& model, const Tokenizer& tok, const fs::
       if (id >= model.config().vocab_size)
         fail("{}:{}: the tokenizer produced id {} beyond the model's vocabulary ({})",
              data.string(), lineno, id, model.config().vocab_size);
-    model.forward(t, 1, keep);
+    model.forward(t, 1, keep, /*backward_follows=*/false);
     for (size_t l = 0; l < model.layers().size(); ++l) {
       auto& layer = model.layers()[l];
       if (!layer.moe) continue;

@@ -13,7 +13,8 @@
 namespace moekit {
 
 Tensor DecoderLayer::forward(Backend& be, const Tensor& x, const Tensor& positions,
-                             const RopeTable& rope, int64_t batch, int64_t seq) {
+                             const RopeTable& rope, int64_t batch, int64_t seq,
+                             bool backward_follows) {
   ProfileSteps prof(be);
   prof.next("norms+residuals");
   // Both norms' outputs are read only by GEMMs (MLA's input projections; the FFN's router, shared
@@ -27,7 +28,7 @@ Tensor DecoderLayer::forward(Backend& be, const Tensor& x, const Tensor& positio
   be.add(h, x, 1.0f);  // residual
   Tensor n = post_attention_layernorm.forward(be, h, n_dtype);
   prof.next(mlp ? "mlp.fwd" : "moe.fwd");
-  Tensor y = mlp ? mlp->forward(be, n) : moe->forward(be, n);
+  Tensor y = mlp ? mlp->forward(be, n) : moe->forward(be, n, backward_follows);
   prof.next("norms+residuals");
   be.add(y, h, 1.0f);
   return y;
@@ -115,17 +116,20 @@ DeepSeekModel::DeepSeekModel(const ModelConfig& config, Device device, bool allo
   lm_head = params_.add_matrix("lm_head.weight", {c.vocab_size, c.hidden_size}, device);
 }
 
-Tensor DeepSeekModel::forward(const Tensor& ids, int64_t batch, int64_t seq) {
+Tensor DeepSeekModel::forward(const Tensor& ids, int64_t batch, int64_t seq,
+                             bool backward_follows) {
   Backend& be = backend(device_);
   // The LM head's GEMM reads all rows at once: the final norm writes them as it would read them.
-  const Tensor h = hidden(ids, batch, seq, RMSNorm::gemm_output_dtype(be, batch * seq));
+  const Tensor h = hidden(ids, batch, seq, RMSNorm::gemm_output_dtype(be, batch * seq),
+                          backward_follows);
   ProfileScope prof(be, "lm_head.fwd");
   Tensor logits = Tensor::empty({h.dim(0), config_.vocab_size}, DType::F32, device_);
   linear_forward(be, logits, h, *lm_head);
   return logits;
 }
 
-Tensor DeepSeekModel::hidden(const Tensor& ids, int64_t batch, int64_t seq, DType out_dtype) {
+Tensor DeepSeekModel::hidden(const Tensor& ids, int64_t batch, int64_t seq, DType out_dtype,
+                             bool backward_follows) {
   Backend& be = backend(device_);
   MOEKIT_CHECK(ids.numel() == batch * seq, "ids {} vs batch {} x seq {}", ids.numel(), batch, seq);
   if (!rope_.cos.defined() || rope_.cos.dim(0) < seq)
@@ -144,7 +148,7 @@ Tensor DeepSeekModel::hidden(const Tensor& ids, int64_t batch, int64_t seq, DTyp
   for (size_t l = 0; l < layers_.size(); ++l) {
     const bool drop = checkpointing_ && l + 1 < layers_.size();  // the last backs up at once
     if (drop) saved_.layer_inputs.push_back(x);
-    x = layers_[l].forward(be, x, positions, rope_, batch, seq);
+    x = layers_[l].forward(be, x, positions, rope_, batch, seq, backward_follows);
     if (drop) layers_[l].release_saved();
   }
   saved_.final_hidden = norm_.forward(be, x, out_dtype);

@@ -24,9 +24,10 @@ struct DecoderLayer {
   std::optional<MLP> mlp;  // dense FFN
   std::optional<MoE> moe;  // DeepSeekMoE FFN
 
-  // x [T,H] -> x + attn(norm(x)) -> h + ffn(norm(h)).
+  // x [T,H] -> x + attn(norm(x)) -> h + ffn(norm(h)). backward_follows false (inference): an MoE
+  // layer keeps nothing for backward (MoE::forward).
   Tensor forward(Backend& be, const Tensor& x, const Tensor& positions, const RopeTable& rope,
-                 int64_t batch, int64_t seq);
+                 int64_t batch, int64_t seq, bool backward_follows = true);
   // dx from dy (assigns). need_dx false (nothing below the layer trains): only what this layer's
   // weight gradients need runs, and the result is undefined.
   Tensor backward(Backend& be, const Tensor& dy, const RopeTable& rope, bool need_dx = true);
@@ -52,8 +53,10 @@ class DeepSeekModel {
 
   // ids I32 [batch*seq] (host or model device) -> logits [batch*seq, vocab] on the model's
   // device. On Device::CUDA every op runs on the GPU; each MoE layer reads its E+1 expert
-  // offsets back to size the grouped expert GEMMs.
-  Tensor forward(const Tensor& ids, int64_t batch, int64_t seq);
+  // offsets back to size the grouped expert GEMMs. backward_follows false (inference: evaluation,
+  // route logging, a prefill): the MoE layers keep nothing for a backward, which then refuses to
+  // run, and skip writing what only it would read.
+  Tensor forward(const Tensor& ids, int64_t batch, int64_t seq, bool backward_follows = true);
   // Backward from dlogits [batch*seq, vocab]; parameter grads accumulate for trainable params.
   void backward(const Tensor& dlogits);
 
@@ -93,7 +96,8 @@ class DeepSeekModel {
   // The decoder without the LM head: final-norm hidden states [batch*seq, hidden] (saved) of
   // out_dtype (BF16 only where the LM head's GEMMs alone read them, as rounded: see
   // RMSNorm::gemm_output_dtype), and the backward from their gradient.
-  Tensor hidden(const Tensor& ids, int64_t batch, int64_t seq, DType out_dtype);
+  Tensor hidden(const Tensor& ids, int64_t batch, int64_t seq, DType out_dtype,
+                bool backward_follows = true);
   void backward_from_hidden(const Tensor& dhidden);
   // The lowest layer with a parameter that trains (layers_.size() when none has one).
   size_t lowest_trained_layer() const;

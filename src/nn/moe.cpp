@@ -9,7 +9,8 @@
 
 namespace moekit {
 
-DispatchPlan make_dispatch_plan(Backend& be, const Routing& r, int64_t n_experts) {
+DispatchPlan make_dispatch_plan(Backend& be, const Routing& r, int64_t n_experts,
+                                const std::function<void()>& meanwhile) {
   const int64_t N = r.topk_idx.numel();
   const int64_t align = be.expert_row_alignment(N, n_experts);
   const int64_t S = dispatch_slots(N, n_experts, align);
@@ -23,7 +24,11 @@ DispatchPlan make_dispatch_plan(Backend& be, const Routing& r, int64_t n_experts
          rows = offsets.slice(n_experts + 1, 2 * n_experts + 1);
   be.moe_dispatch_plan(plan.slot_token, plan.slot_pair, plan.slot_weight, begin, rows, r.topk_idx,
                        r.topk_w, n_experts, align);
-  Tensor host = offsets.to_host();  // the layer's one small device-to-host copy
+  // The layer's one small device-to-host copy; `meanwhile` queues more work before the host
+  // waits for it.
+  std::unique_ptr<PendingHostCopy> copy = be.copy_to_host_async(offsets);
+  if (meanwhile) meanwhile();
+  const Tensor host = copy->wait();
   plan.expert_begin.assign(host.i32(), host.i32() + n_experts + 1);
   plan.expert_rows.assign(host.i32() + n_experts + 1, host.i32() + 2 * n_experts + 1);
   // The slots past the last expert's block are padding no expert reads: drop them.
@@ -141,16 +146,26 @@ void expert_gate_up(Backend& be, MoE& m, DType act) {
                     0.0f);
 }
 
-// The grouped path from the routing r: permute, grouped GEMMs, combine; saves what backward needs.
-// xg: x as the GEMMs read it (gemm_input: under Bf16 rounded once, for the router, the shared
-// experts and the routed experts' gather, which then reads half the bytes for the same values).
-Tensor grouped_path(Backend& be, MoE& m, const Tensor& xg, const Routing& r, ProfileSteps& prof) {
+// The grouped path from the routing r: permute, grouped GEMMs, combine; saves what backward needs
+// when one follows (else saves nothing: the gate and up products are not even written where the
+// backend fuses SwiGLU into their GEMM). xg: x as the GEMMs read it (gemm_input: under Bf16
+// rounded once, for the router, the shared experts and the routed experts' gather, which then
+// reads half the bytes for the same values).
+Tensor grouped_path(Backend& be, MoE& m, const Tensor& xg, const Routing& r, bool backward_follows,
+                    ProfileSteps& prof) {
   const int64_t T = xg.dim(0), H = xg.dim(1), E = int64_t(m.routed_experts.size());
   const int64_t I = E > 0 ? m.routed_experts[0].intermediate() : 0;
   const Device dev = xg.device();
   MoE::Saved& saved = m.saved;
   prof.next("moe.fwd.plan");
-  saved.plan = make_dispatch_plan(be, r, E);  // permute: plan
+  // The shared experts do not need the plan: queued while its sizes come to the host, they keep
+  // the device busy through that wait.
+  Tensor y;
+  saved.plan = make_dispatch_plan(be, r, E, [&] {  // permute: plan
+    prof.next("moe.fwd.shared");
+    y = m.has_shared ? m.shared_experts.forward(be, xg) : Tensor::zeros({T, H}, DType::F32, dev);
+    prof.next("moe.fwd.plan");
+  });
   saved.x = xg;
   const std::vector<int64_t>& begin = saved.plan.expert_begin;
   const int64_t N = begin.back();
@@ -158,24 +173,23 @@ Tensor grouped_path(Backend& be, MoE& m, const Tensor& xg, const Routing& r, Pro
 
   // The routed experts' activations: F32, or BF16 under the Bf16 precision (bf16_activations).
   const DType act = bf16_activations(be) ? DType::BF16 : DType::F32;
-  prof.next("moe.fwd.gate_up");  // permute (move rows), experts
-  expert_gate_up(be, m, act);
-  prof.next("moe.fwd.swiglu");
+  prof.next("moe.fwd.gate_up");  // permute (move rows), experts (SwiGLU included)
+  Tensor xs = Tensor::empty({N, H}, act, dev);
+  be.gather_rows(xs, xg, saved.plan.slot_token, nullptr);
+  const bool keep = backward_follows && !m.recompute_experts;  // backward reads gate and up
+  saved.gate = keep ? Tensor::empty({N, I}, act, dev) : Tensor();
+  saved.up = keep ? Tensor::empty({N, I}, act, dev) : Tensor();
   Tensor h = Tensor::empty({N, I}, act, dev);
-  be.swiglu_forward(h, saved.gate, saved.up);
+  be.grouped_swiglu(h, keep ? &saved.gate : nullptr, keep ? &saved.up : nullptr, xs,
+                    weights(be, m.routed_experts, &MLP::gate_proj, N),
+                    weights(be, m.routed_experts, &MLP::up_proj, N), begin);
+  xs = Tensor();
   prof.next("moe.fwd.down");
   Tensor expert_out = Tensor::empty({N, H}, act, dev);
   be.grouped_matmul(expert_out, h, weights(be, m.routed_experts, &MLP::down_proj, N), begin, true,
                     0.0f);
   h = Tensor();
-  if (m.recompute_experts) {  // backward runs expert_gate_up again
-    saved.gate = Tensor();
-    saved.up = Tensor();
-  }
 
-  prof.next("moe.fwd.shared");
-  Tensor y =
-      m.has_shared ? m.shared_experts.forward(be, xg) : Tensor::zeros({T, H}, DType::F32, dev);
   prof.next("moe.fwd.combine");
   be.scatter_add_rows(y, expert_out, saved.plan.slot_token,
                       &saved.plan.slot_weight);  // combine (fp32 sums)
@@ -375,7 +389,9 @@ Tensor MoE::forward(Backend& be, const Tensor& x, bool backward_follows) {
   if (!backward_follows && x.dim(0) * gate.p.top_k <= kSmallMaxPairs &&
       small_path(be, *this, x, r, y, /*accumulate=*/false, prof))
     return y;
-  return grouped_path(be, *this, xg, r, prof);
+  y = grouped_path(be, *this, xg, r, backward_follows, prof);
+  if (!backward_follows) saved = {};  // backward refuses to run (nothing kept for it)
+  return y;
 }
 
 void MoE::forward_add(Backend& be, const Tensor& x, Tensor& y) {
@@ -389,7 +405,7 @@ void MoE::forward_add(Backend& be, const Tensor& x, Tensor& y) {
   if (x.dim(0) * gate.p.top_k <= kSmallMaxPairs &&
       small_path(be, *this, x, r, y, /*accumulate=*/true, prof))
     return;
-  const Tensor out = grouped_path(be, *this, xg, r, prof);
+  const Tensor out = grouped_path(be, *this, xg, r, /*backward_follows=*/false, prof);
   saved = {};  // inference only: nothing kept for a backward (which now refuses to run)
   prof.next("moe.fwd.add");
   be.add(y, out, 1.0f);

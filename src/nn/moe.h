@@ -8,6 +8,7 @@
 // two launches per layer besides the gate, the shared experts folded into them.
 #pragma once
 
+#include <functional>
 #include <vector>
 
 #include "model/config.h"
@@ -29,7 +30,10 @@ struct DispatchPlan {
   std::vector<int64_t> expert_rows;   // [E] pairs per expert, without padding (host)
 };
 
-DispatchPlan make_dispatch_plan(Backend& be, const Routing& r, int64_t n_experts);
+// `meanwhile` (may be empty) runs after the plan's kernels and its copy to the host are queued and
+// before the host waits for that copy: work that does not need the plan.
+DispatchPlan make_dispatch_plan(Backend& be, const Routing& r, int64_t n_experts,
+                                const std::function<void()>& meanwhile = {});
 
 struct MoE {
   Router gate;

@@ -27,6 +27,16 @@ Backend& backend(Device device) {
 #endif
 }
 
+std::unique_ptr<PendingHostCopy> Backend::copy_to_host_async(const Tensor& src) {
+  struct Done final : PendingHostCopy {
+    Tensor host;
+    Tensor wait() override { return host; }
+  };
+  auto done = std::make_unique<Done>();
+  done->host = src.to_host();
+  return done;
+}
+
 void Backend::grouped_matmul_sum(Tensor& c, std::span<const GroupedTerm> terms,
                                  std::span<const int64_t> begin, bool trans_b, float beta) {
   MOEKIT_CHECK(!terms.empty(), "grouped_matmul_sum: no terms");
@@ -34,6 +44,22 @@ void Backend::grouped_matmul_sum(Tensor& c, std::span<const GroupedTerm> terms,
     MOEKIT_CHECK(terms[t].a, "grouped_matmul_sum: term {} has no rows", t);
     grouped_matmul(c, *terms[t].a, terms[t].b, begin, trans_b, t == 0 ? beta : 1.0f);
   }
+}
+
+void Backend::grouped_swiglu(Tensor& h, Tensor* gate, Tensor* up, const Tensor& x,
+                             std::span<const Tensor* const> gate_w,
+                             std::span<const Tensor* const> up_w, std::span<const int64_t> begin) {
+  MOEKIT_CHECK(gate_w.size() == up_w.size(), "grouped_swiglu: {} gate and {} up weights",
+               gate_w.size(), up_w.size());
+  for (const Tensor* t : {gate, up})
+    MOEKIT_CHECK(!t || (t->shape() == h.shape() && t->dtype() == h.dtype()),
+                 "grouped_swiglu: a product {} ({}) for h {} ({})", t->shape().str(),
+                 dtype_name(t->dtype()), h.shape().str(), dtype_name(h.dtype()));
+  Tensor g = gate ? *gate : Tensor::empty(h.shape(), h.dtype(), h.device());
+  Tensor u = up ? *up : Tensor::empty(h.shape(), h.dtype(), h.device());
+  grouped_matmul(g, x, gate_w, begin, true, 0.0f);
+  grouped_matmul(u, x, up_w, begin, true, 0.0f);
+  swiglu_forward(h, g, u);
 }
 
 void Backend::grouped_weight_grad(std::span<Tensor* const> dw, const Tensor& dy, const Tensor& x,

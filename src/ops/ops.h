@@ -126,6 +126,14 @@ class CapturedWork {
   virtual void replay() = 0;
 };
 
+// A copy to host memory under way (Backend::copy_to_host_async).
+class PendingHostCopy {
+ public:
+  virtual ~PendingHostCopy() = default;
+  // Waits for the copy (and only for the work queued before it) and returns the host tensor.
+  virtual Tensor wait() = 0;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -135,6 +143,12 @@ class Backend {
   // Memory.
   virtual std::shared_ptr<Storage> allocate(size_t bytes) = 0;
   virtual void copy(Tensor& dst, const Tensor& src) = 0;  // either side may be host memory
+  // Starts copying src to a new host tensor and returns at once: work queued before wait() runs
+  // on the device while the host waits only for what was queued before this call (an MoE layer
+  // queues its shared experts between its plan's copy and the wait, so the device does not idle
+  // while the host reads the plan). wait() reports deferred errors as a synchronous copy does.
+  // One copy in flight at a time per backend. The default copies at once.
+  virtual std::unique_ptr<PendingHostCopy> copy_to_host_async(const Tensor& src);
   virtual void fill(Tensor& t, float value) = 0;
   // Free and total bytes of the device's memory (the host: available and physical memory).
   virtual void memory_info(size_t& free_bytes, size_t& total_bytes) = 0;
@@ -191,6 +205,18 @@ class Backend {
   // a backend may run all terms in one launch.
   virtual void grouped_matmul_sum(Tensor& c, std::span<const GroupedTerm> terms,
                                   std::span<const int64_t> begin, bool trans_b, float beta);
+  // The routed experts' gate and up projections and SwiGLU over grouped_matmul's row groups: for
+  // every group g, the rows [begin[g], begin[g+1]) of x [R,K] (R = begin.back(), begin[0] = 0):
+  //   gate_g = x_g @ gate_w[g]^T, up_g = x_g @ up_w[g]^T, h_g = silu(gate_g) * up_g,
+  // with gate_w[g] and up_w[g] [I,K] and h [R,I]. gate and up [R,I] (each may be null: not kept)
+  // receive the two products. h, gate and up share one dtype; h is computed from the products as
+  // they are stored (under BF16 rounded first), so it equals swiglu_forward on them. Dtype rules
+  // of grouped_matmul (trans_b, beta 0) per product. The default runs exactly that: two
+  // grouped_matmul and one swiglu_forward; a backend may fuse them (the CUDA backend's expert GEMM
+  // computes h in its epilogue and writes the products only where they are kept).
+  virtual void grouped_swiglu(Tensor& h, Tensor* gate, Tensor* up, const Tensor& x,
+                              std::span<const Tensor* const> gate_w,
+                              std::span<const Tensor* const> up_w, std::span<const int64_t> begin);
   // The routed experts' weight gradients over the same row groups: for every group g whose
   // dw[g] is not null and whose rows [begin[g], begin[g+1]) are not empty (begin as in
   // grouped_matmul, R = begin.back()):

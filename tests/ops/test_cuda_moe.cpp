@@ -407,6 +407,81 @@ TEST_F(CudaBackendTest, GroupedMatmulBatchedOnPaddedGroups) {
   }
 }
 
+// The expert GEMM of our own (cuda_expert_gemm.cu: TMA, wgmma, one persistent launch), which
+// the CUDA backend runs on Hopper for padded blocks into a BF16 output: grouped_matmul (trans_b)
+// and grouped_swiglu, the gate and up products with SwiGLU in the epilogue. Sizes that exercise
+// its edges: more tiles than an H200 has SMs (each block walks several, and the ring of stages
+// wraps across tiles), K = 200 (the last 64-column k-block reaches past the end: TMA's zero fill),
+// N not a multiple of the tile (columns past N are not stored: the output is poisoned), empty
+// experts between full ones, F32 weights next to BF16 ones (rounded by the op) and F32
+// activations (rounded once). Oracle: the CPU op on the bf16-rounded values, exact products and
+// fp32 sums (kF32Tol), plus the bf16 rounding of each stored product (2^-8 of the element).
+// SwiGLU: h must equal swiglu_forward on the stored gate and up to the bit (the epilogue rounds
+// each product first and computes silu_mul, the SwiGLU kernel's expression), with or without
+// the products kept, and the kept products meet the GEMM oracle.
+TEST_F(CudaBackendTest, ExpertGemmOfOurOwnOnPaddedBlocks) {
+#if defined(MOEKIT_HAVE_CUDA)
+  int dev_id = 0, major = 0, minor = 0;
+  ASSERT_EQ(cudaGetDevice(&dev_id), cudaSuccess);
+  ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev_id), cudaSuccess);
+  ASSERT_EQ(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev_id), cudaSuccess);
+  const char* mode = std::getenv("MOEKIT_CUDA_EXPERT_GEMM");
+  if (major == 9 && minor == 0 && (!mode || std::string(mode) == "own")) {
+    EXPECT_TRUE(cuda::expert_gemm_available()) << "a Hopper GPU runs the kernel (sm_90a build)";
+  }
+#endif
+  const std::vector<int64_t> sizes{256, 0, 384, 128, 0, 512, 128, 256};  // 1664 rows, 13 blocks
+  const std::vector<int64_t> begin = group_offsets(sizes);
+  const int64_t R = begin.back(), K = 200;
+  auto rounded = [](const Tensor& t) { return t.to_dtype(DType::BF16).to_f32(); };
+  // Weights: even groups stored BF16, odd ones F32 holding bf16 values (rounding them is exact).
+  auto weights = [&](int64_t n, std::vector<Tensor>& ref, std::vector<Tensor>& gpu_w) {
+    for (size_t g = 0; g < sizes.size(); ++g) {
+      ref.push_back(rounded(randn({n, K})));
+      gpu_w.push_back(g % 2 == 0 ? dev(ref.back().to_dtype(DType::BF16)) : dev(ref.back()));
+    }
+  };
+  const Tensor x = randn({R, K}), xr = rounded(x);
+  gpu().set_precision(Precision::Bf16);
+  {  // one projection: 2 column tiles of 256, the second holding 8 columns
+    const int64_t N = 264;
+    std::vector<Tensor> w_ref, w_gpu;
+    weights(N, w_ref, w_gpu);
+    Tensor ref = Tensor::zeros({R, N});
+    cpu().grouped_matmul(ref, xr, pointers(w_ref), begin, true, 0.0f);
+    Tensor c = poisoned({R, N}, DType::BF16);
+    gpu().grouped_matmul(c, dev(x.to_dtype(DType::BF16)), pointers(w_gpu), begin, true, 0.0f);
+    EXPECT_CLOSE(c, ref, kF32Tol + std::ldexp(1.0, -8));
+  }
+  // SwiGLU: I = 1416, 12 column tiles of 128 (the last holding 8): 13 x 12 = 156 tiles.
+  const int64_t I = 1416;
+  std::vector<Tensor> g_ref, g_gpu, u_ref, u_gpu;
+  weights(I, g_ref, g_gpu);
+  weights(I, u_ref, u_gpu);
+  Tensor gate_ref = Tensor::zeros({R, I}), up_ref = Tensor::zeros({R, I});
+  cpu().grouped_matmul(gate_ref, xr, pointers(g_ref), begin, true, 0.0f);
+  cpu().grouped_matmul(up_ref, xr, pointers(u_ref), begin, true, 0.0f);
+  Tensor h = poisoned({R, I}, DType::BF16), gate = poisoned({R, I}, DType::BF16),
+         up = poisoned({R, I}, DType::BF16);
+  gpu().grouped_swiglu(h, &gate, &up, dev(x), pointers(g_gpu), pointers(u_gpu), begin);
+  EXPECT_CLOSE(gate, gate_ref, kF32Tol + std::ldexp(1.0, -8));
+  EXPECT_CLOSE(up, up_ref, kF32Tol + std::ldexp(1.0, -8));
+  Tensor h_unfused = poisoned({R, I}, DType::BF16);
+  gpu().swiglu_forward(h_unfused, gate, up);
+  EXPECT_TRUE(bit_equal(h.to_host(), h_unfused.to_host())) << "h differs from SwiGLU's";
+  Tensor h_alone = poisoned({R, I}, DType::BF16);
+  gpu().grouped_swiglu(h_alone, nullptr, nullptr, dev(x), pointers(g_gpu), pointers(u_gpu), begin);
+  EXPECT_TRUE(bit_equal(h.to_host(), h_alone.to_host())) << "h changes when gate, up are not kept";
+  // And the same op on unpadded blocks (the base class's unfused path): same products.
+  const std::vector<int64_t> odd = group_offsets({200, 0, 384, 100, 0, 600, 120, 260});
+  Tensor h_odd = poisoned({R, I}, DType::BF16), gate_odd = poisoned({R, I}, DType::BF16);
+  Tensor gate_odd_ref = Tensor::zeros({R, I});
+  cpu().grouped_matmul(gate_odd_ref, xr, pointers(g_ref), odd, true, 0.0f);
+  gpu().grouped_swiglu(h_odd, &gate_odd, nullptr, dev(x), pointers(g_gpu), pointers(u_gpu), odd);
+  EXPECT_CLOSE(gate_odd, gate_odd_ref, kF32Tol + std::ldexp(1.0, -8));
+  gpu().set_precision(Precision::Fp32);
+}
+
 // grouped_weight_grad, the routed experts' dw_g += dy_g^T x_g, against the CPU op (one matmul per
 // group) on the same values; dw starts from random values (beta 1). Padded blocks (rows multiples
 // of 128) with bf16 in play (the Bf16 precision or a BF16 operand) take one batched GEMM per block

@@ -173,16 +173,27 @@ CudaBackend::CudaBackend() {
   check(cudaMalloc(&slot, sizeof(cuda::IndexError)), "index error slot (cudaMalloc)");
   index_error_ = static_cast<cuda::IndexError*>(slot);
   check(cudaMemset(index_error_, 0, sizeof(cuda::IndexError)), "index error slot (cudaMemset)");
-  // How the bf16 expert GEMMs run (grouped_matmul, ExpertGemm): "batched" (the default),
-  // "grouped" or "streams".
+  check(cudaMallocHost(&slot, sizeof(cuda::IndexError)), "index error staging (cudaMallocHost)");
+  error_staging_ = static_cast<cuda::IndexError*>(slot);
+  // How the bf16 expert GEMMs run (grouped_matmul, ExpertGemm): "own" (the default where the
+  // kernel runs: a Hopper GPU and an sm_90a build), "batched" (the default elsewhere), "grouped"
+  // or "streams".
+  const bool own = cuda::expert_gemm_available();
+  expert_gemm_ = own ? ExpertGemm::Own : ExpertGemm::Batched;
   if (const char* m = std::getenv("MOEKIT_CUDA_EXPERT_GEMM")) {
     const std::string v = m;
     if (v == "streams")
       expert_gemm_ = ExpertGemm::Streams;
     else if (v == "grouped")
       expert_gemm_ = ExpertGemm::Grouped;
-    else if (v != "batched")
-      fail("MOEKIT_CUDA_EXPERT_GEMM must be batched, grouped or streams, got \"{}\"", v);
+    else if (v == "batched")
+      expert_gemm_ = ExpertGemm::Batched;
+    else if (v != "own")
+      fail("MOEKIT_CUDA_EXPERT_GEMM must be own, batched, grouped or streams, got \"{}\"", v);
+    else if (!own)
+      fail(
+          "MOEKIT_CUDA_EXPERT_GEMM=own needs a Hopper GPU (compute capability 9.0) and a build "
+          "for sm_90a");
   }
   // The initial precision of F32 GEMMs and attention, as a user's choice (Precision in ops.h):
   // "fp32" (exact, the default, which the CPU-parity tests rely on), "tf32" or "bf16".
@@ -504,10 +515,96 @@ void CudaBackend::copy(Tensor& dst, const Tensor& src) {
   // In stream order; a copy that touches the host waits for it (the caller reads or reuses it).
   check(cudaMemcpyAsync(dst.raw(), src.raw(), dst.nbytes(), cudaMemcpyDefault, cuda::stream()),
         "copy");
-  if (dst.device() != Device::CUDA || src.device() != Device::CUDA)
+  // A copy to the host waits for every queued kernel: the point to report bad indices. The error
+  // slot rides along in the same wait (an MoE layer's plan copy is on every forward's critical
+  // path: a second synchronising copy cost it ~15 us).
+  const bool to_host = dst.device() != Device::CUDA;
+  bool staged = false;
+  if (to_host) {
+    std::lock_guard<std::mutex> lock(checks_mu_);
+    if (checks_pending_) {
+      check(cudaMemcpyAsync(error_staging_, index_error_, sizeof(cuda::IndexError),
+                            cudaMemcpyDeviceToHost, cuda::stream()),
+            "copy (index check)");
+      staged = true;
+    }
+  }
+  if (to_host || src.device() != Device::CUDA)
     check(cudaStreamSynchronize(cuda::stream()), "copy");
-  // A copy to the host has waited for every queued kernel: the point to report bad indices.
-  if (dst.device() != Device::CUDA) raise_index_errors();
+  if (to_host) raise_index_errors(staged);
+}
+
+// copy_to_host_async's handle: waits on the event recorded after the copy, then hands out the
+// staged bytes and reports index errors (from the slot staged with the copy while no check was
+// queued since, else by a synchronous read).
+class CudaPendingHostCopy final : public PendingHostCopy {
+ public:
+  CudaPendingHostCopy(CudaBackend& be, Tensor host, bool staged, uint64_t epoch)
+      : be_(be), host_(std::move(host)), staged_(staged), epoch_(epoch) {}
+  ~CudaPendingHostCopy() override {
+    if (be_.host_copy_pending_) cudaEventSynchronize(static_cast<cudaEvent_t>(be_.host_copy_done_));
+    be_.host_copy_pending_ = false;
+  }
+  Tensor wait() override {
+    MOEKIT_CHECK(be_.host_copy_pending_, "copy_to_host_async: waited for twice");
+    check(cudaEventSynchronize(static_cast<cudaEvent_t>(be_.host_copy_done_)),
+          "copy_to_host_async (cudaEventSynchronize)");
+    be_.host_copy_pending_ = false;
+    std::memcpy(host_.raw(), be_.host_staging_, host_.nbytes());
+    bool current = false;
+    {
+      std::lock_guard<std::mutex> lock(be_.checks_mu_);
+      current = staged_ && be_.check_epoch_ == epoch_;
+    }
+    be_.raise_index_errors(current);
+    return host_;
+  }
+
+ private:
+  CudaBackend& be_;
+  Tensor host_;
+  bool staged_;
+  uint64_t epoch_;
+};
+
+std::unique_ptr<PendingHostCopy> CudaBackend::copy_to_host_async(const Tensor& src) {
+  if (src.device() != Device::CUDA) return Backend::copy_to_host_async(src);
+  MOEKIT_CHECK(!host_copy_pending_, "copy_to_host_async: a copy is already in flight");
+  MOEKIT_CHECK(!capture_pool_, "copy_to_host_async: not while recording a graph");
+  const size_t bytes = src.nbytes();
+  if (bytes > host_staging_bytes_) {
+    if (host_staging_) check(cudaFreeHost(host_staging_), "copy_to_host_async (cudaFreeHost)");
+    host_staging_ = nullptr;
+    host_staging_bytes_ = 0;
+    check(cudaMallocHost(&host_staging_, std::max<size_t>(bytes, 4096)),
+          "copy_to_host_async (cudaMallocHost)");
+    host_staging_bytes_ = std::max<size_t>(bytes, 4096);
+  }
+  if (!host_copy_done_) {
+    cudaEvent_t e = nullptr;
+    check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "copy_to_host_async (event)");
+    host_copy_done_ = e;
+  }
+  if (bytes > 0)
+    check(cudaMemcpyAsync(host_staging_, src.raw(), bytes, cudaMemcpyDeviceToHost, cuda::stream()),
+          "copy_to_host_async");
+  bool staged = false;
+  uint64_t epoch = 0;
+  {
+    std::lock_guard<std::mutex> lock(checks_mu_);
+    if (checks_pending_) {
+      check(cudaMemcpyAsync(error_staging_, index_error_, sizeof(cuda::IndexError),
+                            cudaMemcpyDeviceToHost, cuda::stream()),
+            "copy_to_host_async (index check)");
+      staged = true;
+    }
+    epoch = check_epoch_;
+  }
+  check(cudaEventRecord(static_cast<cudaEvent_t>(host_copy_done_), cuda::stream()),
+        "copy_to_host_async (cudaEventRecord)");
+  host_copy_pending_ = true;
+  return std::make_unique<CudaPendingHostCopy>(*this, Tensor::empty(src.shape(), src.dtype()),
+                                               staged, epoch);
 }
 
 void CudaBackend::fill(Tensor& t, float value) {
@@ -597,12 +694,13 @@ GroupGemm group_gemm(const Tensor& c, const Tensor& a, const Tensor& w,
 // asynchronous upload (from pageable memory the copy is staged at once, so `ptrs` may go when this
 // returns). Dropping the returned tensor once the GEMMs are queued is safe: all work is on one
 // stream, so a later user of the block runs after them.
-Tensor upload_pointers(std::span<const void* const> ptrs, const char* op) {
-  Tensor t = Tensor::empty({int64_t(ptrs.size_bytes() / 4)}, DType::I32, Device::CUDA);
-  check(cudaMemcpyAsync(t.raw(), ptrs.data(), ptrs.size_bytes(), cudaMemcpyHostToDevice,
-                        cuda::stream()),
-        op);
+Tensor upload_bytes(const void* data, size_t bytes, const char* op) {
+  Tensor t = Tensor::empty({int64_t((bytes + 3) / 4)}, DType::I32, Device::CUDA);
+  check(cudaMemcpyAsync(t.raw(), data, bytes, cudaMemcpyHostToDevice, cuda::stream()), op);
   return t;
+}
+Tensor upload_pointers(std::span<const void* const> ptrs, const char* op) {
+  return upload_bytes(ptrs.data(), ptrs.size_bytes(), op);
 }
 
 // One cublasGemmBatchedEx of `count` GEMMs of one shape, in cuBLAS's column-major terms:
@@ -766,8 +864,11 @@ void CudaBackend::grouped_matmul_terms(Tensor& c, std::span<const GroupedTerm> t
   for (size_t g = 0; g + 1 < begin.size(); ++g)
     if (begin[g] != begin[g + 1]) groups.push_back(g);
   if (groups.empty() || cols(c) == 0) return;
-  bool padded = bf16 && !k_zero && expert_gemm_ == ExpertGemm::Batched;
+  bool padded = bf16 && !k_zero && padded_expert_gemms();
   for (size_t g : groups) padded = padded && (begin[g + 1] - begin[g]) % kBatchedRows == 0;
+  if (padded && terms.size() == 1 && trans_b && beta == 0.0f &&
+      own_expert_gemm(c, nullptr, nullptr, *terms[0].a, terms[0].b, {}, begin))
+    return;
   if (padded) return grouped_matmul_batched(c, terms, groups, begin, trans_b, beta);
   const bool one_launch =
       bf16 && !k_zero && expert_gemm_ != ExpertGemm::Streams && cublas().gemm_grouped;
@@ -836,6 +937,94 @@ void CudaBackend::grouped_matmul_terms(Tensor& c, std::span<const GroupedTerm> t
   std::vector<GroupGemm> gs;
   for (size_t g : groups) gs.push_back(group_gemm(c, a_in, *b[g], begin, g));
   grouped_gemm(cublas_, gs, trans_b, beta, CUDA_R_32F, compute);
+}
+
+void CudaBackend::grouped_swiglu(Tensor& h, Tensor* gate, Tensor* up, const Tensor& x,
+                                 std::span<const Tensor* const> gate_w,
+                                 std::span<const Tensor* const> up_w,
+                                 std::span<const int64_t> begin) {
+  MOEKIT_CHECK(gate_w.size() == up_w.size(), "grouped_swiglu: {} gate and {} up weights",
+               gate_w.size(), up_w.size());
+  // The shapes as grouped_matmul checks them, for both products.
+  grouped_matmul_dims(h, x, gate_w, begin, true);
+  grouped_matmul_dims(h, x, up_w, begin, true);
+  expect_gemm_operand(x, "grouped_swiglu", "x");
+  bool padded = true;
+  for (size_t g = 0; g + 1 < begin.size(); ++g)
+    padded = padded && (begin[g + 1] - begin[g]) % kBatchedRows == 0;
+  const bool same = (!gate || (gate->shape() == h.shape() && gate->dtype() == h.dtype())) &&
+                    (!up || (up->shape() == h.shape() && up->dtype() == h.dtype()));
+  if (padded && same && own_expert_gemm(h, gate, up, x, gate_w, up_w, begin)) return;
+  Backend::grouped_swiglu(h, gate, up, x, gate_w, up_w, begin);
+}
+
+bool CudaBackend::own_expert_gemm(Tensor& c, Tensor* gate, Tensor* up, const Tensor& a_in,
+                                  std::span<const Tensor* const> w0,
+                                  std::span<const Tensor* const> w1,
+                                  std::span<const int64_t> begin) {
+  const bool swiglu = !w1.empty();
+  if (expert_gemm_ != ExpertGemm::Own || c.dtype() != DType::BF16)
+    return false;
+  for (const Tensor* t : {gate, up})
+    if (t && t->dtype() != DType::BF16) return false;
+  const int64_t R = rows(c), N = cols(c), K = cols(a_in);
+  if (R == 0 || N == 0 || K == 0 || K % 8 != 0 || N % 2 != 0 || R % kBatchedRows != 0 ||
+      begin.front() != 0 || begin.back() != R)
+    return false;
+  // The expert of each 128-row block (every non-empty group a whole number of blocks).
+  std::vector<int32_t> block_expert(size_t(R / kBatchedRows), -1);
+  for (size_t g = 0; g + 1 < begin.size(); ++g) {
+    if ((begin[g + 1] - begin[g]) % kBatchedRows != 0) return false;
+    for (int64_t r = begin[g]; r < begin[g + 1]; r += kBatchedRows)
+      block_expert[size_t(r / kBatchedRows)] = int32_t(g);
+  }
+  // Operands in bf16 (alive until the kernel is queued: the allocator orders reuse by stream).
+  const Tensor a = as_bf16(a_in);
+  std::vector<Tensor> keep;
+  std::vector<int64_t> key;  // what the weight maps encode
+  const size_t E = w0.size();
+  for (size_t g = 0; g < E; ++g) {
+    for (std::span<const Tensor* const> w : {w0, swiglu ? w1 : w0}) {
+      if (begin[g] == begin[g + 1]) {  // no rows: the map is never read
+        key.insert(key.end(), {0, 0, 0});
+        keep.emplace_back();
+        continue;
+      }
+      keep.push_back(as_bf16(*w[g]));
+      const Tensor& t = keep.back();
+      key.insert(key.end(), {int64_t(reinterpret_cast<uintptr_t>(t.raw())), rows(t), cols(t)});
+    }
+  }
+  auto found = weight_maps_.find(key);
+  if (found == weight_maps_.end()) {
+    std::vector<cuda::TensorMap> maps(2 * E);
+    for (size_t i = 0; i < 2 * E; ++i) {
+      if (!keep[i].defined()) continue;
+      if (cuda::expert_gemm_tensor_map(&maps[i], keep[i].raw(), rows(keep[i]), cols(keep[i]),
+                                       cols(keep[i])) != cudaSuccess)
+        return false;
+    }
+    if (weight_maps_.size() >= kMaxWeightMaps) weight_maps_.clear();
+    Tensor table = upload_bytes(maps.data(), maps.size() * sizeof(cuda::TensorMap),
+                                "expert GEMM (tensor map upload)");
+    found = weight_maps_.emplace(std::move(key), std::move(table)).first;
+  }
+  cuda::ExpertGemmArgs args;
+  if (cuda::expert_gemm_tensor_map(&args.a_map, a.raw(), R, K, K) != cudaSuccess) return false;
+  const Tensor blocks = upload_bytes(block_expert.data(), block_expert.size() * 4,
+                                     "expert GEMM (block upload)");
+  args.w_maps = static_cast<const cuda::TensorMap*>(found->second.raw());
+  args.block_expert = static_cast<const int32_t*>(blocks.raw());
+  args.rows = R;
+  args.n = N;
+  args.k = K;
+  args.out = c.raw();
+  args.ld_out = N;
+  args.gate = gate ? gate->raw() : nullptr;
+  args.up = up ? up->raw() : nullptr;
+  args.swiglu = swiglu;
+  check(cuda::expert_gemm(args), swiglu ? "grouped_swiglu (expert GEMM)" : "grouped_matmul (expert GEMM)");
+  return true;
 }
 
 void CudaBackend::grouped_matmul_bf16(Tensor& c, std::span<const GroupedTerm> terms,
@@ -927,7 +1116,7 @@ void CudaBackend::grouped_weight_grad(std::span<Tensor* const> dw, const Tensor&
   // As grouped_matmul_terms: a BF16 operand or the Bf16 precision puts the GEMMs in bf16.
   const bool bf16 =
       precision_ == Precision::Bf16 || dy_in.dtype() == DType::BF16 || x_in.dtype() == DType::BF16;
-  bool padded = bf16 && expert_gemm_ == ExpertGemm::Batched;
+  bool padded = bf16 && padded_expert_gemms();
   std::map<int64_t, std::vector<size_t>> sizes;  // rows -> the selected groups of that many rows
   for (size_t g = 0; g < dw.size(); ++g) {
     const int64_t m = begin[g + 1] - begin[g];
@@ -966,7 +1155,7 @@ int64_t CudaBackend::expert_row_alignment(int64_t pairs, int64_t n_experts) cons
   // the speed of the grouped GEMM, at 192 rows 2.0x, at 96 rows 1.45x, at 48 rows (167 % padding)
   // about equal. So pad from a mean of 64 rows.
   constexpr int64_t kMinMeanRows = 64;
-  if (expert_gemm_ != ExpertGemm::Batched || precision_ != Precision::Bf16 || n_experts <= 0)
+  if (!padded_expert_gemms() || precision_ != Precision::Bf16 || n_experts <= 0)
     return 1;
   return pairs >= kMinMeanRows * n_experts ? kBatchedRows : 1;
 }
@@ -1079,6 +1268,7 @@ cuda::IndexCheck CudaBackend::index_check(const Tensor& idx, int64_t limit, cons
   }
   c.check = it->second;
   checks_pending_ = true;
+  ++check_epoch_;
   return c;
 }
 
@@ -1090,13 +1280,16 @@ Tensor CudaBackend::check_indices(const Tensor& idx, int64_t limit, const char* 
   return safe;
 }
 
-void CudaBackend::raise_index_errors() {
+void CudaBackend::raise_index_errors(bool staged) {
   std::string message;
   {
     std::lock_guard<std::mutex> lock(checks_mu_);
     if (!checks_pending_) return;
     cuda::IndexError e;
-    check(cudaMemcpy(&e, index_error_, sizeof e, cudaMemcpyDeviceToHost), "index check");
+    if (staged)
+      e = *error_staging_;
+    else
+      check(cudaMemcpy(&e, index_error_, sizeof e, cudaMemcpyDeviceToHost), "index check");
     if (e.check > 0 && size_t(e.check) <= check_sites_.size()) {
       const CheckSite& p = check_sites_[size_t(e.check) - 1];
       message = fmt::format("{}: {} {} at position {} out of range [0, {})", p.op, p.what, e.value,

@@ -77,6 +77,7 @@ class CudaBackend final : public Backend {
 
   std::shared_ptr<Storage> allocate(size_t bytes) override;
   void copy(Tensor& dst, const Tensor& src) override;
+  std::unique_ptr<PendingHostCopy> copy_to_host_async(const Tensor& src) override;
   void fill(Tensor& t, float value) override;
   void memory_info(size_t& free_bytes, size_t& total_bytes) override;
   size_t peak_bytes() override { return alloc_.peak_bytes(); }
@@ -93,6 +94,9 @@ class CudaBackend final : public Backend {
                       std::span<const int64_t> begin, bool trans_b, float beta) override;
   void grouped_matmul_sum(Tensor& c, std::span<const GroupedTerm> terms,
                           std::span<const int64_t> begin, bool trans_b, float beta) override;
+  void grouped_swiglu(Tensor& h, Tensor* gate, Tensor* up, const Tensor& x,
+                      std::span<const Tensor* const> gate_w, std::span<const Tensor* const> up_w,
+                      std::span<const int64_t> begin) override;
   void grouped_weight_grad(std::span<Tensor* const> dw, const Tensor& dy, const Tensor& x,
                            std::span<const int64_t> begin) override;
   void matmul_batched(Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b,
@@ -185,8 +189,9 @@ class CudaBackend final : public Backend {
   [[nodiscard]] cuda::IndexCheck index_check(const Tensor& idx, int64_t limit, const char* op,
                                              const char* what, bool allow_negative = false);
   // Raises the first index error recorded since the last call, if any; waits for the device
-  // when checks are pending.
-  void raise_index_errors();
+  // when checks are pending. staged: the slot was copied to error_staging_ in stream order and
+  // the stream has been waited for since (copy to the host): read that, no second copy.
+  void raise_index_errors(bool staged = false);
   // A replayed graph ran index checks: the next synchronising call reads the error slot.
   void note_checks_pending() { checks_pending_ = true; }
 
@@ -249,12 +254,31 @@ class CudaBackend final : public Backend {
   // cuBLAS handle (a handle's workspace must not be shared by concurrent GEMMs); created on
   // first use. cudaStream_t / cublasHandle_t / cudaEvent_t, opaque as above.
   static constexpr size_t kSideStreams = 4;
-  // How the bf16 expert GEMMs run (MOEKIT_CUDA_EXPERT_GEMM): Batched (the default: expert blocks
-  // padded to kBatchedRows where it pays, batched GEMMs per block size), Grouped (cuBLAS's grouped
-  // GEMM, no padding) or Streams (one GEMM per expert on side streams, no padding).
-  enum class ExpertGemm { Batched, Grouped, Streams } expert_gemm_ = ExpertGemm::Batched;
-  // The row multiple of the Batched path's expert blocks: cuBLAS's Hopper kernels tile 128 rows.
+  // How the bf16 expert GEMMs run (MOEKIT_CUDA_EXPERT_GEMM): Own (the default on Hopper: expert
+  // blocks padded to kBatchedRows where it pays, and the forward's expert GEMMs, trans_b into a
+  // BF16 output, in one launch of moekit's kernel, cuda_expert_gemm.cu; what it does not cover
+  // runs as Batched), Batched (the default elsewhere: the same padding, cuBLAS batched GEMMs per
+  // block size), Grouped (cuBLAS's grouped GEMM, no padding) or Streams (one GEMM per expert on
+  // side streams, no padding).
+  enum class ExpertGemm { Own, Batched, Grouped, Streams } expert_gemm_ = ExpertGemm::Batched;
+  bool padded_expert_gemms() const {
+    return expert_gemm_ == ExpertGemm::Own || expert_gemm_ == ExpertGemm::Batched;
+  }
+  // The row multiple of the padded expert blocks: cuBLAS's Hopper kernels and ours tile 128 rows.
   static constexpr int64_t kBatchedRows = 128;
+  // The expert GEMM of our own where it applies (Own, c and the kept products BF16, every group a
+  // multiple of kBatchedRows rows, K % 8 == 0, N even, operands TMA can describe): c = the
+  // products of a with w0 (w1 empty), or c = silu(a w0^T) * (a w1^T) with the products into gate
+  // and up where not null. False, with nothing done, elsewhere.
+  bool own_expert_gemm(Tensor& c, Tensor* gate, Tensor* up, const Tensor& a,
+                       std::span<const Tensor* const> w0, std::span<const Tensor* const> w1,
+                       std::span<const int64_t> begin);
+  // Device tables of the expert GEMM's weight tensor maps ([experts][2], 128 bytes each), keyed
+  // by what they encode (address, rows, columns of each weight): a layer's weights stay where
+  // they are, so each table is encoded and uploaded once. Bounded (cleared when it grows past
+  // kMaxWeightMaps tables: bf16 copies made per call would otherwise add one each time).
+  std::map<std::vector<int64_t>, Tensor> weight_maps_;
+  static constexpr size_t kMaxWeightMaps = 1024;
   std::vector<void*> side_streams_, side_cublas_, side_done_;
   void* side_fork_ = nullptr;
   void fork_side_streams(size_t n);        // the first n side streams wait for the default stream
@@ -279,6 +303,15 @@ class CudaBackend final : public Backend {
   std::map<CheckSite, int32_t> check_ids_;
   bool checks_pending_ = false;              // checks queued since the error slot was last read
   cuda::IndexError* index_error_ = nullptr;  // device memory, one slot
+  cuda::IndexError* error_staging_ = nullptr;  // pinned host memory: its copy (copy to the host)
+  uint64_t check_epoch_ = 0;  // index_check calls so far: a staged slot is current while equal
+  // copy_to_host_async: pinned staging (grown as needed, so the copy is truly asynchronous), the
+  // event recorded after it (cudaEvent_t, opaque), and whether a copy is in flight.
+  void* host_staging_ = nullptr;
+  size_t host_staging_bytes_ = 0;
+  void* host_copy_done_ = nullptr;
+  bool host_copy_pending_ = false;
+  friend class CudaPendingHostCopy;
   // Device copies of moe_experts_small's weight pointer tables, keyed by their contents (so a
   // cached table is never stale): a layer's weights stay where they are between decode steps, so
   // each layer's table goes up once and a step uploads nothing (no copy to wait for or capture).

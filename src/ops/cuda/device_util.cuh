@@ -24,6 +24,14 @@ constexpr int kLoadBatch = 8;
 // Activation storage types: kernels templated on them compute in fp32, widening a bf16 exactly
 // on load and rounding to nearest even on store.
 using bf16_t = __nv_bfloat16;
+
+// silu(g) * u, SwiGLU's forward for one element in fp32: the one expression of the SwiGLU kernel
+// (cuda_elementwise.cu) and the expert GEMM's epilogue (cuda_expert_gemm.cu), so both give the
+// same bits from the same gate and up values.
+__device__ inline float silu_mul(float g, float u) {
+  return g / (1.0f + expf(-g)) * u;
+}
+
 __device__ inline float to_f32(float v) {
   return v;
 }

@@ -189,6 +189,38 @@ cudaError_t moe_gate_backward(float* dlogits, const float* dtopk_w, const int32_
                               const float* scores, const float* dscores, const GateLaunch& g,
                               int64_t tokens);
 
+// --- the routed experts' GEMM on Hopper (cuda_expert_gemm.cu): for every 128-row block m of the
+// permuted rows a [rows, k] (bf16, rows a multiple of 128; each block one expert's, the plan padded
+// to 128), with e = block_expert[m]:
+//   plain:  out[m-block, :n] = a_m @ W0_e^T                      (W0_e [n, k])
+//   SwiGLU: out[m-block, :n] = silu(a_m @ W0_e^T) * (a_m @ W1_e^T) (W0_e, W1_e [n, k]: gate, up),
+//           and gate / up (when not null) the two products, each rounded to bf16 before SwiGLU
+//           reads it (as swiglu_forward on stored bf16 products).
+// All bf16, fp32 accumulation; k % 8 == 0 and n % 2 == 0 (TMA strides, pair stores). One launch.
+// The operands are described by TMA tensor maps (128 bytes each, encoded on the host).
+struct alignas(64) TensorMap {
+  uint8_t bytes[128];
+};
+// Whether the kernel runs here: built for sm_90a and running on a compute capability 9.0 GPU.
+bool expert_gemm_available();
+// The map of a row-major bf16 matrix [rows, cols] with rows `ld` elements apart, read in boxes of
+// 64 columns x 128 rows (128-byte swizzle). Fails (cudaErrorInvalidValue) where TMA cannot
+// describe it: base not 16-byte aligned, ld * 2 not a multiple of 16, sizes past 2^31.
+cudaError_t expert_gemm_tensor_map(TensorMap* map, const void* base, int64_t rows, int64_t cols,
+                                   int64_t ld);
+struct ExpertGemmArgs {
+  TensorMap a_map;                     // the activations [rows, k]
+  const TensorMap* w_maps = nullptr;   // device: [experts][2] (W0_e, W1_e; W1 unused when plain)
+  const int32_t* block_expert = nullptr;  // device: [rows / 128]
+  int64_t rows = 0, n = 0, k = 0;
+  void* out = nullptr;  // [rows, n], ld_out elements per row
+  int64_t ld_out = 0;
+  void* gate = nullptr;  // SwiGLU only, may be null: [rows, n] with ld_out too
+  void* up = nullptr;
+  bool swiglu = false;
+};
+cudaError_t expert_gemm(const ExpertGemmArgs& args);
+
 // --- decoding (cuda_decode.cu): Backend::causal_softmax and Backend::argmax on x [rows, cols].
 cudaError_t causal_softmax(float* x, int64_t rows, int64_t cols, int64_t group, int64_t offset);
 // argmax's scratch: best [rows] and done [rows], zero before the call and zero again after it
