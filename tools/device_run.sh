@@ -25,6 +25,14 @@ if want tests || want all; then
   rc=$?
   echo "GPU tests rc=$rc"
   grep -E "^\[  (PASSED|FAILED) |FAILED  \]|^\[ gpu-" "$OUT/check.log" | sort -u | head -40
+  # The expert GEMM of our own (MOEKIT_CUDA_EXPERT_GEMM=own, not the default): its op tests again.
+  LD_LIBRARY_PATH=$LIBS MOEKIT_CUDA_EXPERT_GEMM=own timeout 120 build/moekit_tests \
+    --gtest_filter='CudaBackendTest.ExpertGemm*:CudaBackendTest.GroupedMatmul*:GpuBf16*' \
+    >"$OUT/check-own.log" 2>&1
+  own=$?
+  echo "GPU tests (own expert GEMM) rc=$own"
+  grep -E "^\[  (PASSED|FAILED) |FAILED  \]" "$OUT/check-own.log" | sort -u | head -10
+  [ $own -eq 0 ] || rc=$own
 fi
 if want streams; then  # the GPU tests again with one GEMM per expert on side streams
   LD_LIBRARY_PATH=$LIBS MOEKIT_PREBUILT=$R/build OUT=$OUT/check-streams MOEKIT_CUDA_EXPERT_GEMM=streams \

@@ -408,8 +408,10 @@ TEST_F(CudaBackendTest, GroupedMatmulBatchedOnPaddedGroups) {
 }
 
 // The expert GEMM of our own (cuda_expert_gemm.cu: TMA, wgmma, one persistent launch), which
-// the CUDA backend runs on Hopper for padded blocks into a BF16 output: grouped_matmul (trans_b)
-// and grouped_swiglu, the gate and up products with SwiGLU in the epilogue. Sizes that exercise
+// the CUDA backend runs on Hopper under MOEKIT_CUDA_EXPERT_GEMM=own (tools/device_run.sh
+// `tests` runs this test under it too) for padded blocks into a BF16 output: grouped_matmul
+// (trans_b) and grouped_swiglu, the gate and up products with SwiGLU in the epilogue. Under the
+// default mode the same checks hold for the cuBLAS path and the unfused op. Sizes that exercise
 // its edges: more tiles than an H200 has SMs (each block walks several, and the ring of stages
 // wraps across tiles), K = 200 (the last 64-column k-block reaches past the end: TMA's zero fill),
 // N not a multiple of the tile (columns past N are not stored: the output is poisoned), empty

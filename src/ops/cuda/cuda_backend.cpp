@@ -175,11 +175,8 @@ CudaBackend::CudaBackend() {
   check(cudaMemset(index_error_, 0, sizeof(cuda::IndexError)), "index error slot (cudaMemset)");
   check(cudaMallocHost(&slot, sizeof(cuda::IndexError)), "index error staging (cudaMallocHost)");
   error_staging_ = static_cast<cuda::IndexError*>(slot);
-  // How the bf16 expert GEMMs run (grouped_matmul, ExpertGemm): "own" (the default where the
-  // kernel runs: a Hopper GPU and an sm_90a build), "batched" (the default elsewhere), "grouped"
-  // or "streams".
-  const bool own = cuda::expert_gemm_available();
-  expert_gemm_ = own ? ExpertGemm::Own : ExpertGemm::Batched;
+  // How the bf16 expert GEMMs run (grouped_matmul, ExpertGemm): "batched" (the default), "own"
+  // (a Hopper GPU and an sm_90a build only), "grouped" or "streams".
   if (const char* m = std::getenv("MOEKIT_CUDA_EXPERT_GEMM")) {
     const std::string v = m;
     if (v == "streams")
@@ -190,7 +187,9 @@ CudaBackend::CudaBackend() {
       expert_gemm_ = ExpertGemm::Batched;
     else if (v != "own")
       fail("MOEKIT_CUDA_EXPERT_GEMM must be own, batched, grouped or streams, got \"{}\"", v);
-    else if (!own)
+    else if (cuda::expert_gemm_available())
+      expert_gemm_ = ExpertGemm::Own;
+    else
       fail(
           "MOEKIT_CUDA_EXPERT_GEMM=own needs a Hopper GPU (compute capability 9.0) and a build "
           "for sm_90a");

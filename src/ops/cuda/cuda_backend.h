@@ -254,12 +254,12 @@ class CudaBackend final : public Backend {
   // cuBLAS handle (a handle's workspace must not be shared by concurrent GEMMs); created on
   // first use. cudaStream_t / cublasHandle_t / cudaEvent_t, opaque as above.
   static constexpr size_t kSideStreams = 4;
-  // How the bf16 expert GEMMs run (MOEKIT_CUDA_EXPERT_GEMM): Own (the default on Hopper: expert
-  // blocks padded to kBatchedRows where it pays, and the forward's expert GEMMs, trans_b into a
-  // BF16 output, in one launch of moekit's kernel, cuda_expert_gemm.cu; what it does not cover
-  // runs as Batched), Batched (the default elsewhere: the same padding, cuBLAS batched GEMMs per
-  // block size), Grouped (cuBLAS's grouped GEMM, no padding) or Streams (one GEMM per expert on
-  // side streams, no padding).
+  // How the bf16 expert GEMMs run (MOEKIT_CUDA_EXPERT_GEMM): Batched (the default: expert blocks
+  // padded to kBatchedRows where it pays, cuBLAS batched GEMMs per block size), Own (Hopper only:
+  // the same padding, and the forward's expert GEMMs, trans_b into a BF16 output, in one launch
+  // of moekit's kernel with SwiGLU fused, cuda_expert_gemm.cu; still slower than Batched, see
+  // there; what it does not cover runs as Batched), Grouped (cuBLAS's grouped GEMM, no padding)
+  // or Streams (one GEMM per expert on side streams, no padding).
   enum class ExpertGemm { Own, Batched, Grouped, Streams } expert_gemm_ = ExpertGemm::Batched;
   bool padded_expert_gemms() const {
     return expert_gemm_ == ExpertGemm::Own || expert_gemm_ == ExpertGemm::Batched;

@@ -9,6 +9,16 @@
 // tail wave and a ~4 us gap before it. Those calls ran the full model's routed experts at
 // ~640 TFLOP/s, and the gate and up products then went through memory twice more for SwiGLU.
 //
+// Status (measured on the H200, bench/RESULTS.md): correct, but at ~560 TFLOP/s on V2-Lite's
+// expert shapes it is slower than cuBLAS's batched GEMMs (~700 on the same padded blocks), so
+// the backend runs it only when asked (MOEKIT_CUDA_EXPERT_GEMM=own). The operand tiles arrive at
+// ~6.6 TB/s summed over the SMs, in both kernels: one 128 x 256 tile per k-block of 64 reads
+// 48 KiB for 4.2 MFLOP, and the ring holds 4 stages (all the shared memory), so the loads are
+// bound by L2's bandwidth or its latency under load (Little's law). Pairs of blocks sharing the
+// weight tile by TMA multicast (a 2-block cluster, 32 KiB per block and k-block) ran slower
+// still (~1.5x the time: both blocks then wait for each other at every stage). The epilogue,
+// 4-byte stores from registers, does not overlap the next tile's k-loop either.
+//
 // Layout: three warpgroups per block, one block per SM walking tiles (persistent).
 //  - Warpgroup 0 produces. One thread issues, per k-block of 64 columns, the TMA loads of the
 //    tile's 128 activation rows and 256 weight rows (two 128-row boxes: the gate and up rows of
@@ -70,13 +80,6 @@ struct ExpertGemmParams {
 
 __device__ inline void store_pair(__nv_bfloat16* p, float a, float b) {
   *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
-}
-
-// Orders the host's writes of a tensor map in global memory before the TMA unit reads it.
-__device__ inline void acquire_tensor_map(const void* map) {
-  asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n" ::"l"(
-                   reinterpret_cast<uint64_t>(map))
-               : "memory");
 }
 
 // The epilogue of one consumer warpgroup: its 64 x 256 accumulators (wgmma_util.cuh's layout:
@@ -152,8 +155,6 @@ __global__ void __launch_bounds__(kBlockThreads, 1) expert_gemm_kernel(const __g
       // tensor.
       const bool second = SwiGLU || r1 < p.n;
       const uint32_t bytes = second ? kStageBytes : kStageBytes - kBTileBytes / 2;
-      acquire_tensor_map(w0);
-      if (SwiGLU) acquire_tensor_map(w1);
       for (int kb = 0; kb < p.k_blocks; ++kb) {
         mbar_wait(empty(s), phase ^ 1u);
         const uint32_t a = base + uint32_t(s) * kStageBytes, b = a + kATileBytes;
