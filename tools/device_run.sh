@@ -3,7 +3,7 @@
 # binaries where their compiled-in paths expect them, then runs the GPU tests (tools/cuda_check.sh
 # on the prebuilt moekit_tests: Cuda*, Gpu*, DeviceCli*) and/or the benchmark against transformers
 # (tools/gpu_bench.sh). Results go to $OUT.
-#   bash tools/device_run.sh [tests|streams|bench|all|profile|quick|decode|trace|ncu|ncuattn|sass|gemmbench][,...]   (e.g. tests,decode)
+#   bash tools/device_run.sh [tests|streams|bench|all|profile|quick|decode|trace|ncu|ncuattn|ncuexpert|sass|gemmbench][,...]   (e.g. tests,decode)
 set -uo pipefail
 WHAT=${1:-all}
 want() { [[ ",$WHAT," == *",$1,"* ]]; }
@@ -95,6 +95,16 @@ if want ncuattn; then  # Nsight Compute sections of one attention kernel launch 
     --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active" \
     build/moekit_tests --gtest_filter=CudaBackendTest.AttentionThroughput >"$OUT/ncu_attn.txt" 2>&1
   echo "ncu rc=$?"
+fi
+if want ncuexpert; then  # Nsight Compute on one launch of the own expert GEMM (SwiGLU), 4 layers
+  python3 -c 'import json; c = json.load(open("configs/deepseek-v2-lite.json")); c["num_hidden_layers"] = 4; json.dump(c, open("/tmp/v2-lite-4l.json", "w"))'
+  LD_LIBRARY_PATH=$LIBS MOEKIT_CUDA_EXPERT_GEMM=own timeout 300 ncu --kernel-name "regex:expert_gemm_kernel" \
+    --launch-skip "${NCU_SKIP:-6}" --launch-count 1 --section SpeedOfLight --section WarpStateStats \
+    --section MemoryWorkloadAnalysis --section SchedulerStats --section Occupancy \
+    --metrics "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,lts__t_sector_hit_rate.pct,lts__throughput.avg.pct_of_peak_sustained_elapsed,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+    build/bench/moekit_model_bench /tmp/v2-lite-4l.json 4 2048 1 16 cuda esft10 bf16 >"$OUT/ncu_expert.txt" 2>&1
+  echo "ncu rc=$?"
+  grep -E "Duration|Throughput|gmma|hit_rate|lts__|Stall|stalled_(long|barrier|wait|math|sleep|dispatch|mio|lg|short|membar|branch|no_inst|selected|not_sel)" "$OUT/ncu_expert.txt" | head -60
 fi
 if want ncu; then  # hardware counters of the decode step's kernels (Nsight Compute), op by op
   python3 -c 'import json; c = json.load(open("configs/deepseek-v2-lite.json")); c["num_hidden_layers"] = 4; json.dump(c, open("/tmp/v2-lite-4l.json", "w"))'
