@@ -518,16 +518,8 @@ void CudaBackend::copy(Tensor& dst, const Tensor& src) {
   // slot rides along in the same wait (an MoE layer's plan copy is on every forward's critical
   // path: a second synchronising copy cost it ~15 us).
   const bool to_host = dst.device() != Device::CUDA;
-  bool staged = false;
-  if (to_host) {
-    std::lock_guard<std::mutex> lock(checks_mu_);
-    if (checks_pending_) {
-      check(cudaMemcpyAsync(error_staging_, index_error_, sizeof(cuda::IndexError),
-                            cudaMemcpyDeviceToHost, cuda::stream()),
-            "copy (index check)");
-      staged = true;
-    }
-  }
+  uint64_t epoch = 0;
+  const bool staged = to_host && stage_index_errors(epoch, "copy (index check)");
   if (to_host || src.device() != Device::CUDA)
     check(cudaStreamSynchronize(cuda::stream()), "copy");
   if (to_host) raise_index_errors(staged);
@@ -587,18 +579,8 @@ std::unique_ptr<PendingHostCopy> CudaBackend::copy_to_host_async(const Tensor& s
   if (bytes > 0)
     check(cudaMemcpyAsync(host_staging_, src.raw(), bytes, cudaMemcpyDeviceToHost, cuda::stream()),
           "copy_to_host_async");
-  bool staged = false;
   uint64_t epoch = 0;
-  {
-    std::lock_guard<std::mutex> lock(checks_mu_);
-    if (checks_pending_) {
-      check(cudaMemcpyAsync(error_staging_, index_error_, sizeof(cuda::IndexError),
-                            cudaMemcpyDeviceToHost, cuda::stream()),
-            "copy_to_host_async (index check)");
-      staged = true;
-    }
-    epoch = check_epoch_;
-  }
+  const bool staged = stage_index_errors(epoch, "copy_to_host_async (index check)");
   check(cudaEventRecord(static_cast<cudaEvent_t>(host_copy_done_), cuda::stream()),
         "copy_to_host_async (cudaEventRecord)");
   host_copy_pending_ = true;
@@ -1277,6 +1259,16 @@ Tensor CudaBackend::check_indices(const Tensor& idx, int64_t limit, const char* 
   Tensor safe = scratch(idx.shape(), DType::I32);
   check(cuda::check_indices(safe.i32(), idx.i32(), idx.numel(), c), op);
   return safe;
+}
+
+bool CudaBackend::stage_index_errors(uint64_t& epoch, const char* op) {
+  std::lock_guard<std::mutex> lock(checks_mu_);
+  epoch = check_epoch_;
+  if (!checks_pending_) return false;
+  check(cudaMemcpyAsync(error_staging_, index_error_, sizeof(cuda::IndexError),
+                        cudaMemcpyDeviceToHost, cuda::stream()),
+        op);
+  return true;
 }
 
 void CudaBackend::raise_index_errors(bool staged) {

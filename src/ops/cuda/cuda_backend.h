@@ -192,6 +192,10 @@ class CudaBackend final : public Backend {
   // when checks are pending. staged: the slot was copied to error_staging_ in stream order and
   // the stream has been waited for since (copy to the host): read that, no second copy.
   void raise_index_errors(bool staged = false);
+  // Queues the error slot's copy into error_staging_ when checks are pending (true then), for a
+  // copy to the host that waits anyway; epoch: the checks queued so far (CudaPendingHostCopy
+  // reads the staged slot only while no check was queued after it).
+  bool stage_index_errors(uint64_t& epoch, const char* op);
   // A replayed graph ran index checks: the next synchronising call reads the error slot.
   void note_checks_pending() { checks_pending_ = true; }
 
