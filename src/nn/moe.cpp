@@ -129,7 +129,8 @@ bool small_path(Backend& be, MoE& m, const Tensor& x, const Routing& r, Tensor& 
 
 // The experts' gate and up projections of every slot into m.saved (act: their dtype): the
 // layer's saved input rows gathered in plan order (permute), then one grouped GEMM per projection.
-// Forward runs it, and backward again under recompute_experts.
+// Backward runs it under recompute_experts (the forward forms the products inside
+// grouped_swiglu, and keeps them unless recompute_experts).
 void expert_gate_up(Backend& be, MoE& m, DType act) {
   MoE::Saved& saved = m.saved;
   const std::vector<int64_t>& begin = saved.plan.expert_begin;

@@ -1,8 +1,8 @@
 // DeepSeekMoE layer: y = shared_experts(x) + sum_{i in topK} g_i * routed_experts[i](x).
 // Data flow as named steps (Megatron-Core's layout): route -> permute (group the (token, k)
 // pairs by expert, a plan built on the device) -> experts (grouped GEMMs over all experts' row
-// blocks at once, one SwiGLU over every row) -> unpermute/combine (weighted scatter-add back to
-// tokens). Only permute and combine would ever communicate under expert parallelism.
+// blocks at once, SwiGLU over every row: Backend::grouped_swiglu, which a backend may fuse) ->
+// unpermute/combine (weighted scatter-add back to tokens). Only permute and combine would ever communicate under expert parallelism.
 // Few-token fast path (decode): when no backward follows and T*K is small, the experts run as
 // GEMVs straight from the device-side routing (Backend::moe_experts_small): no plan, no host copy,
 // two launches per layer besides the gate, the shared experts folded into them.
@@ -80,10 +80,11 @@ struct MoE {
 
   static MoE create(ParamTable& params, const std::string& prefix, const ModelConfig& c,
                     Device device);
-  // y [T,H] from x [T,H]. backward_follows = false (inference: the Generator) lets the layer take
-  // the few-token path when T*K <= kSmallMaxPairs and every routed expert's weights share a dtype
-  // the backend's moe_experts_small supports; that path saves nothing for backward (saved is
-  // cleared, and backward refuses to run). Training, evaluation and route logging keep the default.
+  // y [T,H] from x [T,H]. backward_follows = false (inference: the Generator, evaluation, route
+  // logging, a prefill) saves nothing for backward (saved is cleared, and backward refuses to
+  // run; the gate and up products are not kept) and lets the layer take the few-token path when
+  // T*K <= kSmallMaxPairs and every routed expert's weights share a dtype the backend's
+  // moe_experts_small supports. Training keeps the default.
   Tensor forward(Backend& be, const Tensor& x, bool backward_follows = true);
   // Inference only: y [T,H] += MoE(x), for a residual stream y. On the few-token path the experts
   // add straight into y (no output tensor, no add kernel); past it (or for dtypes that keep the
