@@ -117,11 +117,11 @@ DeepSeekModel::DeepSeekModel(const ModelConfig& config, Device device, bool allo
 }
 
 Tensor DeepSeekModel::forward(const Tensor& ids, int64_t batch, int64_t seq,
-                             bool backward_follows) {
+                              bool backward_follows) {
   Backend& be = backend(device_);
   // The LM head's GEMM reads all rows at once: the final norm writes them as it would read them.
-  const Tensor h = hidden(ids, batch, seq, RMSNorm::gemm_output_dtype(be, batch * seq),
-                          backward_follows);
+  const Tensor h =
+      hidden(ids, batch, seq, RMSNorm::gemm_output_dtype(be, batch * seq), backward_follows);
   ProfileScope prof(be, "lm_head.fwd");
   Tensor logits = Tensor::empty({h.dim(0), config_.vocab_size}, DType::F32, device_);
   linear_forward(be, logits, h, *lm_head);

@@ -2,7 +2,8 @@
 // Data flow as named steps (Megatron-Core's layout): route -> permute (group the (token, k)
 // pairs by expert, a plan built on the device) -> experts (grouped GEMMs over all experts' row
 // blocks at once, SwiGLU over every row: Backend::grouped_swiglu, which a backend may fuse) ->
-// unpermute/combine (weighted scatter-add back to tokens). Only permute and combine would ever communicate under expert parallelism.
+// unpermute/combine (weighted scatter-add back to tokens). Only permute and combine would ever
+// communicate under expert parallelism.
 // Few-token fast path (decode): when no backward follows and T*K is small, the experts run as
 // GEMVs straight from the device-side routing (Backend::moe_experts_small): no plan, no host copy,
 // two launches per layer besides the gate, the shared experts folded into them.

@@ -255,7 +255,8 @@ TEST(MoeOps, GroupedSwigluIsTheTwoProductsThenSwiglu) {
   const std::vector<const Tensor*> gw{&w[0], &w[1], &w[2], &w[3]}, uw{&w[4], &w[5], &w[6], &w[7]};
   Tensor h = Tensor::empty({R, I}), gate = Tensor::empty({R, I}), up = Tensor::empty({R, I});
   cpu().grouped_swiglu(h, &gate, &up, x, gw, uw, begin);
-  Tensor g_ref = Tensor::empty({R, I}), u_ref = Tensor::empty({R, I}), h_ref = Tensor::empty({R, I});
+  Tensor g_ref = Tensor::empty({R, I}), u_ref = Tensor::empty({R, I}),
+         h_ref = Tensor::empty({R, I});
   cpu().grouped_matmul(g_ref, x, gw, begin, true, 0.0f);
   cpu().grouped_matmul(u_ref, x, uw, begin, true, 0.0f);
   cpu().swiglu_forward(h_ref, g_ref, u_ref);

@@ -520,8 +520,7 @@ void CudaBackend::copy(Tensor& dst, const Tensor& src) {
   const bool to_host = dst.device() != Device::CUDA;
   uint64_t epoch = 0;
   const bool staged = to_host && stage_index_errors(epoch, "copy (index check)");
-  if (to_host || src.device() != Device::CUDA)
-    check(cudaStreamSynchronize(cuda::stream()), "copy");
+  if (to_host || src.device() != Device::CUDA) check(cudaStreamSynchronize(cuda::stream()), "copy");
   if (to_host) raise_index_errors(staged);
 }
 
@@ -944,8 +943,7 @@ bool CudaBackend::own_expert_gemm(Tensor& c, Tensor* gate, Tensor* up, const Ten
                                   std::span<const Tensor* const> w1,
                                   std::span<const int64_t> begin) {
   const bool swiglu = !w1.empty();
-  if (expert_gemm_ != ExpertGemm::Own || c.dtype() != DType::BF16)
-    return false;
+  if (expert_gemm_ != ExpertGemm::Own || c.dtype() != DType::BF16) return false;
   for (const Tensor* t : {gate, up})
     if (t && t->dtype() != DType::BF16) return false;
   const int64_t R = rows(c), N = cols(c), K = cols(a_in);
@@ -992,8 +990,8 @@ bool CudaBackend::own_expert_gemm(Tensor& c, Tensor* gate, Tensor* up, const Ten
   }
   cuda::ExpertGemmArgs args;
   if (cuda::expert_gemm_tensor_map(&args.a_map, a.raw(), R, K, K) != cudaSuccess) return false;
-  const Tensor blocks = upload_bytes(block_expert.data(), block_expert.size() * 4,
-                                     "expert GEMM (block upload)");
+  const Tensor blocks =
+      upload_bytes(block_expert.data(), block_expert.size() * 4, "expert GEMM (block upload)");
   args.w_maps = static_cast<const cuda::TensorMap*>(found->second.raw());
   args.block_expert = static_cast<const int32_t*>(blocks.raw());
   args.rows = R;
@@ -1004,7 +1002,8 @@ bool CudaBackend::own_expert_gemm(Tensor& c, Tensor* gate, Tensor* up, const Ten
   args.gate = gate ? gate->raw() : nullptr;
   args.up = up ? up->raw() : nullptr;
   args.swiglu = swiglu;
-  check(cuda::expert_gemm(args), swiglu ? "grouped_swiglu (expert GEMM)" : "grouped_matmul (expert GEMM)");
+  check(cuda::expert_gemm(args),
+        swiglu ? "grouped_swiglu (expert GEMM)" : "grouped_matmul (expert GEMM)");
   return true;
 }
 
@@ -1136,8 +1135,7 @@ int64_t CudaBackend::expert_row_alignment(int64_t pairs, int64_t n_experts) cons
   // the speed of the grouped GEMM, at 192 rows 2.0x, at 96 rows 1.45x, at 48 rows (167 % padding)
   // about equal. So pad from a mean of 64 rows.
   constexpr int64_t kMinMeanRows = 64;
-  if (!padded_expert_gemms() || precision_ != Precision::Bf16 || n_experts <= 0)
-    return 1;
+  if (!padded_expert_gemms() || precision_ != Precision::Bf16 || n_experts <= 0) return 1;
   return pairs >= kMinMeanRows * n_experts ? kBatchedRows : 1;
 }
 

@@ -305,8 +305,8 @@ class CudaBackend final : public Backend {
   std::mutex checks_mu_;
   std::vector<CheckSite> check_sites_;
   std::map<CheckSite, int32_t> check_ids_;
-  bool checks_pending_ = false;              // checks queued since the error slot was last read
-  cuda::IndexError* index_error_ = nullptr;  // device memory, one slot
+  bool checks_pending_ = false;                // checks queued since the error slot was last read
+  cuda::IndexError* index_error_ = nullptr;    // device memory, one slot
   cuda::IndexError* error_staging_ = nullptr;  // pinned host memory: its copy (copy to the host)
   uint64_t check_epoch_ = 0;  // index_check calls so far: a staged slot is current while equal
   // copy_to_host_async: pinned staging (grown as needed, so the copy is truly asynchronous), the

@@ -56,11 +56,11 @@ static_assert(sizeof(TensorMap) == sizeof(CUtensorMap) && alignof(TensorMap) >= 
 namespace expert_gemm_detail {
 
 constexpr int kBM = 128, kBN = 256, kBK = 64, kStages = 4;
-constexpr int kBoxRows = 128;                        // rows of one TMA box (A tile, half a B tile)
-constexpr uint32_t kATileBytes = kBM * kBK * 2;      // 16 KiB
-constexpr uint32_t kBTileBytes = kBN * kBK * 2;      // 32 KiB
+constexpr int kBoxRows = 128;                    // rows of one TMA box (A tile, half a B tile)
+constexpr uint32_t kATileBytes = kBM * kBK * 2;  // 16 KiB
+constexpr uint32_t kBTileBytes = kBN * kBK * 2;  // 32 KiB
 constexpr uint32_t kStageBytes = kATileBytes + kBTileBytes;
-constexpr int kBlockThreads = 384;                      // a producer and two consumer warpgroups
+constexpr int kBlockThreads = 384;  // a producer and two consumer warpgroups
 constexpr int kConsumerWarps = (kBlockThreads - 128) / 32;  // the empty barriers' count
 static_assert(kConsumerWarps == 8, "two consumer warpgroups of 64 rows make the 128-row tile");
 constexpr size_t kSmemBytes = size_t(kStages) * kStageBytes + 1024 + 2 * kStages * 8;
@@ -121,7 +121,8 @@ __device__ inline void store_tile(const ExpertGemmParams& p, const float (&acc)[
 }
 
 template <bool SwiGLU>
-__global__ void __launch_bounds__(kBlockThreads, 1) expert_gemm_kernel(const __grid_constant__ ExpertGemmParams p) {
+__global__ void __launch_bounds__(kBlockThreads, 1)
+    expert_gemm_kernel(const __grid_constant__ ExpertGemmParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ uint8_t smem_raw[];
   // The 128-byte swizzle repeats every 1024 bytes of address: tiles start on such a boundary.
@@ -188,8 +189,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) expert_gemm_kernel(const __g
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kBK / 16; ++kk)
-        wgmma_ss_n256(acc, wgmma_desc(a + kk * 32, 16, 1024), wgmma_desc(b + kk * 32, 16, 1024),
-                      1);
+        wgmma_ss_n256(acc, wgmma_desc(a + kk * 32, 16, 1024), wgmma_desc(b + kk * 32, 16, 1024), 1);
       wgmma_commit();
       // The previous k-block's wgmmas are done once at most this one is in flight: its stage is
       // free. Each warp says so; the stage's empty barrier completes with all eight.
@@ -270,18 +270,18 @@ cudaError_t expert_gemm_tensor_map(TensorMap* map, const void* base, int64_t row
                                    int64_t ld) {
   constexpr int64_t kMax = int64_t(1) << 31;
   if (encode_tiled() == nullptr) return cudaErrorNotSupported;
-  if (reinterpret_cast<uintptr_t>(base) % 16 != 0 || (ld * 2) % 16 != 0 || rows <= 0 ||
-      cols <= 0 || ld < cols || rows >= kMax || ld >= kMax)
+  if (reinterpret_cast<uintptr_t>(base) % 16 != 0 || (ld * 2) % 16 != 0 || rows <= 0 || cols <= 0 ||
+      ld < cols || rows >= kMax || ld >= kMax)
     return cudaErrorInvalidValue;
   const cuuint64_t dims[2] = {cuuint64_t(cols), cuuint64_t(rows)};
   const cuuint64_t strides[1] = {cuuint64_t(ld * 2)};
   const cuuint32_t box[2] = {cuuint32_t(kBK), cuuint32_t(kBoxRows)};
   const cuuint32_t elem_strides[2] = {1, 1};
-  const CUresult r = encode_tiled()(
-      reinterpret_cast<CUtensorMap*>(map), CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2,
-      const_cast<void*>(base), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  const CUresult r =
+      encode_tiled()(reinterpret_cast<CUtensorMap*>(map), CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2,
+                     const_cast<void*>(base), dims, strides, box, elem_strides,
+                     CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                     CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
@@ -289,8 +289,7 @@ cudaError_t expert_gemm(const ExpertGemmArgs& a) {
   if (a.rows == 0 || a.n == 0) return cudaSuccess;
   if (!expert_gemm_available()) return cudaErrorNotSupported;
   if (a.rows % kBM != 0 || a.k <= 0 || a.k % 8 != 0 || a.n % 2 != 0 || a.ld_out < a.n ||
-      a.rows / kBM >= (int64_t(1) << 31) || a.n >= (int64_t(1) << 31) ||
-      a.k >= (int64_t(1) << 31))
+      a.rows / kBM >= (int64_t(1) << 31) || a.n >= (int64_t(1) << 31) || a.k >= (int64_t(1) << 31))
     return cudaErrorInvalidValue;
   ExpertGemmParams p{};
   std::memcpy(&p.a_map, &a.a_map, sizeof(p.a_map));

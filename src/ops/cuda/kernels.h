@@ -209,8 +209,8 @@ bool expert_gemm_available();
 cudaError_t expert_gemm_tensor_map(TensorMap* map, const void* base, int64_t rows, int64_t cols,
                                    int64_t ld);
 struct ExpertGemmArgs {
-  TensorMap a_map;                     // the activations [rows, k]
-  const TensorMap* w_maps = nullptr;   // device: [experts][2] (W0_e, W1_e; W1 unused when plain)
+  TensorMap a_map;                        // the activations [rows, k]
+  const TensorMap* w_maps = nullptr;      // device: [experts][2] (W0_e, W1_e; W1 unused when plain)
   const int32_t* block_expert = nullptr;  // device: [rows / 128]
   int64_t rows = 0, n = 0, k = 0;
   void* out = nullptr;  // [rows, n], ld_out elements per row

@@ -3,7 +3,8 @@
 // register reallocation between warpgroups of one block. One thread issues a whole tile's copy
 // (cp.async needs every thread of a warpgroup and its registers for addresses), and the copy lands
 // in wgmma's 128-byte-swizzled layout (wgmma_util.cuh) by itself. Used by the routed experts' GEMM
-// (cuda_expert_gemm.cu), whose producer warp feeds two consumer warpgroups through a ring of stages.
+// (cuda_expert_gemm.cu), whose producer warp feeds two consumer warpgroups through a ring of
+// stages.
 //
 // Compiled only for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); the callers guard on it.
 #pragma once
@@ -46,9 +47,9 @@ __device__ inline void mbar_wait(uint32_t bar, uint32_t parity) {
 }
 
 // TMA: the box at (c0, c1) (c0 the contiguous dimension, in elements) of the tensor `map`
-// describes, into shared memory at `dst`, completing its bytes on the mbarrier `bar`. Boxes reaching
-// past the tensor are filled with zeros (and still count their whole size). `map` is the generic
-// address of a 128-byte tensor map in kernel-parameter, constant or global memory.
+// describes, into shared memory at `dst`, completing its bytes on the mbarrier `bar`. Boxes
+// reaching past the tensor are filled with zeros (and still count their whole size). `map` is the
+// generic address of a 128-byte tensor map in kernel-parameter, constant or global memory.
 __device__ inline void tma_load_2d(uint32_t dst, const void* map, uint32_t bar, int32_t c0,
                                    int32_t c1) {
   asm volatile(
