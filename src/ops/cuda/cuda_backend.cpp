@@ -923,18 +923,17 @@ void CudaBackend::grouped_swiglu(Tensor& h, Tensor* gate, Tensor* up, const Tens
                                  std::span<const Tensor* const> gate_w,
                                  std::span<const Tensor* const> up_w,
                                  std::span<const int64_t> begin) {
-  MOEKIT_CHECK(gate_w.size() == up_w.size(), "grouped_swiglu: {} gate and {} up weights",
-               gate_w.size(), up_w.size());
-  // The shapes as grouped_matmul checks them, for both products.
-  grouped_matmul_dims(h, x, gate_w, begin, true);
-  grouped_matmul_dims(h, x, up_w, begin, true);
-  expect_gemm_operand(x, "grouped_swiglu", "x");
-  bool padded = true;
-  for (size_t g = 0; g + 1 < begin.size(); ++g)
-    padded = padded && (begin[g + 1] - begin[g]) % kBatchedRows == 0;
-  const bool same = (!gate || (gate->shape() == h.shape() && gate->dtype() == h.dtype())) &&
-                    (!up || (up->shape() == h.shape() && up->dtype() == h.dtype()));
-  if (padded && same && own_expert_gemm(h, gate, up, x, gate_w, up_w, begin)) return;
+  // The fused kernel only under MOEKIT_CUDA_EXPERT_GEMM=own (own_expert_gemm checks the rest:
+  // padding, dtypes, sizes); its arguments checked first as grouped_matmul checks them, since it
+  // writes h, gate and up directly. Otherwise the base class's sequence, which checks its own.
+  if (expert_gemm_ == ExpertGemm::Own && gate_w.size() == up_w.size()) {
+    grouped_matmul_dims(h, x, gate_w, begin, true);
+    grouped_matmul_dims(h, x, up_w, begin, true);
+    expect_gemm_operand(x, "grouped_swiglu", "x");
+    const bool same = (!gate || (gate->shape() == h.shape() && gate->dtype() == h.dtype())) &&
+                      (!up || (up->shape() == h.shape() && up->dtype() == h.dtype()));
+    if (same && own_expert_gemm(h, gate, up, x, gate_w, up_w, begin)) return;
+  }
   Backend::grouped_swiglu(h, gate, up, x, gate_w, up_w, begin);
 }
 
