@@ -2,7 +2,9 @@
 // printed as one JSON line (bench/run_cpu_model_bench.sh runs it beside the PyTorch peer on CPU,
 // tools/gpu_bench.sh beside transformers on the GPU).
 // Usage: moekit_model_bench CONFIG.json BATCH SEQ ITERS THREADS [cpu|cuda]
-//        [grad|all|esft10|decode] [fp32|bf16]
+//        [grad|all|esft10|decode|prefill] [fp32|bf16]
+//   prefill forward only, as inference (every weight frozen, nothing kept for a backward): the
+//           mode to trace a prefill's kernels on their own (train_tok_s is then 0)
 //   grad    forward + backward, no optimizer (the default; the CPU peer does the same)
 //   all     + AdamW over every parameter
 //   esft10  + AdamW, only every tenth routed expert of each MoE layer trains (ESFT-like)
@@ -141,7 +143,7 @@ int main(int argc, char** argv) {
   if (argc < 6 || argc > 9) {
     fmt::print(stderr,
                "usage: {} CONFIG.json BATCH SEQ ITERS THREADS [cpu|cuda] "
-               "[grad|all|esft10|decode] [fp32|bf16]\n",
+               "[grad|all|esft10|decode|prefill] [fp32|bf16]\n",
                argv[0]);
     return 2;
   }
@@ -151,8 +153,8 @@ int main(int argc, char** argv) {
     const int64_t iters = positive_arg("ITERS", argv[4]);
     set_num_threads(int(positive_arg("THREADS", argv[5])));
     const std::string dev_name = choice_arg("device", argc > 6 ? argv[6] : "cpu", {"cpu", "cuda"});
-    const std::string mode =
-        choice_arg("mode", argc > 7 ? argv[7] : "grad", {"grad", "all", "esft10", "decode"});
+    const std::string mode = choice_arg("mode", argc > 7 ? argv[7] : "grad",
+                                        {"grad", "all", "esft10", "decode", "prefill"});
     const std::string dtype = choice_arg("dtype", argc > 8 ? argv[8] : "fp32", {"fp32", "bf16"});
     const Device dev = dev_name == "cuda" ? Device::CUDA : Device::CPU;
     const DType weights = dtype == "bf16" ? DType::BF16 : DType::F32;
@@ -178,17 +180,17 @@ int main(int argc, char** argv) {
     const bool recompute_experts = env_on("MOEKIT_BENCH_RECOMPUTE_EXPERTS");
     model.set_expert_recompute(recompute_experts);
     const double init_s = seconds_since(t_init);
-    if (mode == "decode") {  // inference: every weight frozen (bf16 ones stay bf16)
+    const bool inference = mode == "decode" || mode == "prefill";
+    if (inference)  // every weight frozen (bf16 ones stay bf16)
       model.params().set_trainable([](const Param&) { return false; });
-      return decode_bench(model, B, S, iters, dev_name, dtype);
-    }
+    if (mode == "decode") return decode_bench(model, B, S, iters, dev_name, dtype);
     if (mode == "esft10") {
       static const std::regex expert(R"(\.mlp\.experts\.(\d+)\.)");
       model.params().set_trainable([](const Param& p) {
         std::smatch m;
         return std::regex_search(p.name, m, expert) && std::stoi(m[1]) % 10 == 0;
       });
-    } else {  // grad, all: everything trains (bf16 matrices get fp32 masters)
+    } else if (!inference) {  // grad, all: everything trains (bf16 matrices get fp32 masters)
       model.params().set_trainable([](const Param&) { return true; });
     }
     model.params().allocate_grads();
@@ -200,8 +202,14 @@ int main(int argc, char** argv) {
     AdamW adam(AdamWConfig{0.9, 0.95, 1e-8, 0.1});
     // Reading one value back waits for the device, so the clock covers the queued work.
     auto sync = [](const Tensor& t) { (void)t.reshape({t.numel()}).slice(0, 1).to_host(); };
-    // Prefill as inference (the peer's runs under torch.no_grad): nothing kept for a backward.
-    auto fwd = [&] { sync(model.forward(ids, B, S, /*backward_follows=*/false)); };
+    // Prefill as inference (the peer's runs under torch.no_grad): nothing kept for a backward, and
+    // a bf16 model's logits in bf16 (as transformers' bf16 model returns them).
+    auto fwd = [&] {
+      sync(model.forward(ids, B, S, /*backward_follows=*/false,
+                         weights == DType::BF16 && be.supports(Op::Matmul, DType::BF16)
+                             ? DType::BF16
+                             : DType::F32));
+    };
     double first_loss = -1;  // precision check across GEMM modes: same weights, same batch
     auto train = [&] {       // as the trainer: chunked LM head + loss, then backward
       const double loss = model.loss_and_backward(ids, targets, B, S);  // reads the loss back
@@ -214,7 +222,7 @@ int main(int argc, char** argv) {
     };
     if (profiling()) {  // steady state only: warm-ups of both, then forget them
       fwd();
-      train();
+      if (mode != "prefill") train();
       profile_reset();
     }
     const double f = median_seconds(fwd, iters);  // per prefill
@@ -225,7 +233,7 @@ int main(int argc, char** argv) {
     // above materialises the whole [tokens, vocab] logits, which training never does.
     be.open_memory_window();
     try {
-      t = median_seconds(train, iters);  // per step
+      if (mode != "prefill") t = median_seconds(train, iters);  // per step
     } catch (const Error& e) {
       train_error = e.what();
     }

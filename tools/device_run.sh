@@ -3,7 +3,7 @@
 # binaries where their compiled-in paths expect them, then runs the GPU tests (tools/cuda_check.sh
 # on the prebuilt moekit_tests: Cuda*, Gpu*, DeviceCli*) and/or the benchmark against transformers
 # (tools/gpu_bench.sh). Results go to $OUT.
-#   bash tools/device_run.sh [tests|streams|bench|all|profile|quick|decode|trace|ncu|ncuattn|ncuexpert|sass|gemmbench][,...]   (e.g. tests,decode)
+#   bash tools/device_run.sh [tests|streams|bench|all|profile|quick|variants|decode|trace|ncu|ncuattn|ncuexpert|sass|gemmbench][,...]   (e.g. tests,decode)
 set -uo pipefail
 WHAT=${1:-all}
 want() { [[ ",$WHAT," == *",$1,"* ]]; }
@@ -53,6 +53,16 @@ if want quick; then  # moekit alone, 4 layers bf16: each expert-GEMM mode, one l
     done
   done
 fi
+if want variants; then  # moekit alone under each of VARIANT_ENVS: settings joined by commas, "-" none
+  python3 -c 'import json; c = json.load(open("configs/deepseek-v2-lite.json")); c["num_hidden_layers"] = 4; json.dump(c, open("/tmp/v2-lite-4l.json", "w"))'
+  for cfg in ${VARIANT_CFGS:-/tmp/v2-lite-4l.json}; do
+    for envs in ${VARIANT_ENVS:--}; do
+      # shellcheck disable=SC2046
+      env LD_LIBRARY_PATH=$LIBS $(echo "${envs#-}" | tr , ' ') build/bench/moekit_model_bench "$cfg" 4 2048 \
+        "${VARIANT_ITERS:-5}" 16 cuda "${VARIANT_MODE:-prefill}" bf16 | sed "s|^{|{\"env\": \"$envs\", |"
+    done
+  done
+fi
 if want decode; then  # batch-1 decode: 4 layers fp32 and bf16, the full model bf16; graphs on/off
   python3 -c 'import json; c = json.load(open("configs/deepseek-v2-lite.json")); c["num_hidden_layers"] = 4; json.dump(c, open("/tmp/v2-lite-4l.json", "w"))'
   # DECODE_RUNS: "config dtype" pairs; DECODE_ENVS: one environment setting per variant.
@@ -73,9 +83,11 @@ if want trace; then  # GPU time per kernel (tools/kernel_trace.cpp, CUPTI): deco
   runs=()  # TRACE_DECODE= or TRACE_TRAIN= (empty) leaves that run out
   [ -n "${TRACE_DECODE-1}" ] && runs+=("${TRACE_DECODE_CFG:-configs/deepseek-v2-lite.json} 1 32 256 16 cuda decode bf16")
   [ -n "${TRACE_TRAIN-1}" ] && runs+=("${TRACE_TRAIN_CFG:-/tmp/v2-lite-4l.json} 4 2048 ${TRACE_ITERS:-2} 16 cuda esft10 bf16")
+  # TRACE_PREFILL="CFG..." (space-separated configs): prefills alone (no training), TRACE_ITERS each
+  for cfg in ${TRACE_PREFILL-}; do runs+=("$cfg 4 2048 ${TRACE_ITERS:-2} 16 cuda prefill bf16"); done
   for run in "${runs[@]}"; do
     set -- $run
-    tag=$(basename "$1" .json)-$8
+    tag=$(basename "$1" .json)-$7-$8${TRACE_TAG:+-$TRACE_TAG}
     env LD_LIBRARY_PATH=$LIBS:/tmp:$(dirname "$CUPTI") CUDA_INJECTION64_PATH=/tmp/libkernel_trace.so \
       KERNEL_TRACE_OUT=$OUT/trace-$tag.txt ${TRACE_TIMELINE:+KERNEL_TRACE_TIMELINE=$OUT/timeline-$tag.txt} \
       build/bench/moekit_model_bench "$@"
@@ -141,7 +153,9 @@ fi
 if want gemmbench; then  # which cuBLAS call should run the routed experts' GEMMs
   nvcc -O2 -std=c++17 -arch=sm_90 tools/expert_gemm_bench.cu -lcublas -o /tmp/expert_gemm_bench &&
     for t in ${GEMMBENCH_T:-8192}; do  # tokens: the padding's break-even point
-      /tmp/expert_gemm_bench "$t" 64 6 1408 2048 && /tmp/expert_gemm_bench "$t" 64 6 2048 1408
+      for skew in ${GEMMBENCH_SKEW:-0}; do  # routing skew (see the bench)
+        /tmp/expert_gemm_bench "$t" 64 6 1408 2048 "$skew" && /tmp/expert_gemm_bench "$t" 64 6 2048 1408 "$skew"
+      done
     done
 fi
 if want profile; then  # time per model step, bf16 ESFT: 4 layers, then the full model

@@ -9,15 +9,23 @@
 //   grouped      cublasGemmGroupedBatchedEx, one group per expert (unpadded plans)
 //   loop         one cublasGemmEx per expert, one stream
 //   classes      experts padded to a multiple of 128 rows, one cublasGemmBatchedEx per padded size
-//   padded-max   every expert padded to the largest M_e, one cublasGemmStridedBatchedEx (a bound)
-// TFLOP/s count the real (unpadded) FLOPs. Built and run by `tools/device_run.sh gemmbench`:
+//   classes-x2   the same with two projections (gate and up) in each class's call: 2x the problems
+//   blocks       every 128-row block of every expert one problem of a single batched call (m 128)
+//   blocks-x2    the same for two projections in one call
+//   base+blocks  the rows every expert has (the smallest padded size) in one batched call of E
+//                problems, the 128-row blocks past it in a second call (m 128); -x2 for two
+// TFLOP/s count the real (unpadded) FLOPs (of both projections in the -x2 variants). Built and run
+// by `tools/device_run.sh gemmbench`:
 //   nvcc -O2 -std=c++17 -arch=sm_90 tools/expert_gemm_bench.cu -lcublas -o /tmp/expert_gemm_bench
-//   /tmp/expert_gemm_bench [T=8192] [E=64] [K=6] [N=1408] [H=2048]
+//   /tmp/expert_gemm_bench [T=8192] [E=64] [K=6] [N=1408] [H=2048] [SKEW=0]
+// SKEW > 0 draws each expert's popularity as exp(SKEW z), z standard normal, instead of uniform
+// (a trained or randomly initialised router is not uniform: the model bench sees ~6 class sizes).
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
@@ -62,20 +70,27 @@ int main(int argc, char** argv) {
   const int T = argc > 1 ? std::atoi(argv[1]) : 8192, E = argc > 2 ? std::atoi(argv[2]) : 64;
   const int top_k = argc > 3 ? std::atoi(argv[3]) : 6, N = argc > 4 ? std::atoi(argv[4]) : 1408;
   const int H = argc > 5 ? std::atoi(argv[5]) : 2048;  // K of the GEMM
-  // Rows per expert: top_k distinct experts per token, uniformly at random.
+  const double skew = argc > 6 ? std::atof(argv[6]) : 0.0;
+  // Rows per expert: top_k distinct experts per token, at random by each expert's popularity.
   std::mt19937_64 rng(1);
+  std::vector<double> pop(size_t(E), 1.0);
+  std::normal_distribution<double> z;
+  if (skew > 0)
+    for (double& p : pop) p = std::exp(skew * z(rng));
   std::vector<int> rows(size_t(E), 0);
-  std::vector<int> order(static_cast<size_t>(E));
   for (int t = 0; t < T; ++t) {
-    for (int e = 0; e < E; ++e) order[size_t(e)] = e;
+    std::vector<double> w = pop;
     for (int k = 0; k < top_k; ++k) {
-      std::uniform_int_distribution<int> pick(k, E - 1);
-      std::swap(order[size_t(k)], order[size_t(pick(rng))]);
-      ++rows[size_t(order[size_t(k)])];
+      std::discrete_distribution<int> pick(w.begin(), w.end());
+      const int e = pick(rng);
+      ++rows[size_t(e)];
+      w[size_t(e)] = 0.0;  // distinct experts per token
     }
   }
-  const int max_rows = *std::max_element(rows.begin(), rows.end());
   auto round128 = [](int m) { return (m + 127) / 128 * 128; };
+  // Each expert's block in X and C: the largest expert's rows padded to 128, so every padded
+  // variant finds its padding rows there.
+  const int max_rows = round128(*std::max_element(rows.begin(), rows.end()));
   long long total = 0, padded_total = 0;
   for (int m : rows) {
     total += m;
@@ -166,6 +181,79 @@ int main(int argc, char** argv) {
                    CUDA_R_16BF, N, b, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
              }
            }));
+  }
+  // A batched call over `probs` (weight, rows, output) problems of m rows each, for the variants
+  // below: the pointer arrays uploaded once, as the classes above.
+  struct Problem {
+    const void* w;
+    const void* x;
+    void* c;
+  };
+  auto batched = [&](const std::vector<Problem>& probs, int m) {
+    std::vector<const void*> host;
+    for (const Problem& p : probs) host.push_back(p.w);
+    for (const Problem& p : probs) host.push_back(p.x);
+    for (const Problem& p : probs) host.push_back(p.c);
+    void** dev = nullptr;
+    CHECK_CUDA(cudaMalloc(&dev, host.size() * sizeof(void*)));
+    CHECK_CUDA(cudaMemcpy(dev, host.data(), host.size() * sizeof(void*), cudaMemcpyHostToDevice));
+    const int b = int(probs.size());
+    return std::function<void()>([=, &h, &one, &zero] {
+      CHECK_CUBLAS(cublasGemmBatchedEx(
+          h, CUBLAS_OP_T, CUBLAS_OP_N, N, m, H, &one, const_cast<const void* const*>(dev),
+          CUDA_R_16BF, H, const_cast<const void* const*>(dev + b), CUDA_R_16BF, H, &zero,
+          dev + 2 * b, CUDA_R_16BF, N, b, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    });
+  };
+  // The second projection's weights and outputs (the first's reused as its weights' values).
+  __nv_bfloat16 *W2, *C2;
+  CHECK_CUDA(cudaMalloc(&W2, w_elems * 2));
+  CHECK_CUDA(cudaMalloc(&C2, c_elems * 2));
+  CHECK_CUDA(cudaMemset(W2, 0x3c, w_elems * 2));
+  auto w2_of = [&](int e) { return W2 + size_t(e) * N * H; };
+  auto c2_of = [&](int e) { return C2 + size_t(e) * max_rows * N; };
+  auto report2 = [&](const char* name, double ms) {  // two projections' FLOPs
+    std::printf("%-12s %8.3f ms  %6.1f TFLOP/s\n", name, ms, 2 * flops / (ms * 1e-3) / 1e12);
+  };
+  for (int proj = 1; proj <= 2; ++proj) {
+    // classes, each call with `proj` projections.
+    std::map<int, std::vector<int>> classes;
+    for (int e = 0; e < E; ++e) classes[round128(rows[size_t(e)])].push_back(e);
+    std::vector<std::function<void()>> cls, blk, bb;
+    for (auto& [m, es] : classes) {
+      std::vector<Problem> probs;
+      for (int e : es) probs.push_back({w_of(e), x_of(e), c_of(e)});
+      if (proj == 2)
+        for (int e : es) probs.push_back({w2_of(e), x_of(e), c2_of(e)});
+      cls.push_back(batched(probs, std::min(m, max_rows)));
+    }
+    // blocks: every 128-row block (within max_rows) one problem.
+    std::vector<Problem> blocks, base, rest;
+    const int m0 = std::min(classes.begin()->first, max_rows);
+    for (int p = 0; p < proj; ++p)
+      for (int e = 0; e < E; ++e) {
+        auto w = p ? w2_of(e) : w_of(e);
+        auto c = p ? c2_of(e) : c_of(e);
+        for (int r = 0; r < round128(rows[size_t(e)]) && r + 128 <= max_rows; r += 128) {
+          blocks.push_back({w, x_of(e) + size_t(r) * H, c + size_t(r) * N});
+          if (r >= m0) rest.push_back({w, x_of(e) + size_t(r) * H, c + size_t(r) * N});
+        }
+        base.push_back({w, x_of(e), c});
+      }
+    blk.push_back(batched(blocks, 128));
+    bb.push_back(batched(base, m0));
+    if (!rest.empty()) bb.push_back(batched(rest, 128));
+    auto all = [](const std::vector<std::function<void()>>& fs) {
+      return [&fs] {
+        for (const auto& f : fs) f();
+      };
+    };
+    auto rep = [&](const char* name, double ms) {
+      proj == 1 ? report(name, ms) : report2(name, ms);
+    };
+    rep(proj == 1 ? "classes'" : "classes-x2", time_ms(all(cls)));
+    rep(proj == 1 ? "blocks" : "blocks-x2", time_ms(all(blk)));
+    rep(proj == 1 ? "base+blocks" : "base+blk-x2", time_ms(all(bb)));
   }
   report("padded-max", time_ms([&] {
            CHECK_CUBLAS(cublasGemmStridedBatchedEx(

@@ -21,16 +21,23 @@ Tensor DecoderLayer::forward(Backend& be, const Tensor& x, const Tensor& positio
   // and routed experts or dense MLP): under Bf16 they are written rounded, as those GEMMs would
   // read them (nn/linear.h), with no conversion pass after.
   const DType n_dtype = RMSNorm::gemm_output_dtype(be, x.dim(0));
+  // The residual stream: each half adds its output to it in its own last GEMM (beta 1; the MoE's
+  // combine after it), not in an add pass. Where a backward follows, each norm's input stays as
+  // it was (its backward reads it): the stream continues in a copy. Else the input is dead once
+  // its norm has read it, and the stream is written over it (x is consumed).
+  auto stream = [&](const Tensor& t) { return backward_follows ? t.clone() : t; };
   Tensor n0 = input_layernorm.forward(be, x, n_dtype);
   prof.next("attn.fwd");
-  Tensor h = self_attn.forward(be, n0, positions, rope, batch, seq);
+  Tensor h = stream(x);
+  self_attn.forward(be, n0, positions, rope, batch, seq, &h);
   prof.next("norms+residuals");
-  be.add(h, x, 1.0f);  // residual
   Tensor n = post_attention_layernorm.forward(be, h, n_dtype);
   prof.next(mlp ? "mlp.fwd" : "moe.fwd");
-  Tensor y = mlp ? mlp->forward(be, n) : moe->forward(be, n, backward_follows);
-  prof.next("norms+residuals");
-  be.add(y, h, 1.0f);
+  Tensor y = stream(h);
+  if (mlp)
+    mlp->forward(be, n, &y);
+  else
+    moe->forward(be, n, backward_follows, &y);
   return y;
 }
 
@@ -116,14 +123,18 @@ DeepSeekModel::DeepSeekModel(const ModelConfig& config, Device device, bool allo
   lm_head = params_.add_matrix("lm_head.weight", {c.vocab_size, c.hidden_size}, device);
 }
 
-Tensor DeepSeekModel::forward(const Tensor& ids, int64_t batch, int64_t seq,
-                              bool backward_follows) {
+Tensor DeepSeekModel::forward(const Tensor& ids, int64_t batch, int64_t seq, bool backward_follows,
+                              DType logits_dtype) {
   Backend& be = backend(device_);
+  MOEKIT_CHECK(logits_dtype == DType::F32 ||
+                   (logits_dtype == DType::BF16 && be.supports(Op::Matmul, DType::BF16)),
+               "model forward: logits in {} (this backend writes F32{})", dtype_name(logits_dtype),
+               be.supports(Op::Matmul, DType::BF16) ? " or BF16" : "");
   // The LM head's GEMM reads all rows at once: the final norm writes them as it would read them.
   const Tensor h =
       hidden(ids, batch, seq, RMSNorm::gemm_output_dtype(be, batch * seq), backward_follows);
   ProfileScope prof(be, "lm_head.fwd");
-  Tensor logits = Tensor::empty({h.dim(0), config_.vocab_size}, DType::F32, device_);
+  Tensor logits = Tensor::empty({h.dim(0), config_.vocab_size}, logits_dtype, device_);
   linear_forward(be, logits, h, *lm_head);
   return logits;
 }
@@ -145,8 +156,10 @@ Tensor DeepSeekModel::hidden(const Tensor& ids, int64_t batch, int64_t seq, DTyp
   saved_.batch = batch;
   saved_.seq = seq;
   saved_.layer_inputs.clear();
+  saved_.backward_ok = backward_follows;
   for (size_t l = 0; l < layers_.size(); ++l) {
-    const bool drop = checkpointing_ && l + 1 < layers_.size();  // the last backs up at once
+    // The last layer backs up at once; an inference forward keeps nothing.
+    const bool drop = backward_follows && checkpointing_ && l + 1 < layers_.size();
     if (drop) saved_.layer_inputs.push_back(x);
     x = layers_[l].forward(be, x, positions, rope_, batch, seq, backward_follows);
     if (drop) layers_[l].release_saved();
@@ -230,6 +243,10 @@ bool DeepSeekModel::decoder_trains() const {
 
 void DeepSeekModel::backward_from_hidden(const Tensor& dh) {
   Backend& be = backend(device_);
+  // An inference forward wrote each layer's output over its input, which the norms' backward reads.
+  MOEKIT_CHECK(saved_.backward_ok,
+               "model backward: the forward before it was told no backward follows (it kept "
+               "nothing for one)");
   // The backward stops at the lowest layer that trains, which computes no input gradient, unless
   // the embedding trains: the layers below it would change no gradient (autograd's pruning; for
   // ESFT, where the layers' first trainable expert sits in layer 1 or higher, the whole dense

@@ -25,7 +25,8 @@ struct DecoderLayer {
   std::optional<MoE> moe;  // DeepSeekMoE FFN
 
   // x [T,H] -> x + attn(norm(x)) -> h + ffn(norm(h)). backward_follows false (inference): an MoE
-  // layer keeps nothing for backward (MoE::forward).
+  // layer keeps nothing for backward (MoE::forward), and the output is written over x's storage
+  // (x is consumed: the caller must not read it after).
   Tensor forward(Backend& be, const Tensor& x, const Tensor& positions, const RopeTable& rope,
                  int64_t batch, int64_t seq, bool backward_follows = true);
   // dx from dy (assigns). need_dx false (nothing below the layer trains): only what this layer's
@@ -55,8 +56,11 @@ class DeepSeekModel {
   // device. On Device::CUDA every op runs on the GPU; each MoE layer reads its E+1 expert
   // offsets back to size the grouped expert GEMMs. backward_follows false (inference: evaluation,
   // route logging, a prefill): the MoE layers keep nothing for a backward, which then refuses to
-  // run, and skip writing what only it would read.
-  Tensor forward(const Tensor& ids, int64_t batch, int64_t seq, bool backward_follows = true);
+  // run, and skip writing what only it would read. logits_dtype BF16 (a backend with bf16 GEMM
+  // outputs): the LM head writes the logits rounded, half the bytes (as a bf16 transformers model
+  // returns them); backward then takes F32 ones only.
+  Tensor forward(const Tensor& ids, int64_t batch, int64_t seq, bool backward_follows = true,
+                 DType logits_dtype = DType::F32);
   // Backward from dlogits [batch*seq, vocab]; parameter grads accumulate for trainable params.
   void backward(const Tensor& dlogits);
 
@@ -110,6 +114,7 @@ class DeepSeekModel {
     Tensor ids, final_hidden, positions;
     std::vector<Tensor> layer_inputs;  // with activation checkpointing
     int64_t batch = 0, seq = 0;
+    bool backward_ok = false;  // the last forward was one that a backward may follow
   } saved_;
 };
 

@@ -73,6 +73,12 @@ inline void linear_forward(Backend& be, Tensor& y, const Tensor& x, const Param&
   be.matmul(y, x, gemm_weight(be, w, x.dim(0)), false, true, 1.0f, 0.0f);
 }
 
+// y += x @ W^T in the GEMM itself (beta = 1): a residual stream takes a sublayer's output with no
+// output tensor and no add pass (y F32).
+inline void linear_forward_add(Backend& be, Tensor& y, const Tensor& x, const Param& w) {
+  be.matmul(y, x, gemm_weight(be, w, x.dim(0)), false, true, 1.0f, 1.0f);
+}
+
 // dx = (or +=, when accumulate) dy @ W; W.grad += dy^T @ x when W trains. x may be the BF16 copy
 // gemm_input made in forward. A dy that feeds both GEMMs is rounded once for both.
 inline void linear_backward(Backend& be, Tensor& dx, Param& w, const Tensor& dy, const Tensor& x,

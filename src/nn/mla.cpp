@@ -58,7 +58,7 @@ MLA MLA::create(ParamTable& params, const std::string& prefix, const ModelConfig
 }
 
 Tensor MLA::forward(Backend& be, const Tensor& x, const Tensor& positions, const RopeTable& rope,
-                    int64_t batch, int64_t seq) {
+                    int64_t batch, int64_t seq, Tensor* residual) {
   const int64_t T = x.dim(0), dqk = dn + dr;
   const Device dev = x.device();
   auto empty = [&](Shape s) { return Tensor::empty(s, DType::F32, dev); };
@@ -129,6 +129,10 @@ Tensor MLA::forward(Backend& be, const Tensor& x, const Tensor& positions, const
   be.attention_forward(saved.o, saved.lse, saved.q, saved.k, saved.v, batch, seq, heads,
                        softmax_scale);
   prof.next("attn.fwd.projections");
+  if (residual) {
+    linear_forward_add(be, *residual, saved.o, *o_proj);
+    return *residual;
+  }
   Tensor y = empty({T, x.dim(1)});
   linear_forward(be, y, saved.o, *o_proj);
   return y;

@@ -47,9 +47,10 @@ struct MLA {
   static MLA create(ParamTable& params, const std::string& prefix, const ModelConfig& c,
                     Device device);
 
-  // x [B*S, hidden] -> y [B*S, hidden]; positions I32 [B*S].
+  // x [B*S, hidden] -> y [B*S, hidden]; positions I32 [B*S]. With a residual stream r (F32
+  // [B*S, hidden]): o_proj adds y into *r in its GEMM (beta 1), and *r is returned.
   Tensor forward(Backend& be, const Tensor& x, const Tensor& positions, const RopeTable& rope,
-                 int64_t batch, int64_t seq);
+                 int64_t batch, int64_t seq, Tensor* residual = nullptr);
   // dx (= or +=) from dy; an undefined dx: no input gradient (only the weight gradients).
   void backward(Backend& be, Tensor& dx, const Tensor& dy, const RopeTable& rope, bool accumulate);
   // Whether any weight but o_proj's trains (o_proj's gradient needs no attention backward).

@@ -32,7 +32,7 @@ DType swiglu_operand_dtype(Backend& be, int64_t rows) {
 
 }  // namespace
 
-Tensor MLP::forward(Backend& be, const Tensor& x) {
+Tensor MLP::forward(Backend& be, const Tensor& x, Tensor* residual) {
   const int64_t T = x.dim(0), I = intermediate(), H = x.dim(1);
   // Under Bf16 the input is rounded once for the gate and up GEMMs and their weight gradients
   // (nn/linear.h), and SwiGLU writes h in bf16 at once, since only the down GEMMs read it; gate
@@ -50,11 +50,15 @@ Tensor MLP::forward(Backend& be, const Tensor& x) {
   linear_forward(be, saved.gate, saved.x, *gate_proj);
   linear_forward(be, saved.up, saved.x, *up_proj);
   be.swiglu_forward(h, saved.gate, saved.up);
-  Tensor y = Tensor::empty({T, H}, DType::F32, x.device());
-  linear_forward(be, y, h, *down_proj);
   // h's one reader in backward is down_proj's weight gradient: kept only when that trains (not
   // for ESFT's frozen shared experts and dense layers).
   saved.h = down_proj->trainable ? h : Tensor();
+  if (residual) {
+    linear_forward_add(be, *residual, h, *down_proj);
+    return *residual;
+  }
+  Tensor y = Tensor::empty({T, H}, DType::F32, x.device());
+  linear_forward(be, y, h, *down_proj);
   return y;
 }
 

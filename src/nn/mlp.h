@@ -23,8 +23,9 @@ struct MLP {
                     int64_t intermediate, Device device);
   int64_t intermediate() const { return gate_proj->value.dim(0); }
 
-  // y [T,H] from x [T,H].
-  Tensor forward(Backend& be, const Tensor& x);
+  // y [T,H] from x [T,H]. With a residual stream r (F32 [T,H]): the down projection adds y into
+  // *r in its GEMM (beta 1), and *r is returned.
+  Tensor forward(Backend& be, const Tensor& x, Tensor* residual = nullptr);
   // Inference only: y [T,H] += down(silu(gate x) * up x), the down projection accumulating into y
   // itself (beta = 1: no output tensor, no add kernel). Saves nothing for backward.
   void forward_add(Backend& be, const Tensor& x, Tensor& y);

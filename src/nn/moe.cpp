@@ -151,9 +151,10 @@ void expert_gate_up(Backend& be, MoE& m, DType act) {
 // when one follows (else saves nothing: the gate and up products are not even written where the
 // backend fuses SwiGLU into their GEMM). xg: x as the GEMMs read it (gemm_input: under Bf16
 // rounded once, for the router, the shared experts and the routed experts' gather, which then
-// reads half the bytes for the same values).
+// reads half the bytes for the same values). With a residual stream: the output is added into it
+// (the shared experts' down GEMM with beta 1, then the combine), and it is returned.
 Tensor grouped_path(Backend& be, MoE& m, const Tensor& xg, const Routing& r, bool backward_follows,
-                    ProfileSteps& prof) {
+                    ProfileSteps& prof, Tensor* residual = nullptr) {
   const int64_t T = xg.dim(0), H = xg.dim(1), E = int64_t(m.routed_experts.size());
   const int64_t I = E > 0 ? m.routed_experts[0].intermediate() : 0;
   const Device dev = xg.device();
@@ -164,7 +165,10 @@ Tensor grouped_path(Backend& be, MoE& m, const Tensor& xg, const Routing& r, boo
   Tensor y;
   saved.plan = make_dispatch_plan(be, r, E, [&] {  // permute: plan
     prof.next("moe.fwd.shared");
-    y = m.has_shared ? m.shared_experts.forward(be, xg) : Tensor::zeros({T, H}, DType::F32, dev);
+    if (m.has_shared)
+      y = m.shared_experts.forward(be, xg, residual);
+    else
+      y = residual ? *residual : Tensor::zeros({T, H}, DType::F32, dev);
     prof.next("moe.fwd.plan");
   });
   saved.x = xg;
@@ -379,18 +383,18 @@ void trainable_experts_backward(Backend& be, MoE& m, const Tensor& dy) {
 
 }  // namespace
 
-Tensor MoE::forward(Backend& be, const Tensor& x, bool backward_follows) {
+Tensor MoE::forward(Backend& be, const Tensor& x, bool backward_follows, Tensor* residual) {
   ProfileSteps prof(be);
   prof.next("moe.fwd.route");
   // The router and the shared experts read x through GEMMs only: under Bf16 it is rounded once for
   // both (nn/linear.h; a few-token x stays F32).
   const Tensor xg = gemm_input(be, x);
   Routing r = gate.forward(be, xg);  // route
-  Tensor y;
+  Tensor y = residual ? *residual : Tensor();
   if (!backward_follows && x.dim(0) * gate.p.top_k <= kSmallMaxPairs &&
-      small_path(be, *this, x, r, y, /*accumulate=*/false, prof))
+      small_path(be, *this, x, r, y, /*accumulate=*/residual != nullptr, prof))
     return y;
-  y = grouped_path(be, *this, xg, r, backward_follows, prof);
+  y = grouped_path(be, *this, xg, r, backward_follows, prof, residual);
   if (!backward_follows) saved = {};  // backward refuses to run (nothing kept for it)
   return y;
 }
@@ -406,10 +410,8 @@ void MoE::forward_add(Backend& be, const Tensor& x, Tensor& y) {
   if (x.dim(0) * gate.p.top_k <= kSmallMaxPairs &&
       small_path(be, *this, x, r, y, /*accumulate=*/true, prof))
     return;
-  const Tensor out = grouped_path(be, *this, xg, r, /*backward_follows=*/false, prof);
+  (void)grouped_path(be, *this, xg, r, /*backward_follows=*/false, prof, &y);
   saved = {};  // inference only: nothing kept for a backward (which now refuses to run)
-  prof.next("moe.fwd.add");
-  be.add(y, out, 1.0f);
 }
 
 void MoE::backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate) {

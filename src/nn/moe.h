@@ -86,7 +86,10 @@ struct MoE {
   // run; the gate and up products are not kept) and lets the layer take the few-token path when
   // T*K <= kSmallMaxPairs and every routed expert's weights share a dtype the backend's
   // moe_experts_small supports. Training keeps the default.
-  Tensor forward(Backend& be, const Tensor& x, bool backward_follows = true);
+  // With a residual stream r (F32 [T,H]): the layer's output is added into *r (the shared
+  // experts' down GEMM with beta 1, then the combine), and *r is returned.
+  Tensor forward(Backend& be, const Tensor& x, bool backward_follows = true,
+                 Tensor* residual = nullptr);
   // Inference only: y [T,H] += MoE(x), for a residual stream y. On the few-token path the experts
   // add straight into y (no output tensor, no add kernel); past it (or for dtypes that keep the
   // path off), y += forward(x) on the grouped path. Saves nothing for backward (as forward with

@@ -8,6 +8,7 @@
 #include <random>
 #include <string>
 
+#include "core/error.h"
 #include "esft/finetune.h"
 #include "model/checkpoint.h"
 #include "model/summary.h"
@@ -137,6 +138,49 @@ TEST(MemoryEstimate, FollowsCheckpointingDtypeAndChunkedLoss) {
   EXPECT_GT(plain.total() / gib, 80.0);
   // Inference keeps the whole logits: more than training's chunks.
   EXPECT_GT(estimate_memory(c, tokens, 0).activations, plain.activations);
+}
+
+// An inference forward (backward_follows = false) writes each layer's output over its input and
+// adds each half into the residual stream in its last GEMM, as a training forward does into a
+// copy: the logits must be the same bits (the same ops in the same order on the same values), on
+// the grouped MoE path (64 tokens x top-k) and, with checkpointing on, keeping no layer input. A
+// backward after it has nothing to read and must refuse with a clear error; so must logits in a
+// dtype the backend cannot write.
+void inference_forward_matches(Device dev, bool checkpointing) {
+  DeepSeekModel m(tiny(), dev);
+  m.init_random(3, 0.2f);
+  m.set_activation_checkpointing(checkpointing);
+  m.params().allocate_grads();
+  const int64_t B = 2, S = 32;
+  Tensor ids = Tensor::empty({B * S}, DType::I32);
+  std::mt19937 rng(5);
+  for (int64_t i = 0; i < B * S; ++i) ids.i32()[i] = int32_t(rng() % 300);
+  const Tensor train = m.forward(ids, B, S).to_host();
+  const Tensor infer = m.forward(ids, B, S, /*backward_follows=*/false).to_host();
+  ASSERT_EQ(train.nbytes(), infer.nbytes());
+  EXPECT_EQ(std::memcmp(train.raw(), infer.raw(), train.nbytes()), 0);
+  bool any = false;
+  for (int64_t i = 0; i < infer.numel(); ++i) any = any || infer.f32()[i] != 0.0f;
+  EXPECT_TRUE(any) << "all-zero logits";
+  Tensor d = Tensor::zeros(infer.shape(), DType::F32, dev);
+  try {
+    m.backward(d);
+    ADD_FAILURE() << "backward after an inference forward ran";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("no backward follows"), std::string::npos) << e.what();
+  }
+}
+
+TEST(InferenceForward, SameLogitsAsTrainingForwardAndBackwardRefused) {
+  for (bool ckpt : {false, true}) inference_forward_matches(Device::CPU, ckpt);
+  DeepSeekModel m(tiny(), Device::CPU);
+  Tensor ids = Tensor::zeros({4}, DType::I32);
+  EXPECT_THROW(m.forward(ids, 1, 4, false, DType::BF16), Error);  // the CPU writes F32 only
+}
+
+TEST(GpuInferenceForward, SameLogitsAsTrainingForwardAndBackwardRefused) {
+  if (!backend_available(Device::CUDA)) GTEST_SKIP() << "CUDA backend not available";
+  for (bool ckpt : {false, true}) inference_forward_matches(Device::CUDA, ckpt);
 }
 
 TEST(GpuActivationCheckpointing, GradientsBitIdentical) {

@@ -194,6 +194,19 @@ CudaBackend::CudaBackend() {
           "MOEKIT_CUDA_EXPERT_GEMM=own needs a Hopper GPU (compute capability 9.0) and a build "
           "for sm_90a");
   }
+  // How the padded blocks make batched problems (grouped_matmul_batched, ExpertBatch).
+  if (const char* m = std::getenv("MOEKIT_CUDA_EXPERT_BATCH")) {
+    const std::string v = m;
+    if (v == "classes")
+      expert_batch_ = ExpertBatch::Classes;
+    else if (v == "blocks")
+      expert_batch_ = ExpertBatch::Blocks;
+    else if (v == "base")
+      expert_batch_ = ExpertBatch::Base;
+    else
+      fail("MOEKIT_CUDA_EXPERT_BATCH must be classes, blocks or base, got \"{}\"", v);
+  }
+
   // The initial precision of F32 GEMMs and attention, as a user's choice (Precision in ops.h):
   // "fp32" (exact, the default, which the CPU-parity tests rely on), "tf32" or "bf16".
   if (const char* mode = std::getenv("MOEKIT_CUDA_FP32_GEMM")) {
@@ -816,23 +829,25 @@ void CudaBackend::grouped_matmul_sum(Tensor& c, std::span<const GroupedTerm> ter
   grouped_matmul_terms(c, terms, begin, trans_b, beta);
 }
 
-void CudaBackend::grouped_matmul_terms(Tensor& c, std::span<const GroupedTerm> terms,
-                                       std::span<const int64_t> begin, bool trans_b, float beta) {
+CudaBackend::GroupedRoute CudaBackend::grouped_route(const Tensor& c,
+                                                     std::span<const GroupedTerm> terms,
+                                                     std::span<const int64_t> begin, bool trans_b,
+                                                     float beta) {
   const char* op = "grouped_matmul";
   expect_gemm_operand(c, op, "c");
+  GroupedRoute r;
   // A BF16 operand anywhere or the Bf16 precision puts every group on the bf16 tensor cores.
-  bool bf16 = precision_ == Precision::Bf16 || c.dtype() == DType::BF16;
-  bool k_zero = false;
+  r.bf16 = precision_ == Precision::Bf16 || c.dtype() == DType::BF16;
   for (size_t t = 0; t < terms.size(); ++t) {
     MOEKIT_CHECK(terms[t].a, "grouped_matmul: term {} has no rows", t);
     const Tensor& a = *terms[t].a;
-    k_zero = grouped_matmul_dims(c, a, terms[t].b, begin, trans_b).K == 0 || k_zero;
+    r.k_zero = grouped_matmul_dims(c, a, terms[t].b, begin, trans_b).K == 0 || r.k_zero;
     expect_gemm_operand(a, op, "a");
-    bf16 = bf16 || a.dtype() == DType::BF16;
+    r.bf16 = r.bf16 || a.dtype() == DType::BF16;
     for (size_t g = 0; g + 1 < begin.size(); ++g) {
       if (begin[g] == begin[g + 1]) continue;
       expect_gemm_operand(*terms[t].b[g], op, "b");
-      bf16 = bf16 || terms[t].b[g]->dtype() == DType::BF16;
+      r.bf16 = r.bf16 || terms[t].b[g]->dtype() == DType::BF16;
     }
   }
   if (c.dtype() == DType::BF16 && beta != 0.0f)
@@ -840,16 +855,26 @@ void CudaBackend::grouped_matmul_terms(Tensor& c, std::span<const GroupedTerm> t
         "CUDA grouped_matmul: a BF16 c takes beta = 0 (the products are written to it, not "
         "added), got beta {}",
         beta);
-  std::vector<size_t> groups;  // the non-empty ones (the same rows for every term)
   for (size_t g = 0; g + 1 < begin.size(); ++g)
-    if (begin[g] != begin[g + 1]) groups.push_back(g);
+    if (begin[g] != begin[g + 1]) r.groups.push_back(g);
+  r.padded = r.bf16 && !r.k_zero && padded_expert_gemms() && !r.groups.empty() && cols(c) > 0;
+  for (size_t g : r.groups) r.padded = r.padded && (begin[g + 1] - begin[g]) % kBatchedRows == 0;
+  return r;
+}
+
+void CudaBackend::grouped_matmul_terms(Tensor& c, std::span<const GroupedTerm> terms,
+                                       std::span<const int64_t> begin, bool trans_b, float beta) {
+  const auto [bf16, k_zero, groups, padded] = grouped_route(c, terms, begin, trans_b, beta);
   if (groups.empty() || cols(c) == 0) return;
-  bool padded = bf16 && !k_zero && padded_expert_gemms();
-  for (size_t g : groups) padded = padded && (begin[g + 1] - begin[g]) % kBatchedRows == 0;
   if (padded && terms.size() == 1 && trans_b && beta == 0.0f &&
       own_expert_gemm(c, nullptr, nullptr, *terms[0].a, terms[0].b, {}, begin))
     return;
-  if (padded) return grouped_matmul_batched(c, terms, groups, begin, trans_b, beta);
+  if (padded) {  // the terms of the sum one after another, each adding to c after the first
+    std::vector<BatchedProduct> products;
+    for (size_t t = 0; t < terms.size(); ++t)
+      products.push_back({&c, terms[t].a, terms[t].b, t == 0 ? beta : 1.0f});
+    return grouped_matmul_batched(products, groups, begin, trans_b);
+  }
   const bool one_launch =
       bf16 && !k_zero && expert_gemm_ != ExpertGemm::Streams && cublas().gemm_grouped;
   if (one_launch) return grouped_matmul_bf16(c, terms, groups, begin, trans_b, beta);
@@ -933,6 +958,25 @@ void CudaBackend::grouped_swiglu(Tensor& h, Tensor* gate, Tensor* up, const Tens
     const bool same = (!gate || (gate->shape() == h.shape() && gate->dtype() == h.dtype())) &&
                       (!up || (up->shape() == h.shape() && up->dtype() == h.dtype()));
     if (same && own_expert_gemm(h, gate, up, x, gate_w, up_w, begin)) return;
+  }
+  // On padded expert blocks (the default path) the gate and up products share each block size's
+  // batched call: half the launches, and twice the tiles per launch fill the last wave better.
+  if (gate_w.size() == up_w.size() && expert_gemm_ == ExpertGemm::Batched) {
+    Tensor g = gate ? *gate : Tensor(), u = up ? *up : Tensor();
+    for (Tensor* t : {&g, &u}) {
+      MOEKIT_CHECK(!t->defined() || (t->shape() == h.shape() && t->dtype() == h.dtype()),
+                   "grouped_swiglu: a product {} ({}) for h {} ({})", t->shape().str(),
+                   dtype_name(t->dtype()), h.shape().str(), dtype_name(h.dtype()));
+      if (!t->defined()) *t = Tensor::empty(h.shape(), h.dtype(), h.device());
+    }
+    const GroupedTerm gate_term{&x, gate_w}, up_term{&x, up_w};
+    const GroupedRoute route = grouped_route(g, {&gate_term, 1}, begin, true, 0.0f);
+    if (route.padded && grouped_route(u, {&up_term, 1}, begin, true, 0.0f).padded) {
+      const BatchedProduct products[] = {{&g, &x, gate_w, 0.0f}, {&u, &x, up_w, 0.0f}};
+      grouped_matmul_batched(products, route.groups, begin, true);
+      swiglu_forward(h, g, u);
+      return;
+    }
   }
   Backend::grouped_swiglu(h, gate, up, x, gate_w, up_w, begin);
 }
@@ -1039,22 +1083,54 @@ void CudaBackend::grouped_matmul_bf16(Tensor& c, std::span<const GroupedTerm> te
 // V2-Lite's expert GEMMs (8192 tokens, 64 experts, top-6) on the H200, while its batched GEMM
 // runs Hopper's warpgroup kernels: ~780-800 TFLOP/s of useful work on the same GEMMs with each
 // expert padded to a multiple of 128 rows (9 % padding), near the 870 of one dense GEMM of all
-// rows (tools/expert_gemm_bench.cu). Experts of equal padded size share one batched call (a
-// routing spreads them over two or three sizes). The padding rows are zeros (the plan's padding
-// slots), so they add nothing to any product. A BF16 c (one term, beta 0) receives the rounded
-// products; an F32 c the fp32 sums, each term added with beta 1 after the first (no bf16 scratch).
-void CudaBackend::grouped_matmul_batched(Tensor& c, std::span<const GroupedTerm> terms,
+// rows (tools/expert_gemm_bench.cu). By default every 128-row block of every expert is one
+// problem of a single batched call (ExpertBatch::Blocks; the blocks of an expert are adjacent, so
+// its weight is read from L2 by all of them), rather than one call per distinct padded size: a
+// skewed routing spreads the experts over 10-15 sizes, each call then ending in a partial wave.
+// The padding rows are zeros (the plan's padding slots), so they add nothing to any product. A BF16
+// c (one term, beta 0) receives the rounded products; an F32 c the fp32 sums, each term added with
+// beta 1 after the first (no bf16 scratch).
+void CudaBackend::grouped_matmul_batched(std::span<const BatchedProduct> products,
                                          const std::vector<size_t>& groups,
-                                         std::span<const int64_t> begin, bool trans_b, float beta) {
-  const int64_t N = cols(c), K = cols(*terms[0].a);
-  std::map<int64_t, std::vector<size_t>> sizes;  // rows -> the groups of that many rows
-  for (size_t g : groups) sizes[begin[g + 1] - begin[g]].push_back(g);
+                                         std::span<const int64_t> begin, bool trans_b) {
+  const int64_t N = cols(*products[0].c), K = cols(*products[0].a);
+  // rows -> the (group, first row) pieces of that many rows, each one problem of a batched call.
+  std::map<int64_t, std::vector<std::pair<size_t, int64_t>>> sizes;
+  int64_t smallest = INT64_MAX;
+  for (size_t g : groups) smallest = std::min(smallest, begin[g + 1] - begin[g]);
+  for (size_t g : groups) {
+    const int64_t m = begin[g + 1] - begin[g];
+    if (expert_batch_ == ExpertBatch::Classes) {
+      sizes[m].push_back({g, 0});
+      continue;
+    }
+    const int64_t base = expert_batch_ == ExpertBatch::Base ? smallest : 0;
+    if (base > 0) sizes[base].push_back({g, 0});
+    for (int64_t r = base; r < m; r += kBatchedRows) sizes[kBatchedRows].push_back({g, r});
+  }
   std::vector<BatchedGemm> calls;
   std::vector<const void*> ptrs;
   std::vector<Tensor> keep;  // the bf16 operands, alive until the GEMMs are queued
-  for (size_t t = 0; t < terms.size(); ++t) {
-    const Tensor a = as_bf16(*terms[t].a);
-    keep.push_back(a);
+  // Products run in sets: a product joins the set before it where it writes another output with
+  // the same beta (gate and up: one call per block size for both, half the launches and fuller
+  // waves), and starts a new set where it adds to an output of that set (the terms of a sum).
+  size_t first = 0;
+  while (first < products.size()) {
+    size_t last = first + 1;
+    auto joins = [&](const BatchedProduct& p) {
+      if (p.beta != products[first].beta || p.c->dtype() != products[first].c->dtype())
+        return false;
+      for (size_t q = first; q < last; ++q)
+        if (products[q].c->raw() == p.c->raw()) return false;
+      return cols(*p.c) == N && cols(*p.a) == K;
+    };
+    while (last < products.size() && joins(products[last])) ++last;
+    const auto set = products.subspan(first, last - first);
+    std::vector<Tensor> a;  // each product's rows in bf16
+    for (const BatchedProduct& p : set) {
+      a.push_back(as_bf16(*p.a));
+      keep.push_back(a.back());
+    }
     for (const auto& [m, gs] : sizes) {
       // Column-major as gemm_row_major: C_g^T [N, rows] = op(W_g)^T a_g^T.
       calls.push_back({.trans_a = trans_b,
@@ -1064,18 +1140,24 @@ void CudaBackend::grouped_matmul_batched(Tensor& c, std::span<const GroupedTerm>
                        .lda = trans_b ? K : N,
                        .ldb = K,
                        .ldc = N,
-                       .count = int64_t(gs.size()),
+                       .count = int64_t(gs.size() * set.size()),
                        .first = ptrs.size(),
-                       .beta = t == 0 ? beta : 1.0f});
-      for (size_t g : gs) {
-        keep.push_back(as_bf16(*terms[t].b[g]));
-        ptrs.push_back(keep.back().raw());
-      }
-      for (size_t g : gs) ptrs.push_back(a.slice(begin[g], begin[g + 1]).raw());
-      for (size_t g : gs) ptrs.push_back(c.slice(begin[g], begin[g + 1]).raw());
+                       .beta = set[0].beta});
+      for (const BatchedProduct& p : set)
+        for (const auto& [g, r] : gs) {
+          keep.push_back(as_bf16(*p.b[g]));
+          ptrs.push_back(keep.back().raw());
+        }
+      for (size_t i = 0; i < set.size(); ++i)
+        for (const auto& [g, r] : gs)
+          ptrs.push_back(a[i].slice(begin[g] + r, begin[g] + r + m).raw());
+      for (const BatchedProduct& p : set)
+        for (const auto& [g, r] : gs)
+          ptrs.push_back(p.c->slice(begin[g] + r, begin[g] + r + m).raw());
     }
+    first = last;
   }
-  run_batched_gemms(cublas_, calls, ptrs, cuda_type(c.dtype()), "grouped_matmul");
+  run_batched_gemms(cublas_, calls, ptrs, cuda_type(products[0].c->dtype()), "grouped_matmul");
 }
 
 // The padded expert blocks' weight gradients, batched as their forward (grouped_matmul_batched):
