@@ -130,8 +130,8 @@ TEST(MoESmallPath, ForwardAddEqualsForwardPlusAdd) {
       } else {
         float worst = 0.0f;
         for (int64_t i = 0; i < y.numel(); ++i)
-          worst = std::max(worst, std::abs(y.f32()[i] - ref.f32()[i]) /
-                                      (1.0f + std::abs(ref.f32()[i])));
+          worst = std::max(worst,
+                           std::abs(y.f32()[i] - ref.f32()[i]) / (1.0f + std::abs(ref.f32()[i])));
         EXPECT_LT(worst, 1e-5f) << "differs from forward + add";
         EXPECT_NE(std::memcmp(y.raw(), y0.raw(), y.nbytes()), 0) << "nothing was added";
       }
