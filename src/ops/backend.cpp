@@ -256,8 +256,8 @@ bool rope_in_place(const Tensor& out, const Tensor& x, int64_t heads, int64_t he
                    rows(sin) == rows(cos),
                "rope: offset {} + rope_dim {} vs head_stride {}, table {} / {}", offset, rope_dim,
                head_stride, cos.shape().str(), sin.shape().str());
-  // Same memory: the in-place rotation, which writes only the pairs, so out must be x (F32). A
-  // BF16 out is a tensor of its own.
+  // Same memory: the in-place rotation, which writes only the pairs, so out must be x, in x's
+  // dtype. A BF16 out of an F32 x is a tensor of its own.
   const bool in_place = out.defined() && out.numel() > 0 && out.raw() == x.raw();
   MOEKIT_CHECK(!in_place || out.dtype() == x.dtype(),
                "rope: out is x's memory as {} (in place keeps x's dtype; a BF16 out is a tensor of "

@@ -292,11 +292,13 @@ class Backend {
   // [offset, offset + rope_dim) of every head rotated by angle pos*freq_j (the checkpoint's
   // interleaved layout; equal in q.k to the reference's de-interleave + rotate-half). cos/sin:
   // [max_pos, rope_dim/2]; positions: I32 [T]. inverse rotates by -angle (the backward pass).
-  // x F32. out is x itself (in place: only the pairs are written), or a separate tensor of equal
-  // numel that receives every element: F32, or BF16 where supports(Rope, BF16), each value (the
-  // rotated ones and the copied rest) rounded to the nearest bf16 as round_bf16 would round the
-  // in-place result. That is one pass where rotation then round_bf16 were two: q under the bf16
-  // attention, and dq for the bf16 GEMMs of q's projection (nn/mla.cpp).
+  // x F32, or BF16 where supports(Rope, BF16) (widened exactly). out is x itself (in place: only
+  // the pairs are written; a BF16 x takes its rotated pairs rounded), or a separate tensor of
+  // equal numel that receives every element: F32, or BF16 where supports(Rope, BF16), each value
+  // (the rotated ones and the copied rest) rounded to the nearest bf16 as round_bf16 would round
+  // the in-place result. That is one pass where rotation then round_bf16 were two: dq for the bf16
+  // GEMMs of q's projection; q under the bf16 attention is rotated in place in bf16, as its GEMM
+  // writes it (nn/mla.cpp).
   virtual void rope(Tensor& out, const Tensor& x, int64_t heads, int64_t head_stride,
                     int64_t offset, int64_t rope_dim, const Tensor& cos, const Tensor& sin,
                     const Tensor& positions, bool inverse) = 0;

@@ -665,6 +665,32 @@ TEST_F(CudaBackendTest, RopeIntoSeparateOutputF32AndBf16) {
         bad_copies += (c < l.offset || c >= l.offset + l.rope_dim) && g[i] != r[i];
       }
       EXPECT_EQ(bad_copies, 0) << "elements outside the rope dims";
+      // A BF16 x rotated in place (MLA's q under the bf16 attention) and into a separate BF16
+      // out: the CPU's rotation of the same bf16 values (within the rotation's fp32 rounding, and
+      // one bf16 step where that decides a rounding), the elements outside the rope dims kept.
+      Tensor x16 = poisoned(s, DType::BF16);
+      gpu().round_bf16(x16, dx);
+      const Tensor host16 = x16.to_host();
+      Tensor ref_b16 = Tensor::empty(s, DType::BF16);
+      cpu().rope(ref_b16, host16, l.heads, l.stride, l.offset, l.rope_dim, cos, sin, pos, inverse);
+      Tensor b16_in_place = x16.clone(), b16_out = poisoned(s, DType::BF16);
+      gpu_rope(b16_in_place, b16_in_place);
+      gpu_rope(b16_out, x16);
+      EXPECT_TRUE(bit_equal(b16_in_place, b16_out)) << "BF16 x: in place vs separate out";
+      EXPECT_CLOSE(b16_in_place, ref_b16.to_f32(), kF32Tol + std::ldexp(1.0, -8));
+      const Tensor got_b16 = b16_in_place.to_host();
+      const auto* gb = static_cast<const uint16_t*>(got_b16.raw());
+      const auto* hb = static_cast<const uint16_t*>(host16.raw());
+      int64_t kept = 0, moved = 0;
+      for (int64_t i = 0; i < x.numel(); ++i) {
+        const int64_t c = i % l.stride;
+        if (c < l.offset || c >= l.offset + l.rope_dim)
+          kept += gb[i] == hb[i];
+        else
+          moved += gb[i] != hb[i];
+      }
+      EXPECT_EQ(kept, x.numel() / l.stride * (l.stride - l.rope_dim)) << "BF16 x: copies";
+      EXPECT_GT(moved, 0) << "BF16 x: nothing rotated";
     }
     Tensor bad = pos.clone();
     bad.i32()[3] = int32_t(max_pos);

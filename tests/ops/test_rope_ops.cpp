@@ -84,6 +84,36 @@ TEST(CpuRope, SeparateOutputEqualsInPlaceThenRounding) {
   }
 }
 
+// A BF16 x (q as its bf16 GEMM writes it, rotated in place by MLA under the bf16 attention): the
+// rotation reads the values widened exactly, so in place it equals the F32 rotation of the
+// widened x rounded (the pairs; the other elements keep their bits), and into a separate BF16 out
+// the same. Not vacuous: the pairs move.
+TEST(CpuRope, Bf16InputInPlaceEqualsWidenedThenRounded) {
+  Backend& be = backend(Device::CPU);
+  std::mt19937_64 rng(43);
+  const int64_t T = 19, max_pos = 32;
+  for (const Layout& l : {Layout{3, 24, 16, 8}, Layout{2, 37, 5, 12}}) {
+    const RopeTable tab = rope_table(max_pos, l.rope_dim);
+    Tensor pos = Tensor::empty({T}, DType::I32);
+    std::uniform_int_distribution<int32_t> u(0, int32_t(max_pos - 1));
+    for (int64_t i = 0; i < T; ++i) pos.i32()[i] = u(rng);
+    const Tensor x = randn({T, l.heads * l.stride}, rng, 3.0f);
+    Tensor x16 = Tensor::empty(x.shape(), DType::BF16), widened = Tensor::empty(x.shape());
+    be.round_bf16(x16, x);
+    const auto* bits = static_cast<const uint16_t*>(x16.raw());
+    for (int64_t i = 0; i < x.numel(); ++i) widened.f32()[i] = bf16_to_f32(bits[i]);
+    Tensor ref = Tensor::empty(x.shape(), DType::BF16);
+    be.rope(ref, widened, l.heads, l.stride, l.offset, l.rope_dim, tab.cos, tab.sin, pos, false);
+    Tensor in_place = x16.clone(), out = Tensor::empty(x.shape(), DType::BF16);
+    be.rope(in_place, in_place, l.heads, l.stride, l.offset, l.rope_dim, tab.cos, tab.sin, pos,
+            false);
+    be.rope(out, x16, l.heads, l.stride, l.offset, l.rope_dim, tab.cos, tab.sin, pos, false);
+    EXPECT_TRUE(bit_equal(in_place, ref)) << "in place vs the widened x's rotation, rounded";
+    EXPECT_TRUE(bit_equal(out, ref)) << "separate BF16 out";
+    EXPECT_FALSE(bit_equal(in_place, x16)) << "nothing rotated";
+  }
+}
+
 // Output checks alike on every backend (ops.h, rope_in_place): out's size, and an out that is x's
 // memory under another dtype (the in-place rotation writes only the pairs, so it must be x).
 TEST(CpuRope, RefusesBadOutputs) {

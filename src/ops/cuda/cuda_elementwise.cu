@@ -269,11 +269,13 @@ namespace {
 
 // RoPE as row ops (device_util.cuh's for_each_row; block (0, 0) checks the positions): a row is
 // one head of one token, [head_stride] at x + (t * heads + h) * head_stride. A pair is rotated in
-// fp32 by the same expressions for either O, so a BF16 out holds exactly the F32 result rounded
-// (from_f32: nearest even, as round_bf16). In place (out == x, F32) only the pairs are written;
-// into a separate out every element is, the ones outside [offset, offset + 2 half) copied.
+// fp32 by the same expressions for any X and O (a BF16 x widened exactly), so a BF16 out holds
+// exactly the F32 result rounded (from_f32: nearest even, as round_bf16). In place (out == x, one
+// dtype) only the pairs are written; into a separate out every element is, the ones outside
+// [offset, offset + 2 half) copied.
+template <typename X>
 struct RopeArgs {
-  const float* x;
+  const X* x;
   const float *cos, *sin;  // [positions, half]
   const int32_t* positions;
   IndexCheck pc;
@@ -291,9 +293,9 @@ __device__ inline void rotate_pair(float a, float b, float c, float s, float& ra
 // Units of 8 elements (stride, offset and 2 half multiples of 8; x, out, cos and sin 16-byte
 // aligned): each unit lies either inside the rope dims (4 pairs, rotated by cos/sin[pos, j..j+3])
 // or outside (copied). In place the units are the rope dims' only.
-template <typename O>
+template <typename O, typename X>
 struct RopeRows8 {
-  RopeArgs a;
+  RopeArgs<X> a;
   O* out;
   int64_t first;  // the column of unit 0
   struct Regs {
@@ -327,9 +329,9 @@ struct RopeRows8 {
 // Any layout, units of a pair or one copied element: in place the row's `half` pairs; into a
 // separate out the `offset` elements before the pairs, the pairs, then the elements after them
 // (head_stride - half units), so every element of out is written in the one pass.
-template <typename O>
+template <typename O, typename X>
 struct RopeRows1 {
-  RopeArgs a;
+  RopeArgs<X> a;
   O* out;
   int64_t first;  // the unit of pair 0: 0 in place, offset into a separate out
   struct Regs {
@@ -348,11 +350,11 @@ struct RopeRows1 {
   __device__ void load(int64_t t, int h, int u, Regs& r) const {
     int64_t j, col;
     unit(u, j, col);
-    const float* xh = a.x + (t * a.heads + h) * a.head_stride;
-    r.x0 = xh[col];
+    const X* xh = a.x + (t * a.heads + h) * a.head_stride;
+    r.x0 = to_f32(xh[col]);
     if (j < 0) return;
     const int64_t pos = checked_index(a.pc, a.positions[t]);
-    r.x1 = xh[col + 1];
+    r.x1 = to_f32(xh[col + 1]);
     r.c = a.cos[pos * a.half + j];
     r.s = a.sign * a.sin[pos * a.half + j];
   }
@@ -371,30 +373,46 @@ struct RopeRows1 {
   }
 };
 
-template <typename O>
-cudaError_t rope_as(O* out, const RopeArgs& a, int64_t tokens) {
+template <typename O, typename X>
+cudaError_t rope_as(O* out, const RopeArgs<X>& a, int64_t tokens) {
   const bool in_place = static_cast<const void*>(out) == static_cast<const void*>(a.x);
   if (a.head_stride % 8 == 0 && a.offset % 8 == 0 && a.half % 4 == 0 &&
       all_aligned16(out, a.x, a.cos, a.sin)) {
     const int64_t units = (in_place ? 2 * a.half : a.head_stride) / 8;
     return for_each_row_checked(tokens, a.heads, units, a.pc, a.positions, tokens,
-                                RopeRows8<O>{a, out, in_place ? a.offset : 0});
+                                RopeRows8<O, X>{a, out, in_place ? a.offset : 0});
   }
   const int64_t units = in_place ? a.half : a.head_stride - a.half;
   return for_each_row_checked(tokens, a.heads, units, a.pc, a.positions, tokens,
-                              RopeRows1<O>{a, out, in_place ? 0 : a.offset});
+                              RopeRows1<O, X>{a, out, in_place ? 0 : a.offset});
 }
 
 }  // namespace
 
-cudaError_t rope(void* out, DType out_dtype, const float* x, int64_t tokens, int64_t heads,
-                 int64_t head_stride, int64_t offset, int64_t half, const float* cos,
-                 const float* sin, const int32_t* positions, const IndexCheck& positions_check,
-                 bool inverse) {
-  const RopeArgs a{x,     cos,         sin,    positions, positions_check,
-                   heads, head_stride, offset, half,      inverse ? -1.0f : 1.0f};
+namespace {
+
+template <typename X>
+cudaError_t rope_from(void* out, DType out_dtype, const RopeArgs<X>& a, int64_t tokens) {
   if (out_dtype == DType::BF16) return rope_as(static_cast<bf16_t*>(out), a, tokens);
   return rope_as(static_cast<float*>(out), a, tokens);
+}
+
+}  // namespace
+
+cudaError_t rope(void* out, DType out_dtype, const void* x, DType x_dtype, int64_t tokens,
+                 int64_t heads, int64_t head_stride, int64_t offset, int64_t half, const float* cos,
+                 const float* sin, const int32_t* positions, const IndexCheck& positions_check,
+                 bool inverse) {
+  const float sign = inverse ? -1.0f : 1.0f;
+  if (x_dtype == DType::BF16)
+    return rope_from(out, out_dtype,
+                     RopeArgs<bf16_t>{static_cast<const bf16_t*>(x), cos, sin, positions,
+                                      positions_check, heads, head_stride, offset, half, sign},
+                     tokens);
+  return rope_from(out, out_dtype,
+                   RopeArgs<float>{static_cast<const float*>(x), cos, sin, positions,
+                                   positions_check, heads, head_stride, offset, half, sign},
+                   tokens);
 }
 
 namespace {

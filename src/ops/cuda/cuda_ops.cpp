@@ -144,15 +144,15 @@ void CudaBackend::rope(Tensor& out, const Tensor& x, int64_t heads, int64_t head
                        int64_t offset, int64_t rope_dim, const Tensor& cos, const Tensor& sin,
                        const Tensor& positions, bool inverse) {
   const char* op = "rope";
-  expect_f32(x, op, "x");
+  expect_f32_or_bf16(x, op, "x");
   expect_f32_or_bf16(out, op, "out");
   expect_f32(cos, op, "cos");
   expect_f32(sin, op, "sin");
   rope_in_place(out, x, heads, head_stride, offset, rope_dim, cos, sin, positions);
   const int64_t T = positions.numel();
   const cuda::IndexCheck ic = index_check(positions, rows(cos), op, "position");
-  check(cuda::rope(out.raw(), out.dtype(), x.f32(), T, heads, head_stride, offset, rope_dim / 2,
-                   cos.f32(), sin.f32(), positions.i32(), ic, inverse),
+  check(cuda::rope(out.raw(), out.dtype(), x.raw(), x.dtype(), T, heads, head_stride, offset,
+                   rope_dim / 2, cos.f32(), sin.f32(), positions.i32(), ic, inverse),
         op);
 }
 

@@ -67,8 +67,8 @@ cudaError_t swiglu_scaled_backward(void* dgate, void* dup, float* dscale, const 
 // out (of `out_dtype`: F32, or BF16 rounded as stored) = x with the pairs rotated; out == x (F32)
 // rotates in place, writing only the pairs. positions [tokens], checked by `positions_check`
 // (limit: the table's rows).
-cudaError_t rope(void* out, DType out_dtype, const float* x, int64_t tokens, int64_t heads,
-                 int64_t head_stride, int64_t offset, int64_t half, const float* cos,
+cudaError_t rope(void* out, DType out_dtype, const void* x, DType x_dtype, int64_t tokens,
+                 int64_t heads, int64_t head_stride, int64_t offset, int64_t half, const float* cos,
                  const float* sin, const int32_t* positions, const IndexCheck& positions_check,
                  bool inverse);
 // dst/src point at the first copied column; ld = row length in elements.
