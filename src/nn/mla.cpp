@@ -126,13 +126,23 @@ Tensor MLA::forward(Backend& be, const Tensor& x, const Tensor& positions, const
   const bool bf16_kv_b = be.precision() == Precision::Bf16 &&
                          be.supports(Op::Matmul, DType::BF16) &&
                          be.supports(Op::MlaSplitKv, DType::BF16) && T > be.unrounded_gemv_rows();
-  const DType kv_b_dtype = bf16_kv_b ? DType::BF16 : DType::F32;
-  Tensor kv_b = Tensor::empty({T, heads * (dn + dv)}, kv_b_dtype, dev);
-  linear_forward(be, kv_b, saved.kv_latent, *kv_b_proj);
-  const DType kv_dtype = bf16_attention ? DType::BF16 : DType::F32;
-  saved.k = Tensor::empty({T, heads * dqk}, kv_dtype, dev);
-  saved.v = Tensor::empty({T, heads * dv}, kv_dtype, dev);
-  be.mla_split_kv(saved.k, saved.v, kv_b, saved.k_rope, heads, dn, dr, dv);
+  // Where the backend writes bf16 k and v straight from the up-projection's GEMMs (mla_kv_up:
+  // no kv_b tensor, no split pass), k and v are BF16 whenever kv_b would be, so that the switch
+  // above still does not choose the rounding: the attention reads them as bf16 either way.
+  if (bf16_kv_b && be.supports(Op::MlaKvUp, DType::BF16)) {
+    saved.k = Tensor::empty({T, heads * dqk}, DType::BF16, dev);
+    saved.v = Tensor::empty({T, heads * dv}, DType::BF16, dev);
+    be.mla_kv_up(saved.k, saved.v, saved.kv_latent, gemm_weight(be, *kv_b_proj, T), saved.k_rope,
+                 heads, dn, dr, dv);
+  } else {
+    const DType kv_b_dtype = bf16_kv_b ? DType::BF16 : DType::F32;
+    Tensor kv_b = Tensor::empty({T, heads * (dn + dv)}, kv_b_dtype, dev);
+    linear_forward(be, kv_b, saved.kv_latent, *kv_b_proj);
+    const DType kv_dtype = bf16_attention ? DType::BF16 : DType::F32;
+    saved.k = Tensor::empty({T, heads * dqk}, kv_dtype, dev);
+    saved.v = Tensor::empty({T, heads * dv}, kv_dtype, dev);
+    be.mla_split_kv(saved.k, saved.v, kv_b, saved.k_rope, heads, dn, dr, dv);
+  }
 
   prof.next("attn.fwd.attention");
   // Under bf16 attention o feeds o_proj's GEMMs, which round it, and the attention backward, which

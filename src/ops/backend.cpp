@@ -46,6 +46,15 @@ void Backend::grouped_matmul_sum(Tensor& c, std::span<const GroupedTerm> terms,
   }
 }
 
+void Backend::mla_kv_up(Tensor& k, Tensor& v, const Tensor& kv_latent, const Tensor& w_kv_b,
+                        const Tensor& k_rope, int64_t heads, int64_t dn, int64_t dr, int64_t dv) {
+  const bool bf16 = k.dtype() == DType::BF16 && supports(Op::Matmul, DType::BF16);
+  Tensor kv_b = Tensor::empty({rows(kv_latent), heads * (dn + dv)}, bf16 ? DType::BF16 : DType::F32,
+                              kv_latent.device());
+  matmul(kv_b, kv_latent, w_kv_b, false, true, 1.0f, 0.0f);
+  mla_split_kv(k, v, kv_b, k_rope, heads, dn, dr, dv);
+}
+
 void Backend::grouped_swiglu(Tensor& h, Tensor* gate, Tensor* up, const Tensor& x,
                              std::span<const Tensor* const> gate_w,
                              std::span<const Tensor* const> up_w, std::span<const int64_t> begin) {

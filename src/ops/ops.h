@@ -41,6 +41,7 @@ enum class Op : uint8_t {
   ScatterAddRows,
   CopyColumns,
   MlaSplitKv,
+  MlaKvUp,
   MoeGate,
   MoeDispatchPlan,
   MoeExpertsSmall,
@@ -437,6 +438,14 @@ class Backend {
   virtual void mla_split_kv_backward(Tensor& dkv_b, Tensor& dk_rope, const Tensor& dk,
                                      const Tensor& dv, int64_t heads, int64_t dn, int64_t dr,
                                      int64_t dvd) = 0;
+  // MLA's key/value up-projection and split in one op: k [T, H, dn+dr] = [kv_latent W_k,h^T |
+  // k_rope], v [T, H, dv] = kv_latent W_v,h^T, where w_kv_b [H*(dn+dv), r] holds each head's
+  // [W_k,h; W_v,h] rows (kv_b_proj's weight). The default is that GEMM into a kv_b [T, H*(dn+dv)]
+  // (BF16 where k is BF16 and the backend writes bf16 GEMM outputs, else F32) and mla_split_kv;
+  // where supports(MlaKvUp, BF16) a backend may write BF16 k and v straight from the GEMMs (the
+  // same products, rounded once as stored).
+  virtual void mla_kv_up(Tensor& k, Tensor& v, const Tensor& kv_latent, const Tensor& w_kv_b,
+                         const Tensor& k_rope, int64_t heads, int64_t dn, int64_t dr, int64_t dv);
 
   // Gate: logits [T,E] (fp32) -> topk_idx I32 [T,K], topk_w [T,K], scores [T,E] (softmax or
   // sigmoid, saved for backward). bias [E] (may be undefined) shifts selection only.

@@ -2,6 +2,8 @@
 // (axpy/scale, AdamW, embedding, RMSNorm, SwiGLU, RoPE, gathers and scatters, column copies and
 // the MLA k/v split), index checks and error messages, each against the CPU backend.
 // Tolerances and the fixture: cuda_backend_testing.h.
+#include <tuple>
+
 #include "cuda_backend_testing.h"
 
 namespace moekit {
@@ -937,6 +939,71 @@ TEST_F(CudaBackendTest, CopyColumnsAndMlaSplit) {
   }
   EXPECT_TRUE(gpu().supports(Op::MlaSplitKv, DType::BF16));
   EXPECT_FALSE(cpu().supports(Op::MlaSplitKv, DType::BF16));
+}
+
+// mla_kv_up under Precision::Bf16 with BF16 k and v (MLA's forward under the bf16 attention):
+// k's nope columns and v straight from per-head strided GEMMs, k_rope broadcast beside them,
+// against the op's default on the same backend (the whole kv_b GEMM in bf16, then the split):
+// the same products of the same bf16 operands, rounded once as stored, so equal up to the fp32
+// accumulation order of two GEMM shapes (cuBLAS promises no order): within one bf16 step (2^-8
+// relative) per element, and most elements identical; the rope columns bit-identical (k_rope
+// rounded). Against the CPU's fp32 GEMM and split of the bf16-rounded operands: the output's
+// rounding, up to 2^-8 of an element in the lowest part of its binade, plus the accumulation
+// order's ~1e-6 (measured on the H200: 2.3e-3 to 3.1e-3 normwise).
+// Shapes: small heads, and V2-Lite's (r 512, dn 128, dr 64, dv 128) at 301 tokens. An F32 k
+// takes the default path.
+TEST_F(CudaBackendTest, MlaKvUpEqualsGemmThenSplit) {
+  EXPECT_TRUE(gpu().supports(Op::MlaKvUp, DType::BF16));
+  EXPECT_FALSE(cpu().supports(Op::MlaKvUp, DType::BF16));
+  struct Case {
+    int64_t T, H, r, dn, dr, dv;
+  };
+  PrecisionScope bf16(gpu(), Precision::Bf16);
+  for (const Case& c : {Case{37, 3, 64, 32, 16, 24}, Case{301, 4, 512, 128, 64, 128}}) {
+    SCOPED_TRACE(testing::Message() << "T " << c.T << " H " << c.H << " r " << c.r);
+    const int64_t T = c.T, H = c.H;
+    const Tensor x = randn({T, c.r}), w = randn({H * (c.dn + c.dv), c.r}, 0.1f);
+    const Tensor k_rope = randn({T, c.dr});
+    const Tensor x16 = x.to_dtype(DType::BF16), w16 = w.to_dtype(DType::BF16);
+    const Shape ks{T, H * (c.dn + c.dr)}, vs{T, H * c.dv};
+    Tensor k = poisoned(ks, DType::BF16), v = poisoned(vs, DType::BF16);
+    gpu().mla_kv_up(k, v, dev(x16), dev(w16), dev(k_rope), H, c.dn, c.dr, c.dv);
+    Tensor rk = poisoned(ks, DType::BF16), rv = poisoned(vs, DType::BF16);
+    gpu().Backend::mla_kv_up(rk, rv, dev(x16), dev(w16), dev(k_rope), H, c.dn, c.dr, c.dv);
+    // CPU reference: fp32 GEMM of the rounded operands, then the split.
+    Tensor kv_b = Tensor::empty({T, H * (c.dn + c.dv)});
+    cpu().matmul(kv_b, x16.to_f32(), w16.to_f32(), false, true, 1.0f, 0.0f);
+    Tensor ck = Tensor::empty(ks), cv = Tensor::empty(vs);
+    cpu().mla_split_kv(ck, cv, kv_b, k_rope, H, c.dn, c.dr, c.dv);
+    for (const auto& [got, ref, cpu_ref, name] :
+         {std::tuple{&k, &rk, &ck, "k"}, std::tuple{&v, &rv, &cv, "v"}}) {
+      const Tensor g = got->to_host().to_f32(), r = ref->to_host().to_f32();
+      int64_t differ = 0, far = 0;
+      for (int64_t i = 0; i < g.numel(); ++i) {
+        const float a = g.f32()[i], b = r.f32()[i];
+        differ += a != b;
+        far += !(std::abs(a - b) <= std::ldexp(1.0f, -8) * std::abs(b) + 1e-6f);
+      }
+      EXPECT_EQ(far, 0) << name << ": beyond one bf16 step of the GEMM-then-split";
+      EXPECT_LE(differ, g.numel() / 20) << name << ": most elements should be identical";
+      EXPECT_CLOSE(*got, *cpu_ref, std::ldexp(1.0, -8) + 1e-5);
+    }
+    const Tensor hk = k.to_host();
+    const Tensor rope16 = k_rope.to_dtype(DType::BF16);
+    const auto* kb = static_cast<const uint16_t*>(hk.raw());
+    const auto* rb = static_cast<const uint16_t*>(rope16.raw());
+    int64_t rope_bad = 0;
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t j = 0; j < c.dr; ++j)
+          rope_bad += kb[(t * H + h) * (c.dn + c.dr) + c.dn + j] != rb[t * c.dr + j];
+    EXPECT_EQ(rope_bad, 0) << "k's rope columns";
+    // F32 k and v: the default (GEMM, then split), the CPU's values within the bf16 GEMM's error.
+    Tensor fk = poisoned(ks), fv = poisoned(vs);
+    gpu().mla_kv_up(fk, fv, dev(x16), dev(w16), dev(k_rope), H, c.dn, c.dr, c.dv);
+    EXPECT_CLOSE(fk, ck, std::ldexp(1.0, -8));
+    EXPECT_CLOSE(fv, cv, std::ldexp(1.0, -8));
+  }
 }
 
 TEST_F(CudaBackendTest, IndexErrorsReportTheFirstBadOpAndReset) {

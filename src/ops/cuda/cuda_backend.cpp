@@ -360,8 +360,9 @@ bool CudaBackend::supports(Op op, DType dtype) const {
     case Op::CrossEntropy:  // dlogits; the fused op's logits (the LM head's under Bf16)
     case Op::Attention:     // q, k, v and out (O in backward) under Bf16
     case Op::MlaSplitKv:    // kv_b, k, v, dkv_b
+    case Op::MlaKvUp:       // k and v written by the GEMMs
     case Op::RmsNorm:       // out; the backward's dx_bf16 copy
-    case Op::Rope:          // out (a tensor of its own)
+    case Op::Rope:          // x and out
       return true;
     default:
       return false;

@@ -157,6 +157,8 @@ class CudaBackend final : public Backend {
                     int64_t dn, int64_t dr, int64_t dv) override;
   void mla_split_kv_backward(Tensor& dkv_b, Tensor& dk_rope, const Tensor& dk, const Tensor& dv,
                              int64_t heads, int64_t dn, int64_t dr, int64_t dvd) override;
+  void mla_kv_up(Tensor& k, Tensor& v, const Tensor& kv_latent, const Tensor& w_kv_b,
+                 const Tensor& k_rope, int64_t heads, int64_t dn, int64_t dr, int64_t dv) override;
   void moe_gate_forward(Tensor& topk_idx, Tensor& topk_w, Tensor& scores, const Tensor& logits,
                         const Tensor& bias, const GateParams& p) override;
   void moe_gate_backward(Tensor& dlogits, const Tensor& dtopk_w, const Tensor& topk_idx,

@@ -592,6 +592,42 @@ cudaError_t mla_split_kv(void* k, void* v, DType dtype, const void* kv_b, DType 
                            dr, dv);
 }
 
+namespace {
+
+// mla_broadcast_k_rope as a row op over (token, head) rows of V-element units of the dr columns.
+template <typename T, int V>
+struct BroadcastKRopeRows {
+  T* k;
+  const float* k_rope;
+  int64_t heads, dn, dr;
+  struct Regs {
+    float x[V];
+  };
+  __device__ void load(int64_t t, int, int u, Regs& g) const {
+    load_n<V>(k_rope + t * dr + int64_t(u) * V, g.x);
+  }
+  __device__ void store(int64_t t, int h, int u, const Regs& g) const {
+    store_n<V>(k + (t * heads + h) * (dn + dr) + dn + int64_t(u) * V, g.x);
+  }
+};
+
+template <typename T>
+cudaError_t broadcast_k_rope_as(T* k, const float* k_rope, int64_t tokens, int64_t heads,
+                                int64_t dn, int64_t dr) {
+  if (dn % 8 == 0 && dr % 8 == 0 && all_aligned16(k, k_rope))
+    return for_each_row(tokens, heads, dr / 8, BroadcastKRopeRows<T, 8>{k, k_rope, heads, dn, dr});
+  return for_each_row(tokens, heads, dr, BroadcastKRopeRows<T, 1>{k, k_rope, heads, dn, dr});
+}
+
+}  // namespace
+
+cudaError_t mla_broadcast_k_rope(void* k, DType dtype, const float* k_rope, int64_t tokens,
+                                 int64_t heads, int64_t dn, int64_t dr) {
+  if (dtype == DType::BF16)
+    return broadcast_k_rope_as(static_cast<bf16_t*>(k), k_rope, tokens, heads, dn, dr);
+  return broadcast_k_rope_as(static_cast<float*>(k), k_rope, tokens, heads, dn, dr);
+}
+
 cudaError_t mla_split_kv_backward(void* dkv_b, DType dtype, float* dk_rope, const float* dk,
                                   const float* dv, int64_t tokens, int64_t heads, int64_t dn,
                                   int64_t dr, int64_t dvd) {

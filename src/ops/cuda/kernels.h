@@ -79,6 +79,10 @@ cudaError_t copy_columns(float* dst, int64_t dst_ld, const float* src, int64_t s
 cudaError_t mla_split_kv(void* k, void* v, DType dtype, const void* kv_b, DType kv_b_dtype,
                          const float* k_rope, int64_t tokens, int64_t heads, int64_t dn, int64_t dr,
                          int64_t dv);
+// k[t, h, dn + j] = k_rope[t, j] for every head h (k [T, H, dn + dr] of `dtype`, F32 or BF16):
+// the shared rope part of MLA's keys, beside the dn columns mla_kv_up's GEMMs write.
+cudaError_t mla_broadcast_k_rope(void* k, DType dtype, const float* k_rope, int64_t tokens,
+                                 int64_t heads, int64_t dn, int64_t dr);
 cudaError_t mla_split_kv_backward(void* dkv_b, DType dtype, float* dk_rope, const float* dk,
                                   const float* dv, int64_t tokens, int64_t heads, int64_t dn,
                                   int64_t dr, int64_t dvd);
