@@ -960,8 +960,8 @@ void CudaBackend::grouped_swiglu(Tensor& h, Tensor* gate, Tensor* up, const Tens
                       (!up || (up->shape() == h.shape() && up->dtype() == h.dtype()));
     if (same && own_expert_gemm(h, gate, up, x, gate_w, up_w, begin)) return;
   }
-  // On padded expert blocks (the default path) the gate and up products share each block size's
-  // batched call: half the launches, and twice the tiles per launch fill the last wave better.
+  // On padded expert blocks (the default path) the gate and up products share the batched calls:
+  // half the launches, and twice the tiles per launch fill the last wave better.
   if (gate_w.size() == up_w.size() && expert_gemm_ == ExpertGemm::Batched) {
     Tensor g = gate ? *gate : Tensor(), u = up ? *up : Tensor();
     for (Tensor* t : {&g, &u}) {
@@ -1085,9 +1085,9 @@ void CudaBackend::grouped_matmul_bf16(Tensor& c, std::span<const GroupedTerm> te
 // runs Hopper's warpgroup kernels: ~780-800 TFLOP/s of useful work on the same GEMMs with each
 // expert padded to a multiple of 128 rows (9 % padding), near the 870 of one dense GEMM of all
 // rows (tools/expert_gemm_bench.cu). By default every 128-row block of every expert is one
-// problem of a single batched call (ExpertBatch::Blocks; the blocks of an expert are adjacent, so
-// its weight is read from L2 by all of them), rather than one call per distinct padded size: a
-// skewed routing spreads the experts over 10-15 sizes, each call then ending in a partial wave.
+// problem of a single batched call (ExpertBatch::Blocks; an expert's blocks adjacent in the
+// batch), rather than one call per distinct padded size: a skewed routing spreads the experts over
+// 10-15 sizes, each call then ending in a partial wave.
 // The padding rows are zeros (the plan's padding slots), so they add nothing to any product. A BF16
 // c (one term, beta 0) receives the rounded products; an F32 c the fp32 sums, each term added with
 // beta 1 after the first (no bf16 scratch).
@@ -1127,10 +1127,17 @@ void CudaBackend::grouped_matmul_batched(std::span<const BatchedProduct> product
     };
     while (last < products.size() && joins(products[last])) ++last;
     const auto set = products.subspan(first, last - first);
-    std::vector<Tensor> a;  // each product's rows in bf16
+    std::vector<Tensor> a;                    // each product's rows in bf16
+    std::vector<std::vector<const void*>> w;  // each product's weights in bf16, by group
     for (const BatchedProduct& p : set) {
       a.push_back(as_bf16(*p.a));
       keep.push_back(a.back());
+      // Rounded once per expert (an F32 weight with no bf16 copy), whatever its blocks.
+      w.emplace_back(p.b.size(), nullptr);
+      for (size_t g : groups) {
+        keep.push_back(as_bf16(*p.b[g]));
+        w.back()[g] = keep.back().raw();
+      }
     }
     for (const auto& [m, gs] : sizes) {
       // Column-major as gemm_row_major: C_g^T [N, rows] = op(W_g)^T a_g^T.
@@ -1144,11 +1151,8 @@ void CudaBackend::grouped_matmul_batched(std::span<const BatchedProduct> product
                        .count = int64_t(gs.size() * set.size()),
                        .first = ptrs.size(),
                        .beta = set[0].beta});
-      for (const BatchedProduct& p : set)
-        for (const auto& [g, r] : gs) {
-          keep.push_back(as_bf16(*p.b[g]));
-          ptrs.push_back(keep.back().raw());
-        }
+      for (size_t i = 0; i < set.size(); ++i)
+        for (const auto& [g, r] : gs) ptrs.push_back(w[i][g]);
       for (size_t i = 0; i < set.size(); ++i)
         for (const auto& [g, r] : gs)
           ptrs.push_back(a[i].slice(begin[g] + r, begin[g] + r + m).raw());
