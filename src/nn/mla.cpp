@@ -79,6 +79,10 @@ Tensor MLA::forward(Backend& be, const Tensor& x, const Tensor& positions, const
   // BF16 copies (half the bytes).
   const bool bf16_attention = bf16_gemm_inputs(be) && be.supports(Op::Attention, DType::BF16) &&
                               be.supports(Op::MlaSplitKv, DType::BF16);
+  // Whether this forward's GEMMs write bf16 outputs: the Bf16 precision, past the GEMV path's few
+  // rows (which write F32 only, nn/linear.h). q and kv_b below follow it.
+  const bool bf16_outputs = be.precision() == Precision::Bf16 &&
+                            be.supports(Op::Matmul, DType::BF16) && T > be.unrounded_gemv_rows();
   // Under the Bf16 precision, where the GEMM writes bf16 (not the few rows of the GEMV path), q's
   // GEMM writes it rounded and the rotation runs in place on the rope dims only, in fp32 from the
   // bf16 values (transformers' bf16 model rotates its bf16 q_proj output too). Before, the GEMM
@@ -88,9 +92,8 @@ Tensor MLA::forward(Backend& be, const Tensor& x, const Tensor& positions, const
   // roundings (its tests compare both settings bit for bit); the attention reads a BF16 q either
   // way. Else the rotation writes the rounded copy (apply_rope), and bf16_operand rounds q only
   // where it could not.
-  const bool bf16_q = be.precision() == Precision::Bf16 && be.supports(Op::Matmul, DType::BF16) &&
-                      be.supports(Op::Attention, DType::BF16) &&
-                      be.supports(Op::Rope, DType::BF16) && T > be.unrounded_gemv_rows();
+  const bool bf16_q =
+      bf16_outputs && be.supports(Op::Attention, DType::BF16) && be.supports(Op::Rope, DType::BF16);
   saved.q = Tensor::empty({T, heads * dqk}, bf16_q ? DType::BF16 : DType::F32, dev);
   if (q_lora_rank > 0) {
     saved.q_a = empty({T, q_lora_rank});
@@ -123,9 +126,7 @@ Tensor MLA::forward(Backend& be, const Tensor& x, const Tensor& positions, const
   // output is the one for an fp32 output is not promised, so the switch must not choose between
   // them (its tests compare the two settings bit for bit). Few rows stay F32: the GEMV path
   // (nn/linear.h) writes F32 only.
-  const bool bf16_kv_b = be.precision() == Precision::Bf16 &&
-                         be.supports(Op::Matmul, DType::BF16) &&
-                         be.supports(Op::MlaSplitKv, DType::BF16) && T > be.unrounded_gemv_rows();
+  const bool bf16_kv_b = bf16_outputs && be.supports(Op::MlaSplitKv, DType::BF16);
   // Where the backend writes bf16 k and v straight from the up-projection's GEMMs (mla_kv_up:
   // no kv_b tensor, no split pass), k and v are BF16 whenever kv_b would be, so that the switch
   // above still does not choose the rounding: the attention reads them as bf16 either way.
