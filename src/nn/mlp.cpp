@@ -47,8 +47,8 @@ Tensor MLP::forward(Backend& be, const Tensor& x, Tensor* residual) {
                         : be.supports(Op::SwiGLU, DType::BF16) ? gemm_input_dtype(be, T)
                                                                : DType::F32;
   Tensor h = Tensor::empty({T, I}, h_dtype, x.device());
-  linear_forward(be, saved.gate, saved.x, *gate_proj);
-  linear_forward(be, saved.up, saved.x, *up_proj);
+  be.matmul_pair(saved.gate, saved.up, saved.x, gemm_weight(be, *gate_proj, T),
+                 gemm_weight(be, *up_proj, T));  // linear_forward of both in one call
   be.swiglu_forward(h, saved.gate, saved.up);
   // h's one reader in backward is down_proj's weight gradient: kept only when that trains (not
   // for ESFT's frozen shared experts and dense layers).
@@ -67,8 +67,7 @@ void MLP::forward_add(Backend& be, const Tensor& x, Tensor& y) {
   Tensor gate = Tensor::empty({T, I}, DType::F32, x.device());
   Tensor up = Tensor::empty({T, I}, DType::F32, x.device());
   Tensor h = Tensor::empty({T, I}, DType::F32, x.device());
-  linear_forward(be, gate, x, *gate_proj);
-  linear_forward(be, up, x, *up_proj);
+  be.matmul_pair(gate, up, x, gemm_weight(be, *gate_proj, T), gemm_weight(be, *up_proj, T));
   be.swiglu_forward(h, gate, up);
   be.matmul(y, h, down_proj->value, false, true, 1.0f, /*beta=*/1.0f);
 }

@@ -19,11 +19,12 @@ DispatchPlan make_dispatch_plan(Backend& be, const Routing& r, int64_t n_experts
   plan.slot_token = Tensor::empty({S}, DType::I32, dev);
   plan.slot_pair = Tensor::empty({S}, DType::I32, dev);
   plan.slot_weight = Tensor::empty({S}, DType::F32, dev);
+  plan.token_slots = Tensor::empty(r.topk_idx.shape(), DType::I32, dev);
   Tensor offsets = Tensor::empty({2 * n_experts + 1}, DType::I32, dev);  // begins, then loads
   Tensor begin = offsets.slice(0, n_experts + 1),
          rows = offsets.slice(n_experts + 1, 2 * n_experts + 1);
-  be.moe_dispatch_plan(plan.slot_token, plan.slot_pair, plan.slot_weight, begin, rows, r.topk_idx,
-                       r.topk_w, n_experts, align);
+  be.moe_dispatch_plan(plan.slot_token, plan.slot_pair, plan.slot_weight, plan.token_slots, begin,
+                       rows, r.topk_idx, r.topk_w, n_experts, align);
   // The layer's one small device-to-host copy; `meanwhile` queues more work before the host
   // waits for it.
   std::unique_ptr<PendingHostCopy> copy = be.copy_to_host_async(offsets);
@@ -196,8 +197,8 @@ Tensor grouped_path(Backend& be, MoE& m, const Tensor& xg, const Routing& r, boo
   h = Tensor();
 
   prof.next("moe.fwd.combine");
-  be.scatter_add_rows(y, expert_out, saved.plan.slot_token,
-                      &saved.plan.slot_weight);  // combine (fp32 sums)
+  be.combine_slots(y, expert_out, saved.plan.slot_token, saved.plan.token_slots,
+                   &saved.plan.slot_weight);  // combine (fp32 sums)
   return y;
 }
 
@@ -497,7 +498,7 @@ void MoE::backward(Backend& be, Tensor& dx, const Tensor& dy, bool accumulate) {
     be.fill(dx, 0.0f);
   }
   prof.next("moe.bwd.scatter");
-  be.scatter_add_rows(dx, dxs, plan.slot_token, nullptr);
+  be.combine_slots(dx, dxs, plan.slot_token, plan.token_slots, nullptr);
   prof.next("moe.bwd.route");
   gate.backward(be, dx, dtopk);
 }

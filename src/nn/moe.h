@@ -27,6 +27,7 @@ struct DispatchPlan {
   Tensor slot_token;                  // I32 [S]: token of each slot (-1: padding)
   Tensor slot_pair;                   // I32 [S]: t*K + k of each slot (-1: padding)
   Tensor slot_weight;                 // [S]: combine weight of each slot (0: padding)
+  Tensor token_slots;                 // I32 [T, K]: each token's slots, increasing (the combine)
   std::vector<int64_t> expert_begin;  // [E+1] slot offsets per expert, padding included (host)
   std::vector<int64_t> expert_rows;   // [E] pairs per expert, without padding (host)
 };

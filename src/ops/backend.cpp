@@ -37,6 +37,26 @@ std::unique_ptr<PendingHostCopy> Backend::copy_to_host_async(const Tensor& src) 
   return done;
 }
 
+void Backend::matmul_pair(Tensor& y0, Tensor& y1, const Tensor& x, const Tensor& w0,
+                          const Tensor& w1) {
+  MOEKIT_CHECK(y0.shape() == y1.shape() && y0.dtype() == y1.dtype() && w0.shape() == w1.shape() &&
+                   w0.dtype() == w1.dtype(),
+               "matmul_pair: outputs {} ({}), {} ({}); weights {} ({}), {} ({})", y0.shape().str(),
+               dtype_name(y0.dtype()), y1.shape().str(), dtype_name(y1.dtype()), w0.shape().str(),
+               dtype_name(w0.dtype()), w1.shape().str(), dtype_name(w1.dtype()));
+  matmul(y0, x, w0, false, true, 1.0f, 0.0f);
+  matmul(y1, x, w1, false, true, 1.0f, 0.0f);
+}
+
+void Backend::combine_slots(Tensor& out, const Tensor& x, const Tensor& slot_token,
+                            const Tensor& token_slots, const Tensor* weights) {
+  MOEKIT_CHECK(token_slots.dtype() == DType::I32 && token_slots.ndim() == 2 &&
+                   token_slots.dim(0) == out.dim(0),
+               "combine_slots: token_slots {} {} for out {}", dtype_name(token_slots.dtype()),
+               token_slots.shape().str(), out.shape().str());
+  scatter_add_rows(out, x, slot_token, weights);
+}
+
 void Backend::grouped_matmul_sum(Tensor& c, std::span<const GroupedTerm> terms,
                                  std::span<const int64_t> begin, bool trans_b, float beta) {
   MOEKIT_CHECK(!terms.empty(), "grouped_matmul_sum: no terms");

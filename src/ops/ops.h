@@ -178,6 +178,13 @@ class Backend {
   // cores keeps Fp32 and ignores the request.
   virtual void set_precision(Precision) {}
   virtual Precision precision() const { return Precision::Fp32; }
+  // SwiGLU's two projections of one input: y0 = x @ w0^T and y1 = x @ w1^T, each as
+  // matmul(y, x, w, false, true, 1, 0) (the default: two matmuls). y0 and y1 of one shape and
+  // dtype, w0 and w1 too; a backend may run both products in one call (the CUDA backend on its
+  // bf16 tensor cores, where matmul would run cuBLAS: half the launches, and twice the tiles per
+  // launch fill the last wave better).
+  virtual void matmul_pair(Tensor& y0, Tensor& y1, const Tensor& x, const Tensor& w0,
+                           const Tensor& w1);
 
   // c[M,N] = alpha * op(a) @ op(b) + beta * c, op(a) [M,K], op(b) [K,N]; 2-D views.
   // Dtypes: F32 on every backend. Where the backend supports(Matmul, BF16), a and b may each be
@@ -424,6 +431,12 @@ class Backend {
   // weights F32; x F32, or BF16 where supports(ScatterAddRows, BF16) (widened exactly, fp32 sums).
   virtual void scatter_add_rows(Tensor& out, const Tensor& x, const Tensor& rows,
                                 const Tensor* weights) = 0;
+  // The combine of a dispatch plan: scatter_add_rows(out, x, slot_token, weights), given also the
+  // plan's token_slots I32 [T, K] (each token's K slots in increasing order, moe_dispatch_plan's),
+  // which holds the same sums in the same order without a sort by destination. out F32 [T, H]; x
+  // [S, H] and weights [S] (the plan's slots, padding included). The default ignores token_slots.
+  virtual void combine_slots(Tensor& out, const Tensor& x, const Tensor& slot_token,
+                             const Tensor& token_slots, const Tensor* weights);
   // dst[:, dst_col:dst_col+n] (+)= src[:, src_col:src_col+n] for 2-D tensors with equal rows.
   virtual void copy_columns(Tensor& dst, int64_t dst_col, const Tensor& src, int64_t src_col,
                             int64_t n, bool accumulate) = 0;
@@ -462,7 +475,8 @@ class Backend {
   // padded with empty slots to a multiple of `align` rows (align >= 1; 1: no padding). Per slot s
   // of a pair: slot_pair[s] = t*K+k, slot_token[s] = t, slot_weight[s] = topk_w[t,k]; per padding
   // slot: -1, -1 and 0 (gather_rows makes its row zero, the combine skips it, so every expert GEMM
-  // reads and writes zeros there and the weight gradients stay exact). expert_begin I32
+  // reads and writes zeros there and the weight gradients stay exact). token_slots I32 [T, K]:
+  // each token's K slots in increasing order (for combine_slots). expert_begin I32
   // [n_experts+1]: expert e owns the slots [expert_begin[e], expert_begin[e+1]), padding included;
   // expert_rows I32 [n_experts]: its pairs (the load, without padding). The slot tensors hold
   // dispatch_slots(T*K, n_experts, align) entries: those past expert_begin[n_experts] are padding
@@ -470,8 +484,9 @@ class Backend {
   // (expert_row_alignment says when it pays). All on topk_idx's device (no host round trip but the
   // index check).
   virtual void moe_dispatch_plan(Tensor& slot_token, Tensor& slot_pair, Tensor& slot_weight,
-                                 Tensor& expert_begin, Tensor& expert_rows, const Tensor& topk_idx,
-                                 const Tensor& topk_w, int64_t n_experts, int64_t align) = 0;
+                                 Tensor& token_slots, Tensor& expert_begin, Tensor& expert_rows,
+                                 const Tensor& topk_idx, const Tensor& topk_w, int64_t n_experts,
+                                 int64_t align) = 0;
   // The row multiple to pad each expert's slots to (moe_dispatch_plan's align) for `pairs`
   // (token, expert) pairs over n_experts experts: 1 (no padding) unless the backend runs padded
   // expert GEMMs faster than grouped ones at this size (the CUDA backend under bf16).

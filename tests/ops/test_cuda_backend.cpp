@@ -66,6 +66,58 @@ TEST_F(CudaBackendTest, MatmulBf16InputsFp32Accumulation) {
     }
 }
 
+// matmul_pair, SwiGLU's gate and up projections in one call: on the bf16 path (BF16 weights, or
+// F32 ones under the Bf16 precision) one batched cuBLAS call whose products are the CPU GEMMs of
+// the same rounded inputs at fp32 tolerance (plus the output's rounding when it is BF16), as
+// matmul's are. Two matmuls instead: F32 without the Bf16 precision (to the bit), few rows (the
+// GEMV), and a width that is no whole number of 16-byte rows (67). Outputs or weights of two
+// shapes are refused.
+TEST_F(CudaBackendTest, MatmulPairEqualsTwoMatmuls) {
+  const int64_t K = 72;
+  auto rounded = [](const Tensor& t) { return t.to_dtype(DType::BF16).to_f32(); };
+  for (const int64_t N : {int64_t(64), int64_t(67)})
+    for (const int64_t M : {int64_t(300), int64_t(3)})
+      for (const DType out : {DType::F32, DType::BF16})
+        for (const bool bf16_weights : {true, false}) {
+          SCOPED_TRACE(testing::Message() << "N " << N << " M " << M << " out " << dtype_name(out)
+                                          << (bf16_weights ? " bf16 weights" : " f32 weights"));
+          if (M <= 4 && out == DType::BF16) continue;  // the GEMV writes F32 only
+          const Tensor x = randn({M, K}), w0 = randn({N, K}), w1 = randn({N, K});
+          auto place = [&](const Tensor& w) {
+            return dev(bf16_weights ? w.to_dtype(DType::BF16) : w);
+          };
+          const Tensor gw0 = place(w0), gw1 = place(w1);
+          Tensor y0 = poisoned({M, N}, out), y1 = poisoned({M, N}, out);
+          Tensor r0 = poisoned({M, N}, out), r1 = poisoned({M, N}, out);
+          {
+            PrecisionScope bf16(gpu(), Precision::Bf16);
+            gpu().matmul_pair(y0, y1, dev(x), gw0, gw1);
+            gpu().matmul(r0, dev(x), gw0, false, true, 1.0f, 0.0f);
+            gpu().matmul(r1, dev(x), gw1, false, true, 1.0f, 0.0f);
+          }
+          const double out_round = out == DType::BF16 ? std::ldexp(1.0, -8) : 0.0;
+          for (int i = 0; i < 2; ++i) {
+            Tensor ref = Tensor::empty({M, N});
+            const bool exact_x = M <= 4;         // the GEMV reads F32 activations unrounded
+            const Tensor& w = i == 0 ? w0 : w1;  // the GEMV reads an F32 weight unrounded too
+            cpu().matmul(ref, exact_x ? x : rounded(x), exact_x && !bf16_weights ? w : rounded(w),
+                         false, true, 1.0f, 0.0f);
+            EXPECT_CLOSE(i == 0 ? y0 : y1, ref, kF32Tol + out_round);
+            EXPECT_CLOSE(i == 0 ? y0 : y1, (i == 0 ? r0 : r1).to_host().to_f32(),
+                         kF32Tol + out_round);
+          }
+          if (!bf16_weights && out == DType::F32) {  // Fp32: two matmuls
+            Tensor p0 = poisoned({M, N}), p1 = poisoned({M, N}), q0 = poisoned({M, N});
+            gpu().matmul_pair(p0, p1, dev(x), gw0, gw1);
+            gpu().matmul(q0, dev(x), gw0, false, true, 1.0f, 0.0f);
+            EXPECT_TRUE(bit_equal(p0, q0));
+          }
+        }
+  Tensor y0 = poisoned({300, 64}), y1 = poisoned({300, 65});
+  const Tensor w = dev(randn({64, K})), x = dev(randn({300, K}));
+  EXPECT_THROW(gpu().matmul_pair(y0, y1, x, w, w), Error);
+}
+
 // F32 activations x BF16 weights (frozen bf16 parameters), and F32 x F32 under the Bf16 precision:
 // the F32 operand is rounded to bf16 (round to nearest even, as Tensor::to_dtype) and the GEMM
 // accumulates in fp32, so the CPU GEMM of the same rounded inputs is the oracle at fp32 tolerance.

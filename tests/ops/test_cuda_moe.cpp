@@ -116,7 +116,8 @@ TEST_F(CudaBackendTest, MoeGateEveryMethod) {
       {"sigmoid greedy + bias", gp(S::Sigmoid, M::Greedy, 16, 4, 1, 1, true, 1.0f), true},
       {"sigmoid noaux_tc, top_k 1", gp(S::Sigmoid, M::NoauxTc, 24, 1, 4, 2, true, 1.5f), true},
       // One warp per token (no group selection, E <= 256): the most experts it holds, a method
-      // with groups but only one group, and one expert past its reach (the block kernel).
+      // with groups but only one group, and one expert past its reach (the block kernel). With
+      // the cases above, every count of experts per lane: 1 (E 16), 2 (37, 64), 4 (100), 8 (256).
       {"sigmoid greedy + bias, 256", gp(S::Sigmoid, M::Greedy, 256, 8, 1, 1, true, 2.5f), true},
       {"softmax group_limited, one group",
        gp(S::Softmax, M::GroupLimitedGreedy, 100, 6, 1, 1, false, 16.0f), false},
@@ -149,30 +150,38 @@ TEST_F(CudaBackendTest, MoeGateEveryMethod) {
 }
 
 // The permute plan is integer bookkeeping plus a copy of the weights: bit-equal to the CPU's.
-// Cases: every expert used, most experts empty (only every fourth drawn), a single expert, and
-// more pairs than the 256-thread blocks.
+// Cases: every expert used, most experts empty (only every fourth drawn), a single expert, one
+// token, more pairs than one block's 512 (several blocks; the last one partial), more experts
+// than a block's 256 threads (1100: several rounds of the per-expert loops), and a large plan
+// (V2-Lite's 8192 x 6 pairs over 64 experts: 96 blocks) whose chunks are bigger than 512 when
+// there would be more than 256 blocks (70,000 x 6 pairs).
 TEST_F(CudaBackendTest, MoeDispatchPlanEqualsCpu) {
   struct Case {
     int64_t T, K, E, stride;
   };
-  for (const Case& c : {Case{77, 6, 37, 1}, Case{301, 8, 64, 4}, Case{33, 1, 1, 1},
-                        Case{1, 2, 3, 1}, Case{1500, 6, 1100, 1}})
-    for (const int64_t align : {1, 8, 128}) {  // 1100 experts: more than the offsets' block
+  for (const Case& c :
+       {Case{77, 6, 37, 1}, Case{301, 8, 64, 4}, Case{33, 1, 1, 1}, Case{1, 2, 3, 1},
+        Case{1500, 6, 1100, 1}, Case{8192, 6, 64, 1}, Case{70000, 6, 160, 1}})
+    for (const int64_t align : {1, 8, 128}) {
       SCOPED_TRACE(testing::Message()
                    << "T " << c.T << " K " << c.K << " E " << c.E << " align " << align);
       const int64_t N = c.T * c.K, S = dispatch_slots(N, c.E, align);
+      // Distinct experts within a token where K allows (as the gate picks them), else random.
       Tensor idx = randint({c.T, c.K}, 0, int32_t((c.E - 1) / c.stride + 1)), w = randn({c.T, c.K});
       for (int64_t i = 0; i < N; ++i) idx.i32()[i] *= int32_t(c.stride);
       Tensor tok = Tensor::empty({S}, DType::I32), pair = Tensor::empty({S}, DType::I32);
       Tensor sw = Tensor::empty({S}), begin = Tensor::empty({c.E + 1}, DType::I32);
-      Tensor loads = Tensor::empty({c.E}, DType::I32);
-      cpu().moe_dispatch_plan(tok, pair, sw, begin, loads, idx, w, c.E, align);
+      Tensor loads = Tensor::empty({c.E}, DType::I32),
+             slots = Tensor::empty({c.T, c.K}, DType::I32);
+      cpu().moe_dispatch_plan(tok, pair, sw, slots, begin, loads, idx, w, c.E, align);
       Tensor gtok = poisoned({S}, DType::I32), gpair = poisoned({S}, DType::I32);
       Tensor gsw = poisoned({S}), gbegin = poisoned({c.E + 1}, DType::I32);
-      Tensor gloads = poisoned({c.E}, DType::I32);
-      gpu().moe_dispatch_plan(gtok, gpair, gsw, gbegin, gloads, dev(idx), dev(w), c.E, align);
+      Tensor gloads = poisoned({c.E}, DType::I32), gslots = poisoned({c.T, c.K}, DType::I32);
+      gpu().moe_dispatch_plan(gtok, gpair, gsw, gslots, gbegin, gloads, dev(idx), dev(w), c.E,
+                              align);
       expect_equal_i32(gtok, tok);
       expect_equal_i32(gpair, pair);
+      expect_equal_i32(gslots, slots);
       expect_equal_i32(gbegin, begin);
       expect_equal_i32(gloads, loads);
       EXPECT_TRUE(bit_equal(gsw, sw));
@@ -181,13 +190,74 @@ TEST_F(CudaBackendTest, MoeDispatchPlanEqualsCpu) {
   bad.i32()[7] = 4;
   Tensor t = poisoned({10}, DType::I32), p = poisoned({10}, DType::I32), sw = poisoned({10});
   Tensor b = poisoned({5}, DType::I32), loads = poisoned({4}, DType::I32);
+  Tensor slots = poisoned({5, 2}, DType::I32);
   // Index errors surface at the next read-back (the check does not wait for the GPU).
   EXPECT_THROW(
       {
-        gpu().moe_dispatch_plan(t, p, sw, b, loads, dev(bad), dev(w), 4, 1);
+        gpu().moe_dispatch_plan(t, p, sw, slots, b, loads, dev(bad), dev(w), 4, 1);
         (void)b.to_host();
       },
       Error);
+  Tensor many = poisoned({cuda::kPlanMaxExperts + 2}, DType::I32);
+  EXPECT_THROW(gpu().moe_dispatch_plan(t, p, sw, slots, many, loads, dev(bad), dev(w),
+                                       cuda::kPlanMaxExperts + 1, 1),
+               Error);
+}
+
+// The combine through the plan's token_slots against scatter_add_rows over its slot tokens: on
+// the GPU the same fp32 FMAs in the same order (increasing slot per token), so bit-equal; against
+// the CPU (whose products may round before the add) within kF32Tol. For an F32 and a BF16 x
+// (widened exactly), with and without weights, an odd width (the one-column path), K = 6
+// (V2-Lite), 11 (loads in batches of four with a rest) and 40 (past kCombineMaxK: the default,
+// scatter_add_rows). A token_slots entry out of range is reported and replaced by slot 0.
+TEST_F(CudaBackendTest, CombineSlotsEqualsCpuScatterAdd) {
+  struct Case {
+    int64_t T, K, E, H, align;
+  };
+  for (const Case& c : {Case{300, 6, 64, 256, 128}, Case{57, 11, 23, 64, 8}, Case{9, 40, 45, 24, 1},
+                        Case{40, 6, 16, 13, 1}})
+    for (const DType xd : {DType::F32, DType::BF16})
+      for (const bool weighted : {true, false}) {
+        SCOPED_TRACE(testing::Message() << "T " << c.T << " K " << c.K << " H " << c.H << " "
+                                        << dtype_name(xd) << (weighted ? " weighted" : ""));
+        // Distinct experts per token, shifted per token (tokens share experts).
+        Tensor idx = Tensor::empty({c.T, c.K}, DType::I32), w = randn({c.T, c.K});
+        for (int64_t t = 0; t < c.T; ++t)
+          for (int64_t k = 0; k < c.K; ++k) idx.i32()[t * c.K + k] = int32_t((3 * t + k) % c.E);
+        const int64_t S = dispatch_slots(c.T * c.K, c.E, c.align);
+        Tensor tok = Tensor::empty({S}, DType::I32), pair = Tensor::empty({S}, DType::I32);
+        Tensor sw = Tensor::empty({S}), begin = Tensor::empty({c.E + 1}, DType::I32);
+        Tensor loads = Tensor::empty({c.E}, DType::I32),
+               slots = Tensor::empty({c.T, c.K}, DType::I32);
+        cpu().moe_dispatch_plan(tok, pair, sw, slots, begin, loads, idx, w, c.E, c.align);
+        const Tensor x = randn({S, c.H}).to_dtype(xd), y0 = randn({c.T, c.H});
+        Tensor ref = y0.clone();
+        cpu().scatter_add_rows(ref, x.to_f32(), tok, weighted ? &sw : nullptr);
+        Tensor gy = dev(y0), gref = dev(y0);
+        const Tensor gsw = dev(sw), gx = dev(x), gtok = dev(tok);
+        gpu().combine_slots(gy, gx, gtok, dev(slots), weighted ? &gsw : nullptr);
+        gpu().scatter_add_rows(gref, gx, gtok, weighted ? &gsw : nullptr);
+        EXPECT_TRUE(bit_equal(gy, gref));
+        EXPECT_CLOSE(gy, ref, kF32Tol);
+      }
+  const int64_t T = 20, K = 2, H = 8, S = 40;
+  Tensor slots = Tensor::empty({T, K}, DType::I32), tok = Tensor::empty({S}, DType::I32);
+  for (int64_t i = 0; i < T * K; ++i) {
+    slots.i32()[i] = int32_t(i);
+    tok.i32()[i] = int32_t(i / K);
+  }
+  slots.i32()[13] = 40;
+  const Tensor x = randn({S, H}), y0 = randn({T, H});
+  Tensor gy = dev(y0);
+  expect_index_error([&] { gpu().combine_slots(gy, dev(x), dev(tok), dev(slots), nullptr); }, gy,
+                     "combine_slots: slot 40 at position 13 out of range [0, 40)");
+  slots.i32()[13] = 0;
+  Tensor ref = y0.clone();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < K; ++j)
+      for (int64_t h = 0; h < H; ++h)
+        ref.f32()[t * H + h] += x.f32()[slots.i32()[t * K + j] * H + h];
+  EXPECT_CLOSE(gy, ref, 0.0);
 }
 
 TEST_F(CudaBackendTest, GroupedMatmulF32AndTf32) {

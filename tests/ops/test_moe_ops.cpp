@@ -31,19 +31,37 @@ Backend& cpu() {
 }
 
 struct Plan {
-  Tensor slot_token, slot_pair, slot_weight, expert_begin, expert_rows;
+  Tensor slot_token, slot_pair, slot_weight, token_slots, expert_begin, expert_rows;
 };
 
 Plan run_plan(const Tensor& idx, const Tensor& w, int64_t E, int64_t align = 1) {
   const int64_t S = dispatch_slots(idx.numel(), E, align);
-  Plan p{Tensor::empty({S}, DType::I32), Tensor::empty({S}, DType::I32), Tensor::empty({S}),
-         Tensor::empty({E + 1}, DType::I32), Tensor::empty({E}, DType::I32)};
+  Plan p{Tensor::empty({S}, DType::I32),
+         Tensor::empty({S}, DType::I32),
+         Tensor::empty({S}),
+         Tensor::empty(idx.shape(), DType::I32),
+         Tensor::empty({E + 1}, DType::I32),
+         Tensor::empty({E}, DType::I32)};
   std::fill_n(p.slot_token.i32(), S, -7);  // poison: an unwritten slot shows
   std::fill_n(p.slot_pair.i32(), S, -7);
   std::fill_n(p.slot_weight.f32(), S, 7.0f);
-  cpu().moe_dispatch_plan(p.slot_token, p.slot_pair, p.slot_weight, p.expert_begin, p.expert_rows,
-                          idx, w, E, align);
+  std::fill_n(p.token_slots.i32(), idx.numel(), -7);
+  cpu().moe_dispatch_plan(p.slot_token, p.slot_pair, p.slot_weight, p.token_slots, p.expert_begin,
+                          p.expert_rows, idx, w, E, align);
   return p;
+}
+
+// token_slots from its definition: the slots whose token is t, in increasing order.
+void expect_token_slots(const Plan& p, int64_t T, int64_t K) {
+  std::vector<std::vector<int32_t>> slots(static_cast<size_t>(T));
+  for (int64_t s = 0; s < p.slot_token.numel(); ++s)
+    if (p.slot_token.i32()[s] >= 0) slots[size_t(p.slot_token.i32()[s])].push_back(int32_t(s));
+  for (int64_t t = 0; t < T; ++t) {
+    ASSERT_EQ(int64_t(slots[size_t(t)].size()), K) << "token " << t;
+    for (int64_t j = 0; j < K; ++j)
+      ASSERT_EQ(p.token_slots.i32()[t * K + j], slots[size_t(t)][size_t(j)])
+          << "token " << t << " slot " << j;
+  }
 }
 
 // The plan from its definition: pairs stably sorted by expert, each expert's block padded to a
@@ -95,8 +113,29 @@ TEST(MoeOps, DispatchPlanIsAStableSortByExpert) {
       Tensor idx = Tensor::empty({c.T, c.K}, DType::I32), w = randn({c.T, c.K}, rng);
       std::uniform_int_distribution<int32_t> u(0, int32_t((c.E - 1) / c.stride));
       for (int64_t i = 0; i < idx.numel(); ++i) idx.i32()[i] = u(rng) * int32_t(c.stride);
-      expect_plan(run_plan(idx, w, c.E, align), idx, w, c.E, align);
+      const Plan p = run_plan(idx, w, c.E, align);
+      expect_plan(p, idx, w, c.E, align);
+      expect_token_slots(p, c.T, c.K);
     }
+}
+
+// combine_slots is scatter_add_rows over the plan's slot tokens: the same sums in the same order,
+// whatever token_slots holds (the default ignores it); token_slots of the wrong shape is refused.
+TEST(MoeOps, CombineSlotsIsTheScatterAddOfSlotTokens) {
+  std::mt19937_64 rng(11);
+  const int64_t T = 29, K = 3, E = 7, H = 5, align = 4;
+  Tensor idx = Tensor::empty({T, K}, DType::I32), w = randn({T, K}, rng);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t k = 0; k < K; ++k) idx.i32()[t * K + k] = int32_t((t + 2 * k) % E);
+  const Plan p = run_plan(idx, w, E, align);
+  const int64_t S = p.slot_token.numel();
+  Tensor x = randn({S, H}, rng), base = randn({T, H}, rng);
+  Tensor a = base.clone(), b = base.clone();
+  cpu().scatter_add_rows(a, x, p.slot_token, &p.slot_weight);
+  cpu().combine_slots(b, x, p.slot_token, p.token_slots, &p.slot_weight);
+  EXPECT_TRUE(bit_equal(a, b));
+  Tensor flat = p.token_slots.reshape({T * K});
+  EXPECT_THROW(cpu().combine_slots(b, x, p.slot_token, flat, nullptr), Error);
 }
 
 // Padding slots (row -1) are no rows: gather writes zeros, the combine skips them; the real slots

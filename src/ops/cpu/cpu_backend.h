@@ -84,8 +84,9 @@ class CpuBackend final : public Backend {
   void moe_gate_backward(Tensor& dlogits, const Tensor& dtopk_w, const Tensor& topk_idx,
                          const Tensor& scores, const Tensor& dscores, const GateParams& p) override;
   void moe_dispatch_plan(Tensor& slot_token, Tensor& slot_pair, Tensor& slot_weight,
-                         Tensor& expert_begin, Tensor& expert_rows, const Tensor& topk_idx,
-                         const Tensor& topk_w, int64_t n_experts, int64_t align) override;
+                         Tensor& token_slots, Tensor& expert_begin, Tensor& expert_rows,
+                         const Tensor& topk_idx, const Tensor& topk_w, int64_t n_experts,
+                         int64_t align) override;
   void moe_experts_small(Tensor& y, const Tensor& x, const Tensor& topk_idx, const Tensor& topk_w,
                          std::span<const ExpertWeights> experts, bool accumulate,
                          const ExpertWeights* shared = nullptr) override;

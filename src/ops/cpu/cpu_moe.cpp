@@ -136,7 +136,7 @@ void CpuBackend::moe_gate_backward(Tensor& dlogits, const Tensor& dtopk_w, const
 }
 
 void CpuBackend::moe_dispatch_plan(Tensor& slot_token, Tensor& slot_pair, Tensor& slot_weight,
-                                   Tensor& expert_begin, Tensor& expert_rows,
+                                   Tensor& token_slots, Tensor& expert_begin, Tensor& expert_rows,
                                    const Tensor& topk_idx, const Tensor& topk_w, int64_t n_experts,
                                    int64_t align) {
   const int64_t N = topk_idx.numel(), K = cols(topk_idx);
@@ -144,12 +144,13 @@ void CpuBackend::moe_dispatch_plan(Tensor& slot_token, Tensor& slot_pair, Tensor
   const int64_t S = dispatch_slots(N, n_experts, align);
   MOEKIT_CHECK(topk_idx.dtype() == DType::I32 && topk_w.numel() == N && slot_token.numel() == S &&
                    slot_pair.numel() == S && slot_weight.numel() == S &&
+                   token_slots.dtype() == DType::I32 && token_slots.numel() == N &&
                    expert_begin.numel() == n_experts + 1 && expert_rows.numel() == n_experts,
-               "moe_dispatch_plan: topk_idx {} topk_w {} slots {} {} {} expert_begin {} "
-               "expert_rows {} for {} experts aligned to {}",
+               "moe_dispatch_plan: topk_idx {} topk_w {} slots {} {} {} token_slots {} "
+               "expert_begin {} expert_rows {} for {} experts aligned to {}",
                topk_idx.shape().str(), topk_w.shape().str(), slot_token.shape().str(),
-               slot_pair.shape().str(), slot_weight.shape().str(), expert_begin.shape().str(),
-               expert_rows.shape().str(), n_experts, align);
+               slot_pair.shape().str(), slot_weight.shape().str(), token_slots.shape().str(),
+               expert_begin.shape().str(), expert_rows.shape().str(), n_experts, align);
   expect_indices(topk_idx, n_experts, "moe_dispatch_plan", "expert");
   const int32_t* idx = topk_idx.i32();
   int32_t *begin = expert_begin.i32(), *count = expert_rows.i32();
@@ -168,7 +169,10 @@ void CpuBackend::moe_dispatch_plan(Tensor& slot_token, Tensor& slot_pair, Tensor
     slot_token.i32()[s] = int32_t(i / K);
     slot_pair.i32()[s] = int32_t(i);
     slot_weight.f32()[s] = topk_w.f32()[i];
+    token_slots.i32()[i] = s;
   }
+  for (int64_t t = 0; K > 0 && t < N / K; ++t)  // each token's slots, increasing
+    std::sort(token_slots.i32() + t * K, token_slots.i32() + (t + 1) * K);
 }
 
 void CpuBackend::moe_experts_small(Tensor& y, const Tensor& x, const Tensor& topk_idx,

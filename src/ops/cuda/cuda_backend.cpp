@@ -693,8 +693,16 @@ Tensor upload_bytes(const void* data, size_t bytes, const char* op) {
   check(cudaMemcpyAsync(t.raw(), data, bytes, cudaMemcpyHostToDevice, cuda::stream()), op);
   return t;
 }
+// A few pointers (matmul_pair's six) as a small kernel's argument instead (write_small_table: no
+// wait for the stream).
 Tensor upload_pointers(std::span<const void* const> ptrs, const char* op) {
-  return upload_bytes(ptrs.data(), ptrs.size_bytes(), op);
+  if (ptrs.size() > size_t(cuda::kSmallTableWords))
+    return upload_bytes(ptrs.data(), ptrs.size_bytes(), op);
+  Tensor t = Tensor::empty({int64_t(2 * ptrs.size())}, DType::I32, Device::CUDA);
+  uint64_t words[cuda::kSmallTableWords];
+  for (size_t i = 0; i < ptrs.size(); ++i) words[i] = reinterpret_cast<uintptr_t>(ptrs[i]);
+  check(cuda::write_small_table(static_cast<uint64_t*>(t.raw()), words, int(ptrs.size())), op);
+  return t;
 }
 
 // One cublasGemmBatchedEx of `count` GEMMs of one shape, in cuBLAS's column-major terms:
@@ -943,6 +951,39 @@ void CudaBackend::grouped_matmul_terms(Tensor& c, std::span<const GroupedTerm> t
   std::vector<GroupGemm> gs;
   for (size_t g : groups) gs.push_back(group_gemm(c, a_in, *b[g], begin, g));
   grouped_gemm(cublas_, gs, trans_b, beta, CUDA_R_32F, compute);
+}
+
+void CudaBackend::matmul_pair(Tensor& y0, Tensor& y1, const Tensor& x, const Tensor& w0,
+                              const Tensor& w1) {
+  const bool same = y0.shape() == y1.shape() && y0.dtype() == y1.dtype() &&
+                    w0.shape() == w1.shape() && w0.dtype() == w1.dtype();
+  // One cublasGemmBatchedEx of the two products where matmul would run them on cuBLAS's bf16 path
+  // (not the GEMV of few rows, not fp32 or TF32) on widths of whole 16-byte rows (every model's);
+  // else the default.
+  const bool bf16 =
+      x.dtype() == DType::BF16 || w0.dtype() == DType::BF16 || precision_ == Precision::Bf16;
+  if (!same || !bf16 || x.ndim() != 2 || y0.ndim() != 2 || rows(x) <= cuda::kGemvMaxRows ||
+      cols(x) == 0 || cols(x) % 8 != 0 || cols(y0) % 8 != 0)
+    return Backend::matmul_pair(y0, y1, x, w0, w1);
+  const auto [M, N, K] = matmul_dims(y0, x, w0, false, true);
+  expect_gemm_operand(x, "matmul_pair", "x");
+  for (const Tensor* t : {&w0, &w1}) expect_gemm_operand(*t, "matmul_pair", "w");
+  for (const Tensor* t : {&y0, &y1}) expect_gemm_operand(*t, "matmul_pair", "y");
+  if (M == 0 || N == 0) return;
+  const Tensor a = as_bf16(x), b0 = as_bf16(w0), b1 = as_bf16(w1);
+  // Column-major as gemm_row_major: y_i^T [N, M] = W_i x^T.
+  const BatchedGemm call{.trans_a = true,
+                         .m = N,
+                         .n = M,
+                         .k = K,
+                         .lda = K,
+                         .ldb = K,
+                         .ldc = N,
+                         .count = 2,
+                         .first = 0,
+                         .beta = 0.0f};
+  const void* const ptrs[] = {b0.raw(), b1.raw(), a.raw(), a.raw(), y0.raw(), y1.raw()};
+  run_batched_gemms(cublas_, {&call, 1}, ptrs, cuda_type(y0.dtype()), "matmul_pair");
 }
 
 void CudaBackend::grouped_swiglu(Tensor& h, Tensor* gate, Tensor* up, const Tensor& x,

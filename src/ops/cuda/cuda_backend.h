@@ -94,6 +94,8 @@ class CudaBackend final : public Backend {
                       std::span<const int64_t> begin, bool trans_b, float beta) override;
   void grouped_matmul_sum(Tensor& c, std::span<const GroupedTerm> terms,
                           std::span<const int64_t> begin, bool trans_b, float beta) override;
+  void matmul_pair(Tensor& y0, Tensor& y1, const Tensor& x, const Tensor& w0,
+                   const Tensor& w1) override;
   void grouped_swiglu(Tensor& h, Tensor* gate, Tensor* up, const Tensor& x,
                       std::span<const Tensor* const> gate_w, std::span<const Tensor* const> up_w,
                       std::span<const int64_t> begin) override;
@@ -151,6 +153,8 @@ class CudaBackend final : public Backend {
                    const Tensor* weights) override;
   void scatter_add_rows(Tensor& out, const Tensor& x, const Tensor& rows,
                         const Tensor* weights) override;
+  void combine_slots(Tensor& out, const Tensor& x, const Tensor& slot_token,
+                     const Tensor& token_slots, const Tensor* weights) override;
   void copy_columns(Tensor& dst, int64_t dst_col, const Tensor& src, int64_t src_col, int64_t n,
                     bool accumulate) override;
   void mla_split_kv(Tensor& k, Tensor& v, const Tensor& kv_b, const Tensor& k_rope, int64_t heads,
@@ -164,8 +168,9 @@ class CudaBackend final : public Backend {
   void moe_gate_backward(Tensor& dlogits, const Tensor& dtopk_w, const Tensor& topk_idx,
                          const Tensor& scores, const Tensor& dscores, const GateParams& p) override;
   void moe_dispatch_plan(Tensor& slot_token, Tensor& slot_pair, Tensor& slot_weight,
-                         Tensor& expert_begin, Tensor& expert_rows, const Tensor& topk_idx,
-                         const Tensor& topk_w, int64_t n_experts, int64_t align) override;
+                         Tensor& token_slots, Tensor& expert_begin, Tensor& expert_rows,
+                         const Tensor& topk_idx, const Tensor& topk_w, int64_t n_experts,
+                         int64_t align) override;
   int64_t expert_row_alignment(int64_t pairs, int64_t n_experts) const override;
   void moe_experts_small(Tensor& y, const Tensor& x, const Tensor& topk_idx, const Tensor& topk_w,
                          std::span<const ExpertWeights> experts, bool accumulate,

@@ -104,6 +104,27 @@ __global__ void check_indices_kernel(int32_t* safe, const int32_t* idx, int64_t 
 
 }  // namespace
 
+namespace {
+
+struct SmallTable {
+  uint64_t words[kSmallTableWords];
+};
+
+__global__ void write_small_table_kernel(uint64_t* dst, SmallTable t, int n) {
+  if (int(threadIdx.x) < n) dst[threadIdx.x] = t.words[threadIdx.x];
+}
+
+}  // namespace
+
+cudaError_t write_small_table(uint64_t* dst, const uint64_t* words, int n) {
+  if (n <= 0) return cudaSuccess;
+  if (n > kSmallTableWords) return cudaErrorInvalidValue;
+  SmallTable t{};
+  for (int i = 0; i < n; ++i) t.words[i] = words[i];
+  write_small_table_kernel<<<1, kSmallTableWords, 0, stream()>>>(dst, t, n);
+  return cudaGetLastError();
+}
+
 cudaError_t check_indices(int32_t* safe, const int32_t* idx, int64_t n, const IndexCheck& c) {
   if (n <= 0) return cudaSuccess;
   check_indices_kernel<<<blocks_for(n, kCheckThreads), kCheckThreads, 0, stream()>>>(safe, idx, n,

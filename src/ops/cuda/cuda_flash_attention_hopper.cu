@@ -157,26 +157,39 @@ __device__ inline void online_softmax(float (&s)[BN / 2], float (&o)[VC / 2],
         if (key > row1) s[4 * j + 2 + e] = -INFINITY;
       }
   }
-  float mx0 = -INFINITY, mx1 = -INFINITY;
+  // The row maxima and sums in kChains independent partial results each, combined at the end:
+  // with two warps per scheduler there is little to hide a dependent chain behind, and one
+  // accumulator per row made each a chain of 2 * BN / 8 operations (Nsight Compute: "wait", the
+  // fixed-latency dependency stall, was the first stall reason). The max is exact in any order;
+  // the sum's rounding changes in the last bits.
+  constexpr int kChains = 4;
+  static_assert((BN / 8) % kChains == 0);
+  float mx0c[kChains], mx1c[kChains];
+#pragma unroll
+  for (int c = 0; c < kChains; ++c) mx0c[c] = mx1c[c] = -INFINITY;
 #pragma unroll
   for (int j = 0; j < BN / 8; ++j) {
-    mx0 = fmaxf(mx0, fmaxf(s[4 * j], s[4 * j + 1]));
-    mx1 = fmaxf(mx1, fmaxf(s[4 * j + 2], s[4 * j + 3]));
+    mx0c[j % kChains] = fmaxf(mx0c[j % kChains], fmaxf(s[4 * j], s[4 * j + 1]));
+    mx1c[j % kChains] = fmaxf(mx1c[j % kChains], fmaxf(s[4 * j + 2], s[4 * j + 3]));
   }
+  const float mx0 = fmaxf(fmaxf(mx0c[0], mx0c[1]), fmaxf(mx0c[2], mx0c[3]));
+  const float mx1 = fmaxf(fmaxf(mx1c[0], mx1c[1]), fmaxf(mx1c[2], mx1c[3]));
   const float mn0 = fmaxf(r.m0, quad_max(mx0) * sl2), mn1 = fmaxf(r.m1, quad_max(mx1) * sl2);
   const float alpha0 = fast_exp2(r.m0 - mn0), alpha1 = fast_exp2(r.m1 - mn1);
   r.m0 = mn0;
   r.m1 = mn1;
-  float sum0 = 0.0f, sum1 = 0.0f;
+  float sum0c[kChains] = {}, sum1c[kChains] = {};
 #pragma unroll
   for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
       s[4 * j + e] = fast_exp2(fmaf(s[4 * j + e], sl2, -mn0));
       s[4 * j + 2 + e] = fast_exp2(fmaf(s[4 * j + 2 + e], sl2, -mn1));
-      sum0 += s[4 * j + e];
-      sum1 += s[4 * j + 2 + e];
+      sum0c[j % kChains] += s[4 * j + e];
+      sum1c[j % kChains] += s[4 * j + 2 + e];
     }
+  const float sum0 = (sum0c[0] + sum0c[1]) + (sum0c[2] + sum0c[3]);
+  const float sum1 = (sum1c[0] + sum1c[1]) + (sum1c[2] + sum1c[3]);
   r.l0 = r.l0 * alpha0 + sum0;
   r.l1 = r.l1 * alpha1 + sum1;
   // Once the running max settles most tiles leave it unchanged (alpha = 1) for every row of the

@@ -1,14 +1,16 @@
-// CUDA kernels, part 4: MoE permute plan (pairs sorted by expert), token dispatch (gather), combine
-// (scatter-add through a sorted plan), the few-token
-// experts' GEMVs (decode) and the gate (scores, group-limited / noaux_tc top-K with the balancing
-// bias, normalisation and scaling) with its backward. Why hand-written: the gate's selection
-// rules (DeepSeek-V2/V3 routing, CPU-identical tie breaking) are no library routine, and the
-// scatter must be deterministic, which the usual float-atomic scatter is not: we stably sort
-// positions by destination (cub radix sort) and let one block per destination add its sources in
-// increasing position order.
+// CUDA kernels, part 4: MoE permute plan (pairs stably counting-sorted by expert), token dispatch
+// (gather), combine (each token's slots from the plan), the generic scatter-add (through a sorted
+// plan), the few-token experts' GEMVs (decode) and the gate (scores, group-limited / noaux_tc
+// top-K with the balancing bias, normalisation and scaling) with its backward. Why hand-written:
+// the gate's selection rules (DeepSeek-V2/V3 routing, CPU-identical tie breaking) are no library
+// routine, and the scatter must be deterministic, which the usual float-atomic scatter is not: the
+// combine reads each token's slots in a fixed order from the plan, and the generic scatter stably
+// sorts positions by destination (cub radix sort) and lets one block per destination add its
+// sources in increasing position order.
 #include <cub/block/block_scan.cuh>
 #include <cub/device/device_radix_sort.cuh>
 
+#include <algorithm>
 #include <type_traits>
 
 #include "ops/cuda/dependent_launch.cuh"
@@ -27,6 +29,8 @@ namespace {
 // four rows, all four loads in flight before the stores, and no division per element. The grid-
 // stride form before (one 8-column chunk per thread and iteration, a 64-bit division each) moved
 // V2-Lite's 49,152 x 2048 bf16 rows at ~1.4 TB/s on the H200: 159 us per MoE layer of a prefill.
+// The rows are written with the evict-first hint: a prefill's slots (~218 MB for V2-Lite's 8192
+// tokens) stream through L2 and would evict the source rows (33 MB), each read by K slots.
 // The rows are range-checked here (block 0 records the first bad one, index_check.cuh) rather than
 // by a check kernel and a checked copy first: a 4-layer ESFT step gathers ~26 times, each check a
 // launch of its own.
@@ -54,7 +58,7 @@ struct GatherRows {
     }
   }
   __device__ void store(int64_t i, int, int u, const Regs& g) const {
-    store_n<V>(out + i * dim + int64_t(u) * V, g.v);
+    store_n_streaming<V>(out + i * dim + int64_t(u) * V, g.v);
   }
 };
 
@@ -203,77 +207,289 @@ cudaError_t scatter_add_planned(float* out, const void* x, DType x_dtype, const 
 
 namespace {
 
-// The plan's expert offsets in one block: the unpadded begin of each expert (a binary search in
-// the sorted experts, so empty experts need no special case), its pairs, and the padded begins
-// (an exclusive scan of the counts rounded up to `align`, in chunks of the block with a carry).
-constexpr int kPlanThreads = 1024;
+// The permute plan as a stable counting sort in two launches. It was a cub radix sort of the
+// pairs by expert, a one-block kernel for the offsets and two maps, behind an index-check kernel:
+// seven launches, ~45 us of a V2-Lite prefill's MoE layer on the H200 (8192 x 6 pairs), most of it
+// the gaps between them; and the combine sorted the slots by token again (another ~45 us). Here
+// block b takes the pairs [b * chunk, (b + 1) * chunk): the first pass counts them per expert, the
+// second sums every block's counts (each block for itself: a few thousand cached loads, cheaper
+// than a launch), scans the padded totals and places its pairs. Within a block, 256 pairs at a
+// time: a pair's rank among the earlier pairs of its expert is the count in earlier warps (a table
+// per warp in shared memory) plus its rank in its own warp (__match_any_sync); pairs keep their
+// order within an expert, so the slots are the CPU's.
+constexpr int kPlanThreads = 256, kPlanWarps = kPlanThreads / 32;
+constexpr int64_t kPlanMinChunk = 512, kPlanMaxBlocks = 256;
 
-__device__ inline int32_t first_at_least(const int32_t* sorted, int64_t n, int64_t value) {
-  int64_t lo = 0, hi = n;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi) / 2;
-    if (sorted[mid] < value)
-      lo = mid + 1;
-    else
-      hi = mid;
-  }
-  return int32_t(lo);
+int64_t plan_chunk(int64_t n) {
+  int64_t chunk = kPlanMinChunk;  // a multiple of kPlanThreads
+  while ((n + chunk - 1) / chunk > kPlanMaxBlocks) chunk *= 2;
+  return chunk;
 }
 
-__global__ void plan_offsets_kernel(int32_t* unpadded_begin, int32_t* expert_rows,
-                                    int32_t* expert_begin, const int32_t* sorted_experts, int64_t n,
-                                    int64_t n_experts, int64_t align) {
+// counts [blocks][E + 1]: block b's pairs per expert, then whether its chunk holds a bad expert
+// index (the place pass then finds the first one: the scan over all pairs runs only then).
+__global__ void __launch_bounds__(kPlanThreads)
+    plan_count_kernel(int32_t* counts, const int32_t* topk_idx, IndexCheck ic, int64_t n,
+                      int64_t chunk, int n_experts) {
+  extern __shared__ int32_t hist[];  // [n_experts]
+  allow_dependents();
+  wait_for_inputs();
+  for (int e = threadIdx.x; e < n_experts; e += kPlanThreads) hist[e] = 0;
+  __syncthreads();
+  const int64_t i0 = blockIdx.x * chunk, i1 = min(n, i0 + chunk);
+  bool bad = false;
+  for (int64_t i = i0 + threadIdx.x; i < i1; i += kPlanThreads) {
+    const int32_t e = topk_idx[i];
+    bad = bad || !index_ok(ic, e);
+    atomicAdd(&hist[checked_index(ic, e)], 1);  // integer counts: any order
+  }
+  bad = __syncthreads_or(bad) != 0;
+  int32_t* mine = counts + blockIdx.x * int64_t(n_experts + 1);
+  for (int e = threadIdx.x; e < n_experts; e += kPlanThreads) mine[e] = hist[e];
+  if (threadIdx.x == 0) mine[n_experts] = bad ? 1 : 0;
+}
+
+struct PlanPlace {
+  DispatchPlanBuffers b;
+  const int32_t* topk_idx;
+  IndexCheck ic;
+  const float* topk_w;
+  int64_t n, k, chunk, slots;
+  int n_experts, align;
+};
+
+// Shared memory of the place pass: warp_rows [kPlanWarps][E], next [E] (the block's next slot of
+// each expert), total [E], begin [E + 1].
+size_t plan_place_smem(int64_t n_experts) {
+  return size_t((kPlanWarps + 3) * n_experts + 1) * sizeof(int32_t);
+}
+
+// The padded begins: begin[e] = sum over e' < e of total[e'] rounded up to align; begin[E] the
+// slots used. Thread i scans the experts [i * per, (i + 1) * per) on its own, then the block scans
+// the threads' sums.
+__device__ void plan_scan(int32_t* begin, const int32_t* total, int n_experts, int align) {
   using Scan = cub::BlockScan<int32_t, kPlanThreads>;
   __shared__ typename Scan::TempStorage scan;
-  __shared__ int32_t carry;
-  if (threadIdx.x == 0) carry = 0;
-  for (int64_t e0 = 0; e0 <= n_experts; e0 += kPlanThreads) {
-    const int64_t e = e0 + threadIdx.x;
-    int32_t padded = 0;
-    if (e <= n_experts) {
-      const int32_t lo = first_at_least(sorted_experts, n, e);
-      unpadded_begin[e] = lo;
-      if (e < n_experts) {
-        const int32_t rows = first_at_least(sorted_experts, n, e + 1) - lo;
-        expert_rows[e] = rows;
-        padded = int32_t((rows + align - 1) / align * align);
+  const int per = (n_experts + kPlanThreads - 1) / kPlanThreads;
+  const int e0 = int(threadIdx.x) * per, e1 = min(n_experts, e0 + per);
+  auto padded = [&](int e) { return (total[e] + align - 1) / align * align; };
+  int32_t sum = 0;
+  for (int e = e0; e < e1; ++e) sum += padded(e);
+  int32_t before = 0, all = 0;
+  Scan(scan).ExclusiveSum(sum, before, all);
+  for (int e = e0; e < e1; ++e) {
+    begin[e] = before;
+    before += padded(e);
+  }
+  if (threadIdx.x == 0) begin[n_experts] = all;
+}
+
+__global__ void __launch_bounds__(kPlanThreads) plan_place_kernel(PlanPlace p) {
+  extern __shared__ int32_t plan_smem[];
+  const int E = p.n_experts, nb = int(gridDim.x), blk = int(blockIdx.x);
+  int32_t* warp_rows = plan_smem;
+  int32_t* next = warp_rows + kPlanWarps * E;
+  int32_t* total = next + E;
+  int32_t* begin = total + E;
+  __shared__ int32_t part_before[kPlanThreads], part_all[kPlanThreads];
+  allow_dependents();
+  wait_for_inputs();
+  // A bad expert index anywhere: block 0 records the first (the whole scan, on this path only).
+  if (blk == 0) {
+    bool bad = false;
+    for (int q = threadIdx.x; q < nb; q += kPlanThreads)
+      bad = bad || p.b.counts[q * int64_t(E + 1) + E] != 0;
+    if (__syncthreads_or(bad)) record_first_bad_index(p.ic, p.topk_idx, p.n);
+  }
+  // Each expert's pairs in the blocks before this one, and in all blocks: `parts` threads per
+  // expert (when E < kPlanThreads) share its column of counts, so that many loads are in flight
+  // (one thread walking 96 blocks' counts took ~14 us of dependent cache round trips).
+  const int parts = E >= kPlanThreads ? 1 : kPlanThreads / E, width = kPlanThreads / parts;
+  for (int e0 = 0; e0 < E; e0 += width) {
+    const int e = e0 + int(threadIdx.x) % width, part = int(threadIdx.x) / width;
+    int32_t before = 0, all = 0;
+    if (e < E && part < parts) {
+#pragma unroll 4
+      for (int q = part; q < nb; q += parts) {
+        const int32_t c = p.b.counts[q * int64_t(E + 1) + e];
+        before += q < blk ? c : 0;
+        all += c;
       }
     }
-    int32_t before = 0, total = 0;
-    __syncthreads();  // carry from the previous chunk is visible, scan storage free
-    Scan(scan).ExclusiveSum(padded, before, total);
-    if (e <= n_experts) expert_begin[e] = carry + before;
-    __syncthreads();  // every thread has read carry
-    if (threadIdx.x == 0) carry += total;
+    part_before[threadIdx.x] = before;
+    part_all[threadIdx.x] = all;
+    __syncthreads();
+    if (int(threadIdx.x) < width && e0 + int(threadIdx.x) < E) {
+      const int ee = e0 + int(threadIdx.x);
+      int32_t sum_before = 0, sum_all = 0;
+      for (int q = 0; q < parts; ++q) {
+        sum_before += part_before[q * width + threadIdx.x];
+        sum_all += part_all[q * width + threadIdx.x];
+      }
+      next[ee] = sum_before;
+      total[ee] = sum_all;
+      for (int w = 0; w < kPlanWarps; ++w) warp_rows[w * E + ee] = 0;
+    }
+    __syncthreads();  // part_* reused by the next round
   }
+  plan_scan(begin, total, E, p.align);
+  __syncthreads();
+  for (int e = threadIdx.x; e < E; e += kPlanThreads) {
+    next[e] += begin[e];
+    if (blk == 0) {
+      p.b.expert_begin[e] = begin[e];
+      p.b.expert_rows[e] = total[e];
+    }
+  }
+  if (blk == 0 && threadIdx.x == 0) p.b.expert_begin[E] = begin[E];
+  // Padding: each expert's rest of its block (expert e by block e % nb), and the slots past the
+  // last block.
+  auto pad = [&](int64_t s) {
+    p.b.slot_token[s] = -1;
+    p.b.slot_pair[s] = -1;
+    p.b.slot_weight[s] = 0.0f;
+  };
+  for (int e = blk; e < E; e += nb)
+    for (int64_t s = begin[e] + total[e] + threadIdx.x; s < begin[e + 1]; s += kPlanThreads) pad(s);
+  for (int64_t s = begin[E] + blk * int64_t(kPlanThreads) + threadIdx.x; s < p.slots;
+       s += int64_t(nb) * kPlanThreads)
+    pad(s);
+  __syncthreads();  // next[] complete
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t i0 = blk * p.chunk, i1 = min(p.n, i0 + p.chunk);
+  for (int64_t base = i0; base < i1; base += kPlanThreads) {
+    const int64_t i = base + threadIdx.x;
+    const bool live = i < i1;
+    const int e = live ? checked_index(p.ic, p.topk_idx[i]) : -1;
+    const unsigned peers = __match_any_sync(0xffffffffu, e);
+    const int rank = __popc(peers & ((1u << lane) - 1u));
+    if (live && rank == 0) warp_rows[warp * E + e] = __popc(peers);
+    __syncthreads();
+    if (live) {
+      int32_t slot = next[e] + rank;
+      for (int w = 0; w < warp; ++w) slot += warp_rows[w * E + e];
+      const int64_t t = i / p.k, j = i % p.k;
+      p.b.slot_pair[slot] = int32_t(i);
+      p.b.slot_token[slot] = int32_t(t);
+      p.b.slot_weight[slot] = p.topk_w[i];
+      // Its place among the token's slots: slots grow with the expert, then with the pair (the
+      // second only matters for a repeated expert, i.e. a bad index replaced: still a permutation).
+      int pos = 0;
+      for (int64_t q = 0; q < p.k; ++q) {
+        const int eq = checked_index(p.ic, p.topk_idx[t * p.k + q]);
+        pos += (eq < e || (eq == e && q < j)) ? 1 : 0;
+      }
+      p.b.token_slots[t * p.k + pos] = slot;
+    }
+    __syncthreads();  // every pair read warp_rows
+    for (int e2 = threadIdx.x; e2 < E; e2 += kPlanThreads) {
+      int32_t sum = 0;
+      for (int w = 0; w < kPlanWarps; ++w) {
+        sum += warp_rows[w * E + e2];
+        warp_rows[w * E + e2] = 0;
+      }
+      next[e2] += sum;
+    }
+    __syncthreads();
+  }
+}
+
+// The combine, a row op (device_util.cuh) over tokens: a thread takes V columns of one token and
+// adds its slots' rows in order, four loads in flight (a row already has K of them: one row per
+// thread). V2-Lite's prefill (8192 tokens, K = 6): 103 us on the H200, against 93 for the kernel
+// over a sorted plan, which took ~45 us of sorting first; eight loads in flight ran at 167 us. The
+// same expression per term as scatter_add_planned_kernel.
+template <typename X, int V>
+struct CombineRows {
+  float* out;
+  const X* x;
+  const float* weights;
+  const int32_t* token_slots;
+  IndexCheck ic;
+  int64_t k, dim;
+  static constexpr int kRowsPerThread = 1;
+  struct Regs {
+    float acc[V];
+  };
+  __device__ void load(int64_t t, int, int u, Regs& g) const {
+    const int64_t c = int64_t(u) * V;
+    load_n<V>(out + t * dim + c, g.acc);
+    constexpr int kBatch = 4;
+    for (int64_t j0 = 0; j0 < k; j0 += kBatch) {
+      float v[kBatch][V], w[kBatch];
+#pragma unroll
+      for (int q = 0; q < kBatch; ++q) {
+        w[q] = 0.0f;
+        if (j0 + q >= k) continue;
+        const int64_t s = checked_index(ic, token_slots[t * k + j0 + q]);
+        w[q] = weights ? weights[s] : 1.0f;
+        load_n<V>(x + s * dim + c, v[q]);
+      }
+#pragma unroll
+      for (int q = 0; q < kBatch; ++q) {
+        if (j0 + q >= k) continue;
+#pragma unroll
+        for (int i = 0; i < V; ++i) g.acc[i] += w[q] * v[q][i];
+      }
+    }
+  }
+  __device__ void store(int64_t t, int, int u, const Regs& g) const {
+    store_n<V>(out + t * dim + int64_t(u) * V, g.acc);
+  }
+};
+
+template <typename X, int V>
+cudaError_t moe_combine_as(float* out, const X* x, const float* weights, const int32_t* token_slots,
+                           const IndexCheck& check, int64_t tokens, int64_t k, int64_t dim) {
+  return for_each_row_checked(tokens, 1, dim / V, check, token_slots, tokens * k,
+                              CombineRows<X, V>{out, x, weights, token_slots, check, k, dim});
+}
+
+template <typename X>
+cudaError_t moe_combine_to(float* out, const X* x, const float* weights, const int32_t* token_slots,
+                           const IndexCheck& check, int64_t tokens, int64_t k, int64_t dim) {
+  const bool wide = dim % 8 == 0 && all_aligned16(x, out);
+  return wide ? moe_combine_as<X, 8>(out, x, weights, token_slots, check, tokens, k, dim)
+              : moe_combine_as<X, 1>(out, x, weights, token_slots, check, tokens, k, dim);
 }
 
 }  // namespace
 
+int64_t moe_plan_blocks(int64_t n) {
+  return std::max<int64_t>(1, (n + plan_chunk(n) - 1) / plan_chunk(n));
+}
+
 cudaError_t moe_dispatch_plan(const DispatchPlanBuffers& b, const int32_t* topk_idx,
-                              const float* topk_w, int64_t n, int64_t k, int64_t n_experts,
-                              int64_t align, int64_t slots) {
-  // The radix sort is stable, so within an expert the pairs keep their order t*K+k: the same
-  // slots as the CPU's counting sort.
-  cudaError_t e = row_plan(b.temp, b.temp_bytes, topk_idx, b.keys, b.sorted_experts, b.iota,
-                           b.order, n, n_experts);
+                              const IndexCheck& check, const float* topk_w, int64_t n, int64_t k,
+                              int64_t n_experts, int64_t align, int64_t slots) {
+  if (n_experts < 1 || n_experts > kPlanMaxExperts) return cudaErrorInvalidValue;
+  const int64_t chunk = plan_chunk(n), blocks = moe_plan_blocks(n);
+  cudaError_t e = launch_dependent_smem(plan_count_kernel, dim3(unsigned(blocks)),
+                                        dim3(kPlanThreads), size_t(n_experts) * sizeof(int32_t),
+                                        b.counts, topk_idx, check, n, chunk, int(n_experts));
   if (e != cudaSuccess) return e;
-  e = for_each(slots, [=] __device__(int64_t s) {  // padding, until a pair lands
-    b.slot_token[s] = -1;
-    b.slot_pair[s] = -1;
-    b.slot_weight[s] = 0.0f;
-  });
-  if (e != cudaSuccess) return e;
-  plan_offsets_kernel<<<1, kPlanThreads, 0, stream()>>>(
-      b.unpadded_begin, b.expert_rows, b.expert_begin, b.sorted_experts, n, n_experts, align);
-  if ((e = cudaGetLastError()) != cudaSuccess) return e;
-  return for_each(n, [=] __device__(int64_t s) {  // sorted position -> padded slot
-    const int32_t ex = b.sorted_experts[s], pair = b.order[s];
-    const int64_t slot = b.expert_begin[ex] + (s - b.unpadded_begin[ex]);
-    b.slot_pair[slot] = pair;
-    b.slot_token[slot] = int32_t(pair / k);
-    b.slot_weight[slot] = topk_w[pair];
-  });
+  // Past ~1,090 experts the tables and the scan's static storage exceed the default 48 KiB: opt
+  // in once for the largest size this takes.
+  static const cudaError_t attr =
+      cudaFuncSetAttribute(plan_place_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           int(plan_place_smem(kPlanMaxExperts)));
+  if (attr != cudaSuccess) return attr;
+  const size_t smem = plan_place_smem(n_experts);
+  const PlanPlace p{b, topk_idx, check, topk_w, n, k, chunk, slots, int(n_experts), int(align)};
+  return launch_dependent_smem(plan_place_kernel, dim3(unsigned(blocks)), dim3(kPlanThreads), smem,
+                               p);
+}
+
+cudaError_t moe_combine(float* out, const void* x, DType x_dtype, const float* weights,
+                        const int32_t* token_slots, const IndexCheck& check, int64_t tokens,
+                        int64_t k, int64_t dim) {
+  if (k < 1 || k > kCombineMaxK) return cudaErrorInvalidValue;
+  if (x_dtype == DType::BF16)
+    return moe_combine_to(out, static_cast<const bf16_t*>(x), weights, token_slots, check, tokens,
+                          k, dim);
+  return moe_combine_to(out, static_cast<const float*>(x), weights, token_slots, check, tokens, k,
+                        dim);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -676,26 +892,31 @@ __global__ void moe_gate_forward_kernel(int32_t* topk_idx, float* topk_w, float*
 
 // The gate of a decode step, one warp per token with the scores in registers (lane l holds
 // experts l, l + 32, ...): used when no group selection applies (greedy, or one group) and E <= 32
-// * kGateWarpSlots. The block kernel above took 5.5 us per layer on the H200 for V2-Lite's one
+// * kGateWarpMaxSlots. The block kernel above took 5.5 us per layer on the H200 for V2-Lite's one
 // token (64 experts, softmax, greedy top-6): six rounds of a block-wide argmax, each with three
 // barriers and a pass through shared memory. Here a round is a scan of the lane's own entries and
 // a 5-step shuffle tree, with no shared memory or barrier (6.4 us measured, most of it memory
 // round trips: the bias was read after the scores were stored, and lane 0 read its weights back
 // to normalise them; now one). Same rules and results as the block kernel: the `beats` order
 // (ties to the lower index), the bias steering selection only, the weights normalised in the
-// CPU's order. Needs top_k <= 32 (lane k writes choice k).
-constexpr int kGateWarpSlots = 8;  // experts per lane: up to 256 (DeepSeek-V3)
+// CPU's order. Needs top_k <= 32 (lane k writes choice k). Slots: experts per lane, the fewest
+// of 1, 2, 4, 8 that hold E (a template argument: the loops over a lane's entries are unrolled and
+// every entry costs instructions whether it holds an expert or not, and instructions bound this
+// kernel: with 8 slots for V2-Lite's 64 experts it took 24 us for a prefill's 8192 tokens).
+constexpr int kGateWarpMaxSlots = 8;  // experts per lane: up to 256 (DeepSeek-V3)
 constexpr int kGateWarpsPerBlock = 4;
 
 // v[j] for a j known only at run time, without indexing the register array (local memory).
-__device__ inline float pick(const float (&v)[kGateWarpSlots], int j) {
+template <int Slots>
+__device__ inline float pick(const float (&v)[Slots], int j) {
   float out = 0.0f;
 #pragma unroll
-  for (int q = 0; q < kGateWarpSlots; ++q)
+  for (int q = 0; q < Slots; ++q)
     if (q == j) out = v[q];
   return out;
 }
 
+template <int Slots>
 __global__ void moe_gate_forward_warp_kernel(int32_t* topk_idx, float* topk_w, float* scores,
                                              const float* logits, const float* bias, GateLaunch g,
                                              int64_t tokens) {
@@ -708,9 +929,9 @@ __global__ void moe_gate_forward_warp_kernel(int32_t* topk_idx, float* topk_w, f
   const float* l = logits + t * E;
   // The logits and the bias are read before anything is written (the compiler may not move a
   // bias load past the scores' store: they could alias), so the kernel waits one memory latency.
-  float s[kGateWarpSlots], choice[kGateWarpSlots];
+  float s[Slots], choice[Slots];
 #pragma unroll
-  for (int j = 0; j < kGateWarpSlots; ++j) {
+  for (int j = 0; j < Slots; ++j) {
     const int i = j * 32 + lane;
     s[j] = i < E ? l[i] : -INFINITY;
     choice[j] = i < E && bias ? bias[i] : 0.0f;
@@ -718,21 +939,21 @@ __global__ void moe_gate_forward_warp_kernel(int32_t* topk_idx, float* topk_w, f
   if (g.p.scoring == ScoringFunc::Softmax) {
     float m = -INFINITY;
 #pragma unroll
-    for (int j = 0; j < kGateWarpSlots; ++j) m = fmaxf(m, s[j]);
+    for (int j = 0; j < Slots; ++j) m = fmaxf(m, s[j]);
     m = warp_reduce(m, Max{});
     float z = 0.0f;
 #pragma unroll
-    for (int j = 0; j < kGateWarpSlots; ++j)
+    for (int j = 0; j < Slots; ++j)
       if (j * 32 + lane < E) z += (s[j] = expf(s[j] - m));
     z = warp_reduce(z, Sum{});
 #pragma unroll
-    for (int j = 0; j < kGateWarpSlots; ++j) s[j] /= z;
+    for (int j = 0; j < Slots; ++j) s[j] /= z;
   } else {
 #pragma unroll
-    for (int j = 0; j < kGateWarpSlots; ++j) s[j] = 1.0f / (1.0f + expf(-s[j]));
+    for (int j = 0; j < Slots; ++j) s[j] = 1.0f / (1.0f + expf(-s[j]));
   }
 #pragma unroll
-  for (int j = 0; j < kGateWarpSlots; ++j) {
+  for (int j = 0; j < Slots; ++j) {
     const int i = j * 32 + lane;
     if (i >= E) continue;
     scores[t * E + i] = s[j];
@@ -746,7 +967,7 @@ __global__ void moe_gate_forward_warp_kernel(int32_t* topk_idx, float* topk_w, f
     float bv = -INFINITY;
     int bi = -1;
 #pragma unroll
-    for (int j = 0; j < kGateWarpSlots; ++j) {
+    for (int j = 0; j < Slots; ++j) {
       const int i = j * 32 + lane;
       if (i < E && !((taken >> j) & 1u) && beats(choice[j], i, bv, bi)) {
         bv = choice[j];
@@ -761,7 +982,7 @@ __global__ void moe_gate_forward_warp_kernel(int32_t* topk_idx, float* topk_w, f
         bi = oi;
       }
     }
-    const float sb = __shfl_sync(0xffffffffu, pick(s, bi >> 5), bi & 31);  // its score
+    const float sb = __shfl_sync(0xffffffffu, pick<Slots>(s, bi >> 5), bi & 31);  // its score
     if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
     denom += sb;
     if (lane == k) {
@@ -819,12 +1040,16 @@ cudaError_t moe_gate_forward(int32_t* topk_idx, float* topk_w, float* scores, co
                              const float* bias, const GateLaunch& g, int64_t tokens) {
   if (tokens == 0) return cudaSuccess;
   if ((g.p.method == TopkMethod::Greedy || g.p.n_group <= 1) &&
-      g.p.n_experts <= 32 * kGateWarpSlots && g.p.top_k <= 32) {
+      g.p.n_experts <= 32 * kGateWarpMaxSlots && g.p.top_k <= 32) {
     const int64_t blocks = (tokens + kGateWarpsPerBlock - 1) / kGateWarpsPerBlock;
     const int64_t warps = tokens < kGateWarpsPerBlock ? tokens : kGateWarpsPerBlock;
-    return launch_dependent(moe_gate_forward_warp_kernel, dim3(unsigned(blocks)),
-                            dim3(unsigned(32 * warps)), topk_idx, topk_w, scores, logits, bias, g,
-                            tokens);
+    const int64_t slots = (g.p.n_experts + 31) / 32;
+    auto* kernel = slots <= 1   ? moe_gate_forward_warp_kernel<1>
+                   : slots <= 2 ? moe_gate_forward_warp_kernel<2>
+                   : slots <= 4 ? moe_gate_forward_warp_kernel<4>
+                                : moe_gate_forward_warp_kernel<kGateWarpMaxSlots>;
+    return launch_dependent(kernel, dim3(unsigned(blocks)), dim3(unsigned(32 * warps)), topk_idx,
+                            topk_w, scores, logits, bias, g, tokens);
   }
   const size_t smem =
       size_t(2 * g.p.n_experts + g.p.n_group) * sizeof(float) + size_t(g.p.n_experts + g.p.n_group);

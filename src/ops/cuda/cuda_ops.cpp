@@ -457,17 +457,20 @@ void CudaBackend::scatter_add_rows(Tensor& out, const Tensor& x, const Tensor& r
 }
 
 void CudaBackend::moe_dispatch_plan(Tensor& slot_token, Tensor& slot_pair, Tensor& slot_weight,
-                                    Tensor& expert_begin, Tensor& expert_rows,
+                                    Tensor& token_slots, Tensor& expert_begin, Tensor& expert_rows,
                                     const Tensor& topk_idx, const Tensor& topk_w, int64_t n_experts,
                                     int64_t align) {
   const char* op = "moe_dispatch_plan";
   const int64_t N = topk_idx.numel(), K = cols(topk_idx);
-  MOEKIT_CHECK(n_experts >= 1 && n_experts < (int64_t(1) << 30), "{}: {} experts", op, n_experts);
+  MOEKIT_CHECK(n_experts >= 1 && n_experts <= cuda::kPlanMaxExperts,
+               "{}: {} experts (the CUDA plan takes 1 to {})", op, n_experts,
+               cuda::kPlanMaxExperts);
   MOEKIT_CHECK(align >= 1 && align <= 4096, "{}: align {} (must be in [1, 4096])", op, align);
   const int64_t S = dispatch_slots(N, n_experts, align);
   MOEKIT_CHECK(S < (int64_t(1) << 31), "{}: {} slots exceed int32", op, S);
   expect(slot_token, DType::I32, op, "slot_token");
   expect(slot_pair, DType::I32, op, "slot_pair");
+  expect(token_slots, DType::I32, op, "token_slots");
   expect(expert_begin, DType::I32, op, "expert_begin");
   expect(expert_rows, DType::I32, op, "expert_rows");
   expect_f32(slot_weight, op, "slot_weight");
@@ -476,28 +479,44 @@ void CudaBackend::moe_dispatch_plan(Tensor& slot_token, Tensor& slot_pair, Tenso
   expect_numel(slot_token, S, op, "slot_token");
   expect_numel(slot_pair, S, op, "slot_pair");
   expect_numel(slot_weight, S, op, "slot_weight");
+  expect_numel(token_slots, N, op, "token_slots");
   expect_numel(expert_begin, n_experts + 1, op, "expert_begin");
   expect_numel(expert_rows, n_experts, op, "expert_rows");
-  const Tensor safe = check_indices(topk_idx, n_experts, op, "expert");
-  const size_t temp_bytes = N > 0 ? cuda::row_plan_temp_bytes(N, n_experts) : 0;
-  Tensor temp = scratch({int64_t((temp_bytes + 3) / 4) + 1}, DType::I32);
-  const int64_t n_scratch = std::max<int64_t>(N, 1);
-  Tensor keys = scratch({n_scratch}, DType::I32), sorted = scratch({n_scratch}, DType::I32),
-         iota = scratch({n_scratch}, DType::I32), order = scratch({n_scratch}, DType::I32),
-         unpadded = scratch({n_experts + 1}, DType::I32);
+  const cuda::IndexCheck ic = index_check(topk_idx, n_experts, op, "expert");
+  Tensor counts = scratch({cuda::moe_plan_blocks(N) * (n_experts + 1)}, DType::I32);
   const cuda::DispatchPlanBuffers b{.slot_token = slot_token.i32(),
                                     .slot_pair = slot_pair.i32(),
                                     .slot_weight = slot_weight.f32(),
+                                    .token_slots = token_slots.i32(),
                                     .expert_begin = expert_begin.i32(),
                                     .expert_rows = expert_rows.i32(),
-                                    .keys = keys.i32(),
-                                    .sorted_experts = sorted.i32(),
-                                    .iota = iota.i32(),
-                                    .order = order.i32(),
-                                    .unpadded_begin = unpadded.i32(),
-                                    .temp = temp.raw(),
-                                    .temp_bytes = temp_bytes};
-  check(cuda::moe_dispatch_plan(b, safe.i32(), topk_w.f32(), N, K, n_experts, align, S), op);
+                                    .counts = counts.i32()};
+  check(cuda::moe_dispatch_plan(b, topk_idx.i32(), ic, topk_w.f32(), N, K, n_experts, align, S),
+        op);
+}
+
+void CudaBackend::combine_slots(Tensor& out, const Tensor& x, const Tensor& slot_token,
+                                const Tensor& token_slots, const Tensor* weights) {
+  const char* op = "combine_slots";
+  const int64_t T = rows(out), C = cols(out), S = slot_token.numel();
+  expect(token_slots, DType::I32, op, "token_slots");
+  MOEKIT_CHECK(token_slots.ndim() == 2 && token_slots.dim(0) == T, "{}: token_slots {} for out {}",
+               op, token_slots.shape().str(), out.shape().str());
+  const int64_t K = token_slots.dim(1);
+  if (K < 1 || K > cuda::kCombineMaxK)
+    return Backend::combine_slots(out, x, slot_token, token_slots, weights);
+  expect_f32(out, op, "out");
+  expect_f32_or_bf16(x, op, "x");
+  expect_numel(x, S * C, op, "x");
+  if (weights) {
+    expect_f32(*weights, op, "weights");
+    expect_numel(*weights, S, op, "weights");
+  }
+  if (T == 0 || C == 0) return;
+  const cuda::IndexCheck ic = index_check(token_slots, S, op, "slot");
+  check(cuda::moe_combine(out.f32(), x.raw(), x.dtype(), weights ? weights->f32() : nullptr,
+                          token_slots.i32(), ic, T, K, C),
+        op);
 }
 
 void CudaBackend::moe_experts_small(Tensor& y, const Tensor& x, const Tensor& topk_idx,

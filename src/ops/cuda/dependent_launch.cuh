@@ -32,15 +32,16 @@ __device__ inline void wait_for_inputs() {
 #endif
 }
 
-// kernel<<<grid, block, 0, stream()>>>(args...), allowed to start before the previous kernel
+// kernel<<<grid, block, smem, stream()>>>(args...), allowed to start before the previous kernel
 // on the stream ends. Only for kernels that call wait_for_inputs() before touching any data but
 // BF16 weights (see above).
 template <typename... Params, typename... Args>
-cudaError_t launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, Args... args) {
+cudaError_t launch_dependent_smem(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                                  Args... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
-  cfg.dynamicSmemBytes = 0;
+  cfg.dynamicSmemBytes = smem;
   cfg.stream = stream();
   cudaLaunchAttribute attr = {};
   attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -50,6 +51,11 @@ cudaError_t launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, A
     cfg.numAttrs = 1;
   }
   return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
+}
+
+template <typename... Params, typename... Args>
+cudaError_t launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, Args... args) {
+  return launch_dependent_smem(kernel, grid, block, 0, args...);
 }
 
 }  // namespace moekit::cuda

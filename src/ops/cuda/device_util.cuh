@@ -82,6 +82,17 @@ __device__ inline void store8(bf16_t* p, const float (&v)[8]) {
   *reinterpret_cast<uint4*>(p) = make_uint4(pack_bf16(v[0], v[1]), pack_bf16(v[2], v[3]),
                                             pack_bf16(v[4], v[5]), pack_bf16(v[6], v[7]));
 }
+// store8 with the evict-first hint (st.global.cs): for an output far larger than L2 that nothing
+// reads soon, so that its lines do not push out what the kernel reads again (the MoE gather's
+// source rows, each read by K slots).
+__device__ inline void store8_streaming(float* p, const float (&v)[8]) {
+  __stcs(reinterpret_cast<float4*>(p), make_float4(v[0], v[1], v[2], v[3]));
+  __stcs(reinterpret_cast<float4*>(p) + 1, make_float4(v[4], v[5], v[6], v[7]));
+}
+__device__ inline void store8_streaming(bf16_t* p, const float (&v)[8]) {
+  __stcs(reinterpret_cast<uint4*>(p), make_uint4(pack_bf16(v[0], v[1]), pack_bf16(v[2], v[3]),
+                                                 pack_bf16(v[4], v[5]), pack_bf16(v[6], v[7])));
+}
 // V consecutive elements as fp32: load8/store8 for V = 8 (16-byte accesses), one element for
 // V = 1 (the scalar fallback of a kernel templated on its width). Rounding as from_f32.
 template <int V, typename T>
@@ -99,6 +110,13 @@ __device__ inline void store_n(T* p, const float (&v)[V]) {
     store8(p, v);
   else
     p[0] = from_f32<T>(v[0]);
+}
+template <int V, typename T>
+__device__ inline void store_n_streaming(T* p, const float (&v)[V]) {
+  if constexpr (V == 8)
+    store8_streaming(p, v);
+  else
+    store_n<V>(p, v);
 }
 // Whether every pointer is 16-byte aligned (host side: picks the vector path).
 template <typename... P>

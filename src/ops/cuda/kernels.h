@@ -51,6 +51,12 @@ struct IndexCheck {
 // ops) take an IndexCheck instead and check inside their own kernel: no launch and no scratch copy
 // for the check.
 cudaError_t check_indices(int32_t* safe, const int32_t* idx, int64_t n, const IndexCheck& c);
+// dst[0, n) = words[0, n) for n <= kSmallTableWords: the words travel as the kernel's argument, so
+// the copy is stream-ordered with no host buffer to keep alive. A cudaMemcpyAsync from pageable
+// memory may wait for the stream to drain first: the pointer table of the shared experts' GEMM
+// pair, queued while the host waits for the dispatch plan, held their GEMM back ~9 us that way.
+constexpr int kSmallTableWords = 16;
+cudaError_t write_small_table(uint64_t* dst, const uint64_t* words, int n);
 // SwiGLU on activations stored as F32 or BF16 (`dtype`s; math in fp32, bf16 outputs rounded once).
 // Forward: h, gate and up all of `dtype`. Backward: gate and up of in_dtype, dh of dh_dtype,
 // dgate and dup of out_dtype.
@@ -138,30 +144,39 @@ cudaError_t scatter_add_planned(float* out, const void* x, DType x_dtype, const 
                                 const int32_t* sorted_rows, const int32_t* order, int64_t n,
                                 int64_t dim, int64_t num_rows);
 // The outputs and scratch of moe_dispatch_plan. Outputs: slot_token, slot_pair, slot_weight
-// [slots], expert_begin [n_experts+1], expert_rows [n_experts]. Scratch: keys, sorted_experts,
-// iota, order [n]; unpadded_begin [n_experts+1]; temp (row_plan_temp_bytes(n, n_experts)).
+// [slots], token_slots [n], expert_begin [n_experts+1], expert_rows [n_experts]. Scratch: counts
+// [moe_plan_blocks(n) * (n_experts + 1)].
 struct DispatchPlanBuffers {
   int32_t* slot_token = nullptr;
   int32_t* slot_pair = nullptr;
   float* slot_weight = nullptr;
+  int32_t* token_slots = nullptr;
   int32_t* expert_begin = nullptr;
   int32_t* expert_rows = nullptr;
-  int32_t* keys = nullptr;
-  int32_t* sorted_experts = nullptr;
-  int32_t* iota = nullptr;
-  int32_t* order = nullptr;
-  int32_t* unpadded_begin = nullptr;
-  void* temp = nullptr;
-  size_t temp_bytes = 0;
+  int32_t* counts = nullptr;
 };
-// The MoE permute plan (Backend::moe_dispatch_plan) of n = T*K pairs: the pairs stably sorted by
-// expert with the row plan above; one block finds each expert's pairs and its padded begin (the
-// counts rounded up to `align`, summed); every slot is first made padding (-1, -1, 0), then each
-// sorted pair t*K+k lands at its expert's padded begin plus its rank: slot_pair = t*K+k,
-// slot_token = t, slot_weight = topk_w[t*K+k].
+// The most experts moe_dispatch_plan takes (its per-block tables live in shared memory).
+constexpr int64_t kPlanMaxExperts = 4096;
+// The blocks of moe_dispatch_plan's two passes over n pairs (each block a chunk of them).
+int64_t moe_plan_blocks(int64_t n);
+// The MoE permute plan (Backend::moe_dispatch_plan) of n = T*K pairs as a stable counting sort in
+// two launches: each block counts its chunk's pairs per expert (and flags a bad expert index under
+// `check`: block 0 of the second launch then records the first), then each block finds the padded
+// expert begins (every block
+// sums all counts: no third launch) and places its chunk's pairs in pair order: slot_pair =
+// t*K+k, slot_token = t, slot_weight = topk_w[t*K+k], and token_slots[t*K + j] the token's j-th
+// slot in increasing order; every other slot padding (-1, -1, 0). n_experts <= kPlanMaxExperts.
 cudaError_t moe_dispatch_plan(const DispatchPlanBuffers& b, const int32_t* topk_idx,
-                              const float* topk_w, int64_t n, int64_t k, int64_t n_experts,
-                              int64_t align, int64_t slots);
+                              const IndexCheck& check, const float* topk_w, int64_t n, int64_t k,
+                              int64_t n_experts, int64_t align, int64_t slots);
+// The combine of a dispatch plan: out[t] += sum over j < k of w[s] * x[s], s = token_slots[t*k +
+// j] in that (increasing) order, w = weights or 1; out F32 [tokens, dim], x [slots, dim] of
+// x_dtype (F32 or BF16, widened exactly), fp32 sums in scatter_add_planned's order (so the same
+// values). The slots are checked under `check` inside the kernel. k <= kCombineMaxK.
+constexpr int64_t kCombineMaxK = 32;
+cudaError_t moe_combine(float* out, const void* x, DType x_dtype, const float* weights,
+                        const int32_t* token_slots, const IndexCheck& check, int64_t tokens,
+                        int64_t k, int64_t dim);
 // The shared experts of moe_experts_small: one dense SwiGLU (gate, up [inter, hidden], down
 // [hidden, inter], the routed experts' dtype) applied to every token with weight 1; h: scratch
 // [tokens, inter]. Absent when gate is null (or inter is 0).
