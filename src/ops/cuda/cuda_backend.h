@@ -202,7 +202,9 @@ class CudaBackend final : public Backend {
   // Queues the error slot's copy into error_staging_ when checks are pending (true then), for a
   // copy to the host that waits anyway; epoch: the checks queued so far (CudaPendingHostCopy
   // reads the staged slot only while no check was queued after it).
-  bool stage_index_errors(uint64_t& epoch, const char* op);
+  // stream (cudaStream_t, opaque): where the copy goes (null: the compute stream; the stream
+  // given must be ordered after every queued check).
+  bool stage_index_errors(uint64_t& epoch, const char* op, void* stream = nullptr);
   // A replayed graph ran index checks: the next synchronising call reads the error slot.
   void note_checks_pending() { checks_pending_ = true; }
 
@@ -344,10 +346,13 @@ class CudaBackend final : public Backend {
   cuda::IndexError* error_staging_ = nullptr;  // pinned host memory: its copy (copy to the host)
   uint64_t check_epoch_ = 0;  // index_check calls so far: a staged slot is current while equal
   // copy_to_host_async: pinned staging (grown as needed, so the copy is truly asynchronous), the
-  // event recorded after it (cudaEvent_t, opaque), and whether a copy is in flight.
+  // event recorded after it (cudaEvent_t, opaque), its own stream and the event on the compute
+  // stream it waits for, and whether a copy is in flight.
   void* host_staging_ = nullptr;
   size_t host_staging_bytes_ = 0;
   void* host_copy_done_ = nullptr;
+  void* copy_stream_ = nullptr;
+  void* copy_ready_ = nullptr;
   bool host_copy_pending_ = false;
   friend class CudaPendingHostCopy;
   // Device copies of moe_experts_small's weight pointer tables, keyed by their contents (so a
