@@ -430,17 +430,28 @@ void CudaBackend::gather_rows(Tensor& out, const Tensor& x, const Tensor& rows_,
         op);
 }
 
+namespace {
+
+// The operands of a sum of rows of x into rows of out (scatter_add_rows, combine_slots): out F32,
+// x [n, cols(out)] F32 or BF16, weights (if any) F32 [n].
+void expect_scatter_operands(const Tensor& out, const Tensor& x, const Tensor* weights, int64_t n,
+                             const char* op) {
+  expect_f32(out, op, "out");
+  expect_f32_or_bf16(x, op, "x");
+  expect_numel(x, n * cols(out), op, "x");
+  if (weights) {
+    expect_f32(*weights, op, "weights");
+    expect_numel(*weights, n, op, "weights");
+  }
+}
+
+}  // namespace
+
 void CudaBackend::scatter_add_rows(Tensor& out, const Tensor& x, const Tensor& rows_,
                                    const Tensor* weights) {
   const char* op = "scatter_add_rows";
   const int64_t N = rows_.numel(), C = cols(out), R = rows(out);
-  expect_f32(out, op, "out");
-  expect_f32_or_bf16(x, op, "x");
-  expect_numel(x, N * C, op, "x");
-  if (weights) {
-    expect_f32(*weights, op, "weights");
-    expect_numel(*weights, N, op, "weights");
-  }
+  expect_scatter_operands(out, x, weights, N, op);
   if (N == 0) return;
   const Tensor safe = check_indices(rows_, R, op, "row", /*allow_negative=*/true);
   // The plan: positions stably sorted by destination row, so each row adds its sources in order.
@@ -505,13 +516,7 @@ void CudaBackend::combine_slots(Tensor& out, const Tensor& x, const Tensor& slot
   const int64_t K = token_slots.dim(1);
   if (K < 1 || K > cuda::kCombineMaxK)
     return Backend::combine_slots(out, x, slot_token, token_slots, weights);
-  expect_f32(out, op, "out");
-  expect_f32_or_bf16(x, op, "x");
-  expect_numel(x, S * C, op, "x");
-  if (weights) {
-    expect_f32(*weights, op, "weights");
-    expect_numel(*weights, S, op, "weights");
-  }
+  expect_scatter_operands(out, x, weights, S, op);
   if (T == 0 || C == 0) return;
   const cuda::IndexCheck ic = index_check(token_slots, S, op, "slot");
   check(cuda::moe_combine(out.f32(), x.raw(), x.dtype(), weights ? weights->f32() : nullptr,
