@@ -310,10 +310,8 @@ void CpuBackend::rope(Tensor& out, const Tensor& x, int64_t heads, int64_t head_
   rope_in_place(out, x, heads, head_stride, offset, rope_dim, cos, sin, positions);
   if (x.dtype() == DType::BF16) {  // widened exactly, then rotated as an F32 x (out of place: the
     // copied elements round back to the same bits, so in place the result is the same)
-    Tensor xf = Tensor::empty(x.shape(), DType::F32);
-    const auto* bits = static_cast<const uint16_t*>(x.raw());
-    for (int64_t i = 0; i < x.numel(); ++i) xf.f32()[i] = bf16_to_f32(bits[i]);
-    return rope(out, xf, heads, head_stride, offset, rope_dim, cos, sin, positions, inverse);
+    return rope(out, x.to_f32(), heads, head_stride, offset, rope_dim, cos, sin, positions,
+                inverse);
   }
   expect_f32_on_cpu("rope", {&x, &cos, &sin});
   const int64_t T = positions.numel(), half = rope_dim / 2, max_pos = rows(cos);
