@@ -84,10 +84,11 @@ AttnReference attention_reference(Backend& cpu, const AttnCase& c, const AttnInp
 
 // The flash kernels' tiling variants (MOEKIT_FLASH_FWD_VARIANT / MOEKIT_FLASH_BWD_VARIANT, see
 // the headers of ops/cuda/cuda_flash_attention.cu and _bwd.cu; an id out of range runs the
-// default). Forward variants 5-7 are the Hopper (wgmma) kernel in its three tilings (see
-// cuda_flash_attention_hopper.cu), backward variants 5-7 the Hopper kernels in their three (see
-// cuda_flash_attention_hopper_bwd.cu), where the build and the device have them (else variant 1).
-constexpr int kFlashFwdVariants = 8, kFlashBwdVariants = 8;
+// default). Forward variants 5-9 are the Hopper (wgmma) kernels in their five tilings (see
+// cuda_flash_attention_hopper.cu: 8 and 9 the warp-specialised kernel with TMA copies), backward
+// variants 5-7 the Hopper kernels in their three (see cuda_flash_attention_hopper_bwd.cu), where
+// the build and the device have them (else variant 1).
+constexpr int kFlashFwdVariants = 10, kFlashBwdVariants = 8;
 
 #if defined(MOEKIT_HAVE_CUDA)
 // The switch itself (cuda::flash_variant, host code: no GPU needed, so no fixture): an id in
@@ -229,7 +230,7 @@ TEST_F(CudaBackendTest, FlashAttentionForwardBf16) {
     Tensor gout = poisoned(ref.out.shape()), glse = poisoned(ref.lse.shape());
     run("0", 0, gout, glse);
     const double out_tol = (u + kF32Tol) * max_abs(in.v) / max_abs(ref.out);
-    Tensor variant1_out;  // to tell the Hopper kernel's result from variant 1's
+    Tensor variant1_out, variant5_out;  // to tell the Hopper kernels' results apart
     for (int variant = 0; variant < kFlashFwdVariants; ++variant) {
       SCOPED_TRACE(testing::Message() << "MOEKIT_FLASH_FWD_VARIANT=" << variant);
       Tensor fout = poisoned(ref.out.shape()), flse = poisoned(ref.lse.shape());
@@ -253,6 +254,13 @@ TEST_F(CudaBackendTest, FlashAttentionForwardBf16) {
       // subtraction), so some round differently.
       if (variant == 5 && c.seq >= 256) {
         EXPECT_FALSE(bit_equal(fout, variant1_out)) << "the Hopper kernel did not run?";
+      }
+      // Variant 9 (warp-specialised, 128-key tiles at dqk <= 192) rescales its running sums at
+      // other keys than variant 5's 64-key tiles: over a long sequence some bits differ, unless
+      // it fell back to the pipelined kernel.
+      if (variant == 5) variant5_out = fout;
+      if (variant == 9 && c.seq >= 256 && c.dqk > 64 && c.dqk <= 192) {
+        EXPECT_FALSE(bit_equal(fout, variant5_out)) << "the warp-specialised kernel did not run?";
       }
 #endif
     }

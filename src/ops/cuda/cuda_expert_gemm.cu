@@ -266,23 +266,40 @@ bool expert_gemm_available() {
   return flash_attention_hopper_available() && encode_tiled() != nullptr && sm_count() > 0;
 }
 
-cudaError_t expert_gemm_tensor_map(TensorMap* map, const void* base, int64_t rows, int64_t cols,
-                                   int64_t ld) {
-  constexpr int64_t kMax = int64_t(1) << 31;
+cudaError_t encode_bf16_tensor_map(TensorMap* map, const void* base, int rank, const uint64_t* dims,
+                                   const uint64_t* strides, const uint32_t* box) {
   if (encode_tiled() == nullptr) return cudaErrorNotSupported;
-  if (reinterpret_cast<uintptr_t>(base) % 16 != 0 || (ld * 2) % 16 != 0 || rows <= 0 || cols <= 0 ||
-      ld < cols || rows >= kMax || ld >= kMax)
+  if (rank < 1 || rank > 5 || reinterpret_cast<uintptr_t>(base) % 16 != 0)
     return cudaErrorInvalidValue;
-  const cuuint64_t dims[2] = {cuuint64_t(cols), cuuint64_t(rows)};
-  const cuuint64_t strides[1] = {cuuint64_t(ld * 2)};
-  const cuuint32_t box[2] = {cuuint32_t(kBK), cuuint32_t(kBoxRows)};
-  const cuuint32_t elem_strides[2] = {1, 1};
+  for (int i = 0; i + 1 < rank; ++i)
+    if (strides[i] % 16 != 0 || strides[i] >= (uint64_t(1) << 40)) return cudaErrorInvalidValue;
+  cuuint64_t d[5], st[4];
+  cuuint32_t b[5], elem_strides[5];
+  for (int i = 0; i < rank; ++i) {
+    if (dims[i] == 0 || dims[i] > (uint64_t(1) << 32) || box[i] == 0 || box[i] > 256)
+      return cudaErrorInvalidValue;
+    d[i] = dims[i];
+    b[i] = box[i];
+    elem_strides[i] = 1;
+    if (i + 1 < rank) st[i] = strides[i];
+  }
   const CUresult r =
-      encode_tiled()(reinterpret_cast<CUtensorMap*>(map), CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2,
-                     const_cast<void*>(base), dims, strides, box, elem_strides,
+      encode_tiled()(reinterpret_cast<CUtensorMap*>(map), CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                     cuuint32_t(rank), const_cast<void*>(base), d, st, b, elem_strides,
                      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+cudaError_t expert_gemm_tensor_map(TensorMap* map, const void* base, int64_t rows, int64_t cols,
+                                   int64_t ld) {
+  constexpr int64_t kMax = int64_t(1) << 31;
+  if (rows <= 0 || cols <= 0 || ld < cols || rows >= kMax || ld >= kMax)
+    return cudaErrorInvalidValue;
+  const uint64_t dims[2] = {uint64_t(cols), uint64_t(rows)};
+  const uint64_t strides[1] = {uint64_t(ld) * 2};
+  const uint32_t box[2] = {uint32_t(kBK), uint32_t(kBoxRows)};
+  return encode_bf16_tensor_map(map, base, 2, dims, strides, box);
 }
 
 cudaError_t expert_gemm(const ExpertGemmArgs& a) {

@@ -1,6 +1,6 @@
 // CUDA kernels, part 5e: the causal flash-attention forward on Hopper's warpgroup MMA (wgmma,
 // sm_90a), the default forward of Precision::Bf16 on an H100/H200 (cuda_flash_attention.cu picks
-// it: variants 5-7 of MOEKIT_FLASH_FWD_VARIANT, tilings 0-2 here). Same contract and numerics as
+// it: variants 5-9 of MOEKIT_FLASH_FWD_VARIANT, tilings 0-4 here). Same contract and numerics as
 // the mma.sync kernel there: q, k, v bf16, S = Q K^T with fp32 accumulation, an online base-2
 // softmax in fp32, P rounded to bf16 as the A operand of P V, fp32 accumulation of O, one
 // division by the row sum at the end, lse in natural log; deterministic (fixed orders, no
@@ -17,9 +17,10 @@
 // mma.sync kernel. Q is staged once; K and V tiles of BN keys stream through cp.async buffers
 // (all threads load, zero-filled past the sequence) in the 128-byte-swizzled layout of
 // wgmma_util.cuh. Per key tile a warpgroup issues dqk / 16 wgmmas for S (m64 x BN x 16), runs the
-// softmax on its registers, then issues BN / 16 wgmmas for O += P V (V MN-major). Two schedules
-// (see each kernel): plain (wait after each product) and pipelined (the default: S of the next
-// tile in flight during this tile's softmax). Only tiles reaching past a row are masked.
+// softmax on its registers, then issues BN / 16 wgmmas for O += P V (V MN-major). Three schedules
+// (see each kernel): plain (wait after each product), pipelined (S of the next tile in flight
+// during this tile's softmax) and warp-specialised (a TMA producer warp, consumers taking turns at
+// the tensor cores). Only tiles reaching past a row are masked.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -29,6 +30,7 @@
 #include "ops/cuda/flash_args.cuh"
 #include "ops/cuda/kernels.h"
 #include "ops/cuda/mma_util.cuh"
+#include "ops/cuda/tma_util.cuh"
 #include "ops/cuda/wgmma_util.cuh"
 
 namespace moekit::cuda {
@@ -65,7 +67,9 @@ struct HopperBlock {
   const uint16_t *q_head, *k_head, *v_head;
   int64_t qk_stride, v_stride;
 
-  __device__ HopperBlock(const FlashArgs& args, uint32_t smem) : a(args) {
+  // thread: this thread's index among the block's consumers of the tiles (threadIdx.x, or less
+  // the producer warpgroup's 128 in the warp-specialised kernel).
+  __device__ HopperBlock(const FlashArgs& args, uint32_t smem, int thread) : a(args) {
     q_s = (smem + 1023u) & ~1023u;
     k_s = q_s + QK / 64 * kQBlockBytes;
     v_s = k_s + STAGES * kKBytes;
@@ -75,7 +79,7 @@ struct HopperBlock {
     chunk = int(blockIdx.z) % a.chunks;
     c0 = chunk * VC;
     nv = min(VC, a.dv - c0);  // this block's v columns [c0, c0 + nv)
-    tid = int(threadIdx.x);
+    tid = thread;
     wg = tid / 128;
     const int warp = (tid % 128) / 32, lane = tid % 32;
     t = lane % 4;
@@ -134,19 +138,18 @@ struct SoftmaxRows {
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
 };
 
-// One key tile (first key key0) of the online softmax: masks keys past the row where the tile
-// reaches past the warp's first row (uniform over the warp: only diagonal tiles pay for it),
-// updates the running max and sums, rescales o, and writes P as the A fragments of P V. The scale
-// is positive, so the max of the raw scores is taken and scaled once; each weight is then one
-// fused multiply-add and one ex2 (instruction count is what bounds this loop). Tile 0 holds key
-// 0, which no row precedes, so the running max is finite from the first tile on (a fully masked
-// row of a later tile gets exp2(-inf) = 0).
-// P as A fragments: k-step kk covers keys 16kk..16kk+15 = S columns 8(2kk) and 8(2kk + 1), so
-// p[kk][i] packs s[8kk + 2i], s[8kk + 2i + 1] (rows g, g + 8, g, g + 8; keys +0, +0, +8, +8).
-template <int BN, int VC>
-__device__ inline void online_softmax(float (&s)[BN / 2], float (&o)[VC / 2],
-                                      uint32_t (&p)[BN / 16][4], SoftmaxRows& r, int key0, int wrow,
-                                      int row0, int row1, int t, float sl2) {
+// One key tile (first key key0) of the online softmax, in three steps that the warp-specialised
+// kernel runs apart (P V of the previous tile is in flight between them; online_softmax runs all
+// three). softmax_scores masks keys past the row where the tile reaches past the warp's first row
+// (uniform over the warp: only diagonal tiles pay for it), updates the running max and sums, turns
+// s into the unnormalised weights in place and returns the factors (alpha0, alpha1) that rescale
+// the rows' accumulators. The scale is positive, so the max of the raw scores is taken and scaled
+// once; each weight is then one fused multiply-add and one ex2 (instruction count is what bounds
+// this loop). Tile 0 holds key 0, which no row precedes, so the running max is finite from the
+// first tile on (a fully masked row of a later tile gets exp2(-inf) = 0).
+template <int BN>
+__device__ inline float2 softmax_scores(float (&s)[BN / 2], SoftmaxRows& r, int key0, int wrow,
+                                        int row0, int row1, int t, float sl2) {
   if (key0 + BN - 1 > wrow) {
 #pragma unroll
     for (int j = 0; j < BN / 8; ++j)
@@ -192,21 +195,42 @@ __device__ inline void online_softmax(float (&s)[BN / 2], float (&o)[VC / 2],
   const float sum1 = (sum1c[0] + sum1c[1]) + (sum1c[2] + sum1c[3]);
   r.l0 = r.l0 * alpha0 + sum0;
   r.l1 = r.l1 * alpha1 + sum1;
-  // Once the running max settles most tiles leave it unchanged (alpha = 1) for every row of the
-  // warp; skipping the multiply by 1 then is exact and saves VC / 2 instructions.
-  if (__any_sync(0xffffffffu, alpha0 != 1.0f || alpha1 != 1.0f)) {
+  return make_float2(alpha0, alpha1);
+}
+
+// o's rows times alpha. Once the running max settles most tiles leave it unchanged (alpha = 1)
+// for every row of the warp; skipping the multiply by 1 then is exact and saves VC / 2
+// instructions.
+template <int VC>
+__device__ inline void rescale_rows(float (&o)[VC / 2], float2 alpha) {
+  if (__any_sync(0xffffffffu, alpha.x != 1.0f || alpha.y != 1.0f)) {
 #pragma unroll
     for (int j = 0; j < VC / 8; ++j) {
-      o[4 * j] *= alpha0;
-      o[4 * j + 1] *= alpha0;
-      o[4 * j + 2] *= alpha1;
-      o[4 * j + 3] *= alpha1;
+      o[4 * j] *= alpha.x;
+      o[4 * j + 1] *= alpha.x;
+      o[4 * j + 2] *= alpha.y;
+      o[4 * j + 3] *= alpha.y;
     }
   }
+}
+
+// The weights as the A fragments of P V: k-step kk covers keys 16kk..16kk+15 = S columns 8(2kk)
+// and 8(2kk + 1), so p[kk][i] packs s[8kk + 2i], s[8kk + 2i + 1] (rows g, g + 8, g, g + 8; keys
+// +0, +0, +8, +8).
+template <int BN>
+__device__ inline void pack_weights(const float (&s)[BN / 2], uint32_t (&p)[BN / 16][4]) {
 #pragma unroll
   for (int kk = 0; kk < BN / 16; ++kk)
 #pragma unroll
     for (int i = 0; i < 4; ++i) p[kk][i] = pack_bf16(s[8 * kk + 2 * i], s[8 * kk + 2 * i + 1]);
+}
+
+template <int BN, int VC>
+__device__ inline void online_softmax(float (&s)[BN / 2], float (&o)[VC / 2],
+                                      uint32_t (&p)[BN / 16][4], SoftmaxRows& r, int key0, int wrow,
+                                      int row0, int row1, int t, float sl2) {
+  rescale_rows<VC>(o, softmax_scores<BN>(s, r, key0, wrow, row0, row1, t, sl2));
+  pack_weights<BN>(s, p);
 }
 
 // out = O / l (the quad's partial sums added in a fixed tree); lse = ln 2 * (m + log2 l).
@@ -247,7 +271,7 @@ template <int QK, int VC, int BN, int WGS>
 __global__ void __launch_bounds__(128 * WGS, 1) flash_attention_hopper_kernel(const FlashArgs a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ uint8_t smem_raw[];
-  const HopperBlock<QK, VC, BN, WGS, 2> k(a, shared_address(smem_raw));
+  const HopperBlock<QK, VC, BN, WGS, 2> k(a, shared_address(smem_raw), int(threadIdx.x));
   float o[VC / 2], s[BN / 2];
   uint32_t p[BN / 16][4];
 #pragma unroll
@@ -299,7 +323,7 @@ __global__ void __launch_bounds__(256, 1)
     flash_attention_hopper_pipelined_kernel(const FlashArgs a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ uint8_t smem_raw[];
-  const HopperBlock<QK, VC, BN, 2, 4> k(a, shared_address(smem_raw));
+  const HopperBlock<QK, VC, BN, 2, 4> k(a, shared_address(smem_raw), int(threadIdx.x));
   float o[VC / 2], sa[BN / 2], sb[BN / 2];
   uint32_t p[BN / 16][4];
 #pragma unroll
@@ -368,6 +392,157 @@ __global__ void __launch_bounds__(256, 1)
 #endif
 }
 
+// The warp-specialised schedule (FlashAttention-3's design on the same tiles): a producer
+// warpgroup, of which one thread issues the TMA copies of Q once and of each key tile's K and V
+// into a ring of STAGES buffers, and two consumer warpgroups of 64 query rows each.
+//  - No consumer instruction goes to loading: a tile's K and V each complete an mbarrier ("full")
+//    by their bytes, and the consumers free them through another ("empty", one arrival per
+//    consumer warp): K once its S is done, V once its P V is. The copies run up to STAGES tiles
+//    ahead with no block-wide barrier.
+//  - Within a warpgroup (as the pipelined kernel): the S of tile kt and the P V of tile kt - 1
+//    are issued together, and the softmax of tile kt runs while that P V is in flight.
+//  - Between the warpgroups (ping-pong): a warpgroup issues its two products only in its turn
+//    (named barrier 1 + its index, passed by the other warpgroup once that one has issued), so
+//    one warpgroup's softmax runs while the other's products keep the tensor cores busy.
+// Both consumers run every key tile of the block (with 64-key tiles the first one's last is all
+// masked), so their turns alternate to the end. Q, K and V are read through 4-D tensor maps
+// [batch, seq, heads, dim] in boxes of 64 columns: rows past the sequence and columns past the
+// head's dim are zeros, as the cp.async kernels fill them.
+struct FlashMaps {
+  TensorMap q, k, v;
+};
+
+template <int QK, int VC, int BN>
+struct WsShape {
+  static constexpr size_t kQBytes = size_t(128) * QK * 2, kStageBytes = size_t(BN) * (QK + VC) * 2;
+  static constexpr size_t kBudget = 227 * 1024 - 1024 - 256;  // less alignment and barriers
+  static constexpr int kFit = int((kBudget - kQBytes) / kStageBytes);  // buffers that fit
+  static constexpr int kStages = kFit < 4 ? kFit : 4;
+  static_assert(kStages >= 2, "two K/V buffers at least");
+  static constexpr size_t kSmem = 1024 + kQBytes + kStages * kStageBytes + 256;
+};
+
+template <int QK, int VC, int BN>
+__global__ void __launch_bounds__(384, 1)
+    flash_attention_hopper_ws_kernel(const __grid_constant__ FlashMaps maps, const FlashArgs a) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Shape = WsShape<QK, VC, BN>;
+  constexpr int S = Shape::kStages;
+  extern __shared__ uint8_t smem_raw[];
+  const int producer = int(threadIdx.x) < 128;
+  const HopperBlock<QK, VC, BN, 2, S> k(a, shared_address(smem_raw),
+                                        producer ? 0 : int(threadIdx.x) - 128);
+  static_assert(decltype(k)::kThreads == 256, "two consumer warpgroups");
+  // Barriers after the V buffers: q_full, then per stage k_full, k_empty, v_full, v_empty.
+  const uint32_t bars = k.v_s + S * k.kVBytes, q_full = bars;
+  auto bar = [&](int kind, int st) { return bars + 8u * uint32_t(1 + 4 * st + kind); };
+  constexpr int kKFull = 0, kKEmpty = 1, kVFull = 2, kVEmpty = 3;
+  if (threadIdx.x == 0) {
+    mbar_init(q_full, 1);
+    for (int st = 0; st < S; ++st) {
+      mbar_init(bar(kKFull, st), 1);
+      mbar_init(bar(kVFull, st), 1);
+      mbar_init(bar(kKEmpty, st), 8);  // the consumer warps
+      mbar_init(bar(kVEmpty, st), 8);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+  const int tiles = k.tiles;
+  if (producer) {
+    regs_release<40>();
+    if (threadIdx.x != 0) return;
+    // Q's second 64 rows may lie wholly past the sequence: not loaded then (those rows' results,
+    // computed from stale shared memory, stay in their own rows and are not stored).
+    const int q0 = k.qt * 128, halves = q0 + 64 < a.seq ? 2 : 1;
+    mbar_arrive_expect_tx(q_full, uint32_t(Shape::kQBytes / 2 * halves));
+    for (int j = 0; j < QK / 64; ++j)
+      for (int half = 0; half < halves; ++half)
+        tma_load_4d(k.q_s + j * k.kQBlockBytes + half * 64 * 128, &maps.q, q_full, 64 * j, k.h,
+                    q0 + 64 * half, k.b);
+    for (int kt = 0; kt < tiles; ++kt) {
+      const int st = kt % S;
+      const uint32_t parity = ((kt / S) & 1) ^ 1u;  // a fresh ring: the first pass does not wait
+      mbar_wait(bar(kKEmpty, st), parity);
+      mbar_arrive_expect_tx(bar(kKFull, st), uint32_t(BN * QK * 2));
+      for (int j = 0; j < QK / 64; ++j)
+        tma_load_4d(k.k_s + st * k.kKBytes + j * k.kTileBlockBytes, &maps.k, bar(kKFull, st),
+                    64 * j, k.h, kt * BN, k.b);
+      // V's 64-column blocks holding columns of this chunk (a block wholly past them is not
+      // loaded: its products are never stored).
+      const int vblocks = (k.nv + 63) / 64;
+      mbar_wait(bar(kVEmpty, st), parity);
+      mbar_arrive_expect_tx(bar(kVFull, st), uint32_t(BN * 64 * 2 * vblocks));
+      for (int j = 0; j < vblocks; ++j)
+        tma_load_4d(k.v_s + st * k.kVBytes + j * k.kTileBlockBytes, &maps.v, bar(kVFull, st),
+                    k.c0 + 64 * j, k.h, kt * BN, k.b);
+    }
+    return;
+  }
+  regs_claim<232>();
+  const int me = k.wg, other = 1 - me;  // this consumer's index and the other's
+  const int lane = k.tid % 32;
+  auto my_turn = [&] { named_barrier_sync(1 + me, 256); };
+  auto pass_turn = [&] { named_barrier_arrive(1 + other, 256); };
+  auto release = [&](int kind, int st) {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bar(kind, st));
+  };
+  auto full_parity = [&](int kt) { return uint32_t((kt / S) & 1); };
+  float o[VC / 2], s[BN / 2];
+  uint32_t p[BN / 16][4];
+#pragma unroll
+  for (int i = 0; i < VC / 2; ++i) o[i] = 0.0f;
+  SoftmaxRows r;
+  if (me == 1) pass_turn();  // the first consumer issues first
+  mbar_wait(q_full, 0);
+
+  // Tile 0: S alone.
+  mbar_wait(bar(kKFull, 0), 0);
+  my_turn();
+  k.issue_scores(s, 0);
+  pass_turn();
+  wgmma_wait_all();
+  wgmma_fence_operands(s);
+  release(kKEmpty, 0);
+  float2 alpha = softmax_scores<BN>(s, r, 0, k.wrow, k.row0, k.row1, k.t, a.scale_log2);
+  pack_weights<BN>(s, p);
+  for (int kt = 1; kt < tiles; ++kt) {
+    const int st = kt % S, prev = (kt - 1) % S;
+    mbar_wait(bar(kKFull, st), full_parity(kt));
+    mbar_wait(bar(kVFull, prev), full_parity(kt - 1));
+    my_turn();
+    k.issue_scores(s, kt);
+    rescale_rows<VC>(o, alpha);
+    k.issue_pv(o, p, kt - 1);
+    pass_turn();
+    wgmma_wait<1>();  // S of tile kt; P V of kt - 1 runs on
+    wgmma_fence_operands(s);
+    release(kKEmpty, st);
+    alpha = softmax_scores<BN>(s, r, kt * BN, k.wrow, k.row0, k.row1, k.t, a.scale_log2);
+    wgmma_wait_all();  // P V of kt - 1: its weights' registers and V buffer are free
+    wgmma_fence_operands(o);
+    wgmma_fence_operands(p);
+    release(kVEmpty, prev);
+    pack_weights<BN>(s, p);
+  }
+  // The last tile's P V. The second consumer takes its turn but does not pass it: the first has
+  // no turn left to take.
+  const int last = tiles - 1;
+  mbar_wait(bar(kVFull, last % S), full_parity(last));
+  my_turn();
+  rescale_rows<VC>(o, alpha);
+  k.issue_pv(o, p, last);
+  if (me == 0) pass_turn();
+  wgmma_wait_all();
+  wgmma_fence_operands(o);
+  wgmma_fence_operands(p);
+  store_output<decltype(k), VC>(k, o, r);
+#else
+  __trap();  // built without sm_90a: flash_attention_hopper_available() is false
+#endif
+}
+
 // Sets the kernel's shared-memory allowance once and launches it: grid (query tiles, heads,
 // sequences x v-column chunks).
 template <int QK, int VC, int BN, int WGS, int STAGES>
@@ -404,6 +579,45 @@ cudaError_t launch_hopper_pipelined(const FlashArgs& args, int64_t batch) {
       args, batch);
 }
 
+// The warp-specialised kernel: q, k and v as 4-D tensors [batch, seq, heads, dim] (dim
+// contiguous) read in boxes of 64 columns x 64 (Q) or BN (K, V) rows of one head.
+// cudaErrorNotSupported where TMA cannot describe them (encode_bf16_tensor_map fails).
+template <int QK, int VC, int BN>
+cudaError_t launch_hopper_ws(const FlashArgs& args, int64_t batch) {
+  using Shape = WsShape<QK, VC, BN>;
+  FlashMaps maps;
+  auto encode = [&](TensorMap* map, const uint16_t* base, int d, uint32_t rows) {
+    const uint64_t dims[4] = {uint64_t(d), uint64_t(args.heads), uint64_t(args.seq),
+                              uint64_t(batch)};
+    const uint64_t row = uint64_t(args.heads) * d * 2;
+    const uint64_t strides[3] = {uint64_t(d) * 2, row, row * uint64_t(args.seq)};
+    const uint32_t box[4] = {64, 1, rows, 1};
+    return encode_bf16_tensor_map(map, base, 4, dims, strides, box) == cudaSuccess;
+  };
+  if (!encode(&maps.q, args.q, args.dqk, 64) || !encode(&maps.k, args.k, args.dqk, BN) ||
+      !encode(&maps.v, args.v, args.dv, BN))
+    return cudaErrorNotSupported;
+  static const cudaError_t attr =
+      cudaFuncSetAttribute(flash_attention_hopper_ws_kernel<QK, VC, BN>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, int(Shape::kSmem));
+  if (attr != cudaSuccess) return attr;
+  const dim3 grid(unsigned((args.seq + 127) / 128), unsigned(args.heads),
+                  unsigned(batch * args.chunks));
+  flash_attention_hopper_ws_kernel<QK, VC, BN><<<grid, 384, Shape::kSmem, stream()>>>(maps, args);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_ws(const FlashArgs& args, int64_t batch, bool wide_tiles) {
+  if (args.dqk <= 64 && args.dv <= 64) return launch_hopper_ws<64, 64, 64>(args, batch);
+  if (args.dqk <= 128)
+    return wide_tiles ? launch_hopper_ws<128, 128, 128>(args, batch)
+                      : launch_hopper_ws<128, 128, 64>(args, batch);
+  if (args.dqk <= 192)
+    return wide_tiles ? launch_hopper_ws<192, 128, 128>(args, batch)
+                      : launch_hopper_ws<192, 128, 64>(args, batch);
+  return launch_hopper_ws<256, 128, 64>(args, batch);
+}
+
 }  // namespace
 
 bool flash_attention_hopper_available() {
@@ -429,7 +643,14 @@ cudaError_t flash_attention_forward_hopper(const FlashArgs& args, int64_t batch,
     return cudaErrorInvalidValue;
   const bool small = args.dqk <= 64 && args.dv <= 64;
   // Tilings: 0 = pipelined, 2 warpgroups, 64-key tiles; 1 = plain, 2 warpgroups, 128 keys; 2 =
-  // plain, 3 warpgroups (192 query rows per K/V tile, 12 warps to hide latency), 64 keys.
+  // plain, 3 warpgroups (192 query rows per K/V tile, 12 warps to hide latency), 64 keys; 3 =
+  // warp-specialised (TMA producer, ping-pong consumers), 64 keys; 4 = the same with 128 keys
+  // where two K/V buffers fit (dqk <= 192), else 64.
+  if (tiling >= 3) {  // tiling 0 where TMA cannot describe the tensors
+    const cudaError_t ws = launch_ws(args, batch, tiling == 4);
+    if (ws != cudaErrorNotSupported) return ws;
+    tiling = 0;
+  }
   if (small) return launch_hopper_pipelined<64, 64, 64>(args, batch);
   if (args.dqk <= 128) return launch_hopper_pipelined<128, 128, 64>(args, batch);
   if (args.dqk <= 192) {

@@ -220,6 +220,13 @@ cudaError_t moe_gate_backward(float* dlogits, const float* dtopk_w, const int32_
 struct alignas(64) TensorMap {
   uint8_t bytes[128];
 };
+// A bf16 tensor of `rank` (1-5) dimensions as TMA sees it: dims[0] the contiguous one (elements),
+// strides[i] the bytes between steps of dimension i + 1 (multiples of 16), boxes of box[i]
+// elements (box[0] * 2 <= 128 bytes: the 128-byte swizzle of wgmma_util.cuh), out-of-range
+// elements read as zero. cudaErrorNotSupported without a driver that encodes tensor maps,
+// cudaErrorInvalidValue where TMA cannot describe it.
+cudaError_t encode_bf16_tensor_map(TensorMap* map, const void* base, int rank, const uint64_t* dims,
+                                   const uint64_t* strides, const uint32_t* box);
 // Whether the kernel runs here: built for sm_90a and running on a compute capability 9.0 GPU.
 bool expert_gemm_available();
 // The map of a row-major bf16 matrix [rows, cols] with rows `ld` elements apart, read in boxes of

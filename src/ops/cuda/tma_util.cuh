@@ -3,8 +3,9 @@
 // register reallocation between warpgroups of one block. One thread issues a whole tile's copy
 // (cp.async needs every thread of a warpgroup and its registers for addresses), and the copy lands
 // in wgmma's 128-byte-swizzled layout (wgmma_util.cuh) by itself. Used by the routed experts' GEMM
-// (cuda_expert_gemm.cu), whose producer warp feeds two consumer warpgroups through a ring of
-// stages.
+// (cuda_expert_gemm.cu) and the warp-specialised attention forward
+// (cuda_flash_attention_hopper.cu), whose producer warp feeds two consumer warpgroups through a
+// ring of stages.
 //
 // Compiled only for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); the callers guard on it.
 #pragma once
@@ -57,6 +58,26 @@ __device__ inline void tma_load_2d(uint32_t dst, const void* map, uint32_t bar, 
       "%4}], [%2];\n" ::"r"(dst),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1)
       : "memory");
+}
+
+// The same for a 4-D tensor map: the box at (c0, c1, c2, c3), c0 the contiguous dimension.
+__device__ inline void tma_load_4d(uint32_t dst, const void* map, uint32_t bar, int32_t c0,
+                                   int32_t c1, int32_t c2, int32_t c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, "
+      "%4, %5, %6}], [%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      : "memory");
+}
+
+// Named barriers (ids 1-15; __syncthreads is 0) between some warps of a block: `threads` counts
+// every thread that syncs or arrives in one phase. sync waits for the phase; arrive counts
+// itself and goes on (a signal to warps that sync).
+__device__ inline void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ inline void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
 // Register reallocation between the warpgroups of a block (all threads of a warpgroup run it): a
