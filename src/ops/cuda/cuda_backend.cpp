@@ -1021,16 +1021,17 @@ void CudaBackend::grouped_swiglu(Tensor& h, Tensor* gate, Tensor* up, const Tens
   // On padded expert blocks (the default path) the gate and up products share the batched calls:
   // half the launches, and twice the tiles per launch fill the last wave better.
   if (gate_w.size() == up_w.size() && expert_gemm_ == ExpertGemm::Batched) {
-    Tensor g = gate ? *gate : Tensor(), u = up ? *up : Tensor();
-    for (Tensor* t : {&g, &u}) {
-      MOEKIT_CHECK(!t->defined() || (t->shape() == h.shape() && t->dtype() == h.dtype()),
+    for (const Tensor* t : {gate, up})
+      MOEKIT_CHECK(!t || (t->shape() == h.shape() && t->dtype() == h.dtype()),
                    "grouped_swiglu: a product {} ({}) for h {} ({})", t->shape().str(),
                    dtype_name(t->dtype()), h.shape().str(), dtype_name(h.dtype()));
-      if (!t->defined()) *t = Tensor::empty(h.shape(), h.dtype(), h.device());
-    }
+    // The products have h's shape and dtype, so h answers for them in the route; the temporaries
+    // are made only where the batched calls will write them.
     const GroupedTerm gate_term{&x, gate_w}, up_term{&x, up_w};
-    const GroupedRoute route = grouped_route(g, {&gate_term, 1}, begin, true, 0.0f);
-    if (route.padded && grouped_route(u, {&up_term, 1}, begin, true, 0.0f).padded) {
+    const GroupedRoute route = grouped_route(h, {&gate_term, 1}, begin, true, 0.0f);
+    if (route.padded && grouped_route(h, {&up_term, 1}, begin, true, 0.0f).padded) {
+      Tensor g = gate ? *gate : Tensor::empty(h.shape(), h.dtype(), h.device());
+      Tensor u = up ? *up : Tensor::empty(h.shape(), h.dtype(), h.device());
       const BatchedProduct products[] = {{&g, &x, gate_w, 0.0f}, {&u, &x, up_w, 0.0f}};
       grouped_matmul_batched(products, route.groups, begin, true);
       swiglu_forward(h, g, u);
