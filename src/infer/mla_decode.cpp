@@ -98,11 +98,9 @@ void latent_kv(Backend& be, MLA& a, const Tensor& x, const Tensor& positions, co
   const int64_t n = x.dim(0), dr = a.dr, r = a.kv_lora_rank;
   Tensor kv_a = empty_on({n, r + dr}, x);
   linear_forward(be, kv_a, x, *a.kv_a_proj_with_mqa);
-  Tensor c_kv = empty_on({n, r}, x), rstd = empty_on({n}, x);
-  be.copy_columns(c_kv, 0, kv_a, 0, r, false);
-  be.copy_columns(k_rope, 0, kv_a, r, dr, false);
-  be.rope(k_rope, k_rope, 1, dr, 0, dr, rope.cos, rope.sin, positions, false);
-  be.rmsnorm_forward(latent, rstd, c_kv, a.kv_a_layernorm.weight->value, a.kv_a_layernorm.eps);
+  Tensor rstd = empty_on({n}, x);
+  be.mla_kv_a_split(latent, rstd, k_rope, kv_a, a.kv_a_layernorm.weight->value,
+                    a.kv_a_layernorm.eps, rope.cos, rope.sin, positions);
 }
 
 // y [n, hidden] from the attention context ctx [n*H, r]: W_vb per head, then o_proj.

@@ -110,14 +110,18 @@ Tensor MLA::forward(Backend& be, const Tensor& x, const Tensor& positions, const
     if (bf16_attention) saved.q = bf16_operand(be, saved.q);
   }
 
-  Tensor kv_a = empty({T, kv_lora_rank + dr});
-  linear_forward(be, kv_a, saved.x, *kv_a_proj_with_mqa);
-  Tensor c_kv = empty({T, kv_lora_rank});
-  be.copy_columns(c_kv, 0, kv_a, 0, kv_lora_rank, false);
+  // kv_a = [c_kv | k_pe]: the latent's norm and the shared key's rotation in one op. kv_a stays
+  // saved in place of the norm's input: backward takes c_kv from it.
+  saved.kv_a = empty({T, kv_lora_rank + dr});
+  linear_forward(be, saved.kv_a, saved.x, *kv_a_proj_with_mqa);
   saved.k_rope = empty({T, dr});
-  be.copy_columns(saved.k_rope, 0, kv_a, kv_lora_rank, dr, false);
-  be.rope(saved.k_rope, saved.k_rope, 1, dr, 0, dr, rope.cos, rope.sin, positions, false);
-  saved.kv_latent = gemm_input(be, kv_a_layernorm.forward(be, c_kv, norm_dtype));
+  Tensor kv_latent = Tensor::empty({T, kv_lora_rank}, norm_dtype, dev);
+  kv_a_layernorm.saved.x = Tensor();
+  kv_a_layernorm.saved.rstd = empty({T});
+  be.mla_kv_a_split(kv_latent, kv_a_layernorm.saved.rstd, saved.k_rope, saved.kv_a,
+                    kv_a_layernorm.weight->value, kv_a_layernorm.eps, rope.cos, rope.sin,
+                    positions);
+  saved.kv_latent = gemm_input(be, kv_latent);
 
   // Under the Bf16 precision the kv_b GEMM writes its output in bf16 (fp32 accumulation, rounded
   // to nearest even as stored, as the split or the attention would round an F32 kv_b): the GEMM
@@ -198,7 +202,10 @@ void MLA::backward(Backend& be, Tensor& dx, const Tensor& dy, const RopeTable& r
   linear_backward(be, dkv_latent, *kv_b_proj, dkv_b, saved.kv_latent, false);
   Tensor dkv_a = empty({T, kv_lora_rank + dr});
   Tensor dc_kv = empty({T, kv_lora_rank});
+  kv_a_layernorm.saved.x = empty({T, kv_lora_rank});  // the norm's input, c_kv
+  be.copy_columns(kv_a_layernorm.saved.x, 0, saved.kv_a, 0, kv_lora_rank, false);
   kv_a_layernorm.backward(be, dc_kv, dkv_latent, false);
+  kv_a_layernorm.saved.x = Tensor();
   be.copy_columns(dkv_a, 0, dc_kv, 0, kv_lora_rank, false);
   // RoPE is a rotation: its backward rotates the gradient back.
   be.rope(dk_rope, dk_rope, 1, dr, 0, dr, rope.cos, rope.sin, saved.positions, true);

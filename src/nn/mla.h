@@ -40,7 +40,8 @@ struct MLA {
   struct Saved {
     // q, k, v: BF16 under Bf16 (rounded once for both attention passes), else F32. o: BF16 under
     // Bf16 with round_output (above) and more than a GEMV's few rows, else F32.
-    Tensor x, q_a, q_a_normed, q, kv_latent, k_rope, k, v, o, lse, positions;
+    // kv_a: F32 [c_kv | k_pe], the norm's input for its backward (mla_kv_a_split).
+    Tensor x, q_a, q_a_normed, q, kv_a, kv_latent, k_rope, k, v, o, lse, positions;
     int64_t batch = 0, seq = 0;
   } saved;
 

@@ -66,6 +66,20 @@ void Backend::grouped_matmul_sum(Tensor& c, std::span<const GroupedTerm> terms,
   }
 }
 
+void Backend::mla_kv_a_split(Tensor& kv_latent, Tensor& rstd, Tensor& k_rope, const Tensor& kv_a,
+                             const Tensor& norm_w, float eps, const Tensor& cos, const Tensor& sin,
+                             const Tensor& positions) {
+  const int64_t T = rows(kv_a), r = cols(kv_latent), dr = cols(k_rope);
+  if (kv_a.ndim() != 2 || cols(kv_a) != r + dr || rows(kv_latent) != T || rows(k_rope) != T)
+    fail("mla_kv_a_split: kv_a {} does not split into kv_latent {} and k_rope {}",
+         kv_a.shape().str(), kv_latent.shape().str(), k_rope.shape().str());
+  Tensor c_kv = Tensor::empty({T, r}, DType::F32, kv_a.device());
+  copy_columns(c_kv, 0, kv_a, 0, r, false);
+  copy_columns(k_rope, 0, kv_a, r, dr, false);
+  rope(k_rope, k_rope, 1, dr, 0, dr, cos, sin, positions, false);
+  rmsnorm_forward(kv_latent, rstd, c_kv, norm_w, eps);
+}
+
 void Backend::mla_kv_up(Tensor& k, Tensor& v, const Tensor& kv_latent, const Tensor& w_kv_b,
                         const Tensor& k_rope, int64_t heads, int64_t dn, int64_t dr, int64_t dv) {
   const bool bf16 = k.dtype() == DType::BF16 && supports(Op::Matmul, DType::BF16);

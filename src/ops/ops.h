@@ -451,6 +451,16 @@ class Backend {
   virtual void mla_split_kv_backward(Tensor& dkv_b, Tensor& dk_rope, const Tensor& dk,
                                      const Tensor& dv, int64_t heads, int64_t dn, int64_t dr,
                                      int64_t dvd) = 0;
+  // MLA's kv_a split (prefill and training; the decode step's is mla_cache_write): from kv_a
+  // [T, r + dr] = [c_kv | k_pe] (F32),
+  //   kv_latent[i] = RMSNorm(c_kv[i]) * norm_w, rstd[i] its 1 / rms (as rmsnorm_forward),
+  //   k_rope[i]    = k_pe[i] rotated as Backend::rope at positions[i].
+  // kv_latent [T, r] F32, or BF16 where supports(RmsNorm, BF16) (rounded once as written);
+  // rstd F32 [T]; k_rope F32 [T, dr]. The default runs copy_columns, rope and rmsnorm_forward; a
+  // backend may do it in one pass (the same values; the sum of squares in its own order).
+  virtual void mla_kv_a_split(Tensor& kv_latent, Tensor& rstd, Tensor& k_rope, const Tensor& kv_a,
+                              const Tensor& norm_w, float eps, const Tensor& cos, const Tensor& sin,
+                              const Tensor& positions);
   // MLA's key/value up-projection and split in one op: k [T, H, dn+dr] = [kv_latent W_k,h^T |
   // k_rope], v [T, H, dv] = kv_latent W_v,h^T, where w_kv_b [H*(dn+dv), r] holds each head's
   // [W_k,h; W_v,h] rows (kv_b_proj's weight). The default is that GEMM into a kv_b [T, H*(dn+dv)]

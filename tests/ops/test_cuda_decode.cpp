@@ -290,6 +290,49 @@ struct MlaStepCase {
   std::vector<int32_t> positions;
 };
 
+// The prefill's kv_a split (one launch of the cache write's kernel, writing row i and rstd)
+// against the CPU's composition of copy_columns, rope and rmsnorm_forward: V2-Lite's 512 + 64 at
+// repeated and unordered positions, a rank past the 512 values kept in registers, odd sizes. The
+// latent F32 (kF32Tol: the sums of squares run in other orders), and BF16: the CPU's F32 latent
+// rounded once, to one bf16 step (2^-8 relative) where the two sums round it differently. A bad
+// position is reported naming the op.
+TEST_F(CudaBackendTest, MlaKvASplitEqualsCpu) {
+  struct Case {
+    int64_t n, r, dr, max_pos;
+  };
+  for (const Case& c : {Case{300, 512, 64, 2048}, Case{7, 1000, 64, 20}, Case{33, 37, 6, 50}}) {
+    SCOPED_TRACE(testing::Message() << "n " << c.n << " r " << c.r << " dr " << c.dr);
+    Tensor cos_t, sin_t;
+    std::tie(cos_t, sin_t) = random_rope_table(c.max_pos, c.dr, rng_);
+    const Tensor kv_a = randn({c.n, c.r + c.dr}, 2.0f), w = randn({c.r});
+    const Tensor pos = randint({c.n}, 0, int32_t(c.max_pos));
+    Tensor lat = Tensor::empty({c.n, c.r}), rstd = Tensor::empty({c.n}),
+           kr = Tensor::empty({c.n, c.dr});
+    cpu().mla_kv_a_split(lat, rstd, kr, kv_a, w, 1e-6f, cos_t, sin_t, pos);
+    for (const DType d : {DType::F32, DType::BF16}) {
+      SCOPED_TRACE(dtype_name(d));
+      Tensor glat = poisoned({c.n, c.r}, d), grstd = poisoned({c.n}), gkr = poisoned({c.n, c.dr});
+      gpu().mla_kv_a_split(glat, grstd, gkr, dev(kv_a), dev(w), 1e-6f, dev(cos_t), dev(sin_t),
+                           dev(pos));
+      if (d == DType::F32)
+        EXPECT_CLOSE(glat, lat, kF32Tol);
+      else
+        EXPECT_CLOSE(glat, lat.to_dtype(DType::BF16).to_f32(), std::ldexp(1.0, -8));
+      EXPECT_CLOSE(grstd, rstd, kF32Tol);
+      EXPECT_CLOSE(gkr, kr, kF32Tol);
+    }
+  }
+  Tensor cos_t, sin_t;
+  std::tie(cos_t, sin_t) = random_rope_table(100, 64, rng_);
+  Tensor glat = poisoned({2, 512}), grstd = poisoned({2}), gkr = poisoned({2, 64});
+  expect_index_error(
+      [&] {
+        gpu().mla_kv_a_split(glat, grstd, gkr, dev(randn({2, 576})), dev(randn({512})), 1e-6f,
+                             dev(cos_t), dev(sin_t), dev(i32_of({3, 100})));
+      },
+      glat, "mla_kv_a_split: position 100 at position 1 out of range [0, 100)");
+}
+
 TEST_F(CudaBackendTest, MlaCacheWriteEqualsCpu) {
   struct Case {
     int64_t r, dr, cap;

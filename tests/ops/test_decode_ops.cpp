@@ -347,6 +347,44 @@ TEST(DecodeOps, MlaCacheWriteMatchesLoops) {
   for (int64_t i = 0; i < rope2.numel(); ++i) EXPECT_NEAR(k_rope.f32()[i], rope2.f32()[i], 1e-6);
 }
 
+// The prefill's split of kv_a (Backend::mla_kv_a_split): row i of kv_latent is the norm of token
+// i's c_kv (rstd[i] its 1 / rms), row i of k_rope its k_pe rotated at positions[i] (repeated and
+// out of order, as a batch of sequences has them). A kv_a that does not split into the two is
+// an error.
+TEST(DecodeOps, MlaKvASplitMatchesLoops) {
+  std::mt19937_64 rng(12);
+  const int64_t r = 13, dr = 6, max_pos = 9;
+  const float eps = 1e-6f;
+  const RopeTab rope = random_rope(max_pos, dr, rng);
+  const std::vector<int32_t> pos = {4, 0, 8, 4, 1};
+  const int64_t n = int64_t(pos.size());
+  const Tensor kv_a = randn({n, r + dr}, rng), w = randn({r}, rng);
+  Tensor kv_latent = Tensor::empty({n, r}), rstd = Tensor::empty({n}),
+         k_rope = Tensor::empty({n, dr});
+  Backend& cpu = backend(Device::CPU);
+  cpu.mla_kv_a_split(kv_latent, rstd, k_rope, kv_a, w, eps, rope.cos, rope.sin, positions_of(pos));
+  for (int64_t i = 0; i < n; ++i) {
+    const float* x = kv_a.f32() + i * (r + dr);
+    double ss = 0.0;
+    for (int64_t c = 0; c < r; ++c) ss += double(x[c]) * x[c];
+    const double want_rstd = 1.0 / std::sqrt(ss / double(r) + eps);
+    EXPECT_NEAR(rstd.f32()[i], want_rstd, 1e-6 * want_rstd) << i;
+    for (int64_t c = 0; c < r; ++c)
+      EXPECT_NEAR(kv_latent.f32()[i * r + c], w.f32()[c] * x[c] * want_rstd, 1e-5) << i << " " << c;
+    std::vector<double> want(static_cast<size_t>(dr));
+    reference_rotate(want.data(), x + r, dr, rope, pos[size_t(i)]);
+    for (int64_t c = 0; c < dr; ++c)
+      EXPECT_NEAR(k_rope.f32()[i * dr + c], want[size_t(c)], 1e-5) << i << " " << c;
+  }
+  Tensor narrow = randn({n, r + dr - 1}, rng);
+  expect_error_containing(
+      [&] {
+        cpu.mla_kv_a_split(kv_latent, rstd, k_rope, narrow, w, eps, rope.cos, rope.sin,
+                           positions_of(pos));
+      },
+      "mla_kv_a_split: kv_a [5, 18] does not split into kv_latent [5, 13] and k_rope [5, 6]");
+}
+
 TEST(DecodeOps, MlaCacheWriteRejectsBadPositionsAndShapes) {
   std::mt19937_64 rng(11);
   const int64_t cap = 9, r = 5, dr = 4, n = 2;

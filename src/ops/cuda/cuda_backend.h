@@ -139,6 +139,9 @@ class CudaBackend final : public Backend {
   void mla_cache_write(Tensor& kv_latent, Tensor& k_rope, const Tensor& kv_a, const Tensor& norm_w,
                        float eps, const Tensor& cos, const Tensor& sin,
                        const Tensor& positions) override;
+  void mla_kv_a_split(Tensor& kv_latent, Tensor& rstd, Tensor& k_rope, const Tensor& kv_a,
+                      const Tensor& norm_w, float eps, const Tensor& cos, const Tensor& sin,
+                      const Tensor& positions) override;
   void mla_absorb_query(Tensor& q_lat, Tensor& q_rope, const Tensor& q, const Tensor& kv_b,
                         const Tensor& cos, const Tensor& sin, const Tensor& positions,
                         int64_t heads, int64_t dn, int64_t dr, int64_t dv) override;

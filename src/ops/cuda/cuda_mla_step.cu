@@ -20,24 +20,30 @@ namespace moekit::cuda {
 namespace {
 
 // ---------------------------------------------------------------------------------------------
-// The cache write: one block per token. The row is short (r + dr = 576), so the kernel is pure
-// latency; each thread loads its values of c_kv and of the norm weight into registers up front
-// (one memory round trip for both, as the register RMSNorm of cuda_norm.cu) and rotates the rope
-// pairs while the sum of squares is reduced.
+// The cache write and the prefill's kv_a split: one block per token. The row is short
+// (r + dr = 576), so the kernel is pure latency; each thread loads its values of c_kv and of the
+// norm weight into registers up front (one memory round trip for both, as the register RMSNorm of
+// cuda_norm.cu) and rotates the rope pairs while the sum of squares is reduced.
 
 constexpr int kWriteThreads = 128;
 constexpr int kWritePerThread = 4;  // rank <= 512 in registers; longer rows go through a tail loop
 
+// Token i's row of kv_a to its latent and rotated key. The cache write (Split = false) puts them
+// in row positions[i] of the cache; the prefill split (Split = true, Backend::mla_kv_a_split) in
+// row i, rotated at positions[i], with the norm's rstd[i] for its backward. L: the latent's
+// element type (F32, or BF16 rounded once as written).
+template <typename L, bool Split>
 __global__ void __launch_bounds__(kWriteThreads)
-    mla_cache_write_kernel(float* kv_latent, float* k_rope, const float* kv_a, const float* w,
-                           float eps, const float* cos, const float* sin, const int32_t* positions,
-                           IndexCheck pc, int64_t tokens, int64_t rank, int64_t rope) {
+    mla_kv_a_kernel(L* kv_latent, float* rstd_out, float* k_rope, const float* kv_a, const float* w,
+                    float eps, const float* cos, const float* sin, const int32_t* positions,
+                    IndexCheck pc, int64_t tokens, int64_t rank, int64_t rope) {
   __shared__ float red[32];
   allow_dependents();
   wait_for_inputs();
   if (blockIdx.x == 0) record_first_bad_index(pc, positions, tokens);  // uniform in the block
   const int64_t i = blockIdx.x, nt = blockDim.x;
   const int64_t pos = checked_index(pc, positions[i]);
+  const int64_t row = Split ? i : pos;
   const float* x = kv_a + i * (rank + rope);  // [c_kv | k_rope] of token i
 
   float xv[kWritePerThread], wv[kWritePerThread];
@@ -50,7 +56,7 @@ __global__ void __launch_bounds__(kWriteThreads)
 
   // k_rope: the pairs (2j, 2j+1) rotated by pos * freq_j, as Backend::rope (forward).
   const int64_t half = rope / 2;
-  float* kr = k_rope + pos * rope;
+  float* kr = k_rope + row * rope;
   for (int64_t j = threadIdx.x; j < half; j += nt) {
     const float a = x[rank + 2 * j], b = x[rank + 2 * j + 1];
     const float c = cos[pos * half + j], s = sin[pos * half + j];
@@ -65,14 +71,15 @@ __global__ void __launch_bounds__(kWriteThreads)
   for (int64_t c = threadIdx.x + kWritePerThread * nt; c < rank; c += nt) ss += x[c] * x[c];
   ss = block_reduce(ss, 0.0f, red, Sum{});
   const float rstd = 1.0f / sqrtf(ss / float(rank) + eps);
-  float* lat = kv_latent + pos * rank;
+  if (Split && threadIdx.x == 0) rstd_out[i] = rstd;
+  L* lat = kv_latent + row * rank;
 #pragma unroll
   for (int k = 0; k < kWritePerThread; ++k) {
     const int64_t c = threadIdx.x + k * nt;
-    if (c < rank) lat[c] = wv[k] * (xv[k] * rstd);
+    if (c < rank) lat[c] = from_f32<L>(wv[k] * (xv[k] * rstd));
   }
   for (int64_t c = threadIdx.x + kWritePerThread * nt; c < rank; c += nt)
-    lat[c] = w[c] * (x[c] * rstd);
+    lat[c] = from_f32<L>(w[c] * (x[c] * rstd));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -280,9 +287,27 @@ cudaError_t mla_cache_write(float* kv_latent, float* k_rope, const float* kv_a, 
                             const IndexCheck& positions_check, const MlaStepShape& s) {
   if (s.tokens <= 0) return cudaSuccess;
   if (s.tokens > 0x7fffffff) return cudaErrorInvalidValue;  // grid.x
-  return launch_dependent(mla_cache_write_kernel, dim3(unsigned(s.tokens)), dim3(kWriteThreads),
-                          kv_latent, k_rope, kv_a, norm_w, eps, cos, sin, positions,
-                          positions_check, s.tokens, s.rank, s.dr);
+  return launch_dependent(mla_kv_a_kernel<float, false>, dim3(unsigned(s.tokens)),
+                          dim3(kWriteThreads), kv_latent, static_cast<float*>(nullptr), k_rope,
+                          kv_a, norm_w, eps, cos, sin, positions, positions_check, s.tokens, s.rank,
+                          s.dr);
+}
+
+cudaError_t mla_kv_a_split(void* kv_latent, bool latent_bf16, float* rstd, float* k_rope,
+                           const float* kv_a, const float* norm_w, float eps, const float* cos,
+                           const float* sin, const int32_t* positions,
+                           const IndexCheck& positions_check, const MlaStepShape& s) {
+  if (s.tokens <= 0) return cudaSuccess;
+  if (s.tokens > 0x7fffffff) return cudaErrorInvalidValue;  // grid.x
+  if (latent_bf16)
+    return launch_dependent(mla_kv_a_kernel<bf16_t, true>, dim3(unsigned(s.tokens)),
+                            dim3(kWriteThreads), static_cast<bf16_t*>(kv_latent), rstd, k_rope,
+                            kv_a, norm_w, eps, cos, sin, positions, positions_check, s.tokens,
+                            s.rank, s.dr);
+  return launch_dependent(mla_kv_a_kernel<float, true>, dim3(unsigned(s.tokens)),
+                          dim3(kWriteThreads), static_cast<float*>(kv_latent), rstd, k_rope, kv_a,
+                          norm_w, eps, cos, sin, positions, positions_check, s.tokens, s.rank,
+                          s.dr);
 }
 
 cudaError_t mla_absorb_query(float* q_lat, float* q_rope, const float* q, const void* kv_b,

@@ -324,6 +324,42 @@ void CudaBackend::mla_cache_write(Tensor& kv_latent, Tensor& k_rope, const Tenso
         op);
 }
 
+// The prefill's kv_a split in one launch (the cache write's kernel writing row i, and rstd) where
+// every operand is as that kernel takes it; anything else goes to the default composition, whose
+// ops check and report it. 8192 tokens of V2-Lite: two column copies, the rope and the norm were
+// ~31 us of kernels and four launch gaps per layer on the H200.
+void CudaBackend::mla_kv_a_split(Tensor& kv_latent, Tensor& rstd, Tensor& k_rope,
+                                 const Tensor& kv_a, const Tensor& norm_w, float eps,
+                                 const Tensor& cos, const Tensor& sin, const Tensor& positions) {
+  const char* op = "mla_kv_a_split";
+  auto f32_here = [](const Tensor& t) {
+    return t.defined() && t.dtype() == DType::F32 && t.device() == Device::CUDA;
+  };
+  const bool shapes = kv_a.ndim() == 2 && kv_latent.ndim() == 2 && k_rope.ndim() == 2 &&
+                      kv_latent.dim(0) == kv_a.dim(0) && k_rope.dim(0) == kv_a.dim(0) &&
+                      kv_a.dim(1) == kv_latent.dim(1) + k_rope.dim(1) && k_rope.dim(1) % 2 == 0 &&
+                      rstd.numel() == kv_a.dim(0) && norm_w.numel() == kv_latent.dim(1) &&
+                      cos.ndim() == 2 && cos.dim(1) * 2 == k_rope.dim(1) &&
+                      sin.shape() == cos.shape() && positions.numel() == kv_a.dim(0);
+  const bool latent_ok = kv_latent.device() == Device::CUDA &&
+                         (kv_latent.dtype() == DType::F32 || kv_latent.dtype() == DType::BF16);
+  if (!shapes || !latent_ok || !f32_here(rstd) || !f32_here(k_rope) || !f32_here(kv_a) ||
+      !f32_here(norm_w) || !f32_here(cos) || !f32_here(sin) || positions.dtype() != DType::I32 ||
+      positions.device() != Device::CUDA)
+    return Backend::mla_kv_a_split(kv_latent, rstd, k_rope, kv_a, norm_w, eps, cos, sin, positions);
+  const cuda::IndexCheck ic = index_check(positions, rows(cos), op, "position");
+  const cuda::MlaStepShape s{.tokens = kv_a.dim(0),
+                             .heads = 1,
+                             .rank = kv_latent.dim(1),
+                             .dn = 0,
+                             .dr = k_rope.dim(1),
+                             .dv = 0};
+  check(cuda::mla_kv_a_split(kv_latent.raw(), kv_latent.dtype() == DType::BF16, rstd.f32(),
+                             k_rope.f32(), kv_a.f32(), norm_w.f32(), eps, cos.f32(), sin.f32(),
+                             positions.i32(), ic, s),
+        op);
+}
+
 void CudaBackend::mla_absorb_query(Tensor& q_lat, Tensor& q_rope, const Tensor& q,
                                    const Tensor& kv_b, const Tensor& cos, const Tensor& sin,
                                    const Tensor& positions, int64_t heads, int64_t dn, int64_t dr,

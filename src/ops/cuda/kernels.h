@@ -317,6 +317,12 @@ struct MlaStepShape {
 cudaError_t mla_cache_write(float* kv_latent, float* k_rope, const float* kv_a, const float* norm_w,
                             float eps, const float* cos, const float* sin, const int32_t* positions,
                             const IndexCheck& positions_check, const MlaStepShape& s);
+// Backend::mla_kv_a_split: kv_latent [tokens, rank] F32 or BF16 (latent_bf16), rstd [tokens],
+// k_rope [tokens, dr], kv_a and norm_w as above. One block per token.
+cudaError_t mla_kv_a_split(void* kv_latent, bool latent_bf16, float* rstd, float* k_rope,
+                           const float* kv_a, const float* norm_w, float eps, const float* cos,
+                           const float* sin, const int32_t* positions,
+                           const IndexCheck& positions_check, const MlaStepShape& s);
 // Backend::mla_absorb_query with kv_b [heads * (dn + dv), rank] F32, or BF16 (kv_b_bf16). One
 // launch for any number of tokens (kMlaAbsorbTokens per pass over the weight).
 constexpr int kMlaAbsorbTokens = 4;
