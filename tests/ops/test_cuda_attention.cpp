@@ -84,11 +84,11 @@ AttnReference attention_reference(Backend& cpu, const AttnCase& c, const AttnInp
 
 // The flash kernels' tiling variants (MOEKIT_FLASH_FWD_VARIANT / MOEKIT_FLASH_BWD_VARIANT, see
 // the headers of ops/cuda/cuda_flash_attention.cu and _bwd.cu; an id out of range runs the
-// default). Forward variants 5-9 are the Hopper (wgmma) kernels in their five tilings (see
-// cuda_flash_attention_hopper.cu: 8 and 9 the warp-specialised kernel with TMA copies), backward
+// default). Forward variants 5-10 are the Hopper (wgmma) kernels in their six tilings (see
+// cuda_flash_attention_hopper.cu: 8-10 the warp-specialised kernel with TMA copies), backward
 // variants 5-7 the Hopper kernels in their three (see cuda_flash_attention_hopper_bwd.cu), where
 // the build and the device have them (else variant 1).
-constexpr int kFlashFwdVariants = 10, kFlashBwdVariants = 8;
+constexpr int kFlashFwdVariants = 11, kFlashBwdVariants = 8;
 
 #if defined(MOEKIT_HAVE_CUDA)
 // The switch itself (cuda::flash_variant, host code: no GPU needed, so no fixture): an id in

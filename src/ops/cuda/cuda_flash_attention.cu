@@ -20,8 +20,8 @@
 // cp.async (zero-filled past the sequence's end). v's columns are split into chunks of VC (128; 64
 // for small heads) per block so the accumulator fits in registers at dv = 256 too.
 //
-// Variants (MOEKIT_FLASH_FWD_VARIANT, read per call): 0-4 are this kernel's (kFwdVariants), 5-9
-// the wgmma kernels of cuda_flash_attention_hopper.cu (its tilings 0-4). Unset or out of range: 9
+// Variants (MOEKIT_FLASH_FWD_VARIANT, read per call): 0-4 are this kernel's (kFwdVariants), 5-10
+// the wgmma kernels of cuda_flash_attention_hopper.cu (its tilings 0-5). Unset or out of range: 9
 // (the warp-specialised kernel, 128-key tiles) where the build and the device have the Hopper
 // kernels, else 1 (the fastest here).
 // Every variant computes the same thing within rounding (different key tiles rescale the running
@@ -371,7 +371,7 @@ cudaError_t flash_attention_forward(void* out, bool out_bf16, float* lse, const 
   // Default: variant 1 (8 warps, 128 query rows per block), the fastest on the H200 at both
   // measured shapes (192/128, 16 heads: 0.261 vs 0.268 ms at batch 1 x 2048, 0.755 vs 0.806 at
   // 4 x 2048; variants 2-4: 0.283-0.293 and 0.767-0.856).
-  // Variants 5-9: the wgmma kernels (cuda_flash_attention_hopper.cu), tilings 0-4. The default
+  // Variants 5-10: the wgmma kernels (cuda_flash_attention_hopper.cu), tilings 0-5. The default
   // where the build and the device have them (else variant 1 runs) is 9, warp-specialised with
   // 128-key tiles: on the H200 at 192/128, 16 heads, batch 4 x 2048, 0.273 ms against 0.299
   // (variant 8, 64-key tiles) and 0.333 (variant 5, pipelined).

@@ -23,10 +23,11 @@ struct FlashArgs {
 // code (MOEKIT_CUDA_WGMMA: "90a" in CMAKE_CUDA_ARCHITECTURES, the default) and the device is
 // compute capability 9.0. `tiling` in [0, kHopperTilings) picks the schedule and block shape
 // (0: pipelined, 64-key tiles; 1: plain, 128 keys; 2: plain, 3 warpgroups, at dqk 129..192 only;
-// 3: warp-specialised with TMA copies, 64 keys; 4: the same with 128 keys at dqk <= 192). For args
+// 3: warp-specialised with TMA copies, 64 keys; 4: the same with 128 keys at dqk <= 192; 5: 4
+// with the query tiles last in the grid). For args
 // that flash_attention_supported took, v chunks of 128 columns (64 for the small instance, dqk and
 // dv <= 64).
-constexpr int kHopperTilings = 5;
+constexpr int kHopperTilings = 6;
 bool flash_attention_hopper_available();
 cudaError_t flash_attention_forward_hopper(const FlashArgs& args, int64_t batch, int tiling);
 
