@@ -238,13 +238,7 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
 }
 
 int sm_count() {
-  static const int n = [] {
-    int dev = 0, sms = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-      return 0;
-    return sms;
-  }();
+  static const int n = current_device_attribute(cudaDevAttrMultiProcessorCount);
   return n;
 }
 

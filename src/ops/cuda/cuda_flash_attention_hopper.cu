@@ -620,13 +620,7 @@ cudaError_t launch_hopper_ws(const FlashArgs& args, int64_t batch) {
 // on the H200). Where they do not fit (batch 4: 84 MB), consecutive blocks sharing one head's K
 // and V in L2 count for more (0.272 ms with the tiles first, 0.282 last).
 bool kv_fits_l2(const FlashArgs& args, int64_t batch) {
-  static const int64_t l2_bytes = [] {
-    int dev = 0, bytes = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&bytes, cudaDevAttrL2CacheSize, dev) != cudaSuccess)
-      return 0;
-    return bytes;
-  }();
+  static const int64_t l2_bytes = current_device_attribute(cudaDevAttrL2CacheSize);
   const int64_t kv_bytes = batch * args.seq * int64_t(args.heads) * (args.dqk + args.dv) * 2;
   return kv_bytes <= l2_bytes / 2;
 }
@@ -649,14 +643,8 @@ cudaError_t launch_ws(const FlashArgs& args, int64_t batch, bool wide_tiles, boo
 bool flash_attention_hopper_available() {
 #if defined(MOEKIT_CUDA_WGMMA)
   // sm_90a code runs on compute capability 9.0 only; asked once per process (one device).
-  static const bool hopper = [] {
-    int dev = 0, major = 0, minor = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess) return false;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess)
-      return false;
-    return major == 9 && minor == 0;
-  }();
+  static const bool hopper = current_device_attribute(cudaDevAttrComputeCapabilityMajor) == 9 &&
+                             current_device_attribute(cudaDevAttrComputeCapabilityMinor) == 0;
   return hopper;
 #else
   return false;

@@ -220,6 +220,16 @@ cudaError_t moe_gate_backward(float* dlogits, const float* dtopk_w, const int32_
 struct alignas(64) TensorMap {
   uint8_t bytes[128];
 };
+// An attribute of the current device, 0 where it cannot be read (callers treat 0 as "not
+// available": no Hopper kernels, no L2 to plan for).
+inline int current_device_attribute(cudaDeviceAttr attr) {
+  int dev = 0, value = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&value, attr, dev) != cudaSuccess)
+    return 0;
+  return value;
+}
+
 // A bf16 tensor of `rank` (1-5) dimensions as TMA sees it: dims[0] the contiguous one (elements),
 // strides[i] the bytes between steps of dimension i + 1 (multiples of 16), boxes of box[i]
 // elements (box[0] * 2 <= 128 bytes: the 128-byte swizzle of wgmma_util.cuh), out-of-range
