@@ -662,7 +662,9 @@ cudaError_t flash_attention_forward_hopper(const FlashArgs& args, int64_t batch,
   // where two K/V buffers fit (dqk <= 192), else 64, and its grid's order by kv_fits_l2; 5 = 4
   // with the query tiles last in the grid whatever the size (dqk 129..192).
   if (tiling >= 3) {  // tiling 0 where TMA cannot describe the tensors
-    const bool tiles_last = tiling == 5 || (tiling == 4 && kv_fits_l2(args, batch));
+    // (grid z takes at most 65535 query tiles: longer sequences keep them first)
+    const bool tiles_last = (tiling == 5 || (tiling == 4 && kv_fits_l2(args, batch))) &&
+                            (args.seq + 127) / 128 <= 65535;
     const cudaError_t ws = launch_ws(args, batch, tiling >= 4, tiles_last);
     if (ws != cudaErrorNotSupported) return ws;
     tiling = 0;
