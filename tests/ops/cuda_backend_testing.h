@@ -52,6 +52,7 @@
 #include "ops/ops.h"
 #include "sample_reference.h"
 #if defined(MOEKIT_HAVE_CUDA)
+#include "ops/cuda/cuda_backend.h"
 #include "ops/cuda/flash_args.cuh"
 #include "ops/cuda/kernels.h"
 #endif
@@ -200,7 +201,8 @@ struct PrecisionScope {
   ~PrecisionScope() { b.set_precision(Precision::Fp32); }
 };
 
-// Sets an environment variable for a scope (MOEKIT_CUDA_FLASH, read per call), then restores it.
+// Sets an environment variable for a scope (MOEKIT_CUDA_FLASH, read per call; a null value unsets
+// it), then restores it.
 struct EnvScope {
   std::string name, old;
   bool had = false;
@@ -209,7 +211,10 @@ struct EnvScope {
       had = true;
       old = o;
     }
-    setenv(n, value, 1);
+    if (value)
+      setenv(n, value, 1);
+    else
+      unsetenv(n);
   }
   ~EnvScope() {
     if (had)

@@ -11,6 +11,35 @@ namespace {
 
 using namespace test;
 
+#if defined(MOEKIT_HAVE_CUDA)
+// The backend's environment switches (env_choice, host code: no GPU needed, so no fixture): a
+// listed value gives its index, an unset variable the caller's default, and anything else
+// (another word, an empty value, a different case) an error naming the variable, every choice
+// and the value.
+TEST(CudaEnvChoice, ListedValuesSelectOthersAreErrors) {
+  const char* name = "MOEKIT_TEST_ENV_CHOICE";
+  const char* const choices[] = {"own", "batched", "grouped", "streams"};
+  {
+    EnvScope env(name, nullptr);
+    EXPECT_EQ(env_choice(name, choices, 7), 7u);
+  }
+  for (size_t i = 0; i < 4; ++i) {
+    EnvScope env(name, choices[i]);
+    EXPECT_EQ(env_choice(name, choices, 7), i);
+  }
+  for (const char* value : {"", "Own", "stream", "own "}) {
+    EnvScope env(name, value);
+    expect_error_containing(
+        [&] { (void)env_choice(name, choices, 7); },
+        fmt::format("{} must be own, batched, grouped or streams, got \"{}\"", name, value));
+  }
+  const char* const two[] = {"a", "b"};
+  EnvScope env(name, "c");
+  expect_error_containing([&] { (void)env_choice(name, two, 0); },
+                          fmt::format("{} must be a or b, got \"c\"", name));
+}
+#endif
+
 TEST_F(CudaBackendTest, MemoryRoundTripAndFill) {
   Tensor h = randn({37, 53});
   Tensor d = Tensor::empty(h.shape(), DType::F32, Device::CUDA);

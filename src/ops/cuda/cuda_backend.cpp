@@ -20,6 +20,7 @@
 #include <mutex>
 #include <span>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -177,47 +178,48 @@ CudaBackend::CudaBackend() {
   error_staging_ = static_cast<cuda::IndexError*>(slot);
   // How the bf16 expert GEMMs run (grouped_matmul, ExpertGemm): "batched" (the default), "own"
   // (a Hopper GPU and an sm_90a build only), "grouped" or "streams".
-  if (const char* m = std::getenv("MOEKIT_CUDA_EXPERT_GEMM")) {
-    const std::string v = m;
-    if (v == "streams")
-      expert_gemm_ = ExpertGemm::Streams;
-    else if (v == "grouped")
-      expert_gemm_ = ExpertGemm::Grouped;
-    else if (v == "batched")
-      expert_gemm_ = ExpertGemm::Batched;
-    else if (v != "own")
-      fail("MOEKIT_CUDA_EXPERT_GEMM must be own, batched, grouped or streams, got \"{}\"", v);
-    else if (cuda::expert_gemm_available())
+  static const char* const kExpertGemms[] = {"own", "batched", "grouped", "streams"};
+  switch (env_choice("MOEKIT_CUDA_EXPERT_GEMM", kExpertGemms, 1)) {
+    case 0:
+      if (!cuda::expert_gemm_available())
+        fail(
+            "MOEKIT_CUDA_EXPERT_GEMM=own needs a Hopper GPU (compute capability 9.0) and a build "
+            "for sm_90a");
       expert_gemm_ = ExpertGemm::Own;
-    else
-      fail(
-          "MOEKIT_CUDA_EXPERT_GEMM=own needs a Hopper GPU (compute capability 9.0) and a build "
-          "for sm_90a");
+      break;
+    case 2:
+      expert_gemm_ = ExpertGemm::Grouped;
+      break;
+    case 3:
+      expert_gemm_ = ExpertGemm::Streams;
+      break;
+    default:
+      expert_gemm_ = ExpertGemm::Batched;
   }
   // How the padded blocks make batched problems (grouped_matmul_batched, ExpertBatch).
-  if (const char* m = std::getenv("MOEKIT_CUDA_EXPERT_BATCH")) {
-    const std::string v = m;
-    if (v == "classes")
-      expert_batch_ = ExpertBatch::Classes;
-    else if (v == "blocks")
-      expert_batch_ = ExpertBatch::Blocks;
-    else if (v == "base")
-      expert_batch_ = ExpertBatch::Base;
-    else
-      fail("MOEKIT_CUDA_EXPERT_BATCH must be classes, blocks or base, got \"{}\"", v);
-  }
+  static const char* const kExpertBatches[] = {"classes", "blocks", "base"};
+  static const ExpertBatch kBatchOf[] = {ExpertBatch::Classes, ExpertBatch::Blocks,
+                                         ExpertBatch::Base};
+  const size_t batch = env_choice("MOEKIT_CUDA_EXPERT_BATCH", kExpertBatches, 3);
+  if (batch < 3) expert_batch_ = kBatchOf[batch];
 
   // The initial precision of F32 GEMMs and attention, as a user's choice (Precision in ops.h):
   // "fp32" (exact, the default, which the CPU-parity tests rely on), "tf32" or "bf16".
-  if (const char* mode = std::getenv("MOEKIT_CUDA_FP32_GEMM")) {
-    const std::string m = mode;
-    if (m == "tf32")
-      precision_ = Precision::Tf32;
-    else if (m == "bf16")
-      precision_ = Precision::Bf16;
-    else if (m != "fp32")
-      fail("MOEKIT_CUDA_FP32_GEMM must be fp32, tf32 or bf16, got \"{}\"", m);
+  static const char* const kPrecisions[] = {"fp32", "tf32", "bf16"};
+  static const Precision kPrecisionOf[] = {Precision::Fp32, Precision::Tf32, Precision::Bf16};
+  const size_t precision = env_choice("MOEKIT_CUDA_FP32_GEMM", kPrecisions, 3);
+  if (precision < 3) precision_ = kPrecisionOf[precision];
+}
+
+size_t env_choice(const char* name, std::span<const char* const> choices, size_t unset) {
+  const char* value = std::getenv(name);
+  if (value == nullptr) return unset;
+  std::string list;
+  for (size_t i = 0; i < choices.size(); ++i) {
+    if (std::string_view(value) == choices[i]) return i;
+    list += (i == 0 ? "" : i + 1 == choices.size() ? " or " : ", ") + std::string(choices[i]);
   }
+  fail("{} must be {}, got \"{}\"", name, list, value);
 }
 
 void CudaBackend::fork_side_streams(size_t n) {

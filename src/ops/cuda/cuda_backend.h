@@ -17,6 +17,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <tuple>
 #include <vector>
 
@@ -28,6 +29,11 @@ namespace cuda {
 struct IndexError;  // ops/cuda/kernels.h
 struct IndexCheck;
 }  // namespace cuda
+
+// The index in `choices` of the value of environment variable `name`, or `unset` where it is not
+// set; any other value is an error naming the variable, the choices and the value ("NAME must be
+// a, b or c, got \"x\""). For the backend's switches (MOEKIT_CUDA_EXPERT_GEMM, ...).
+size_t env_choice(const char* name, std::span<const char* const> choices, size_t unset);
 
 // A size-bucketed cache of device blocks: cudaFree synchronises the whole device, and layers
 // allocate and drop activations every step. Blocks are reused only after their tensor is gone;
